@@ -1,0 +1,389 @@
+//! Settings: defaults, then an optional TOML file, then `EASEL_*` environment variables,
+//! then command-line flags (applied by `main`).
+//!
+//! This module owns the shape of the configuration and its validation; it reads files and
+//! the environment but never starts anything. Every key has a default (SPEC.md's), an
+//! unknown key or a bad value is an error that names it, and the result is an immutable
+//! [`Config`] that the rest of the server shares behind an `Arc`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Why a configuration could not be built. Each variant names the offending key or file.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("environment variable {name}: {message}")]
+    Env { name: &'static str, message: String },
+    #[error("config key {key}: {message}")]
+    Invalid { key: &'static str, message: String },
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Address the HTTP and WebSocket server listens on.
+    pub listen: SocketAddr,
+    /// Directory of the embedded store.
+    pub data_dir: PathBuf,
+    /// Upper bound on a graceful shutdown, in seconds.
+    pub shutdown_timeout_s: u64,
+    pub log: LogConfig,
+    pub auth: AuthConfig,
+    pub http: HttpConfig,
+    pub whiteboard: WhiteboardConfig,
+    pub limits: LimitsConfig,
+    pub tutor: TutorConfig,
+    pub persist: PersistConfig,
+    pub sessions: SessionsConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            data_dir: PathBuf::from("./snapshots"),
+            shutdown_timeout_s: 10,
+            log: LogConfig::default(),
+            auth: AuthConfig::default(),
+            http: HttpConfig::default(),
+            whiteboard: WhiteboardConfig::default(),
+            limits: LimitsConfig::default(),
+            tutor: TutorConfig::default(),
+            persist: PersistConfig::default(),
+            sessions: SessionsConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Pretty,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// A `tracing_subscriber::EnvFilter` directive string.
+    pub filter: String,
+    pub format: LogFormat,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            filter: "info".into(),
+            format: LogFormat::Pretty,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// HMAC secret (HS256/384/512). Mutually exclusive with `jwt_public_key_file`.
+    pub jwt_secret: Option<String>,
+    pub jwt_secret_file: Option<PathBuf>,
+    /// PEM public key (RSA, EC P-256 or Ed25519).
+    pub jwt_public_key_file: Option<PathBuf>,
+    pub issuer: Option<String>,
+    pub audience: Option<String>,
+    /// Clock skew tolerated on `exp`, in seconds (default 30).
+    pub leeway_s: Option<u64>,
+}
+
+impl AuthConfig {
+    pub fn leeway(&self) -> u64 {
+        self.leeway_s.unwrap_or(30)
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpConfig {
+    /// When non-empty, WebSocket upgrades and CORS requests must come from one of these.
+    pub allowed_origins: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WhiteboardConfig {
+    /// Echo updates back to their sender (the y-websocket 4 client's sync status needs it).
+    pub echo_updates: bool,
+    /// Send a no-op awareness message to a connection that was sent nothing for this long.
+    pub keepalive_s: u64,
+}
+
+impl Default for WhiteboardConfig {
+    fn default() -> Self {
+        Self {
+            echo_updates: false,
+            keepalive_s: 15,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    pub max_frame_bytes: usize,
+    pub max_send_queue_bytes: usize,
+    pub max_connections_per_user: usize,
+    pub max_connections: usize,
+    pub whiteboard_rate: f64,
+    pub whiteboard_burst: u32,
+    pub tutor_rate: f64,
+    pub tutor_burst: u32,
+    pub ping_interval_s: u64,
+    pub idle_timeout_s: u64,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_frame_bytes: 8 * 1024 * 1024,
+            max_send_queue_bytes: 16 * 1024 * 1024,
+            max_connections_per_user: 8,
+            max_connections: 20_000,
+            whiteboard_rate: 300.0,
+            whiteboard_burst: 1000,
+            tutor_rate: 20.0,
+            tutor_burst: 50,
+            ping_interval_s: 30,
+            idle_timeout_s: 60,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TutorConfig {
+    pub max_text_chars: usize,
+    pub history_on_connect: usize,
+    pub history_limit: usize,
+    pub bad_message_limit: u32,
+    pub bad_message_window_s: u64,
+}
+
+impl Default for TutorConfig {
+    fn default() -> Self {
+        Self {
+            max_text_chars: 8000,
+            history_on_connect: 50,
+            history_limit: 10_000,
+            bad_message_limit: 10,
+            bad_message_window_s: 60,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// Flush the log every `flush_interval_ms` (group commit).
+    Batch,
+    /// Flush before relaying.
+    Sync,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PersistConfig {
+    pub flush_interval_ms: u64,
+    pub durability: Durability,
+    pub snapshot_interval_s: u64,
+    pub snapshot_every_updates: u64,
+    pub keep_snapshots: usize,
+}
+
+impl Default for PersistConfig {
+    fn default() -> Self {
+        Self {
+            flush_interval_ms: 100,
+            durability: Durability::Batch,
+            snapshot_interval_s: 30,
+            snapshot_every_updates: 500,
+            keep_snapshots: 20,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SessionsConfig {
+    pub idle_unload_s: u64,
+}
+
+impl Default for SessionsConfig {
+    fn default() -> Self {
+        Self { idle_unload_s: 60 }
+    }
+}
+
+/// Where environment variables come from; a function so tests need not touch the process env.
+pub type EnvLookup<'a> = &'a dyn Fn(&str) -> Option<String>;
+
+impl Config {
+    /// Defaults, overlaid with the TOML file at `path` if one is given.
+    pub fn from_file(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let Some(path) = path else {
+            return Ok(Self::default());
+        };
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::from_toml(&text).map_err(|message| ConfigError::Parse {
+            path: path.to_owned(),
+            message,
+        })
+    }
+
+    /// Parses TOML text; the error message names the unknown key or bad value.
+    pub fn from_toml(text: &str) -> Result<Self, String> {
+        toml::from_str(text).map_err(|e| e.to_string().trim().to_owned())
+    }
+
+    /// Applies the `EASEL_*` variables on top of what the file said.
+    pub fn apply_env(&mut self, env: EnvLookup<'_>) -> Result<(), ConfigError> {
+        if let Some(v) = env("EASEL_LISTEN") {
+            self.listen = v.parse().map_err(|e| ConfigError::Env {
+                name: "EASEL_LISTEN",
+                message: format!("{v:?} is not a socket address: {e}"),
+            })?;
+        }
+        if let Some(v) = env("EASEL_DATA_DIR") {
+            self.data_dir = PathBuf::from(v);
+        }
+        if let Some(v) = env("EASEL_JWT_SECRET") {
+            self.auth.jwt_secret = Some(v);
+        }
+        if let Some(v) = env("EASEL_JWT_SECRET_FILE") {
+            self.auth.jwt_secret_file = Some(PathBuf::from(v));
+        }
+        if let Some(v) = env("EASEL_JWT_PUBLIC_KEY_FILE") {
+            self.auth.jwt_public_key_file = Some(PathBuf::from(v));
+        }
+        if let Some(v) = env("EASEL_LOG") {
+            self.log.filter = v;
+        }
+        if let Some(v) = env("EASEL_LOG_FORMAT") {
+            self.log.format = match v.as_str() {
+                "pretty" => LogFormat::Pretty,
+                "json" => LogFormat::Json,
+                _ => {
+                    return Err(ConfigError::Env {
+                        name: "EASEL_LOG_FORMAT",
+                        message: format!("{v:?} is neither \"pretty\" nor \"json\""),
+                    })
+                }
+            };
+        }
+        Ok(())
+    }
+
+    /// Checks values that parse but make no sense.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        fn positive(key: &'static str, ok: bool) -> Result<(), ConfigError> {
+            if ok {
+                Ok(())
+            } else {
+                Err(ConfigError::Invalid {
+                    key,
+                    message: "must be greater than zero".into(),
+                })
+            }
+        }
+        let l = &self.limits;
+        positive("limits.max_frame_bytes", l.max_frame_bytes > 0)?;
+        positive("limits.max_send_queue_bytes", l.max_send_queue_bytes > 0)?;
+        positive(
+            "limits.max_connections_per_user",
+            l.max_connections_per_user > 0,
+        )?;
+        positive("limits.max_connections", l.max_connections > 0)?;
+        positive("limits.whiteboard_rate", l.whiteboard_rate > 0.0)?;
+        positive("limits.whiteboard_burst", l.whiteboard_burst > 0)?;
+        positive("limits.tutor_rate", l.tutor_rate > 0.0)?;
+        positive("limits.tutor_burst", l.tutor_burst > 0)?;
+        positive("limits.ping_interval_s", l.ping_interval_s > 0)?;
+        positive("limits.idle_timeout_s", l.idle_timeout_s > 0)?;
+        positive("whiteboard.keepalive_s", self.whiteboard.keepalive_s > 0)?;
+        positive("tutor.max_text_chars", self.tutor.max_text_chars > 0)?;
+        positive("tutor.history_limit", self.tutor.history_limit > 0)?;
+        positive("tutor.bad_message_limit", self.tutor.bad_message_limit > 0)?;
+        positive(
+            "persist.flush_interval_ms",
+            self.persist.flush_interval_ms > 0,
+        )?;
+        positive("persist.keep_snapshots", self.persist.keep_snapshots > 0)?;
+        let a = &self.auth;
+        let keys = [
+            a.jwt_secret.is_some(),
+            a.jwt_secret_file.is_some(),
+            a.jwt_public_key_file.is_some(),
+        ];
+        if keys.iter().filter(|k| **k).count() > 1 {
+            return Err(ConfigError::Invalid {
+                key: "auth",
+                message: "set only one of jwt_secret, jwt_secret_file, jwt_public_key_file".into(),
+            });
+        }
+        if matches!(&a.jwt_secret, Some(s) if s.is_empty()) {
+            return Err(ConfigError::Invalid {
+                key: "auth.jwt_secret",
+                message: "must not be empty".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = Config::from_toml("[limits]\nmax_frame_byte = 3\n").unwrap_err();
+        assert!(err.contains("max_frame_byte"), "{err}");
+    }
+
+    #[test]
+    fn bad_value_is_named() {
+        let err = Config::from_toml("[persist]\ndurability = \"sometimes\"\n").unwrap_err();
+        assert!(
+            err.contains("durability") || err.contains("sometimes"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn env_overrides_file() {
+        let mut c = Config::from_toml("listen = \"127.0.0.1:1\"\n").unwrap();
+        c.apply_env(&|k| (k == "EASEL_LISTEN").then(|| "127.0.0.1:2".to_string()))
+            .unwrap();
+        assert_eq!(c.listen.port(), 2);
+        let err = c
+            .apply_env(&|k| (k == "EASEL_LOG_FORMAT").then(|| "xml".to_string()))
+            .unwrap_err();
+        assert!(err.to_string().contains("EASEL_LOG_FORMAT"));
+    }
+
+    #[test]
+    fn zero_is_rejected_with_its_key() {
+        let c = Config::from_toml("[limits]\nmax_connections = 0\n").unwrap();
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("limits.max_connections"), "{err}");
+    }
+}

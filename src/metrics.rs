@@ -1,0 +1,209 @@
+//! Prometheus metrics: one [`Metrics`] value per server, shared behind an `Arc`.
+//!
+//! This module owns the registry and the names of every metric; the rest of the server only
+//! increments handles it hands out. Per-endpoint counters are resolved once at start-up so
+//! the per-frame hot path touches an atomic, never the label map. It must not hold any
+//! session or connection state.
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+type Labels = [(&'static str, &'static str); 1];
+
+/// The two WebSocket endpoints, as a metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Endpoint {
+    Whiteboard,
+    Tutor,
+}
+
+impl Endpoint {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Endpoint::Whiteboard => "whiteboard",
+            Endpoint::Tutor => "tutor",
+        }
+    }
+}
+
+/// Counters of one endpoint, resolved from their families once.
+#[derive(Clone)]
+pub struct EndpointMetrics {
+    pub connections: Gauge,
+    pub frames_in: Counter,
+    pub frames_out: Counter,
+    pub bytes_in: Counter,
+    pub bytes_out: Counter,
+    pub rate_limited: Counter,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub whiteboard: EndpointMetrics,
+    pub tutor: EndpointMetrics,
+    pub sessions_loaded: Gauge,
+    pub updates_applied: Counter,
+    pub updates_rejected: Counter,
+    pub chat_messages: Counter,
+    auth_failures: Family<Labels, Counter>,
+    closes: Family<[(&'static str, String); 2], Counter>,
+    pub relay_latency: Histogram,
+    pub snapshot_duration: Histogram,
+    pub store_decode_errors: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("easel");
+        let connections = Family::<Labels, Gauge>::default();
+        let frames_in = Family::<Labels, Counter>::default();
+        let frames_out = Family::<Labels, Counter>::default();
+        let bytes_in = Family::<Labels, Counter>::default();
+        let bytes_out = Family::<Labels, Counter>::default();
+        let rate_limited = Family::<Labels, Counter>::default();
+        registry.register(
+            "connections",
+            "Open WebSocket connections",
+            connections.clone(),
+        );
+        registry.register("frames_in", "WebSocket frames received", frames_in.clone());
+        registry.register("frames_out", "WebSocket frames sent", frames_out.clone());
+        registry.register(
+            "bytes_in",
+            "WebSocket payload bytes received",
+            bytes_in.clone(),
+        );
+        registry.register(
+            "bytes_out",
+            "WebSocket payload bytes sent",
+            bytes_out.clone(),
+        );
+        registry.register(
+            "rate_limited",
+            "Frames refused or dropped by a rate limit",
+            rate_limited.clone(),
+        );
+        let endpoint = |e: Endpoint| {
+            let l = [("endpoint", e.as_str())];
+            EndpointMetrics {
+                connections: connections.get_or_create_owned(&l),
+                frames_in: frames_in.get_or_create_owned(&l),
+                frames_out: frames_out.get_or_create_owned(&l),
+                bytes_in: bytes_in.get_or_create_owned(&l),
+                bytes_out: bytes_out.get_or_create_owned(&l),
+                rate_limited: rate_limited.get_or_create_owned(&l),
+            }
+        };
+        let whiteboard = endpoint(Endpoint::Whiteboard);
+        let tutor = endpoint(Endpoint::Tutor);
+
+        let sessions_loaded = Gauge::default();
+        registry.register(
+            "sessions_loaded",
+            "Sessions held in memory",
+            sessions_loaded.clone(),
+        );
+        let updates_applied = Counter::default();
+        registry.register(
+            "updates_applied",
+            "Yjs updates applied to a session document",
+            updates_applied.clone(),
+        );
+        let updates_rejected = Counter::default();
+        registry.register(
+            "updates_rejected",
+            "Yjs updates refused (undecodable, rejected by yrs, or from a viewer)",
+            updates_rejected.clone(),
+        );
+        let chat_messages = Counter::default();
+        registry.register(
+            "chat_messages",
+            "Chat messages stored",
+            chat_messages.clone(),
+        );
+        let auth_failures = Family::<Labels, Counter>::default();
+        registry.register(
+            "auth_failures",
+            "Refused requests by reason",
+            auth_failures.clone(),
+        );
+        let closes = Family::default();
+        registry.register(
+            "closes",
+            "Connections closed by the server, by endpoint and close code",
+            closes.clone(),
+        );
+        let relay_latency = Histogram::new(exponential_buckets(0.000_05, 2.0, 16));
+        registry.register(
+            "relay_latency_seconds",
+            "Time from receiving an update to queueing it for every receiver",
+            relay_latency.clone(),
+        );
+        let snapshot_duration = Histogram::new(exponential_buckets(0.001, 2.0, 14));
+        registry.register(
+            "snapshot_duration_seconds",
+            "Time to encode and store a snapshot",
+            snapshot_duration.clone(),
+        );
+        let store_decode_errors = Counter::default();
+        registry.register(
+            "store_decode_errors",
+            "Stored records that did not decode and were skipped",
+            store_decode_errors.clone(),
+        );
+        Self {
+            registry,
+            whiteboard,
+            tutor,
+            sessions_loaded,
+            updates_applied,
+            updates_rejected,
+            chat_messages,
+            auth_failures,
+            closes,
+            relay_latency,
+            snapshot_duration,
+            store_decode_errors,
+        }
+    }
+
+    pub fn endpoint(&self, e: Endpoint) -> &EndpointMetrics {
+        match e {
+            Endpoint::Whiteboard => &self.whiteboard,
+            Endpoint::Tutor => &self.tutor,
+        }
+    }
+
+    pub fn auth_failure(&self, reason: &'static str) {
+        self.auth_failures
+            .get_or_create(&[("reason", reason)])
+            .inc();
+    }
+
+    pub fn closed(&self, e: Endpoint, code: u16) {
+        self.closes
+            .get_or_create(&[
+                ("endpoint", e.as_str().to_owned()),
+                ("code", code.to_string()),
+            ])
+            .inc();
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+}

@@ -1,0 +1,223 @@
+//! The y-websocket wire protocol (SPEC.md section 3).
+//!
+//! A frame holds one or more messages, each `varUint(type)` and a payload. Decoding keeps
+//! the raw bytes of every message as a zero-copy slice of the frame, so the relay can hand
+//! a client's update or awareness message to every other connection without re-encoding
+//! it. Messages the server originates are encoded with `yrs::sync` types, one per frame.
+
+use bytes::Bytes;
+use yrs::encoding::read::{Cursor, Read};
+use yrs::sync::protocol::{MSG_AUTH, MSG_AWARENESS, MSG_QUERY_AWARENESS, MSG_SYNC};
+use yrs::sync::protocol::{MSG_SYNC_STEP_1, MSG_SYNC_STEP_2, MSG_SYNC_UPDATE};
+use yrs::sync::{AwarenessUpdate, Message, SyncMessage};
+use yrs::updates::decoder::Decode;
+use yrs::updates::encoder::Encode;
+use yrs::StateVector;
+
+/// Why a frame was refused; each maps to a WebSocket close code.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum WireError {
+    /// Truncated or otherwise undecodable bytes (close 1007).
+    #[error("malformed message: {0}")]
+    Malformed(String),
+    /// A message type or sync sub-type this protocol does not define (close 1003).
+    #[error("unsupported message type {0}")]
+    Unsupported(u32),
+}
+
+impl WireError {
+    pub fn close_code(&self) -> u16 {
+        match self {
+            WireError::Malformed(_) => 1007,
+            WireError::Unsupported(_) => 1003,
+        }
+    }
+}
+
+/// One decoded message of an incoming frame.
+#[derive(Debug)]
+pub enum Inbound {
+    /// The peer's state vector: answer with the diff (step 2).
+    SyncStep1(StateVector),
+    /// A Yjs v1 update sent as sync step 2.
+    SyncStep2 { update: Bytes },
+    /// A Yjs v1 update; `message` is the whole encoded message, ready to relay as is.
+    Update { update: Bytes, message: Bytes },
+    /// An awareness update; `message` is the whole encoded message, ready to relay as is.
+    Awareness {
+        update: AwarenessUpdate,
+        message: Bytes,
+    },
+    /// A client's auth message: the server does not act on it.
+    Auth,
+    /// Asks for every awareness state.
+    QueryAwareness,
+}
+
+/// Decodes every message of a frame. Any undecodable message rejects the whole frame, so
+/// that nothing from a corrupt frame is applied.
+pub fn decode_frame(frame: &Bytes) -> Result<Vec<Inbound>, WireError> {
+    let mut cursor = Cursor::new(frame);
+    let mut out = Vec::with_capacity(1);
+    if frame.is_empty() {
+        return Err(WireError::Malformed("empty frame".into()));
+    }
+    while cursor.has_content() {
+        let start = cursor.next;
+        out.push(decode_message(frame, &mut cursor, start)?);
+    }
+    Ok(out)
+}
+
+fn malformed(e: impl std::fmt::Display) -> WireError {
+    WireError::Malformed(e.to_string())
+}
+
+/// Reads a length-prefixed byte array and returns it as a slice of `frame`.
+fn read_slice(frame: &Bytes, cursor: &mut Cursor<'_>) -> Result<Bytes, WireError> {
+    let len = cursor.read_var::<u32>().map_err(malformed)? as usize;
+    let start = cursor.next;
+    let end = start
+        .checked_add(len)
+        .filter(|end| *end <= frame.len())
+        .ok_or_else(|| malformed("length prefix runs past the end of the frame"))?;
+    cursor.next = end;
+    Ok(frame.slice(start..end))
+}
+
+fn decode_message(
+    frame: &Bytes,
+    cursor: &mut Cursor<'_>,
+    start: usize,
+) -> Result<Inbound, WireError> {
+    let kind = cursor.read_var::<u32>().map_err(malformed)?;
+    match kind {
+        k if k == MSG_SYNC as u32 => {
+            let sub = cursor.read_var::<u32>().map_err(malformed)?;
+            let data = read_slice(frame, cursor)?;
+            match sub {
+                s if s == MSG_SYNC_STEP_1 as u32 => StateVector::decode_v1(&data)
+                    .map(Inbound::SyncStep1)
+                    .map_err(malformed),
+                s if s == MSG_SYNC_STEP_2 as u32 => Ok(Inbound::SyncStep2 { update: data }),
+                s if s == MSG_SYNC_UPDATE as u32 => Ok(Inbound::Update {
+                    update: data,
+                    message: frame.slice(start..cursor.next),
+                }),
+                other => Err(WireError::Unsupported(other)),
+            }
+        }
+        k if k == MSG_AWARENESS as u32 => {
+            let data = read_slice(frame, cursor)?;
+            let update = AwarenessUpdate::decode_v1(&data).map_err(malformed)?;
+            Ok(Inbound::Awareness {
+                update,
+                message: frame.slice(start..cursor.next),
+            })
+        }
+        k if k == MSG_AUTH as u32 => {
+            let permission = cursor.read_var::<u32>().map_err(malformed)?;
+            if permission == 0 {
+                cursor.read_string().map_err(malformed)?;
+            }
+            Ok(Inbound::Auth)
+        }
+        k if k == MSG_QUERY_AWARENESS as u32 => Ok(Inbound::QueryAwareness),
+        other => Err(WireError::Unsupported(other)),
+    }
+}
+
+fn encode(message: &Message) -> Bytes {
+    Bytes::from(message.encode_v1())
+}
+
+/// Sync step 1 carrying the server's state vector.
+pub fn sync_step1(sv: StateVector) -> Bytes {
+    encode(&Message::Sync(SyncMessage::SyncStep1(sv)))
+}
+
+/// Sync step 2: the update a peer is missing.
+pub fn sync_step2(update: Vec<u8>) -> Bytes {
+    encode(&Message::Sync(SyncMessage::SyncStep2(update)))
+}
+
+/// A sync update message.
+pub fn update(update: Vec<u8>) -> Bytes {
+    encode(&Message::Sync(SyncMessage::Update(update)))
+}
+
+/// An awareness message.
+pub fn awareness(update: AwarenessUpdate) -> Bytes {
+    encode(&Message::Awareness(update))
+}
+
+/// Auth: permission denied, with a reason.
+pub fn permission_denied(reason: &str) -> Bytes {
+    encode(&Message::Auth(Some(reason.to_owned())))
+}
+
+/// An awareness update naming zero clients: changes nothing, keeps an idle client's
+/// 30-second liveness check satisfied.
+pub const KEEPALIVE: &[u8] = &[1, 1, 0];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use yrs::{Doc, GetString, Text, Transact};
+
+    #[test]
+    fn reads_every_message_of_a_packed_frame() {
+        let doc = Doc::new();
+        let text = doc.get_or_insert_text("t");
+        let mut txn = doc.transact_mut();
+        text.insert(&mut txn, 0, "hi");
+        let u = txn.encode_update_v1();
+        drop(txn);
+        let mut frame = update(u.clone()).to_vec();
+        frame.extend_from_slice(&sync_step1(StateVector::default()));
+        frame.extend_from_slice(&[MSG_QUERY_AWARENESS]);
+        let frame = Bytes::from(frame);
+        let msgs = decode_frame(&frame).unwrap();
+        assert_eq!(msgs.len(), 3);
+        match &msgs[0] {
+            Inbound::Update { update, message } => {
+                assert_eq!(&update[..], &u[..]);
+                assert_eq!(message[..], super::update(u.clone())[..]);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(msgs[2], Inbound::QueryAwareness));
+        let copy = Doc::new();
+        let copied = copy.get_or_insert_text("t");
+        let mut txn = copy.transact_mut();
+        txn.apply_update(yrs::Update::decode_v1(&u).unwrap())
+            .unwrap();
+        assert_eq!(copied.get_string(&txn), "hi");
+    }
+
+    #[test]
+    fn rejects_truncation_and_unknown_types() {
+        let full = update(vec![1, 2, 3, 4]);
+        let cut = full.slice(..full.len() - 1);
+        assert!(matches!(decode_frame(&cut), Err(WireError::Malformed(_))));
+        assert_eq!(
+            decode_frame(&Bytes::from_static(&[9, 0])).unwrap_err(),
+            WireError::Unsupported(9)
+        );
+        assert_eq!(
+            decode_frame(&Bytes::from_static(&[0, 7, 0])).unwrap_err(),
+            WireError::Unsupported(7)
+        );
+        assert!(decode_frame(&Bytes::new()).is_err());
+        assert!(decode_frame(&Bytes::from_static(&[1, 5, 1])).is_err());
+    }
+
+    #[test]
+    fn keepalive_is_an_empty_awareness_update() {
+        let msgs = decode_frame(&Bytes::from_static(KEEPALIVE)).unwrap();
+        match &msgs[0] {
+            Inbound::Awareness { update, .. } => assert!(update.clients.is_empty()),
+            other => panic!("{other:?}"),
+        }
+    }
+}

@@ -1,0 +1,232 @@
+//! The registry of live sessions.
+//!
+//! A session is loaded from the [`Store`] on first use and shared as an `Arc<Session>`;
+//! each connection holds a [`SessionHandle`], and when the last handle is gone the session
+//! is snapshotted and, `sessions.idle_unload_s` later, dropped from memory (the classic leak
+//! of Yjs servers is docs kept after their last client left). The registry owns the map
+//! and the reaper; what a session does lives in [`whiteboard`] and [`tutor`].
+
+pub mod tutor;
+pub mod whiteboard;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::store::{Store, StoreError};
+use tutor::TutorRoom;
+use whiteboard::{ConnId, Whiteboard};
+
+/// `[A-Za-z0-9_-]{1,128}`.
+pub fn valid_session_id(id: &str) -> bool {
+    (1..=128).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+pub struct Session {
+    pub id: Arc<str>,
+    pub whiteboard: Whiteboard,
+    pub tutor: TutorRoom,
+    handles: AtomicUsize,
+    /// When the last handle went away (for the reaper).
+    idle_since: Mutex<Option<Instant>>,
+}
+
+impl Session {
+    fn idle_since(&self) -> MutexGuard<'_, Option<Instant>> {
+        self.idle_since.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Keeps a session loaded while a connection (or a request) uses it.
+pub struct SessionHandle {
+    session: Arc<Session>,
+}
+
+impl std::ops::Deref for SessionHandle {
+    type Target = Session;
+    fn deref(&self) -> &Session {
+        &self.session
+    }
+}
+
+impl Drop for SessionHandle {
+    fn drop(&mut self) {
+        if self.session.handles.fetch_sub(1, Ordering::AcqRel) == 1 {
+            *self.session.idle_since() = Some(Instant::now());
+            // The last client left: persist now rather than waiting for the reaper.
+            if let Err(e) = self.session.whiteboard.snapshot_if_dirty() {
+                tracing::error!(session = %self.session.id, error = %e, "snapshot on last leave failed");
+            }
+        }
+    }
+}
+
+pub struct Registry {
+    sessions: Mutex<HashMap<Arc<str>, Arc<Session>>>,
+    store: Arc<dyn Store>,
+    metrics: Arc<Metrics>,
+    config: Arc<Config>,
+    next_conn: AtomicU64,
+}
+
+impl Registry {
+    pub fn new(store: Arc<dyn Store>, metrics: Arc<Metrics>, config: Arc<Config>) -> Self {
+        Self {
+            sessions: Mutex::new(HashMap::new()),
+            store,
+            metrics,
+            config,
+            next_conn: AtomicU64::new(1),
+        }
+    }
+
+    fn map(&self) -> MutexGuard<'_, HashMap<Arc<str>, Arc<Session>>> {
+        self.sessions.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A fresh connection id.
+    pub fn next_conn_id(&self) -> ConnId {
+        self.next_conn.fetch_add(1, Ordering::Relaxed)
+    }
+
+    pub fn loaded(&self) -> usize {
+        self.map().len()
+    }
+
+    /// The session, loaded from the store if it is not in memory.
+    pub fn open(&self, id: &str) -> Result<SessionHandle, StoreError> {
+        if let Some(s) = self.map().get(id) {
+            // Taken under the map's lock, so the reaper cannot unload it in between.
+            return Ok(Self::handle(s));
+        }
+        // Load without holding the map's lock, so other sessions are not held up. Should
+        // another connection load the same session meanwhile, the first one in wins.
+        let loaded = Arc::new(self.load(id)?);
+        let mut map = self.map();
+        let handle = Self::handle(map.entry(loaded.id.clone()).or_insert(loaded));
+        self.metrics.sessions_loaded.set(map.len() as i64);
+        Ok(handle)
+    }
+
+    fn handle(session: &Arc<Session>) -> SessionHandle {
+        session.handles.fetch_add(1, Ordering::AcqRel);
+        *session.idle_since() = None;
+        SessionHandle {
+            session: session.clone(),
+        }
+    }
+
+    fn load(&self, id: &str) -> Result<Session, StoreError> {
+        let id: Arc<str> = Arc::from(id);
+        Ok(Session {
+            whiteboard: Whiteboard::load(
+                id.clone(),
+                self.store.clone(),
+                self.metrics.clone(),
+                self.config.whiteboard.echo_updates,
+            )?,
+            tutor: TutorRoom::load(
+                id.clone(),
+                self.store.clone(),
+                self.metrics.clone(),
+                self.config.tutor.history_limit,
+            )?,
+            id,
+            handles: AtomicUsize::new(0),
+            idle_since: Mutex::new(None),
+        })
+    }
+
+    /// Drops sessions idle for longer than `idle`. Returns how many were unloaded.
+    pub fn unload_idle(&self, idle: Duration) -> usize {
+        let mut map = self.map();
+        let before = map.len();
+        map.retain(|_, s| {
+            let idle_for = s.idle_since().map(|t| t.elapsed());
+            let keep = s.handles.load(Ordering::Acquire) > 0 || idle_for.is_none_or(|d| d < idle);
+            if !keep {
+                if let Err(e) = s.whiteboard.snapshot_if_dirty() {
+                    tracing::error!(session = %s.id, error = %e, "snapshot before unload failed; kept loaded");
+                    return true;
+                }
+            }
+            keep
+        });
+        self.metrics.sessions_loaded.set(map.len() as i64);
+        before - map.len()
+    }
+
+    /// Snapshots every changed session (shutdown).
+    pub fn snapshot_all(&self) {
+        let sessions: Vec<_> = self.map().values().cloned().collect();
+        for s in sessions {
+            if let Err(e) = s.whiteboard.snapshot_if_dirty() {
+                tracing::error!(session = %s.id, error = %e, "snapshot failed");
+            }
+        }
+    }
+
+    /// Runs the reaper until `shutdown` fires.
+    pub async fn run_reaper(self: Arc<Self>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+        let idle = Duration::from_secs(self.config.sessions.idle_unload_s);
+        let tick = Duration::from_secs(self.config.sessions.idle_unload_s.clamp(1, 5));
+        let mut interval = tokio::time::interval(tick);
+        loop {
+            tokio::select! {
+                _ = interval.tick() => {
+                    let registry = self.clone();
+                    let n = tokio::task::spawn_blocking(move || registry.unload_idle(idle))
+                        .await
+                        .unwrap_or(0);
+                    if n > 0 {
+                        tracing::debug!(unloaded = n, "idle sessions unloaded");
+                    }
+                }
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn session_ids() {
+        assert!(valid_session_id("abc-DEF_123"));
+        assert!(!valid_session_id(""));
+        assert!(!valid_session_id("a/b"));
+        assert!(!valid_session_id("ä"));
+        assert!(valid_session_id(&"a".repeat(128)));
+        assert!(!valid_session_id(&"a".repeat(129)));
+    }
+
+    #[test]
+    fn unloads_only_idle_sessions_and_keeps_their_state() {
+        let store: Arc<dyn Store> = Arc::new(crate::store::MemoryStore::default());
+        let reg = Registry::new(store, Arc::new(Metrics::new()), Arc::new(Config::default()));
+        let h = reg.open("s").unwrap();
+        let doc = yrs::Doc::new();
+        let update = {
+            use yrs::{Map, Transact};
+            let map = doc.get_or_insert_map("m");
+            let mut txn = doc.transact_mut();
+            map.insert(&mut txn, "k", "v");
+            txn.encode_update_v1()
+        };
+        assert!(h.whiteboard.apply_update(None, &update, None).unwrap());
+        assert_eq!(reg.unload_idle(Duration::ZERO), 0);
+        drop(h);
+        assert_eq!(reg.unload_idle(Duration::ZERO), 1);
+        assert_eq!(reg.loaded(), 0);
+        let h = reg.open("s").unwrap();
+        assert!(!h.whiteboard.apply_update(None, &update, None).unwrap());
+    }
+}

@@ -1,0 +1,268 @@
+//! A session's whiteboard: one `yrs` document and its awareness, and the fan-out to every
+//! connection of the session.
+//!
+//! This is the only place a session's document is changed. Every change, whoever sends it
+//! (a WebSocket client, the HTTP API, later another node), goes through
+//! [`Whiteboard::apply_update`]: decode, apply in one short transaction, append to the
+//! store's log, then push the same encoded bytes to every peer's outbox. The peer list's
+//! lock is held across apply and fan-out so that a peer that joins sees every update either
+//! in its sync step 2 or in its queue, never neither. No lock here is held across an
+//! `.await`; nothing here touches a socket.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use axum::extract::ws::Message;
+use bytes::Bytes;
+use yrs::sync::{Awareness, AwarenessUpdate};
+use yrs::updates::decoder::Decode;
+use yrs::{ClientID, Doc, ReadTxn, StateVector, Transact, Update};
+
+use crate::metrics::Metrics;
+use crate::outbox::Outbox;
+use crate::protocol::wire;
+use crate::store::{Store, StoreError};
+
+/// Identifies one connection within the server.
+pub type ConnId = u64;
+
+/// Why an update was not applied. The document is unchanged in every case.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error("update does not decode: {0}")]
+    Decode(String),
+    #[error("update rejected: {0}")]
+    Rejected(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+pub struct Whiteboard {
+    session: Arc<str>,
+    doc: Doc,
+    awareness: Awareness,
+    peers: Mutex<HashMap<ConnId, Outbox>>,
+    store: Arc<dyn Store>,
+    metrics: Arc<Metrics>,
+    echo_updates: bool,
+    /// Updates applied since the last snapshot.
+    updates_since_snapshot: AtomicU64,
+    dirty: AtomicBool,
+}
+
+impl Whiteboard {
+    /// Rebuilds the session's document from the store.
+    pub fn load(
+        session: Arc<str>,
+        store: Arc<dyn Store>,
+        metrics: Arc<Metrics>,
+        echo_updates: bool,
+    ) -> Result<Self, StoreError> {
+        let stored = store.load_whiteboard(&session)?;
+        let doc = Doc::new();
+        {
+            let mut txn = doc.transact_mut();
+            for bytes in &stored.updates {
+                match Update::decode_v1(bytes) {
+                    Ok(u) => {
+                        if let Err(e) = txn.apply_update(u) {
+                            metrics.store_decode_errors.inc();
+                            tracing::warn!(%session, error = %e, "stored update rejected; skipped");
+                        }
+                    }
+                    Err(e) => {
+                        metrics.store_decode_errors.inc();
+                        tracing::warn!(%session, error = %e, "stored update does not decode; skipped");
+                    }
+                }
+            }
+        }
+        Ok(Self {
+            session,
+            awareness: Awareness::new(doc.clone()),
+            doc,
+            peers: Mutex::new(HashMap::new()),
+            store,
+            metrics,
+            echo_updates,
+            updates_since_snapshot: AtomicU64::new(stored.updates.len() as u64),
+            dirty: AtomicBool::new(false),
+        })
+    }
+
+    fn peers(&self) -> MutexGuard<'_, HashMap<ConnId, Outbox>> {
+        // Nothing panics while holding this lock; recover the map if something ever did.
+        self.peers.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Registers a connection and queues its greeting: sync step 1 with the server's state
+    /// vector, then every awareness state if there are any.
+    pub fn join(&self, conn: ConnId, outbox: Outbox) {
+        let mut peers = self.peers();
+        let sv = self.doc.transact().state_vector();
+        outbox.send(Message::Binary(wire::sync_step1(sv)));
+        if let Some(states) = self.awareness_states() {
+            outbox.send(Message::Binary(states));
+        }
+        peers.insert(conn, outbox);
+    }
+
+    /// Unregisters a connection and removes the awareness clients it announced, relaying
+    /// the removal to the others.
+    pub fn leave(&self, conn: ConnId, awareness_clients: &HashSet<ClientID>) {
+        let peers = {
+            let mut peers = self.peers();
+            peers.remove(&conn);
+            if awareness_clients.is_empty() {
+                return;
+            }
+            peers
+        };
+        for id in awareness_clients {
+            self.awareness.remove_state(*id);
+        }
+        if let Ok(update) = self
+            .awareness
+            .update_with_clients(awareness_clients.iter().copied())
+        {
+            let frame = wire::awareness(update);
+            for outbox in peers.values() {
+                outbox.send(Message::Binary(frame.clone()));
+            }
+        }
+    }
+
+    pub fn peer_count(&self) -> usize {
+        self.peers().len()
+    }
+
+    /// Sync step 2 for a peer whose state vector is `sv`.
+    pub fn sync_step2(&self, sv: &StateVector) -> Bytes {
+        wire::sync_step2(self.doc.transact().encode_state_as_update_v1(sv))
+    }
+
+    /// The whole document as one Yjs v1 update.
+    pub fn encode_state(&self) -> Vec<u8> {
+        self.doc
+            .transact()
+            .encode_state_as_update_v1(&StateVector::default())
+    }
+
+    /// An awareness message with every known state, or `None` when there are none.
+    pub fn awareness_states(&self) -> Option<Bytes> {
+        let update = self.awareness.update().ok()?;
+        (!update.clients.is_empty()).then(|| wire::awareness(update))
+    }
+
+    /// Applies a Yjs v1 update from `origin` (`None`: not a connection of this node).
+    ///
+    /// `message`, when given, is the update already encoded as a sync-update message (the
+    /// bytes the client sent): it is relayed as is. Returns whether the document changed.
+    pub fn apply_update(
+        &self,
+        origin: Option<ConnId>,
+        update: &[u8],
+        message: Option<Bytes>,
+    ) -> Result<bool, ApplyError> {
+        let started = Instant::now();
+        let decoded = std::panic::catch_unwind(|| Update::decode_v1(update))
+            .map_err(|_| ApplyError::Decode("decoder panicked".into()))?
+            .map_err(|e| ApplyError::Decode(e.to_string()))?;
+        let peers = self.peers();
+        let (frame, log) = {
+            let mut txn = self.doc.transact_mut();
+            let had_pending = txn.has_missing_updates();
+            let applied = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                txn.apply_update(decoded)
+            }));
+            match applied {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(ApplyError::Rejected(e.to_string())),
+                Err(_) => return Err(ApplyError::Rejected("integration panicked".into())),
+            }
+            let changed = txn.before_state() != &txn.state_vector() || !txn.delete_set().is_empty();
+            let has_pending = txn.has_missing_updates();
+            let frame = if !changed {
+                None
+            } else if !had_pending && !has_pending {
+                // Fully integrated: what the client sent is exactly what the others need.
+                Some(message.unwrap_or_else(|| wire::update(update.to_vec())))
+            } else {
+                // Parts of this or an earlier update waited for missing blocks: relay what
+                // was actually integrated, so no receiver waits for something it never gets.
+                Some(wire::update(txn.encode_update_v1()))
+            };
+            (frame, changed || has_pending != had_pending)
+        };
+        if log {
+            self.store.append_update(&self.session, update)?;
+            self.updates_since_snapshot.fetch_add(1, Ordering::Relaxed);
+            self.dirty.store(true, Ordering::Relaxed);
+        }
+        let Some(frame) = frame else {
+            return Ok(false);
+        };
+        self.metrics.updates_applied.inc();
+        for (id, outbox) in peers.iter() {
+            if Some(*id) != origin || self.echo_updates {
+                outbox.send(Message::Binary(frame.clone()));
+            }
+        }
+        drop(peers);
+        self.metrics
+            .relay_latency
+            .observe(started.elapsed().as_secs_f64());
+        Ok(true)
+    }
+
+    /// Applies an awareness update from a connection and relays the message, unchanged, to
+    /// every connection including the sender. Updates `announced` with the client ids the
+    /// connection now speaks for.
+    pub fn apply_awareness(
+        &self,
+        update: AwarenessUpdate,
+        message: Bytes,
+        announced: &mut HashSet<ClientID>,
+    ) {
+        let ids: Vec<ClientID> = update.clients.keys().copied().collect();
+        let peers = self.peers();
+        let summary = match self.awareness.apply_update_summary(update) {
+            Ok(Some(summary)) => summary,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::debug!(session = %self.session, error = %e, "awareness update ignored");
+                return;
+            }
+        };
+        for id in ids {
+            if summary.removed.contains(&id) {
+                announced.remove(&id);
+            } else {
+                announced.insert(id);
+            }
+        }
+        for outbox in peers.values() {
+            outbox.send(Message::Binary(message.clone()));
+        }
+    }
+
+    /// Writes a snapshot if anything changed since the last one.
+    pub fn snapshot_if_dirty(&self) -> Result<Option<u64>, StoreError> {
+        if !self.dirty.swap(false, Ordering::AcqRel) {
+            return Ok(None);
+        }
+        let started = Instant::now();
+        // Holding the peer lock keeps updates out between encoding the state and replacing
+        // the log, so the snapshot covers exactly the log entries it replaces.
+        let _quiet = self.peers();
+        let state = self.encode_state();
+        let count = self.updates_since_snapshot.swap(0, Ordering::AcqRel);
+        let version = self.store.write_snapshot(&self.session, &state, count)?;
+        self.metrics
+            .snapshot_duration
+            .observe(started.elapsed().as_secs_f64());
+        Ok(Some(version))
+    }
+}
