@@ -39,7 +39,7 @@ async fn slow_reader_is_closed_1013_and_fast_reader_gets_everything() {
     const CHUNK: usize = 8000;
     fn value(i: usize) -> String {
         let c = (b'a' + (i % 26) as u8) as char;
-        std::iter::repeat(c).take(CHUNK).collect()
+        std::iter::repeat_n(c, CHUNK).collect()
     }
     fn map_len(c: &WbClient) -> usize {
         let m = c.doc.get_or_insert_map("big");

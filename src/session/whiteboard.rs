@@ -42,7 +42,8 @@ pub enum ApplyError {
 pub struct Whiteboard {
     session: Arc<str>,
     doc: Doc,
-    awareness: Awareness,
+    /// Locked after `peers` when both are needed.
+    awareness: Mutex<Awareness>,
     peers: Mutex<HashMap<ConnId, Outbox>>,
     store: Arc<dyn Store>,
     metrics: Arc<Metrics>,
@@ -81,7 +82,7 @@ impl Whiteboard {
         }
         Ok(Self {
             session,
-            awareness: Awareness::new(doc.clone()),
+            awareness: Mutex::new(Awareness::new(doc.clone())),
             doc,
             peers: Mutex::new(HashMap::new()),
             store,
@@ -90,6 +91,10 @@ impl Whiteboard {
             updates_since_snapshot: AtomicU64::new(stored.updates.len() as u64),
             dirty: AtomicBool::new(false),
         })
+    }
+
+    fn awareness(&self) -> MutexGuard<'_, Awareness> {
+        self.awareness.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn peers(&self) -> MutexGuard<'_, HashMap<ConnId, Outbox>> {
@@ -120,13 +125,14 @@ impl Whiteboard {
             }
             peers
         };
-        for id in awareness_clients {
-            self.awareness.remove_state(*id);
-        }
-        if let Ok(update) = self
-            .awareness
-            .update_with_clients(awareness_clients.iter().copied())
-        {
+        let removal = {
+            let mut awareness = self.awareness();
+            for id in awareness_clients {
+                awareness.remove_state(*id);
+            }
+            awareness.update_with_clients(awareness_clients.iter().copied())
+        };
+        if let Ok(update) = removal {
             let frame = wire::awareness(update);
             for outbox in peers.values() {
                 outbox.send(Message::Binary(frame.clone()));
@@ -152,7 +158,7 @@ impl Whiteboard {
 
     /// An awareness message with every known state, or `None` when there are none.
     pub fn awareness_states(&self) -> Option<Bytes> {
-        let update = self.awareness.update().ok()?;
+        let update = self.awareness().update().ok()?;
         (!update.clients.is_empty()).then(|| wire::awareness(update))
     }
 
@@ -228,7 +234,8 @@ impl Whiteboard {
     ) {
         let ids: Vec<ClientID> = update.clients.keys().copied().collect();
         let peers = self.peers();
-        let summary = match self.awareness.apply_update_summary(update) {
+        let applied = self.awareness().apply_update_summary(update);
+        let summary = match applied {
             Ok(Some(summary)) => summary,
             Ok(None) => return,
             Err(e) => {
