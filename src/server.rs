@@ -65,7 +65,7 @@ pub struct AppState {
 
 impl AppState {
     pub fn store_ready(&self) -> bool {
-        self.store.last_chat_seq("_readyz").is_ok()
+        self.store.check().is_ok()
     }
 
     /// The token of a request: `Authorization: Bearer`, then the `bearer.<jwt>`

@@ -18,6 +18,7 @@ use axum::extract::ws::Message;
 use bytes::Bytes;
 use yrs::sync::{Awareness, AwarenessUpdate};
 use yrs::updates::decoder::Decode;
+use yrs::updates::encoder::Encode;
 use yrs::{ClientID, Doc, ReadTxn, StateVector, Transact, Update};
 
 use crate::metrics::Metrics;
@@ -264,9 +265,17 @@ impl Whiteboard {
         // Holding the peer lock keeps updates out between encoding the state and replacing
         // the log, so the snapshot covers exactly the log entries it replaces.
         let _quiet = self.peers();
-        let state = self.encode_state();
+        let (state, sv) = {
+            let txn = self.doc.transact();
+            (
+                txn.encode_state_as_update_v1(&StateVector::default()),
+                txn.state_vector().encode_v1(),
+            )
+        };
         let count = self.updates_since_snapshot.swap(0, Ordering::AcqRel);
-        let version = self.store.write_snapshot(&self.session, &state, count)?;
+        let version = self
+            .store
+            .write_snapshot(&self.session, &state, &sv, count)?;
         self.metrics
             .snapshot_duration
             .observe(started.elapsed().as_secs_f64());

@@ -1,38 +1,70 @@
-//! [`MemoryStore`]: the [`Store`](super::Store) seam held in process memory. State outlives
-//! a session's unload from the registry but not the process.
+//! [`MemoryStore`]: the [`Store`](super::Store) seam held in process memory, for tests
+//! and tools that need no disk. State outlives a session's unload but not the process.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
+use std::time::{SystemTime, UNIX_EPOCH};
 
-use super::{Store, StoreError, StoredWhiteboard};
+use super::{SessionInfo, SnapshotInfo, Store, StoreError, StoredWhiteboard};
 use crate::protocol::tutor::ChatMessage;
 
 #[derive(Default)]
 struct SessionData {
-    snapshot: Option<Vec<u8>>,
-    snapshot_version: u64,
+    snapshots: BTreeMap<u64, (SnapshotInfo, Vec<u8>)>,
     log: Vec<Vec<u8>>,
     chat: BTreeMap<u64, ChatMessage>,
     last_seq: u64,
+    last_activity_ms: u64,
 }
 
-#[derive(Default)]
 pub struct MemoryStore {
     sessions: Mutex<HashMap<String, SessionData>>,
+    keep_snapshots: usize,
 }
 
 impl MemoryStore {
-    fn with<T>(&self, session: &str, f: impl FnOnce(&mut SessionData) -> T) -> T {
-        // A panic elsewhere cannot leave this map half-written: every closure is infallible.
-        let mut map = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
-        f(map.entry(session.to_owned()).or_default())
+    pub fn new(keep_snapshots: usize) -> Self {
+        Self {
+            sessions: Mutex::new(HashMap::new()),
+            keep_snapshots: keep_snapshots.max(1),
+        }
     }
+
+    fn with<T>(&self, session: &str, f: impl FnOnce(&mut SessionData) -> T) -> T {
+        // Every closure below is infallible, so a poisoned lock still guards whole data.
+        let mut map = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        let data = map.entry(session.to_owned()).or_default();
+        data.last_activity_ms = now_ms();
+        f(data)
+    }
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        Self::new(20)
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 impl Store for MemoryStore {
     fn load_whiteboard(&self, session: &str) -> Result<StoredWhiteboard, StoreError> {
-        Ok(self.with(session, |s| StoredWhiteboard {
-            updates: s.snapshot.iter().chain(s.log.iter()).cloned().collect(),
+        Ok(self.with(session, |s| {
+            let latest = s.snapshots.iter().next_back();
+            StoredWhiteboard {
+                snapshot_version: latest.map(|(v, _)| *v).unwrap_or(0),
+                updates: latest
+                    .map(|(_, (_, state))| state)
+                    .into_iter()
+                    .chain(s.log.iter())
+                    .cloned()
+                    .collect(),
+            }
         }))
     }
 
@@ -41,13 +73,57 @@ impl Store for MemoryStore {
         Ok(())
     }
 
-    fn write_snapshot(&self, session: &str, state: &[u8], _count: u64) -> Result<u64, StoreError> {
+    fn write_snapshot(
+        &self,
+        session: &str,
+        state: &[u8],
+        _state_vector: &[u8],
+        update_count: u64,
+    ) -> Result<u64, StoreError> {
+        let keep = self.keep_snapshots;
         Ok(self.with(session, |s| {
-            s.snapshot = Some(state.to_vec());
+            let version = s.snapshots.keys().next_back().copied().unwrap_or(0) + 1;
+            let info = SnapshotInfo {
+                version,
+                created_at_ms: now_ms(),
+                bytes: state.len() as u64,
+                updates: update_count,
+            };
+            s.snapshots.insert(version, (info, state.to_vec()));
+            while s.snapshots.len() > keep {
+                s.snapshots.pop_first();
+            }
             s.log.clear();
-            s.snapshot_version += 1;
-            s.snapshot_version
+            version
         }))
+    }
+
+    fn list_snapshots(&self, session: &str) -> Result<Vec<SnapshotInfo>, StoreError> {
+        Ok(self.with(session, |s| {
+            s.snapshots.values().map(|(i, _)| i.clone()).collect()
+        }))
+    }
+
+    fn get_snapshot(&self, session: &str, version: u64) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.with(session, |s| {
+            s.snapshots.get(&version).map(|(_, st)| st.clone())
+        }))
+    }
+
+    fn list_sessions(&self) -> Result<Vec<SessionInfo>, StoreError> {
+        let map = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out: Vec<SessionInfo> = map
+            .iter()
+            .map(|(id, s)| SessionInfo {
+                id: id.clone(),
+                bytes: s.snapshots.values().map(|(i, _)| i.bytes).sum::<u64>()
+                    + s.log.iter().map(|u| u.len() as u64).sum::<u64>(),
+                last_activity_ms: s.last_activity_ms,
+                snapshots: s.snapshots.len(),
+            })
+            .collect();
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(out)
     }
 
     fn append_chat(
@@ -102,5 +178,13 @@ impl Store for MemoryStore {
 
     fn last_chat_seq(&self, session: &str) -> Result<u64, StoreError> {
         Ok(self.with(session, |s| s.last_seq))
+    }
+
+    fn flush(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    fn check(&self) -> Result<(), StoreError> {
+        Ok(())
     }
 }

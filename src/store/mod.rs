@@ -22,12 +22,39 @@ pub enum StoreError {
 }
 
 /// What a session needs to rebuild its document: updates to apply in order (the latest
-/// snapshot first, then the log written after it).
+/// snapshot that decodes first, then the log written after it).
 #[derive(Debug, Default)]
 pub struct StoredWhiteboard {
     pub updates: Vec<Vec<u8>>,
+    /// Version of the snapshot the updates start from (0: none).
+    pub snapshot_version: u64,
 }
 
+/// One stored snapshot version, as `easel snapshot list` and the HTTP API show it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct SnapshotInfo {
+    pub version: u64,
+    /// Milliseconds since the Unix epoch.
+    pub created_at_ms: u64,
+    /// Size of the Yjs v1 state.
+    pub bytes: u64,
+    /// Updates folded into this snapshot since the previous one.
+    pub updates: u64,
+}
+
+/// A session in the store, as `easel sessions` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct SessionInfo {
+    pub id: String,
+    /// Bytes stored for the session (snapshots, log and chat).
+    pub bytes: u64,
+    /// Milliseconds since the Unix epoch of the last write.
+    pub last_activity_ms: u64,
+    pub snapshots: usize,
+}
+
+/// Durable per-session state. Methods are synchronous and may touch the disk: async
+/// callers run them on a blocking thread, or accept a short in-memory write (`append_*`).
 pub trait Store: Send + Sync + 'static {
     /// The stored whiteboard of a session (empty for a new one).
     fn load_whiteboard(&self, session: &str) -> Result<StoredWhiteboard, StoreError>;
@@ -35,13 +62,27 @@ pub trait Store: Send + Sync + 'static {
     /// Appends an accepted update to the session's log.
     fn append_update(&self, session: &str, update: &[u8]) -> Result<(), StoreError>;
 
-    /// Records the whole document as a snapshot replacing the log; returns its version.
+    /// Records the whole document (`state`, a Yjs v1 update; `state_vector`, v1-encoded)
+    /// as the next snapshot version, replacing every log entry of the session written
+    /// before this call (the caller keeps updates out meanwhile). Keeps the newest
+    /// `keep_snapshots` versions. Returns the new version number.
     fn write_snapshot(
         &self,
         session: &str,
         state: &[u8],
+        state_vector: &[u8],
         update_count: u64,
     ) -> Result<u64, StoreError>;
+
+    /// The session's snapshot versions, oldest first. Records that do not decode are
+    /// skipped (and logged and counted by the implementation).
+    fn list_snapshots(&self, session: &str) -> Result<Vec<SnapshotInfo>, StoreError>;
+
+    /// The Yjs v1 state of one snapshot version, `None` if there is no such version.
+    fn get_snapshot(&self, session: &str, version: u64) -> Result<Option<Vec<u8>>, StoreError>;
+
+    /// Every session with anything stored.
+    fn list_sessions(&self) -> Result<Vec<SessionInfo>, StoreError>;
 
     /// Appends a chat message (its `seq` already assigned by the caller), trimming the
     /// session's history to `history_limit` messages.
@@ -68,6 +109,12 @@ pub trait Store: Send + Sync + 'static {
         limit: usize,
     ) -> Result<Vec<ChatMessage>, StoreError>;
 
-    /// The highest `seq` ever assigned in the session (0 for none).
+    /// The highest `seq` ever assigned in the session (0 for none), surviving trimming.
     fn last_chat_seq(&self, session: &str) -> Result<u64, StoreError>;
+
+    /// Makes everything written so far durable (fsync).
+    fn flush(&self) -> Result<(), StoreError>;
+
+    /// Whether the storage is usable (for `/readyz`).
+    fn check(&self) -> Result<(), StoreError>;
 }
