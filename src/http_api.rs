@@ -4,15 +4,26 @@
 //! [`ApiError`] values that turn themselves into `{"error","message"}` responses with the
 //! status SPEC.md gives. No WebSocket handling here (see `server` and `socket`).
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
-use axum::extract::State;
-use axum::http::{header, StatusCode};
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use serde::Serialize;
 use serde_json::json;
 
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use yrs::updates::decoder::Decode;
+use yrs::StateVector;
+
+use crate::auth::{Claims, Role};
 use crate::server::AppState;
+use crate::session::whiteboard::{ApplyError, RestoreFailure};
+use crate::session::SessionHandle;
+use crate::store::{SnapshotInfo, StoreError};
 
 /// A refused request.
 #[derive(Debug, thiserror::Error)]
@@ -23,6 +34,8 @@ pub enum ApiError {
     Unauthorized(String),
     #[error("{0}")]
     Forbidden(String),
+    #[error("{0}")]
+    NotFound(String),
     #[error("{0}")]
     TooManyConnections(String),
     #[error("{0}")]
@@ -37,6 +50,7 @@ impl ApiError {
             ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
             ApiError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
             ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
+            ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             ApiError::TooManyConnections(_) => {
                 (StatusCode::TOO_MANY_REQUESTS, "too_many_connections")
             }
@@ -91,4 +105,199 @@ pub async fn status(State(app): State<Arc<AppState>>) -> Json<serde_json::Value>
         },
         "sessions": app.registry.loaded(),
     }))
+}
+
+/// `?token=` and anything else in the query string.
+type QueryMap = HashMap<String, String>;
+
+/// The session a request is about, opened for as long as the request runs.
+async fn open_authorized(
+    app: &AppState,
+    session: &str,
+    headers: &HeaderMap,
+    query: &QueryMap,
+) -> Result<(Claims, SessionHandle), ApiError> {
+    let claims = app.authorize(session, headers, query, None)?;
+    let handle = app.open_session(session).await?;
+    Ok((claims, handle))
+}
+
+fn require_snapshot_role(claims: &Claims) -> Result<(), ApiError> {
+    if claims.role.can_manage_snapshots() {
+        Ok(())
+    } else {
+        Err(ApiError::Forbidden(
+            "only tutors and admins may take or restore snapshots".into(),
+        ))
+    }
+}
+
+/// Runs store work off the async threads.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?
+}
+
+fn storage(e: StoreError) -> ApiError {
+    tracing::error!(error = %e, "storage error");
+    ApiError::Internal("storage error".into())
+}
+
+#[derive(Serialize)]
+struct VersionJson {
+    version: u64,
+    created_at: String,
+    bytes: u64,
+    updates: u64,
+}
+
+impl From<SnapshotInfo> for VersionJson {
+    fn from(i: SnapshotInfo) -> Self {
+        Self {
+            version: i.version,
+            created_at: rfc3339_ms(i.created_at_ms),
+            bytes: i.bytes,
+            updates: i.updates,
+        }
+    }
+}
+
+/// Milliseconds since the epoch as RFC 3339, UTC.
+pub fn rfc3339_ms(ms: u64) -> String {
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms);
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+pub async fn list_snapshots(
+    State(app): State<Arc<AppState>>,
+    Path(session): Path<String>,
+    Query(query): Query<QueryMap>,
+    headers: HeaderMap,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    app.authorize(&session, &headers, &query, None)?;
+    let store = app.store.clone();
+    let versions = blocking(move || store.list_snapshots(&session).map_err(storage)).await?;
+    let versions: Vec<VersionJson> = versions.into_iter().map(Into::into).collect();
+    Ok(Json(json!({ "versions": versions })))
+}
+
+pub async fn take_snapshot(
+    State(app): State<Arc<AppState>>,
+    Path(session): Path<String>,
+    Query(query): Query<QueryMap>,
+    headers: HeaderMap,
+) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
+    let (claims, handle) = open_authorized(&app, &session, &headers, &query).await?;
+    require_snapshot_role(&claims)?;
+    let version = blocking(move || handle.whiteboard.snapshot_now().map_err(storage)).await?;
+    tracing::info!(%session, user = %claims.sub, version, "snapshot taken");
+    Ok((StatusCode::CREATED, Json(json!({ "version": version }))))
+}
+
+pub async fn get_snapshot(
+    State(app): State<Arc<AppState>>,
+    Path((session, version)): Path<(String, u64)>,
+    Query(query): Query<QueryMap>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    app.authorize(&session, &headers, &query, None)?;
+    let store = app.store.clone();
+    let state = blocking(move || store.get_snapshot(&session, version).map_err(storage))
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("no snapshot version {version}")))?;
+    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], state).into_response())
+}
+
+pub async fn restore_snapshot(
+    State(app): State<Arc<AppState>>,
+    Path((session, version)): Path<(String, u64)>,
+    Query(query): Query<QueryMap>,
+    headers: HeaderMap,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let (claims, handle) = open_authorized(&app, &session, &headers, &query).await?;
+    require_snapshot_role(&claims)?;
+    let new_version = blocking(move || {
+        handle.whiteboard.restore(version).map_err(|e| match e {
+            RestoreFailure::NoSuchVersion(v) => {
+                ApiError::NotFound(format!("no snapshot version {v}"))
+            }
+            RestoreFailure::Store(e) => storage(e),
+            other => ApiError::Internal(other.to_string()),
+        })
+    })
+    .await?;
+    tracing::info!(%session, user = %claims.sub, version, new_version, "snapshot restored");
+    Ok(Json(json!({ "version": new_version })))
+}
+
+/// Every stored session (an `admin` token covering `*`): what `easel sessions --server` shows.
+pub async fn list_sessions(
+    State(app): State<Arc<AppState>>,
+    Query(query): Query<QueryMap>,
+    headers: HeaderMap,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let claims = app.authorize("_all", &headers, &query, None)?;
+    if claims.role != Role::Admin || !claims.sid.covers("*") {
+        return Err(ApiError::Forbidden(
+            "listing sessions needs an admin token for sid \"*\"".into(),
+        ));
+    }
+    let store = app.store.clone();
+    let sessions = blocking(move || store.list_sessions().map_err(storage)).await?;
+    Ok(Json(json!({ "sessions": sessions })))
+}
+
+/// `GET /api/v2/session/{id}/whiteboard?sv=B64`: the document as a Yjs v1 update, or what
+/// is missing from the base64url state vector `sv`.
+pub async fn get_whiteboard(
+    State(app): State<Arc<AppState>>,
+    Path(session): Path<String>,
+    Query(query): Query<QueryMap>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let sv = match query.get("sv") {
+        None => StateVector::default(),
+        Some(b64) => {
+            let bytes = URL_SAFE_NO_PAD
+                .decode(b64.trim_end_matches('='))
+                .map_err(|e| ApiError::BadRequest(format!("sv is not base64url: {e}")))?;
+            StateVector::decode_v1(&bytes)
+                .map_err(|e| ApiError::BadRequest(format!("sv is not a state vector: {e}")))?
+        }
+    };
+    let (_claims, handle) = open_authorized(&app, &session, &headers, &query).await?;
+    let update = blocking(move || Ok(handle.whiteboard.diff(&sv))).await?;
+    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], update).into_response())
+}
+
+/// `POST /api/v2/session/{id}/whiteboard`: a Yjs v1 update, applied, stored and relayed
+/// exactly like one from a WebSocket client.
+pub async fn post_whiteboard(
+    State(app): State<Arc<AppState>>,
+    Path(session): Path<String>,
+    Query(query): Query<QueryMap>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<StatusCode, ApiError> {
+    let (claims, handle) = open_authorized(&app, &session, &headers, &query).await?;
+    if !claims.role.can_write() {
+        return Err(ApiError::Forbidden(
+            "viewers may not change the whiteboard".into(),
+        ));
+    }
+    let metrics = app.metrics.clone();
+    blocking(
+        move || match handle.whiteboard.apply_update(None, &body, None) {
+            Ok(_) => Ok(StatusCode::NO_CONTENT),
+            Err(e @ (ApplyError::Decode(_) | ApplyError::Rejected(_))) => {
+                metrics.updates_rejected.inc();
+                Err(ApiError::BadRequest(e.to_string()))
+            }
+            Err(ApplyError::Store(e)) => Err(storage(e)),
+        },
+    )
+    .await
 }

@@ -5,6 +5,7 @@
 //! the HTTP routes and upgrades; [`config`], [`auth`], [`limits`] and [`metrics`] are the
 //! cross-cutting pieces each of those takes what it needs from.
 
+pub mod admin;
 pub mod auth;
 pub mod config;
 pub mod http_api;

@@ -9,9 +9,12 @@ use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
+use std::io::Write;
+
+use easel::admin::{inspect, read_update_file, Admin, Target};
 use easel::auth::{claims_for, Role, Verifier};
 use easel::config::{Config, LogFormat};
-use easel::store::{MemoryStore, Store};
+use easel::store::{SledStore, Store};
 
 #[derive(Parser)]
 #[command(
@@ -29,6 +32,54 @@ struct ConfigArgs {
     /// TOML configuration file.
     #[arg(long)]
     config: Option<PathBuf>,
+}
+
+/// Where `snapshot` and `sessions` act: the data directory, or a running server.
+#[derive(clap::Args)]
+struct TargetArgs {
+    /// Data directory (default ./snapshots, or the config's data_dir).
+    #[arg(long, global = true, conflicts_with = "server")]
+    data_dir: Option<PathBuf>,
+    /// A running server's base URL, e.g. http://127.0.0.1:8080 (needs --token).
+    #[arg(long, global = true, requires = "token")]
+    server: Option<String>,
+    /// A JWT for --server (tutor or admin to restore; admin with sid "*" for `sessions`).
+    #[arg(long, global = true)]
+    token: Option<String>,
+    /// TOML configuration file.
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum SnapshotCommand {
+    /// Versions of a session: number, time, size, update count.
+    List { session: String },
+    /// The whiteboard as a Yjs v1 update (what Y.applyUpdate loads).
+    Export {
+        session: String,
+        /// A snapshot version (default: the current state).
+        #[arg(long)]
+        version: Option<u64>,
+        /// Output file (default: standard output).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// The document's content as JSON, from an update file or a session.
+    Inspect {
+        /// An update file, or a session id.
+        source: String,
+        #[arg(long)]
+        version: Option<u64>,
+    },
+    /// Roll the whiteboard back to version N (recorded as a new version).
+    Restore {
+        session: String,
+        #[arg(long)]
+        version: u64,
+    },
+    /// Merge a Yjs v1 update file into the session.
+    Import { session: String, file: PathBuf },
 }
 
 #[derive(Subcommand)]
@@ -64,6 +115,97 @@ enum Command {
         #[command(flatten)]
         config: ConfigArgs,
     },
+    /// Snapshot tool: list, export, inspect, restore, import.
+    Snapshot {
+        #[command(subcommand)]
+        command: SnapshotCommand,
+        #[command(flatten)]
+        target: TargetArgs,
+    },
+    /// Sessions in the store: id, size, last activity, snapshot count.
+    Sessions {
+        #[command(flatten)]
+        target: TargetArgs,
+    },
+}
+
+fn admin(target: TargetArgs) -> anyhow::Result<Admin> {
+    let mut config = load_config(&ConfigArgs {
+        config: target.config,
+    })?;
+    if let Some(d) = target.data_dir {
+        config.data_dir = d;
+    }
+    Ok(Admin::new(match (target.server, target.token) {
+        (Some(url), Some(token)) => Target::Server { url, token },
+        _ => Target::Dir(Arc::new(config)),
+    }))
+}
+
+fn snapshot(command: SnapshotCommand, admin: Admin) -> anyhow::Result<()> {
+    match command {
+        SnapshotCommand::List { session } => {
+            let versions = admin.list(&session)?;
+            println!(
+                "{:>8}  {:<24}  {:>10}  {:>8}",
+                "version", "created_at", "bytes", "updates"
+            );
+            for v in versions {
+                println!(
+                    "{:>8}  {:<24}  {:>10}  {:>8}",
+                    v.version, v.created_at, v.bytes, v.updates
+                );
+            }
+        }
+        SnapshotCommand::Export {
+            session,
+            version,
+            out,
+        } => {
+            let bytes = admin.export(&session, version)?;
+            match out {
+                Some(path) => std::fs::write(&path, &bytes)
+                    .with_context(|| format!("cannot write {}", path.display()))?,
+                None => std::io::stdout().write_all(&bytes)?,
+            }
+        }
+        SnapshotCommand::Inspect { source, version } => {
+            let path = std::path::Path::new(&source);
+            let bytes = if path.is_file() {
+                read_update_file(path)?
+            } else {
+                admin.export(&source, version)?
+            };
+            println!("{}", serde_json::to_string_pretty(&inspect(&bytes)?)?);
+        }
+        SnapshotCommand::Restore { session, version } => {
+            let new_version = admin.restore(&session, version)?;
+            println!("restored {session} to version {version}; recorded as version {new_version}");
+        }
+        SnapshotCommand::Import { session, file } => {
+            admin.import(&session, &read_update_file(&file)?)?;
+            println!("imported {} into {session}", file.display());
+        }
+    }
+    Ok(())
+}
+
+fn sessions(admin: Admin) -> anyhow::Result<()> {
+    let sessions = admin.sessions()?;
+    println!(
+        "{:<32}  {:>10}  {:<24}  {:>9}",
+        "session", "bytes", "last_activity", "snapshots"
+    );
+    for s in sessions {
+        println!(
+            "{:<32}  {:>10}  {:<24}  {:>9}",
+            s.id,
+            s.bytes,
+            easel::http_api::rfc3339_ms(s.last_activity_ms),
+            s.snapshots
+        );
+    }
+    Ok(())
 }
 
 fn load_config(args: &ConfigArgs) -> anyhow::Result<Config> {
@@ -153,7 +295,13 @@ async fn serve(
             "demo: ws://{addr}/ws/v2/session/demo/whiteboard?token={token}  (token valid 12 h, all sessions, role tutor)"
         );
     }
-    let store: Arc<dyn Store> = Arc::new(MemoryStore::default());
+    let metrics = Arc::new(easel::metrics::Metrics::new());
+    let store: Arc<dyn Store> = Arc::new(SledStore::open(
+        &config.data_dir,
+        config.persist.flush_interval_ms,
+        config.persist.keep_snapshots,
+        Some(metrics.clone()),
+    )?);
     println!("easel listening on {addr}");
     tracing::info!(%addr, data_dir = %config.data_dir.display(), "easel listening");
     easel::server::serve(
@@ -161,6 +309,7 @@ async fn serve(
         Arc::new(config),
         verifier,
         store,
+        metrics,
         shutdown_signal(),
     )
     .await?;
@@ -183,9 +332,26 @@ fn token(
     Ok(())
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // One line with the whole cause chain; no backtrace for an operator's mistake.
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve {
             listen,
@@ -200,5 +366,7 @@ async fn main() -> anyhow::Result<()> {
             ttl,
             config,
         } => token(load_config(&config)?, sub, sessions, role, name, ttl),
+        Command::Snapshot { command, target } => snapshot(command, admin(target)?),
+        Command::Sessions { target } => sessions(admin(target)?),
     }
 }

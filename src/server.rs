@@ -12,10 +12,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::extract::ws::{WebSocket, WebSocketUpgrade};
-use axum::extract::{Path, Query, State};
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{header, HeaderMap};
 use axum::response::Response;
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::serve::ListenerExt;
 use axum::Router;
 use tokio::net::TcpListener;
@@ -384,8 +384,27 @@ pub fn router(app: Arc<AppState>) -> Router {
         .route("/readyz", get(http_api::readyz))
         .route("/metrics", get(http_api::metrics))
         .route("/api/v2/status", get(http_api::status))
+        .route("/api/v2/sessions", get(http_api::list_sessions))
+        .route(
+            "/api/v2/session/{session}/whiteboard",
+            get(http_api::get_whiteboard).post(http_api::post_whiteboard),
+        )
+        .route(
+            "/api/v2/session/{session}/snapshots",
+            get(http_api::list_snapshots).post(http_api::take_snapshot),
+        )
+        .route(
+            "/api/v2/session/{session}/snapshots/{version}",
+            get(http_api::get_snapshot),
+        )
+        .route(
+            "/api/v2/session/{session}/snapshots/{version}/restore",
+            post(http_api::restore_snapshot),
+        )
         .route("/ws/v2/session/{session}/whiteboard", get(whiteboard_ws))
         .route("/ws/v2/session/{session}", get(tutor_ws))
+        // A posted update may be as large as a WebSocket frame may.
+        .layer(DefaultBodyLimit::max(app.config.limits.max_frame_bytes))
         .with_state(app)
 }
 
@@ -395,9 +414,9 @@ pub async fn serve(
     config: Arc<Config>,
     verifier: Verifier,
     store: Arc<dyn Store>,
+    metrics: Arc<Metrics>,
     stop: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
-    let metrics = Arc::new(Metrics::new());
     let (shutdown_tx, shutdown) = watch::channel(false);
     let registry = Arc::new(Registry::new(
         store.clone(),
@@ -417,7 +436,7 @@ pub async fn serve(
         shutdown: shutdown.clone(),
         started: Instant::now(),
     });
-    let reaper = tokio::spawn(registry.clone().run_reaper(shutdown.clone()));
+    let housekeeping = tokio::spawn(registry.clone().run_housekeeping(shutdown.clone()));
 
     let listener = listener.tap_io(|tcp| {
         // Nagle's algorithm would hold small relayed frames back by up to 40 ms.
@@ -448,9 +467,16 @@ pub async fn serve(
             "connections still open at the shutdown deadline"
         );
     }
-    let _ = reaper.await;
+    let _ = housekeeping.await;
     let registry = registry.clone();
-    let _ = tokio::task::spawn_blocking(move || registry.snapshot_all()).await;
+    let store = app.store.clone();
+    let _ = tokio::task::spawn_blocking(move || {
+        registry.snapshot_all();
+        if let Err(e) = store.flush() {
+            tracing::error!(error = %e, "final flush failed");
+        }
+    })
+    .await;
     server.abort();
     tracing::info!("shutdown complete");
     Ok(())

@@ -51,6 +51,12 @@ async fn slow_reader_is_closed_1013_and_fast_reader_gets_everything() {
     // decodes frames while the writer runs (applying 8 KB updates to a yrs doc in a debug
     // build is slower than the writer, which would make it a slow reader too); it applies
     // them to its document afterwards.
+    // The writer stays at most WINDOW updates ahead of the fast reader, so the fast reader's
+    // queue stays far below the limit however slow a debug build decodes; the slow reader,
+    // which never reads, still passes it.
+    const WINDOW: usize = 8;
+    let received = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let received_by_fast = received.clone();
     let fast_task = tokio::spawn(async move {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
         let mut updates: Vec<Vec<u8>> = Vec::new();
@@ -62,6 +68,7 @@ async fn slow_reader_is_closed_1013_and_fast_reader_gets_everything() {
                         if let Message::Sync(SyncMessage::Update(u)) = m {
                             updates.push(u);
                         }
+                        received_by_fast.store(updates.len(), std::sync::atomic::Ordering::Release);
                     }
                 }
                 other => panic!(
@@ -82,6 +89,15 @@ async fn slow_reader_is_closed_1013_and_fast_reader_gets_everything() {
     let started = std::time::Instant::now();
     for i in 0..UPDATES {
         writer.map_set("big", &format!("k{i:04}"), &value(i)).await;
+        let pace_deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while received.load(std::sync::atomic::Ordering::Acquire) + WINDOW < i {
+            assert!(
+                tokio::time::Instant::now() < pace_deadline,
+                "fast reader stalled at {i}"
+            );
+            tokio::task::yield_now().await;
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
     }
     eprintln!(
         "writer sent {} bytes in {:?}",

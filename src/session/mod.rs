@@ -6,6 +6,7 @@
 //! of Yjs servers is docs kept after their last client left). The registry owns the map
 //! and the reaper; what a session does lives in [`whiteboard`] and [`tutor`].
 
+pub mod restore;
 pub mod tutor;
 pub mod whiteboard;
 
@@ -14,11 +15,11 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use crate::config::Config;
+use crate::config::{Config, Durability};
 use crate::metrics::Metrics;
 use crate::store::{Store, StoreError};
 use tutor::TutorRoom;
-use whiteboard::{ConnId, Whiteboard};
+use whiteboard::{ConnId, Whiteboard, WhiteboardOptions};
 
 /// `[A-Za-z0-9_-]{1,128}`.
 pub fn valid_session_id(id: &str) -> bool {
@@ -122,6 +123,10 @@ impl Registry {
         }
     }
 
+    fn sync_durability(&self) -> bool {
+        self.config.persist.durability == Durability::Sync
+    }
+
     fn load(&self, id: &str) -> Result<Session, StoreError> {
         let id: Arc<str> = Arc::from(id);
         Ok(Session {
@@ -129,13 +134,17 @@ impl Registry {
                 id.clone(),
                 self.store.clone(),
                 self.metrics.clone(),
-                self.config.whiteboard.echo_updates,
+                WhiteboardOptions {
+                    echo_updates: self.config.whiteboard.echo_updates,
+                    flush_before_relay: self.sync_durability(),
+                },
             )?,
             tutor: TutorRoom::load(
                 id.clone(),
                 self.store.clone(),
                 self.metrics.clone(),
                 self.config.tutor.history_limit,
+                self.sync_durability(),
             )?,
             id,
             handles: AtomicUsize::new(0),
@@ -172,20 +181,47 @@ impl Registry {
         }
     }
 
-    /// Runs the reaper until `shutdown` fires.
-    pub async fn run_reaper(self: Arc<Self>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+    /// Snapshots sessions whose log grew past `persist.snapshot_every_updates` or that
+    /// changed longer than `persist.snapshot_interval_s` ago. Returns how many it wrote.
+    pub fn snapshot_due(&self) -> usize {
+        let every = self.config.persist.snapshot_every_updates;
+        let interval = Duration::from_secs(self.config.persist.snapshot_interval_s);
+        let sessions: Vec<_> = self.map().values().cloned().collect();
+        let mut written = 0;
+        for s in sessions {
+            let (updates, age) = s.whiteboard.snapshot_age();
+            if s.whiteboard.is_dirty() && (updates >= every || age >= interval) {
+                match s.whiteboard.snapshot_if_dirty() {
+                    Ok(Some(_)) => written += 1,
+                    Ok(None) => {}
+                    Err(e) => tracing::error!(session = %s.id, error = %e, "snapshot failed"),
+                }
+            }
+        }
+        written
+    }
+
+    /// Runs the housekeeping until `shutdown` fires: due snapshots, then idle unloads,
+    /// once a second, on a blocking thread (both may encode whole documents).
+    pub async fn run_housekeeping(
+        self: Arc<Self>,
+        mut shutdown: tokio::sync::watch::Receiver<bool>,
+    ) {
         let idle = Duration::from_secs(self.config.sessions.idle_unload_s);
-        let tick = Duration::from_secs(self.config.sessions.idle_unload_s.clamp(1, 5));
-        let mut interval = tokio::time::interval(tick);
+        let mut interval = tokio::time::interval(Duration::from_secs(1));
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = interval.tick() => {
                     let registry = self.clone();
-                    let n = tokio::task::spawn_blocking(move || registry.unload_idle(idle))
-                        .await
-                        .unwrap_or(0);
-                    if n > 0 {
-                        tracing::debug!(unloaded = n, "idle sessions unloaded");
+                    let done = tokio::task::spawn_blocking(move || {
+                        (registry.snapshot_due(), registry.unload_idle(idle))
+                    })
+                    .await;
+                    if let Ok((snapshots, unloaded)) = done {
+                        if snapshots + unloaded > 0 {
+                            tracing::debug!(snapshots, unloaded, "housekeeping");
+                        }
                     }
                 }
                 _ = shutdown.changed() => return,

@@ -32,6 +32,7 @@ pub struct TutorRoom {
     store: Arc<dyn Store>,
     metrics: Arc<Metrics>,
     history_limit: usize,
+    flush_before_relay: bool,
 }
 
 fn text(json: String) -> Message {
@@ -44,6 +45,7 @@ impl TutorRoom {
         store: Arc<dyn Store>,
         metrics: Arc<Metrics>,
         history_limit: usize,
+        flush_before_relay: bool,
     ) -> Result<Self, StoreError> {
         let last_seq = store.last_chat_seq(&session)?;
         Ok(Self {
@@ -55,6 +57,7 @@ impl TutorRoom {
             store,
             metrics,
             history_limit,
+            flush_before_relay,
         })
     }
 
@@ -177,6 +180,9 @@ impl TutorRoom {
         };
         self.store
             .append_chat(&self.session, &message, self.history_limit)?;
+        if self.flush_before_relay {
+            self.store.flush()?;
+        }
         inner.last_seq = message.seq;
         self.metrics.chat_messages.inc();
         let msg = text(ServerMessage::Chat(&message).to_json());

@@ -40,6 +40,26 @@ pub enum ApplyError {
     Store(#[from] StoreError),
 }
 
+/// Why a restore did not happen. The document is unchanged in every case.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreFailure {
+    #[error("no snapshot version {0}")]
+    NoSuchVersion(u64),
+    #[error(transparent)]
+    Restore(#[from] super::restore::RestoreError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// How a whiteboard treats what it is sent.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct WhiteboardOptions {
+    /// Send updates back to their sender too.
+    pub echo_updates: bool,
+    /// Flush the store before relaying (`persist.durability = "sync"`).
+    pub flush_before_relay: bool,
+}
+
 pub struct Whiteboard {
     session: Arc<str>,
     doc: Doc,
@@ -48,10 +68,11 @@ pub struct Whiteboard {
     peers: Mutex<HashMap<ConnId, Outbox>>,
     store: Arc<dyn Store>,
     metrics: Arc<Metrics>,
-    echo_updates: bool,
+    options: WhiteboardOptions,
     /// Updates applied since the last snapshot.
     updates_since_snapshot: AtomicU64,
     dirty: AtomicBool,
+    last_snapshot: Mutex<Instant>,
 }
 
 impl Whiteboard {
@@ -60,9 +81,12 @@ impl Whiteboard {
         session: Arc<str>,
         store: Arc<dyn Store>,
         metrics: Arc<Metrics>,
-        echo_updates: bool,
+        options: WhiteboardOptions,
     ) -> Result<Self, StoreError> {
         let stored = store.load_whiteboard(&session)?;
+        let has_snapshot = stored.snapshot_version > 0;
+        let log_len =
+            stored.updates.len() - usize::from(has_snapshot && !stored.updates.is_empty());
         let doc = Doc::new();
         {
             let mut txn = doc.transact_mut();
@@ -88,9 +112,11 @@ impl Whiteboard {
             peers: Mutex::new(HashMap::new()),
             store,
             metrics,
-            echo_updates,
-            updates_since_snapshot: AtomicU64::new(stored.updates.len() as u64),
-            dirty: AtomicBool::new(false),
+            options,
+            // A log left after the snapshot (a crash, a kill) is folded into the next one.
+            updates_since_snapshot: AtomicU64::new(log_len as u64),
+            dirty: AtomicBool::new(log_len > 0),
+            last_snapshot: Mutex::new(Instant::now()),
         })
     }
 
@@ -150,6 +176,11 @@ impl Whiteboard {
         wire::sync_step2(self.doc.transact().encode_state_as_update_v1(sv))
     }
 
+    /// What a peer at state vector `sv` is missing, as one Yjs v1 update.
+    pub fn diff(&self, sv: &StateVector) -> Vec<u8> {
+        self.doc.transact().encode_state_as_update_v1(sv)
+    }
+
     /// The whole document as one Yjs v1 update.
     pub fn encode_state(&self) -> Vec<u8> {
         self.doc
@@ -204,16 +235,14 @@ impl Whiteboard {
             (frame, changed || has_pending != had_pending)
         };
         if log {
-            self.store.append_update(&self.session, update)?;
-            self.updates_since_snapshot.fetch_add(1, Ordering::Relaxed);
-            self.dirty.store(true, Ordering::Relaxed);
+            self.log_update(update)?;
         }
         let Some(frame) = frame else {
             return Ok(false);
         };
         self.metrics.updates_applied.inc();
         for (id, outbox) in peers.iter() {
-            if Some(*id) != origin || self.echo_updates {
+            if Some(*id) != origin || self.options.echo_updates {
                 outbox.send(Message::Binary(frame.clone()));
             }
         }
@@ -222,6 +251,52 @@ impl Whiteboard {
             .relay_latency
             .observe(started.elapsed().as_secs_f64());
         Ok(true)
+    }
+
+    /// Appends to the store's log (flushing first in sync durability), before any relay.
+    fn log_update(&self, update: &[u8]) -> Result<(), StoreError> {
+        self.store.append_update(&self.session, update)?;
+        if self.options.flush_before_relay {
+            self.store.flush()?;
+        }
+        self.updates_since_snapshot.fetch_add(1, Ordering::Relaxed);
+        self.dirty.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// Updates applied since the last snapshot, and the time since it was taken.
+    pub fn snapshot_age(&self) -> (u64, std::time::Duration) {
+        let taken = *self.last_snapshot.lock().unwrap_or_else(|e| e.into_inner());
+        (
+            self.updates_since_snapshot.load(Ordering::Relaxed),
+            taken.elapsed(),
+        )
+    }
+
+    pub fn is_dirty(&self) -> bool {
+        self.dirty.load(Ordering::Acquire)
+    }
+
+    /// Rolls the document back to snapshot `version` as new operations (SPEC.md 5.3):
+    /// connected clients receive them like any update and show that version without a
+    /// reload. The result is recorded as a new snapshot version, which is returned.
+    pub fn restore(&self, version: u64) -> Result<u64, RestoreFailure> {
+        let state = self
+            .store
+            .get_snapshot(&self.session, version)?
+            .ok_or(RestoreFailure::NoSuchVersion(version))?;
+        {
+            let peers = self.peers();
+            let update = super::restore::restore_into(&self.doc, &state)?;
+            self.log_update(&update)?;
+            let frame = Message::Binary(wire::update(update));
+            for outbox in peers.values() {
+                outbox.send(frame.clone());
+            }
+        }
+        self.dirty.store(true, Ordering::Release);
+        let version = self.snapshot_if_dirty()?;
+        Ok(version.unwrap_or_default())
     }
 
     /// Applies an awareness update from a connection and relays the message, unchanged, to
@@ -256,6 +331,12 @@ impl Whiteboard {
         }
     }
 
+    /// Writes a snapshot now, changed or not (an operator's or a tutor's request).
+    pub fn snapshot_now(&self) -> Result<u64, StoreError> {
+        self.dirty.store(true, Ordering::Release);
+        Ok(self.snapshot_if_dirty()?.unwrap_or_default())
+    }
+
     /// Writes a snapshot if anything changed since the last one.
     pub fn snapshot_if_dirty(&self) -> Result<Option<u64>, StoreError> {
         if !self.dirty.swap(false, Ordering::AcqRel) {
@@ -276,6 +357,7 @@ impl Whiteboard {
         let version = self
             .store
             .write_snapshot(&self.session, &state, &sv, count)?;
+        *self.last_snapshot.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
         self.metrics
             .snapshot_duration
             .observe(started.elapsed().as_secs_f64());

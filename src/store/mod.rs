@@ -7,8 +7,10 @@
 //! Redis-backed one can later, without touching the WebSocket handlers.
 
 mod memory;
+mod sled_store;
 
 pub use memory::MemoryStore;
+pub use sled_store::{is_locked_error, SledStore};
 
 use crate::protocol::tutor::ChatMessage;
 
@@ -43,7 +45,7 @@ pub struct SnapshotInfo {
 }
 
 /// A session in the store, as `easel sessions` shows it.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct SessionInfo {
     pub id: String,
     /// Bytes stored for the session (snapshots, log and chat).

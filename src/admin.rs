@@ -1,0 +1,254 @@
+//! Operator commands: `easel snapshot list | export | inspect | restore | import` and
+//! `easel sessions`.
+//!
+//! Each works on a data directory directly when no server holds it, or through a running
+//! server's HTTP API (`--server URL --token JWT`): sled locks its directory, so while a
+//! server runs, the API is the only way in, and the error says so. Restores and imports on
+//! a directory go through the same `Registry` and `Whiteboard` code as the server's, so an
+//! offline restore records a new version exactly like a live one.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use serde::Deserialize;
+use yrs::updates::decoder::Decode;
+use yrs::{Doc, Transact, Update};
+
+use crate::config::Config;
+use crate::http_api::rfc3339_ms;
+use crate::metrics::Metrics;
+use crate::session::restore::doc_to_json;
+use crate::session::whiteboard::RestoreFailure;
+use crate::session::Registry;
+use crate::store::{SessionInfo, SledStore, Store, StoreError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Restore(#[from] RestoreFailure),
+    #[error("server: {0}")]
+    Http(String),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Where the commands act.
+pub enum Target {
+    /// The data directory, opened directly.
+    Dir(Arc<Config>),
+    /// A running server's HTTP API.
+    Server { url: String, token: String },
+}
+
+/// One snapshot version as shown to an operator.
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
+pub struct VersionRow {
+    pub version: u64,
+    pub created_at: String,
+    pub bytes: u64,
+    pub updates: u64,
+}
+
+pub struct Admin {
+    target: Target,
+}
+
+impl Admin {
+    pub fn new(target: Target) -> Self {
+        Self { target }
+    }
+
+    fn store(config: &Config) -> Result<Arc<dyn Store>, AdminError> {
+        Ok(Arc::new(SledStore::open(
+            &config.data_dir,
+            config.persist.flush_interval_ms,
+            config.persist.keep_snapshots,
+            None,
+        )?))
+    }
+
+    fn registry(config: &Arc<Config>) -> Result<(Registry, Arc<dyn Store>), AdminError> {
+        let store = Self::store(config)?;
+        let registry = Registry::new(store.clone(), Arc::new(Metrics::new()), config.clone());
+        Ok((registry, store))
+    }
+
+    pub fn list(&self, session: &str) -> Result<Vec<VersionRow>, AdminError> {
+        match &self.target {
+            Target::Dir(config) => Ok(Self::store(config)?
+                .list_snapshots(session)?
+                .into_iter()
+                .map(|i| VersionRow {
+                    version: i.version,
+                    created_at: rfc3339_ms(i.created_at_ms),
+                    bytes: i.bytes,
+                    updates: i.updates,
+                })
+                .collect()),
+            Target::Server { .. } => {
+                #[derive(Deserialize)]
+                struct Versions {
+                    versions: Vec<VersionRow>,
+                }
+                let body = self.get(&format!("/api/v2/session/{session}/snapshots"))?;
+                let v: Versions = serde_json::from_slice(&body)
+                    .map_err(|e| AdminError::Http(format!("unexpected answer: {e}")))?;
+                Ok(v.versions)
+            }
+        }
+    }
+
+    /// The whiteboard as a Yjs v1 update: version `version`, or the current state.
+    pub fn export(&self, session: &str, version: Option<u64>) -> Result<Vec<u8>, AdminError> {
+        match (&self.target, version) {
+            (Target::Dir(config), Some(v)) => Self::store(config)?
+                .get_snapshot(session, v)?
+                .ok_or_else(|| {
+                    AdminError::Invalid(format!("session {session} has no snapshot version {v}"))
+                }),
+            (Target::Dir(config), None) => {
+                let (registry, _) = Self::registry(config)?;
+                let handle = registry.open(session)?;
+                Ok(handle.whiteboard.encode_state())
+            }
+            (Target::Server { .. }, Some(v)) => {
+                self.get(&format!("/api/v2/session/{session}/snapshots/{v}"))
+            }
+            (Target::Server { .. }, None) => {
+                self.get(&format!("/api/v2/session/{session}/whiteboard"))
+            }
+        }
+    }
+
+    /// Rolls the whiteboard back to `version`; returns the new version recorded.
+    pub fn restore(&self, session: &str, version: u64) -> Result<u64, AdminError> {
+        match &self.target {
+            Target::Dir(config) => {
+                let (registry, store) = Self::registry(config)?;
+                let new_version = registry.open(session)?.whiteboard.restore(version)?;
+                store.flush()?;
+                Ok(new_version)
+            }
+            Target::Server { .. } => {
+                let body = self.post(
+                    &format!("/api/v2/session/{session}/snapshots/{version}/restore"),
+                    &[],
+                )?;
+                #[derive(Deserialize)]
+                struct Version {
+                    version: u64,
+                }
+                let v: Version = serde_json::from_slice(&body)
+                    .map_err(|e| AdminError::Http(format!("unexpected answer: {e}")))?;
+                Ok(v.version)
+            }
+        }
+    }
+
+    /// Merges a Yjs v1 update into the session's whiteboard.
+    pub fn import(&self, session: &str, update: &[u8]) -> Result<(), AdminError> {
+        Update::decode_v1(update)
+            .map_err(|e| AdminError::Invalid(format!("not a Yjs v1 update: {e}")))?;
+        match &self.target {
+            Target::Dir(config) => {
+                let (registry, store) = Self::registry(config)?;
+                let handle = registry.open(session)?;
+                handle
+                    .whiteboard
+                    .apply_update(None, update, None)
+                    .map_err(|e| AdminError::Invalid(e.to_string()))?;
+                handle.whiteboard.snapshot_now()?;
+                store.flush()?;
+                Ok(())
+            }
+            Target::Server { .. } => {
+                self.post(&format!("/api/v2/session/{session}/whiteboard"), update)?;
+                Ok(())
+            }
+        }
+    }
+
+    pub fn sessions(&self) -> Result<Vec<SessionInfo>, AdminError> {
+        match &self.target {
+            Target::Dir(config) => Ok(Self::store(config)?.list_sessions()?),
+            Target::Server { .. } => {
+                #[derive(Deserialize)]
+                struct Sessions {
+                    sessions: Vec<SessionInfo>,
+                }
+                let body = self.get("/api/v2/sessions")?;
+                let s: Sessions = serde_json::from_slice(&body)
+                    .map_err(|e| AdminError::Http(format!("unexpected answer: {e}")))?;
+                Ok(s.sessions)
+            }
+        }
+    }
+
+    fn server(&self) -> (&str, &str) {
+        match &self.target {
+            Target::Server { url, token } => (url.trim_end_matches('/'), token),
+            Target::Dir(_) => ("", ""),
+        }
+    }
+
+    fn get(&self, path: &str) -> Result<Vec<u8>, AdminError> {
+        let (url, token) = self.server();
+        let response = ureq::get(format!("{url}{path}"))
+            .header("Authorization", format!("Bearer {token}"))
+            .config()
+            .http_status_as_error(false)
+            .build()
+            .call();
+        read_response(response)
+    }
+
+    fn post(&self, path: &str, body: &[u8]) -> Result<Vec<u8>, AdminError> {
+        let (url, token) = self.server();
+        let response = ureq::post(format!("{url}{path}"))
+            .header("Authorization", format!("Bearer {token}"))
+            .config()
+            .http_status_as_error(false)
+            .build()
+            .send(body);
+        read_response(response)
+    }
+}
+
+fn read_response(
+    response: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
+) -> Result<Vec<u8>, AdminError> {
+    let mut response = response.map_err(|e| AdminError::Http(e.to_string()))?;
+    let status = response.status();
+    let body = response
+        .body_mut()
+        .with_config()
+        .limit(u64::MAX)
+        .read_to_vec()
+        .map_err(|e| AdminError::Http(e.to_string()))?;
+    if status.is_success() {
+        Ok(body)
+    } else {
+        Err(AdminError::Http(format!(
+            "{status}: {}",
+            String::from_utf8_lossy(&body)
+        )))
+    }
+}
+
+/// The content of a Yjs v1 update as JSON.
+pub fn inspect(update: &[u8]) -> Result<serde_json::Value, AdminError> {
+    let decoded = Update::decode_v1(update)
+        .map_err(|e| AdminError::Invalid(format!("not a Yjs v1 update: {e}")))?;
+    let doc = Doc::new();
+    doc.transact_mut()
+        .apply_update(decoded)
+        .map_err(|e| AdminError::Invalid(format!("update does not apply: {e}")))?;
+    Ok(doc_to_json(&doc))
+}
+
+/// Reads an update file for `inspect` or `import`.
+pub fn read_update_file(path: &Path) -> Result<Vec<u8>, AdminError> {
+    std::fs::read(path).map_err(|e| AdminError::Invalid(format!("{}: {e}", path.display())))
+}
