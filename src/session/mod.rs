@@ -59,11 +59,9 @@ impl std::ops::Deref for SessionHandle {
 impl Drop for SessionHandle {
     fn drop(&mut self) {
         if self.session.handles.fetch_sub(1, Ordering::AcqRel) == 1 {
+            // The last client left: housekeeping snapshots it within a second, off the
+            // async threads (encoding a large document must not stall a socket).
             *self.session.idle_since() = Some(Instant::now());
-            // The last client left: persist now rather than waiting for the reaper.
-            if let Err(e) = self.session.whiteboard.snapshot_if_dirty() {
-                tracing::error!(session = %self.session.id, error = %e, "snapshot on last leave failed");
-            }
         }
     }
 }
@@ -181,8 +179,9 @@ impl Registry {
         }
     }
 
-    /// Snapshots sessions whose log grew past `persist.snapshot_every_updates` or that
-    /// changed longer than `persist.snapshot_interval_s` ago. Returns how many it wrote.
+    /// Snapshots changed sessions whose log grew past `persist.snapshot_every_updates`,
+    /// whose last snapshot is older than `persist.snapshot_interval_s`, or whose last client
+    /// left. Returns how many it wrote.
     pub fn snapshot_due(&self) -> usize {
         let every = self.config.persist.snapshot_every_updates;
         let interval = Duration::from_secs(self.config.persist.snapshot_interval_s);
@@ -190,7 +189,8 @@ impl Registry {
         let mut written = 0;
         for s in sessions {
             let (updates, age) = s.whiteboard.snapshot_age();
-            if s.whiteboard.is_dirty() && (updates >= every || age >= interval) {
+            let unused = s.handles.load(Ordering::Acquire) == 0;
+            if s.whiteboard.is_dirty() && (updates >= every || age >= interval || unused) {
                 match s.whiteboard.snapshot_if_dirty() {
                     Ok(Some(_)) => written += 1,
                     Ok(None) => {}
