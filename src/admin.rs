@@ -61,6 +61,13 @@ impl Admin {
     }
 
     fn store(config: &Config) -> Result<Arc<dyn Store>, AdminError> {
+        // sled would create an empty database: a mistyped path must not look like "no data".
+        if !config.data_dir.is_dir() {
+            return Err(AdminError::Invalid(format!(
+                "the data directory {} does not exist",
+                config.data_dir.display()
+            )));
+        }
         Ok(Arc::new(SledStore::open(
             &config.data_dir,
             config.persist.flush_interval_ms,

@@ -1,12 +1,12 @@
 //! Process lifecycle (SPEC §1, §5.2, §6): HTTP health/metrics/status, graceful shutdown on
-//! SIGTERM/SIGINT (1012, exit 0), configuration errors, and persistence across restarts.
+//! SIGTERM/SIGINT (1012, exit 0), configuration errors. Persistence across restarts is in
+//! tests/persistence.rs.
 
 mod common;
 
 use std::time::Duration;
 
 use common::*;
-use serde_json::json;
 
 #[tokio::test]
 async fn health_ready_metrics_status() {
@@ -115,87 +115,4 @@ async fn unknown_config_key_fails_startup_naming_it() {
         err.contains("max_frame_bytes"),
         "start-up error does not name the key:\n{err}"
     );
-}
-
-#[tokio::test]
-async fn state_survives_graceful_restart() {
-    let mut server = TestServer::start("");
-    let tmp = server.take_tempdir().unwrap();
-    let data_dir = server.data_dir.clone();
-    let s = session_id("life-restart");
-    {
-        let mut wb = server.wb_user(&s, "alice").await;
-        wb.map_set("m", "persist", "yes").await;
-        wb.text_push("t", "kept text").await;
-        wb.barrier().await;
-        let (mut tc, _, _) = server.tutor(&s, &token("alice", &s, "tutor")).await;
-        for t in ["one", "two"] {
-            tc.send(&json!({"type":"chat","text":t})).await;
-            tc.wait_for("ack", |v| v["type"] == "chat" && v["text"] == t)
-                .await;
-        }
-        server.sigterm();
-        let st = server
-            .wait_exit(Duration::from_secs(10))
-            .await
-            .expect("exit after SIGTERM");
-        assert!(st.success(), "{st}");
-    }
-    drop(server);
-
-    let server = TestServer::start_in(&data_dir, "");
-    let fresh = server.wb_user(&s, "bob").await;
-    assert_eq!(
-        fresh.map_get("m", "persist").as_deref(),
-        Some("yes"),
-        "whiteboard lost on restart"
-    );
-    assert_eq!(fresh.text("t"), "kept text");
-    let (mut tc, welcome, history) = server.tutor(&s, &token("bob", &s, "student")).await;
-    assert_eq!(welcome["last_seq"], 2, "{welcome}");
-    let texts: Vec<_> = history["messages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["text"].clone())
-        .collect();
-    assert_eq!(texts, vec![json!("one"), json!("two")]);
-    tc.send(&json!({"type":"chat","text":"three"})).await;
-    let m = tc.wait_type("chat").await;
-    assert_eq!(m["seq"], 3, "seq must survive restarts: {m}");
-    drop(tmp);
-}
-
-#[tokio::test]
-async fn sync_durability_survives_kill_9() {
-    let cfg = "[persist]\ndurability = \"sync\"\n";
-    let mut server = TestServer::start(cfg);
-    let tmp = server.take_tempdir().unwrap();
-    let data_dir = server.data_dir.clone();
-    let s = session_id("life-kill");
-    let mut a = server.wb_user(&s, "alice").await;
-    let mut b = server.wb_user(&s, "bob").await;
-    a.map_set("m", "durable", "yes").await;
-    // relayed => durable under durability = "sync"
-    b.wait_doc("relay", |c| {
-        c.map_get("m", "durable").as_deref() == Some("yes")
-    })
-    .await;
-    let (mut tc, _, _) = server.tutor(&s, &token("alice", &s, "tutor")).await;
-    tc.send(&json!({"type":"chat","text":"durable chat"})).await;
-    tc.wait_type("chat").await;
-    server.kill();
-    drop(server);
-
-    let server = TestServer::start_in(&data_dir, cfg);
-    let fresh = server.wb_user(&s, "carol").await;
-    assert_eq!(
-        fresh.map_get("m", "durable").as_deref(),
-        Some("yes"),
-        "relayed update lost by kill -9"
-    );
-    let (_tc, welcome, history) = server.tutor(&s, &token("carol", &s, "student")).await;
-    assert_eq!(welcome["last_seq"], 1, "{welcome}");
-    assert_eq!(history["messages"][0]["text"], "durable chat");
-    drop(tmp);
 }

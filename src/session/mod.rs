@@ -135,6 +135,7 @@ impl Registry {
                 WhiteboardOptions {
                     echo_updates: self.config.whiteboard.echo_updates,
                     flush_before_relay: self.sync_durability(),
+                    snapshot_every_updates: self.config.persist.snapshot_every_updates.max(1),
                 },
             )?,
             tutor: TutorRoom::load(
@@ -179,18 +180,17 @@ impl Registry {
         }
     }
 
-    /// Snapshots changed sessions whose log grew past `persist.snapshot_every_updates`,
-    /// whose last snapshot is older than `persist.snapshot_interval_s`, or whose last client
-    /// left. Returns how many it wrote.
+    /// Snapshots changed sessions whose last snapshot is older than
+    /// `persist.snapshot_interval_s`, or whose last client left (the update-count trigger
+    /// fires in the whiteboard itself). Returns how many it wrote.
     pub fn snapshot_due(&self) -> usize {
-        let every = self.config.persist.snapshot_every_updates;
         let interval = Duration::from_secs(self.config.persist.snapshot_interval_s);
         let sessions: Vec<_> = self.map().values().cloned().collect();
         let mut written = 0;
         for s in sessions {
-            let (updates, age) = s.whiteboard.snapshot_age();
+            let age = s.whiteboard.snapshot_age();
             let unused = s.handles.load(Ordering::Acquire) == 0;
-            if s.whiteboard.is_dirty() && (updates >= every || age >= interval || unused) {
+            if s.whiteboard.is_dirty() && (age >= interval || unused) {
                 match s.whiteboard.snapshot_if_dirty() {
                     Ok(Some(_)) => written += 1,
                     Ok(None) => {}

@@ -52,12 +52,14 @@ pub enum RestoreFailure {
 }
 
 /// How a whiteboard treats what it is sent.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy)]
 pub struct WhiteboardOptions {
     /// Send updates back to their sender too.
     pub echo_updates: bool,
     /// Flush the store before relaying (`persist.durability = "sync"`).
     pub flush_before_relay: bool,
+    /// Snapshot after this many logged updates (`persist.snapshot_every_updates`).
+    pub snapshot_every_updates: u64,
 }
 
 pub struct Whiteboard {
@@ -259,18 +261,25 @@ impl Whiteboard {
         if self.options.flush_before_relay {
             self.store.flush()?;
         }
-        self.updates_since_snapshot.fetch_add(1, Ordering::Relaxed);
+        let count = self.updates_since_snapshot.fetch_add(1, Ordering::AcqRel) + 1;
         self.dirty.store(true, Ordering::Release);
+        if count >= self.options.snapshot_every_updates {
+            // Every caller holds the peer lock. This costs one encode of the document per
+            // `snapshot_every_updates` updates, and keeps the log (and a restart's replay)
+            // bounded however fast updates come.
+            if let Err(e) = self.snapshot_locked() {
+                tracing::error!(session = %self.session, error = %e, "snapshot failed; the log keeps growing");
+            }
+        }
         Ok(())
     }
 
-    /// Updates applied since the last snapshot, and the time since it was taken.
-    pub fn snapshot_age(&self) -> (u64, std::time::Duration) {
-        let taken = *self.last_snapshot.lock().unwrap_or_else(|e| e.into_inner());
-        (
-            self.updates_since_snapshot.load(Ordering::Relaxed),
-            taken.elapsed(),
-        )
+    /// Time since the last snapshot was taken.
+    pub fn snapshot_age(&self) -> std::time::Duration {
+        self.last_snapshot
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .elapsed()
     }
 
     pub fn is_dirty(&self) -> bool {
@@ -339,13 +348,18 @@ impl Whiteboard {
 
     /// Writes a snapshot if anything changed since the last one.
     pub fn snapshot_if_dirty(&self) -> Result<Option<u64>, StoreError> {
+        // Holding the peer lock keeps updates out between encoding the state and replacing
+        // the log, so the snapshot covers exactly the log entries it replaces.
+        let _quiet = self.peers();
+        self.snapshot_locked()
+    }
+
+    /// [`Self::snapshot_if_dirty`] for a caller that holds the peer lock.
+    fn snapshot_locked(&self) -> Result<Option<u64>, StoreError> {
         if !self.dirty.swap(false, Ordering::AcqRel) {
             return Ok(None);
         }
         let started = Instant::now();
-        // Holding the peer lock keeps updates out between encoding the state and replacing
-        // the log, so the snapshot covers exactly the log entries it replaces.
-        let _quiet = self.peers();
         let (state, sv) = {
             let txn = self.doc.transact();
             (
@@ -353,10 +367,15 @@ impl Whiteboard {
                 txn.state_vector().encode_v1(),
             )
         };
-        let count = self.updates_since_snapshot.swap(0, Ordering::AcqRel);
-        let version = self
-            .store
-            .write_snapshot(&self.session, &state, &sv, count)?;
+        let count = self.updates_since_snapshot.load(Ordering::Acquire);
+        let version = match self.store.write_snapshot(&self.session, &state, &sv, count) {
+            Ok(v) => v,
+            Err(e) => {
+                self.dirty.store(true, Ordering::Release);
+                return Err(e);
+            }
+        };
+        self.updates_since_snapshot.store(0, Ordering::Release);
         *self.last_snapshot.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
         self.metrics
             .snapshot_duration

@@ -1551,3 +1551,311 @@ pub async fn assert_server_alive(server: &TestServer, session: &str) {
     a.close().await;
     b.close().await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// Persistence, snapshot and CLI helpers (tests/persistence.rs, tests/cli.rs)
+// ---------------------------------------------------------------------------------------------
+
+/// An admin token covering every session (sid "*"), for `GET /api/v2/sessions`.
+pub fn admin_token(sub: &str) -> String {
+    mint(&json!({
+        "sub": sub,
+        "sid": "*",
+        "role": "admin",
+        "name": format!("Name of {sub}"),
+        "exp": now_s() + 3600,
+    }))
+}
+
+/// A Doc holding the content of a Yjs v1 update (panics if it does not decode or apply).
+pub fn doc_from_update(update: &[u8]) -> Doc {
+    let doc = Doc::new();
+    let u = Update::decode_v1(update)
+        .unwrap_or_else(|e| panic!("not a Yjs v1 update ({e}): {}", short(update)));
+    doc.transact_mut()
+        .apply_update(u)
+        .unwrap_or_else(|e| panic!("update does not apply: {e}"));
+    doc
+}
+
+/// `map.key` of a Doc as a string (None when absent).
+pub fn doc_map_get(doc: &Doc, map: &str, key: &str) -> Option<String> {
+    let m = doc.get_or_insert_map(map);
+    let txn = doc.transact();
+    m.get(&txn, key).map(|v| v.to_string(&txn))
+}
+
+/// Root text `name` of a Doc.
+pub fn doc_text(doc: &Doc, name: &str) -> String {
+    let t = doc.get_or_insert_text(name);
+    let txn = doc.transact();
+    t.get_string(&txn)
+}
+
+/// Sum of every sample of a Prometheus metric (`name` or `name{labels}`) in a /metrics text;
+/// None when the metric has no sample.
+pub fn metric_sum(text: &str, name: &str) -> Option<f64> {
+    let mut found = None;
+    for line in text.lines() {
+        if line.starts_with('#') {
+            continue;
+        }
+        let metric = line.split(['{', ' ']).next().unwrap_or_default();
+        if metric != name {
+            continue;
+        }
+        if let Some(v) = line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()) {
+            *found.get_or_insert(0.0) += v;
+        }
+    }
+    found
+}
+
+/// Resident set size of a process in KiB (VmRSS from /proc/PID/status).
+pub fn vm_rss_kib(pid: u32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines()
+        .find(|l| l.starts_with("VmRSS:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+impl TestServer {
+    /// Like [`TestServer::start_in`], returning the diagnostics instead of panicking.
+    pub fn try_start_in(data_dir: &Path, config_toml: &str) -> Result<TestServer, String> {
+        Self::try_start(
+            config_toml,
+            StartOpts {
+                data_dir: Some(data_dir.to_path_buf()),
+                ..Default::default()
+            },
+        )
+    }
+
+    /// An HTTP request with the token (if any) as `Authorization: Bearer`.
+    pub async fn api(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<&[u8]>,
+    ) -> HttpResponse {
+        let auth = token.map(|t| format!("Bearer {t}"));
+        let mut headers: Vec<(&str, &str)> = Vec::new();
+        if let Some(a) = &auth {
+            headers.push(("Authorization", a.as_str()));
+        }
+        if body.is_some() {
+            headers.push(("Content-Type", "application/octet-stream"));
+        }
+        http_request(self.addr, method, path, &headers, body).await
+    }
+
+    /// Base URL for `--server`.
+    pub fn http_base(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// `sessions` from /api/v2/status (sessions loaded in memory).
+    pub async fn loaded_sessions(&self) -> u64 {
+        let r = self.http_get("/api/v2/status").await;
+        assert_eq!(r.status, 200, "/api/v2/status: {}", r.text());
+        let v = r.json();
+        v["sessions"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("/api/v2/status has no numeric sessions: {v}"))
+    }
+
+    /// Polls /api/v2/status until `sessions` == `n`.
+    pub async fn wait_loaded_sessions(&self, n: u64, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let now = self.loaded_sessions().await;
+            if now == n {
+                return;
+            }
+            if Instant::now() >= deadline {
+                panic!("/api/v2/status sessions did not reach {n} within {timeout:?} (last {now})");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// One Prometheus metric (summed over labels) from /metrics.
+    pub async fn metric(&self, name: &str) -> Option<f64> {
+        let r = self.http_get("/metrics").await;
+        assert_eq!(r.status, 200, "/metrics");
+        metric_sum(&r.text(), name)
+    }
+
+    /// `GET /api/v2/session/{s}/snapshots`: the listed versions (the whole JSON entries).
+    pub async fn snapshot_list(&self, session: &str, token: &str) -> Vec<Value> {
+        let r = self
+            .api(
+                "GET",
+                &format!("/api/v2/session/{session}/snapshots"),
+                Some(token),
+                None,
+            )
+            .await;
+        assert_eq!(r.status, 200, "GET snapshots of {session}: {}", r.text());
+        let v = r.json();
+        v["versions"]
+            .as_array()
+            .unwrap_or_else(|| panic!("snapshot list without a versions array: {v}"))
+            .clone()
+    }
+
+    /// Version numbers from the snapshot list, in the order listed.
+    pub async fn snapshot_versions(&self, session: &str, token: &str) -> Vec<u64> {
+        self.snapshot_list(session, token)
+            .await
+            .iter()
+            .map(|e| {
+                e["version"]
+                    .as_u64()
+                    .unwrap_or_else(|| panic!("version is not a number: {e}"))
+            })
+            .collect()
+    }
+
+    /// `POST /api/v2/session/{s}/snapshots` → 201 {"version":N}; returns N.
+    pub async fn take_snapshot(&self, session: &str, token: &str) -> u64 {
+        let r = self
+            .api(
+                "POST",
+                &format!("/api/v2/session/{session}/snapshots"),
+                Some(token),
+                Some(b""),
+            )
+            .await;
+        assert_eq!(r.status, 201, "POST snapshots of {session}: {}", r.text());
+        let v = r.json();
+        v["version"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("POST snapshots answered without a numeric version: {v}"))
+    }
+
+    /// `GET /api/v2/session/{s}/whiteboard` as a Doc.
+    pub async fn whiteboard_doc(&self, session: &str, token: &str) -> Doc {
+        let r = self
+            .api(
+                "GET",
+                &format!("/api/v2/session/{session}/whiteboard"),
+                Some(token),
+                None,
+            )
+            .await;
+        assert_eq!(r.status, 200, "GET whiteboard of {session}: {}", r.text());
+        doc_from_update(&r.body)
+    }
+
+    /// SIGTERM, then waits (up to 15 s) for exit status 0.
+    pub async fn stop_graceful(&mut self) {
+        self.sigterm();
+        let st = self
+            .wait_exit(Duration::from_secs(15))
+            .await
+            .expect("easel did not exit within 15 s of SIGTERM");
+        assert!(st.success(), "exit status after SIGTERM: {st}");
+    }
+}
+
+/// What a CLI run produced.
+#[derive(Debug)]
+pub struct CliOutput {
+    pub status: ExitStatus,
+    pub stdout: Vec<u8>,
+    pub stderr: String,
+}
+
+impl CliOutput {
+    pub fn stdout_text(&self) -> String {
+        String::from_utf8_lossy(&self.stdout).to_string()
+    }
+    pub fn success(&self) -> bool {
+        self.status.success()
+    }
+    /// Panics with everything the command printed unless it exited 0.
+    pub fn assert_ok(&self, what: &str) -> &Self {
+        assert!(
+            self.status.success(),
+            "{what}: exit {}\nstdout:\n{}\nstderr:\n{}",
+            self.status,
+            self.stdout_text(),
+            self.stderr
+        );
+        self
+    }
+}
+
+/// How long one CLI invocation may take.
+pub const CLI_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Runs `easel ARGS...` (EASEL_JWT_SECRET set, no EASEL_DATA_DIR etc. from the outside),
+/// in a scratch working directory, with a timeout; blocking.
+pub fn run_cli_blocking(args: &[String]) -> CliOutput {
+    let cwd = tempfile::Builder::new()
+        .prefix("easel-cli-")
+        .tempdir()
+        .expect("tempdir");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_easel"))
+        .args(args)
+        .current_dir(cwd.path())
+        .env_remove("EASEL_LISTEN")
+        .env_remove("EASEL_DATA_DIR")
+        .env_remove("EASEL_JWT_SECRET_FILE")
+        .env_remove("EASEL_JWT_PUBLIC_KEY_FILE")
+        .env_remove("EASEL_LOG_FORMAT")
+        .env("EASEL_JWT_SECRET", SECRET)
+        .env("EASEL_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn easel CLI");
+    let mut out = child.stdout.take().unwrap();
+    let mut err = child.stderr.take().unwrap();
+    let out_t = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = out.read_to_end(&mut v);
+        v
+    });
+    let err_t = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = err.read_to_end(&mut v);
+        v
+    });
+    let deadline = Instant::now() + CLI_TIMEOUT;
+    let status = loop {
+        if let Some(st) = child.try_wait().expect("try_wait") {
+            break st;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "`easel {}` did not finish within {CLI_TIMEOUT:?}",
+                args.join(" ")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let stdout = out_t.join().unwrap();
+    let stderr = String::from_utf8_lossy(&err_t.join().unwrap()).to_string();
+    CliOutput {
+        status,
+        stdout,
+        stderr,
+    }
+}
+
+/// Async wrapper of [`run_cli_blocking`] (runs on a blocking thread).
+pub async fn run_cli<S: AsRef<str>>(args: &[S]) -> CliOutput {
+    let args: Vec<String> = args.iter().map(|s| s.as_ref().to_string()).collect();
+    tokio::task::spawn_blocking(move || run_cli_blocking(&args))
+        .await
+        .expect("CLI thread")
+}
