@@ -59,8 +59,7 @@ fn parse_list(out: &CliOutput) -> Vec<Row> {
 /// The last unsigned integer in a text (the new version `restore` prints).
 fn last_number(s: &str) -> Option<u64> {
     s.split(|c: char| !c.is_ascii_digit())
-        .filter(|t| !t.is_empty())
-        .last()
+        .rfind(|t| !t.is_empty())
         .and_then(|t| t.parse().ok())
 }
 
