@@ -58,13 +58,9 @@ test('fixtures exist', () => {
   assert.ok(names.length >= 3, `fixtures in ${fixturesDir}: ${names}`)
 })
 
-// `edge-*` fixtures probe behaviour that yrs 0.26 itself does not match (see fixtures/README.md):
-// they run and report, but as `todo` (a failure does not fail the run) unless
-// EASEL_INTEROP_STRICT=1.
-const KNOWN_LIMITATION = 'known limitation: yrs 0.26 does not replace split surrogate pairs with U+FFFD as Yjs does (fixtures/README.md)'
+// `edge-*` fixtures probe corner cases (see fixtures/README.md); they are tested like the others.
 for (const name of names) {
-  const opts = name.startsWith('edge-') && !process.env.EASEL_INTEROP_STRICT ? { todo: KNOWN_LIMITATION } : {}
-  test(`fixture ${name}: replayed through the server, JS clients see the expected content`, opts, async () => {
+  test(`fixture ${name}: replayed through the server, JS clients see the expected content`, async () => {
     const meta = JSON.parse(readFileSync(join(fixturesDir, `${name}.json`), 'utf8'))
     const updates = readUpdates(join(fixturesDir, `${name}.updates`))
     assert.equal(updates.length, meta.update_count)
