@@ -20,7 +20,9 @@ use yrs::updates::decoder::Decode;
 use yrs::StateVector;
 
 use crate::auth::{Claims, Role};
+use crate::protocol::tutor::ChatMessage;
 use crate::server::AppState;
+use crate::session::tutor::{check_text, ChatTextError};
 use crate::session::whiteboard::{ApplyError, RestoreFailure};
 use crate::session::SessionHandle;
 use crate::store::{SnapshotInfo, StoreError};
@@ -37,6 +39,8 @@ pub enum ApiError {
     #[error("{0}")]
     NotFound(String),
     #[error("{0}")]
+    TooLarge(String),
+    #[error("{0}")]
     TooManyConnections(String),
     #[error("{0}")]
     Unavailable(String),
@@ -51,6 +55,7 @@ impl ApiError {
             ApiError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
             ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            ApiError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
             ApiError::TooManyConnections(_) => {
                 (StatusCode::TOO_MANY_REQUESTS, "too_many_connections")
             }
@@ -250,8 +255,36 @@ pub async fn list_sessions(
     Ok(Json(json!({ "sessions": sessions })))
 }
 
-/// `GET /api/v2/session/{id}/whiteboard?sv=B64`: the document as a Yjs v1 update, or what
-/// is missing from the base64url state vector `sv`.
+/// Longest a long poll is held (SPEC.md section 6).
+const MAX_WAIT_S: u64 = 30;
+
+/// The `wait` parameter: seconds to hold a long poll, at most [`MAX_WAIT_S`].
+fn wait_param(query: &QueryMap) -> Result<Option<std::time::Duration>, ApiError> {
+    match query.get("wait") {
+        None => Ok(None),
+        Some(v) => {
+            let s: u64 = v.parse().map_err(|_| {
+                ApiError::BadRequest("wait must be a whole number of seconds".into())
+            })?;
+            Ok((s > 0).then(|| std::time::Duration::from_secs(s.min(MAX_WAIT_S))))
+        }
+    }
+}
+
+fn number_param(query: &QueryMap, name: &str) -> Result<Option<u64>, ApiError> {
+    query
+        .get(name)
+        .map(|v| {
+            v.parse()
+                .map_err(|_| ApiError::BadRequest(format!("{name} must be a whole number")))
+        })
+        .transpose()
+}
+
+/// `GET /api/v2/session/{id}/whiteboard?sv=B64&wait=S`: the document as a Yjs v1 update, or
+/// what is missing from the base64url state vector `sv`. With `wait`, a long poll: when the
+/// document holds nothing beyond `sv`, the answer waits (on a change notification, no
+/// thread or timer loop per request) until something changes or `wait` seconds pass.
 pub async fn get_whiteboard(
     State(app): State<Arc<AppState>>,
     Path(session): Path<String>,
@@ -268,9 +301,78 @@ pub async fn get_whiteboard(
                 .map_err(|e| ApiError::BadRequest(format!("sv is not a state vector: {e}")))?
         }
     };
+    let wait = wait_param(&query)?;
     let (_claims, handle) = open_authorized(&app, &session, &headers, &query).await?;
+    if let Some(wait) = wait {
+        // Subscribed before looking, so a change in between is not missed.
+        let mut changes = handle.whiteboard.subscribe();
+        if !handle.whiteboard.is_ahead_of(&sv) {
+            let _ = tokio::time::timeout(wait, changes.changed()).await;
+        }
+    }
     let update = blocking(move || Ok(handle.whiteboard.diff(&sv))).await?;
     Ok(([(header::CONTENT_TYPE, "application/octet-stream")], update).into_response())
+}
+
+/// `GET /api/v2/session/{id}/tutor/messages?after=N&limit=M&wait=S`: chat after `after`,
+/// oldest first, with `last_seq`; with `wait`, held until a message after `after` exists.
+pub async fn get_messages(
+    State(app): State<Arc<AppState>>,
+    Path(session): Path<String>,
+    Query(query): Query<QueryMap>,
+    headers: HeaderMap,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let after = number_param(&query, "after")?.unwrap_or(0);
+    let limit = number_param(&query, "limit")?.unwrap_or(50).clamp(1, 200) as usize;
+    let wait = wait_param(&query)?;
+    let (_claims, handle) = open_authorized(&app, &session, &headers, &query).await?;
+    if let Some(wait) = wait {
+        let mut seq = handle.tutor.subscribe();
+        let _ = tokio::time::timeout(wait, seq.wait_for(|last| *last > after)).await;
+    }
+    let (messages, last_seq) = blocking(move || {
+        let messages = handle.tutor.history_after(after, limit).map_err(storage)?;
+        Ok((messages, handle.tutor.last_seq()))
+    })
+    .await?;
+    Ok(Json(json!({ "messages": messages, "last_seq": last_seq })))
+}
+
+#[derive(serde::Deserialize)]
+pub struct PostMessage {
+    text: String,
+    #[serde(default)]
+    client_id: Option<String>,
+}
+
+/// `POST /api/v2/session/{id}/tutor/messages` `{"text":"…"}`: stored and relayed to the
+/// WebSocket clients like a chat frame; `201` with the stored message.
+pub async fn post_message(
+    State(app): State<Arc<AppState>>,
+    Path(session): Path<String>,
+    Query(query): Query<QueryMap>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<(StatusCode, Json<ChatMessage>), ApiError> {
+    let (claims, handle) = open_authorized(&app, &session, &headers, &query).await?;
+    if !claims.role.can_write() {
+        return Err(ApiError::Forbidden("viewers may not chat".into()));
+    }
+    let post: PostMessage = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::BadRequest(format!("expected {{\"text\":\"…\"}}: {e}")))?;
+    check_text(&post.text, app.config.tutor.max_text_chars).map_err(|e| match e {
+        ChatTextError::Empty => ApiError::BadRequest(e.to_string()),
+        ChatTextError::TooLong { .. } => ApiError::TooLarge(e.to_string()),
+    })?;
+    let from = crate::server::user_info(&claims);
+    let message = blocking(move || {
+        handle
+            .tutor
+            .post_chat(from, post.text, post.client_id)
+            .map_err(storage)
+    })
+    .await?;
+    Ok((StatusCode::CREATED, Json(message)))
 }
 
 /// `POST /api/v2/session/{id}/whiteboard`: a Yjs v1 update, applied, stored and relayed

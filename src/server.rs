@@ -233,7 +233,7 @@ async fn admit(
     })
 }
 
-fn user_info(claims: &Claims) -> UserInfo {
+pub fn user_info(claims: &Claims) -> UserInfo {
     UserInfo {
         id: claims.sub.clone(),
         name: claims.display_name().to_owned(),
@@ -388,6 +388,10 @@ pub fn router(app: Arc<AppState>) -> Router {
         .route(
             "/api/v2/session/{session}/whiteboard",
             get(http_api::get_whiteboard).post(http_api::post_whiteboard),
+        )
+        .route(
+            "/api/v2/session/{session}/tutor/messages",
+            get(http_api::get_messages).post(http_api::post_message),
         )
         .route(
             "/api/v2/session/{session}/snapshots",

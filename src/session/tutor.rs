@@ -16,6 +16,27 @@ use crate::outbox::Outbox;
 use crate::protocol::tutor::{ChatMessage, Participant, PresenceEvent, ServerMessage, UserInfo};
 use crate::store::{Store, StoreError};
 
+/// Why a chat text was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ChatTextError {
+    #[error("text must not be empty")]
+    Empty,
+    #[error("text is {chars} characters; the limit is {max}")]
+    TooLong { chars: usize, max: usize },
+}
+
+/// Checks a chat text's length in Unicode scalar values (SPEC.md section 4).
+pub fn check_text(text: &str, max_chars: usize) -> Result<(), ChatTextError> {
+    match text.chars().count() {
+        0 => Err(ChatTextError::Empty),
+        chars if chars > max_chars => Err(ChatTextError::TooLong {
+            chars,
+            max: max_chars,
+        }),
+        _ => Ok(()),
+    }
+}
+
 struct Member {
     user: UserInfo,
     outbox: Outbox,
@@ -33,6 +54,8 @@ pub struct TutorRoom {
     metrics: Arc<Metrics>,
     history_limit: usize,
     flush_before_relay: bool,
+    /// The last `seq`, for long polls waiting on new messages.
+    seq_changes: tokio::sync::watch::Sender<u64>,
 }
 
 fn text(json: String) -> Message {
@@ -58,6 +81,7 @@ impl TutorRoom {
             metrics,
             history_limit,
             flush_before_relay,
+            seq_changes: tokio::sync::watch::Sender::new(last_seq),
         })
     }
 
@@ -184,6 +208,7 @@ impl TutorRoom {
             self.store.flush()?;
         }
         inner.last_seq = message.seq;
+        self.seq_changes.send_replace(message.seq);
         self.metrics.chat_messages.inc();
         let msg = text(ServerMessage::Chat(&message).to_json());
         for m in inner.members.values() {
@@ -205,6 +230,11 @@ impl TutorRoom {
 
     pub fn last_seq(&self) -> u64 {
         self.inner().last_seq
+    }
+
+    /// Follows the last `seq` (for long polls).
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.seq_changes.subscribe()
     }
 
     /// Messages after `after`, oldest first.

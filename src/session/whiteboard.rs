@@ -75,6 +75,8 @@ pub struct Whiteboard {
     updates_since_snapshot: AtomicU64,
     dirty: AtomicBool,
     last_snapshot: Mutex<Instant>,
+    /// Counts changes, for long polls waiting on the document.
+    changes: tokio::sync::watch::Sender<u64>,
 }
 
 impl Whiteboard {
@@ -119,6 +121,7 @@ impl Whiteboard {
             updates_since_snapshot: AtomicU64::new(log_len as u64),
             dirty: AtomicBool::new(log_len > 0),
             last_snapshot: Mutex::new(Instant::now()),
+            changes: tokio::sync::watch::Sender::new(0),
         })
     }
 
@@ -176,6 +179,20 @@ impl Whiteboard {
     /// Sync step 2 for a peer whose state vector is `sv`.
     pub fn sync_step2(&self, sv: &StateVector) -> Bytes {
         wire::sync_step2(self.doc.transact().encode_state_as_update_v1(sv))
+    }
+
+    /// Follows the document's changes (for long polls).
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    /// Whether the document holds anything a peer at state vector `sv` lacks (deletions
+    /// aside: they do not advance a state vector).
+    pub fn is_ahead_of(&self, sv: &StateVector) -> bool {
+        let current = self.doc.transact().state_vector();
+        current
+            .iter()
+            .any(|(client, clock)| *clock > sv.get(client))
     }
 
     /// What a peer at state vector `sv` is missing, as one Yjs v1 update.
@@ -243,6 +260,7 @@ impl Whiteboard {
             return Ok(false);
         };
         self.metrics.updates_applied.inc();
+        self.changes.send_modify(|n| *n += 1);
         for (id, outbox) in peers.iter() {
             if Some(*id) != origin || self.options.echo_updates {
                 outbox.send(Message::Binary(frame.clone()));
@@ -302,6 +320,7 @@ impl Whiteboard {
             for outbox in peers.values() {
                 outbox.send(frame.clone());
             }
+            self.changes.send_modify(|n| *n += 1);
         }
         self.dirty.store(true, Ordering::Release);
         let version = self.snapshot_if_dirty()?;

@@ -15,6 +15,7 @@ use crate::limits::{Strikes, TokenBucket};
 use crate::metrics::Metrics;
 use crate::outbox::Outbox;
 use crate::protocol::tutor::{ClientMessage, ErrorCode, ServerMessage, UserInfo};
+use crate::session::tutor::{check_text, ChatTextError};
 use crate::session::whiteboard::ConnId;
 use crate::session::SessionHandle;
 
@@ -56,16 +57,14 @@ impl TutorHandler {
                 if !self.role.can_write() {
                     return self.error(ErrorCode::Forbidden, "viewers may not chat", false);
                 }
-                let chars = text.chars().count();
-                if chars == 0 {
-                    return self.error(ErrorCode::BadMessage, "text must not be empty", true);
-                }
-                if chars > self.config.max_text_chars {
-                    let msg = format!(
-                        "text is {chars} characters; the limit is {}",
-                        self.config.max_text_chars
-                    );
-                    return self.error(ErrorCode::TooLarge, &msg, true);
+                match check_text(&text, self.config.max_text_chars) {
+                    Ok(()) => {}
+                    Err(e @ ChatTextError::Empty) => {
+                        return self.error(ErrorCode::BadMessage, &e.to_string(), true)
+                    }
+                    Err(e @ ChatTextError::TooLong { .. }) => {
+                        return self.error(ErrorCode::TooLarge, &e.to_string(), true)
+                    }
                 }
                 if let Err(e) = room.post_chat(self.user.clone(), text, client_id) {
                     tracing::error!(session = %self.session.id, error = %e, "chat not stored");
