@@ -1,0 +1,309 @@
+//! The HTTP fallback (SPEC §6): a client with no WebSocket follows and edits a whiteboard and
+//! a chat next to WebSocket clients, through the real server.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use common::*;
+use serde_json::json;
+use yrs::updates::decoder::Decode;
+use yrs::updates::encoder::Encode;
+use yrs::{Doc, Map, ReadTxn, Transact, Update};
+
+fn wb_path(session: &str) -> String {
+    format!("/api/v2/session/{session}/whiteboard")
+}
+
+fn msg_path(session: &str) -> String {
+    format!("/api/v2/session/{session}/tutor/messages")
+}
+
+/// A document an HTTP-only client keeps, fed by GET answers.
+fn apply(doc: &Doc, update: &[u8]) {
+    let u = Update::decode_v1(update).expect("the server answers a Yjs v1 update");
+    doc.transact_mut().apply_update(u).expect("it applies");
+}
+
+fn get_key(doc: &Doc, map: &str, key: &str) -> Option<String> {
+    let m = doc.get_or_insert_map(map);
+    let txn = doc.transact();
+    m.get(&txn, key).map(|v| v.to_string(&txn))
+}
+
+fn sv_param(doc: &Doc) -> String {
+    URL_SAFE_NO_PAD.encode(doc.transact().state_vector().encode_v1())
+}
+
+#[tokio::test]
+async fn polling_client_and_websocket_client_edit_one_board() {
+    let server = TestServer::start("");
+    let s = session_id("http-wb");
+    let t = token("poller", &s, "student");
+    let mut ws = server.wb_user(&s, "alice").await;
+
+    // The WebSocket client writes; the poller reads the whole state.
+    ws.map_set("board", "from_ws", "1").await;
+    ws.barrier().await;
+    let r = server.api("GET", &wb_path(&s), Some(&t), None).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let mine = Doc::new();
+    apply(&mine, &r.body);
+    assert_eq!(get_key(&mine, "board", "from_ws").as_deref(), Some("1"));
+
+    // The poller writes; the WebSocket client receives it as a relayed update.
+    let update = {
+        let m = mine.get_or_insert_map("board");
+        let mut txn = mine.transact_mut();
+        m.insert(&mut txn, "from_http", "2");
+        txn.encode_update_v1()
+    };
+    let r = server
+        .api("POST", &wb_path(&s), Some(&t), Some(&update))
+        .await;
+    assert_eq!(r.status, 204, "{}", r.text());
+    ws.wait_doc("the posted update", |c| {
+        c.map_get("board", "from_http").as_deref() == Some("2")
+    })
+    .await;
+
+    // With ?sv= the poller gets only what it lacks: applying it changes nothing it has.
+    let r = server
+        .api(
+            "GET",
+            &format!("{}?sv={}", wb_path(&s), sv_param(&mine)),
+            Some(&t),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    let before = mine.transact().state_vector();
+    apply(&mine, &r.body);
+    assert_eq!(
+        mine.transact().state_vector(),
+        before,
+        "the diff held nothing new"
+    );
+    ws.map_set("board", "later", "3").await;
+    ws.barrier().await;
+    let r = server
+        .api(
+            "GET",
+            &format!("{}?sv={}", wb_path(&s), sv_param(&mine)),
+            Some(&t),
+            None,
+        )
+        .await;
+    apply(&mine, &r.body);
+    assert_eq!(get_key(&mine, "board", "later").as_deref(), Some("3"));
+    assert_eq!(
+        doc_json(&mine, &["board"], &[]),
+        doc_json(&ws.doc, &["board"], &[]),
+        "the poller and the WebSocket client converged"
+    );
+}
+
+#[tokio::test]
+async fn long_poll_is_answered_soon_after_a_websocket_edit() {
+    let server = TestServer::start("");
+    let s = session_id("http-poll");
+    let t = token("poller", &s, "student");
+    let mut ws = server.wb_user(&s, "alice").await;
+    ws.map_set("board", "a", "1").await;
+    ws.barrier().await;
+    let mine = Doc::new();
+    apply(
+        &mine,
+        &server.api("GET", &wb_path(&s), Some(&t), None).await.body,
+    );
+
+    let path = format!("{}?sv={}&wait=8", wb_path(&s), sv_param(&mine));
+    let addr = server.addr;
+    let auth = format!("Bearer {t}");
+    let started = Instant::now();
+    let poll = tokio::spawn(async move {
+        let r = http_request(
+            addr,
+            "GET",
+            &path,
+            &[("Authorization", auth.as_str())],
+            None,
+        )
+        .await;
+        (r, started.elapsed())
+    });
+    // Nothing new yet: the poll must still be waiting a moment later.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), async {
+            while !poll.is_finished() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .is_err(),
+        "a long poll with nothing new answered at once"
+    );
+    ws.map_set("board", "b", "2").await;
+    let (r, elapsed) = poll.await.expect("poll task");
+    assert_eq!(r.status, 200);
+    assert!(
+        elapsed < Duration::from_secs(5),
+        "answered after {elapsed:?}"
+    );
+    apply(&mine, &r.body);
+    assert_eq!(get_key(&mine, "board", "b").as_deref(), Some("2"));
+
+    // With nothing new the poll ends after `wait` with an empty update, 200.
+    let path = format!("{}?sv={}&wait=1", wb_path(&s), sv_param(&mine));
+    let started = Instant::now();
+    let r = server.api("GET", &path, Some(&t), None).await;
+    assert_eq!(r.status, 200);
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "{:?}",
+        started.elapsed()
+    );
+    let before = mine.transact().state_vector();
+    apply(&mine, &r.body);
+    assert_eq!(mine.transact().state_vector(), before);
+}
+
+#[tokio::test]
+async fn whiteboard_post_refusals() {
+    let server = TestServer::start("");
+    let s = session_id("http-bad");
+    let student = token("stu", &s, "student");
+    let viewer = token("vie", &s, "viewer");
+    let mut ws = server.wb_user(&s, "alice").await;
+    ws.map_set("board", "k", "v").await;
+    ws.barrier().await;
+    let before = server
+        .api("GET", &wb_path(&s), Some(&student), None)
+        .await
+        .body;
+
+    let r = server
+        .api(
+            "POST",
+            &wb_path(&s),
+            Some(&student),
+            Some(b"\xff\x01garbage"),
+        )
+        .await;
+    assert_refusal(&r, 400, Some("bad_request"), "undecodable update");
+    let update = map_set_update(77, "board", "k", "viewer was here");
+    let r = server
+        .api("POST", &wb_path(&s), Some(&viewer), Some(&update))
+        .await;
+    assert_refusal(&r, 403, Some("forbidden"), "viewer post");
+    let r = server.api("POST", &wb_path(&s), None, Some(&update)).await;
+    assert_refusal(&r, 401, Some("unauthorized"), "no token");
+    let r = server
+        .api(
+            "GET",
+            &format!("{}?sv=%%%", wb_path(&s)),
+            Some(&student),
+            None,
+        )
+        .await;
+    assert_refusal(&r, 400, Some("bad_request"), "bad sv");
+
+    let after = server
+        .api("GET", &wb_path(&s), Some(&student), None)
+        .await
+        .body;
+    assert_eq!(before, after, "refused posts changed the document");
+    // A viewer may read.
+    let r = server.api("GET", &wb_path(&s), Some(&viewer), None).await;
+    assert_eq!(r.status, 200);
+}
+
+#[tokio::test]
+async fn chat_over_http_and_websocket() {
+    let server = TestServer::start("");
+    let s = session_id("http-chat");
+    let t = token("poller", &s, "student");
+    let (mut tutor, _welcome, _history) = server.tutor(&s, &token("alice", &s, "tutor")).await;
+
+    let body = serde_json::to_vec(&json!({"text": "hello from http"})).unwrap();
+    let r = server
+        .api("POST", &msg_path(&s), Some(&t), Some(&body))
+        .await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    let stored = r.json();
+    assert_eq!(stored["seq"], 1);
+    assert_eq!(stored["from"]["id"], "poller");
+    let relayed = tutor.wait_type("chat").await;
+    assert_eq!(relayed["text"], "hello from http");
+    assert_eq!(relayed["seq"], 1);
+
+    tutor
+        .send(&json!({"type": "chat", "text": "hello from ws"}))
+        .await;
+    tutor
+        .wait_for("own chat ack", |m| m["type"] == "chat" && m["seq"] == 2)
+        .await;
+    let r = server
+        .api("GET", &format!("{}?after=0", msg_path(&s)), Some(&t), None)
+        .await;
+    assert_eq!(r.status, 200);
+    let v = r.json();
+    assert_eq!(v["last_seq"], 2);
+    let texts: Vec<&str> = v["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(texts, ["hello from http", "hello from ws"]);
+    let r = server
+        .api(
+            "GET",
+            &format!("{}?after=1&limit=1", msg_path(&s)),
+            Some(&t),
+            None,
+        )
+        .await;
+    assert_eq!(r.json()["messages"][0]["seq"], 2);
+
+    // Long poll for seq > 2, answered by the next WebSocket chat.
+    let addr = server.addr;
+    let path = format!("{}?after=2&wait=8", msg_path(&s));
+    let auth = format!("Bearer {t}");
+    let started = Instant::now();
+    let poll = tokio::spawn(async move {
+        http_request(
+            addr,
+            "GET",
+            &path,
+            &[("Authorization", auth.as_str())],
+            None,
+        )
+        .await
+    });
+    tutor.send(&json!({"type": "chat", "text": "third"})).await;
+    let r = poll.await.expect("poll task");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert_eq!(r.json()["messages"][0]["text"], "third");
+
+    // Refusals.
+    let viewer = token("vie", &s, "viewer");
+    let r = server
+        .api("POST", &msg_path(&s), Some(&viewer), Some(&body))
+        .await;
+    assert_refusal(&r, 403, Some("forbidden"), "viewer chat");
+    let long = serde_json::to_vec(&json!({"text": "é".repeat(8001)})).unwrap();
+    let r = server
+        .api("POST", &msg_path(&s), Some(&t), Some(&long))
+        .await;
+    assert_refusal(&r, 413, Some("too_large"), "8001 characters");
+    let ok = serde_json::to_vec(&json!({"text": "é".repeat(8000)})).unwrap();
+    let r = server.api("POST", &msg_path(&s), Some(&t), Some(&ok)).await;
+    assert_eq!(r.status, 201, "8000 characters are allowed");
+    let r = server
+        .api("POST", &msg_path(&s), Some(&t), Some(b"{}"))
+        .await;
+    assert_refusal(&r, 400, Some("bad_request"), "no text");
+}
