@@ -327,6 +327,17 @@ impl Config {
             self.persist.flush_interval_ms > 0,
         )?;
         positive("persist.keep_snapshots", self.persist.keep_snapshots > 0)?;
+        for origin in &self.http.allowed_origins {
+            let scheme_ok = origin.starts_with("http://") || origin.starts_with("https://");
+            if !scheme_ok || origin.ends_with('/') || origin.chars().any(char::is_whitespace) {
+                return Err(ConfigError::Invalid {
+                    key: "http.allowed_origins",
+                    message: format!(
+                        "{origin:?} is not an origin like \"https://app.example.com\""
+                    ),
+                });
+            }
+        }
         let a = &self.auth;
         let keys = [
             a.jwt_secret.is_some(),

@@ -13,13 +13,15 @@ use std::time::{Duration, Instant};
 
 use axum::extract::ws::{WebSocket, WebSocketUpgrade};
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
-use axum::http::{header, HeaderMap};
+use axum::http::{header, HeaderMap, HeaderValue, Method};
 use axum::response::Response;
 use axum::routing::{get, post};
 use axum::serve::ListenerExt;
 use axum::Router;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use tower_http::cors::{AllowOrigin, CorsLayer};
+use tower_http::trace::TraceLayer;
 
 use crate::auth::{bearer_from_subprotocols, Claims, Verifier};
 use crate::config::Config;
@@ -378,6 +380,19 @@ async fn run_tutor(
     socket::run(socket, conn, handler).await;
 }
 
+/// Cross-origin access to the HTTP API: only from `http.allowed_origins`; with none set,
+/// no cross-origin browser access at all (the demo page is served from the same origin).
+fn cors(allowed: &[String]) -> CorsLayer {
+    let origins: Vec<HeaderValue> = allowed
+        .iter()
+        .filter_map(|o| HeaderValue::from_str(o).ok())
+        .collect();
+    CorsLayer::new()
+        .allow_origin(AllowOrigin::list(origins))
+        .allow_methods([Method::GET, Method::POST])
+        .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE])
+}
+
 pub fn router(app: Arc<AppState>) -> Router {
     Router::new()
         .route("/healthz", get(http_api::healthz))
@@ -409,6 +424,8 @@ pub fn router(app: Arc<AppState>) -> Router {
         .route("/ws/v2/session/{session}", get(tutor_ws))
         // A posted update may be as large as a WebSocket frame may.
         .layer(DefaultBodyLimit::max(app.config.limits.max_frame_bytes))
+        .layer(cors(&app.config.http.allowed_origins))
+        .layer(TraceLayer::new_for_http())
         .with_state(app)
 }
 
