@@ -66,9 +66,9 @@ macro_rules! asset {
     }};
 }
 
-const INDEX: Asset = asset!("assets/demo/index.html", "text/html; charset=utf-8");
-const APP_JS: Asset = asset!("assets/demo/app.js", "text/javascript; charset=utf-8");
-const STYLE: Asset = asset!("assets/demo/style.css", "text/css; charset=utf-8");
+static INDEX: Asset = asset!("assets/demo/index.html", "text/html; charset=utf-8");
+static APP_JS: Asset = asset!("assets/demo/app.js", "text/javascript; charset=utf-8");
+static STYLE: Asset = asset!("assets/demo/style.css", "text/css; charset=utf-8");
 
 /// The page may talk only to this server (its own WebSockets and HTTP API).
 const CSP: &str = "default-src 'self'; img-src 'self' data:; connect-src 'self' ws: wss:; \
@@ -78,15 +78,24 @@ const CSP: &str = "default-src 'self'; img-src 'self' data:; connect-src 'self' 
 pub fn routes<S: Clone + Send + Sync + 'static>() -> Router<S> {
     Router::new()
         .route("/", get(|h: HeaderMap| async move { serve(&INDEX, &h) }))
-        .route("/demo/app.js", get(|h: HeaderMap| async move { serve(&APP_JS, &h) }))
-        .route("/demo/style.css", get(|h: HeaderMap| async move { serve(&STYLE, &h) }))
+        .route(
+            "/demo/app.js",
+            get(|h: HeaderMap| async move { serve(&APP_JS, &h) }),
+        )
+        .route(
+            "/demo/style.css",
+            get(|h: HeaderMap| async move { serve(&STYLE, &h) }),
+        )
 }
 
 fn serve(asset: &'static Asset, request: &HeaderMap) -> Response {
     let fresh = request
         .get(header::IF_NONE_MATCH)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.split(',').any(|t| t.trim() == asset.etag || t.trim() == "*"));
+        .is_some_and(|v| {
+            v.split(',')
+                .any(|t| t.trim() == asset.etag || t.trim() == "*")
+        });
     let mut headers = HeaderMap::new();
     headers.insert(header::ETAG, HeaderValue::from_static(asset.etag));
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
@@ -102,8 +111,14 @@ fn serve(asset: &'static Asset, request: &HeaderMap) -> Response {
         HeaderValue::from_static(asset.content_type),
     );
     if asset.content_type.starts_with("text/html") {
-        headers.insert(header::CONTENT_SECURITY_POLICY, HeaderValue::from_static(CSP));
-        headers.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+        headers.insert(
+            header::CONTENT_SECURITY_POLICY,
+            HeaderValue::from_static(CSP),
+        );
+        headers.insert(
+            header::REFERRER_POLICY,
+            HeaderValue::from_static("no-referrer"),
+        );
         headers.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
     }
     (StatusCode::OK, headers, asset.body).into_response()

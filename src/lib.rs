@@ -8,6 +8,7 @@
 pub mod admin;
 pub mod auth;
 pub mod config;
+pub mod demo;
 pub mod http_api;
 pub mod limits;
 pub mod metrics;

@@ -80,11 +80,6 @@ impl Outbox {
         }
         true
     }
-
-    /// Whether the receiving connection is gone.
-    pub fn is_closed(&self) -> bool {
-        self.tx.is_closed()
-    }
 }
 
 impl OutboxReceiver {

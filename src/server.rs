@@ -422,6 +422,7 @@ pub fn router(app: Arc<AppState>) -> Router {
         )
         .route("/ws/v2/session/{session}/whiteboard", get(whiteboard_ws))
         .route("/ws/v2/session/{session}", get(tutor_ws))
+        .merge(crate::demo::routes())
         // A posted update may be as large as a WebSocket frame may.
         .layer(DefaultBodyLimit::max(app.config.limits.max_frame_bytes))
         .layer(cors(&app.config.http.allowed_origins))

@@ -182,10 +182,6 @@ impl TutorRoom {
         }
     }
 
-    pub fn member_count(&self) -> usize {
-        self.inner().members.len()
-    }
-
     /// Stores a chat message under the next `seq` and sends it to every connection,
     /// the sender's included (its acknowledgement).
     pub fn post_chat(

@@ -172,10 +172,6 @@ impl Whiteboard {
         }
     }
 
-    pub fn peer_count(&self) -> usize {
-        self.peers().len()
-    }
-
     /// Sync step 2 for a peer whose state vector is `sv`.
     pub fn sync_step2(&self, sv: &StateVector) -> Bytes {
         wire::sync_step2(self.doc.transact().encode_state_as_update_v1(sv))
