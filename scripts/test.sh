@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test of easel: Rust unit and integration tests (real server over real
-# sockets), then the interop suite with the real yjs / y-websocket JS client.
-# Needs only the Rust toolchain and Node; installs the JS packages itself (npm ci).
+# sockets), the interop suite with the real yjs / y-websocket JS client, and the demo page
+# in a headless browser. Needs only the Rust toolchain and Node; installs the JS packages
+# itself (npm ci) and, as root, Debian's chromium when it is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,4 +17,19 @@ echo "== interop (yjs + y-websocket)"
   cd tests/interop
   npm ci --no-audit --no-fund --loglevel=error
   EASEL_BIN="$PWD/../../target/debug/easel" node --test --test-concurrency=2 test/
+)
+
+echo "== browser (the demo page in Debian's chromium)"
+if [ ! -x /usr/bin/chromium ]; then
+  if [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
+  else
+    echo "the browser test needs Debian's chromium: sudo apt-get install chromium" >&2
+    exit 1
+  fi
+fi
+(
+  cd tests/browser
+  npm ci --no-audit --no-fund --loglevel=error
+  EASEL_BIN="$PWD/../../target/debug/easel" node --test
 )

@@ -282,18 +282,25 @@ async fn serve(
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let addr = listener.local_addr()?;
     if generated {
-        let claims = claims_for(
-            "demo-tutor",
-            vec!["*".into()],
-            Role::Tutor,
-            Some("Demo tutor".into()),
-            Duration::from_secs(12 * 3600),
-        );
-        let token = verifier.mint(&claims)?;
         tracing::warn!("no JWT secret configured: using a random secret for this run only");
-        tracing::info!(
-            "demo: ws://{addr}/ws/v2/session/demo/whiteboard?token={token}  (token valid 12 h, all sessions, role tutor)"
-        );
+        // Two links, so that two tabs show two people; both valid 12 h for every session.
+        for (sub, name, role) in [
+            ("demo-tutor", "Demo tutor", Role::Tutor),
+            ("demo-student", "Demo student", Role::Student),
+        ] {
+            let claims = claims_for(
+                sub,
+                vec!["*".into()],
+                role,
+                Some(name.into()),
+                Duration::from_secs(12 * 3600),
+            );
+            let token = verifier.mint(&claims)?;
+            tracing::info!(
+                "demo ({}): http://{addr}/?session=demo&token={token}",
+                role.as_str()
+            );
+        }
     }
     let metrics = Arc::new(easel::metrics::Metrics::new());
     let store: Arc<dyn Store> = Arc::new(SledStore::open(
