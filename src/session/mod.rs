@@ -245,6 +245,42 @@ mod tests {
     }
 
     #[test]
+    fn hostile_updates_are_refused_and_leave_the_document_working() {
+        let store: Arc<dyn Store> = Arc::new(crate::store::MemoryStore::default());
+        let reg = Registry::new(store, Arc::new(Metrics::new()), Arc::new(Config::default()));
+        let h = reg.open("s").unwrap();
+        let valid = |key: &str| {
+            use yrs::{Map, Transact};
+            let doc = yrs::Doc::new();
+            let map = doc.get_or_insert_map("m");
+            let mut txn = doc.transact_mut();
+            map.insert(&mut txn, key, "some longer value to mutate");
+            txn.encode_update_v1()
+        };
+        let base = valid("k");
+        let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for _ in 0..5_000 {
+            let mut bytes = base.clone();
+            for _ in 0..1 + next() % 3 {
+                let i = (next() as usize) % bytes.len();
+                bytes[i] = next() as u8;
+            }
+            // Applied, or refused with an error: never a panic out of here.
+            let _ = h.whiteboard.apply_update(None, &bytes, None);
+        }
+        assert!(h
+            .whiteboard
+            .apply_update(None, &valid("after"), None)
+            .unwrap());
+    }
+
+    #[test]
     fn unloads_only_idle_sessions_and_keeps_their_state() {
         let store: Arc<dyn Store> = Arc::new(crate::store::MemoryStore::default());
         let reg = Registry::new(store, Arc::new(Metrics::new()), Arc::new(Config::default()));

@@ -1,0 +1,493 @@
+//! One simulated whiteboard client: a WebSocket, a `yrs` document and awareness, speaking
+//! y-websocket through `yrs::sync`. It syncs, then (as told by the run's phase) writes
+//! strokes and moves its cursor at the step's rates, and measures the fan-out latency of
+//! every timed update and cursor it receives.
+
+use std::collections::hash_map::DefaultHasher;
+use std::hash::Hasher;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context};
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use tokio::sync::watch;
+use tokio::time::{sleep_until, timeout, Instant};
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::Message as Ws;
+use yrs::sync::{Awareness, Message, MessageReader, SyncMessage};
+use yrs::updates::decoder::{Decode, DecoderV1};
+use yrs::updates::encoder::Encode;
+use yrs::{Doc, Map, ReadTxn, StateVector, Transact, Update};
+
+use crate::target::Kind;
+use crate::workload::{self, AWARENESS_MARK, STROKES, UPDATE_MARK};
+
+static EPOCH: OnceLock<std::time::Instant> = OnceLock::new();
+
+/// Microseconds since the process's epoch: the send time carried by every timed message
+/// (sender and receivers live in this process, so one monotonic clock serves both).
+pub fn now_us() -> u64 {
+    EPOCH
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_micros() as u64
+}
+
+/// The [`now_us`] value of an instant.
+pub fn us_of(t: Instant) -> u64 {
+    let epoch = *EPOCH.get_or_init(std::time::Instant::now);
+    t.into_std().saturating_duration_since(epoch).as_micros() as u64
+}
+
+/// One measured step: writers write at `rate` per second and cursors move at `aw_rate`
+/// from `start` to `end`; latencies of messages sent in `[measure_from, end)` count.
+#[derive(Debug, Clone, Copy)]
+pub struct Step {
+    pub rate: f64,
+    pub aw_rate: f64,
+    pub start: Instant,
+    pub end: Instant,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub enum Phase {
+    Setup,
+    Run(Step),
+    /// Apply what was deferred now (between steps), then acknowledge.
+    Settle,
+    Finish,
+}
+
+/// Run-wide counters, polled by the orchestrator.
+#[derive(Default)]
+pub struct Counters {
+    pub synced: AtomicUsize,
+    pub failed: AtomicUsize,
+    pub finished: AtomicUsize,
+    pub seeded: AtomicBool,
+    pub sent_upd: AtomicU64,
+    pub sent_aw: AtomicU64,
+    pub expected_upd: AtomicU64,
+    pub received_upd: AtomicU64,
+    pub expected_aw: AtomicU64,
+    pub received_aw: AtomicU64,
+    pub bytes_sent: AtomicU64,
+    pub settle_acks: AtomicUsize,
+}
+
+/// What one client measured; the orchestrator takes the samples between steps.
+#[derive(Default)]
+pub struct ClientStats {
+    pub connect_us: Option<u32>,
+    pub synced_us: Option<u32>,
+    /// (send time, latency) of every timed update received, in µs.
+    pub upd: Vec<(u64, u32)>,
+    /// (send time, latency) of every timed cursor received, in µs.
+    pub aw: Vec<(u64, u32)>,
+    pub out_of_order: u64,
+    pub errors: Vec<String>,
+    pub digest: Option<u64>,
+    pub step2_len: usize,
+    pub step2_hash: Option<u64>,
+    pub kept_step2: Option<Vec<u8>>,
+    pub seeded_bytes: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ApplyMode {
+    /// Apply every update to the client's document as it arrives (a real client).
+    Live,
+    /// Keep received updates and apply them after the run (measures the server, not the
+    /// load generator's CRDT work, when both share two cores).
+    Defer,
+}
+
+#[derive(Clone)]
+pub struct ClientSpec {
+    pub url: String,
+    pub kind: Kind,
+    pub session: u32,
+    pub index: u32,
+    pub clients_in_session: u32,
+    pub writer: Option<u32>,
+    pub aware: Option<u32>,
+    pub n_writers: u32,
+    pub n_aware: u32,
+    pub points: usize,
+    pub apply: ApplyMode,
+    /// Send an awareness state on connect, as the y-websocket client does.
+    pub join_awareness: bool,
+    /// Hash the first sync step 2 instead of applying it (join storm: 150 copies of a
+    /// 20 MB document would not fit in memory); `keep_step2` also keeps its bytes.
+    pub hash_step2: bool,
+    pub keep_step2: bool,
+    /// Seed the session with a realistic document of this many bytes after syncing.
+    pub seed_bytes: usize,
+    pub seed_chunk: usize,
+    pub connect_timeout: Duration,
+    pub sync_timeout: Duration,
+    /// Nothing runs past this instant.
+    pub deadline: Instant,
+}
+
+pub type Shared = Arc<Mutex<ClientStats>>;
+
+fn lock(s: &Shared) -> std::sync::MutexGuard<'_, ClientStats> {
+    s.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Runs one client to the end of the run (the `Finish` phase, an error, or the deadline).
+pub async fn run(
+    spec: ClientSpec,
+    stats: Shared,
+    counters: Arc<Counters>,
+    phase: watch::Receiver<Phase>,
+) {
+    let mut synced = false;
+    if let Err(e) = run_inner(&spec, &stats, &counters, phase, &mut synced).await {
+        lock(&stats).errors.push(format!(
+            "session {} client {}: {e:#}",
+            spec.session, spec.index
+        ));
+        counters.failed.fetch_add(1, Ordering::AcqRel);
+    }
+    counters.finished.fetch_add(1, Ordering::AcqRel);
+}
+
+/// tungstenite zero-fills its read buffer before every read: small for many small frames,
+/// large for the join storm's 20 MB step 2.
+fn ws_config(read_buffer: usize) -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(read_buffer)
+        .write_buffer_size(0)
+        .max_message_size(Some(512 << 20))
+        .max_frame_size(Some(512 << 20))
+}
+
+fn encode(m: &Message) -> Ws {
+    Ws::Binary(Bytes::from(m.encode_v1()))
+}
+
+struct Schedule {
+    next: Instant,
+    k: u64,
+    first: Instant,
+    every: f64,
+    end: Instant,
+}
+
+impl Schedule {
+    fn new(rng: &mut StdRng, start: Instant, end: Instant, rate: f64) -> Option<Self> {
+        if rate <= 0.0 {
+            return None;
+        }
+        let every = 1.0 / rate;
+        let first = start + Duration::from_secs_f64(rng.gen_range(0.0..every));
+        (first < end).then_some(Self {
+            next: first,
+            k: 0,
+            first,
+            every,
+            end,
+        })
+    }
+
+    /// Advances; `false` once the step is over. Late sends are not skipped (the offered
+    /// rate stays honest), they go out back to back.
+    fn advance(&mut self) -> bool {
+        self.k += 1;
+        self.next = self.first + Duration::from_secs_f64(self.every * self.k as f64);
+        self.next < self.end
+    }
+}
+
+async fn run_inner(
+    spec: &ClientSpec,
+    stats: &Shared,
+    counters: &Counters,
+    mut phase: watch::Receiver<Phase>,
+    synced: &mut bool,
+) -> anyhow::Result<()> {
+    let mut rng = StdRng::seed_from_u64(((spec.session as u64) << 32) ^ spec.index as u64 ^ 0x5eed);
+    let doc = Doc::new();
+    let strokes = doc.get_or_insert_map(STROKES);
+    let mut awareness = Awareness::new(doc.clone());
+    let name = format!("user-{}-{}", spec.session, spec.index);
+
+    let started = Instant::now();
+    let connect = tokio_tungstenite::connect_async_with_config(
+        spec.url.as_str(),
+        Some(ws_config(if spec.hash_step2 || spec.seed_bytes > 0 {
+            256 << 10
+        } else {
+            4 << 10
+        })),
+        true,
+    );
+    let (mut ws, _) = match timeout(spec.connect_timeout, connect).await {
+        Ok(r) => r.context("connect")?,
+        Err(_) => bail!("connect timed out after {:?}", spec.connect_timeout),
+    };
+    lock(stats).connect_us = Some(started.elapsed().as_micros() as u32);
+
+    let baseline = spec.kind == Kind::Baseline;
+    if !baseline {
+        let sv = doc.transact().state_vector();
+        ws.send(encode(&Message::Sync(SyncMessage::SyncStep1(sv))))
+            .await?;
+    }
+    if spec.join_awareness {
+        awareness.set_local_state_raw(format!(
+            r##"{{"user":{{"name":"{name}","color":"#1e88e5"}}}}"##
+        ));
+        let u = awareness.update()?;
+        ws.send(encode(&Message::Awareness(u))).await?;
+    }
+    let mark_synced = |stats: &Shared, synced: &mut bool| {
+        *synced = true;
+        lock(stats).synced_us = Some(started.elapsed().as_micros() as u32);
+        counters.synced.fetch_add(1, Ordering::AcqRel);
+    };
+    if baseline {
+        // Nothing to sync with: the baseline holds no document.
+        mark_synced(stats, synced);
+    }
+    let sync_deadline = started + spec.sync_timeout;
+
+    let mut next_writer = vec![0u32; spec.n_writers as usize];
+    let mut next_aware = vec![0u32; spec.n_aware as usize];
+    let mut deferred: Vec<Vec<u8>> = Vec::new();
+    let mut upd_seq = 0u32;
+    let mut aw_seq = 0u32;
+    let mut writes: Option<Schedule> = None;
+    let mut cursor: Option<Schedule> = None;
+    let mut seeding_ack_pending = false;
+    let aw_expect = if baseline {
+        spec.clients_in_session.saturating_sub(1)
+    } else {
+        spec.clients_in_session
+    } as u64;
+    let upd_expect = spec.clients_in_session.saturating_sub(1) as u64;
+
+    let run_deadline = sleep_until(spec.deadline);
+    tokio::pin!(run_deadline);
+    let sync_sleep = sleep_until(sync_deadline);
+    tokio::pin!(sync_sleep);
+    loop {
+        let w_at = writes.as_ref().map(|s| s.next);
+        let a_at = cursor.as_ref().map(|s| s.next);
+        tokio::select! {
+            biased;
+            changed = phase.changed() => {
+                if changed.is_err() { break; }
+                let p = *phase.borrow_and_update();
+                match p {
+                    Phase::Setup => {}
+                    Phase::Run(step) => {
+                        writes = spec.writer.and_then(|_| Schedule::new(&mut rng, step.start, step.end, step.rate));
+                        cursor = spec.aware.and_then(|_| Schedule::new(&mut rng, step.start, step.end, step.aw_rate));
+                    }
+                    Phase::Settle => {
+                        apply_deferred(&doc, &mut deferred)?;
+                        counters.settle_acks.fetch_add(1, Ordering::AcqRel);
+                    }
+                    Phase::Finish => break,
+                }
+            }
+            _ = sleep_until(w_at.unwrap_or(spec.deadline)), if w_at.is_some() => {
+                let w = spec.writer.unwrap_or(0);
+                let t = now_us();
+                let key = format!("w{w}.{upd_seq}");
+                let value = workload::stroke(&mut rng, &key, &name, &workload::update_marker(w, upd_seq, t), spec.points);
+                let update = {
+                    let mut txn = doc.transact_mut();
+                    strokes.insert(&mut txn, key.as_str(), value);
+                    txn.encode_update_v1()
+                };
+                upd_seq += 1;
+                let frame = encode(&Message::Sync(SyncMessage::Update(update)));
+                counters.bytes_sent.fetch_add(frame.len() as u64, Ordering::Relaxed);
+                ws.send(frame).await.context("sending an update")?;
+                counters.sent_upd.fetch_add(1, Ordering::AcqRel);
+                counters.expected_upd.fetch_add(upd_expect, Ordering::AcqRel);
+                if !writes.as_mut().map(|s| s.advance()).unwrap_or(false) { writes = None; }
+            }
+            _ = sleep_until(a_at.unwrap_or(spec.deadline)), if a_at.is_some() => {
+                let a = spec.aware.unwrap_or(0);
+                let t = now_us();
+                let (x, y) = (rng.gen_range(0..1600u32), rng.gen_range(0..900u32));
+                awareness.set_local_state_raw(format!(
+                    r##"{{"user":{{"name":"{name}","color":"#1e88e5"}},"cursor":{{"x":{x},"y":{y}}},"lg":"{}"}}"##,
+                    workload::awareness_marker(a, aw_seq, t)
+                ));
+                aw_seq += 1;
+                let u = awareness.update_with_clients([awareness.client_id()])?;
+                ws.send(encode(&Message::Awareness(u))).await.context("sending awareness")?;
+                counters.sent_aw.fetch_add(1, Ordering::AcqRel);
+                counters.expected_aw.fetch_add(aw_expect, Ordering::AcqRel);
+                if !cursor.as_mut().map(|s| s.advance()).unwrap_or(false) { cursor = None; }
+            }
+            frame = ws.next() => {
+                let frame = match frame {
+                    Some(Ok(f)) => f,
+                    Some(Err(e)) => bail!("read: {e}"),
+                    None => bail!("connection ended by the server"),
+                };
+                let bytes = match frame {
+                    Ws::Binary(b) => b,
+                    Ws::Close(c) => bail!("closed by the server: {c:?}"),
+                    _ => continue,
+                };
+                let received = now_us();
+                let mut decoder = DecoderV1::from(bytes.as_ref());
+                let mut replies: Vec<Ws> = Vec::new();
+                for msg in MessageReader::new(&mut decoder) {
+                    match msg.context("undecodable message")? {
+                        Message::Sync(SyncMessage::SyncStep1(sv)) => {
+                            let diff = doc.transact().encode_state_as_update_v1(&sv);
+                            replies.push(encode(&Message::Sync(SyncMessage::SyncStep2(diff))));
+                        }
+                        Message::Sync(SyncMessage::SyncStep2(u)) => {
+                            if seeding_ack_pending {
+                                seeding_ack_pending = false;
+                                counters.seeded.store(true, Ordering::Release);
+                                continue;
+                            }
+                            if spec.hash_step2 && !*synced {
+                                let mut h = DefaultHasher::new();
+                                h.write(&u);
+                                let mut s = lock(stats);
+                                s.step2_len = u.len();
+                                s.step2_hash = Some(h.finish());
+                                if spec.keep_step2 { s.kept_step2 = Some(u); }
+                            } else {
+                                apply(&doc, &u)?;
+                            }
+                            if !*synced {
+                                mark_synced(stats, synced);
+                                if spec.seed_bytes > 0 {
+                                    let sent = seed(&mut ws, &doc, spec, counters).await?;
+                                    lock(stats).seeded_bytes = sent;
+                                    let sv = doc.transact().state_vector();
+                                    ws.send(encode(&Message::Sync(SyncMessage::SyncStep1(sv)))).await?;
+                                    seeding_ack_pending = true;
+                                }
+                            }
+                        }
+                        Message::Sync(SyncMessage::Update(u)) => {
+                            if let Some((w, seq, sent)) = workload::find_marker(&u, UPDATE_MARK) {
+                                counters.received_upd.fetch_add(1, Ordering::AcqRel);
+                                let mut s = lock(stats);
+                                s.upd.push((sent, received.saturating_sub(sent) as u32));
+                                if let Some(n) = next_writer.get_mut(w as usize) {
+                                    if *n != seq { s.out_of_order += 1; }
+                                    *n = seq + 1;
+                                }
+                            }
+                            match spec.apply {
+                                ApplyMode::Live => apply(&doc, &u)?,
+                                ApplyMode::Defer => deferred.push(u),
+                            }
+                        }
+                        Message::Awareness(u) => {
+                            for entry in u.clients.values() {
+                                if let Some((a, seq, sent)) = workload::find_marker(entry.json.as_bytes(), AWARENESS_MARK) {
+                                    counters.received_aw.fetch_add(1, Ordering::AcqRel);
+                                    let mut s = lock(stats);
+                                    s.aw.push((sent, received.saturating_sub(sent) as u32));
+                                    if let Some(n) = next_aware.get_mut(a as usize) {
+                                        if *n != seq { s.out_of_order += 1; }
+                                        *n = seq + 1;
+                                    }
+                                }
+                            }
+                            awareness.apply_update(u)?;
+                        }
+                        Message::Auth(reason) => bail!("auth message from the server: {reason:?}"),
+                        Message::AwarenessQuery => {
+                            replies.push(encode(&Message::Awareness(awareness.update()?)));
+                        }
+                        Message::Custom(tag, _) => bail!("unknown message type {tag}"),
+                    }
+                }
+                for r in replies {
+                    ws.send(r).await?;
+                }
+            }
+            _ = &mut sync_sleep, if !*synced => {
+                bail!("not synced within {:?}", spec.sync_timeout);
+            }
+            _ = &mut run_deadline => {
+                bail!("run deadline passed");
+            }
+        }
+    }
+
+    // Finish: apply what was deferred, record the document's digest, close.
+    apply_deferred(&doc, &mut deferred)?;
+    if !spec.hash_step2 {
+        lock(stats).digest = Some(workload::digest(&doc));
+    }
+    let _ = timeout(Duration::from_secs(2), async {
+        ws.close(None).await.ok();
+        while let Some(Ok(_)) = ws.next().await {}
+    })
+    .await;
+    Ok(())
+}
+
+fn apply_deferred(doc: &Doc, deferred: &mut Vec<Vec<u8>>) -> anyhow::Result<()> {
+    if deferred.is_empty() {
+        return Ok(());
+    }
+    let mut txn = doc.transact_mut();
+    for u in deferred.drain(..) {
+        txn.apply_update(Update::decode_v1(&u)?)?;
+    }
+    Ok(())
+}
+
+fn apply(doc: &Doc, update: &[u8]) -> anyhow::Result<()> {
+    let u = Update::decode_v1(update).map_err(|e| anyhow!("update does not decode: {e}"))?;
+    doc.transact_mut()
+        .apply_update(u)
+        .map_err(|e| anyhow!("update rejected: {e}"))
+}
+
+/// Writes a realistic document of `spec.seed_bytes` into the session, in updates of about
+/// `spec.seed_chunk` bytes. Returns the bytes sent.
+async fn seed<S>(
+    ws: &mut S,
+    doc: &Doc,
+    spec: &ClientSpec,
+    counters: &Counters,
+) -> anyhow::Result<usize>
+where
+    S: futures_util::Sink<Ws, Error = tokio_tungstenite::tungstenite::Error> + Unpin,
+{
+    let map = doc.get_or_insert_map(STROKES);
+    let mut builder = workload::SeedBuilder::new(0xd0c);
+    let mut sent = 0usize;
+    loop {
+        let size = doc
+            .transact()
+            .encode_state_as_update_v1(&StateVector::default())
+            .len();
+        if size >= spec.seed_bytes {
+            break;
+        }
+        let want = (spec.seed_bytes - size).clamp(16 << 10, spec.seed_chunk);
+        let update = builder.chunk(doc, &map, want);
+        let frame = encode(&Message::Sync(SyncMessage::Update(update)));
+        sent += frame.len();
+        counters
+            .bytes_sent
+            .fetch_add(frame.len() as u64, Ordering::Relaxed);
+        ws.send(frame).await.context("sending a seed update")?;
+    }
+    Ok(sent)
+}
