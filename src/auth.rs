@@ -356,6 +356,61 @@ mod tests {
         assert!(v.verify(&none).is_err());
     }
 
+    fn key_path(name: &str) -> std::path::PathBuf {
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("fixtures/keys")
+            .join(name)
+    }
+
+    #[test]
+    fn public_keys_verify_their_own_family_only() {
+        let claims = claims_for(
+            "u",
+            vec!["s".into()],
+            Role::Tutor,
+            None,
+            Duration::from_secs(60),
+        );
+        let cases = [
+            (
+                "ed",
+                Algorithm::EdDSA,
+                EncodingKey::from_ed_pem as fn(&[u8]) -> _,
+            ),
+            ("ec", Algorithm::ES256, EncodingKey::from_ec_pem),
+            ("rsa", Algorithm::RS256, EncodingKey::from_rsa_pem),
+        ];
+        for (name, alg, signing_key) in cases {
+            let cfg = AuthConfig {
+                jwt_public_key_file: Some(key_path(&format!("{name}.pub"))),
+                leeway_s: Some(0),
+                ..Default::default()
+            };
+            let v = Verifier::from_config(&cfg).unwrap().unwrap();
+            let private = std::fs::read(key_path(&format!("{name}.key"))).unwrap();
+            let token =
+                jsonwebtoken::encode(&Header::new(alg), &claims, &signing_key(&private).unwrap())
+                    .unwrap();
+            assert_eq!(v.verify(&token).unwrap().sub, "u", "{name}");
+            // Algorithm confusion: an HMAC token keyed with the public key's own bytes.
+            let public = std::fs::read(key_path(&format!("{name}.pub"))).unwrap();
+            let forged = jsonwebtoken::encode(
+                &Header::new(Algorithm::HS256),
+                &claims,
+                &EncodingKey::from_secret(&public),
+            )
+            .unwrap();
+            assert!(
+                v.verify(&forged).is_err(),
+                "{name}: HS256 with the public key accepted"
+            );
+            assert!(
+                v.mint(&claims).is_err(),
+                "{name}: cannot mint without a secret"
+            );
+        }
+    }
+
     #[test]
     fn missing_sid_is_malformed() {
         let v = Verifier::from_config(&cfg()).unwrap().unwrap();
