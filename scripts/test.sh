@@ -12,6 +12,9 @@ cargo build --locked --bins
 echo "== cargo test"
 cargo test --locked --no-fail-fast
 
+echo "== load generator smoke (a few seconds: exact counts, zero loss, convergence)"
+target/debug/easel-loadgen --server-bin target/debug/easel --scenario smoke
+
 echo "== interop (yjs + y-websocket)"
 (
   cd tests/interop

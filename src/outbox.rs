@@ -68,7 +68,9 @@ impl Outbox {
         }
         let len = payload_len(&message);
         let before = self.shared.queued_bytes.fetch_add(len, Ordering::AcqRel);
-        if before + len > self.shared.limit {
+        // An empty queue takes any one message, so a document larger than the limit can
+        // still be joined (its sync step 2 is one message); a backlog cannot grow past it.
+        if before > 0 && before + len > self.shared.limit {
             self.shared.queued_bytes.fetch_sub(len, Ordering::AcqRel);
             self.shared.overflowed.store(true, Ordering::Release);
             self.shared.overflow.notify_one();
@@ -143,6 +145,14 @@ mod tests {
         .await
         .unwrap();
         assert_eq!(payload_len(&rx.recv().await.unwrap()), 6);
+    }
+
+    #[tokio::test]
+    async fn an_empty_queue_takes_one_oversized_message() {
+        let (tx, mut rx) = outbox(10);
+        assert!(tx.send(Message::Binary(vec![0; 50].into())));
+        assert!(!tx.send(Message::Binary(vec![0; 1].into())));
+        assert_eq!(payload_len(&rx.recv().await.unwrap()), 50);
     }
 
     #[tokio::test]

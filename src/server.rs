@@ -50,6 +50,9 @@ pub enum ServerError {
 /// Read buffer of a WebSocket: small, since it is allocated per connection and most
 /// frames (cursor moves, strokes) are well under it; larger frames grow it as needed.
 const WS_READ_BUFFER: usize = 4 * 1024;
+/// Frames the writer batches are gathered up to this size before a send (measured in
+/// BENCHMARKS.md: one `sendto` per frame was half of the server's CPU under load).
+const WS_WRITE_BUFFER: usize = 64 * 1024;
 /// Most frames the writer sends before one flush.
 const WRITE_BATCH: usize = 64;
 
@@ -222,7 +225,8 @@ async fn admit(
     let ws = ws
         .protocols(["easel"])
         .read_buffer_size(WS_READ_BUFFER)
-        .write_buffer_size(0)
+        // The writer feeds a batch of frames, then flushes once: one send per batch.
+        .write_buffer_size(WS_WRITE_BUFFER)
         // Frames up to twice the limit are read whole and refused with 1009 and a clean
         // close; beyond that the socket is dropped mid-frame.
         .max_message_size(max.saturating_mul(2))

@@ -54,12 +54,15 @@ impl Rooms {
 /// Most frames written before a flush, as easel's writer.
 const BATCH: usize = 64;
 
+// The handshake callback's error type is tungstenite's, not ours.
+#[allow(clippy::result_large_err)]
 async fn connection(stream: TcpStream, id: u64, rooms: Arc<Rooms>) {
     let _ = stream.set_nodelay(true);
     let mut path = String::new();
     let config = WebSocketConfig::default()
         .read_buffer_size(4 * 1024)
-        .write_buffer_size(0)
+        // Frames fed in one batch go out in one write; flush sends what is left.
+        .write_buffer_size(64 * 1024)
         .max_message_size(Some(16 << 20))
         .max_frame_size(Some(16 << 20));
     let ws = tokio_tungstenite::accept_hdr_async_with_config(

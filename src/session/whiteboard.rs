@@ -77,6 +77,9 @@ pub struct Whiteboard {
     last_snapshot: Mutex<Instant>,
     /// Counts changes, for long polls waiting on the document.
     changes: tokio::sync::watch::Sender<u64>,
+    /// The sync step 2 for an empty state vector (a joiner with a fresh document), with the
+    /// change count it was encoded at: a join storm encodes a large board once, not per joiner.
+    full_step2: Mutex<Option<(u64, Bytes)>>,
 }
 
 impl Whiteboard {
@@ -122,6 +125,7 @@ impl Whiteboard {
             dirty: AtomicBool::new(log_len > 0),
             last_snapshot: Mutex::new(Instant::now()),
             changes: tokio::sync::watch::Sender::new(0),
+            full_step2: Mutex::new(None),
         })
     }
 
@@ -174,7 +178,21 @@ impl Whiteboard {
 
     /// Sync step 2 for a peer whose state vector is `sv`.
     pub fn sync_step2(&self, sv: &StateVector) -> Bytes {
-        wire::sync_step2(self.doc.transact().encode_state_as_update_v1(sv))
+        if !sv.is_empty() {
+            return wire::sync_step2(self.doc.transact().encode_state_as_update_v1(sv));
+        }
+        // Read the count before encoding: the cached bytes then hold at least what that
+        // count says, and any later change bumps the count and is relayed to the joiner.
+        let version = *self.changes.borrow();
+        let mut cache = self.full_step2.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((cached, bytes)) = cache.as_ref() {
+            if *cached == version {
+                return bytes.clone();
+            }
+        }
+        let bytes = wire::sync_step2(self.doc.transact().encode_state_as_update_v1(sv));
+        *cache = Some((version, bytes.clone()));
+        bytes
     }
 
     /// Follows the document's changes (for long polls).

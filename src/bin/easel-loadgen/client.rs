@@ -3,8 +3,6 @@
 //! strokes and moves its cursor at the step's rates, and measures the fan-out latency of
 //! every timed update and cursor it receives.
 
-use std::collections::hash_map::DefaultHasher;
-use std::hash::Hasher;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
@@ -77,6 +75,8 @@ pub struct Counters {
     pub received_aw: AtomicU64,
     pub bytes_sent: AtomicU64,
     pub settle_acks: AtomicUsize,
+    /// Join storm: the first sync step 2 a joiner received; the others compare with it.
+    pub reference_step2: OnceLock<Bytes>,
 }
 
 /// What one client measured; the orchestrator takes the samples between steps.
@@ -92,8 +92,8 @@ pub struct ClientStats {
     pub errors: Vec<String>,
     pub digest: Option<u64>,
     pub step2_len: usize,
-    pub step2_hash: Option<u64>,
-    pub kept_step2: Option<Vec<u8>>,
+    /// Join storm: whether this joiner's step 2 equals the first joiner's, byte for byte.
+    pub step2_same: Option<bool>,
     pub seeded_bytes: usize,
 }
 
@@ -121,10 +121,10 @@ pub struct ClientSpec {
     pub apply: ApplyMode,
     /// Send an awareness state on connect, as the y-websocket client does.
     pub join_awareness: bool,
-    /// Hash the first sync step 2 instead of applying it (join storm: 150 copies of a
-    /// 20 MB document would not fit in memory); `keep_step2` also keeps its bytes.
+    /// Compare the first sync step 2 with the first joiner's instead of applying it (join
+    /// storm: 150 copies of a 20 MB document would not fit in memory; one is applied and
+    /// checked against the seeder's document at the end).
     pub hash_step2: bool,
-    pub keep_step2: bool,
     /// Seed the session with a realistic document of this many bytes after syncing.
     pub seed_bytes: usize,
     pub seed_chunk: usize,
@@ -343,7 +343,22 @@ async fn run_inner(
                     _ => continue,
                 };
                 let received = now_us();
-                let mut decoder = DecoderV1::from(bytes.as_ref());
+                let mut rest = 0;
+                if spec.hash_step2 && !*synced {
+                    // Zero-copy: a step 2 frame is [0, 1, varUint(len), update].
+                    if let Some((start, len)) = step2_bounds(&bytes) {
+                        let update = bytes.slice(start..start + len);
+                        let reference = counters.reference_step2.get_or_init(|| update.clone());
+                        {
+                            let mut s = lock(stats);
+                            s.step2_len = len;
+                            s.step2_same = Some(*reference == update);
+                        }
+                        mark_synced(stats, synced);
+                        rest = start + len;
+                    }
+                }
+                let mut decoder = DecoderV1::from(&bytes[rest..]);
                 let mut replies: Vec<Ws> = Vec::new();
                 for msg in MessageReader::new(&mut decoder) {
                     match msg.context("undecodable message")? {
@@ -357,16 +372,7 @@ async fn run_inner(
                                 counters.seeded.store(true, Ordering::Release);
                                 continue;
                             }
-                            if spec.hash_step2 && !*synced {
-                                let mut h = DefaultHasher::new();
-                                h.write(&u);
-                                let mut s = lock(stats);
-                                s.step2_len = u.len();
-                                s.step2_hash = Some(h.finish());
-                                if spec.keep_step2 { s.kept_step2 = Some(u); }
-                            } else {
-                                apply(&doc, &u)?;
-                            }
+                            apply(&doc, &u)?;
                             if !*synced {
                                 mark_synced(stats, synced);
                                 if spec.seed_bytes > 0 {
@@ -438,6 +444,27 @@ async fn run_inner(
     })
     .await;
     Ok(())
+}
+
+/// Where the update of a frame holding one sync step 2 starts, and its length.
+fn step2_bounds(frame: &[u8]) -> Option<(usize, usize)> {
+    if frame.len() < 3 || frame[0] != 0 || frame[1] != 1 {
+        return None;
+    }
+    let (mut len, mut shift, mut i) = (0usize, 0u32, 2usize);
+    loop {
+        let b = *frame.get(i)?;
+        len |= ((b & 0x7f) as usize) << shift;
+        i += 1;
+        if b & 0x80 == 0 {
+            break;
+        }
+        shift += 7;
+        if shift > 35 {
+            return None;
+        }
+    }
+    (i + len <= frame.len()).then_some((i, len))
 }
 
 fn apply_deferred(doc: &Doc, deferred: &mut Vec<Vec<u8>>) -> anyhow::Result<()> {
