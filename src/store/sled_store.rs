@@ -797,8 +797,19 @@ mod tests {
 
     const SESSION: &str = "room-1";
 
+    /// Opens `dir`, waiting out the lock of a store this test just dropped: sled's flusher
+    /// thread lets go of the directory a moment after the last handle is gone.
     fn open(dir: &Path) -> SledStore {
-        SledStore::open(dir, 10, 3, None).expect("open")
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match SledStore::open(dir, 10, 3, None) {
+                Ok(store) => return store,
+                Err(e) if is_locked_error(&e) && std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(e) => panic!("open: {e}"),
+            }
+        }
     }
 
     /// A Yjs v1 update inserting `text` into a fresh document's text `t`.
