@@ -7,8 +7,9 @@
 //! with a generated secret).
 //!
 //! The page's source is in `web/` (pinned `yjs` and `y-websocket`); `scripts/build-demo.sh`
-//! bundles it into `assets/demo/`, whose files are committed and embedded here with
-//! `include_bytes!`, so building and running the server needs no Node. Routes:
+//! bundles its script into `assets/demo/app.js`, which is committed and embedded here with
+//! `web/index.html` and `web/style.css` by `include_bytes!`, so building and running the
+//! server needs no Node. Routes:
 //! `/` (index.html), `/demo/app.js`, `/demo/style.css`. Each answer carries an `ETag`
 //! computed at compile time and is revalidated on every load (`no-cache`), so a new
 //! binary never serves a stale page; the page's `Referrer-Policy` keeps the token in its
@@ -66,9 +67,9 @@ macro_rules! asset {
     }};
 }
 
-static INDEX: Asset = asset!("assets/demo/index.html", "text/html; charset=utf-8");
+static INDEX: Asset = asset!("web/index.html", "text/html; charset=utf-8");
 static APP_JS: Asset = asset!("assets/demo/app.js", "text/javascript; charset=utf-8");
-static STYLE: Asset = asset!("assets/demo/style.css", "text/css; charset=utf-8");
+static STYLE: Asset = asset!("web/style.css", "text/css; charset=utf-8");
 
 /// The page may talk only to this server (its own WebSockets and HTTP API).
 const CSP: &str = "default-src 'self'; img-src 'self' data:; connect-src 'self' ws: wss:; \
