@@ -28,7 +28,7 @@ use crate::config::Config;
 use crate::http_api::{self, ApiError};
 use crate::limits::{CapError, ConnectionCaps, ConnectionPermit, Strikes, TokenBucket};
 use crate::metrics::{Endpoint, Metrics};
-use crate::outbox::{outbox, OutboxReceiver};
+use crate::outbox::{outbox, Outbox};
 use crate::protocol::tutor::UserInfo;
 use crate::protocol::wire;
 use crate::session::{valid_session_id, Registry, SessionHandle};
@@ -265,55 +265,47 @@ async fn run_whiteboard(
     permit: ConnectionPermit,
     session: SessionHandle,
 ) {
-    let id = app.registry.next_conn_id();
     let limits = &app.config.limits;
-    let (tx, rx) = outbox(limits.max_send_queue_bytes);
-    session.whiteboard.join(id, tx.clone());
-    tracing::info!(conn = id, session = %session.id, user = %claims.sub, role = claims.role.as_str(), "whiteboard connected");
+    let (conn, tx) = connection(&app, Endpoint::Whiteboard, &session, &claims, permit);
+    session.whiteboard.join(conn.id, tx.clone());
     let handler = WhiteboardHandler::new(
-        id,
+        conn.id,
         session,
-        tx.clone(),
+        tx,
         claims.role.can_write(),
         TokenBucket::new(limits.whiteboard_rate, limits.whiteboard_burst),
         Strikes::new(limits.whiteboard_burst, Duration::from_secs(60)),
         app.metrics.clone(),
-        claims.sub.clone(),
-    );
-    let conn = connection(
-        &app,
-        id,
-        Endpoint::Whiteboard,
-        handler.session.id.clone(),
-        claims,
-        permit,
-        rx,
+        claims.sub,
     );
     socket::run(socket, conn, handler).await;
 }
 
+/// A connection's record and the sending side of its outbox: a fresh id, logged as connected.
 fn connection(
     app: &AppState,
-    id: u64,
     endpoint: Endpoint,
-    session: Arc<str>,
-    claims: Claims,
+    session: &SessionHandle,
+    claims: &Claims,
     permit: ConnectionPermit,
-    outbox: OutboxReceiver,
-) -> Connection {
-    Connection {
+) -> (Connection, Outbox) {
+    let id = app.registry.next_conn_id();
+    let (tx, rx) = outbox(app.config.limits.max_send_queue_bytes);
+    tracing::info!(conn = id, endpoint = endpoint.as_str(), session = %session.id, user = %claims.sub, role = claims.role.as_str(), "connected");
+    let conn = Connection {
         id,
         endpoint,
-        session,
-        token_expires: app.verifier.expires_at(&claims),
-        user: claims.sub,
+        session: session.id.clone(),
+        token_expires: app.verifier.expires_at(claims),
+        user: claims.sub.clone(),
         permit,
-        outbox,
+        outbox: rx,
         timing: app.timing(endpoint == Endpoint::Whiteboard),
         metrics: app.metrics.endpoint(endpoint).clone(),
         shutdown: app.shutdown.clone(),
         max_frame_bytes: app.config.limits.max_frame_bytes,
-    }
+    };
+    (conn, tx)
 }
 
 async fn tutor_ws(
@@ -343,12 +335,11 @@ async fn run_tutor(
     session: SessionHandle,
     after_seq: Option<u64>,
 ) {
-    let id = app.registry.next_conn_id();
     let cfg = &app.config;
-    let (tx, rx) = outbox(cfg.limits.max_send_queue_bytes);
+    let (conn, tx) = connection(&app, Endpoint::Tutor, &session, &claims, permit);
     let user = user_info(&claims);
     if let Err(e) = session.tutor.join(
-        id,
+        conn.id,
         user.clone(),
         tx.clone(),
         after_seq,
@@ -357,11 +348,10 @@ async fn run_tutor(
         tracing::error!(session = %session.id, error = %e, "tutor join failed: history unreadable");
         return;
     }
-    tracing::info!(conn = id, session = %session.id, user = %claims.sub, role = claims.role.as_str(), "tutor connected");
     let handler = TutorHandler {
-        conn: id,
+        conn: conn.id,
         session,
-        outbox: tx.clone(),
+        outbox: tx,
         user,
         role: claims.role,
         bucket: TokenBucket::new(cfg.limits.tutor_rate, cfg.limits.tutor_burst),
@@ -372,15 +362,6 @@ async fn run_tutor(
         config: cfg.tutor.clone(),
         metrics: app.metrics.clone(),
     };
-    let conn = connection(
-        &app,
-        id,
-        Endpoint::Tutor,
-        handler.session.id.clone(),
-        claims,
-        permit,
-        rx,
-    );
     socket::run(socket, conn, handler).await;
 }
 
