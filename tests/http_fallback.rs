@@ -37,6 +37,28 @@ fn sv_param(doc: &Doc) -> String {
     URL_SAFE_NO_PAD.encode(doc.transact().state_vector().encode_v1())
 }
 
+/// Starts a GET (a long poll) in the background; resolves to the answer and how long it took.
+fn spawn_get(
+    server: &TestServer,
+    path: String,
+    token: &str,
+) -> tokio::task::JoinHandle<(HttpResponse, Duration)> {
+    let addr = server.addr;
+    let auth = format!("Bearer {token}");
+    let started = Instant::now();
+    tokio::spawn(async move {
+        let r = http_request(
+            addr,
+            "GET",
+            &path,
+            &[("Authorization", auth.as_str())],
+            None,
+        )
+        .await;
+        (r, started.elapsed())
+    })
+}
+
 #[tokio::test]
 async fn polling_client_and_websocket_client_edit_one_board() {
     let server = TestServer::start("");
@@ -120,20 +142,7 @@ async fn long_poll_is_answered_soon_after_a_websocket_edit() {
     );
 
     let path = format!("{}?sv={}&wait=8", wb_path(&s), sv_param(&mine));
-    let addr = server.addr;
-    let auth = format!("Bearer {t}");
-    let started = Instant::now();
-    let poll = tokio::spawn(async move {
-        let r = http_request(
-            addr,
-            "GET",
-            &path,
-            &[("Authorization", auth.as_str())],
-            None,
-        )
-        .await;
-        (r, started.elapsed())
-    });
+    let poll = spawn_get(&server, path, &t);
     // Nothing new yet: the poll must still be waiting a moment later.
     assert!(
         tokio::time::timeout(Duration::from_millis(500), async {
@@ -269,23 +278,13 @@ async fn chat_over_http_and_websocket() {
     assert_eq!(r.json()["messages"][0]["seq"], 2);
 
     // Long poll for seq > 2, answered by the next WebSocket chat.
-    let addr = server.addr;
-    let path = format!("{}?after=2&wait=8", msg_path(&s));
-    let auth = format!("Bearer {t}");
-    let started = Instant::now();
-    let poll = tokio::spawn(async move {
-        http_request(
-            addr,
-            "GET",
-            &path,
-            &[("Authorization", auth.as_str())],
-            None,
-        )
-        .await
-    });
+    let poll = spawn_get(&server, format!("{}?after=2&wait=8", msg_path(&s)), &t);
     tutor.send(&json!({"type": "chat", "text": "third"})).await;
-    let r = poll.await.expect("poll task");
-    assert!(started.elapsed() < Duration::from_secs(5));
+    let (r, elapsed) = poll.await.expect("poll task");
+    assert!(
+        elapsed < Duration::from_secs(5),
+        "answered after {elapsed:?}"
+    );
     assert_eq!(r.json()["messages"][0]["text"], "third");
 
     // Refusals.
