@@ -181,8 +181,8 @@ impl Registry {
     }
 
     /// Snapshots changed sessions whose last snapshot is older than
-    /// `persist.snapshot_interval_s`, or whose last client left (the update-count trigger
-    /// fires in the whiteboard itself). Returns how many it wrote.
+    /// `persist.snapshot_interval_s`, whose last client left, or whose log has grown enough
+    /// ([`Whiteboard::snapshot_wanted`]). Returns how many it wrote.
     pub fn snapshot_due(&self) -> usize {
         let interval = Duration::from_secs(self.config.persist.snapshot_interval_s);
         let sessions: Vec<_> = self.map().values().cloned().collect();
@@ -190,7 +190,8 @@ impl Registry {
         for s in sessions {
             let age = s.whiteboard.snapshot_age();
             let unused = s.handles.load(Ordering::Acquire) == 0;
-            if s.whiteboard.is_dirty() && (age >= interval || unused) {
+            let due = age >= interval || unused || s.whiteboard.snapshot_wanted();
+            if s.whiteboard.is_dirty() && due {
                 match s.whiteboard.snapshot_if_dirty() {
                     Ok(Some(_)) => written += 1,
                     Ok(None) => {}
@@ -278,6 +279,143 @@ mod tests {
             .whiteboard
             .apply_update(None, &valid("after"), None)
             .unwrap());
+    }
+
+    /// A [`MemoryStore`](crate::store::MemoryStore) whose `write_snapshot` waits for a go
+    /// signal, so a test can apply an update after a snapshot's state was encoded and
+    /// before it is written.
+    struct GatedStore {
+        inner: crate::store::MemoryStore,
+        entered: std::sync::mpsc::SyncSender<()>,
+        go: Mutex<std::sync::mpsc::Receiver<()>>,
+    }
+
+    impl Store for GatedStore {
+        fn load_whiteboard(&self, s: &str) -> Result<crate::store::StoredWhiteboard, StoreError> {
+            self.inner.load_whiteboard(s)
+        }
+        fn append_update(&self, s: &str, seq: u64, update: &[u8]) -> Result<(), StoreError> {
+            self.inner.append_update(s, seq, update)
+        }
+        fn write_snapshot(
+            &self,
+            s: &str,
+            state: &[u8],
+            sv: &[u8],
+            count: u64,
+            log_through: u64,
+        ) -> Result<u64, StoreError> {
+            let _ = self.entered.send(());
+            let _ = self.go.lock().unwrap().recv();
+            self.inner.write_snapshot(s, state, sv, count, log_through)
+        }
+        fn list_snapshots(&self, s: &str) -> Result<Vec<crate::store::SnapshotInfo>, StoreError> {
+            self.inner.list_snapshots(s)
+        }
+        fn get_snapshot(&self, s: &str, v: u64) -> Result<Option<Vec<u8>>, StoreError> {
+            self.inner.get_snapshot(s, v)
+        }
+        fn list_sessions(&self) -> Result<Vec<crate::store::SessionInfo>, StoreError> {
+            self.inner.list_sessions()
+        }
+        fn append_chat(
+            &self,
+            s: &str,
+            m: &crate::protocol::tutor::ChatMessage,
+            limit: usize,
+        ) -> Result<(), StoreError> {
+            self.inner.append_chat(s, m, limit)
+        }
+        fn chat_after(
+            &self,
+            s: &str,
+            after: u64,
+            limit: usize,
+        ) -> Result<Vec<crate::protocol::tutor::ChatMessage>, StoreError> {
+            self.inner.chat_after(s, after, limit)
+        }
+        fn chat_before(
+            &self,
+            s: &str,
+            before: u64,
+            limit: usize,
+        ) -> Result<Vec<crate::protocol::tutor::ChatMessage>, StoreError> {
+            self.inner.chat_before(s, before, limit)
+        }
+        fn last_chat_seq(&self, s: &str) -> Result<u64, StoreError> {
+            self.inner.last_chat_seq(s)
+        }
+        fn flush(&self) -> Result<(), StoreError> {
+            self.inner.flush()
+        }
+        fn check(&self) -> Result<(), StoreError> {
+            self.inner.check()
+        }
+    }
+
+    #[test]
+    fn an_update_logged_while_a_snapshot_is_written_is_kept() {
+        use yrs::types::ToJson;
+        use yrs::updates::decoder::Decode;
+        use yrs::{Map, Transact};
+        let (entered_tx, entered) = std::sync::mpsc::sync_channel(1);
+        let (go, go_rx) = std::sync::mpsc::sync_channel(1);
+        let store = Arc::new(GatedStore {
+            inner: crate::store::MemoryStore::default(),
+            entered: entered_tx,
+            go: Mutex::new(go_rx),
+        });
+        let reg = Registry::new(
+            store.clone(),
+            Arc::new(Metrics::new()),
+            Arc::new(Config::default()),
+        );
+        let h = reg.open("s").unwrap();
+        let writer = yrs::Doc::new();
+        let map = writer.get_or_insert_map("m");
+        let write = |key: &str| {
+            let mut txn = writer.transact_mut();
+            map.insert(&mut txn, key, key);
+            txn.encode_update_v1()
+        };
+        assert!(h
+            .whiteboard
+            .apply_update(None, &write("before"), None)
+            .unwrap());
+        std::thread::scope(|scope| {
+            let snapshot = scope.spawn(|| h.whiteboard.snapshot_if_dirty());
+            // The state is encoded (without "during"); the snapshot is not yet written.
+            entered.recv().unwrap();
+            assert!(h
+                .whiteboard
+                .apply_update(None, &write("during"), None)
+                .unwrap());
+            go.send(()).unwrap();
+            assert_eq!(snapshot.join().unwrap().unwrap(), Some(1));
+        });
+        let stored = store.load_whiteboard("s").unwrap();
+        assert_eq!(stored.snapshot_version, 1);
+        assert_eq!(
+            stored.updates.len(),
+            2,
+            "the snapshot, then the update logged during it"
+        );
+        let reloaded = yrs::Doc::new();
+        {
+            let mut txn = reloaded.transact_mut();
+            for update in &stored.updates {
+                txn.apply_update(yrs::Update::decode_v1(update).unwrap())
+                    .unwrap();
+            }
+        }
+        let json = |doc: &yrs::Doc| {
+            let map = doc.get_or_insert_map("m");
+            let txn = doc.transact();
+            map.to_json(&txn)
+        };
+        assert_eq!(json(&reloaded), json(&writer));
+        // The update logged meanwhile keeps the board dirty: the next snapshot folds it in.
+        assert!(h.whiteboard.is_dirty());
     }
 
     #[test]

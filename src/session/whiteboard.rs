@@ -8,6 +8,12 @@
 //! lock is held across apply and fan-out so that a peer that joins sees every update either
 //! in its sync step 2 or in its queue, never neither. No lock here is held across an
 //! `.await`; nothing here touches a socket.
+//!
+//! Snapshots stay off that path. The relay only counts what it logged and raises
+//! [`Whiteboard::snapshot_wanted`]; housekeeping then encodes the document on a blocking
+//! thread under a read transaction, which holds updates back only while it encodes, and
+//! the store deletes just the log entries that state includes (by seq), so updates
+//! logged meanwhile are kept and nothing needs the peer lock.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -58,7 +64,8 @@ pub struct WhiteboardOptions {
     pub echo_updates: bool,
     /// Flush the store before relaying (`persist.durability = "sync"`).
     pub flush_before_relay: bool,
-    /// Snapshot after this many logged updates (`persist.snapshot_every_updates`).
+    /// Snapshot after this many logged updates (`persist.snapshot_every_updates`), once
+    /// the log has also grown to half the last snapshot's size (see [`Whiteboard::log_update`]).
     pub snapshot_every_updates: u64,
 }
 
@@ -71,8 +78,17 @@ pub struct Whiteboard {
     store: Arc<dyn Store>,
     metrics: Arc<Metrics>,
     options: WhiteboardOptions,
-    /// Updates applied since the last snapshot.
+    /// The seq of the last log entry written; only grows, under the peer lock.
+    log_seq: AtomicU64,
+    /// Updates and bytes logged since the last snapshot.
     updates_since_snapshot: AtomicU64,
+    log_bytes_since_snapshot: AtomicU64,
+    /// Size of the last snapshot's state.
+    snapshot_bytes: AtomicU64,
+    /// The log has grown enough to be folded into a snapshot (housekeeping takes it).
+    snapshot_wanted: AtomicBool,
+    /// One snapshot at a time: two racing could store an older state as the newer version.
+    snapshotting: Mutex<()>,
     dirty: AtomicBool,
     last_snapshot: Mutex<Instant>,
     /// Counts changes, for long polls waiting on the document.
@@ -91,9 +107,11 @@ impl Whiteboard {
         options: WhiteboardOptions,
     ) -> Result<Self, StoreError> {
         let stored = store.load_whiteboard(&session)?;
-        let has_snapshot = stored.snapshot_version > 0;
-        let log_len =
-            stored.updates.len() - usize::from(has_snapshot && !stored.updates.is_empty());
+        let has_snapshot = stored.snapshot_version > 0 && !stored.updates.is_empty();
+        let (snapshot, log) = stored.updates.split_at(usize::from(has_snapshot));
+        let snapshot_bytes = snapshot.first().map_or(0, |s| s.len() as u64);
+        let log_len = log.len() as u64;
+        let log_bytes = log.iter().map(|u| u.len() as u64).sum();
         let doc = Doc::new();
         {
             let mut txn = doc.transact_mut();
@@ -120,8 +138,13 @@ impl Whiteboard {
             store,
             metrics,
             options,
+            log_seq: AtomicU64::new(stored.last_log_seq),
             // A log left after the snapshot (a crash, a kill) is folded into the next one.
-            updates_since_snapshot: AtomicU64::new(log_len as u64),
+            updates_since_snapshot: AtomicU64::new(log_len),
+            log_bytes_since_snapshot: AtomicU64::new(log_bytes),
+            snapshot_bytes: AtomicU64::new(snapshot_bytes),
+            snapshot_wanted: AtomicBool::new(false),
+            snapshotting: Mutex::new(()),
             dirty: AtomicBool::new(log_len > 0),
             last_snapshot: Mutex::new(Instant::now()),
             changes: tokio::sync::watch::Sender::new(0),
@@ -288,22 +311,35 @@ impl Whiteboard {
     }
 
     /// Appends to the store's log (flushing first in sync durability), before any relay.
+    /// Every caller holds the peer lock, which keeps seqs in the order of the log.
     fn log_update(&self, update: &[u8]) -> Result<(), StoreError> {
-        self.store.append_update(&self.session, update)?;
+        let seq = self.log_seq.load(Ordering::Acquire) + 1;
+        self.store.append_update(&self.session, seq, update)?;
+        self.log_seq.store(seq, Ordering::Release);
         if self.options.flush_before_relay {
             self.store.flush()?;
         }
         let count = self.updates_since_snapshot.fetch_add(1, Ordering::AcqRel) + 1;
+        let bytes = self
+            .log_bytes_since_snapshot
+            .fetch_add(update.len() as u64, Ordering::AcqRel)
+            + update.len() as u64;
         self.dirty.store(true, Ordering::Release);
-        if count >= self.options.snapshot_every_updates {
-            // Every caller holds the peer lock. This costs one encode of the document per
-            // `snapshot_every_updates` updates, and keeps the log (and a restart's replay)
-            // bounded however fast updates come.
-            if let Err(e) = self.snapshot_locked() {
-                tracing::error!(session = %self.session, error = %e, "snapshot failed; the log keeps growing");
-            }
+        // A snapshot encodes the whole document: asking for one every N updates of a 20 MB
+        // board would spend the relay's CPU on encoding. Waiting until the log is also half
+        // the snapshot's size keeps that cost proportional to the bytes logged, and a
+        // restart's replay at most half again the snapshot's load.
+        if count >= self.options.snapshot_every_updates
+            && bytes >= self.snapshot_bytes.load(Ordering::Acquire) / 2
+        {
+            self.snapshot_wanted.store(true, Ordering::Release);
         }
         Ok(())
+    }
+
+    /// Whether the log has grown enough to be folded into a snapshot now.
+    pub fn snapshot_wanted(&self) -> bool {
+        self.snapshot_wanted.load(Ordering::Acquire)
     }
 
     /// Time since the last snapshot was taken.
@@ -379,36 +415,46 @@ impl Whiteboard {
         Ok(self.snapshot_if_dirty()?.unwrap_or_default())
     }
 
-    /// Writes a snapshot if anything changed since the last one.
+    /// Writes a snapshot if anything changed since the last one. It encodes the whole
+    /// document: call it on a blocking thread. Updates wait only while the state is encoded.
     pub fn snapshot_if_dirty(&self) -> Result<Option<u64>, StoreError> {
-        // Holding the peer lock keeps updates out between encoding the state and replacing
-        // the log, so the snapshot covers exactly the log entries it replaces.
-        let _quiet = self.peers();
-        self.snapshot_locked()
-    }
-
-    /// [`Self::snapshot_if_dirty`] for a caller that holds the peer lock.
-    fn snapshot_locked(&self) -> Result<Option<u64>, StoreError> {
+        let _one_at_a_time = self.snapshotting.lock().unwrap_or_else(|e| e.into_inner());
+        self.snapshot_wanted.store(false, Ordering::Release);
         if !self.dirty.swap(false, Ordering::AcqRel) {
             return Ok(None);
         }
         let started = Instant::now();
-        let (state, sv) = {
+        let (state, sv, log_through, count, bytes) = {
+            // An update is applied before it is logged, and no update is applied while
+            // this read transaction is open: every entry up to `log_through` is in `state`.
+            // (One applied but not yet logged is in `state` and stays in the log; replaying
+            // it on load changes nothing.)
             let txn = self.doc.transact();
             (
                 txn.encode_state_as_update_v1(&StateVector::default()),
                 txn.state_vector().encode_v1(),
+                self.log_seq.load(Ordering::Acquire),
+                self.updates_since_snapshot.load(Ordering::Acquire),
+                self.log_bytes_since_snapshot.load(Ordering::Acquire),
             )
         };
-        let count = self.updates_since_snapshot.load(Ordering::Acquire);
-        let version = match self.store.write_snapshot(&self.session, &state, &sv, count) {
+        let written = self
+            .store
+            .write_snapshot(&self.session, &state, &sv, count, log_through);
+        let version = match written {
             Ok(v) => v,
             Err(e) => {
                 self.dirty.store(true, Ordering::Release);
                 return Err(e);
             }
         };
-        self.updates_since_snapshot.store(0, Ordering::Release);
+        // Subtract, not reset: updates logged while this one was written count on.
+        self.updates_since_snapshot
+            .fetch_sub(count, Ordering::AcqRel);
+        self.log_bytes_since_snapshot
+            .fetch_sub(bytes, Ordering::AcqRel);
+        self.snapshot_bytes
+            .store(state.len() as u64, Ordering::Release);
         *self.last_snapshot.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
         self.metrics
             .snapshot_duration

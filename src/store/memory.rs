@@ -11,7 +11,9 @@ use crate::protocol::tutor::ChatMessage;
 #[derive(Default)]
 struct SessionData {
     snapshots: BTreeMap<u64, (SnapshotInfo, Vec<u8>)>,
-    log: Vec<Vec<u8>>,
+    /// (seq, update), oldest first.
+    log: Vec<(u64, Vec<u8>)>,
+    last_log_seq: u64,
     chat: BTreeMap<u64, ChatMessage>,
     last_seq: u64,
     last_activity_ms: u64,
@@ -61,15 +63,19 @@ impl Store for MemoryStore {
                 updates: latest
                     .map(|(_, (_, state))| state)
                     .into_iter()
-                    .chain(s.log.iter())
+                    .chain(s.log.iter().map(|(_, u)| u))
                     .cloned()
                     .collect(),
+                last_log_seq: s.last_log_seq,
             }
         }))
     }
 
-    fn append_update(&self, session: &str, update: &[u8]) -> Result<(), StoreError> {
-        self.with(session, |s| s.log.push(update.to_vec()));
+    fn append_update(&self, session: &str, seq: u64, update: &[u8]) -> Result<(), StoreError> {
+        self.with(session, |s| {
+            s.log.push((seq, update.to_vec()));
+            s.last_log_seq = s.last_log_seq.max(seq);
+        });
         Ok(())
     }
 
@@ -79,6 +85,7 @@ impl Store for MemoryStore {
         state: &[u8],
         _state_vector: &[u8],
         update_count: u64,
+        log_through: u64,
     ) -> Result<u64, StoreError> {
         let keep = self.keep_snapshots;
         Ok(self.with(session, |s| {
@@ -93,7 +100,7 @@ impl Store for MemoryStore {
             while s.snapshots.len() > keep {
                 s.snapshots.pop_first();
             }
-            s.log.clear();
+            s.log.retain(|(seq, _)| *seq > log_through);
             version
         }))
     }
@@ -117,7 +124,7 @@ impl Store for MemoryStore {
             .map(|(id, s)| SessionInfo {
                 id: id.clone(),
                 bytes: s.snapshots.values().map(|(i, _)| i.bytes).sum::<u64>()
-                    + s.log.iter().map(|u| u.len() as u64).sum::<u64>(),
+                    + s.log.iter().map(|(_, u)| u.len() as u64).sum::<u64>(),
                 last_activity_ms: s.last_activity_ms,
                 snapshots: s.snapshots.len(),
             })

@@ -30,6 +30,9 @@ pub struct StoredWhiteboard {
     pub updates: Vec<Vec<u8>>,
     /// Version of the snapshot the updates start from (0: none).
     pub snapshot_version: u64,
+    /// The highest log seq the session ever used (0: none). The next append uses a larger
+    /// one: seqs are never reused, even after a snapshot deleted the entries.
+    pub last_log_seq: u64,
 }
 
 /// One stored snapshot version, as `easel snapshot list` and the HTTP API show it.
@@ -61,12 +64,16 @@ pub trait Store: Send + Sync + 'static {
     /// The stored whiteboard of a session (empty for a new one).
     fn load_whiteboard(&self, session: &str) -> Result<StoredWhiteboard, StoreError>;
 
-    /// Appends an accepted update to the session's log.
-    fn append_update(&self, session: &str, update: &[u8]) -> Result<(), StoreError>;
+    /// Appends an accepted update to the session's log as entry `seq`. The session owns
+    /// its seqs (one writer, under its own lock): each append uses a seq larger than the
+    /// last, starting after [`StoredWhiteboard::last_log_seq`]. This is one insert, with
+    /// no read: it runs on the relay path of every update.
+    fn append_update(&self, session: &str, seq: u64, update: &[u8]) -> Result<(), StoreError>;
 
     /// Records the whole document (`state`, a Yjs v1 update; `state_vector`, v1-encoded)
-    /// as the next snapshot version, replacing every log entry of the session written
-    /// before this call (the caller keeps updates out meanwhile). Keeps the newest
+    /// as the next snapshot version, replacing the log entries it includes: those with a
+    /// seq up to `log_through`. Entries appended meanwhile (a larger seq) stay, so the
+    /// caller need not keep updates out while it encodes and writes. Keeps the newest
     /// `keep_snapshots` versions. Returns the new version number.
     fn write_snapshot(
         &self,
@@ -74,6 +81,7 @@ pub trait Store: Send + Sync + 'static {
         state: &[u8],
         state_vector: &[u8],
         update_count: u64,
+        log_through: u64,
     ) -> Result<u64, StoreError>;
 
     /// The session's snapshot versions, oldest first. Records that do not decode are

@@ -20,7 +20,7 @@
 //!
 //! | name                    | meaning |
 //! |-------------------------|---------|
-//! | `last_log_seq`          | the last seq given to an `updates` entry of the session; never reused |
+//! | `last_log_seq`          | the largest seq of the `updates` entries a snapshot deleted; with the newest entry left, it says where the session's next seq starts, so seqs are never reused |
 //! | `last_snapshot_version` | the highest snapshot version written; never reused, even once pruned |
 //! | `last_chat_seq`         | the highest chat seq stored; survives trimming and restarts |
 //! | `last_activity_ms`      | time of the session's last write, in ms since the Unix epoch |
@@ -34,8 +34,12 @@
 //!   [`Store::write_snapshot`] inserts the snapshot, raises `last_snapshot_version`, deletes
 //!   the log it covers and prunes to the newest `keep_snapshots` versions in one sled
 //!   transaction across `snapshots`, `updates` and `meta`.
-//! - An update's seq is reserved in `meta` (compare-and-swap) before the entry is written:
-//!   a crash in between leaves a gap in the seqs, never a reused key.
+//! - A session's seqs are given by the session itself (one writer) and only grow: the next
+//!   one after a load is past both `last_log_seq` and the newest entry, so a key is never
+//!   reused. An append is two blind inserts (the entry, `last_activity_ms`), no read.
+//! - A snapshot deletes only the entries its state includes (seq up to the `log_through`
+//!   it is given); entries appended while it was encoded stay, so it needs no lock on the
+//!   relay path.
 //! - A chat message is written before `last_chat_seq` is raised, and
 //!   [`Store::last_chat_seq`] answers the larger of the counter and the newest stored seq,
 //!   so a crash between the two loses nothing.
@@ -205,19 +209,6 @@ impl SledStore {
         }
     }
 
-    /// Reserves the next log seq of the session (1 for its first update ever).
-    fn reserve_log_seq(&self, session: &str) -> Result<u64, StoreError> {
-        self.update_counter(session, LAST_LOG_SEQ, |last| {
-            let last = match last {
-                Some(last) => last,
-                // A new session, or a damaged counter: continue after the newest entry.
-                None => self.last_number(&self.updates, session)?.unwrap_or(0),
-            };
-            last.checked_add(1)
-                .ok_or_else(|| StoreError::Corrupt(format!("log seq of {session} overflows")))
-        })
-    }
-
     /// The newest snapshot of the session whose header and Yjs state both decode, as
     /// (version, state). Newer ones that do not are reported and passed over.
     fn newest_loadable_snapshot(
@@ -310,12 +301,14 @@ impl Store for SledStore {
             stored.updates.push(state);
         }
         stored.updates.extend(self.log_entries(session)?);
+        let counted = self.read_counter(session, LAST_LOG_SEQ)?;
+        let logged = self.last_number(&self.updates, session)?;
+        stored.last_log_seq = counted.max(logged).unwrap_or(0);
         Ok(stored)
     }
 
-    fn append_update(&self, session: &str, update: &[u8]) -> Result<(), StoreError> {
+    fn append_update(&self, session: &str, seq: u64, update: &[u8]) -> Result<(), StoreError> {
         check_session_id(session)?;
-        let seq = self.reserve_log_seq(session)?;
         self.updates
             .insert(numbered_key(session, seq), encode_update(update))
             .map_err(storage_error)?;
@@ -328,11 +321,19 @@ impl Store for SledStore {
         state: &[u8],
         state_vector: &[u8],
         update_count: u64,
+        log_through: u64,
     ) -> Result<u64, StoreError> {
         check_session_id(session)?;
-        // Read outside the transaction (sled transactions cannot scan); the caller keeps
-        // appends to this session out until we return.
-        let covered_log = self.session_keys(&self.updates, session)?;
+        // Read outside the transaction (sled transactions cannot scan). Appends may go on
+        // meanwhile: they get seqs above `log_through` and are neither read nor deleted.
+        let covered_log: Vec<IVec> = self
+            .updates
+            .range(session_prefix(session)..=numbered_key(session, log_through))
+            .keys()
+            .collect::<Result<_, _>>()
+            .map_err(storage_error)?;
+        let last_covered = covered_log.last().and_then(|key| key_number(key));
+        let log_seq_key = named_key(session, LAST_LOG_SEQ);
         let stored_versions: Vec<u64> = self
             .session_keys(&self.snapshots, session)?
             .iter()
@@ -372,6 +373,15 @@ impl Store for SledStore {
             snapshots.insert(numbered_key(session, version), record)?;
             meta.insert(version_key.as_slice(), &encode_counter(version)[..])?;
             meta.insert(activity_key.as_slice(), &encode_counter(created_at_ms)[..])?;
+            // The deleted entries' seqs stay used: the counter keeps the largest of them.
+            if let Some(last_covered) = last_covered {
+                let counted_seq = meta
+                    .get(&log_seq_key)?
+                    .and_then(|v| decode_counter(&v).ok());
+                if counted_seq.is_none_or(|n| n < last_covered) {
+                    meta.insert(log_seq_key.as_slice(), &encode_counter(last_covered)[..])?;
+                }
+            }
             for key in &covered_log {
                 updates.remove(key)?;
             }
@@ -880,16 +890,17 @@ mod tests {
         {
             let store = open(dir.path());
             assert_eq!(store.load_whiteboard(SESSION).unwrap().updates.len(), 0);
-            store.append_update(SESSION, &first).unwrap();
-            assert_eq!(store.write_snapshot(SESSION, &state, &sv, 1).unwrap(), 1);
-            for update in &later {
-                store.append_update(SESSION, update).unwrap();
+            store.append_update(SESSION, 1, &first).unwrap();
+            assert_eq!(store.write_snapshot(SESSION, &state, &sv, 1, 1).unwrap(), 1);
+            for (seq, update) in (2..).zip(&later) {
+                store.append_update(SESSION, seq, update).unwrap();
             }
             store.flush().unwrap();
         }
         let store = open(dir.path());
         let loaded = store.load_whiteboard(SESSION).unwrap();
         assert_eq!(loaded.snapshot_version, 1);
+        assert_eq!(loaded.last_log_seq, 3);
         assert_eq!(
             loaded.updates,
             vec![state, later[0].clone(), later[1].clone()]
@@ -908,23 +919,33 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = open(dir.path());
         let updates = [text_update("a"), text_update("b"), text_update("c")];
-        for update in &updates {
-            store.append_update(SESSION, update).unwrap();
-            store.append_update("other", update).unwrap();
+        for (seq, update) in (1..).zip(&updates) {
+            store.append_update(SESSION, seq, update).unwrap();
+            store.append_update("other", seq, update).unwrap();
         }
+        // An update appended while the snapshot of the first three was encoded.
+        let late = text_update("d");
+        store.append_update(SESSION, 4, &late).unwrap();
         let (state, sv) = merged_state(&updates);
-        store.write_snapshot(SESSION, &state, &sv, 3).unwrap();
+        store.write_snapshot(SESSION, &state, &sv, 3, 3).unwrap();
 
         let loaded = store.load_whiteboard(SESSION).unwrap();
-        assert_eq!(loaded.updates, vec![state]);
+        assert_eq!(loaded.updates, vec![state.clone(), late.clone()]);
+        assert_eq!(loaded.last_log_seq, 4);
+        // Another session's log is untouched.
+        assert_eq!(store.load_whiteboard("other").unwrap().updates.len(), 3);
+
+        // Once the last entry is covered too, the seq counter still knows where it was.
+        let (state, sv) = merged_state(&[updates.to_vec(), vec![late]].concat());
+        store.write_snapshot(SESSION, &state, &sv, 1, 4).unwrap();
         assert!(store
             .session_keys(&store.updates, SESSION)
             .unwrap()
             .is_empty());
-        // Another session's log is untouched.
-        assert_eq!(store.load_whiteboard("other").unwrap().updates.len(), 3);
+        let loaded = store.load_whiteboard(SESSION).unwrap();
+        assert_eq!((loaded.updates.len(), loaded.last_log_seq), (1, 4));
         // Appends after the snapshot continue the log.
-        store.append_update(SESSION, &updates[0]).unwrap();
+        store.append_update(SESSION, 5, &updates[0]).unwrap();
         assert_eq!(store.load_whiteboard(SESSION).unwrap().updates.len(), 2);
     }
 
@@ -936,7 +957,7 @@ mod tests {
             let store = open(dir.path()); // keep_snapshots = 3
             for expected in 1..=5 {
                 assert_eq!(
-                    store.write_snapshot(SESSION, &state, &sv, 0).unwrap(),
+                    store.write_snapshot(SESSION, &state, &sv, 0, 0).unwrap(),
                     expected
                 );
             }
@@ -945,12 +966,12 @@ mod tests {
             assert_eq!(store.get_snapshot(SESSION, 5).unwrap(), Some(state.clone()));
         }
         let store = open(dir.path());
-        assert_eq!(store.write_snapshot(SESSION, &state, &sv, 0).unwrap(), 6);
+        assert_eq!(store.write_snapshot(SESSION, &state, &sv, 0, 0).unwrap(), 6);
         // Even with every stored version gone, the counter in meta goes on.
         for key in store.session_keys(&store.snapshots, SESSION).unwrap() {
             store.snapshots.remove(key).unwrap();
         }
-        assert_eq!(store.write_snapshot(SESSION, &state, &sv, 0).unwrap(), 7);
+        assert_eq!(store.write_snapshot(SESSION, &state, &sv, 0, 0).unwrap(), 7);
         assert_eq!(versions(&store, SESSION), vec![7]);
     }
 
@@ -962,17 +983,19 @@ mod tests {
         let (old_state, old_sv) = merged_state(&[text_update("old")]);
         let (new_state, new_sv) = merged_state(&[text_update("new")]);
         store
-            .write_snapshot(SESSION, &old_state, &old_sv, 1)
+            .write_snapshot(SESSION, &old_state, &old_sv, 1, 0)
             .unwrap();
         store
-            .write_snapshot(SESSION, &new_state, &new_sv, 1)
+            .write_snapshot(SESSION, &new_state, &new_sv, 1, 0)
             .unwrap();
         store
             .snapshots
             .insert(numbered_key(SESSION, 2), &b"garbage, not a snapshot"[..])
             .unwrap();
         // A log entry that does not decode is skipped too.
-        store.append_update(SESSION, &text_update("log")).unwrap();
+        store
+            .append_update(SESSION, 1, &text_update("log"))
+            .unwrap();
         store
             .updates
             .insert(numbered_key(SESSION, 999), &[9u8, 1, 2][..])
@@ -997,8 +1020,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = open(dir.path());
         let (state, sv) = merged_state(&[text_update("good")]);
-        store.write_snapshot(SESSION, &state, &sv, 1).unwrap();
-        store.write_snapshot(SESSION, &[0xff; 16], &sv, 1).unwrap();
+        store.write_snapshot(SESSION, &state, &sv, 1, 0).unwrap();
+        store
+            .write_snapshot(SESSION, &[0xff; 16], &sv, 1, 0)
+            .unwrap();
         let loaded = store.load_whiteboard(SESSION).unwrap();
         assert_eq!(loaded.snapshot_version, 1);
         assert_eq!(loaded.updates, vec![state]);
@@ -1071,9 +1096,9 @@ mod tests {
         let store = open(dir.path());
         assert!(store.list_sessions().unwrap().is_empty());
         let (state, sv) = merged_state(&[text_update("x")]);
-        store.append_update("b", &text_update("y")).unwrap();
-        store.write_snapshot("a", &state, &sv, 1).unwrap();
-        store.write_snapshot("a", &state, &sv, 1).unwrap();
+        store.append_update("b", 1, &text_update("y")).unwrap();
+        store.write_snapshot("a", &state, &sv, 1, 0).unwrap();
+        store.write_snapshot("a", &state, &sv, 1, 0).unwrap();
         store.append_chat("c", &chat(1), 10).unwrap();
 
         let sessions = store.list_sessions().unwrap();
@@ -1094,7 +1119,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = open(dir.path());
         for bad in ["", "a\0b", "a/b", &"x".repeat(129)] {
-            assert!(store.append_update(bad, b"").is_err(), "{bad:?}");
+            assert!(store.append_update(bad, 1, b"").is_err(), "{bad:?}");
             assert!(store.load_whiteboard(bad).is_err(), "{bad:?}");
         }
         store.check().unwrap();
