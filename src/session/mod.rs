@@ -281,17 +281,25 @@ mod tests {
             .unwrap());
     }
 
-    /// A [`MemoryStore`](crate::store::MemoryStore) whose `write_snapshot` waits for a go
-    /// signal, so a test can apply an update after a snapshot's state was encoded and
-    /// before it is written.
+    /// A [`MemoryStore`](crate::store::MemoryStore) whose `write_snapshot` can wait for a
+    /// go signal (so a test can apply an update after a snapshot's state was built and
+    /// before it is written), and whose stored whiteboards can be made to read back empty
+    /// (as if damaged).
+    #[derive(Default)]
     struct GatedStore {
         inner: crate::store::MemoryStore,
-        entered: std::sync::mpsc::SyncSender<()>,
-        go: Mutex<std::sync::mpsc::Receiver<()>>,
+        gate: Option<(
+            std::sync::mpsc::SyncSender<()>,
+            Mutex<std::sync::mpsc::Receiver<()>>,
+        )>,
+        reads_empty: std::sync::atomic::AtomicBool,
     }
 
     impl Store for GatedStore {
         fn load_whiteboard(&self, s: &str) -> Result<crate::store::StoredWhiteboard, StoreError> {
+            if self.reads_empty.load(Ordering::Acquire) {
+                return Ok(Default::default());
+            }
             self.inner.load_whiteboard(s)
         }
         fn append_update(&self, s: &str, seq: u64, update: &[u8]) -> Result<(), StoreError> {
@@ -305,8 +313,10 @@ mod tests {
             count: u64,
             log_through: u64,
         ) -> Result<u64, StoreError> {
-            let _ = self.entered.send(());
-            let _ = self.go.lock().unwrap().recv();
+            if let Some((entered, go)) = &self.gate {
+                let _ = entered.send(());
+                let _ = go.lock().unwrap().recv();
+            }
             self.inner.write_snapshot(s, state, sv, count, log_through)
         }
         fn list_snapshots(&self, s: &str) -> Result<Vec<crate::store::SnapshotInfo>, StoreError> {
@@ -361,9 +371,8 @@ mod tests {
         let (entered_tx, entered) = std::sync::mpsc::sync_channel(1);
         let (go, go_rx) = std::sync::mpsc::sync_channel(1);
         let store = Arc::new(GatedStore {
-            inner: crate::store::MemoryStore::default(),
-            entered: entered_tx,
-            go: Mutex::new(go_rx),
+            gate: Some((entered_tx, Mutex::new(go_rx))),
+            ..Default::default()
         });
         let reg = Registry::new(
             store.clone(),
@@ -416,6 +425,42 @@ mod tests {
         assert_eq!(json(&reloaded), json(&writer));
         // The update logged meanwhile keeps the board dirty: the next snapshot folds it in.
         assert!(h.whiteboard.is_dirty());
+    }
+
+    #[test]
+    fn a_snapshot_never_drops_what_the_store_failed_to_give_back() {
+        use yrs::updates::decoder::Decode;
+        use yrs::{Map, ReadTxn, Transact};
+        let store = Arc::new(GatedStore::default());
+        let reg = Registry::new(
+            store.clone(),
+            Arc::new(Metrics::new()),
+            Arc::new(Config::default()),
+        );
+        let h = reg.open("s").unwrap();
+        let writer = yrs::Doc::new();
+        let map = writer.get_or_insert_map("m");
+        for key in ["a", "b"] {
+            let update = {
+                let mut txn = writer.transact_mut();
+                map.insert(&mut txn, key, key);
+                txn.encode_update_v1()
+            };
+            h.whiteboard.apply_update(None, &update, None).unwrap();
+        }
+        // The log reads back as nothing: built from the store, the snapshot would be empty.
+        store.reads_empty.store(true, Ordering::Release);
+        assert_eq!(h.whiteboard.snapshot_if_dirty().unwrap(), Some(1));
+        let state = store.get_snapshot("s", 1).unwrap().unwrap();
+        let snapshot = yrs::Doc::new();
+        snapshot
+            .transact_mut()
+            .apply_update(yrs::Update::decode_v1(&state).unwrap())
+            .unwrap();
+        assert_eq!(
+            snapshot.transact().state_vector(),
+            writer.transact().state_vector()
+        );
     }
 
     #[test]

@@ -30,10 +30,14 @@
 //!
 //! # Invariants and crash safety
 //!
-//! - Every `updates` entry of a session is newer than its latest snapshot:
-//!   [`Store::write_snapshot`] inserts the snapshot, raises `last_snapshot_version`, deletes
-//!   the log it covers and prunes to the newest `keep_snapshots` versions in one sled
-//!   transaction across `snapshots`, `updates` and `meta`.
+//! - No sled transaction or batch is used: either takes sled's global write lock, which
+//!   every insert of every session then waits behind. Multi-record writes go in an order
+//!   whose every prefix is safe to leave after a crash instead.
+//! - [`Store::write_snapshot`] inserts the snapshot, raises `last_snapshot_version` and
+//!   `last_log_seq`, deletes the log entries the snapshot includes and prunes to the newest
+//!   `keep_snapshots` versions, in that order. After a crash midway, some entries the
+//!   newest snapshot includes may remain: loading replays them, which changes nothing (a
+//!   Yjs update applies once).
 //! - A session's seqs are given by the session itself (one writer) and only grow: the next
 //!   one after a load is past both `last_log_seq` and the newest entry, so a key is never
 //!   reused. An append is two blind inserts (the entry, `last_activity_ms`), no read.
@@ -69,8 +73,7 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
-use sled::transaction::{ConflictableTransactionError, TransactionError};
-use sled::{IVec, Transactional, Tree};
+use sled::{IVec, Tree};
 
 use super::{SessionInfo, SnapshotInfo, Store, StoreError, StoredWhiteboard};
 use crate::metrics::Metrics;
@@ -283,12 +286,16 @@ impl SledStore {
         let Some(oldest_dropped) = newest_seq.checked_sub(limit) else {
             return Ok(());
         };
-        let mut batch = sled::Batch::default();
+        // One remove at a time, not a `Batch`: a batch takes sled's global write lock,
+        // which would hold up every whiteboard append. A crash midway leaves a few old
+        // messages for the next trim.
         let dropped = session_prefix(session)..=numbered_key(session, oldest_dropped);
         for key in self.chat.range(dropped).keys() {
-            batch.remove(key.map_err(storage_error)?);
+            self.chat
+                .remove(key.map_err(storage_error)?)
+                .map_err(storage_error)?;
         }
-        self.chat.apply_batch(batch).map_err(storage_error)
+        Ok(())
     }
 }
 
@@ -324,76 +331,72 @@ impl Store for SledStore {
         log_through: u64,
     ) -> Result<u64, StoreError> {
         check_session_id(session)?;
-        // Read outside the transaction (sled transactions cannot scan). Appends may go on
-        // meanwhile: they get seqs above `log_through` and are neither read nor deleted.
+        // No sled transaction here: one takes sled's global write lock, which every insert
+        // of every session waits behind (and it waits for the flusher) — a 100 ms stall of
+        // the whole relay for a snapshot. Instead the writes go in an order whose every
+        // prefix a crash may leave behind safely: the record, then the counters, then the
+        // deletions. Log entries a crash leaves under a newer snapshot are replayed on load
+        // and change nothing (a Yjs update applies once). The session's whiteboard is the
+        // only writer of its snapshots, one at a time.
         let covered_log: Vec<IVec> = self
             .updates
             .range(session_prefix(session)..=numbered_key(session, log_through))
             .keys()
             .collect::<Result<_, _>>()
             .map_err(storage_error)?;
-        let last_covered = covered_log.last().and_then(|key| key_number(key));
-        let log_seq_key = named_key(session, LAST_LOG_SEQ);
         let stored_versions: Vec<u64> = self
             .session_keys(&self.snapshots, session)?
             .iter()
             .filter_map(|key| key_number(key))
             .collect();
-        // Reported here if damaged; inside the transaction it is simply rewritten.
         let counted_version = self.read_counter(session, LAST_SNAPSHOT_VERSION)?;
-        let version_key = named_key(session, LAST_SNAPSHOT_VERSION);
-        let activity_key = named_key(session, LAST_ACTIVITY_MS);
+        let last_version = counted_version
+            .max(stored_versions.last().copied())
+            .unwrap_or(0);
+        let version = last_version.checked_add(1).ok_or_else(|| {
+            StoreError::Corrupt(format!("snapshot version of {session} overflows"))
+        })?;
         let created_at_ms = now_ms();
-
-        let trees = (&self.snapshots, &self.updates, &self.meta);
-        let committed = trees.transaction(|(snapshots, updates, meta)| {
-            let current = meta.get(&version_key)?;
-            let counted = current.and_then(|v| decode_counter(&v).ok());
-            let last_version = [counted, counted_version, stored_versions.last().copied()]
-                .into_iter()
-                .flatten()
-                .max()
-                .unwrap_or(0);
-            let version = last_version.checked_add(1).ok_or_else(|| {
-                ConflictableTransactionError::Abort(StoreError::Corrupt(format!(
-                    "snapshot version of {session} overflows"
-                )))
-            })?;
-            let header = SnapshotHeader {
-                format_version: SNAPSHOT_FORMAT_V1,
-                session: session.to_owned(),
-                version,
-                created_at_ms,
-                update_count,
-                state_len: state.len() as u64,
-                state_vector: state_vector.to_vec(),
-            };
-            let record =
-                encode_snapshot(&header, state).map_err(ConflictableTransactionError::Abort)?;
-            snapshots.insert(numbered_key(session, version), record)?;
-            meta.insert(version_key.as_slice(), &encode_counter(version)[..])?;
-            meta.insert(activity_key.as_slice(), &encode_counter(created_at_ms)[..])?;
-            // The deleted entries' seqs stay used: the counter keeps the largest of them.
-            if let Some(last_covered) = last_covered {
-                let counted_seq = meta
-                    .get(&log_seq_key)?
-                    .and_then(|v| decode_counter(&v).ok());
-                if counted_seq.is_none_or(|n| n < last_covered) {
-                    meta.insert(log_seq_key.as_slice(), &encode_counter(last_covered)[..])?;
-                }
+        let header = SnapshotHeader {
+            format_version: SNAPSHOT_FORMAT_V1,
+            session: session.to_owned(),
+            version,
+            created_at_ms,
+            update_count,
+            state_len: state.len() as u64,
+            state_vector: state_vector.to_vec(),
+        };
+        self.snapshots
+            .insert(
+                numbered_key(session, version),
+                encode_snapshot(&header, state)?,
+            )
+            .map_err(storage_error)?;
+        let set_counter = |name: &str, n: u64| {
+            self.meta
+                .insert(named_key(session, name), &encode_counter(n)[..])
+                .map(|_| ())
+                .map_err(storage_error)
+        };
+        set_counter(LAST_SNAPSHOT_VERSION, version)?;
+        set_counter(LAST_ACTIVITY_MS, created_at_ms)?;
+        // The deleted entries' seqs stay used: the counter keeps the largest of them, and
+        // is written before they go.
+        if let Some(last_covered) = covered_log.last().and_then(|key| key_number(key)) {
+            let counted_seq = self.read_counter(session, LAST_LOG_SEQ)?;
+            if counted_seq.is_none_or(|n| n < last_covered) {
+                set_counter(LAST_LOG_SEQ, last_covered)?;
             }
-            for key in &covered_log {
-                updates.remove(key)?;
-            }
-            for old in versions_to_prune(&stored_versions, version, self.keep_snapshots) {
-                snapshots.remove(numbered_key(session, old))?;
-            }
-            Ok(version)
-        });
-        committed.map_err(|e| match e {
-            TransactionError::Abort(e) => e,
-            TransactionError::Storage(e) => storage_error(e),
-        })
+        }
+        for key in covered_log {
+            self.updates.remove(key).map_err(storage_error)?;
+        }
+        for old in versions_to_prune(&stored_versions, version, self.keep_snapshots) {
+            self.snapshots
+                .remove(numbered_key(session, old))
+                .map_err(storage_error)?;
+        }
+        Ok(version)
     }
 
     fn list_snapshots(&self, session: &str) -> Result<Vec<SnapshotInfo>, StoreError> {
