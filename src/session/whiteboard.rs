@@ -65,7 +65,7 @@ pub struct WhiteboardOptions {
     /// Flush the store before relaying (`persist.durability = "sync"`).
     pub flush_before_relay: bool,
     /// Snapshot after this many logged updates (`persist.snapshot_every_updates`), once
-    /// the log has also grown to half the last snapshot's size (see [`Whiteboard::log_update`]).
+    /// the log has also grown to the last snapshot's size (see [`Whiteboard::log_update`]).
     pub snapshot_every_updates: u64,
 }
 
@@ -313,14 +313,15 @@ impl Whiteboard {
     }
 
     /// Whether the log since the last snapshot is long enough to fold into a new one:
-    /// `snapshot_every_updates` entries, and half the last snapshot's size. A snapshot
+    /// `snapshot_every_updates` entries, and as many bytes as the last snapshot. A snapshot
     /// builds the whole document: taking one every N updates of a 20 MB board would spend
     /// the server's CPU on it. The size rule keeps that cost proportional to the bytes
-    /// logged, and a restart's replay at most half again the snapshot's load.
+    /// logged (one build per snapshot-size of log), and a restart's replay at most the
+    /// snapshot's load again.
     fn log_outgrew_snapshot(&self) -> bool {
         self.updates_since_snapshot.load(Ordering::Acquire) >= self.options.snapshot_every_updates
             && self.log_bytes_since_snapshot.load(Ordering::Acquire)
-                >= self.snapshot_bytes.load(Ordering::Acquire) / 2
+                >= self.snapshot_bytes.load(Ordering::Acquire)
     }
 
     /// The session's stored state (newest snapshot, then the log) folded into one Yjs v1
