@@ -75,6 +75,10 @@ pub struct Counters {
     pub received_aw: AtomicU64,
     pub bytes_sent: AtomicU64,
     pub settle_acks: AtomicUsize,
+    /// Clients that sent everything their schedules held for the current step (each
+    /// reports once per step). Until all have, `expected_*` may still grow: a writer slowed
+    /// by a busy CPU can send its last update after the step's end.
+    pub senders_done: AtomicUsize,
     /// Join storm: the first sync step 2 a joiner received; the others compare with it.
     pub reference_step2: OnceLock<Bytes>,
 }
@@ -291,7 +295,12 @@ async fn run_inner(
     tokio::pin!(run_deadline);
     let sync_sleep = sleep_until(sync_deadline);
     tokio::pin!(sync_sleep);
+    let mut step_sending = false;
     loop {
+        if step_sending && writes.is_none() && cursor.is_none() {
+            step_sending = false;
+            counters.senders_done.fetch_add(1, Ordering::AcqRel);
+        }
         let w_at = writes.as_ref().map(|s| s.next);
         let a_at = cursor.as_ref().map(|s| s.next);
         tokio::select! {
@@ -304,6 +313,7 @@ async fn run_inner(
                     Phase::Run(step) => {
                         writes = spec.writer.and_then(|_| Schedule::new(&mut rng, step.start, step.end, step.rate));
                         cursor = spec.aware.and_then(|_| Schedule::new(&mut rng, step.start, step.end, step.aw_rate));
+                        step_sending = true;
                     }
                     Phase::Settle => {
                         apply_deferred(&doc, &mut deferred)?;

@@ -632,6 +632,7 @@ async fn run_fanout(
             c.sent_aw.load(Ordering::Acquire),
             c.bytes_sent.load(Ordering::Acquire),
         );
+        let senders_done_before = c.senders_done.load(Ordering::Acquire);
         run.phase.send_replace(Phase::Run(Step {
             rate: *rate,
             aw_rate: p.aw_rate,
@@ -644,12 +645,14 @@ async fn run_fanout(
         sleep_until(end).await;
         let srv1 = run.target.sample();
         let me1 = self_cpu();
-        // Drain: every expected delivery, or the timeout.
+        // Drain: every client has sent all it had to send, and every expected delivery
+        // arrived; or the timeout.
         let drain_until = Instant::now() + Duration::from_secs_f64(p.drain);
         loop {
             let c = &run.counters;
-            let done = c.received_upd.load(Ordering::Acquire)
-                >= c.expected_upd.load(Ordering::Acquire)
+            let alive = run.clients.len() - c.failed.load(Ordering::Acquire);
+            let done = c.senders_done.load(Ordering::Acquire) - senders_done_before >= alive
+                && c.received_upd.load(Ordering::Acquire) >= c.expected_upd.load(Ordering::Acquire)
                 && c.received_aw.load(Ordering::Acquire) >= c.expected_aw.load(Ordering::Acquire);
             if done || Instant::now() > drain_until || c.failed.load(Ordering::Acquire) > 0 {
                 break;
