@@ -7,36 +7,54 @@
 //! dropping anything, and the writer closes that connection with 1013 so the client
 //! reconnects and resyncs. Nothing in this module knows about sessions or protocols.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use axum::extract::ws::Message;
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::Notify;
 
+/// A plain queue under a briefly held lock rather than a tokio channel: an empty
+/// `VecDeque` allocates nothing, where a channel preallocates a block of 32 slots (about
+/// 1.3 KiB for every idle connection), and the writer takes its batch under one lock.
 struct Shared {
+    queue: Mutex<VecDeque<Message>>,
+    /// Wakes the writer: a message was queued, or the last sender went away.
+    ready: Notify,
+    /// Live [`Outbox`] handles; at 0 the writer ends once the queue is drained.
+    senders: AtomicUsize,
+    /// The writer is gone: nothing more is queued.
+    closed: AtomicBool,
     queued_bytes: AtomicUsize,
     limit: usize,
     overflowed: AtomicBool,
     overflow: Notify,
 }
 
+impl Shared {
+    fn queue(&self) -> MutexGuard<'_, VecDeque<Message>> {
+        // Nothing panics while holding this lock; recover the queue if something ever did.
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
 /// The sending side; cheap to clone into a session's list of peers.
-#[derive(Clone)]
 pub struct Outbox {
-    tx: mpsc::UnboundedSender<Message>,
     shared: Arc<Shared>,
 }
 
 /// The writer's side.
 pub struct OutboxReceiver {
-    rx: mpsc::UnboundedReceiver<Message>,
     shared: Arc<Shared>,
 }
 
 /// Creates a queue that holds at most `limit_bytes` of payload.
 pub fn outbox(limit_bytes: usize) -> (Outbox, OutboxReceiver) {
-    let (tx, rx) = mpsc::unbounded_channel();
     let shared = Arc::new(Shared {
+        queue: Mutex::new(VecDeque::new()),
+        ready: Notify::new(),
+        senders: AtomicUsize::new(1),
+        closed: AtomicBool::new(false),
         queued_bytes: AtomicUsize::new(0),
         limit: limit_bytes,
         overflowed: AtomicBool::new(false),
@@ -44,10 +62,9 @@ pub fn outbox(limit_bytes: usize) -> (Outbox, OutboxReceiver) {
     });
     (
         Outbox {
-            tx,
             shared: shared.clone(),
         },
-        OutboxReceiver { rx, shared },
+        OutboxReceiver { shared },
     )
 }
 
@@ -59,11 +76,30 @@ fn payload_len(m: &Message) -> usize {
     }
 }
 
+impl Clone for Outbox {
+    fn clone(&self) -> Self {
+        self.shared.senders.fetch_add(1, Ordering::AcqRel);
+        Self {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl Drop for Outbox {
+    fn drop(&mut self) {
+        if self.shared.senders.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.shared.ready.notify_one();
+        }
+    }
+}
+
 impl Outbox {
     /// Queues a message. Returns `false` when the connection is gone or has overflowed
     /// (its writer is closing it); the message is then not queued.
     pub fn send(&self, message: Message) -> bool {
-        if self.shared.overflowed.load(Ordering::Relaxed) {
+        if self.shared.overflowed.load(Ordering::Relaxed)
+            || self.shared.closed.load(Ordering::Acquire)
+        {
             return false;
         }
         let len = payload_len(&message);
@@ -76,38 +112,49 @@ impl Outbox {
             self.shared.overflow.notify_one();
             return false;
         }
-        if self.tx.send(message).is_err() {
-            self.shared.queued_bytes.fetch_sub(len, Ordering::AcqRel);
-            return false;
-        }
+        self.shared.queue().push_back(message);
+        self.shared.ready.notify_one();
         true
     }
 }
 
 impl OutboxReceiver {
-    /// The next message, `None` once every sender is gone.
+    /// The next message, `None` once every sender is gone and the queue is empty.
     pub async fn recv(&mut self) -> Option<Message> {
-        let m = self.rx.recv().await?;
-        self.release(&m);
-        Some(m)
+        loop {
+            if let Some(m) = self.try_recv() {
+                return Some(m);
+            }
+            if self.shared.senders.load(Ordering::Acquire) == 0 {
+                return None;
+            }
+            // `notify_one` leaves a permit when nobody waits, so a message queued since
+            // `try_recv` wakes this at once.
+            self.shared.ready.notified().await;
+        }
     }
 
     /// A message that is ready now, without waiting.
     pub fn try_recv(&mut self) -> Option<Message> {
-        let m = self.rx.try_recv().ok()?;
-        self.release(&m);
-        Some(m)
-    }
-
-    fn release(&self, m: &Message) {
+        let m = self.shared.queue().pop_front()?;
         self.shared
             .queued_bytes
-            .fetch_sub(payload_len(m), Ordering::AcqRel);
+            .fetch_sub(payload_len(&m), Ordering::AcqRel);
+        Some(m)
     }
 
     /// A handle that tells when a sender found the queue over its limit.
     pub fn overflow_signal(&self) -> OverflowSignal {
         OverflowSignal(self.shared.clone())
+    }
+}
+
+impl Drop for OutboxReceiver {
+    fn drop(&mut self) {
+        // Senders may outlive the writer for a moment (a session fanning out): refuse
+        // their messages and free what was queued.
+        self.shared.closed.store(true, Ordering::Release);
+        self.shared.queue().clear();
     }
 }
 
@@ -153,6 +200,48 @@ mod tests {
         assert!(tx.send(Message::Binary(vec![0; 50].into())));
         assert!(!tx.send(Message::Binary(vec![0; 1].into())));
         assert_eq!(payload_len(&rx.recv().await.unwrap()), 50);
+    }
+
+    #[tokio::test]
+    async fn the_writer_ends_once_every_sender_is_gone_and_the_queue_is_drained() {
+        let (tx, mut rx) = outbox(100);
+        let second = tx.clone();
+        assert!(tx.send(Message::Binary(vec![1].into())));
+        drop(tx);
+        assert!(second.send(Message::Binary(vec![2].into())));
+        let waiting = tokio::spawn(async move {
+            let mut got = Vec::new();
+            while let Some(m) = rx.recv().await {
+                got.push(payload_len(&m));
+            }
+            got
+        });
+        drop(second);
+        let got = tokio::time::timeout(std::time::Duration::from_secs(1), waiting)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(got, vec![1, 1]);
+    }
+
+    #[tokio::test]
+    async fn a_waiting_writer_wakes_for_a_message() {
+        let (tx, mut rx) = outbox(100);
+        let waiting = tokio::spawn(async move { rx.recv().await.map(|m| payload_len(&m)) });
+        tokio::task::yield_now().await;
+        assert!(tx.send(Message::Binary(vec![0; 3].into())));
+        let got = tokio::time::timeout(std::time::Duration::from_secs(1), waiting)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(got, Some(3));
+    }
+
+    #[test]
+    fn nothing_is_queued_once_the_writer_is_gone() {
+        let (tx, rx) = outbox(100);
+        drop(rx);
+        assert!(!tx.send(Message::Binary(vec![0; 3].into())));
     }
 
     #[tokio::test]

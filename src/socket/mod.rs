@@ -17,7 +17,7 @@ use std::time::{Duration, SystemTime};
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use futures_util::stream::SplitSink;
 use futures_util::{SinkExt, StreamExt};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
 
 use crate::limits::ConnectionPermit;
@@ -113,7 +113,10 @@ pub async fn run(socket: WebSocket, conn: Connection, mut handler: impl FrameHan
         ..
     } = conn;
     let (sink, mut stream) = socket.split();
-    let (close_tx, close_rx) = mpsc::channel::<Close>(1);
+    // A oneshot, not a channel: the writer is asked to close at most once, and an idle
+    // connection should not carry a channel's preallocated block (about 1 KiB).
+    let (close_tx, close_rx) = oneshot::channel::<Close>();
+    let close_tx = std::sync::Mutex::new(Some(close_tx));
     metrics.connections.inc();
     let mut writer = tokio::spawn(write_loop(
         sink,
@@ -136,7 +139,10 @@ pub async fn run(socket: WebSocket, conn: Connection, mut handler: impl FrameHan
     let mut client_closed = false;
     let ask = |close: Close, asked: &mut Option<Close>| {
         if asked.is_none() {
-            let _ = close_tx.try_send(close.clone());
+            let tx = close_tx.lock().unwrap_or_else(|e| e.into_inner()).take();
+            if let Some(tx) = tx {
+                let _ = tx.send(close.clone());
+            }
             *asked = Some(close);
         }
     };
@@ -252,7 +258,7 @@ pub async fn stopping(shutdown: &mut watch::Receiver<bool>) {
 async fn write_loop(
     mut sink: SplitSink<WebSocket, Message>,
     mut outbox: OutboxReceiver,
-    mut close_rx: mpsc::Receiver<Close>,
+    mut close_rx: oneshot::Receiver<Close>,
     mut shutdown: watch::Receiver<bool>,
     timing: Timing,
     metrics: EndpointMetrics,
@@ -265,9 +271,10 @@ async fn write_loop(
     let close = loop {
         tokio::select! {
             biased;
-            c = close_rx.recv() => match c {
-                Some(c) => break c,
-                None => return None,
+            // Polled only until it completes: every outcome leaves the loop.
+            c = &mut close_rx => match c {
+                Ok(c) => break c,
+                Err(_) => return None,
             },
             _ = overflow.overflowed() => {
                 break Close::new(close::TRY_AGAIN_LATER, "send queue full: reconnect and resync");
