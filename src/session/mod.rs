@@ -399,30 +399,35 @@ mod tests {
         }
     }
 
+    /// A registry on `store` with the default configuration.
+    fn registry_on(store: Arc<GatedStore>) -> Registry {
+        Registry::new(store, Arc::new(Metrics::new()), Arc::new(Config::default()))
+    }
+
+    /// The update that sets `key` to itself in `writer`'s map "m".
+    fn set_key(writer: &yrs::Doc, key: &str) -> Vec<u8> {
+        use yrs::{Map, Transact};
+        let map = writer.get_or_insert_map("m");
+        let mut txn = writer.transact_mut();
+        map.insert(&mut txn, key, key);
+        txn.encode_update_v1()
+    }
+
     #[test]
     fn an_update_logged_while_a_snapshot_is_written_is_kept() {
         use yrs::types::ToJson;
         use yrs::updates::decoder::Decode;
-        use yrs::{Map, Transact};
+        use yrs::Transact;
         let (entered_tx, entered) = std::sync::mpsc::sync_channel(1);
         let (go, go_rx) = std::sync::mpsc::sync_channel(1);
         let store = Arc::new(GatedStore {
             gate: Some((entered_tx, Mutex::new(go_rx))),
             ..Default::default()
         });
-        let reg = Registry::new(
-            store.clone(),
-            Arc::new(Metrics::new()),
-            Arc::new(Config::default()),
-        );
+        let reg = registry_on(store.clone());
         let h = reg.open("s").unwrap();
         let writer = yrs::Doc::new();
-        let map = writer.get_or_insert_map("m");
-        let write = |key: &str| {
-            let mut txn = writer.transact_mut();
-            map.insert(&mut txn, key, key);
-            txn.encode_update_v1()
-        };
+        let write = |key: &str| set_key(&writer, key);
         assert!(h
             .whiteboard
             .apply_update(None, &write("before"), None)
@@ -466,23 +471,15 @@ mod tests {
     #[test]
     fn a_snapshot_never_drops_what_the_store_failed_to_give_back() {
         use yrs::updates::decoder::Decode;
-        use yrs::{Map, ReadTxn, Transact};
+        use yrs::{ReadTxn, Transact};
         let store = Arc::new(GatedStore::default());
-        let reg = Registry::new(
-            store.clone(),
-            Arc::new(Metrics::new()),
-            Arc::new(Config::default()),
-        );
+        let reg = registry_on(store.clone());
         let h = reg.open("s").unwrap();
         let writer = yrs::Doc::new();
-        let map = writer.get_or_insert_map("m");
         for key in ["a", "b"] {
-            let update = {
-                let mut txn = writer.transact_mut();
-                map.insert(&mut txn, key, key);
-                txn.encode_update_v1()
-            };
-            h.whiteboard.apply_update(None, &update, None).unwrap();
+            h.whiteboard
+                .apply_update(None, &set_key(&writer, key), None)
+                .unwrap();
         }
         // The log reads back as nothing: built from the store, the snapshot would be empty.
         store.reads_empty.store(true, Ordering::Release);
