@@ -10,10 +10,10 @@
 //! `.await`; nothing here touches a socket.
 //!
 //! Snapshots stay off that path. The relay only counts what it logged and raises
-//! [`Whiteboard::snapshot_wanted`]; housekeeping then encodes the document on a blocking
-//! thread under a read transaction, which holds updates back only while it encodes, and
-//! the store deletes just the log entries that state includes (by seq), so updates
-//! logged meanwhile are kept and nothing needs the peer lock.
+//! [`Whiteboard::snapshot_wanted`]; housekeeping then builds the state on its own thread
+//! from the store (a fresh document: the live one is not locked), and the store deletes
+//! just the log entries that state includes (by seq), so updates logged meanwhile are kept
+//! and nothing needs the peer lock.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
