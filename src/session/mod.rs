@@ -404,6 +404,14 @@ mod tests {
         Registry::new(store, Arc::new(Metrics::new()), Arc::new(Config::default()))
     }
 
+    /// Connects a peer to the session's whiteboard: with a client connected, a snapshot is
+    /// built from the store (the path these tests are about), not from the live document.
+    fn connect_peer(h: &SessionHandle) -> crate::outbox::OutboxReceiver {
+        let (outbox, received) = crate::outbox::outbox(1 << 20);
+        h.whiteboard.join(1, outbox);
+        received
+    }
+
     /// The update that sets `key` to itself in `writer`'s map "m".
     fn set_key(writer: &yrs::Doc, key: &str) -> Vec<u8> {
         use yrs::{Map, Transact};
@@ -426,6 +434,7 @@ mod tests {
         });
         let reg = registry_on(store.clone());
         let h = reg.open("s").unwrap();
+        let _peer = connect_peer(&h);
         let writer = yrs::Doc::new();
         let write = |key: &str| set_key(&writer, key);
         assert!(h
@@ -475,6 +484,7 @@ mod tests {
         let store = Arc::new(GatedStore::default());
         let reg = registry_on(store.clone());
         let h = reg.open("s").unwrap();
+        let _peer = connect_peer(&h);
         let writer = yrs::Doc::new();
         for key in ["a", "b"] {
             h.whiteboard

@@ -9,11 +9,11 @@
 //! in its sync step 2 or in its queue, never neither. No lock here is held across an
 //! `.await`; nothing here touches a socket.
 //!
-//! Snapshots stay off that path. The relay only counts what it logged and raises
-//! [`Whiteboard::snapshot_wanted`]; housekeeping then builds the state on its own thread
-//! from the store (a fresh document: the live one is not locked), and the store deletes
-//! just the log entries that state includes (by seq), so updates logged meanwhile are kept
-//! and nothing needs the peer lock.
+//! Snapshots stay off that path. The relay only counts what it logged; housekeeping asks
+//! [`Whiteboard::snapshot_wanted`] and, while clients are connected, builds the state on
+//! its own thread from the store (a fresh document: the live one is not locked). The store
+//! deletes just the log entries that state includes (by seq), so updates logged meanwhile
+//! are kept and nothing needs the peer lock.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -85,8 +85,6 @@ pub struct Whiteboard {
     log_bytes_since_snapshot: AtomicU64,
     /// Size of the last snapshot's state.
     snapshot_bytes: AtomicU64,
-    /// The log has grown enough to be folded into a snapshot (housekeeping takes it).
-    snapshot_wanted: AtomicBool,
     /// One snapshot at a time: two racing could store an older state as the newer version.
     snapshotting: Mutex<()>,
     dirty: AtomicBool,
@@ -126,7 +124,6 @@ impl Whiteboard {
             updates_since_snapshot: AtomicU64::new(log_len),
             log_bytes_since_snapshot: AtomicU64::new(log_bytes),
             snapshot_bytes: AtomicU64::new(snapshot_bytes),
-            snapshot_wanted: AtomicBool::new(false),
             snapshotting: Mutex::new(()),
             dirty: AtomicBool::new(log_len > 0),
             last_snapshot: Mutex::new(Instant::now()),
@@ -306,9 +303,6 @@ impl Whiteboard {
         self.log_bytes_since_snapshot
             .fetch_add(update.len() as u64, Ordering::AcqRel);
         self.dirty.store(true, Ordering::Release);
-        if self.log_outgrew_snapshot() {
-            self.snapshot_wanted.store(true, Ordering::Release);
-        }
         Ok(())
     }
 
@@ -318,7 +312,7 @@ impl Whiteboard {
     /// the server's CPU on it. The size rule keeps that cost proportional to the bytes
     /// logged (one build per snapshot-size of log), and a restart's replay at most the
     /// snapshot's load again.
-    fn log_outgrew_snapshot(&self) -> bool {
+    pub fn snapshot_wanted(&self) -> bool {
         self.updates_since_snapshot.load(Ordering::Acquire) >= self.options.snapshot_every_updates
             && self.log_bytes_since_snapshot.load(Ordering::Acquire)
                 >= self.snapshot_bytes.load(Ordering::Acquire)
@@ -354,11 +348,6 @@ impl Whiteboard {
                 sv.encode_v1(),
             )
         })
-    }
-
-    /// Whether the log has grown enough to be folded into a snapshot now.
-    pub fn snapshot_wanted(&self) -> bool {
-        self.snapshot_wanted.load(Ordering::Acquire)
     }
 
     /// Time since the last snapshot was taken.
@@ -434,12 +423,13 @@ impl Whiteboard {
         Ok(self.snapshot_if_dirty()?.unwrap_or_default())
     }
 
-    /// Writes a snapshot if anything changed since the last one. It builds and encodes a
-    /// whole document: call it on a blocking thread. The live document is not locked
-    /// meanwhile (see [`Self::compact_stored`]).
+    /// Writes a snapshot if anything changed since the last one. It encodes a whole
+    /// document: call it on a blocking thread. While clients are connected the state is
+    /// rebuilt from the store, so the live document is not locked (see
+    /// [`Self::compact_stored`]); with none (last client gone, unload, shutdown) there is no
+    /// relay to stall, and encoding the live document costs a third as much.
     pub fn snapshot_if_dirty(&self) -> Result<Option<u64>, StoreError> {
         let _one_at_a_time = self.snapshotting.lock().unwrap_or_else(|e| e.into_inner());
-        self.snapshot_wanted.store(false, Ordering::Release);
         if !self.dirty.swap(false, Ordering::AcqRel) {
             return Ok(None);
         }
@@ -456,13 +446,15 @@ impl Whiteboard {
                 self.log_bytes_since_snapshot.load(Ordering::Acquire),
             )
         };
-        let (state, sv) = match self.compact_stored(&live_sv) {
+        let in_use = !self.peers().is_empty();
+        let compacted = in_use.then(|| self.compact_stored(&live_sv)).flatten();
+        let (state, sv) = match compacted {
             Some(compacted) => compacted,
             None => {
-                // Only if the store could not give back what the live document holds (a
-                // damaged record, an update between apply and log): encode the live
-                // document, holding updates back while it encodes. Every entry up to
-                // `log_through` is in it.
+                // No client to hold back, or the store could not give back what the live
+                // document holds (a damaged record, an update between apply and log):
+                // encode the live document, which holds updates back while it encodes.
+                // Every entry up to `log_through` is in it.
                 let txn = self.doc.transact();
                 (
                     txn.encode_state_as_update_v1(&StateVector::default()),
@@ -488,9 +480,6 @@ impl Whiteboard {
             .fetch_sub(bytes, Ordering::AcqRel);
         self.snapshot_bytes
             .store(state.len() as u64, Ordering::Release);
-        // Updates logged meanwhile may have asked for the next one too early.
-        self.snapshot_wanted
-            .store(self.log_outgrew_snapshot(), Ordering::Release);
         *self.last_snapshot.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
         self.metrics
             .snapshot_duration

@@ -116,7 +116,7 @@ pub async fn run(socket: WebSocket, conn: Connection, mut handler: impl FrameHan
     // A oneshot, not a channel: the writer is asked to close at most once, and an idle
     // connection should not carry a channel's preallocated block (about 1 KiB).
     let (close_tx, close_rx) = oneshot::channel::<Close>();
-    let close_tx = std::sync::Mutex::new(Some(close_tx));
+    let mut close_tx = Some(close_tx);
     metrics.connections.inc();
     let mut writer = tokio::spawn(write_loop(
         sink,
@@ -137,12 +137,9 @@ pub async fn run(socket: WebSocket, conn: Connection, mut handler: impl FrameHan
     let mut asked: Option<Close> = None;
     let mut writer_result: Option<Option<Close>> = None;
     let mut client_closed = false;
-    let ask = |close: Close, asked: &mut Option<Close>| {
-        if asked.is_none() {
-            let tx = close_tx.lock().unwrap_or_else(|e| e.into_inner()).take();
-            if let Some(tx) = tx {
-                let _ = tx.send(close.clone());
-            }
+    let mut ask = |close: Close, asked: &mut Option<Close>| {
+        if let Some(tx) = close_tx.take() {
+            let _ = tx.send(close.clone());
             *asked = Some(close);
         }
     };

@@ -190,15 +190,17 @@ impl SledStore {
         }
     }
 
+    /// Sets a `meta` counter of the session (a blind insert, no read).
+    fn write_counter(&self, session: &str, name: &str, n: u64) -> Result<(), StoreError> {
+        self.meta
+            .insert(named_key(session, name), &encode_counter(n)[..])
+            .map(|_| ())
+            .map_err(storage_error)
+    }
+
     /// Records that the session was written to now.
     fn touch(&self, session: &str) -> Result<(), StoreError> {
-        self.meta
-            .insert(
-                named_key(session, LAST_ACTIVITY_MS),
-                &encode_counter(now_ms())[..],
-            )
-            .map_err(storage_error)?;
-        Ok(())
+        self.write_counter(session, LAST_ACTIVITY_MS, now_ms())
     }
 
     /// The number in the session's last key of `tree` (`None`: the session has none there).
@@ -372,20 +374,14 @@ impl Store for SledStore {
                 encode_snapshot(&header, state)?,
             )
             .map_err(storage_error)?;
-        let set_counter = |name: &str, n: u64| {
-            self.meta
-                .insert(named_key(session, name), &encode_counter(n)[..])
-                .map(|_| ())
-                .map_err(storage_error)
-        };
-        set_counter(LAST_SNAPSHOT_VERSION, version)?;
-        set_counter(LAST_ACTIVITY_MS, created_at_ms)?;
+        self.write_counter(session, LAST_SNAPSHOT_VERSION, version)?;
+        self.write_counter(session, LAST_ACTIVITY_MS, created_at_ms)?;
         // The deleted entries' seqs stay used: the counter keeps the largest of them, and
         // is written before they go.
         if let Some(last_covered) = covered_log.last().and_then(|key| key_number(key)) {
             let counted_seq = self.read_counter(session, LAST_LOG_SEQ)?;
             if counted_seq.is_none_or(|n| n < last_covered) {
-                set_counter(LAST_LOG_SEQ, last_covered)?;
+                self.write_counter(session, LAST_LOG_SEQ, last_covered)?;
             }
         }
         for key in covered_log {
