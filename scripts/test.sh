@@ -2,7 +2,8 @@
 # Runs every test of easel: Rust unit and integration tests (real server over real
 # sockets), the interop suite with the real yjs / y-websocket JS client, and the demo page
 # in a headless browser. Needs only the Rust toolchain and Node; installs the JS packages
-# itself (npm ci) and, as root, Debian's chromium when it is missing.
+# itself (npm ci) and, as root or with password-less sudo, Debian's chromium when it is
+# missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,12 +25,13 @@ echo "== interop (yjs + y-websocket)"
 
 echo "== browser (the demo page in Debian's chromium)"
 if [ ! -x /usr/bin/chromium ]; then
-  if [ "$(id -u)" = 0 ]; then
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
-  else
+  # As root (CI), or with sudo that needs no password; otherwise say what to run.
+  if [ "$(id -u)" = 0 ]; then as_root=(); elif sudo -n true 2>/dev/null; then as_root=(sudo -n); else
     echo "the browser test needs Debian's chromium: sudo apt-get install chromium" >&2
     exit 1
   fi
+  "${as_root[@]}" apt-get update -qq
+  "${as_root[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
 fi
 (
   cd tests/browser
