@@ -146,6 +146,27 @@ pub struct LimitsConfig {
     pub tutor_burst: u32,
     pub ping_interval_s: u64,
     pub idle_timeout_s: u64,
+    /// Deepest nesting of JSON-like values (`Any`) and of shared types in a document.
+    pub max_nesting: usize,
+    /// Largest whole document, encoded as a Yjs v1 update.
+    pub max_doc_bytes: usize,
+    /// Bytes of updates a session may hold waiting for missing blocks.
+    pub max_pending_bytes: usize,
+    /// Awareness client ids one connection may speak for.
+    pub max_awareness_clients_per_connection: usize,
+    /// Awareness client ids one session may hold.
+    pub max_awareness_clients_per_session: usize,
+    /// Largest awareness state of one client (its JSON text).
+    pub max_awareness_state_bytes: usize,
+    /// Whiteboard and tutor connections of one user across every session.
+    pub max_connections_per_user_total: usize,
+    /// Sessions one user may bring into memory per minute.
+    pub max_new_sessions_per_user_per_minute: u32,
+    /// Long polls held at once for one user, and in all.
+    pub max_long_polls_per_user: usize,
+    pub max_long_polls: usize,
+    /// Time allowed for a request's headers and body to arrive.
+    pub http_timeout_s: u64,
 }
 
 impl Default for LimitsConfig {
@@ -161,6 +182,17 @@ impl Default for LimitsConfig {
             tutor_burst: 50,
             ping_interval_s: 30,
             idle_timeout_s: 60,
+            max_nesting: 64,
+            max_doc_bytes: 64 * 1024 * 1024,
+            max_pending_bytes: 8 * 1024 * 1024,
+            max_awareness_clients_per_connection: 16,
+            max_awareness_clients_per_session: 1000,
+            max_awareness_state_bytes: 64 * 1024,
+            max_connections_per_user_total: 64,
+            max_new_sessions_per_user_per_minute: 120,
+            max_long_polls_per_user: 16,
+            max_long_polls: 2000,
+            http_timeout_s: 30,
         }
     }
 }
@@ -173,6 +205,16 @@ pub struct TutorConfig {
     pub history_limit: usize,
     pub bad_message_limit: u32,
     pub bad_message_window_s: u64,
+    /// Longest `client_id` of a chat message, in bytes.
+    pub max_client_id_bytes: usize,
+    /// Longest `event.name`, in bytes.
+    pub max_event_name_bytes: usize,
+    /// Largest `event.data`, as JSON text.
+    pub max_event_data_bytes: usize,
+    /// A history page (on connect, on `after_seq`, on request) holds at most this many
+    /// messages and this many bytes of JSON.
+    pub history_page_messages: usize,
+    pub history_page_bytes: usize,
 }
 
 impl Default for TutorConfig {
@@ -183,6 +225,11 @@ impl Default for TutorConfig {
             history_limit: 10_000,
             bad_message_limit: 10,
             bad_message_window_s: 60,
+            max_client_id_bytes: 128,
+            max_event_name_bytes: 128,
+            max_event_data_bytes: 64 * 1024,
+            history_page_messages: 200,
+            history_page_bytes: 1024 * 1024,
         }
     }
 }
@@ -204,6 +251,8 @@ pub struct PersistConfig {
     pub snapshot_interval_s: u64,
     pub snapshot_every_updates: u64,
     pub keep_snapshots: usize,
+    /// sled's page cache, in MiB (sled's own default is 1 GiB).
+    pub cache_mb: u64,
 }
 
 impl Default for PersistConfig {
@@ -214,6 +263,7 @@ impl Default for PersistConfig {
             snapshot_interval_s: 30,
             snapshot_every_updates: 500,
             keep_snapshots: 20,
+            cache_mb: 64,
         }
     }
 }
@@ -318,6 +368,38 @@ impl Config {
         positive("limits.tutor_burst", l.tutor_burst > 0)?;
         positive("limits.ping_interval_s", l.ping_interval_s > 0)?;
         positive("limits.idle_timeout_s", l.idle_timeout_s > 0)?;
+        positive("limits.max_nesting", l.max_nesting > 0)?;
+        positive("limits.max_doc_bytes", l.max_doc_bytes > 0)?;
+        positive("limits.max_pending_bytes", l.max_pending_bytes > 0)?;
+        positive(
+            "limits.max_awareness_clients_per_connection",
+            l.max_awareness_clients_per_connection > 0,
+        )?;
+        positive(
+            "limits.max_awareness_clients_per_session",
+            l.max_awareness_clients_per_session > 0,
+        )?;
+        positive(
+            "limits.max_awareness_state_bytes",
+            l.max_awareness_state_bytes > 0,
+        )?;
+        positive(
+            "limits.max_connections_per_user_total",
+            l.max_connections_per_user_total > 0,
+        )?;
+        positive(
+            "limits.max_new_sessions_per_user_per_minute",
+            l.max_new_sessions_per_user_per_minute > 0,
+        )?;
+        positive("limits.max_long_polls_per_user", l.max_long_polls_per_user > 0)?;
+        positive("limits.max_long_polls", l.max_long_polls > 0)?;
+        positive("limits.http_timeout_s", l.http_timeout_s > 0)?;
+        positive(
+            "tutor.history_page_messages",
+            self.tutor.history_page_messages > 0,
+        )?;
+        positive("tutor.history_page_bytes", self.tutor.history_page_bytes > 0)?;
+        positive("persist.cache_mb", self.persist.cache_mb > 0)?;
         positive("whiteboard.keepalive_s", self.whiteboard.keepalive_s > 0)?;
         positive("tutor.max_text_chars", self.tutor.max_text_chars > 0)?;
         positive("tutor.history_limit", self.tutor.history_limit > 0)?;
