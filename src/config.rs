@@ -391,14 +391,20 @@ impl Config {
             "limits.max_new_sessions_per_user_per_minute",
             l.max_new_sessions_per_user_per_minute > 0,
         )?;
-        positive("limits.max_long_polls_per_user", l.max_long_polls_per_user > 0)?;
+        positive(
+            "limits.max_long_polls_per_user",
+            l.max_long_polls_per_user > 0,
+        )?;
         positive("limits.max_long_polls", l.max_long_polls > 0)?;
         positive("limits.http_timeout_s", l.http_timeout_s > 0)?;
         positive(
             "tutor.history_page_messages",
             self.tutor.history_page_messages > 0,
         )?;
-        positive("tutor.history_page_bytes", self.tutor.history_page_bytes > 0)?;
+        positive(
+            "tutor.history_page_bytes",
+            self.tutor.history_page_bytes > 0,
+        )?;
         positive("persist.cache_mb", self.persist.cache_mb > 0)?;
         positive("whiteboard.keepalive_s", self.whiteboard.keepalive_s > 0)?;
         positive("tutor.max_text_chars", self.tutor.max_text_chars > 0)?;

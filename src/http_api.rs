@@ -394,7 +394,11 @@ pub async fn post_whiteboard(
     blocking(
         move || match handle.whiteboard.apply_update(None, &body, None) {
             Ok(_) => Ok(StatusCode::NO_CONTENT),
-            Err(e @ (ApplyError::Decode(_) | ApplyError::Rejected(_))) => {
+            Err(e @ ApplyError::Guard(crate::doc::guard::GuardError::TooLarge { .. })) => {
+                metrics.updates_rejected.inc();
+                Err(ApiError::TooLarge(e.to_string()))
+            }
+            Err(e @ (ApplyError::Decode(_) | ApplyError::Rejected(_) | ApplyError::Guard(_))) => {
                 metrics.updates_rejected.inc();
                 Err(ApiError::BadRequest(e.to_string()))
             }

@@ -9,6 +9,7 @@ pub mod admin;
 pub mod auth;
 pub mod config;
 pub mod demo;
+pub mod doc;
 pub mod http_api;
 pub mod limits;
 pub mod metrics;

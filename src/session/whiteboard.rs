@@ -42,6 +42,9 @@ pub enum ApplyError {
     Decode(String),
     #[error("update rejected: {0}")]
     Rejected(String),
+    /// Refused by the update guard (SPEC.md 7.1) before `yrs` saw it.
+    #[error("update refused: {0}")]
+    Guard(#[from] crate::doc::guard::GuardError),
     #[error(transparent)]
     Store(#[from] StoreError),
 }

@@ -85,7 +85,7 @@ impl WhiteboardHandler {
             .apply_update(Some(self.conn), update, message)
         {
             Ok(_) => Ok(()),
-            Err(e @ (ApplyError::Decode(_) | ApplyError::Rejected(_))) => {
+            Err(e @ (ApplyError::Decode(_) | ApplyError::Rejected(_) | ApplyError::Guard(_))) => {
                 self.metrics.updates_rejected.inc();
                 tracing::warn!(session = %self.session.id, user = %self.user, error = %e, "update refused");
                 Err(Close::new(close::INVALID_PAYLOAD, "update rejected"))
