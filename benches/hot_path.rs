@@ -31,6 +31,7 @@ const OPTIONS: WhiteboardOptions = WhiteboardOptions {
     echo_updates: false,
     flush_before_relay: false,
     snapshot_every_updates: u64::MAX,
+    limits: easel::session::whiteboard::WhiteboardLimits::DEFAULT,
 };
 
 /// A client that draws strokes of about `payload` bytes; each call gives the next update.

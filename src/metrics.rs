@@ -54,6 +54,36 @@ pub struct Metrics {
     pub relay_latency: Histogram,
     pub snapshot_duration: Histogram,
     pub store_decode_errors: Counter,
+    /// Whiteboard input refused by the update guard (SPEC.md 7.1), by reason.
+    pub guard_refusals: GuardRefusals,
+    pub updates_rolled_back: Counter,
+}
+
+/// `easel_guard_refusals_total{reason}`, resolved once.
+#[derive(Clone)]
+pub struct GuardRefusals {
+    /// Truncated bytes, lengths past the end, unknown tags.
+    pub malformed: Counter,
+    /// Values or shared types nested past `limits.max_nesting`.
+    pub too_deep: Counter,
+    /// A document past `limits.max_doc_bytes`.
+    pub doc_size: Counter,
+    /// Pending updates past `limits.max_pending_bytes`.
+    pub pending: Counter,
+    /// Awareness past its per-connection, per-session or per-state bounds.
+    pub awareness: Counter,
+}
+
+impl GuardRefusals {
+    /// Counts a guard error under its reason.
+    pub fn count(&self, e: &crate::doc::guard::GuardError) {
+        use crate::doc::guard::GuardError;
+        match e {
+            GuardError::Malformed(_) => self.malformed.inc(),
+            GuardError::TooDeep { .. } => self.too_deep.inc(),
+            GuardError::TooLarge { .. } => self.doc_size.inc(),
+        };
+    }
 }
 
 impl Default for Metrics {
@@ -161,6 +191,26 @@ impl Metrics {
             "Stored records that did not decode and were skipped",
             store_decode_errors.clone(),
         );
+        let guard = Family::<Labels, Counter>::default();
+        registry.register(
+            "guard_refusals",
+            "Whiteboard input refused by the update guard, by reason",
+            guard.clone(),
+        );
+        let reason = |r: &'static str| guard.get_or_create_owned(&[("reason", r)]);
+        let guard_refusals = GuardRefusals {
+            malformed: reason("malformed"),
+            too_deep: reason("too_deep"),
+            doc_size: reason("doc_size"),
+            pending: reason("pending"),
+            awareness: reason("awareness"),
+        };
+        let updates_rolled_back = Counter::default();
+        registry.register(
+            "updates_rolled_back",
+            "Updates refused after they began to integrate; the document was rebuilt from the store",
+            updates_rolled_back.clone(),
+        );
         Self {
             registry,
             whiteboard,
@@ -174,6 +224,8 @@ impl Metrics {
             relay_latency,
             snapshot_duration,
             store_decode_errors,
+            guard_refusals,
+            updates_rolled_back,
         }
     }
 

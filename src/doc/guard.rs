@@ -131,10 +131,704 @@ pub fn check_json_depth(json: &[u8], limit: usize) -> Result<(), GuardError> {
     Ok(())
 }
 
+/// Client ids above 2^53 cannot come from a JS client and make `yrs` assert.
+const MAX_CLIENT_ID: u64 = (1 << 53) - 1;
+
+/// The lib0 `Any` tags, as `yrs::Any::decode` reads them.
+mod any_tag {
+    pub const UNDEFINED: u8 = 127;
+    pub const NULL: u8 = 126;
+    pub const INTEGER: u8 = 125;
+    pub const FLOAT32: u8 = 124;
+    pub const FLOAT64: u8 = 123;
+    pub const BIGINT: u8 = 122;
+    pub const FALSE: u8 = 121;
+    pub const TRUE: u8 = 120;
+    pub const STRING: u8 = 119;
+    pub const MAP: u8 = 118;
+    pub const ARRAY: u8 = 117;
+    pub const BUFFER: u8 = 116;
+}
+
+/// Skips one `Any` value without recursion, refusing nesting deeper than `limit`.
+fn skip_any(cursor: &mut Cursor<'_>, limit: usize) -> Result<(), GuardError> {
+    // Open arrays and maps: entries still to read, and whether each is a map (a key first).
+    let mut open: Vec<(usize, bool)> = Vec::new();
+    loop {
+        let tag = cursor.read_u8().map_err(malformed)?;
+        let container = match tag {
+            any_tag::UNDEFINED | any_tag::NULL | any_tag::FALSE | any_tag::TRUE => None,
+            any_tag::INTEGER => {
+                cursor.read_var::<i64>().map_err(malformed)?;
+                None
+            }
+            any_tag::FLOAT32 => {
+                cursor.read_f32().map_err(malformed)?;
+                None
+            }
+            any_tag::FLOAT64 => {
+                cursor.read_f64().map_err(malformed)?;
+                None
+            }
+            any_tag::BIGINT => {
+                cursor.read_i64().map_err(malformed)?;
+                None
+            }
+            any_tag::STRING => {
+                cursor.read_string().map_err(malformed)?;
+                None
+            }
+            any_tag::BUFFER => {
+                read_bytes(cursor)?;
+                None
+            }
+            // A map entry is a key (one byte at the least) and a value (one byte).
+            any_tag::MAP => Some((read_count(cursor, 2)?, true)),
+            any_tag::ARRAY => Some((read_count(cursor, 1)?, false)),
+            other => return Err(GuardError::Malformed(format!("unknown value tag {other}"))),
+        };
+        if let Some((entries, is_map)) = container {
+            if entries > 0 {
+                if open.len() >= limit {
+                    return Err(GuardError::TooDeep { limit });
+                }
+                open.push((entries, is_map));
+                if is_map {
+                    cursor.read_string().map_err(malformed)?;
+                }
+                continue;
+            }
+        }
+        // A value is complete: close every container it completed.
+        loop {
+            let Some((remaining, is_map)) = open.last_mut() else {
+                return Ok(());
+            };
+            *remaining -= 1;
+            if *remaining == 0 {
+                open.pop();
+                continue;
+            }
+            if *is_map {
+                cursor.read_string().map_err(malformed)?;
+            }
+            break;
+        }
+    }
+}
+
+/// An item's id.
+type Id = (u64, u32);
+
+fn read_client(cursor: &mut Cursor<'_>) -> Result<u64, GuardError> {
+    let client = cursor.read_var::<u64>().map_err(malformed)?;
+    if client > MAX_CLIENT_ID {
+        return Err(GuardError::Malformed(format!(
+            "client id {client} is wider than 53 bits"
+        )));
+    }
+    Ok(client)
+}
+
+fn read_id(cursor: &mut Cursor<'_>) -> Result<Id, GuardError> {
+    Ok((
+        read_client(cursor)?,
+        cursor.read_var::<u32>().map_err(malformed)?,
+    ))
+}
+
+/// Where an item says its parent is.
+#[derive(Debug, Clone, Copy)]
+enum ParentRef {
+    /// A root type: depth 1.
+    Root,
+    /// The shared type created by the item with this id.
+    Type(Id),
+    /// The parent of this neighbour (the item's origin or right origin).
+    SameAs(Id),
+}
+
+/// One struct of an update, as far as nesting is concerned.
+#[derive(Debug, Clone, Copy)]
+struct Struct {
+    id: Id,
+    len: u32,
+    /// `None` for GC and skip ranges, which hold no content.
+    parent: Option<ParentRef>,
+    /// Whether the item creates a shared type (its children are one level deeper).
+    is_type: bool,
+    /// A skip range: content that is not in this update.
+    is_skip: bool,
+}
+
+/// Content refs, as `yrs::ItemContent::decode` reads them (the low four bits of `info`).
+mod content {
+    pub const DELETED: u8 = 1;
+    pub const JSON: u8 = 2;
+    pub const BINARY: u8 = 3;
+    pub const STRING: u8 = 4;
+    pub const EMBED: u8 = 5;
+    pub const FORMAT: u8 = 6;
+    pub const TYPE: u8 = 7;
+    pub const ANY: u8 = 8;
+    pub const DOC: u8 = 9;
+}
+const INFO_GC: u8 = 0;
+const INFO_SKIP: u8 = 10;
+const HAS_ORIGIN: u8 = 0x80;
+const HAS_RIGHT_ORIGIN: u8 = 0x40;
+const HAS_PARENT_SUB: u8 = 0x20;
+
+/// Reads one item's content and returns its length in clock units (0: `yrs` drops it).
+fn read_content(cursor: &mut Cursor<'_>, info: u8, limit: usize) -> Result<u32, GuardError> {
+    Ok(match info & 0b1111 {
+        content::DELETED => cursor.read_var::<u32>().map_err(malformed)?,
+        content::JSON => {
+            // yrs reads one string more than the count says (and none for a count that is
+            // negative as an i32); the guard walks exactly what yrs will walk.
+            let declared = cursor.read_var::<u32>().map_err(malformed)?;
+            let strings = if (declared as i32) < 0 {
+                0
+            } else {
+                declared as usize + 1
+            };
+            let remaining = cursor.buf.len().saturating_sub(cursor.next);
+            if strings > remaining {
+                return Err(malformed(
+                    "JSON content declares more strings than it holds",
+                ));
+            }
+            for _ in 0..strings {
+                check_json_depth(cursor.read_string().map_err(malformed)?.as_bytes(), limit)?;
+            }
+            strings as u32
+        }
+        content::BINARY => {
+            read_bytes(cursor)?;
+            1
+        }
+        content::STRING => {
+            let text = cursor.read_string().map_err(malformed)?;
+            u32::try_from(text.encode_utf16().count())
+                .map_err(|_| malformed("a string longer than a clock can count"))?
+        }
+        content::EMBED => {
+            check_json_depth(cursor.read_string().map_err(malformed)?.as_bytes(), limit)?;
+            1
+        }
+        content::FORMAT => {
+            cursor.read_string().map_err(malformed)?;
+            check_json_depth(cursor.read_string().map_err(malformed)?.as_bytes(), limit)?;
+            1
+        }
+        content::TYPE => {
+            match cursor.read_u8().map_err(malformed)? {
+                // XmlElement carries its tag name.
+                3 => {
+                    cursor.read_string().map_err(malformed)?;
+                }
+                0 | 1 | 2 | 4 | 5 | 6 | 9 | 15 => {}
+                other => {
+                    return Err(GuardError::Malformed(format!(
+                        "shared type {other} is not supported"
+                    )))
+                }
+            }
+            1
+        }
+        content::ANY => {
+            let count = read_count(cursor, 1)?;
+            for _ in 0..count {
+                skip_any(cursor, limit)?;
+            }
+            count as u32
+        }
+        content::DOC => {
+            cursor.read_string().map_err(malformed)?;
+            skip_any(cursor, limit)?;
+            1
+        }
+        other => return Err(GuardError::Malformed(format!("unknown content {other}"))),
+    })
+}
+
+/// Walks a Yjs v1 update the way `yrs::Update::decode_v1` does, checking every count and
+/// length and every `Any`/JSON depth, and lists its structs for the nesting check.
+fn read_structs(bytes: &[u8], limit: usize) -> Result<(Vec<Struct>, bool), GuardError> {
+    let mut cursor = Cursor::new(bytes);
+    let mut structs = Vec::new();
+    // Each client's section is a struct count, a client id and a clock.
+    let clients = read_count(&mut cursor, 3)?;
+    for _ in 0..clients {
+        let count = read_count(&mut cursor, 2)?;
+        let client = read_client(&mut cursor)?;
+        let mut clock = cursor.read_var::<u32>().map_err(malformed)?;
+        for _ in 0..count {
+            let info = cursor.read_u8().map_err(malformed)?;
+            let (len, parent, is_type, is_skip) = match info {
+                INFO_SKIP | INFO_GC => {
+                    let len = cursor.read_var::<u32>().map_err(malformed)?;
+                    if len == 0 {
+                        return Err(malformed("an empty block"));
+                    }
+                    (len, None, false, info == INFO_SKIP)
+                }
+                _ => {
+                    let origin = (info & HAS_ORIGIN != 0)
+                        .then(|| read_id(&mut cursor))
+                        .transpose()?;
+                    let right_origin = (info & HAS_RIGHT_ORIGIN != 0)
+                        .then(|| read_id(&mut cursor))
+                        .transpose()?;
+                    let parent = match origin.or(right_origin) {
+                        Some(neighbour) => ParentRef::SameAs(neighbour),
+                        None => {
+                            let parent = if cursor.read_var::<u32>().map_err(malformed)? == 1 {
+                                cursor.read_string().map_err(malformed)?;
+                                ParentRef::Root
+                            } else {
+                                ParentRef::Type(read_id(&mut cursor)?)
+                            };
+                            if info & HAS_PARENT_SUB != 0 {
+                                cursor.read_string().map_err(malformed)?;
+                            }
+                            parent
+                        }
+                    };
+                    let len = read_content(&mut cursor, info, limit)?;
+                    let is_type = info & 0b1111 == content::TYPE;
+                    (len, Some(parent), is_type, false)
+                }
+            };
+            if len == 0 {
+                continue;
+            }
+            structs.push(Struct {
+                id: (client, clock),
+                len,
+                parent,
+                is_type,
+                is_skip,
+            });
+            clock = clock
+                .checked_add(len)
+                .ok_or_else(|| malformed("a clock past 2^32"))?;
+        }
+    }
+    // The delete set: per client, ranges of a clock and a length.
+    let mut deletes = false;
+    let clients = read_count(&mut cursor, 2)?;
+    for _ in 0..clients {
+        read_client(&mut cursor)?;
+        let ranges = read_count(&mut cursor, 2)?;
+        for _ in 0..ranges {
+            let clock = cursor.read_var::<u32>().map_err(malformed)?;
+            let len = cursor.read_var::<u32>().map_err(malformed)?;
+            clock
+                .checked_add(len)
+                .ok_or_else(|| malformed("a deleted range past 2^32"))?;
+            deletes = true;
+        }
+    }
+    Ok((structs, deletes))
+}
+
+/// Depth of "unknown": the parent of an item that waits for content the server lacks.
+const UNKNOWN: u16 = u16::MAX;
+
+/// What the guard remembers of a document so that it can tell how deep a new shared type
+/// would sit: for each item nested inside a shared type (not a root one), the depth of its
+/// parent. Kept in runs per client (consecutive items of one parent share a run), so it
+/// costs a few words per stroke, not per character.
+///
+/// `yrs` does not expose an item's parent, and a type can be nested one level per update
+/// over thousands of updates, so the depth of a new type can only be known from what came
+/// before. Items at the root level are not stored: an id the index has seen but holds no
+/// run for has a root type as its parent.
+#[derive(Debug, Default, Clone)]
+pub struct NestingIndex {
+    /// client → start clock → (end clock, exclusive; depth of the items' parent).
+    runs: std::collections::HashMap<u64, std::collections::BTreeMap<u32, (u32, u16)>>,
+    /// client → the clock after the last item seen.
+    seen: std::collections::HashMap<u64, u32>,
+}
+
+/// What a checked update will add to a [`NestingIndex`] once it is integrated.
+#[derive(Debug, Default)]
+pub struct CheckedUpdate {
+    runs: Vec<(u64, u32, u32, u16)>,
+    /// Whether the update carries nothing: no struct, no deleted range. A viewer's client
+    /// sends such an update on connect; it is not a write.
+    pub is_empty: bool,
+}
+
+impl NestingIndex {
+    /// Depth of the parent of item `id`, if the index knows it.
+    fn parent_depth(&self, (client, clock): Id) -> Option<u16> {
+        if let Some((_, (end, depth))) = self
+            .runs
+            .get(&client)
+            .and_then(|runs| runs.range(..=clock).next_back())
+        {
+            if clock < *end {
+                return Some(*depth);
+            }
+        }
+        (clock < self.seen.get(&client).copied().unwrap_or(0)).then_some(1)
+    }
+
+    /// Checks a Yjs v1 update against the document this index describes: lengths, counts,
+    /// `Any` and JSON depth, and the depth of every shared type it creates (at most `limit`).
+    /// Nothing is recorded until [`NestingIndex::commit`].
+    pub fn check(&self, update: &[u8], limit: usize) -> Result<CheckedUpdate, GuardError> {
+        let (structs, deletes) = read_structs(update, limit)?;
+        let depths = resolve_depths(self, &structs)?;
+        let mut runs = Vec::with_capacity(structs.len());
+        for (s, depth) in structs.iter().zip(depths) {
+            if s.is_type && depth != UNKNOWN && usize::from(depth) + 1 > limit {
+                return Err(GuardError::TooDeep { limit });
+            }
+            if s.is_type && depth == UNKNOWN {
+                // Its depth would only be known once content the server lacks arrives.
+                return Err(malformed(
+                    "a shared type placed next to content the server does not have",
+                ));
+            }
+            let end = s.id.1 + s.len;
+            match runs.last_mut() {
+                Some((client, _, last_end, last_depth))
+                    if *client == s.id.0 && *last_end == s.id.1 && *last_depth == depth =>
+                {
+                    *last_end = end
+                }
+                _ => runs.push((s.id.0, s.id.1, end, depth)),
+            }
+        }
+        Ok(CheckedUpdate {
+            is_empty: structs.is_empty() && !deletes,
+            runs,
+        })
+    }
+
+    /// Records an integrated update's items.
+    pub fn commit(&mut self, checked: CheckedUpdate) {
+        for (client, start, end, depth) in checked.runs {
+            let seen = self.seen.entry(client).or_default();
+            *seen = (*seen).max(end);
+            let runs = self.runs.entry(client).or_default();
+            // Drop what the new run covers (content sent again resolves the same way, or
+            // resolves what was unknown).
+            let overlapping: Vec<u32> = runs
+                .range(..end)
+                .rev()
+                .take_while(|(_, (run_end, _))| *run_end > start)
+                .map(|(s, _)| *s)
+                .collect();
+            for s in overlapping {
+                if let Some((run_end, run_depth)) = runs.remove(&s) {
+                    if s < start {
+                        runs.insert(s, (start, run_depth));
+                    }
+                    if run_end > end {
+                        runs.insert(end, (run_end, run_depth));
+                    }
+                }
+            }
+            if depth > 1 {
+                runs.insert(start, (end, depth));
+            }
+            if runs.is_empty() {
+                self.runs.remove(&client);
+            }
+        }
+    }
+}
+
+/// The depth of each struct's parent (`UNKNOWN` where it depends on absent content), by
+/// following parents and neighbours through this update and the index. Iterative with
+/// memoisation: a chain of a million items costs a million steps, not a stack frame each.
+fn resolve_depths(index: &NestingIndex, structs: &[Struct]) -> Result<Vec<u16>, GuardError> {
+    // Items of this update by client, sorted by clock, to find the one holding an id.
+    let mut by_client: std::collections::HashMap<u64, Vec<usize>> = Default::default();
+    for (i, s) in structs.iter().enumerate() {
+        by_client.entry(s.id.0).or_default().push(i);
+    }
+    for list in by_client.values_mut() {
+        list.sort_by_key(|i| structs[*i].id.1);
+    }
+    let find = |(client, clock): Id| -> Option<usize> {
+        let list = by_client.get(&client)?;
+        let pos = list.partition_point(|i| structs[*i].id.1 <= clock);
+        let i = *list.get(pos.checked_sub(1)?)?;
+        let s = &structs[i];
+        (clock < s.id.1 + s.len).then_some(i)
+    };
+    const PENDING: u16 = 0;
+    const VISITING: u16 = u16::MAX - 1;
+    let mut depth = vec![PENDING; structs.len()];
+    for start in 0..structs.len() {
+        if depth[start] != PENDING {
+            continue;
+        }
+        // Follow the chain of dependencies from `start`, then fill it in backwards.
+        let mut chain = vec![start];
+        depth[start] = VISITING;
+        let resolved = loop {
+            let Some(&current) = chain.last() else {
+                break UNKNOWN;
+            };
+            let s = &structs[current];
+            // The dependency: an item whose depth gives ours (`plus` for a type's children).
+            let (target, plus) = match s.parent {
+                None if s.is_skip => break UNKNOWN,
+                None | Some(ParentRef::Root) => break 1,
+                Some(ParentRef::SameAs(id)) => (id, 0),
+                Some(ParentRef::Type(id)) => (id, 1),
+            };
+            match find(target) {
+                Some(dep) if depth[dep] == VISITING => {
+                    return Err(malformed("items that are their own parents"))
+                }
+                Some(dep) if depth[dep] == PENDING => {
+                    depth[dep] = VISITING;
+                    chain.push(dep);
+                }
+                Some(dep) => break add_depth(depth[dep], plus),
+                None => {
+                    break index
+                        .parent_depth(target)
+                        .map_or(UNKNOWN, |d| add_depth(d, plus))
+                }
+            }
+        };
+        // Unwind: each link's depth is its dependency's, plus one across a type.
+        let mut below = resolved;
+        while let Some(current) = chain.pop() {
+            depth[current] = below;
+            if let Some(&parent) = chain.last() {
+                if matches!(structs[parent].parent, Some(ParentRef::Type(_))) {
+                    below = add_depth(below, 1);
+                }
+            }
+        }
+    }
+    Ok(depth)
+}
+
+fn add_depth(depth: u16, plus: u16) -> u16 {
+    if depth == UNKNOWN {
+        UNKNOWN
+    } else {
+        depth.saturating_add(plus).min(UNKNOWN - 2)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use yrs::updates::encoder::Encode;
+
+    use yrs::types::ToJson;
+    use yrs::{Any, Array, ArrayPrelim, Doc, Map, MapPrelim, MapRef, ReadTxn, Transact, Update};
+
+    /// An update setting key "k" of root map "m" to an `Any` array nested `depth` deep.
+    fn deep_any_update(depth: usize) -> Vec<u8> {
+        // One struct of client 1 at clock 0: an item of Any content, parent root "m", key "k".
+        let mut b = vec![1, 1, 1, 0, 0b0010_1000, 1, 1, b'm', 1, b'k', 1];
+        b.extend(std::iter::repeat_n([117u8, 1], depth).flatten());
+        b.push(126);
+        b.extend_from_slice(&[0]);
+        b
+    }
+
+    #[test]
+    fn deep_any_values_are_refused_before_yrs_decodes_them() {
+        let ok = deep_any_update(10);
+        let checked = NestingIndex::default().check(&ok, 64).unwrap();
+        assert!(!checked.is_empty);
+        // What passes the guard, yrs decodes.
+        Update::decode_v1(&ok).unwrap();
+        // 7,000 deep overflowed yrs's recursive decoder and killed the process.
+        assert_eq!(
+            NestingIndex::default()
+                .check(&deep_any_update(7_000), 64)
+                .unwrap_err(),
+            GuardError::TooDeep { limit: 64 }
+        );
+    }
+
+    /// Nests `levels` maps below root map "m", one per transaction, each update checked and
+    /// committed like the whiteboard does; returns the first refusal's level.
+    fn nest_maps_one_update_each(levels: usize, limit: usize) -> Option<usize> {
+        let doc = Doc::new();
+        let root = doc.get_or_insert_map("m");
+        let mut index = NestingIndex::default();
+        let mut parent: Option<MapRef> = None;
+        for level in 1..=levels {
+            let mut txn = doc.transact_mut();
+            let child = match &parent {
+                None => root.insert(&mut txn, "k", MapPrelim::default()),
+                Some(p) => p.insert(&mut txn, "k", MapPrelim::default()),
+            };
+            let update = txn.encode_update_v1();
+            drop(txn);
+            match index.check(&update, limit) {
+                Ok(checked) => index.commit(checked),
+                Err(GuardError::TooDeep { .. }) => return Some(level),
+                Err(e) => panic!("level {level}: {e}"),
+            }
+            parent = Some(child);
+        }
+        None
+    }
+
+    #[test]
+    fn shared_types_nested_one_update_at_a_time_stop_at_the_limit() {
+        // Root "m" is level 1; the 63rd nested map is level 64, the 64th is refused.
+        assert_eq!(nest_maps_one_update_each(70, 64), Some(64));
+        assert_eq!(nest_maps_one_update_each(20, 64), None);
+    }
+
+    #[test]
+    fn a_deep_chain_in_one_update_is_refused() {
+        let doc = Doc::new();
+        let root = doc.get_or_insert_map("m");
+        let mut txn = doc.transact_mut();
+        let mut parent = root.insert(&mut txn, "k", MapPrelim::default());
+        for _ in 0..2_000 {
+            parent = parent.insert(&mut txn, "k", MapPrelim::default());
+        }
+        let update = txn.encode_update_v1();
+        drop(txn);
+        assert_eq!(
+            NestingIndex::default().check(&update, 64).unwrap_err(),
+            GuardError::TooDeep { limit: 64 }
+        );
+        // The whole state of a legitimately nested document passes.
+        let doc = Doc::new();
+        let root = doc.get_or_insert_map("m");
+        let mut txn = doc.transact_mut();
+        let mut parent = root.insert(&mut txn, "k", MapPrelim::default());
+        for _ in 0..10 {
+            parent = parent.insert(&mut txn, "k", MapPrelim::default());
+        }
+        drop(txn);
+        let state = doc
+            .transact()
+            .encode_state_as_update_v1(&StateVector::default());
+        NestingIndex::default().check(&state, 64).unwrap();
+    }
+
+    #[test]
+    fn types_placed_by_their_neighbours_inherit_the_neighbours_depth() {
+        // Arrays pushed after a sibling carry an origin, not a parent: their depth comes
+        // from the sibling's parent. Nest arrays in arrays, each after a number.
+        let doc = Doc::new();
+        let root = doc.get_or_insert_array("a");
+        let mut index = NestingIndex::default();
+        let mut parent = root;
+        let mut refused_at = None;
+        for level in 2..=80 {
+            let mut txn = doc.transact_mut();
+            parent.push_back(&mut txn, 1);
+            let child = parent.push_back(&mut txn, ArrayPrelim::default());
+            let update = txn.encode_update_v1();
+            drop(txn);
+            match index.check(&update, 64) {
+                Ok(checked) => index.commit(checked),
+                Err(GuardError::TooDeep { .. }) => {
+                    refused_at = Some(level);
+                    break;
+                }
+                Err(e) => panic!("{e}"),
+            }
+            parent = child;
+        }
+        assert_eq!(refused_at, Some(65));
+    }
+
+    #[test]
+    fn recorded_js_fixtures_pass_the_guard() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures");
+        let mut checked_files = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            let name = path.file_name().unwrap().to_string_lossy().to_string();
+            if name.ends_with(".state.bin") {
+                let state = std::fs::read(&path).unwrap();
+                NestingIndex::default()
+                    .check(&state, 64)
+                    .unwrap_or_else(|e| panic!("{name}: {e}"));
+                checked_files += 1;
+            }
+            if name.ends_with(".updates") {
+                let bytes = std::fs::read(&path).unwrap();
+                let mut index = NestingIndex::default();
+                let mut pos = 0;
+                while pos + 4 <= bytes.len() {
+                    let len = u32::from_be_bytes(bytes[pos..pos + 4].try_into().unwrap()) as usize;
+                    let update = &bytes[pos + 4..pos + 4 + len];
+                    let checked = index
+                        .check(update, 64)
+                        .unwrap_or_else(|e| panic!("{name} at {pos}: {e}"));
+                    index.commit(checked);
+                    pos += 4 + len;
+                }
+                checked_files += 1;
+            }
+        }
+        assert!(checked_files >= 8, "{checked_files}");
+    }
+
+    /// A small deterministic generator, so a failure reproduces.
+    fn xorshift(state: &mut u64) -> u64 {
+        *state ^= *state << 13;
+        *state ^= *state >> 7;
+        *state ^= *state << 17;
+        *state
+    }
+
+    #[test]
+    fn whatever_passes_the_guard_decodes_and_applies_without_panicking() {
+        let doc = Doc::new();
+        let m = doc.get_or_insert_map("m");
+        let mut txn = doc.transact_mut();
+        let inner = m.insert(&mut txn, "inner", MapPrelim::default());
+        inner.insert(
+            &mut txn,
+            "v",
+            Any::from(vec![Any::from(1.5), Any::from("x")]),
+        );
+        let arr = m.insert(&mut txn, "arr", ArrayPrelim::default());
+        arr.push_back(&mut txn, "text");
+        drop(txn);
+        let valid = doc
+            .transact()
+            .encode_state_as_update_v1(&StateVector::default());
+        let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut passed = 0;
+        for _ in 0..20_000 {
+            let mut bytes = valid.clone();
+            for _ in 0..1 + xorshift(&mut seed) % 3 {
+                let i = (xorshift(&mut seed) as usize) % bytes.len();
+                bytes[i] = xorshift(&mut seed) as u8;
+            }
+            if NestingIndex::default().check(&bytes, 64).is_ok() {
+                passed += 1;
+                if let Ok(u) = Update::decode_v1(&bytes) {
+                    let target = Doc::new();
+                    let m = target.get_or_insert_map("m");
+                    let mut txn = target.transact_mut();
+                    let _ = txn.apply_update(u);
+                    let _ = m.to_json(&txn);
+                }
+            }
+        }
+        assert!(
+            passed > 100,
+            "only {passed} mutations passed: the test tests nothing"
+        );
+    }
 
     #[test]
     fn a_state_vector_that_declares_more_than_it_holds_is_refused() {

@@ -6,11 +6,12 @@
 //! it. Messages the server originates are encoded with `yrs::sync` types, one per frame.
 
 use bytes::Bytes;
+
+use crate::doc::guard;
 use yrs::encoding::read::{Cursor, Read};
 use yrs::sync::protocol::{MSG_AUTH, MSG_AWARENESS, MSG_QUERY_AWARENESS, MSG_SYNC};
 use yrs::sync::protocol::{MSG_SYNC_STEP_1, MSG_SYNC_STEP_2, MSG_SYNC_UPDATE};
 use yrs::sync::{AwarenessUpdate, Message, SyncMessage};
-use yrs::updates::decoder::Decode;
 use yrs::updates::encoder::Encode;
 use yrs::StateVector;
 
@@ -73,14 +74,6 @@ fn malformed(e: impl std::fmt::Display) -> WireError {
     WireError::Malformed(e.to_string())
 }
 
-/// Runs a yrs decoder, turning a panic inside it (yrs asserts on some hostile inputs, e.g.
-/// client ids wider than 53 bits in debug builds) into a malformed-message error.
-fn guarded<T, E: std::fmt::Display>(decode: impl FnOnce() -> Result<T, E>) -> Result<T, WireError> {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(decode))
-        .map_err(|_| malformed("the decoder refused the bytes"))?
-        .map_err(malformed)
-}
-
 /// Reads a length-prefixed byte array and returns it as a slice of `frame`.
 fn read_slice(frame: &Bytes, cursor: &mut Cursor<'_>) -> Result<Bytes, WireError> {
     let len = cursor.read_var::<u32>().map_err(malformed)? as usize;
@@ -104,9 +97,9 @@ fn decode_message(
             let sub = cursor.read_var::<u32>().map_err(malformed)?;
             let data = read_slice(frame, cursor)?;
             match sub {
-                s if s == MSG_SYNC_STEP_1 as u32 => {
-                    guarded(|| StateVector::decode_v1(&data)).map(Inbound::SyncStep1)
-                }
+                s if s == MSG_SYNC_STEP_1 as u32 => guard::decode_state_vector(&data)
+                    .map(Inbound::SyncStep1)
+                    .map_err(malformed),
                 s if s == MSG_SYNC_STEP_2 as u32 => Ok(Inbound::SyncStep2 { update: data }),
                 s if s == MSG_SYNC_UPDATE as u32 => Ok(Inbound::Update {
                     update: data,
@@ -117,7 +110,10 @@ fn decode_message(
         }
         k if k == MSG_AWARENESS as u32 => {
             let data = read_slice(frame, cursor)?;
-            let update = guarded(|| AwarenessUpdate::decode_v1(&data))?;
+            // Sizes and depth of the states are the whiteboard's to bound (its limits are
+            // configured); here only the structure is checked before yrs decodes it.
+            let update =
+                guard::decode_awareness(&data, usize::MAX, usize::MAX).map_err(malformed)?;
             Ok(Inbound::Awareness {
                 update,
                 message: frame.slice(start..cursor.next),
@@ -171,6 +167,7 @@ pub const KEEPALIVE: &[u8] = &[1, 1, 0];
 #[cfg(test)]
 mod tests {
     use super::*;
+    use yrs::updates::decoder::Decode;
     use yrs::{Doc, GetString, Text, Transact};
 
     #[test]

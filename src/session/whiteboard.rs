@@ -17,7 +17,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Instant;
 
 use axum::extract::ws::Message;
@@ -27,10 +27,13 @@ use yrs::updates::decoder::Decode;
 use yrs::updates::encoder::Encode;
 use yrs::{ClientID, Doc, ReadTxn, StateVector, Transact, Update};
 
+use crate::config::LimitsConfig;
+use crate::doc::guard::{self, GuardError, NestingIndex};
 use crate::metrics::Metrics;
 use crate::outbox::Outbox;
 use crate::protocol::wire;
 use crate::store::{Store, StoreError};
+use yrs::sync::awareness::AwarenessUpdateEntry;
 
 /// Identifies one connection within the server.
 pub type ConnId = u64;
@@ -54,6 +57,8 @@ pub enum ApplyError {
 pub enum RestoreFailure {
     #[error("no snapshot version {0}")]
     NoSuchVersion(u64),
+    #[error("stored version refused: {0}")]
+    Guard(#[from] GuardError),
     #[error(transparent)]
     Restore(#[from] super::restore::RestoreError),
     #[error(transparent)]
@@ -70,11 +75,53 @@ pub struct WhiteboardOptions {
     /// Snapshot after this many logged updates (`persist.snapshot_every_updates`), once
     /// the log has also grown to the last snapshot's size (see [`Whiteboard::log_update`]).
     pub snapshot_every_updates: u64,
+    pub limits: WhiteboardLimits,
+}
+
+/// The bounds of SPEC.md 7.1 that a whiteboard enforces.
+#[derive(Debug, Clone, Copy)]
+pub struct WhiteboardLimits {
+    pub max_nesting: usize,
+    pub max_doc_bytes: usize,
+    pub max_pending_bytes: usize,
+    pub max_awareness_clients_per_connection: usize,
+    pub max_awareness_clients_per_session: usize,
+    pub max_awareness_state_bytes: usize,
+}
+
+impl WhiteboardLimits {
+    /// SPEC.md's defaults.
+    pub const DEFAULT: Self = Self {
+        max_nesting: 64,
+        max_doc_bytes: 64 * 1024 * 1024,
+        max_pending_bytes: 8 * 1024 * 1024,
+        max_awareness_clients_per_connection: 16,
+        max_awareness_clients_per_session: 1000,
+        max_awareness_state_bytes: 64 * 1024,
+    };
+
+    pub fn from_config(limits: &LimitsConfig) -> Self {
+        Self {
+            max_nesting: limits.max_nesting,
+            max_doc_bytes: limits.max_doc_bytes,
+            max_pending_bytes: limits.max_pending_bytes,
+            max_awareness_clients_per_connection: limits.max_awareness_clients_per_connection,
+            max_awareness_clients_per_session: limits.max_awareness_clients_per_session,
+            max_awareness_state_bytes: limits.max_awareness_state_bytes,
+        }
+    }
 }
 
 pub struct Whiteboard {
     session: Arc<str>,
-    doc: Doc,
+    /// The live document. Replaced (under the peer lock) only when an update that began to
+    /// integrate must be undone: it is rebuilt from the store, which never held that update.
+    doc: RwLock<Doc>,
+    /// What the update guard knows of the document's nesting; changed under the peer lock.
+    nesting: Mutex<NestingIndex>,
+    /// Bytes of updates applied while blocks were missing (pending in `yrs`); changed under
+    /// the peer lock, reset when nothing is pending.
+    pending_bytes: AtomicU64,
     /// Locked after `peers` when both are needed.
     awareness: Mutex<Awareness>,
     peers: Mutex<HashMap<ConnId, Outbox>>,
@@ -113,11 +160,13 @@ impl Whiteboard {
         let snapshot_bytes = snapshot.first().map_or(0, |s| s.len() as u64);
         let log_len = log.len() as u64;
         let log_bytes = log.iter().map(|u| u.len() as u64).sum();
-        let (doc, _) = doc_from_updates(&session, &stored.updates, &metrics);
+        let rebuilt = doc_from_updates(&session, &stored.updates, &metrics, &options.limits);
         Ok(Self {
             session,
-            awareness: Mutex::new(Awareness::new(doc.clone())),
-            doc,
+            awareness: Mutex::new(Awareness::new(rebuilt.doc.clone())),
+            doc: RwLock::new(rebuilt.doc),
+            nesting: Mutex::new(rebuilt.nesting),
+            pending_bytes: AtomicU64::new(rebuilt.pending_bytes),
             peers: Mutex::new(HashMap::new()),
             store,
             metrics,
@@ -135,6 +184,15 @@ impl Whiteboard {
         })
     }
 
+    /// The live document (a handle: cloning it is cheap).
+    fn doc(&self) -> Doc {
+        self.doc.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn nesting(&self) -> MutexGuard<'_, NestingIndex> {
+        self.nesting.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn awareness(&self) -> MutexGuard<'_, Awareness> {
         self.awareness.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -148,7 +206,7 @@ impl Whiteboard {
     /// vector, then every awareness state if there are any.
     pub fn join(&self, conn: ConnId, outbox: Outbox) {
         let mut peers = self.peers();
-        let sv = self.doc.transact().state_vector();
+        let sv = self.doc().transact().state_vector();
         outbox.send(Message::Binary(wire::sync_step1(sv)));
         if let Some(states) = self.awareness_states() {
             outbox.send(Message::Binary(states));
@@ -157,7 +215,9 @@ impl Whiteboard {
     }
 
     /// Unregisters a connection and removes the awareness clients it announced, relaying
-    /// the removal to the others.
+    /// the removal to the others with each client's own last clock (as y-protocols'
+    /// `removeAwarenessStates` does): a bumped clock would hide the same client, when it
+    /// reconnects with its old clock, until its state's clock passed the bumped one.
     pub fn leave(&self, conn: ConnId, awareness_clients: &HashSet<ClientID>) {
         let peers = {
             let mut peers = self.peers();
@@ -169,23 +229,37 @@ impl Whiteboard {
         };
         let removal = {
             let mut awareness = self.awareness();
-            for id in awareness_clients {
-                awareness.remove_state(*id);
+            let clients: HashMap<ClientID, AwarenessUpdateEntry> = awareness_clients
+                .iter()
+                .filter_map(|id| {
+                    let (clock, _) = awareness.meta(*id)?;
+                    let entry = AwarenessUpdateEntry {
+                        clock,
+                        json: Arc::from("null"),
+                    };
+                    Some((*id, entry))
+                })
+                .collect();
+            if clients.is_empty() {
+                return;
             }
-            awareness.update_with_clients(awareness_clients.iter().copied())
+            let removal = AwarenessUpdate { clients };
+            // Same clock, null state: y-protocols and yrs both remove the state.
+            if let Err(e) = awareness.apply_update(removal.clone()) {
+                tracing::debug!(session = %self.session, error = %e, "awareness removal not applied");
+            }
+            removal
         };
-        if let Ok(update) = removal {
-            let frame = wire::awareness(update);
-            for outbox in peers.values() {
-                outbox.send(Message::Binary(frame.clone()));
-            }
+        let frame = wire::awareness(removal);
+        for outbox in peers.values() {
+            outbox.send(Message::Binary(frame.clone()));
         }
     }
 
     /// Sync step 2 for a peer whose state vector is `sv`.
     pub fn sync_step2(&self, sv: &StateVector) -> Bytes {
         if !sv.is_empty() {
-            return wire::sync_step2(self.doc.transact().encode_state_as_update_v1(sv));
+            return wire::sync_step2(self.doc().transact().encode_state_as_update_v1(sv));
         }
         // Read the count before encoding: the cached bytes then hold at least what that
         // count says, and any later change bumps the count and is relayed to the joiner.
@@ -196,7 +270,7 @@ impl Whiteboard {
                 return bytes.clone();
             }
         }
-        let bytes = wire::sync_step2(self.doc.transact().encode_state_as_update_v1(sv));
+        let bytes = wire::sync_step2(self.doc().transact().encode_state_as_update_v1(sv));
         *cache = Some((version, bytes.clone()));
         bytes
     }
@@ -209,7 +283,7 @@ impl Whiteboard {
     /// Whether the document holds anything a peer at state vector `sv` lacks (deletions
     /// aside: they do not advance a state vector).
     pub fn is_ahead_of(&self, sv: &StateVector) -> bool {
-        let current = self.doc.transact().state_vector();
+        let current = self.doc().transact().state_vector();
         current
             .iter()
             .any(|(client, clock)| *clock > sv.get(client))
@@ -217,12 +291,12 @@ impl Whiteboard {
 
     /// What a peer at state vector `sv` is missing, as one Yjs v1 update.
     pub fn diff(&self, sv: &StateVector) -> Vec<u8> {
-        self.doc.transact().encode_state_as_update_v1(sv)
+        self.doc().transact().encode_state_as_update_v1(sv)
     }
 
     /// The whole document as one Yjs v1 update.
     pub fn encode_state(&self) -> Vec<u8> {
-        self.doc
+        self.doc()
             .transact()
             .encode_state_as_update_v1(&StateVector::default())
     }
@@ -244,38 +318,78 @@ impl Whiteboard {
         message: Option<Bytes>,
     ) -> Result<bool, ApplyError> {
         let started = Instant::now();
-        let decoded = std::panic::catch_unwind(|| Update::decode_v1(update))
-            .map_err(|_| ApplyError::Decode("decoder panicked".into()))?
-            .map_err(|e| ApplyError::Decode(e.to_string()))?;
+        let limits = self.options.limits;
         let peers = self.peers();
-        let (frame, log) = {
-            let mut txn = self.doc.transact_mut();
+        // The guard walks the bytes before yrs decodes them (SPEC.md 7.1): lengths, counts,
+        // value depth, and the depth of every shared type against what the document holds.
+        let checked = self
+            .nesting()
+            .check(update, limits.max_nesting)
+            .inspect_err(|e| self.metrics.guard_refusals.count(e))?;
+        if checked.is_empty {
+            return Ok(false);
+        }
+        let decoded = Update::decode_v1(update).map_err(|e| ApplyError::Decode(e.to_string()))?;
+        let doc = self.doc();
+        let integrated = {
+            let mut txn = doc.transact_mut();
             let had_pending = txn.has_missing_updates();
             let applied = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 txn.apply_update(decoded)
             }));
             match applied {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => return Err(ApplyError::Rejected(e.to_string())),
-                Err(_) => return Err(ApplyError::Rejected("integration panicked".into())),
+                Ok(Ok(())) => {
+                    let changed =
+                        txn.before_state() != &txn.state_vector() || !txn.delete_set().is_empty();
+                    let has_pending = txn.has_missing_updates();
+                    let frame = if !changed {
+                        None
+                    } else if !had_pending && !has_pending {
+                        // Fully integrated: what the client sent is exactly what the others need.
+                        Some(message.unwrap_or_else(|| wire::update(update.to_vec())))
+                    } else {
+                        // Parts of this or an earlier update waited for missing blocks: relay
+                        // what was actually integrated, so no receiver waits for something it
+                        // never gets.
+                        Some(wire::update(txn.encode_update_v1()))
+                    };
+                    Ok((frame, changed, has_pending))
+                }
+                Ok(Err(e)) => Err(ApplyError::Rejected(e.to_string())),
+                Err(_) => Err(ApplyError::Rejected("integration panicked".into())),
             }
-            let changed = txn.before_state() != &txn.state_vector() || !txn.delete_set().is_empty();
-            let has_pending = txn.has_missing_updates();
-            let frame = if !changed {
-                None
-            } else if !had_pending && !has_pending {
-                // Fully integrated: what the client sent is exactly what the others need.
-                Some(message.unwrap_or_else(|| wire::update(update.to_vec())))
-            } else {
-                // Parts of this or an earlier update waited for missing blocks: relay what
-                // was actually integrated, so no receiver waits for something it never gets.
-                Some(wire::update(txn.encode_update_v1()))
-            };
-            (frame, changed || has_pending != had_pending)
         };
-        if log {
-            self.log_update(update)?;
+        let (frame, changed, has_pending) = match integrated {
+            Ok(outcome) => outcome,
+            Err(e) => return Err(self.roll_back(e)),
+        };
+        let pending_bytes = if has_pending {
+            self.pending_bytes.load(Ordering::Acquire) + update.len() as u64
+        } else {
+            0
+        };
+        if pending_bytes > limits.max_pending_bytes as u64 {
+            self.metrics.guard_refusals.pending.inc();
+            return Err(self.roll_back(ApplyError::Guard(GuardError::TooLarge {
+                what: "updates waiting for missing blocks",
+                limit: limits.max_pending_bytes,
+            })));
         }
+        if changed && !self.fits(&doc, update.len()) {
+            self.metrics.guard_refusals.doc_size.inc();
+            return Err(self.roll_back(ApplyError::Guard(GuardError::TooLarge {
+                what: "the document",
+                limit: limits.max_doc_bytes,
+            })));
+        }
+        // Pending updates are logged too: a restart must still have them.
+        if changed || has_pending {
+            if let Err(e) = self.log_update(update) {
+                return Err(self.roll_back(e.into()));
+            }
+        }
+        self.pending_bytes.store(pending_bytes, Ordering::Release);
+        self.nesting().commit(checked);
         let Some(frame) = frame else {
             return Ok(false);
         };
@@ -291,6 +405,59 @@ impl Whiteboard {
             .relay_latency
             .observe(started.elapsed().as_secs_f64());
         Ok(true)
+    }
+
+    /// Whether the document, grown by an update of `added` bytes, is within
+    /// `limits.max_doc_bytes`. The bytes stored since the last snapshot bound its size from
+    /// above; only when that bound passes the limit is the document encoded to measure it.
+    fn fits(&self, doc: &Doc, added: usize) -> bool {
+        let limit = self.options.limits.max_doc_bytes as u64;
+        let bound = self.snapshot_bytes.load(Ordering::Acquire)
+            + self.log_bytes_since_snapshot.load(Ordering::Acquire)
+            + added as u64;
+        bound <= limit
+            || doc
+                .transact()
+                .encode_state_as_update_v1(&StateVector::default())
+                .len() as u64
+                <= limit
+    }
+
+    /// Undoes an update that began to integrate and is refused after all (SPEC.md 7.1: the
+    /// live document stays exactly as it was): the document is rebuilt from the store,
+    /// which holds every update that was accepted and never the refused one. Called with
+    /// the peer lock held, so no update slips in between; nothing was relayed. Returns
+    /// `why`, for the caller to hand on.
+    fn roll_back(&self, why: ApplyError) -> ApplyError {
+        self.metrics.updates_rolled_back.inc();
+        match self.store.load_whiteboard(&self.session) {
+            Ok(stored) => {
+                let rebuilt = doc_from_updates(
+                    &self.session,
+                    &stored.updates,
+                    &self.metrics,
+                    &self.options.limits,
+                );
+                *self.doc.write().unwrap_or_else(|e| e.into_inner()) = rebuilt.doc;
+                *self.nesting() = rebuilt.nesting;
+                self.pending_bytes
+                    .store(rebuilt.pending_bytes, Ordering::Release);
+                tracing::warn!(session = %self.session, error = %why, "update refused after it began to integrate; document rebuilt from the store");
+            }
+            Err(e) => {
+                tracing::error!(session = %self.session, error = %why, store_error = %e, "update refused after it began to integrate, and the store cannot be read to undo it");
+            }
+        }
+        why
+    }
+
+    /// Whether `update` changes nothing at all (no struct, no deletion): what a read-only
+    /// client sends in answer to sync step 1. Checked by the guard, never decoded by yrs.
+    pub fn is_empty_update(&self, update: &[u8]) -> Result<bool, GuardError> {
+        Ok(self
+            .nesting()
+            .check(update, self.options.limits.max_nesting)?
+            .is_empty)
     }
 
     /// Appends to the store's log (flushing first in sync durability), before any relay.
@@ -338,10 +505,15 @@ impl Whiteboard {
                 return None;
             }
         };
-        let (doc, skipped) = doc_from_updates(&self.session, &stored.updates, &self.metrics);
-        let txn = doc.transact();
+        let rebuilt = doc_from_updates(
+            &self.session,
+            &stored.updates,
+            &self.metrics,
+            &self.options.limits,
+        );
+        let txn = rebuilt.doc.transact();
         let sv = txn.state_vector();
-        let complete = skipped == 0
+        let complete = rebuilt.skipped == 0
             && live_sv
                 .iter()
                 .all(|(client, clock)| sv.get(client) >= *clock);
@@ -375,8 +547,26 @@ impl Whiteboard {
             .ok_or(RestoreFailure::NoSuchVersion(version))?;
         {
             let peers = self.peers();
-            let update = super::restore::restore_into(&self.doc, &state)?;
-            self.log_update(&update)?;
+            // A stored version passes the same guard as a client's update.
+            NestingIndex::default().check(&state, self.options.limits.max_nesting)?;
+            let restored = super::restore::restore_into(&self.doc(), &state);
+            let update = match restored {
+                Ok(update) => update,
+                Err(e) => {
+                    self.roll_back(ApplyError::Rejected(e.to_string()));
+                    return Err(e.into());
+                }
+            };
+            let checked = self
+                .nesting()
+                .check(&update, self.options.limits.max_nesting);
+            if let Err(e) = self.log_update(&update) {
+                self.roll_back(ApplyError::Rejected(e.to_string()));
+                return Err(e.into());
+            }
+            if let Ok(checked) = checked {
+                self.nesting().commit(checked);
+            }
             let frame = Message::Binary(wire::update(update));
             for outbox in peers.values() {
                 outbox.send(frame.clone());
@@ -391,23 +581,37 @@ impl Whiteboard {
     /// Applies an awareness update from a connection and relays the message, unchanged, to
     /// every connection including the sender. Updates `announced` with the client ids the
     /// connection now speaks for.
+    ///
+    /// An update past the bounds of SPEC.md 7.1 (client ids per connection and per session,
+    /// the size and depth of one state) is dropped whole and counted: the message is relayed
+    /// as the client sent it, so it is either all applied or not at all. Returns whether it
+    /// was applied.
     pub fn apply_awareness(
         &self,
         update: AwarenessUpdate,
         message: Bytes,
         announced: &mut HashSet<ClientID>,
-    ) {
-        let ids: Vec<ClientID> = update.clients.keys().copied().collect();
+    ) -> bool {
+        let limits = self.options.limits;
         let peers = self.peers();
-        let applied = self.awareness().apply_update_summary(update);
-        let summary = match applied {
+        let mut awareness = self.awareness();
+        if let Err(why) = self.awareness_fits(&awareness, &update, announced) {
+            drop(awareness);
+            drop(peers);
+            self.metrics.guard_refusals.awareness.inc();
+            tracing::debug!(session = %self.session, why, limit_per_connection = limits.max_awareness_clients_per_connection, "awareness update refused");
+            return false;
+        }
+        let ids: Vec<ClientID> = update.clients.keys().copied().collect();
+        let summary = match awareness.apply_update_summary(update) {
             Ok(Some(summary)) => summary,
-            Ok(None) => return,
+            Ok(None) => return true,
             Err(e) => {
                 tracing::debug!(session = %self.session, error = %e, "awareness update ignored");
-                return;
+                return false;
             }
         };
+        drop(awareness);
         for id in ids {
             if summary.removed.contains(&id) {
                 announced.remove(&id);
@@ -418,6 +622,46 @@ impl Whiteboard {
         for outbox in peers.values() {
             outbox.send(Message::Binary(message.clone()));
         }
+        true
+    }
+
+    /// Checks an awareness update against SPEC.md 7.1's bounds.
+    fn awareness_fits(
+        &self,
+        awareness: &Awareness,
+        update: &AwarenessUpdate,
+        announced: &HashSet<ClientID>,
+    ) -> Result<(), &'static str> {
+        let limits = self.options.limits;
+        for entry in update.clients.values() {
+            if entry.json.len() > limits.max_awareness_state_bytes {
+                return Err("a state over its size limit");
+            }
+            if guard::check_json_depth(entry.json.as_bytes(), limits.max_nesting).is_err() {
+                return Err("a state nested too deep");
+            }
+        }
+        let new_ids = update
+            .clients
+            .iter()
+            .filter(|(id, entry)| !announced.contains(id) && &*entry.json != "null")
+            .count();
+        if new_ids == 0 {
+            return Ok(());
+        }
+        if announced.len() + new_ids > limits.max_awareness_clients_per_connection {
+            return Err("more client ids than one connection may announce");
+        }
+        let fresh = update
+            .clients
+            .keys()
+            .filter(|id| awareness.meta(**id).is_none())
+            .count();
+        if fresh > 0 && awareness.iter().count() + fresh > limits.max_awareness_clients_per_session
+        {
+            return Err("more client ids than one session may hold");
+        }
+        Ok(())
     }
 
     /// Writes a snapshot now, changed or not (an operator's or a tutor's request).
@@ -441,7 +685,8 @@ impl Whiteboard {
             // An update is applied before it is logged, and none is applied while this
             // read transaction is open: every log entry up to `log_through` is stored and
             // counted in `live_sv`.
-            let txn = self.doc.transact();
+            let doc = self.doc();
+            let txn = doc.transact();
             (
                 txn.state_vector(),
                 self.log_seq.load(Ordering::Acquire),
@@ -458,7 +703,8 @@ impl Whiteboard {
                 // document holds (a damaged record, an update between apply and log):
                 // encode the live document, which holds updates back while it encodes.
                 // Every entry up to `log_through` is in it.
-                let txn = self.doc.transact();
+                let doc = self.doc();
+                let txn = doc.transact();
                 (
                     txn.encode_state_as_update_v1(&StateVector::default()),
                     txn.state_vector().encode_v1(),
@@ -500,26 +746,68 @@ impl Whiteboard {
     }
 }
 
-/// A document from stored updates applied in order, and how many were skipped (each one
-/// that does not decode or apply is logged and counted, and the rest still load).
-fn doc_from_updates(session: &str, updates: &[Vec<u8>], metrics: &Metrics) -> (Doc, usize) {
+/// A document rebuilt from stored updates, with what the guard learnt of it.
+struct Rebuilt {
+    doc: Doc,
+    nesting: NestingIndex,
+    /// Bytes of the updates that left blocks pending, while any remain pending.
+    pending_bytes: u64,
+    /// Updates skipped because they did not decode, did not pass the guard or were rejected.
+    skipped: usize,
+}
+
+/// A document from stored updates applied in order. Each one passes the update guard
+/// first (a record stored before the guard existed can hold a nesting bomb); each one that
+/// does not pass, decode or apply is logged, counted and skipped, and the rest still load.
+fn doc_from_updates(
+    session: &str,
+    updates: &[Vec<u8>],
+    metrics: &Metrics,
+    limits: &WhiteboardLimits,
+) -> Rebuilt {
     let doc = Doc::new();
+    let mut nesting = NestingIndex::default();
     let mut skipped = 0;
+    let mut pending_bytes = 0;
     {
         let mut txn = doc.transact_mut();
         for bytes in updates {
+            let checked = match nesting.check(bytes, limits.max_nesting) {
+                Ok(checked) => checked,
+                Err(e) => {
+                    skipped += 1;
+                    metrics.store_decode_errors.inc();
+                    tracing::warn!(%session, error = %e, "stored update refused by the guard; skipped");
+                    continue;
+                }
+            };
             let applied = Update::decode_v1(bytes)
                 .map_err(|e| ("does not decode", e.to_string()))
                 .and_then(|u| {
                     txn.apply_update(u)
                         .map_err(|e| ("is rejected", e.to_string()))
                 });
-            if let Err((why, error)) = applied {
-                skipped += 1;
-                metrics.store_decode_errors.inc();
-                tracing::warn!(%session, error, "stored update {why}; skipped");
+            match applied {
+                Ok(()) => {
+                    nesting.commit(checked);
+                    pending_bytes = if txn.has_missing_updates() {
+                        pending_bytes + bytes.len() as u64
+                    } else {
+                        0
+                    };
+                }
+                Err((why, error)) => {
+                    skipped += 1;
+                    metrics.store_decode_errors.inc();
+                    tracing::warn!(%session, error, "stored update {why}; skipped");
+                }
             }
         }
     }
-    (doc, skipped)
+    Rebuilt {
+        doc,
+        nesting,
+        pending_bytes,
+        skipped,
+    }
 }

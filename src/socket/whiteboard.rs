@@ -8,7 +8,6 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use axum::extract::ws::Message;
-use yrs::updates::decoder::Decode;
 use yrs::ClientID;
 
 use super::{close, Close, Flow, FrameHandler};
@@ -67,10 +66,13 @@ impl WhiteboardHandler {
         if !self.can_write {
             // A viewer's client answers the handshake with an empty step 2; only an update
             // that carries something is a write attempt worth refusing out loud.
-            match yrs::Update::decode_v1(update) {
-                Ok(u) if u.is_empty() => return Ok(()),
-                Ok(_) => {}
-                Err(_) => return Err(Close::new(close::INVALID_PAYLOAD, "update does not decode")),
+            match self.whiteboard().is_empty_update(update) {
+                Ok(true) => return Ok(()),
+                Ok(false) => {}
+                Err(e) => {
+                    self.metrics.guard_refusals.count(&e);
+                    return Err(Close::new(close::INVALID_PAYLOAD, "update refused"));
+                }
             }
             self.metrics.updates_rejected.inc();
             if !self.denied_sent {
