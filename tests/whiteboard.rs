@@ -255,9 +255,12 @@ async fn awareness_relayed_to_others_and_sender_and_removed_on_close() {
         })
         .await;
     if let Message::Awareness(u) = &removal {
-        assert!(
-            awareness_entry(u, 4242).unwrap().clock >= 2,
-            "removal must bump the clock: {u:?}"
+        // SPEC 3: the removal carries the clock the client last used (y-protocols'
+        // removeAwarenessStates), so the same client reconnecting is seen again at once.
+        assert_eq!(
+            awareness_entry(u, 4242).unwrap().clock,
+            1,
+            "removal must keep the client's clock: {u:?}"
         );
     }
     c.wait_for("removal of A's awareness at C", |m| {
