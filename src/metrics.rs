@@ -54,6 +54,7 @@ pub struct Metrics {
     pub relay_latency: Histogram,
     pub snapshot_duration: Histogram,
     pub store_decode_errors: Counter,
+    limit_refusals: Family<[(&'static str, &'static str); 1], Counter>,
 }
 
 impl Default for Metrics {
@@ -161,7 +162,14 @@ impl Metrics {
             "Stored records that did not decode and were skipped",
             store_decode_errors.clone(),
         );
+        let limit_refusals = Family::default();
+        registry.register(
+            "limit_refusals",
+            "Requests refused or cut off by a limit of SPEC 7.1, by limit",
+            limit_refusals.clone(),
+        );
         Self {
+            limit_refusals,
             registry,
             whiteboard,
             tutor,
@@ -188,6 +196,12 @@ impl Metrics {
         self.auth_failures
             .get_or_create(&[("reason", reason)])
             .inc();
+    }
+
+    /// One refusal by a hostile-input limit; `limit` is a stable label value
+    /// (`long_polls_per_user`, `http_timeout`, `state_vector`, ...).
+    pub fn limit_refused(&self, limit: &'static str) {
+        self.limit_refusals.get_or_create(&[("limit", limit)]).inc();
     }
 
     pub fn closed(&self, e: Endpoint, code: u16) {
