@@ -120,6 +120,7 @@ pub async fn status(State(app): State<Arc<AppState>>) -> Json<serde_json::Value>
             "tutor": app.metrics.tutor.connections.get(),
         },
         "sessions": app.registry.loaded(),
+        "long_polls": app.requests.long_polls_held(),
     }))
 }
 

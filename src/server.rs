@@ -117,6 +117,11 @@ impl RequestLimits {
         }
     }
 
+    /// Long polls held now (for `/api/v2/status`).
+    pub fn long_polls_held(&self) -> usize {
+        self.long_polls.held()
+    }
+
     fn opened(&self) -> std::sync::MutexGuard<'_, OpenedSessions> {
         self.opened.lock().unwrap_or_else(|e| e.into_inner())
     }
