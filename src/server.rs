@@ -186,6 +186,8 @@ impl AppState {
         ws: Option<&WebSocketUpgrade>,
     ) -> Result<Claims, ApiError> {
         if !valid_session_id(session) {
+            self.metrics.auth_failure("bad_session_id");
+            tracing::info!(reason = "bad_session_id", "request refused");
             return Err(ApiError::BadRequest(
                 "session id must match [A-Za-z0-9_-]{1,128}".into(),
             ));
@@ -224,7 +226,12 @@ impl AppState {
             None => Ok(()),
             Some(o) if allowed.iter().any(|a| a == o) => Ok(()),
             Some(o) => {
-                tracing::info!(origin = o, "upgrade refused: origin not allowed");
+                self.metrics.auth_failure("origin");
+                tracing::info!(
+                    origin = o,
+                    reason = "origin",
+                    "upgrade refused: origin not allowed"
+                );
                 Err(ApiError::Forbidden(format!("origin {o} is not allowed")))
             }
         }

@@ -642,7 +642,7 @@ async fn debug_logs_never_hold_the_token() {
     let r = http_request(
         addr,
         "GET",
-        &format!("{}?token={t}&sv=", wb_api("lesson")),
+        &format!("{}?token={t}", wb_api("lesson")),
         &[],
         None,
     )
