@@ -469,6 +469,31 @@ mod tests {
     }
 
     #[test]
+    fn short_secret_files_are_refused_with_their_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("secret");
+        std::fs::write(&path, "short\n").unwrap();
+        let err = Verifier::from_config(&AuthConfig {
+            jwt_secret_file: Some(path.clone()),
+            leeway_s: Some(0),
+            ..Default::default()
+        })
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+        assert!(
+            err.contains("EASEL_JWT_SECRET_FILE") && err.contains(&path.display().to_string()),
+            "{err}"
+        );
+        std::fs::write(&path, format!("{}\n", "k".repeat(32))).unwrap();
+        assert!(Verifier::from_config(&AuthConfig {
+            jwt_secret_file: Some(path),
+            ..Default::default()
+        })
+        .is_ok());
+    }
+
+    #[test]
     fn nbf_and_crit_are_honoured() {
         let v = Verifier::from_config(&cfg()).unwrap().unwrap();
         let (key, alg) = v.signing.as_ref().unwrap();
