@@ -3,7 +3,10 @@
 //! This module owns the key material and the validation rules of SPEC.md section 2: the
 //! algorithm family is pinned by the configured key (an HMAC secret admits HS256/384/512
 //! only, a public key only its own family, never `none`), `sub`, `exp` and `sid` are
-//! required, `iss`/`aud` are checked when configured. It knows nothing of HTTP: extracting
+//! required, `iss`/`aud` are checked when configured, `nbf` is honoured (with the same
+//! leeway as `exp`), a header `crit` list is refused (RFC 7515 4.1.11: we understand no
+//! extension), and HMAC secrets shorter than [`MIN_SECRET_BYTES`] are refused when the
+//! verifier is built. It knows nothing of HTTP: extracting
 //! the token from a request is the server's job, and the reason of a failure is returned,
 //! never logged here (the caller logs it, without the token).
 
@@ -22,6 +25,10 @@ pub enum AuthError {
     Missing,
     #[error("token expired")]
     Expired,
+    #[error("token is not valid yet (nbf)")]
+    NotYetValid,
+    #[error("token header names critical extensions this server does not understand")]
+    Critical,
     #[error("token signature is invalid")]
     BadSignature,
     #[error("token is malformed or lacks a required claim: {0}")]
@@ -40,6 +47,8 @@ impl AuthError {
         match self {
             AuthError::Missing => "missing",
             AuthError::Expired => "expired",
+            AuthError::NotYetValid => "not_yet_valid",
+            AuthError::Critical => "crit",
             AuthError::BadSignature => "bad_signature",
             AuthError::Malformed(_) => "malformed",
             AuthError::WrongAlgorithm => "wrong_algorithm",
@@ -54,6 +63,7 @@ impl From<jsonwebtoken::errors::Error> for AuthError {
         use jsonwebtoken::errors::ErrorKind as K;
         match e.kind() {
             K::ExpiredSignature => AuthError::Expired,
+            K::ImmatureSignature => AuthError::NotYetValid,
             K::InvalidSignature => AuthError::BadSignature,
             K::InvalidAlgorithm | K::InvalidAlgorithmName => AuthError::WrongAlgorithm,
             K::InvalidIssuer | K::InvalidAudience => AuthError::WrongIssuerOrAudience,
@@ -149,6 +159,22 @@ impl Claims {
     }
 }
 
+/// Shortest HMAC secret accepted: HS256's key should be at least as long as its output
+/// (RFC 7518 3.2), and a short one ("dev", "secret") is guessed offline from one token.
+pub const MIN_SECRET_BYTES: usize = 32;
+
+/// Refuses an HMAC secret shorter than [`MIN_SECRET_BYTES`]; `source` names where it came
+/// from (a config key, a variable, a file) so the operator knows what to change.
+pub fn check_secret(secret: &[u8], source: &str) -> Result<(), AuthError> {
+    if secret.len() < MIN_SECRET_BYTES {
+        return Err(AuthError::Key(format!(
+            "{source} is {} bytes long; HMAC secrets must be at least {MIN_SECRET_BYTES} bytes (e.g. `openssl rand -base64 48`)",
+            secret.len()
+        )));
+    }
+    Ok(())
+}
+
 /// Verifies tokens with the configured key; cheap to share behind an `Arc`.
 pub struct Verifier {
     key: DecodingKey,
@@ -163,6 +189,7 @@ impl Verifier {
     /// the caller decides whether to generate a development secret.
     pub fn from_config(cfg: &AuthConfig) -> Result<Option<Self>, AuthError> {
         if let Some(secret) = &cfg.jwt_secret {
+            check_secret(secret.as_bytes(), "auth.jwt_secret (EASEL_JWT_SECRET)")?;
             return Ok(Some(Self::hmac(secret.as_bytes(), cfg)));
         }
         if let Some(path) = &cfg.jwt_secret_file {
@@ -172,6 +199,13 @@ impl Verifier {
             if secret.is_empty() {
                 return Err(AuthError::Key(format!("{} is empty", path.display())));
             }
+            check_secret(
+                secret.as_bytes(),
+                &format!(
+                    "auth.jwt_secret_file (EASEL_JWT_SECRET_FILE) {}",
+                    path.display()
+                ),
+            )?;
             return Ok(Some(Self::hmac(secret.as_bytes(), cfg)));
         }
         if let Some(path) = &cfg.jwt_public_key_file {
@@ -210,6 +244,8 @@ impl Verifier {
         let mut validation = Validation::new_for_family(family);
         validation.leeway = cfg.leeway();
         validation.set_required_spec_claims(&["exp", "sub"]);
+        // RFC 7519 4.1.5: a token must not be accepted before its `nbf` (less the leeway).
+        validation.validate_nbf = true;
         match &cfg.issuer {
             Some(iss) => validation.set_issuer(&[iss]),
             None => validation.iss = None,
@@ -229,6 +265,12 @@ impl Verifier {
     /// Verifies a token and returns its claims.
     pub fn verify(&self, token: &str) -> Result<Claims, AuthError> {
         let data = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation)?;
+        // RFC 7515 4.1.11: a recipient that does not understand every extension a `crit`
+        // header lists must refuse the token; this server understands none (and an empty
+        // list is itself invalid).
+        if data.header.crit.is_some() {
+            return Err(AuthError::Critical);
+        }
         if data.claims.sub.is_empty() {
             return Err(AuthError::Malformed("empty sub".into()));
         }
@@ -310,7 +352,7 @@ mod tests {
 
     fn cfg() -> AuthConfig {
         AuthConfig {
-            jwt_secret: Some("s3cret".into()),
+            jwt_secret: Some("unit-test-secret-of-at-least-32-bytes".into()),
             leeway_s: Some(0),
             ..Default::default()
         }
@@ -336,7 +378,7 @@ mod tests {
     fn other_secret_and_none_alg_are_refused() {
         let v = Verifier::from_config(&cfg()).unwrap().unwrap();
         let other = Verifier::from_config(&AuthConfig {
-            jwt_secret: Some("other".into()),
+            jwt_secret: Some("another-unit-test-secret-32-bytes-long".into()),
             ..cfg()
         })
         .unwrap()
@@ -409,6 +451,66 @@ mod tests {
                 "{name}: cannot mint without a secret"
             );
         }
+    }
+
+    #[test]
+    fn short_secrets_are_refused_with_their_source() {
+        let err = Verifier::from_config(&AuthConfig {
+            jwt_secret: Some("dev".into()),
+            ..cfg()
+        })
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+        assert!(
+            err.contains("EASEL_JWT_SECRET") && err.contains("32"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn short_secret_files_are_refused_with_their_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("secret");
+        std::fs::write(&path, "short\n").unwrap();
+        let err = Verifier::from_config(&AuthConfig {
+            jwt_secret_file: Some(path.clone()),
+            leeway_s: Some(0),
+            ..Default::default()
+        })
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+        assert!(
+            err.contains("EASEL_JWT_SECRET_FILE") && err.contains(&path.display().to_string()),
+            "{err}"
+        );
+        std::fs::write(&path, format!("{}\n", "k".repeat(32))).unwrap();
+        assert!(Verifier::from_config(&AuthConfig {
+            jwt_secret_file: Some(path),
+            ..Default::default()
+        })
+        .is_ok());
+    }
+
+    #[test]
+    fn nbf_and_crit_are_honoured() {
+        let v = Verifier::from_config(&cfg()).unwrap().unwrap();
+        let (key, alg) = v.signing.as_ref().unwrap();
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let claims =
+            |nbf: u64| serde_json::json!({"sub": "u", "sid": "s", "exp": now + 600, "nbf": nbf});
+        let future = jsonwebtoken::encode(&Header::new(*alg), &claims(now + 300), key).unwrap();
+        assert!(matches!(v.verify(&future), Err(AuthError::NotYetValid)));
+        let past = jsonwebtoken::encode(&Header::new(*alg), &claims(now - 5), key).unwrap();
+        assert!(v.verify(&past).is_ok());
+        let mut header = Header::new(*alg);
+        header.crit = Some(vec!["exp-ext".into()]);
+        let crit = jsonwebtoken::encode(&header, &claims(now - 5), key).unwrap();
+        assert!(matches!(v.verify(&crit), Err(AuthError::Critical)));
     }
 
     #[test]

@@ -444,6 +444,19 @@ impl Config {
                 message: "must not be empty".into(),
             });
         }
+        // SPEC 7.1: a short HMAC secret is brute-forced offline from a single token.
+        if let Some(s) = &a.jwt_secret {
+            if s.len() < crate::auth::MIN_SECRET_BYTES {
+                return Err(ConfigError::Invalid {
+                    key: "auth.jwt_secret",
+                    message: format!(
+                        "the secret (from the config file or EASEL_JWT_SECRET) is {} bytes long; HMAC secrets must be at least {} bytes (e.g. `openssl rand -base64 48`)",
+                        s.len(),
+                        crate::auth::MIN_SECRET_BYTES
+                    ),
+                });
+            }
+        }
         Ok(())
     }
 }
@@ -477,6 +490,19 @@ mod tests {
             .apply_env(&|k| (k == "EASEL_LOG_FORMAT").then(|| "xml".to_string()))
             .unwrap_err();
         assert!(err.to_string().contains("EASEL_LOG_FORMAT"));
+    }
+
+    #[test]
+    fn short_secret_is_rejected_with_its_key() {
+        let c = Config::from_toml("[auth]\njwt_secret = \"dev\"\n").unwrap();
+        let err = c.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("auth.jwt_secret") && err.contains("32"),
+            "{err}"
+        );
+        let c =
+            Config::from_toml(&format!("[auth]\njwt_secret = \"{}\"\n", "k".repeat(32))).unwrap();
+        assert!(c.validate().is_ok());
     }
 
     #[test]

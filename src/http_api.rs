@@ -3,11 +3,17 @@
 //! Handlers are small: extract, call the registry or metrics, answer JSON. Errors are
 //! [`ApiError`] values that turn themselves into `{"error","message"}` responses with the
 //! status SPEC.md gives. No WebSocket handling here (see `server` and `socket`).
+//!
+//! Order of work in every session route (SPEC.md 7.1): the token, its scope and the role
+//! are checked first; only then is `sv` decoded (through the guard) or a body read (within
+//! `limits.http_timeout_s` and `limits.max_frame_bytes`), so an anonymous client costs a
+//! header parse and nothing more. Long polls hold a place under the per-user and
+//! server-wide long-poll caps for as long as they wait.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{FromRequest, Path, Query, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -16,7 +22,6 @@ use serde_json::json;
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
-use yrs::updates::decoder::Decode;
 use yrs::StateVector;
 
 use crate::auth::{Claims, Role};
@@ -24,7 +29,6 @@ use crate::protocol::tutor::ChatMessage;
 use crate::server::AppState;
 use crate::session::tutor::{check_text, ChatTextError};
 use crate::session::whiteboard::{ApplyError, RestoreFailure};
-use crate::session::SessionHandle;
 use crate::store::{SnapshotInfo, StoreError};
 
 /// A refused request.
@@ -42,6 +46,11 @@ pub enum ApiError {
     TooLarge(String),
     #[error("{0}")]
     TooManyConnections(String),
+    /// `429` with its own error code (`too_many_long_polls`, `too_many_new_sessions`).
+    #[error("{1}")]
+    TooManyRequests(&'static str, String),
+    #[error("{0}")]
+    Timeout(String),
     #[error("{0}")]
     Unavailable(String),
     #[error("{0}")]
@@ -59,6 +68,8 @@ impl ApiError {
             ApiError::TooManyConnections(_) => {
                 (StatusCode::TOO_MANY_REQUESTS, "too_many_connections")
             }
+            ApiError::TooManyRequests(code, _) => (StatusCode::TOO_MANY_REQUESTS, code),
+            ApiError::Timeout(_) => (StatusCode::REQUEST_TIMEOUT, "timeout"),
             ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
@@ -109,22 +120,43 @@ pub async fn status(State(app): State<Arc<AppState>>) -> Json<serde_json::Value>
             "tutor": app.metrics.tutor.connections.get(),
         },
         "sessions": app.registry.loaded(),
+        "long_polls": app.requests.long_polls_held(),
     }))
 }
 
 /// `?token=` and anything else in the query string.
 type QueryMap = HashMap<String, String>;
 
-/// The session a request is about, opened for as long as the request runs.
-async fn open_authorized(
-    app: &AppState,
-    session: &str,
-    headers: &HeaderMap,
-    query: &QueryMap,
-) -> Result<(Claims, SessionHandle), ApiError> {
-    let claims = app.authorize(session, headers, query, None)?;
-    let handle = app.open_session(session).await?;
-    Ok((claims, handle))
+/// The body of an authorized request, read only now: within `limits.http_timeout_s` (a
+/// client trickling its body holds a task and a socket) and at most
+/// `limits.max_frame_bytes` (the `DefaultBodyLimit` of the router; `413` past it).
+async fn read_body(app: &AppState, req: Request) -> Result<axum::body::Bytes, ApiError> {
+    let timeout = std::time::Duration::from_secs(app.config.limits.http_timeout_s);
+    match tokio::time::timeout(timeout, axum::body::Bytes::from_request(req, &())).await {
+        Ok(Ok(body)) => Ok(body),
+        Ok(Err(rejection)) => {
+            let too_large = rejection.status() == StatusCode::PAYLOAD_TOO_LARGE;
+            app.metrics.limit_refused(if too_large {
+                "body_too_large"
+            } else {
+                "body_unreadable"
+            });
+            tracing::info!(reason = %rejection.body_text(), "request body refused");
+            Err(if too_large {
+                ApiError::TooLarge(rejection.body_text())
+            } else {
+                ApiError::BadRequest(rejection.body_text())
+            })
+        }
+        Err(_) => {
+            app.metrics.limit_refused("http_timeout");
+            tracing::info!(reason = "http_timeout", "request body too slow");
+            Err(ApiError::Timeout(format!(
+                "the request body did not arrive within {} s",
+                timeout.as_secs()
+            )))
+        }
+    }
 }
 
 fn require_snapshot_role(claims: &Claims) -> Result<(), ApiError> {
@@ -195,8 +227,9 @@ pub async fn take_snapshot(
     Query(query): Query<QueryMap>,
     headers: HeaderMap,
 ) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
-    let (claims, handle) = open_authorized(&app, &session, &headers, &query).await?;
+    let claims = app.authorize(&session, &headers, &query, None)?;
     require_snapshot_role(&claims)?;
+    let handle = app.open_session(&claims, &session).await?;
     let version = blocking(move || handle.whiteboard.snapshot_now().map_err(storage)).await?;
     tracing::info!(%session, user = %claims.sub, version, "snapshot taken");
     Ok((StatusCode::CREATED, Json(json!({ "version": version }))))
@@ -222,8 +255,9 @@ pub async fn restore_snapshot(
     Query(query): Query<QueryMap>,
     headers: HeaderMap,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let (claims, handle) = open_authorized(&app, &session, &headers, &query).await?;
+    let claims = app.authorize(&session, &headers, &query, None)?;
     require_snapshot_role(&claims)?;
+    let handle = app.open_session(&claims, &session).await?;
     let new_version = blocking(move || {
         handle.whiteboard.restore(version).map_err(|e| match e {
             RestoreFailure::NoSuchVersion(v) => {
@@ -281,6 +315,26 @@ fn number_param(query: &QueryMap, name: &str) -> Result<Option<u64>, ApiError> {
         .transpose()
 }
 
+/// The `sv` parameter: a base64url state vector, decoded through the guard (its entry
+/// count checked against its bytes: five bytes declaring 2^29 entries are a `400`, not a
+/// gigabyte reserved). Absent or empty: the empty state vector, so the whole document.
+fn state_vector_param(app: &AppState, query: &QueryMap) -> Result<StateVector, ApiError> {
+    let b64 = match query.get("sv").map(|v| v.trim_end_matches('=')) {
+        None | Some("") => return Ok(StateVector::default()),
+        Some(b64) => b64,
+    };
+    let refused = |message: String| {
+        app.metrics.limit_refused("state_vector");
+        tracing::info!(reason = "state_vector", "sv refused");
+        ApiError::BadRequest(message)
+    };
+    let bytes = URL_SAFE_NO_PAD
+        .decode(b64)
+        .map_err(|e| refused(format!("sv is not base64url: {e}")))?;
+    crate::doc::guard::decode_state_vector(&bytes)
+        .map_err(|e| refused(format!("sv is not a state vector: {e}")))
+}
+
 /// `GET /api/v2/session/{id}/whiteboard?sv=B64&wait=S`: the document as a Yjs v1 update, or
 /// what is missing from the base64url state vector `sv`. With `wait`, a long poll: when the
 /// document holds nothing beyond `sv`, the answer waits (on a change notification, no
@@ -291,18 +345,12 @@ pub async fn get_whiteboard(
     Query(query): Query<QueryMap>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let sv = match query.get("sv") {
-        None => StateVector::default(),
-        Some(b64) => {
-            let bytes = URL_SAFE_NO_PAD
-                .decode(b64.trim_end_matches('='))
-                .map_err(|e| ApiError::BadRequest(format!("sv is not base64url: {e}")))?;
-            StateVector::decode_v1(&bytes)
-                .map_err(|e| ApiError::BadRequest(format!("sv is not a state vector: {e}")))?
-        }
-    };
+    // Auth first: before it, `sv` is an anonymous string and is not even base64-decoded.
+    let claims = app.authorize(&session, &headers, &query, None)?;
+    let sv = state_vector_param(&app, &query)?;
     let wait = wait_param(&query)?;
-    let (_claims, handle) = open_authorized(&app, &session, &headers, &query).await?;
+    let _poll = wait.map(|_| app.long_poll(&claims, &session)).transpose()?;
+    let handle = app.open_session(&claims, &session).await?;
     if let Some(wait) = wait {
         // Subscribed before looking, so a change in between is not missed.
         let mut changes = handle.whiteboard.subscribe();
@@ -325,7 +373,9 @@ pub async fn get_messages(
     let after = number_param(&query, "after")?.unwrap_or(0);
     let limit = number_param(&query, "limit")?.unwrap_or(50).clamp(1, 200) as usize;
     let wait = wait_param(&query)?;
-    let (_claims, handle) = open_authorized(&app, &session, &headers, &query).await?;
+    let claims = app.authorize(&session, &headers, &query, None)?;
+    let _poll = wait.map(|_| app.long_poll(&claims, &session)).transpose()?;
+    let handle = app.open_session(&claims, &session).await?;
     if let Some(wait) = wait {
         let mut seq = handle.tutor.subscribe();
         let _ = tokio::time::timeout(wait, seq.wait_for(|last| *last > after)).await;
@@ -352,12 +402,15 @@ pub async fn post_message(
     Path(session): Path<String>,
     Query(query): Query<QueryMap>,
     headers: HeaderMap,
-    body: axum::body::Bytes,
+    req: Request,
 ) -> Result<(StatusCode, Json<ChatMessage>), ApiError> {
-    let (claims, handle) = open_authorized(&app, &session, &headers, &query).await?;
+    // Token, scope and role before a byte of the body is read.
+    let claims = app.authorize(&session, &headers, &query, None)?;
     if !claims.role.can_write() {
         return Err(ApiError::Forbidden("viewers may not chat".into()));
     }
+    let body = read_body(&app, req).await?;
+    let handle = app.open_session(&claims, &session).await?;
     let post: PostMessage = serde_json::from_slice(&body)
         .map_err(|e| ApiError::BadRequest(format!("expected {{\"text\":\"…\"}}: {e}")))?;
     check_text(&post.text, app.config.tutor.max_text_chars).map_err(|e| match e {
@@ -382,14 +435,17 @@ pub async fn post_whiteboard(
     Path(session): Path<String>,
     Query(query): Query<QueryMap>,
     headers: HeaderMap,
-    body: axum::body::Bytes,
+    req: Request,
 ) -> Result<StatusCode, ApiError> {
-    let (claims, handle) = open_authorized(&app, &session, &headers, &query).await?;
+    // Token, scope and role before a byte of the body is read.
+    let claims = app.authorize(&session, &headers, &query, None)?;
     if !claims.role.can_write() {
         return Err(ApiError::Forbidden(
             "viewers may not change the whiteboard".into(),
         ));
     }
+    let body = read_body(&app, req).await?;
+    let handle = app.open_session(&claims, &session).await?;
     let metrics = app.metrics.clone();
     blocking(
         move || match handle.whiteboard.apply_update(None, &body, None) {

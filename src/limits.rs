@@ -1,8 +1,10 @@
-//! Per-connection rate limits and server-wide connection caps (SPEC.md section 7).
+//! Per-connection rate limits and server-wide caps (SPEC.md sections 7 and 7.1).
 //!
 //! [`TokenBucket`] and [`Strikes`] are plain values owned by one connection's reader; the
 //! [`ConnectionCaps`] are shared and hand out a [`ConnectionPermit`] before an upgrade,
-//! released when the connection's task drops it. Nothing here does I/O.
+//! released when the connection's task drops it. [`LongPollCaps`] do the same for HTTP long
+//! polls, and [`NewSessionRate`] meters how many sessions one user brings into memory per
+//! minute. Nothing here does I/O.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -45,6 +47,12 @@ impl TokenBucket {
         } else {
             false
         }
+    }
+
+    /// Whether the bucket is back at its burst (unused for long enough).
+    pub fn is_full(&mut self) -> bool {
+        self.refill(Instant::now());
+        self.tokens >= self.burst
     }
 
     /// How long until a token is there (zero if one is now).
@@ -95,8 +103,21 @@ impl Strikes {
 pub enum CapError {
     #[error("too many connections for this user in this session")]
     PerUser,
+    #[error("too many connections for this user across sessions")]
+    PerUserTotal,
     #[error("the server is at its connection limit")]
     Total,
+}
+
+impl CapError {
+    /// A short label for logs and metrics.
+    pub fn reason(self) -> &'static str {
+        match self {
+            CapError::PerUser => "per_user_cap",
+            CapError::PerUserTotal => "per_user_total_cap",
+            CapError::Total => "server_cap",
+        }
+    }
 }
 
 type UserKey = (String, String, Endpoint);
@@ -105,8 +126,28 @@ type UserKey = (String, String, Endpoint);
 pub struct ConnectionCaps {
     max_total: usize,
     max_per_user: usize,
+    max_per_user_total: usize,
     total: AtomicUsize,
-    per_user: Mutex<HashMap<UserKey, usize>>,
+    counts: Mutex<UserCounts>,
+}
+
+/// Open connections by (user, session, endpoint) and by user alone, under one lock so the
+/// two never disagree.
+#[derive(Default)]
+struct UserCounts {
+    per_session: HashMap<UserKey, usize>,
+    per_user: HashMap<String, usize>,
+}
+
+/// Takes one from `map[key]`, removing the entry at zero so the maps hold only users
+/// with something open.
+fn release<K: std::hash::Hash + Eq>(map: &mut HashMap<K, usize>, key: &K) {
+    if let Some(n) = map.get_mut(key) {
+        *n = n.saturating_sub(1);
+        if *n == 0 {
+            map.remove(key);
+        }
+    }
 }
 
 /// Holds a connection's place under the caps until dropped.
@@ -116,12 +157,15 @@ pub struct ConnectionPermit {
 }
 
 impl ConnectionCaps {
-    pub fn new(max_total: usize, max_per_user: usize) -> Self {
+    /// `max_per_user` counts one user's connections to one session and endpoint,
+    /// `max_per_user_total` one user's connections to every session and endpoint.
+    pub fn new(max_total: usize, max_per_user: usize, max_per_user_total: usize) -> Self {
         Self {
             max_total,
             max_per_user,
+            max_per_user_total,
             total: AtomicUsize::new(0),
-            per_user: Mutex::new(HashMap::new()),
+            counts: Mutex::new(UserCounts::default()),
         }
     }
 
@@ -138,15 +182,18 @@ impl ConnectionCaps {
         endpoint: Endpoint,
     ) -> Result<ConnectionPermit, CapError> {
         let key = (user.to_owned(), session.to_owned(), endpoint);
-        let mut per_user = self.per_user.lock().unwrap_or_else(|e| e.into_inner());
+        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
         if self.total.load(Ordering::Relaxed) >= self.max_total {
             return Err(CapError::Total);
         }
-        let n = per_user.entry(key.clone()).or_insert(0);
-        if *n >= self.max_per_user {
+        if counts.per_user.get(user).copied().unwrap_or(0) >= self.max_per_user_total {
+            return Err(CapError::PerUserTotal);
+        }
+        if counts.per_session.get(&key).copied().unwrap_or(0) >= self.max_per_user {
             return Err(CapError::PerUser);
         }
-        *n += 1;
+        *counts.per_session.entry(key.clone()).or_insert(0) += 1;
+        *counts.per_user.entry(key.0.clone()).or_insert(0) += 1;
         self.total.fetch_add(1, Ordering::Relaxed);
         Ok(ConnectionPermit {
             caps: self.clone(),
@@ -157,14 +204,118 @@ impl ConnectionCaps {
 
 impl Drop for ConnectionPermit {
     fn drop(&mut self) {
-        let mut per_user = self.caps.per_user.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = per_user.get_mut(&self.key) {
-            *n -= 1;
-            if *n == 0 {
-                per_user.remove(&self.key);
-            }
-        }
+        let mut counts = self.caps.counts.lock().unwrap_or_else(|e| e.into_inner());
+        release(&mut counts.per_session, &self.key);
+        release(&mut counts.per_user, &self.key.0);
         self.caps.total.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Why a long poll was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum LongPollError {
+    #[error("too many long polls held for this user")]
+    PerUser,
+    #[error("the server holds as many long polls as it may")]
+    Total,
+}
+
+impl LongPollError {
+    /// A short label for logs and metrics.
+    pub fn reason(self) -> &'static str {
+        match self {
+            LongPollError::PerUser => "long_polls_per_user",
+            LongPollError::Total => "long_polls",
+        }
+    }
+}
+
+/// Long polls held at once, per user and in all. A held poll costs a socket (a file
+/// descriptor) and a task for up to 30 s, so one token must not be able to hold thousands.
+pub struct LongPollCaps {
+    max_total: usize,
+    max_per_user: usize,
+    counts: Mutex<(usize, HashMap<String, usize>)>,
+}
+
+/// A long poll's place under the [`LongPollCaps`], given back when dropped.
+pub struct LongPollPermit {
+    caps: Arc<LongPollCaps>,
+    user: String,
+}
+
+impl LongPollCaps {
+    pub fn new(max_total: usize, max_per_user: usize) -> Self {
+        Self {
+            max_total,
+            max_per_user,
+            counts: Mutex::new((0, HashMap::new())),
+        }
+    }
+
+    /// Long polls held now.
+    pub fn held(&self) -> usize {
+        self.counts.lock().unwrap_or_else(|e| e.into_inner()).0
+    }
+
+    pub fn acquire(self: &Arc<Self>, user: &str) -> Result<LongPollPermit, LongPollError> {
+        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        let (total, per_user) = &mut *counts;
+        if per_user.get(user).copied().unwrap_or(0) >= self.max_per_user {
+            return Err(LongPollError::PerUser);
+        }
+        if *total >= self.max_total {
+            return Err(LongPollError::Total);
+        }
+        *total += 1;
+        *per_user.entry(user.to_owned()).or_insert(0) += 1;
+        Ok(LongPollPermit {
+            caps: self.clone(),
+            user: user.to_owned(),
+        })
+    }
+}
+
+impl Drop for LongPollPermit {
+    fn drop(&mut self) {
+        let mut counts = self.caps.counts.lock().unwrap_or_else(|e| e.into_inner());
+        counts.0 = counts.0.saturating_sub(1);
+        release(&mut counts.1, &self.user);
+    }
+}
+
+/// How many sessions each user may bring into memory: a token bucket per user holding
+/// `per_minute` tokens, refilled at `per_minute` a minute. Loading a session reads the
+/// store and keeps a document in memory until it idles out, so a token for `sid: "*"`
+/// must not be able to load thousands of them.
+pub struct NewSessionRate {
+    per_minute: u32,
+    buckets: Mutex<HashMap<String, TokenBucket>>,
+}
+
+/// Buckets kept before idle (full) ones are pruned; bounds the map under many users.
+const PRUNE_BUCKETS_AT: usize = 4096;
+
+impl NewSessionRate {
+    pub fn new(per_minute: u32) -> Self {
+        Self {
+            per_minute,
+            buckets: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Takes one new-session token of `user`; `false` when the user has none left.
+    pub fn try_take(&self, user: &str) -> bool {
+        let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        if buckets.len() >= PRUNE_BUCKETS_AT && !buckets.contains_key(user) {
+            // A full bucket is the same as no bucket: forget it.
+            buckets.retain(|_, b| !b.is_full());
+        }
+        let per_minute = self.per_minute;
+        buckets
+            .entry(user.to_owned())
+            .or_insert_with(|| TokenBucket::new(f64::from(per_minute) / 60.0, per_minute))
+            .try_take()
     }
 }
 
@@ -190,7 +341,7 @@ mod tests {
 
     #[test]
     fn caps_release_on_drop() {
-        let caps = Arc::new(ConnectionCaps::new(3, 2));
+        let caps = Arc::new(ConnectionCaps::new(3, 2, 64));
         let a = caps.acquire("u", "s", Endpoint::Tutor).unwrap();
         let _b = caps.acquire("u", "s", Endpoint::Tutor).unwrap();
         assert_eq!(
@@ -205,5 +356,41 @@ mod tests {
         drop(a);
         assert!(caps.acquire("u", "s", Endpoint::Tutor).is_ok());
         assert_eq!(caps.open(), 2);
+    }
+
+    #[test]
+    fn per_user_total_spans_sessions() {
+        let caps = Arc::new(ConnectionCaps::new(100, 8, 3));
+        let a = caps.acquire("u", "s1", Endpoint::Tutor).unwrap();
+        let _b = caps.acquire("u", "s2", Endpoint::Whiteboard).unwrap();
+        let _c = caps.acquire("u", "s3", Endpoint::Tutor).unwrap();
+        assert_eq!(
+            caps.acquire("u", "s4", Endpoint::Tutor).err(),
+            Some(CapError::PerUserTotal)
+        );
+        assert!(caps.acquire("v", "s4", Endpoint::Tutor).is_ok());
+        drop(a);
+        assert!(caps.acquire("u", "s4", Endpoint::Tutor).is_ok());
+    }
+
+    #[test]
+    fn long_polls_are_capped_per_user_and_in_all() {
+        let caps = Arc::new(LongPollCaps::new(3, 2));
+        let a = caps.acquire("u").unwrap();
+        let _b = caps.acquire("u").unwrap();
+        assert_eq!(caps.acquire("u").err(), Some(LongPollError::PerUser));
+        let _c = caps.acquire("v").unwrap();
+        assert_eq!(caps.acquire("w").err(), Some(LongPollError::Total));
+        drop(a);
+        assert_eq!(caps.held(), 2);
+        assert!(caps.acquire("u").is_ok());
+    }
+
+    #[test]
+    fn new_sessions_are_metered_per_user() {
+        let rate = NewSessionRate::new(2);
+        assert!(rate.try_take("u") && rate.try_take("u"));
+        assert!(!rate.try_take("u"));
+        assert!(rate.try_take("v"));
     }
 }

@@ -54,6 +54,7 @@ pub struct Metrics {
     pub relay_latency: Histogram,
     pub snapshot_duration: Histogram,
     pub store_decode_errors: Counter,
+    limit_refusals: Family<[(&'static str, &'static str); 1], Counter>,
     /// Whiteboard input refused by the update guard (SPEC.md 7.1), by reason.
     pub guard_refusals: GuardRefusals,
     pub updates_rolled_back: Counter,
@@ -211,7 +212,14 @@ impl Metrics {
             "Updates refused after they began to integrate; the document was rebuilt from the store",
             updates_rolled_back.clone(),
         );
+        let limit_refusals = Family::default();
+        registry.register(
+            "limit_refusals",
+            "Requests refused or cut off by a limit of SPEC 7.1, by limit",
+            limit_refusals.clone(),
+        );
         Self {
+            limit_refusals,
             registry,
             whiteboard,
             tutor,
@@ -240,6 +248,12 @@ impl Metrics {
         self.auth_failures
             .get_or_create(&[("reason", reason)])
             .inc();
+    }
+
+    /// One refusal by a hostile-input limit; `limit` is a stable label value
+    /// (`long_polls_per_user`, `http_timeout`, `state_vector`, ...).
+    pub fn limit_refused(&self, limit: &'static str) {
+        self.limit_refusals.get_or_create(&[("limit", limit)]).inc();
     }
 
     pub fn closed(&self, e: Endpoint, code: u16) {

@@ -5,10 +5,18 @@
 //! token, scope or connection caps say so (SPEC.md sections 2 and 7). An accepted one is
 //! handed to `socket::run` with its endpoint's frame handler. Shutdown: stop accepting,
 //! close every socket with 1012, wait for their tasks, snapshot, and return.
+//!
+//! Hostile clients (SPEC.md 7.1): connections are served by our own accept loop
+//! ([`serve_http`]) so that request headers have a deadline (`limits.http_timeout_s`, which
+//! axum's `serve` cannot set); the open-file limit is raised to its hard limit at start;
+//! a user's connections are capped across sessions and the sessions a user brings into
+//! memory are metered ([`RequestLimits`]); request spans log the path, never the query
+//! string (it may hold `?token=`).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::pin::pin;
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use axum::extract::ws::{WebSocket, WebSocketUpgrade};
@@ -16,8 +24,9 @@ use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method};
 use axum::response::Response;
 use axum::routing::{get, post};
-use axum::serve::ListenerExt;
 use axum::Router;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tower_http::cors::{AllowOrigin, CorsLayer};
@@ -26,7 +35,10 @@ use tower_http::trace::TraceLayer;
 use crate::auth::{bearer_from_subprotocols, Claims, Verifier};
 use crate::config::Config;
 use crate::http_api::{self, ApiError};
-use crate::limits::{CapError, ConnectionCaps, ConnectionPermit, Strikes, TokenBucket};
+use crate::limits::{
+    CapError, ConnectionCaps, ConnectionPermit, LongPollCaps, LongPollPermit, NewSessionRate,
+    Strikes, TokenBucket,
+};
 use crate::metrics::{Endpoint, Metrics};
 use crate::outbox::{outbox, Outbox};
 use crate::protocol::tutor::UserInfo;
@@ -63,9 +75,75 @@ pub struct AppState {
     pub registry: Arc<Registry>,
     pub metrics: Arc<Metrics>,
     pub caps: Arc<ConnectionCaps>,
+    pub requests: RequestLimits,
     pub store: Arc<dyn Store>,
     pub shutdown: watch::Receiver<bool>,
     pub started: Instant,
+}
+
+/// The per-user limits of SPEC.md 7.1 that are not connection counts: long polls held
+/// and sessions brought into memory.
+pub struct RequestLimits {
+    long_polls: Arc<LongPollCaps>,
+    new_sessions: NewSessionRate,
+    /// Sessions this server has opened, as weak references to their id (the `Arc<str>`
+    /// the registry's entry and its session share): one that still upgrades is loaded.
+    /// Every open goes through [`AppState::open_session`], so this sees every load
+    /// without a lookup into the registry's map.
+    opened: Mutex<OpenedSessions>,
+}
+
+struct OpenedSessions {
+    ids: HashMap<String, Weak<str>>,
+    /// Size at which dead entries are next swept out (amortised: doubles with the map).
+    sweep_at: usize,
+}
+
+/// Entries kept before the first sweep of [`OpenedSessions`].
+const OPENED_SWEEP_MIN: usize = 1024;
+
+impl RequestLimits {
+    pub fn new(limits: &crate::config::LimitsConfig) -> Self {
+        Self {
+            long_polls: Arc::new(LongPollCaps::new(
+                limits.max_long_polls,
+                limits.max_long_polls_per_user,
+            )),
+            new_sessions: NewSessionRate::new(limits.max_new_sessions_per_user_per_minute),
+            opened: Mutex::new(OpenedSessions {
+                ids: HashMap::new(),
+                sweep_at: OPENED_SWEEP_MIN,
+            }),
+        }
+    }
+
+    /// Long polls held now (for `/api/v2/status`).
+    pub fn long_polls_held(&self) -> usize {
+        self.long_polls.held()
+    }
+
+    fn opened(&self) -> std::sync::MutexGuard<'_, OpenedSessions> {
+        self.opened.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether `session` is in memory now (its session value still lives).
+    fn is_loaded(&self, session: &str) -> bool {
+        self.opened()
+            .ids
+            .get(session)
+            .is_some_and(|w| w.strong_count() > 0)
+    }
+
+    fn remember(&self, handle: &SessionHandle) {
+        let mut opened = self.opened();
+        opened
+            .ids
+            .insert(handle.id.to_string(), Arc::downgrade(&handle.id));
+        if opened.ids.len() >= opened.sweep_at {
+            opened.ids.retain(|_, w| w.strong_count() > 0);
+            opened.sweep_at = (opened.ids.len() * 2).max(OPENED_SWEEP_MIN);
+        }
+    }
 }
 
 impl AppState {
@@ -108,6 +186,8 @@ impl AppState {
         ws: Option<&WebSocketUpgrade>,
     ) -> Result<Claims, ApiError> {
         if !valid_session_id(session) {
+            self.metrics.auth_failure("bad_session_id");
+            tracing::info!(reason = "bad_session_id", "request refused");
             return Err(ApiError::BadRequest(
                 "session id must match [A-Za-z0-9_-]{1,128}".into(),
             ));
@@ -146,7 +226,12 @@ impl AppState {
             None => Ok(()),
             Some(o) if allowed.iter().any(|a| a == o) => Ok(()),
             Some(o) => {
-                tracing::info!(origin = o, "upgrade refused: origin not allowed");
+                self.metrics.auth_failure("origin");
+                tracing::info!(
+                    origin = o,
+                    reason = "origin",
+                    "upgrade refused: origin not allowed"
+                );
                 Err(ApiError::Forbidden(format!("origin {o} is not allowed")))
             }
         }
@@ -159,29 +244,57 @@ impl AppState {
         e: Endpoint,
     ) -> Result<ConnectionPermit, ApiError> {
         self.caps.acquire(&claims.sub, session, e).map_err(|err| {
-            self.metrics.auth_failure(match err {
-                CapError::PerUser => "per_user_cap",
-                CapError::Total => "server_cap",
-            });
-            tracing::info!(%session, user = %claims.sub, reason = %err, "upgrade refused");
+            self.metrics.auth_failure(err.reason());
+            tracing::info!(%session, user = %claims.sub, reason = err.reason(), "upgrade refused");
             match err {
-                CapError::PerUser => ApiError::TooManyConnections(err.to_string()),
+                CapError::PerUser | CapError::PerUserTotal => {
+                    ApiError::TooManyConnections(err.to_string())
+                }
                 CapError::Total => ApiError::Unavailable(err.to_string()),
             }
         })
     }
 
-    /// Opens a session off the async threads (loading may read the disk).
-    pub async fn open_session(&self, session: &str) -> Result<SessionHandle, ApiError> {
+    /// A place for one more long poll of this user (SPEC.md 7.1), or `429`.
+    pub fn long_poll(&self, claims: &Claims, session: &str) -> Result<LongPollPermit, ApiError> {
+        self.requests
+            .long_polls
+            .acquire(&claims.sub)
+            .map_err(|err| {
+                self.metrics.limit_refused(err.reason());
+                tracing::info!(%session, user = %claims.sub, reason = err.reason(), "long poll refused");
+                ApiError::TooManyRequests("too_many_long_polls", err.to_string())
+            })
+    }
+
+    /// Opens a session for the user of `claims`, off the async threads (loading may read
+    /// the disk). A session not in memory costs the user one of their
+    /// `limits.max_new_sessions_per_user_per_minute`; with none left, `429` and nothing
+    /// is loaded.
+    pub async fn open_session(
+        &self,
+        claims: &Claims,
+        session: &str,
+    ) -> Result<SessionHandle, ApiError> {
+        if !self.requests.is_loaded(session) && !self.requests.new_sessions.try_take(&claims.sub) {
+            self.metrics.limit_refused("new_sessions_per_user");
+            tracing::info!(%session, user = %claims.sub, reason = "new_sessions_per_user", "request refused");
+            return Err(ApiError::TooManyRequests(
+                "too_many_new_sessions",
+                "this user opened too many new sessions in the last minute".into(),
+            ));
+        }
         let registry = self.registry.clone();
         let id = session.to_owned();
-        tokio::task::spawn_blocking(move || registry.open(&id))
+        let handle = tokio::task::spawn_blocking(move || registry.open(&id))
             .await
             .map_err(|e| ApiError::Internal(e.to_string()))?
             .map_err(|e| {
                 tracing::error!(%session, error = %e, "session could not be loaded");
                 ApiError::Unavailable("the session could not be loaded".into())
-            })
+            })?;
+        self.requests.remember(&handle);
+        Ok(handle)
     }
 
     fn timing(&self, keepalive: bool) -> Timing {
@@ -220,7 +333,7 @@ async fn admit(
     app.check_origin(headers)?;
     let ws = ws.map_err(|e| ApiError::BadRequest(e.to_string()))?;
     let permit = app.acquire(&claims, session, endpoint)?;
-    let session = app.open_session(session).await?;
+    let session = app.open_session(&claims, session).await?;
     let max = app.config.limits.max_frame_bytes;
     let ws = ws
         .protocols(["easel"])
@@ -411,7 +524,12 @@ pub fn router(app: Arc<AppState>) -> Router {
         // A posted update may be as large as a WebSocket frame may.
         .layer(DefaultBodyLimit::max(app.config.limits.max_frame_bytes))
         .layer(cors(&app.config.http.allowed_origins))
-        .layer(TraceLayer::new_for_http())
+        // The span names the path only: the query string may hold `?token=` (SPEC.md 7).
+        .layer(
+            TraceLayer::new_for_http().make_span_with(|req: &axum::extract::Request| {
+                tracing::debug_span!("request", method = %req.method(), path = %req.uri().path())
+            }),
+        )
         .with_state(app)
 }
 
@@ -434,7 +552,9 @@ pub async fn serve(
         caps: Arc::new(ConnectionCaps::new(
             config.limits.max_connections,
             config.limits.max_connections_per_user,
+            config.limits.max_connections_per_user_total,
         )),
+        requests: RequestLimits::new(&config.limits),
         config: config.clone(),
         verifier: Arc::new(verifier),
         registry: registry.clone(),
@@ -445,18 +565,11 @@ pub async fn serve(
     });
     let housekeeping = tokio::spawn(registry.clone().run_housekeeping(shutdown.clone()));
 
-    let listener = listener.tap_io(|tcp| {
-        // Nagle's algorithm would hold small relayed frames back by up to 40 ms.
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::warn!(error = %e, "could not set TCP_NODELAY");
-        }
-    });
     let mut stopping = shutdown.clone();
-    let server = axum::serve(listener, router(app.clone()).into_make_service())
-        .with_graceful_shutdown(async move {
-            socket::stopping(&mut stopping).await;
-        });
-    let server = tokio::spawn(async move { server.await });
+    let server = serve_http(listener, router(app.clone()), app.clone(), async move {
+        socket::stopping(&mut stopping).await;
+    });
+    let server = tokio::spawn(server);
 
     stop.await;
     tracing::info!("shutting down: closing connections");
@@ -487,4 +600,135 @@ pub async fn serve(
     server.abort();
     tracing::info!("shutdown complete");
     Ok(())
+}
+
+/// Raises this process's open-file soft limit to its hard limit (SPEC.md 7.1): every
+/// WebSocket and long poll holds a descriptor, and a default soft limit of 1024 would let
+/// a few hundred clients lock out `/healthz` and every new connection.
+fn raise_open_file_limit() {
+    #[cfg(unix)]
+    {
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit and setrlimit only read and write the struct passed to them.
+        if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+            tracing::warn!(error = %std::io::Error::last_os_error(), "cannot read the open-file limit");
+            return;
+        }
+        if limit.rlim_cur >= limit.rlim_max {
+            tracing::info!(open_files = limit.rlim_cur, "open-file limit");
+            return;
+        }
+        let raised = libc::rlimit {
+            rlim_cur: limit.rlim_max,
+            rlim_max: limit.rlim_max,
+        };
+        // SAFETY: as above.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            tracing::info!(
+                from = limit.rlim_cur,
+                to = raised.rlim_cur,
+                "open-file limit raised"
+            );
+        } else {
+            tracing::warn!(
+                soft = limit.rlim_cur,
+                hard = limit.rlim_max,
+                error = %std::io::Error::last_os_error(),
+                "cannot raise the open-file limit"
+            );
+        }
+    }
+}
+
+/// Errors of `accept` that concern one connection only (the next accept may succeed).
+fn is_connection_error(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind as K;
+    matches!(
+        e.kind(),
+        K::ConnectionRefused | K::ConnectionAborted | K::ConnectionReset
+    )
+}
+
+/// Serves HTTP/1.1 and WebSocket upgrades on `listener` until `stop` resolves, then stops
+/// accepting, lets every connection finish its current request (hyper's graceful
+/// shutdown; upgraded sockets are closed by their own tasks) and returns once all are done.
+///
+/// Our own loop rather than `axum::serve`, which gives hyper no timer: without one, a
+/// client that sends its headers one byte a minute (or none at all) holds its socket
+/// forever. Here a request's headers must arrive within `limits.http_timeout_s` (bodies
+/// are bounded by the handlers that read them), and a failing `accept` (out of file
+/// descriptors) is retried rather than ending the server.
+async fn serve_http(
+    listener: TcpListener,
+    router: Router,
+    app: Arc<AppState>,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+) {
+    raise_open_file_limit();
+    let header_timeout = Duration::from_secs(app.config.limits.http_timeout_s);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    // Every connection task holds a receiver; `closed()` resolves when the last is gone.
+    let (done_tx, done_rx) = watch::channel(());
+    let mut stop = pin!(stop);
+    loop {
+        let (tcp, _peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(conn) => conn,
+                Err(e) if is_connection_error(&e) => continue,
+                Err(e) => {
+                    // EMFILE and friends: back off briefly, as hyper's examples do, so a
+                    // full descriptor table does not spin this loop.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = &mut stop => break,
+        };
+        // Nagle's algorithm would hold small relayed frames back by up to 40 ms.
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::warn!(error = %e, "could not set TCP_NODELAY");
+        }
+        let service = TowerToHyperService::new(router.clone());
+        let mut stopping = stop_rx.clone();
+        let done = done_rx.clone();
+        let metrics = app.metrics.clone();
+        tokio::spawn(async move {
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder
+                .timer(TokioTimer::new())
+                .header_read_timeout(header_timeout);
+            let mut conn = pin!(builder
+                .serve_connection(TokioIo::new(tcp), service)
+                .with_upgrades());
+            let mut shutting_down = false;
+            loop {
+                tokio::select! {
+                    result = conn.as_mut() => {
+                        if let Err(e) = result {
+                            if e.is_timeout() {
+                                metrics.limit_refused("http_timeout");
+                                tracing::info!(reason = "http_timeout", "connection closed: request headers too slow");
+                            } else {
+                                tracing::debug!(error = %e, "connection ended with an error");
+                            }
+                        }
+                        break;
+                    }
+                    _ = stopping.changed(), if !shutting_down => {
+                        shutting_down = true;
+                        conn.as_mut().graceful_shutdown();
+                    }
+                }
+            }
+            drop(done);
+        });
+    }
+    drop(listener);
+    let _ = stop_tx.send(true);
+    drop(done_rx);
+    done_tx.closed().await;
 }

@@ -718,7 +718,8 @@ async fn corrupt_newest_snapshot_is_skipped_and_previous_version_used() {
 // ---------------------------------------------------------------------------------------------
 
 async fn touch_session(server: &TestServer, s: String) {
-    let mut c = server.wb_user(&s, "mem").await;
+    // A user per session: one user may bring only 120 sessions a minute into memory (SPEC 7.1).
+    let mut c = server.wb_user(&s, &format!("mem-{s}")).await;
     c.map_set("m", "k", &format!("value of {s}")).await;
     c.text_push("t", "some text for the snapshot").await;
     c.barrier().await;

@@ -49,7 +49,10 @@ impl Target {
                 .unwrap_or(0)
         ));
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        let secret = format!("loadgen-secret-{}", std::process::id());
+        let secret = format!(
+            "easel-loadgen-secret-of-32-bytes-or-more-{}",
+            std::process::id()
+        );
         let stderr = std::fs::File::create(dir.join("server.stderr"))?;
         let mut cmd = Command::new(bin);
         match kind {
