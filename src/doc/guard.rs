@@ -57,16 +57,23 @@ pub fn decode_state_vector(bytes: &[u8]) -> Result<StateVector, GuardError> {
     Ok(sv)
 }
 
-/// An awareness update, decoded once its count fits and each state (JSON text) is at most
-/// `max_state_bytes` long and nested at most `max_nesting` deep.
+/// An awareness update, decoded once it names at most `max_entries` clients and each state
+/// (JSON text) is at most `max_state_bytes` long and nested at most `max_nesting` deep.
 pub fn decode_awareness(
     bytes: &[u8],
+    max_entries: usize,
     max_state_bytes: usize,
     max_nesting: usize,
 ) -> Result<AwarenessUpdate, GuardError> {
     let mut cursor = Cursor::new(bytes);
     // An entry is a client id, a clock and a string length, one byte each at the least.
     let count = read_count(&mut cursor, 3)?;
+    if count > max_entries {
+        return Err(GuardError::TooLarge {
+            what: "an awareness update's client count",
+            limit: max_entries,
+        });
+    }
     for _ in 0..count {
         cursor.read_var::<u64>().map_err(malformed)?;
         cursor.read_var::<u32>().map_err(malformed)?;
@@ -852,17 +859,17 @@ mod tests {
             b.extend_from_slice(json.as_bytes());
             b
         };
-        assert!(decode_awareness(&entry("{\"a\":[1]}"), 1024, 64).is_ok());
+        assert!(decode_awareness(&entry("{\"a\":[1]}"), 16, 1024, 64).is_ok());
         assert_eq!(
-            decode_awareness(&entry("[[[[]]]]"), 1024, 3).unwrap_err(),
+            decode_awareness(&entry("[[[[]]]]"), 16, 1024, 3).unwrap_err(),
             GuardError::TooDeep { limit: 3 }
         );
         assert!(matches!(
-            decode_awareness(&entry("{\"a\":1}"), 4, 64),
+            decode_awareness(&entry("{\"a\":1}"), 16, 4, 64),
             Err(GuardError::TooLarge { .. })
         ));
         // A million declared clients in four bytes.
-        assert!(decode_awareness(&[0xc0, 0x84, 0x3d, 0], 1024, 64).is_err());
+        assert!(decode_awareness(&[0xc0, 0x84, 0x3d, 0], usize::MAX, 1024, 64).is_err());
     }
 
     #[test]

@@ -55,6 +55,11 @@ pub enum Inbound {
     QueryAwareness,
 }
 
+/// The most awareness clients one incoming message may name. A client announces its own
+/// state (one entry); a session holds at most `limits.max_awareness_clients_per_session`
+/// (1,000 by default). A message naming more is refused whole.
+pub const MAX_AWARENESS_ENTRIES: usize = 4096;
+
 /// Decodes every message of a frame. Any undecodable message rejects the whole frame, so
 /// that nothing from a corrupt frame is applied.
 pub fn decode_frame(frame: &Bytes) -> Result<Vec<Inbound>, WireError> {
@@ -110,10 +115,14 @@ fn decode_message(
         }
         k if k == MSG_AWARENESS as u32 => {
             let data = read_slice(frame, cursor)?;
-            // Sizes and depth of the states are the whiteboard's to bound (its limits are
-            // configured); here only the structure is checked before yrs decodes it.
+            // Sizes and depth of the states, and client ids per connection and session, are
+            // the whiteboard's to bound (its limits are configured); here the structure is
+            // checked before yrs decodes it, and one message may name at most
+            // MAX_AWARENESS_ENTRIES clients, so no message builds a map far larger than a
+            // session may hold.
             let update =
-                guard::decode_awareness(&data, usize::MAX, usize::MAX).map_err(malformed)?;
+                guard::decode_awareness(&data, MAX_AWARENESS_ENTRIES, usize::MAX, usize::MAX)
+                    .map_err(malformed)?;
             Ok(Inbound::Awareness {
                 update,
                 message: frame.slice(start..cursor.next),
