@@ -94,13 +94,16 @@ test('restart with the same secret: reconnecting…, offline edits sync, no dupl
     await shot(tutor, '1-connected-tutor')
 
     // ---- 1. stop; same secret again.
-    const stopped = await server.stop()
-    assert.equal(stopped.code, 0, `easel exited with ${JSON.stringify(stopped)}`)
+    // The pages see the 1012 close as the shutdown starts: they say "reconnecting…" while the
+    // server is still stopping (and "offline" OFFLINE_AFTER_MS later), so look before waiting for the exit.
+    let stopping = server.stop()
     for (const [page, who] of [[tutor, 'tutor'], [student, 'student']]) {
       await bothWords(page, who, /^reconnecting…$/)
       await until(page, `${who}: presence greyed`, () => document.querySelector('#participants').classList.contains('stale') &&
         document.querySelector('#participants').textContent.startsWith('offline — last seen here: '))
     }
+    const stopped = await stopping
+    assert.equal(stopped.code, 0, `easel exited with ${JSON.stringify(stopped)}`)
     await shot(student, '2-reconnecting-student')
 
     // Work done while the server is down is counted in the status line.
@@ -133,8 +136,10 @@ test('restart with the same secret: reconnecting…, offline edits sync, no dupl
     await shot(tutor, '4-reconnected-tutor')
 
     // ---- 2. stop; a different secret: the links are dead.
-    await server.stop()
+    stopping = server.stop()
     await bothWords(tutor, 'tutor', /^reconnecting…$/)
+    await bothWords(student, 'student', /^reconnecting…$/)
+    assert.equal((await stopping).code, 0)
     server = await startServer({ secret: newSecret(), port, dataDir })
     for (const [page, who] of [[tutor, 'tutor'], [student, 'student']]) {
       await until(page, `${who}: the dead link explained`, () => !document.querySelector('#notice').hidden)

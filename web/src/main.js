@@ -193,6 +193,8 @@ async function runCheck () {
 
 /** A connection succeeded: the link works, and the next failure is checked at once. */
 function linkWorks () {
+  clearTimeout(check.timer) // a check put off by the outage's backoff is moot now
+  check.timer = 0
   check.delay = 1000
   check.next = 0
 }
@@ -684,7 +686,14 @@ function startChat () {
       retryTimer = setTimeout(connect, Math.min(5000, 500 * 2 ** attempt++))
     }
   }
-  stoppers.push(() => { const s = ws; ws = null; clearTimeout(retryTimer); s?.close() })
+  stoppers.push(() => {
+    const s = ws
+    ws = null
+    clearTimeout(retryTimer)
+    s?.close()
+    for (const li of waiting.values()) li.querySelector('.state').textContent = 'not sent'
+    queue.length = 0
+  })
   // The whiteboard came back (or the browser is online again): the server is up, retry now.
   const retryNow = () => { if (!ws && !refused) connect() }
   onBoardBack = retryNow
