@@ -2,126 +2,38 @@
 // the real easel binary (env EASEL_BIN, an absolute path).
 //
 // Two pages open the demo as two users; page 1 draws a stroke, adds a sticky note, moves
-// its cursor and posts a chat line; page 2 must show all of them. Screenshots go to
-// test-output/ at the repository root.
+// its cursor and posts a chat line; page 2 must show all of them. A bad token is explained.
+// Screenshots go to tests/browser/test-output/. The restart scenarios are in
+// reconnect.test.mjs; the shared harness is lib/harness.mjs.
 //
 //   apt-get install -y chromium        # once; or set CHROMIUM_PATH
 //   npm ci && EASEL_BIN=/path/to/target/debug/easel node --test
 
 import { test, before, after } from 'node:test'
 import assert from 'node:assert/strict'
-import { spawn } from 'node:child_process'
-import { createHmac, randomBytes } from 'node:crypto'
-import { mkdtempSync, mkdirSync, rmSync, existsSync, openSync, closeSync, readFileSync } from 'node:fs'
-import { tmpdir } from 'node:os'
-import { join, isAbsolute } from 'node:path'
-import { createInterface } from 'node:readline'
-import { fileURLToPath } from 'node:url'
-import { chromium } from 'playwright-core'
-
-const CHROMIUM = process.env.CHROMIUM_PATH || '/usr/bin/chromium'
-const OUT = fileURLToPath(new URL('../../test-output/', import.meta.url))
-const WAIT = 15000
-
-// ------------------------------------------------------------------ server
-
-function b64url (x) { return Buffer.from(x).toString('base64url') }
-
-function signToken (secret, claims) {
-  const head = b64url(JSON.stringify({ alg: 'HS256', typ: 'JWT' }))
-  const body = b64url(JSON.stringify({ exp: Math.floor(Date.now() / 1000) + 3600, ...claims }))
-  const sig = createHmac('sha256', secret).update(`${head}.${body}`).digest()
-  return `${head}.${body}.${b64url(sig)}`
-}
-
-async function startServer () {
-  const bin = process.env.EASEL_BIN
-  if (!bin || !isAbsolute(bin) || !existsSync(bin)) {
-    throw new Error(`EASEL_BIN must be the absolute path of a built easel binary (got ${JSON.stringify(bin)})`)
-  }
-  const tmp = mkdtempSync(join(tmpdir(), 'easel-browser-'))
-  const secret = randomBytes(32).toString('hex')
-  const logPath = join(tmp, 'server.log')
-  const logFd = openSync(logPath, 'a')
-  const child = spawn(bin, ['serve', '--listen', '127.0.0.1:0', '--data-dir', join(tmp, 'data')], {
-    env: { ...process.env, EASEL_LOG: process.env.EASEL_LOG || 'info', EASEL_JWT_SECRET: secret },
-    stdio: ['ignore', 'pipe', logFd]
-  })
-  closeSync(logFd)
-  const exited = new Promise((resolve) => child.on('exit', (code, signal) => resolve({ code, signal })))
-  const logTail = () => { try { return readFileSync(logPath, 'utf8').split('\n').slice(-40).join('\n') } catch { return '' } }
-
-  const lines = createInterface({ input: child.stdout })
-  const port = await new Promise((resolve, reject) => {
-    const timer = setTimeout(() => reject(new Error(`easel did not say "easel listening on" within 20 s\n${logTail()}`)), 20000)
-    lines.on('line', (line) => {
-      const m = /^easel listening on 127\.0\.0\.1:(\d+)\s*$/.exec(line)
-      if (m) { clearTimeout(timer); resolve(Number(m[1])) }
-    })
-    exited.then((e) => { clearTimeout(timer); reject(new Error(`easel exited (${JSON.stringify(e)})\n${logTail()}`)) })
-  }).catch(async (e) => { child.kill('SIGKILL'); rmSync(tmp, { recursive: true, force: true }); throw e })
-
-  return {
-    url: `http://127.0.0.1:${port}`,
-    token: (claims) => signToken(secret, claims),
-    logTail,
-    async stop () {
-      child.kill('SIGTERM')
-      const t = setTimeout(() => child.kill('SIGKILL'), 15000)
-      const r = await exited
-      clearTimeout(t)
-      rmSync(tmp, { recursive: true, force: true })
-      return r
-    }
-  }
-}
-
-// ------------------------------------------------------------------ browser
+import { randomBytes } from 'node:crypto'
+import { mkdirSync } from 'node:fs'
+import { join } from 'node:path'
+import { OUT, startServer, launchBrowser, signToken, until as untilIn } from './lib/harness.mjs'
 
 let server
-let context
-let profile
-const pageErrors = []
+let browser
+let pageErrors = []
 
 before(async () => {
-  if (!existsSync(CHROMIUM)) {
-    throw new Error(`no chromium at ${CHROMIUM}: install Debian's package (apt-get install -y chromium) or set CHROMIUM_PATH`)
-  }
   server = await startServer()
-  profile = mkdtempSync(join(tmpdir(), 'easel-chromium-'))
-  context = await chromium.launchPersistentContext(profile, {
-    executablePath: CHROMIUM,
-    headless: true,
-    args: ['--headless', '--no-sandbox', '--disable-gpu', '--no-first-run', '--disable-background-networking',
-      '--disable-component-update', '--disable-sync'],
-    viewport: { width: 1200, height: 720 },
-    timeout: 60000
-  })
+  browser = await launchBrowser()
+  pageErrors = browser.pageErrors
 })
 
 after(async () => {
-  await context?.close().catch(() => {})
-  if (profile) rmSync(profile, { recursive: true, force: true })
+  await browser?.close()
   const exit = await server?.stop()
   if (exit) assert.equal(exit.code, 0, `easel exited with ${JSON.stringify(exit)}`)
 })
 
-async function open (path) {
-  const page = await context.newPage()
-  page.on('pageerror', (e) => pageErrors.push(`${page.url()}: ${e.stack || e}`))
-  page.on('console', (m) => { if (m.type() === 'error') pageErrors.push(`console: ${m.text()}`) })
-  await page.goto(server.url + path)
-  return page
-}
-
-/** Waits until `fn` (run in the page) is truthy; a timeout says what was awaited. */
-async function until (page, what, fn, arg) {
-  try {
-    await page.waitForFunction(fn, arg, { timeout: WAIT, polling: 50 })
-  } catch (e) {
-    throw new Error(`timed out after ${WAIT} ms waiting for ${what}\n--- server log ---\n${server.logTail()}`, { cause: e })
-  }
-}
+const open = (path) => browser.open(server.url + path)
+const until = (page, what, fn, arg) => untilIn(page, what, fn, arg, server.logTail)
 
 const connected = (page, who) => until(page, `${who} connected`, () =>
   document.querySelector('#status-board').dataset.state === 'connected' &&
@@ -180,7 +92,9 @@ test('two users: a stroke, a note, a cursor and a chat line reach the other page
   await until(bob, 'the chat line', () => [...document.querySelectorAll('#messages li.msg')]
     .some((li) => li.querySelector('.who').textContent === 'Alice' && li.querySelector('.text').textContent === 'Hello Bob, look at the curve'))
   assert.equal(await bob.locator('#messages li.msg').count(), 1)
-  assert.match(await bob.textContent('#participants'), /2 here: .*Alice.*Bob|2 here: .*Bob.*Alice/)
+  assert.match(await bob.textContent('#participants'), /2 here: .*Alice \(student\).*Bob \(student, you\)|2 here: .*Bob \(student, you\).*Alice \(student\)/)
+  assert.equal(await bob.textContent('#status-board .words'), 'connected')
+  assert.equal(await bob.textContent('#status-chat .words'), 'connected')
 
   // Bob answers; Alice sees it after her own line, in order.
   await bob.fill('#chat-input', 'Nice!')
@@ -215,8 +129,10 @@ test('a page without a token explains how to get one; a bad token is reported', 
 
   const bad = await open('/?session=demo&token=' + signToken('not-the-secret', { sub: 'eve', sid: 'demo' }))
   await until(bad, 'the refusal', () => document.querySelector('#status-chat').dataset.state === 'closed' &&
-    !document.querySelector('#help').hidden)
-  assert.match(await bad.textContent('#help'), /refused \(401\)/)
+    !document.querySelector('#notice').hidden)
+  assert.match(await bad.textContent('#notice'), /This link is no longer valid .* Ask your tutor for a new link\..*answered 401: token signature is invalid/)
+  assert.equal(await bad.textContent('#status-board .words'), 'link refused')
+  assert.equal(await bad.isVisible('#help'), false)
   mkdirSync(OUT, { recursive: true })
   await bad.screenshot({ path: join(OUT, 'browser-demo-refused.png') })
   // The refused upgrades are logged by the browser as console errors; nothing threw.

@@ -2,6 +2,11 @@
 // the whiteboard endpoint (y-websocket), cursors from awareness, and a chat panel on the
 // tutor endpoint (JSON, SPEC.md section 4). Opened as /?session=ID&token=JWT.
 //
+// Both connections say their state in words in the header (connecting…, connected,
+// reconnecting…, offline — N edits will sync when back, link refused). Every failed
+// (re)connect re-checks the link over HTTP, with backoff, because a browser reports a
+// refused WebSocket upgrade (401/403) as a bare close: only the HTTP API can say why.
+//
 // Document layout:
 //   strokes: Y.Array of Y.Map { points: Y.Array [x0, y0, x1, y1, ...], color, by }
 //   notes:   Y.Map id -> Y.Map { x, y, text }
@@ -42,12 +47,14 @@ function colorOf (id) {
 }
 
 const claims = claimsOf(token)
-const me = { id: claims.sub || 'anonymous', name: claims.name || claims.sub || 'anonymous' }
+// The role is the token's until the server's welcome says it (for wording and the student-link button).
+const me = { id: claims.sub || 'anonymous', name: claims.name || claims.sub || 'anonymous', role: claims.role || 'student' }
 me.color = colorOf(me.id)
 
 $('session-name').textContent = session
 document.title = `easel · ${session}`
-$('me').textContent = `you: ${me.name}`
+const showMe = () => { $('me').textContent = `you: ${me.name} (${me.role})` }
+showMe()
 
 /** Shows `n` in #NAME-count and the word NAME(s) after it. */
 function count (name, n) {
@@ -55,20 +62,189 @@ function count (name, n) {
   $(name + '-word').textContent = n === 1 ? name : name + 's'
 }
 
-/** Connection indicator; 'closed' is final (the server said not to retry). */
-function setStatus (which, state, detail) {
-  const s = $('status-' + which)
-  if (s.dataset.state === 'closed') return
-  s.dataset.state = state
-  s.title = `${which}: ${detail || state}`
+// ---------------------------------------------------------------- connection state
+
+/** A lost connection is "reconnecting…" this long, then "offline" (it keeps retrying). */
+const OFFLINE_AFTER_MS = 5000
+
+const conns = {
+  board: { label: 'Whiteboard', state: 'idle', detail: '', pending: 0, timer: 0, unit: ['edit will sync', 'edits will sync'] },
+  chat: { label: 'Chat', state: 'idle', detail: '', pending: 0, timer: 0, unit: ['message will be sent', 'messages will be sent'] }
+}
+const WORDS = { idle: 'not started', connecting: 'connecting…', connected: 'connected', reconnecting: 'reconnecting…', offline: 'offline', closed: 'link refused' }
+
+/**
+ * Sets a connection's state: idle, connecting (never connected yet), connected,
+ * reconnecting (lost), offline (lost for OFFLINE_AFTER_MS, or the browser is offline),
+ * closed (final: the server refused the link or closed for good).
+ */
+function setStatus (which, state) {
+  const c = conns[which]
+  if (c.state === 'closed' || c.state === state) return
+  clearTimeout(c.timer)
+  c.state = state
+  if (state === 'connecting' || state === 'reconnecting') {
+    c.timer = setTimeout(() => { if (c.state === state) setStatus(which, 'offline') }, OFFLINE_AFTER_MS)
+  }
+  renderStatus(which)
 }
 
-let diagnosed = false // diagnose() asked the server once
-let refused = false // the server refused this link: stop reconnecting
+/** Edits (or chat messages) made while not connected: they go out on reconnect. */
+function setPending (which, n) {
+  conns[which].pending = n
+  renderStatus(which)
+}
+
+function renderStatus (which) {
+  const c = conns[which]
+  let words = WORDS[c.state]
+  const n = c.pending
+  if (c.state === 'closed') {
+    if (n) words += ` — ${n} ${n === 1 ? 'change' : 'changes'} not synced`
+  } else if (n && c.state !== 'connected') {
+    words += ` — ${n} ${c.unit[n === 1 ? 0 : 1]} when back`
+  } else if (c.state === 'offline') {
+    words += ' — retrying'
+  }
+  const s = $('status-' + which)
+  s.dataset.state = c.state
+  s.querySelector('.words').textContent = words
+  s.title = `${c.label}: ${words}${c.detail ? ` (${c.detail})` : ''}`
+}
+
+window.addEventListener('offline', () => {
+  for (const which of ['board', 'chat']) if (conns[which].state !== 'connected') setStatus(which, 'offline')
+})
+
+// ---------------------------------------------------------------- a dead link
+
+let refused = false // the server refused this link or closed for good: stop reconnecting
+const stoppers = [] // how to stop each connection
+let onBoardBack = () => {} // the chat's "retry now", once it runs
+const isTutor = (role) => role === 'tutor' || role === 'admin'
+
+/** Stops both connections and says why on the page, in words, above the board. */
+function refuse (title, detail) {
+  if (refused) return
+  refused = true
+  for (const stop of stoppers) stop()
+  for (const which of ['board', 'chat']) {
+    conns[which].detail = detail
+    setStatus(which, 'closed')
+  }
+  const n = $('notice')
+  n.textContent = ''
+  n.append(el('strong', null, title), el('small', null, detail))
+  n.hidden = false
+}
+
+/** What to do about a link that no longer works, by who holds it. */
+function askForLink () {
+  return isTutor(me.role)
+    ? `Mint a new one with “easel token --sub ID --session ${session} --role tutor” (or use the link “easel serve” printed).`
+    : 'Ask your tutor for a new link.'
+}
+
+/** Explains an HTTP refusal of this page's link; false if the answer is not one. */
+function explainRefusal (status, body) {
+  const said = `The server answered ${status}${body.message ? ': ' + body.message : ''}.`
+  if (status === 401) {
+    refuse(`This link is no longer valid (the server's secret changed or the token expired). ${askForLink()}`, said)
+  } else if (status === 403) {
+    refuse(`This link does not give access to session “${session}”. ${askForLink()}`, said)
+  } else if (status === 400) {
+    refuse(`This link is malformed: “${session}” is not a valid session id.`, said)
+  } else {
+    return false
+  }
+  return true
+}
+
+// A refused WebSocket upgrade shows up in a browser as a bare close (1006), the same as a
+// server that is down: after every failed (re)connect, ask the HTTP API about the link.
+// The checks back off (1 s, 2 s, ... 15 s) while they fail and start over once a
+// connection succeeds, so a long outage costs a request every 15 s, and a server that comes
+// back with another secret is explained within one backoff step.
+const check = { running: false, timer: 0, next: 0, delay: 1000 }
+
+function recheckLink () {
+  if (refused || check.running || check.timer || !token) return
+  check.timer = setTimeout(runCheck, Math.max(0, check.next - Date.now()))
+}
+
+/** Resolves true when the HTTP API refused the link (and the page now says why). */
+async function runCheck () {
+  clearTimeout(check.timer)
+  check.timer = 0
+  if (refused) return true
+  check.running = true
+  check.next = Date.now() + check.delay
+  check.delay = Math.min(15000, check.delay * 2)
+  try {
+    const r = await fetch(`/api/v2/session/${encodeURIComponent(session)}/snapshots?token=${encodeURIComponent(token)}`)
+    const body = r.ok ? {} : await r.json().catch(() => ({}))
+    return explainRefusal(r.status, body)
+  } catch {
+    return false // the server is unreachable: the status line already says so
+  } finally {
+    check.running = false
+  }
+}
+
+/** A connection succeeded: the link works, and the next failure is checked at once. */
+function linkWorks () {
+  clearTimeout(check.timer) // a check put off by the outage's backoff is moot now
+  check.timer = 0
+  check.delay = 1000
+  check.next = 0
+}
+
+/** The server closed a connection with "do not retry" (4400-4499): say why. */
+async function closedForGood (which, code, reason) {
+  while (check.running) await new Promise((resolve) => setTimeout(resolve, 50))
+  check.next = 0
+  if (await runCheck()) return
+  const said = `The ${conns[which].label.toLowerCase()} connection was closed by the server (${code}${reason ? ' ' + reason : ''}).`
+  if (code === 4403) refuse('You were removed from this session.', said)
+  else if (code === 4401) refuse(`This link has expired. ${askForLink()}`, said)
+  else refuse(`The server ended this connection for good. Reload the page; if that fails: ${askForLink()}`, said)
+}
+
+// ---------------------------------------------------------------- student link
+
+/**
+ * The page holds only its own token and mints nothing: it copies its address without the
+ * token and says that a student token must be added (the server does not give the page one).
+ */
+function showCopyButton () {
+  const b = $('copy-student-link')
+  b.hidden = !isTutor(me.role)
+  b.onclick = async () => {
+    const u = new URL(location.href)
+    u.searchParams.delete('token')
+    u.hash = ''
+    const link = u.href
+    let copied = false
+    try { await navigator.clipboard.writeText(link); copied = true } catch { /* shown below, to copy by hand */ }
+    const note = $('copy-note')
+    note.textContent = ''
+    note.append(copied ? 'Copied ' : 'Copy this link: ', el('code', null, link),
+      ' — add a student token before sending it (&token=…); this page cannot make one. Mint it with ',
+      el('code', null, `easel token --sub NAME --name Name --session ${session} --role student`), '.')
+    const close = el('button', 'dismiss', '×')
+    close.type = 'button'
+    close.title = 'dismiss'
+    close.onclick = () => { note.hidden = true }
+    note.append(' ', close)
+    note.dataset.link = link
+    note.hidden = false
+  }
+}
 
 if (!token) {
   $('help').hidden = false
 } else {
+  showCopyButton()
   startBoard()
   startChat()
 }
@@ -83,15 +259,31 @@ function startBoard () {
   const awareness = provider.awareness
   window.__easel = { doc, provider, awareness }
 
-  // Connection indicator: connected once the first sync is done.
-  let status = 'connecting'
-  const showStatus = () => setStatus('board', status === 'connected' && !provider.synced ? 'connecting' : status,
-    status === 'connected' && !provider.synced ? 'syncing' : status)
+  // Edits made while not synced, as the user sees them (a stroke, a note), for the status line.
+  const touchedOffline = new Set()
+  let strokeNo = 0
+  const touched = (key) => {
+    if (provider.wsconnected && provider.synced) return
+    touchedOffline.add(key)
+    setPending('board', touchedOffline.size)
+  }
+
+  // Connection state: connected once a sync is done; y-websocket retries on its own (backoff
+  // up to 2.5 s) and says 'connecting' on every attempt, so only a loss changes the words.
+  stoppers.push(() => provider.disconnect())
   setStatus('board', 'connecting')
-  provider.on('status', (e) => { status = e.status === 'disconnected' ? 'offline' : e.status; showStatus() })
-  provider.on('sync', showStatus)
-  provider.on('closed', (e) => setStatus('board', 'closed', `closed by the server (${e.code} ${e.reason || ''}): reload with a fresh token`))
-  provider.on('connection-error', () => diagnose('board'))
+  provider.on('status', (e) => { if (e.status === 'disconnected') setStatus('board', 'reconnecting') })
+  provider.on('sync', (synced) => {
+    if (!synced || !provider.wsconnected || refused) return
+    touchedOffline.clear()
+    setPending('board', 0)
+    setStatus('board', 'connected')
+    linkWorks()
+    onBoardBack()
+  })
+  provider.on('connection-close', () => recheckLink())
+  provider.on('closed', (e) => closedForGood('board', e.code, e.reason))
+  window.addEventListener('online', () => { if (!refused) provider.connect() })
 
   awareness.setLocalStateField('user', { name: me.name, color: me.color })
 
@@ -173,6 +365,7 @@ function startBoard () {
     stroke.set('by', me.id)
     strokes.push([stroke])
     current = points
+    touched('stroke ' + ++strokeNo)
   })
   canvas.addEventListener('pointermove', (e) => {
     if (!current) return
@@ -215,21 +408,24 @@ function startBoard () {
     const del = el('button', null, '×')
     del.type = 'button'
     del.title = 'delete note'
-    del.onclick = () => notes.delete(id)
+    del.onclick = () => { notes.delete(id); touched('note ' + id) }
     bar.append(del)
     const ta = el('textarea')
     ta.placeholder = 'Note…'
-    ta.oninput = () => n.set('text', ta.value)
+    ta.oninput = () => { n.set('text', ta.value); touched('note ' + id) }
     e.append(bar, ta)
     // Drag by the bar.
     bar.addEventListener('pointerdown', (ev) => {
       if (ev.target !== bar) return
       bar.setPointerCapture(ev.pointerId)
       const [sx, sy] = [ev.clientX - (Number(n.get('x')) || 0), ev.clientY - (Number(n.get('y')) || 0)]
-      const move = (m) => doc.transact(() => {
-        n.set('x', Math.max(0, Math.round(m.clientX - sx)))
-        n.set('y', Math.max(0, Math.round(m.clientY - sy)))
-      })
+      const move = (m) => {
+        doc.transact(() => {
+          n.set('x', Math.max(0, Math.round(m.clientX - sx)))
+          n.set('y', Math.max(0, Math.round(m.clientY - sy)))
+        })
+        touched('note ' + id)
+      }
       const up = () => { bar.removeEventListener('pointermove', move); bar.removeEventListener('pointerup', up) }
       bar.addEventListener('pointermove', move)
       bar.addEventListener('pointerup', up)
@@ -244,6 +440,7 @@ function startBoard () {
     n.set('y', 40 + Math.round(Math.random() * Math.max(0, stage.clientHeight / 2 - 40)))
     n.set('text', '')
     notes.set(id, n)
+    touched('note ' + id)
     noteEls.get(id)?.querySelector('textarea').focus()
   }
 
@@ -302,7 +499,26 @@ function startChat () {
   let ws = null
   let lastSeq = 0
   let attempt = 0
+  let retryTimer = 0
+  let welcomed = false // a welcome arrived on some connection: the next one is a reconnect
+  let live = false // a welcome arrived on the current connection
   let myId = me.id
+  // Chat typed while not connected: sent, in order, once the next welcome arrives.
+  const queue = [] // { text, client_id }
+  const waiting = new Map() // client_id -> its greyed line, until the server's echo
+  // Presence across an outage: who was here when the connection was lost. Those who come
+  // back within REJOIN_GRACE_MS are not announced again ("joined" twice, no "left"); the
+  // others are announced as left when it passes.
+  const REJOIN_GRACE_MS = 10000
+  let participants = []
+  const away = new Map() // id -> participant
+  let graceTimer = 0
+  // A "left" is announced LEAVE_HOLD_MS late: a server shutting down closes its sockets one
+  // by one, so the others' "left" often arrives just before our own connection drops; such
+  // a leave is part of the outage (the user goes to `away`). A tab reloaded within the hold
+  // is neither "left" nor "joined".
+  const LEAVE_HOLD_MS = 1500
+  const leaving = new Map() // id -> { user, timer }
 
   const nearBottom = () => list.scrollHeight - list.scrollTop - list.clientHeight < 40
   function append (li) {
@@ -311,11 +527,14 @@ function startChat () {
     if (stick) list.scrollTop = list.scrollHeight
   }
   function system (text) { append(el('li', 'system', text)) }
+  const nameOf = (p) => p?.name || p?.id || 'someone'
+  const labelOf = (p) => `${nameOf(p)}${p?.role ? ` (${p.role})` : ''}` // "Sam (student)"
 
   function addMessage (m) {
     if (typeof m.seq !== 'number' || seen.has(m.seq)) return
     seen.add(m.seq)
     lastSeq = Math.max(lastSeq, m.seq)
+    if (m.client_id && waiting.has(m.client_id)) { waiting.get(m.client_id).remove(); waiting.delete(m.client_id) }
     const from = m.from || {}
     const li = el('li', 'msg' + (from.id === myId ? ' mine' : ''))
     li.dataset.seq = m.seq
@@ -325,22 +544,31 @@ function startChat () {
     const time = el('time', null, isNaN(t) ? '' : t.toLocaleTimeString([], { hour: '2-digit', minute: '2-digit' }))
     time.dateTime = m.ts || ''
     li.append(who, time, el('div', 'text', m.text))
-    // Keep seq order (history after a reconnect may interleave with live messages).
-    const after = [...list.querySelectorAll('li.msg')].find((o) => Number(o.dataset.seq) > m.seq)
+    // Keep seq order (history after a reconnect may interleave with live messages); lines
+    // still waiting to be sent stay last.
+    const after = [...list.querySelectorAll('li.msg, li.pending')].find((o) => o.classList.contains('pending') || Number(o.dataset.seq) > m.seq)
     if (after) list.insertBefore(li, after)
     else append(li)
     stopTyping(from.id)
   }
 
-  function showParticipants (ps) {
+  /** "2 here: Tess (tutor, you), Sam (student)"; greyed and marked while offline. */
+  function showParticipants (stale) {
     const box = $('participants')
     box.textContent = ''
-    box.append(`${ps.length} here: `)
-    ps.forEach((p, i) => {
-      const b = el('b', null, p.name || p.id)
+    box.classList.toggle('stale', stale)
+    box.append(stale ? 'offline — last seen here: ' : `${participants.length} here: `)
+    participants.forEach((p, i) => {
+      const b = el('b', null, nameOf(p))
       b.style.color = colorOf(p.id)
+      const role = [p.role, p.id === myId ? 'you' : null].filter(Boolean).join(', ')
       box.append(i ? ', ' : '', b)
+      if (role) box.append(' ', el('span', 'role', `(${role})`))
     })
+  }
+  function setParticipants (ps) {
+    participants = Array.isArray(ps) ? ps : []
+    showParticipants(false)
   }
 
   function showTyping () {
@@ -354,21 +582,61 @@ function startChat () {
 
   function handle (m) {
     switch (m.type) {
-      case 'welcome':
+      case 'welcome': {
         myId = m.user?.id ?? myId
-        showParticipants(m.participants || [])
+        if (m.user?.role) { me.role = m.user.role; showMe(); showCopyButton() }
+        const ps = m.participants || []
+        if (welcomed) {
+          system('reconnected')
+          // Who was here before is not news; who came meanwhile joined.
+          for (const p of ps) if (!away.delete(p.id) && p.id !== myId) system(`${labelOf(p)} joined`)
+          clearTimeout(graceTimer)
+          graceTimer = setTimeout(() => {
+            for (const p of away.values()) system(`${labelOf(p)} left`)
+            away.clear()
+          }, REJOIN_GRACE_MS)
+        }
+        welcomed = true
+        live = true
+        attempt = 0
+        setParticipants(ps)
+        setStatus('chat', 'connected')
+        linkWorks()
+        // Messages typed while offline go out now, oldest first.
+        while (queue.length) {
+          const msg = queue.shift()
+          waiting.get(msg.client_id)?.querySelector('.state').replaceChildren('sending…')
+          send({ type: 'chat', ...msg })
+        }
+        setPending('chat', 0)
         break
+      }
       case 'history':
         for (const msg of m.messages || []) addMessage(msg)
         break
       case 'chat':
         addMessage(m)
         break
-      case 'presence':
-        showParticipants(m.participants || [])
-        if (m.user?.id !== myId) system(`${m.user?.name || m.user?.id} ${m.event === 'joined' ? 'joined' : 'left'}`)
-        if (m.event === 'left') stopTyping(m.user?.id)
+      case 'presence': {
+        setParticipants(m.participants)
+        const id = m.user?.id
+        if (m.event === 'left') stopTyping(id)
+        if (id === myId) break
+        const label = labelOf(m.user)
+        if (m.event === 'joined') {
+          const held = leaving.get(id)
+          if (held) { clearTimeout(held.timer); leaving.delete(id) } // back within the hold
+          if (away.delete(id) || held) break // back after the same outage: not news
+          system(`${label} joined`)
+        } else if (m.event === 'left' && !leaving.has(id)) {
+          away.delete(id)
+          leaving.set(id, {
+            user: m.user,
+            timer: setTimeout(() => { leaving.delete(id); system(`${label} left`) }, LEAVE_HOLD_MS)
+          })
+        }
         break
+      }
       case 'typing': {
         const id = m.from?.id
         if (!id || id === myId) break
@@ -386,33 +654,56 @@ function startChat () {
   }
 
   function connect () {
+    clearTimeout(retryTimer)
+    retryTimer = 0
     if (refused) return
     let url = `${wsOrigin}/ws/v2/session/${encodeURIComponent(session)}?token=${encodeURIComponent(token)}`
     if (lastSeq) url += `&after_seq=${lastSeq}`
-    setStatus('chat', 'connecting')
+    if (!welcomed) setStatus('chat', 'connecting')
     const sock = new WebSocket(url)
     ws = sock
-    sock.onopen = () => { attempt = 0; setStatus('chat', 'connected') }
     sock.onmessage = (e) => { try { handle(JSON.parse(e.data)) } catch (err) { console.warn('bad tutor message', err) } }
     sock.onclose = (e) => {
       if (ws !== sock) return
+      ws = null
       typing.forEach((_, id) => stopTyping(id))
-      if (e.code >= 4400 && e.code < 4500) {
-        setStatus('chat', 'closed', `closed by the server (${e.code} ${e.reason}): reload with a fresh token`)
-        system('The chat was closed by the server: reload the page with a fresh token.')
-        return
+      if (live) {
+        // Lost: presence is unknown until the next welcome.
+        live = false
+        for (const p of participants) if (p.id !== myId) away.set(p.id, p)
+        for (const [id, held] of leaving) { clearTimeout(held.timer); away.set(id, held.user) }
+        leaving.clear()
+        clearTimeout(graceTimer)
+        showParticipants(true)
+        setStatus('chat', 'reconnecting')
+        system('connection lost — reconnecting…')
+        // Sent but not echoed: the history after the reconnect shows whether it arrived.
+        for (const [id, li] of waiting) if (!queue.some((q) => q.client_id === id)) li.querySelector('.state').textContent = 'not confirmed'
       }
-      setStatus('chat', 'offline')
-      if (attempt === 0 && e.code === 1006) diagnose('chat')
-      setTimeout(connect, Math.min(10000, 500 * 2 ** attempt++))
+      if (refused) return
+      if (e.code >= 4400 && e.code < 4500) { closedForGood('chat', e.code, e.reason); return }
+      recheckLink()
+      retryTimer = setTimeout(connect, Math.min(5000, 500 * 2 ** attempt++))
     }
   }
+  stoppers.push(() => {
+    const s = ws
+    ws = null
+    clearTimeout(retryTimer)
+    s?.close()
+    for (const li of waiting.values()) li.querySelector('.state').textContent = 'not sent'
+    queue.length = 0
+  })
+  // The whiteboard came back (or the browser is online again): the server is up, retry now.
+  const retryNow = () => { if (!ws && !refused) connect() }
+  onBoardBack = retryNow
+  window.addEventListener('online', retryNow)
   connect()
 
   // Typing: announce at most every 2 s while keys are pressed; stop after 3 s idle.
   let typingSent = 0
   let idle = 0
-  const send = (obj) => { if (ws && ws.readyState === WebSocket.OPEN) { ws.send(JSON.stringify(obj)); return true } return false }
+  const send = (obj) => { if (live && ws && ws.readyState === WebSocket.OPEN) { ws.send(JSON.stringify(obj)); return true } return false }
   input.addEventListener('input', () => {
     if (Date.now() - typingSent > 2000 && input.value) { typingSent = Date.now(); send({ type: 'typing', active: true }) }
     clearTimeout(idle)
@@ -421,38 +712,22 @@ function startChat () {
   $('chat-form').addEventListener('submit', (e) => {
     e.preventDefault()
     const text = input.value.trim()
-    if (!text) return
-    if (!send({ type: 'chat', text, client_id: Math.random().toString(36).slice(2) })) {
-      system('Not connected: the message was not sent.')
-      return
+    if (!text || refused) return
+    const msg = { text, client_id: Math.random().toString(36).slice(2) }
+    // Shown greyed until the server's echo (its acknowledgement) replaces it.
+    const li = el('li', 'msg mine pending')
+    const who = el('span', 'who', me.name)
+    who.style.color = colorOf(myId)
+    li.append(who, el('span', 'state', 'sending…'), el('div', 'text', text))
+    waiting.set(msg.client_id, li)
+    append(li)
+    if (!send({ type: 'chat', ...msg })) {
+      li.querySelector('.state').textContent = 'will be sent when back'
+      queue.push(msg)
+      setPending('chat', queue.length)
     }
     input.value = ''
     clearTimeout(idle)
     typingSent = 0
   })
-}
-
-// ---------------------------------------------------------------- diagnosis
-
-/** A refused WebSocket upgrade shows up in a browser as a bare close: ask the HTTP API why. */
-async function diagnose (which) {
-  if (diagnosed) return
-  diagnosed = true
-  try {
-    const r = await fetch(`/api/v2/session/${encodeURIComponent(session)}/snapshots?token=${encodeURIComponent(token)}`)
-    if (r.status === 401 || r.status === 403 || r.status === 400) {
-      const body = await r.json().catch(() => ({}))
-      const why = `refused (${r.status}): ${body.message || body.error || ''}`
-      refused = true
-      window.__easel?.provider.disconnect()
-      setStatus('board', 'closed', why)
-      setStatus('chat', 'closed', why)
-      const help = $('help')
-      help.querySelector('h1').textContent = 'The server refused this link'
-      help.querySelector('p').textContent = why
-      help.hidden = false
-    }
-  } catch {
-    // the server is unreachable: the indicator already says offline
-  }
 }
