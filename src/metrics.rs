@@ -54,6 +54,12 @@ pub struct Metrics {
     pub relay_latency: Histogram,
     pub snapshot_duration: Histogram,
     pub store_decode_errors: Counter,
+    /// Whiteboard protocol messages received (a frame may pack many).
+    pub whiteboard_messages_in: Counter,
+    /// Tutor messages refused with `too_large` (text, client_id, event name or data).
+    pub tutor_too_large: Counter,
+    /// Chat history frames sent (a history may take several pages).
+    pub history_pages: Counter,
 }
 
 impl Default for Metrics {
@@ -161,6 +167,24 @@ impl Metrics {
             "Stored records that did not decode and were skipped",
             store_decode_errors.clone(),
         );
+        let whiteboard_messages_in = Counter::default();
+        registry.register(
+            "whiteboard_messages_in",
+            "Whiteboard protocol messages received (a frame may pack several)",
+            whiteboard_messages_in.clone(),
+        );
+        let tutor_too_large = Counter::default();
+        registry.register(
+            "tutor_too_large",
+            "Tutor messages refused as too large (text, client_id, event name or data)",
+            tutor_too_large.clone(),
+        );
+        let history_pages = Counter::default();
+        registry.register(
+            "history_pages",
+            "Chat history frames sent, a page each",
+            history_pages.clone(),
+        );
         Self {
             registry,
             whiteboard,
@@ -174,6 +198,9 @@ impl Metrics {
             relay_latency,
             snapshot_duration,
             store_decode_errors,
+            whiteboard_messages_in,
+            tutor_too_large,
+            history_pages,
         }
     }
 
