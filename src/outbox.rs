@@ -159,6 +159,19 @@ impl Outbox {
         true
     }
 
+    /// The most bytes the queue holds.
+    pub fn limit(&self) -> usize {
+        self.shared.limit
+    }
+
+    /// Marks the queue overflowed, as a send past its limit would: its writer closes the
+    /// connection with 1013. For a sender that holds messages back for the connection and
+    /// finds them over the limit.
+    pub fn overflow(&self) {
+        self.shared.overflowed.store(true, Ordering::Release);
+        self.shared.overflow.notify_one();
+    }
+
     /// Whether the connection still takes messages (not closing, not overflowed, not gone).
     pub fn is_open(&self) -> bool {
         !(self.shared.overflowed.load(Ordering::Relaxed)
