@@ -60,8 +60,7 @@ impl Shared {
             tokio::pin!(notified);
             // Registered before the check, so a wake-up between the two is not lost.
             notified.as_mut().enable();
-            if self.written.load(Ordering::Acquire) >= target
-                || self.closed.load(Ordering::Acquire)
+            if self.written.load(Ordering::Acquire) >= target || self.closed.load(Ordering::Acquire)
             {
                 return;
             }

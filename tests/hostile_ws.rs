@@ -177,12 +177,21 @@ async fn a_packed_frame_is_charged_per_message_and_stalls_nobody() {
 
     // The attacker gets at most its burst of answers, then 1008 (sustained abuse).
     let mut answers = 0usize;
+    let deadline = Instant::now() + Duration::from_secs(20);
     let code = loop {
+        assert!(
+            answers <= 5000 && Instant::now() < deadline,
+            "the attacker's answers are not limited: {answers} after {:?}; VmHWM {hwm_before} -> {} KiB",
+            started.elapsed(),
+            vm_hwm_kib(pid)
+        );
         match attacker.next_event(Duration::from_secs(20)).await {
             WbEvent::Msg(Message::Awareness(_), _) => answers += 1,
             WbEvent::Msg(..) => {}
             WbEvent::Close(code, _) => break code,
-            other => panic!("attacker: expected answers then a close, got {other:?} after {answers} answers"),
+            other => panic!(
+                "attacker: expected answers then a close, got {other:?} after {answers} answers"
+            ),
         }
     };
     let elapsed = started.elapsed();
@@ -191,7 +200,11 @@ async fn a_packed_frame_is_charged_per_message_and_stalls_nobody() {
         "packed frame of {PACKED} messages: {answers} answers, close {code:?} after {elapsed:?}; \
          VmHWM {hwm_before} -> {hwm_after} KiB; worst bystander latency {worst:?}"
     );
-    assert_eq!(code, Some(1008), "a frame of 4M messages is sustained abuse");
+    assert_eq!(
+        code,
+        Some(1008),
+        "a frame of 4M messages is sustained abuse"
+    );
     // The burst, and what the rate (300/s) refilled while the frame was read.
     let budget = 1000 + (300.0 * elapsed.as_secs_f64()) as usize + 1;
     assert!(
@@ -218,7 +231,8 @@ async fn packed_sync_messages_wait_for_the_budget_and_none_is_lost() {
     let mut writer = server.wb_user(&s, "writer").await;
     writer.map_set("m", "k", "v").await;
     let mut c = server.wb_user(&s, "reader").await;
-    c.wait_doc("synced", |c| c.map_get("m", "k").is_some()).await;
+    c.wait_doc("synced", |c| c.map_get("m", "k").is_some())
+        .await;
 
     const N: usize = 1100;
     let mut frame = Vec::with_capacity(N * 4 + 1);
@@ -276,14 +290,20 @@ async fn a_huge_client_id_is_too_large_and_joins_still_work() {
         .await;
     let chat = a.wait_type("chat").await;
     assert_eq!(chat["client_id"], json!(ok_id));
-    assert_eq!(chat["seq"], 1, "nothing was stored for the refused messages");
+    assert_eq!(
+        chat["seq"], 1,
+        "nothing was stored for the refused messages"
+    );
 
     let (_b, welcome, history) = server.tutor(&s, &token("bob", &s, "student")).await;
     assert_eq!(welcome["last_seq"], 1);
     let msgs = history["messages"].as_array().expect("messages");
     assert_eq!(msgs.len(), 1);
     assert_eq!(msgs[0]["text"], "kept");
-    assert_eq!(server.metric("easel_tutor_too_large_total").await, Some(2.0));
+    assert_eq!(
+        server.metric("easel_tutor_too_large_total").await,
+        Some(2.0)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -319,7 +339,10 @@ async fn event_name_and_data_are_capped() {
     a.send(&json!({"type":"event","name":"last","data":{"ok":true}}))
         .await;
     let ev = b.wait_type("event").await;
-    assert_eq!(ev["name"], "last", "the refused events were not relayed: {ev}");
+    assert_eq!(
+        ev["name"], "last",
+        "the refused events were not relayed: {ev}"
+    );
     a.barrier().await;
 }
 
@@ -335,8 +358,7 @@ async fn history_goes_out_in_pages_in_order() {
     let s = session_id("pages");
     let (mut a, _, _) = server.tutor(&s, &token("alice", &s, "student")).await;
     for i in 1..=35 {
-        a.send(&json!({"type":"chat","text":format!("m{i}")}))
-            .await;
+        a.send(&json!({"type":"chat","text":format!("m{i}")})).await;
         a.wait_for("ack", |v| v["type"] == "chat" && v["seq"] == i)
             .await;
     }
@@ -356,7 +378,9 @@ async fn history_goes_out_in_pages_in_order() {
 
     // A request: 25 before 36.
     c.send(WsMessage::Text(
-        json!({"type":"history","before":36,"limit":25}).to_string().into(),
+        json!({"type":"history","before":36,"limit":25})
+            .to_string()
+            .into(),
     ))
     .await
     .expect("send");
@@ -407,7 +431,10 @@ async fn a_client_close_is_answered_after_what_was_queued_on_both_endpoints() {
     t.send(close_frame(1000, "bye")).await.expect("send close");
     let data = expect_clean_close(&mut t, 1000).await;
     assert_eq!(data.len(), 1, "{data:?}");
-    assert!(matches!(&data[0], WsMessage::Text(x) if x.contains("pong")), "{data:?}");
+    assert!(
+        matches!(&data[0], WsMessage::Text(x) if x.contains("pong")),
+        "{data:?}"
+    );
 
     // Whiteboard: a query and a step 1, then Close(4000): both answers, then Close(4000).
     let mut w = server.wb_connect(&s, &token("bob", &s, "student")).await;
@@ -418,7 +445,9 @@ async fn a_client_close_is_answered_after_what_was_queued_on_both_endpoints() {
     let mut frame = vec![3u8];
     frame.extend_from_slice(&EMPTY_STEP1);
     w.send_raw(frame).await;
-    w.ws.send(close_frame(4000, "done")).await.expect("send close");
+    w.ws.send(close_frame(4000, "done"))
+        .await
+        .expect("send close");
     let data = expect_clean_close(&mut w.ws, 4000).await;
     let kinds: Vec<_> = data
         .iter()
@@ -427,7 +456,11 @@ async fn a_client_close_is_answered_after_what_was_queued_on_both_endpoints() {
             _ => None,
         })
         .collect();
-    assert_eq!(kinds, [Some(1), Some(0)], "awareness answer then step 2: {data:?}");
+    assert_eq!(
+        kinds,
+        [Some(1), Some(0)],
+        "awareness answer then step 2: {data:?}"
+    );
 
     // Many queued messages: every chat posted before the Close reaches the client first.
     let (mut c, _) = tutor_raw(&server, &s, "carol", "").await;
@@ -447,7 +480,10 @@ async fn a_client_close_is_answered_after_what_was_queued_on_both_endpoints() {
         .iter()
         .filter(|m| matches!(m, WsMessage::Text(t) if t.contains("\"type\":\"chat\"")))
         .count();
-    assert_eq!(chats, 20, "every chat queued before the Close (last {last})");
+    assert_eq!(
+        chats, 20,
+        "every chat queued before the Close (last {last})"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -457,7 +493,9 @@ async fn a_server_close_comes_after_the_queued_messages() {
     let (mut t, _) = tutor_raw(&server, &s, "alice", "").await;
     let _ = read_history(&mut t).await;
     for _ in 0..4 {
-        t.send(WsMessage::Text("not json".into())).await.expect("send");
+        t.send(WsMessage::Text("not json".into()))
+            .await
+            .expect("send");
     }
     // Four errors (the fourth strike closes), then Close(1008), then a clean end.
     let mut errors = 0;
@@ -479,12 +517,16 @@ async fn a_server_close_comes_after_the_queued_messages() {
             other => panic!("expected Close(1008), got {other:?} after {errors} errors"),
         }
     }
-    assert_eq!(errors, 4, "every error queued before the close is written first");
+    assert_eq!(
+        errors, 4,
+        "every error queued before the close is written first"
+    );
     // Our answer completes the handshake; the server then ends the connection.
     let _ = t.send(close_frame(1008, "")).await;
-    let end = tokio::time::timeout(TIMEOUT, async {
-        while let Some(Ok(_)) = t.next().await {}
-    })
-    .await;
-    assert!(end.is_ok(), "the server did not end the connection after the handshake");
+    let end =
+        tokio::time::timeout(TIMEOUT, async { while let Some(Ok(_)) = t.next().await {} }).await;
+    assert!(
+        end.is_ok(),
+        "the server did not end the connection after the handshake"
+    );
 }

@@ -542,7 +542,10 @@ mod tests {
                 bytes: 1 << 20,
             },
         );
-        assert_eq!(pages.iter().map(|p| p.len()).collect::<Vec<_>>(), [10, 10, 10, 5]);
+        assert_eq!(
+            pages.iter().map(|p| p.len()).collect::<Vec<_>>(),
+            [10, 10, 10, 5]
+        );
         let big: Vec<_> = (1..=4).map(|i| msg(i, &"x".repeat(1000))).collect();
         let pages = cut_pages(
             &big,
@@ -569,6 +572,13 @@ mod tests {
             },
         );
         assert_eq!(pages.len(), 4);
-        assert!(cut_pages(&[], Paging { messages: 1, bytes: 1 }).is_empty());
+        assert!(cut_pages(
+            &[],
+            Paging {
+                messages: 1,
+                bytes: 1
+            }
+        )
+        .is_empty());
     }
 }

@@ -78,7 +78,11 @@ pub fn next_message(frame: &[u8], start: usize) -> Result<(Kind, usize), WireErr
             Kind::Auth
         }
         3 => Kind::QueryAwareness,
-        other => return Err(WireError::Unsupported(u32::try_from(other).unwrap_or(u32::MAX))),
+        other => {
+            return Err(WireError::Unsupported(
+                u32::try_from(other).unwrap_or(u32::MAX),
+            ))
+        }
     };
     Ok((kind, pos))
 }
@@ -111,15 +115,17 @@ mod tests {
         frame.extend_from_slice(&wire::permission_denied("x"));
         frame.push(3);
         assert_eq!(count_messages(&frame), Ok(5));
-        assert_eq!(wire::decode_frame(&Bytes::from(frame.clone())).map(|v| v.len()), Ok(5));
+        assert_eq!(
+            wire::decode_frame(&Bytes::from(frame.clone())).map(|v| v.len()),
+            Ok(5)
+        );
         let mut pos = 0;
         let mut kinds = Vec::new();
         while pos < frame.len() {
             let (kind, end) = next_message(&frame, pos).unwrap();
             // Each message decodes alone.
             assert_eq!(
-                wire::decode_frame(&Bytes::from(frame[pos..end].to_vec()))
-                    .map(|v| v.len()),
+                wire::decode_frame(&Bytes::from(frame[pos..end].to_vec())).map(|v| v.len()),
                 Ok(1)
             );
             kinds.push(kind);
@@ -127,7 +133,13 @@ mod tests {
         }
         assert_eq!(
             kinds,
-            [Kind::Sync, Kind::Sync, Kind::Awareness, Kind::Auth, Kind::QueryAwareness]
+            [
+                Kind::Sync,
+                Kind::Sync,
+                Kind::Awareness,
+                Kind::Auth,
+                Kind::QueryAwareness
+            ]
         );
     }
 

@@ -112,7 +112,9 @@ impl TutorHandler {
                     Err(e @ ChatTextError::Empty) => {
                         return self.error(ErrorCode::BadMessage, &e.to_string(), true)
                     }
-                    Err(e @ ChatTextError::TooLong { .. }) => return self.too_large(&e.to_string()),
+                    Err(e @ ChatTextError::TooLong { .. }) => {
+                        return self.too_large(&e.to_string())
+                    }
                 }
                 if let Some(id) = &client_id {
                     if id.len() > self.config.max_client_id_bytes {
@@ -151,8 +153,9 @@ impl TutorHandler {
                 let data_len = json_len(&data);
                 if data_len > self.config.max_event_data_bytes {
                     let max = self.config.max_event_data_bytes;
-                    return self
-                        .too_large(&format!("event data is {data_len} bytes; the limit is {max}"));
+                    return self.too_large(&format!(
+                        "event data is {data_len} bytes; the limit is {max}"
+                    ));
                 }
                 let room = &self.session.tutor;
                 room.relay(
