@@ -243,6 +243,11 @@ impl Progress {
         self.0.written_so_far().await
     }
 
+    /// How many messages the writer has handed to the socket so far.
+    pub fn written_count(&self) -> u64 {
+        self.0.written.load(Ordering::Acquire)
+    }
+
     /// Whether nothing queued is waiting for the writer (cheap; no await).
     pub fn all_written(&self) -> bool {
         self.0.written.load(Ordering::Acquire) >= self.0.pushed.load(Ordering::Acquire)

@@ -16,6 +16,7 @@
 //!   frame only once the writer has written everything queued before (usually at once:
 //!   the queue is empty), because the WebSocket layer refuses data once a Close has been
 //!   read; so whatever was queued before the client's Close reaches the client first.
+//!   (The wait is bounded by [`WRITER_WAIT`]: a client that reads nothing is still read.)
 //!
 //! A handler that must wait (rate-limit back-pressure, a store read, a paged reply) returns
 //! [`Flow::RetryAfter`] or [`Flow::Then`]; the reader then reads no further frame until the
@@ -80,6 +81,9 @@ const CLOSE_DRAIN: Duration = Duration::from_secs(5);
 
 /// How long the client has to answer the server's Close frame before the TCP connection ends.
 const CLOSE_ANSWER: Duration = Duration::from_secs(2);
+
+/// How long the reader waits for the writer before it reads the next frame anyway.
+const WRITER_WAIT: Duration = Duration::from_secs(1);
 
 /// Work a handler hands back to the reader: awaited before the next frame is read.
 pub type FlowFuture = Pin<Box<dyn Future<Output = Flow> + Send>>;
@@ -208,7 +212,9 @@ async fn next_frame(
     progress: &Progress,
 ) -> Option<Result<Message, axum::Error>> {
     if !progress.all_written() {
-        progress.written().await;
+        // Bounded: a client that reads nothing (its writer is stuck) must not also stop
+        // being read, or a client that writes before it reads would deadlock with us.
+        let _ = tokio::time::timeout(WRITER_WAIT, progress.written()).await;
     }
     stream.next().await
 }
@@ -245,6 +251,7 @@ pub async fn run(socket: WebSocket, conn: Connection, mut handler: impl FrameHan
             .unwrap_or_default()
             .min(FAR_FUTURE);
     let mut last_heard = Instant::now();
+    let mut written_seen = progress.written_count();
     let mut closer = Closer {
         cmd_tx: Some(cmd_tx),
         asked: None,
@@ -313,8 +320,16 @@ pub async fn run(socket: WebSocket, conn: Connection, mut handler: impl FrameHan
                 work = None;
                 closer.ask(Close::new(close::TOKEN_EXPIRED, "token expired"));
             }
-            _ = tokio::time::sleep_until(last_heard + timing.idle_timeout), if closer.asked.is_none() && work.is_none() => {
-                closer.ask(Close::new(close::GOING_AWAY, "idle timeout"));
+            _ = tokio::time::sleep_until(last_heard + timing.idle_timeout), if closer.asked.is_none() => {
+                // While the handler's work is pending the client is not read: it counts as
+                // alive as long as the writer gets something to it.
+                let written = progress.written_count();
+                if work.is_some() && written != written_seen {
+                    written_seen = written;
+                    last_heard = Instant::now();
+                } else {
+                    closer.ask(Close::new(close::GOING_AWAY, "idle timeout"));
+                }
             }
             _ = tokio::time::sleep_until(closer.deadline), if closer.asked.is_some() => {
                 break 'read;
