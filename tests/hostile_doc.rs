@@ -292,6 +292,10 @@ async fn map_chains_stop_at_max_nesting_and_the_session_survives_restore_and_res
     )
     .await;
     assert_eq!(healthz(&server).await, 200);
+    // The same over HTTP: 400.
+    let student = token("poster", &s, "student");
+    let r = post_update(&server, &s, &student, &map_chain_update(9_003, 20_000)).await;
+    assert_eq!(r.status, 400, "POST of a 20,000-deep chain: {}", r.text());
 
     // One level per update: root "m" is level 1, so with a limit of 8 the 8th nested map
     // (level 9) is refused and the 7 below it are kept.
@@ -305,7 +309,6 @@ async fn map_chains_stop_at_max_nesting_and_the_session_survives_restore_and_res
         "the refused level was relayed: {barrier:?}"
     );
     assert_eq!(chain_depth(&watcher.doc), 7);
-    let student = token("reader", &s, "student");
     assert_eq!(chain_depth(&server.whiteboard_doc(&s, &student).await), 7);
 
     // Snapshot, delete the chain's root, restore the snapshot over HTTP.
@@ -419,6 +422,36 @@ async fn snapshot_import_refuses_a_nesting_bomb_with_a_clear_message() {
     let doc = server.whiteboard_doc(&s, &token("r", &s, "student")).await;
     assert_eq!(doc_map_get(&doc, "m", "fine").as_deref(), Some("yes"));
     assert_eq!(chain_depth(&doc), 0);
+}
+
+/// The same for an `Any` bomb, through `import` and `inspect FILE`. Ignored: both commands
+/// decode the file with `yrs` before the guard sees it (src/admin.rs, `import` and
+/// `inspect`), and a 14 KB file aborts the CLI with a stack overflow (notes/doctests.md).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "src/admin.rs decodes import and inspect files before the guard: stack overflow"]
+async fn snapshot_import_and_inspect_refuse_a_deep_any_file_without_crashing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let s = session_id("import-any");
+    let file = dir.path().join("any.yjs");
+    std::fs::write(&file, deep_any_update(7_000)).unwrap();
+    let path = file.display().to_string();
+    let data = data.display().to_string();
+    for args in [
+        vec!["snapshot", "import", &s, &path, "--data-dir", &data],
+        vec!["snapshot", "inspect", &path],
+    ] {
+        let out = run_cli(&args).await;
+        assert!(!out.success(), "{args:?}: a 7,000-deep Any was accepted");
+        // A refusal, not a crash: an exit code, not a signal, and the reason.
+        assert!(out.status.code().is_some(), "{args:?} crashed: {out:?}");
+        assert!(
+            out.stderr.contains("nested deeper than"),
+            "{args:?}: {}",
+            out.stderr
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
