@@ -840,3 +840,115 @@ async fn the_removal_of_a_closed_connections_client_carries_its_own_clock() {
     })
     .await;
 }
+
+/// An awareness message of several clients (id, clock, JSON state).
+fn awareness_of(entries: &[(u64, u32, &str)]) -> yrs::sync::AwarenessUpdate {
+    let mut update = awareness_update(entries[0].0, entries[0].1, entries[0].2);
+    for (id, clock, json) in &entries[1..] {
+        update.clients.insert(
+            yrs::ClientID::new(*id),
+            yrs::sync::awareness::AwarenessUpdateEntry {
+                clock: *clock,
+                json: (*json).into(),
+            },
+        );
+    }
+    update
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_cannot_remove_another_connections_awareness_client() {
+    let server = TestServer::start("");
+    let s = session_id("aw-owner");
+    let mut a = server.wb_user(&s, "a").await;
+    let mut b = server.wb_user(&s, "b").await;
+    a.send_awareness(&awareness_update(500, 3, "{\"who\":\"a\"}"))
+        .await;
+    b.wait_for(
+        "client 500",
+        |m| matches!(m, Message::Awareness(u) if awareness_entry(u, 500).is_some()),
+    )
+    .await;
+    // M sends 500 at an old clock (ignored: the session has clock 3) with a client of its
+    // own (applied), then leaves: only its own client is removed.
+    let mut m = server.wb_user(&s, "m").await;
+    m.send_awareness(&awareness_of(&[
+        (500, 1, "{\"who\":\"m\"}"),
+        (600, 1, "{\"who\":\"m\"}"),
+    ]))
+    .await;
+    b.wait_for(
+        "client 600",
+        |m| matches!(m, Message::Awareness(u) if awareness_entry(u, 600).is_some()),
+    )
+    .await;
+    m.close().await;
+    let removal = b
+        .wait_for("client 600's removal", |m| {
+            matches!(m, Message::Awareness(u) if awareness_entry(u, 600).is_some_and(|e| &*e.json == "null"))
+        })
+        .await;
+    let Message::Awareness(removal) = removal else {
+        unreachable!()
+    };
+    assert!(
+        awareness_entry(&removal, 500).is_none(),
+        "M's leaving removed A's client 500: {removal:?}"
+    );
+    let states = query_awareness(&mut b).await;
+    let answer = states.last().expect("an answer to query awareness");
+    assert_eq!(
+        awareness_entry(answer, 500).map(|e| (e.clock, e.json.to_string())),
+        Some((3, "{\"who\":\"a\"}".to_string()))
+    );
+    drop(a);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_joiner_sending_back_the_states_it_was_greeted_with_is_not_refused() {
+    // y-websocket clients send back every awareness change they apply, the greeting too:
+    // with more than 16 others in the session, that echo names more than 16 client ids.
+    let server = TestServer::start("");
+    let s = session_id("aw-echo");
+    let mut p = server.wb_user(&s, "p").await;
+    let mut q = server.wb_user(&s, "q").await;
+    for i in 0..16u64 {
+        p.send_awareness(&awareness_update(200 + i, 1, "{}")).await;
+    }
+    for i in 0..4u64 {
+        q.send_awareness(&awareness_update(300 + i, 1, "{}")).await;
+    }
+    q.wait_for(
+        "p's 16th client",
+        |m| matches!(m, Message::Awareness(u) if awareness_entry(u, 215).is_some()),
+    )
+    .await;
+    p.wait_for(
+        "q's 4th client",
+        |m| matches!(m, Message::Awareness(u) if awareness_entry(u, 303).is_some()),
+    )
+    .await;
+    let mut n = server.wb(&s, &token("n", &s, "student")).await;
+    let greeting = n
+        .received
+        .iter()
+        .find_map(|m| match m {
+            Message::Awareness(u) => Some(u.clone()),
+            _ => None,
+        })
+        .expect("an awareness greeting");
+    assert_eq!(greeting.clients.len(), 20);
+    n.send_awareness(&greeting).await;
+    n.send_awareness(&awareness_update(400, 1, "{\"me\":1}"))
+        .await;
+    p.wait_for(
+        "the joiner's own client",
+        |m| matches!(m, Message::Awareness(u) if awareness_entry(u, 400).is_some()),
+    )
+    .await;
+    assert_eq!(
+        metric_labelled(&server, "easel_guard_refusals_total{reason=\"awareness\"}").await,
+        0.0,
+        "the echo of the greeting was counted as a refusal"
+    );
+}
