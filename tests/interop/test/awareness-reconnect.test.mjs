@@ -67,3 +67,48 @@ test('a client whose socket dropped is seen again by the others as soon as it up
   assert.ok(Date.now() - t0 < 3000)
   assert.deepStrictEqual(b.awareness.getStates().get(aId), { user: { name: 'Ada' }, cursor: { x: 3, y: 4 } })
 })
+
+test('a joiner in a session of more than 16 clients is not refused for echoing its greeting', async () => {
+  // y-websocket clients send back every awareness change they apply, the greeting included:
+  // a joiner's echo names every other client. Those entries change nothing at the server;
+  // they must not count against the per-connection limit of 16 (nor as refusals).
+  const sid = sessionId('awecho')
+  const others = []
+  for (let i = 0; i < 18; i++) {
+    const c = client(sid)
+    c.awareness.setLocalStateField('user', { name: 'u' + i })
+    others.push(c)
+  }
+  for (const c of others) await c.synced()
+  const refusals = async () => {
+    const text = await (await fetch(server.httpUrl + '/metrics')).text()
+    const line = text.split('\n').find((l) => l.startsWith('easel_guard_refusals_total{reason="awareness"}'))
+    return line ? Number(line.split(' ').pop()) : 0
+  }
+  const before = await refusals()
+
+  const j = client(sid, { connect: false })
+  const sent = []
+  j.provider.on('status', ({ status }) => {
+    if (status !== 'connecting' || !j.provider.ws) return
+    const ws = j.provider.ws
+    const send = ws.send.bind(ws)
+    ws.send = (data) => {
+      const buf = new Uint8Array(data)
+      if (buf[0] === 1) sent.push(buf.length)
+      return send(data)
+    }
+  })
+  j.awareness.setLocalStateField('user', { name: 'joiner' })
+  j.provider.connect()
+  await j.synced()
+  await waitFor(() => j.awareness.getStates().size === 19, { what: 'the joiner to see everyone', describe: () => statesOf(j) })
+  // The joiner did send back a large awareness message (the echo of its greeting)...
+  await waitFor(() => sent.some((n) => n > 18 * 10), { what: 'the joiner\'s echo of its greeting', describe: () => sent })
+  // ...and everyone sees the joiner, and nothing was refused.
+  await waitFor(() => others.every((c) => c.awareness.getStates().get(j.doc.clientID)?.user?.name === 'joiner'), {
+    what: 'everyone to see the joiner'
+  })
+  assert.equal(await refusals(), before)
+  assert.deepStrictEqual(j.closes, [])
+})
