@@ -132,7 +132,11 @@ impl WhiteboardHandler {
             Ok(mut m) if m.len() == 1 => m.pop(),
             Ok(_) => None,
             Err(e) => {
-                self.metrics.updates_rejected.inc();
+                if matches!(e, wire::WireError::AwarenessRefused(_)) {
+                    self.metrics.guard_refusals.awareness.inc();
+                } else {
+                    self.metrics.updates_rejected.inc();
+                }
                 tracing::warn!(session = %self.session.id, user = %self.user, error = %e, "frame refused");
                 return Err(Close::new(e.close_code(), e.to_string()));
             }
