@@ -54,6 +54,12 @@ pub struct Metrics {
     pub relay_latency: Histogram,
     pub snapshot_duration: Histogram,
     pub store_decode_errors: Counter,
+    /// Whiteboard protocol messages received (a frame may pack many).
+    pub whiteboard_messages_in: Counter,
+    /// Tutor messages refused with `too_large` (text, client_id, event name or data).
+    pub tutor_too_large: Counter,
+    /// Chat history frames sent (a history may take several pages).
+    pub history_pages: Counter,
     limit_refusals: Family<[(&'static str, &'static str); 1], Counter>,
     /// Whiteboard input refused by the update guard (SPEC.md 7.1), by reason.
     pub guard_refusals: GuardRefusals,
@@ -218,6 +224,24 @@ impl Metrics {
             "Requests refused or cut off by a limit of SPEC 7.1, by limit",
             limit_refusals.clone(),
         );
+        let whiteboard_messages_in = Counter::default();
+        registry.register(
+            "whiteboard_messages_in",
+            "Whiteboard protocol messages received (a frame may pack several)",
+            whiteboard_messages_in.clone(),
+        );
+        let tutor_too_large = Counter::default();
+        registry.register(
+            "tutor_too_large",
+            "Tutor messages refused as too large (text, client_id, event name or data)",
+            tutor_too_large.clone(),
+        );
+        let history_pages = Counter::default();
+        registry.register(
+            "history_pages",
+            "Chat history frames sent, a page each",
+            history_pages.clone(),
+        );
         Self {
             limit_refusals,
             registry,
@@ -234,6 +258,9 @@ impl Metrics {
             store_decode_errors,
             guard_refusals,
             updates_rolled_back,
+            whiteboard_messages_in,
+            tutor_too_large,
+            history_pages,
         }
     }
 

@@ -6,9 +6,16 @@
 //! the others; a queue that would pass its byte limit is marked overflowed instead of
 //! dropping anything, and the writer closes that connection with 1013 so the client
 //! reconnects and resyncs. Nothing in this module knows about sessions or protocols.
+//!
+//! The queue also counts messages pushed and messages the writer has handed to the socket,
+//! so that others can wait until everything queued so far is written: the reader does
+//! before it reads the next frame (a client's Close then finds nothing of what was queued
+//! before it still waiting, RFC 6455 5.5.1), and paged replies (chat history) wait for
+//! their previous page instead of filling the queue. Once the writer starts closing, the
+//! queue takes nothing more, so draining it ends.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use axum::extract::ws::Message;
@@ -29,12 +36,36 @@ struct Shared {
     limit: usize,
     overflowed: AtomicBool,
     overflow: Notify,
+    /// Messages ever queued, and messages the writer has handed to the socket; the queue
+    /// is FIFO, so `written >= n` means the first `n` are all written.
+    pushed: AtomicU64,
+    written: AtomicU64,
+    /// Wakes whoever waits for `written` to catch up (and for the writer's end).
+    progress: Notify,
+    /// The writer is closing the connection: nothing more is queued.
+    closing: AtomicBool,
 }
 
 impl Shared {
     fn queue(&self) -> MutexGuard<'_, VecDeque<Message>> {
         // Nothing panics while holding this lock; recover the queue if something ever did.
         self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Waits until every message queued before the call is written, or the writer is gone.
+    async fn written_so_far(&self) {
+        let target = self.pushed.load(Ordering::Acquire);
+        loop {
+            let notified = self.progress.notified();
+            tokio::pin!(notified);
+            // Registered before the check, so a wake-up between the two is not lost.
+            notified.as_mut().enable();
+            if self.written.load(Ordering::Acquire) >= target || self.closed.load(Ordering::Acquire)
+            {
+                return;
+            }
+            notified.await;
+        }
     }
 }
 
@@ -59,6 +90,10 @@ pub fn outbox(limit_bytes: usize) -> (Outbox, OutboxReceiver) {
         limit: limit_bytes,
         overflowed: AtomicBool::new(false),
         overflow: Notify::new(),
+        pushed: AtomicU64::new(0),
+        written: AtomicU64::new(0),
+        progress: Notify::new(),
+        closing: AtomicBool::new(false),
     });
     (
         Outbox {
@@ -99,6 +134,7 @@ impl Outbox {
     pub fn send(&self, message: Message) -> bool {
         if self.shared.overflowed.load(Ordering::Relaxed)
             || self.shared.closed.load(Ordering::Acquire)
+            || self.shared.closing.load(Ordering::Acquire)
         {
             return false;
         }
@@ -112,9 +148,41 @@ impl Outbox {
             self.shared.overflow.notify_one();
             return false;
         }
-        self.shared.queue().push_back(message);
+        {
+            let mut queue = self.shared.queue();
+            queue.push_back(message);
+            // Under the lock, so the count follows the queue's order.
+            self.shared.pushed.fetch_add(1, Ordering::AcqRel);
+        }
         self.shared.ready.notify_one();
         true
+    }
+
+    /// The most bytes the queue holds.
+    pub fn limit(&self) -> usize {
+        self.shared.limit
+    }
+
+    /// Marks the queue overflowed, as a send past its limit would: its writer closes the
+    /// connection with 1013. For a sender that holds messages back for the connection and
+    /// finds them over the limit.
+    pub fn overflow(&self) {
+        self.shared.overflowed.store(true, Ordering::Release);
+        self.shared.overflow.notify_one();
+    }
+
+    /// Whether the connection still takes messages (not closing, not overflowed, not gone).
+    pub fn is_open(&self) -> bool {
+        !(self.shared.overflowed.load(Ordering::Relaxed)
+            || self.shared.closed.load(Ordering::Acquire)
+            || self.shared.closing.load(Ordering::Acquire))
+    }
+
+    /// Waits until everything queued so far is written to the socket (or the connection is
+    /// gone): a sender of many large messages sends the next one only then, so the queue
+    /// holds one of them at a time instead of overflowing.
+    pub async fn written(&self) {
+        self.shared.written_so_far().await
     }
 }
 
@@ -147,6 +215,43 @@ impl OutboxReceiver {
     pub fn overflow_signal(&self) -> OverflowSignal {
         OverflowSignal(self.shared.clone())
     }
+
+    /// A handle that waits for the writer to catch up, without holding the queue open.
+    pub fn progress(&self) -> Progress {
+        Progress(self.shared.clone())
+    }
+
+    /// Records that `n` more messages taken from the queue are handed to the socket.
+    pub fn mark_written(&self, n: usize) {
+        self.shared.written.fetch_add(n as u64, Ordering::AcqRel);
+        self.shared.progress.notify_waiters();
+    }
+
+    /// The connection is closing: refuse whatever is queued from now on, so that draining
+    /// what is already there ends.
+    pub fn start_closing(&self) {
+        self.shared.closing.store(true, Ordering::Release);
+    }
+}
+
+/// Waits for the writer to catch up with the queue; does not count as a sender.
+pub struct Progress(Arc<Shared>);
+
+impl Progress {
+    /// Waits until every message queued before the call is written, or the writer is gone.
+    pub async fn written(&self) {
+        self.0.written_so_far().await
+    }
+
+    /// How many messages the writer has handed to the socket so far.
+    pub fn written_count(&self) -> u64 {
+        self.0.written.load(Ordering::Acquire)
+    }
+
+    /// Whether nothing queued is waiting for the writer (cheap; no await).
+    pub fn all_written(&self) -> bool {
+        self.0.written.load(Ordering::Acquire) >= self.0.pushed.load(Ordering::Acquire)
+    }
 }
 
 impl Drop for OutboxReceiver {
@@ -155,6 +260,7 @@ impl Drop for OutboxReceiver {
         // their messages and free what was queued.
         self.shared.closed.store(true, Ordering::Release);
         self.shared.queue().clear();
+        self.shared.progress.notify_waiters();
     }
 }
 
@@ -242,6 +348,41 @@ mod tests {
         let (tx, rx) = outbox(100);
         drop(rx);
         assert!(!tx.send(Message::Binary(vec![0; 3].into())));
+    }
+
+    #[tokio::test]
+    async fn waiting_for_the_writer_ends_when_it_wrote_what_was_queued_before() {
+        let (tx, mut rx) = outbox(100);
+        let progress = rx.progress();
+        assert!(progress.all_written());
+        assert!(tx.send(Message::Binary(vec![1].into())));
+        assert!(tx.send(Message::Binary(vec![2].into())));
+        assert!(!progress.all_written());
+        let waiting = tokio::spawn(async move { progress.written().await });
+        rx.try_recv().unwrap();
+        rx.mark_written(1);
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished());
+        rx.try_recv().unwrap();
+        rx.mark_written(1);
+        tokio::time::timeout(std::time::Duration::from_secs(1), waiting)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_closing_queue_takes_nothing_more() {
+        let (tx, rx) = outbox(100);
+        assert!(tx.send(Message::Binary(vec![1].into())));
+        rx.start_closing();
+        assert!(!tx.is_open());
+        assert!(!tx.send(Message::Binary(vec![2].into())));
+        // Dropping the writer's side releases anyone waiting for it.
+        drop(rx);
+        tokio::time::timeout(std::time::Duration::from_secs(1), tx.written())
+            .await
+            .unwrap();
     }
 
     #[tokio::test]

@@ -90,8 +90,11 @@ pub enum ServerMessage<'a> {
         participants: &'a [Participant],
         last_seq: u64,
     },
+    /// One page of history; every page but the last says `"more":true`.
     History {
         messages: &'a [ChatMessage],
+        #[serde(skip_serializing_if = "is_false")]
+        more: bool,
     },
     Chat(&'a ChatMessage),
     Presence {
@@ -113,6 +116,10 @@ pub enum ServerMessage<'a> {
         code: ErrorCode,
         message: &'a str,
     },
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 impl ServerMessage<'_> {

@@ -24,12 +24,16 @@ pub enum WireError {
     /// A message type or sync sub-type this protocol does not define (close 1003).
     #[error("unsupported message type {0}")]
     Unsupported(u32),
+    /// An awareness message past the guard's bounds (close 1007; counted as an awareness
+    /// refusal).
+    #[error("awareness refused: {0}")]
+    AwarenessRefused(guard::GuardError),
 }
 
 impl WireError {
     pub fn close_code(&self) -> u16 {
         match self {
-            WireError::Malformed(_) => 1007,
+            WireError::Malformed(_) | WireError::AwarenessRefused(_) => 1007,
             WireError::Unsupported(_) => 1003,
         }
     }
@@ -122,7 +126,10 @@ fn decode_message(
             // session may hold.
             let update =
                 guard::decode_awareness(&data, MAX_AWARENESS_ENTRIES, usize::MAX, usize::MAX)
-                    .map_err(malformed)?;
+                    .map_err(|e| match e {
+                        guard::GuardError::Malformed(_) => malformed(e),
+                        refused => WireError::AwarenessRefused(refused),
+                    })?;
             Ok(Inbound::Awareness {
                 update,
                 message: frame.slice(start..cursor.next),

@@ -4,8 +4,20 @@
 //! through the [`Store`] before broadcasting it, under one short lock so that every
 //! connection sees messages in `seq` order. It encodes each broadcast once and pushes the
 //! same bytes into every outbox; it never touches a socket.
+//!
+//! History (on connect, on an `after_seq` resume, on a `history` request) is sent in pages:
+//! at most [`Paging::messages`] messages and [`Paging::bytes`] bytes of JSON per `history`
+//! frame (a single larger message goes alone), every page but the last marked
+//! `"more":true`. Pages are read from the store on the blocking pool, one page at a time,
+//! and each is queued only once the previous one is written, so however long the history,
+//! neither the memory held nor the connection's send queue grows with it.
+//!
+//! A joining connection is a member at once (it counts in `participants`), but until its
+//! history has been sent, what the room broadcasts to it is held back in order and queued
+//! after the last page: nothing falls between the history and the live stream, and nothing
+//! comes twice. What is held counts against the connection's send-queue limit (1013 past it).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use axum::extract::ws::{Message, Utf8Bytes};
@@ -37,9 +49,69 @@ pub fn check_text(text: &str, max_chars: usize) -> Result<(), ChatTextError> {
     }
 }
 
+/// How history is cut into frames.
+#[derive(Debug, Clone, Copy)]
+pub struct Paging {
+    /// Most messages in one `history` frame.
+    pub messages: usize,
+    /// Most bytes of JSON in one `history` frame (a single larger message goes alone).
+    pub bytes: usize,
+}
+
+/// Which messages a history holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HistoryRange {
+    /// Every message with `after < seq <= through`.
+    After { after: u64, through: u64 },
+    /// The newest `limit` messages with `seq < before`.
+    Before { before: u64, limit: usize },
+}
+
+/// What a joining connection's history will be, decided under the room's lock at join.
+#[derive(Debug, Clone, Copy)]
+struct CatchUp {
+    range: HistoryRange,
+}
+
+/// Broadcasts held back for a member whose history is still being sent.
+#[derive(Default)]
+struct Held {
+    messages: VecDeque<Message>,
+    bytes: usize,
+}
+
 struct Member {
     user: UserInfo,
     outbox: Outbox,
+    /// `Some` until the member's history has been sent.
+    held: Option<Held>,
+    /// Taken by [`TutorRoom::catch_up`].
+    catch_up: Option<CatchUp>,
+}
+
+impl Member {
+    /// Queues a broadcast, or holds it back while the member's history is being sent.
+    fn deliver(&mut self, msg: &Message) {
+        let Some(held) = self.held.as_mut() else {
+            self.outbox.send(msg.clone());
+            return;
+        };
+        let len = match msg {
+            Message::Text(t) => t.len(),
+            Message::Binary(b) => b.len(),
+            _ => 0,
+        };
+        if held.bytes + len > self.outbox.limit() && !held.messages.is_empty() {
+            // The connection could not keep up even with its history: it reconnects with
+            // `after_seq` and gets the rest.
+            held.messages.clear();
+            held.bytes = 0;
+            self.outbox.overflow();
+            return;
+        }
+        held.bytes += len;
+        held.messages.push_back(msg.clone());
+    }
 }
 
 struct Inner {
@@ -47,9 +119,27 @@ struct Inner {
     members: HashMap<ConnId, Member>,
 }
 
+/// Why a history could not be sent.
+#[derive(Debug, thiserror::Error)]
+pub enum HistoryError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("history read interrupted: {0}")]
+    Task(String),
+}
+
+/// Reads a session's chat history from the store, off the async workers. Owns what it
+/// needs, so it can live in a connection's pending work.
+#[derive(Clone)]
+pub struct HistoryReader {
+    session: Arc<str>,
+    store: Arc<dyn Store>,
+    metrics: Arc<Metrics>,
+}
+
 pub struct TutorRoom {
     session: Arc<str>,
-    inner: Mutex<Inner>,
+    inner: Arc<Mutex<Inner>>,
     store: Arc<dyn Store>,
     metrics: Arc<Metrics>,
     history_limit: usize,
@@ -73,10 +163,10 @@ impl TutorRoom {
         let last_seq = store.last_chat_seq(&session)?;
         Ok(Self {
             session,
-            inner: Mutex::new(Inner {
+            inner: Arc::new(Mutex::new(Inner {
                 last_seq,
                 members: HashMap::new(),
-            }),
+            })),
             store,
             metrics,
             history_limit,
@@ -86,7 +176,7 @@ impl TutorRoom {
     }
 
     fn inner(&self) -> MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.inner)
     }
 
     fn participants(members: &HashMap<ConnId, Member>) -> Vec<Participant> {
@@ -103,10 +193,12 @@ impl TutorRoom {
         by_user.into_values().collect()
     }
 
-    /// Adds a connection and queues its greeting: `welcome`, then `history` (every message
-    /// after `after_seq` when given, else the last `recent`). Others hear `presence joined`
-    /// when this is the user's first connection. All under the room's lock, so no chat
-    /// message can fall between the history and the live stream.
+    /// Adds a connection and queues its `welcome`; others hear `presence joined` when this
+    /// is the user's first connection. The history (every message after `after_seq` when
+    /// given, else the last `recent`) is decided here, under the room's lock, and sent by
+    /// [`TutorRoom::catch_up`]; until then what the room broadcasts to this connection is
+    /// held back, so no chat message falls between the history and the live stream.
+    /// Reads nothing from the store (the caller is on an async worker).
     pub fn join(
         &self,
         conn: ConnId,
@@ -116,9 +208,13 @@ impl TutorRoom {
         recent: usize,
     ) -> Result<(), StoreError> {
         let mut inner = self.inner();
-        let history = match after_seq {
-            Some(after) => self.store.chat_after(&self.session, after, usize::MAX)?,
-            None => self.store.chat_before(&self.session, u64::MAX, recent)?,
+        let through = inner.last_seq;
+        let range = match after_seq {
+            Some(after) => HistoryRange::After { after, through },
+            None => HistoryRange::Before {
+                before: through.saturating_add(1),
+                limit: recent,
+            },
         };
         let first = !inner.members.values().any(|m| m.user.id == user.id);
         inner.members.insert(
@@ -126,6 +222,8 @@ impl TutorRoom {
             Member {
                 user: user.clone(),
                 outbox: outbox.clone(),
+                held: Some(Held::default()),
+                catch_up: Some(CatchUp { range }),
             },
         );
         let participants = Self::participants(&inner.members);
@@ -138,9 +236,6 @@ impl TutorRoom {
             }
             .to_json(),
         ));
-        outbox.send(text(
-            ServerMessage::History { messages: &history }.to_json(),
-        ));
         if first {
             let msg = text(
                 ServerMessage::Presence {
@@ -150,13 +245,53 @@ impl TutorRoom {
                 }
                 .to_json(),
             );
-            for (id, m) in inner.members.iter() {
+            for (id, m) in inner.members.iter_mut() {
                 if *id != conn {
-                    m.outbox.send(msg.clone());
+                    m.deliver(&msg);
                 }
             }
         }
         Ok(())
+    }
+
+    /// Sends a joined connection its history in pages, then what was held back for it
+    /// meanwhile, and from then on the live stream. `None` when there is nothing to do
+    /// (the connection is gone, or caught up already).
+    pub fn catch_up(
+        &self,
+        conn: ConnId,
+        paging: Paging,
+    ) -> Option<impl std::future::Future<Output = Result<(), HistoryError>> + Send + 'static> {
+        let (plan, outbox) = {
+            let mut inner = self.inner();
+            let member = inner.members.get_mut(&conn)?;
+            (member.catch_up.take()?, member.outbox.clone())
+        };
+        let reader = self.reader();
+        let inner = self.inner.clone();
+        Some(async move {
+            let sent = reader.send(plan.range, &outbox, paging).await;
+            // Whatever happened, release what was held back (in order, under the lock so no
+            // broadcast overtakes it); on an error the caller closes the connection.
+            let mut inner = lock(&inner);
+            if let Some(member) = inner.members.get_mut(&conn) {
+                if let Some(held) = member.held.take() {
+                    for msg in held.messages {
+                        member.outbox.send(msg);
+                    }
+                }
+            }
+            sent
+        })
+    }
+
+    /// A reader of this room's history, for paged replies.
+    pub fn reader(&self) -> HistoryReader {
+        HistoryReader {
+            session: self.session.clone(),
+            store: self.store.clone(),
+            metrics: self.metrics.clone(),
+        }
     }
 
     /// Removes a connection. Others hear `presence left` when it was the user's last one.
@@ -177,8 +312,8 @@ impl TutorRoom {
             }
             .to_json(),
         );
-        for m in inner.members.values() {
-            m.outbox.send(msg.clone());
+        for m in inner.members.values_mut() {
+            m.deliver(&msg);
         }
     }
 
@@ -207,8 +342,8 @@ impl TutorRoom {
         self.seq_changes.send_replace(message.seq);
         self.metrics.chat_messages.inc();
         let msg = text(ServerMessage::Chat(&message).to_json());
-        for m in inner.members.values() {
-            m.outbox.send(msg.clone());
+        for m in inner.members.values_mut() {
+            m.deliver(&msg);
         }
         Ok(message)
     }
@@ -216,10 +351,10 @@ impl TutorRoom {
     /// Sends an ephemeral message (typing, event) to every connection but the sender's.
     pub fn relay(&self, from: ConnId, message: &ServerMessage<'_>) {
         let msg = text(message.to_json());
-        let inner = self.inner();
-        for (id, m) in inner.members.iter() {
+        let mut inner = self.inner();
+        for (id, m) in inner.members.iter_mut() {
             if *id != from {
-                m.outbox.send(msg.clone());
+                m.deliver(&msg);
             }
         }
     }
@@ -246,5 +381,204 @@ impl TutorRoom {
     ) -> Result<Vec<ChatMessage>, StoreError> {
         self.store
             .chat_before(&self.session, before.unwrap_or(u64::MAX), limit)
+    }
+}
+
+fn lock(inner: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
+    // Nothing panics while holding this lock; recover the room if something ever did.
+    inner.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Counts bytes without keeping them.
+struct Counter(usize);
+
+impl std::io::Write for Counter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0 += buf.len();
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The length of a message's JSON, as it appears in a `history` frame.
+fn json_len(message: &ChatMessage) -> usize {
+    let mut c = Counter(0);
+    // Serialising a plain struct into a counter cannot fail.
+    let _ = serde_json::to_writer(&mut c, message);
+    c.0
+}
+
+/// `{"type":"history","messages":[` ... `],"more":true}` around the messages, and the
+/// commas between them.
+const PAGE_ENVELOPE: usize = 48;
+
+/// Cuts `messages` into frames of at most `paging.messages` messages and `paging.bytes`
+/// bytes (a single larger message goes alone).
+fn cut_pages(messages: &[ChatMessage], paging: Paging) -> Vec<&[ChatMessage]> {
+    let mut pages = Vec::new();
+    let (mut start, mut bytes) = (0, PAGE_ENVELOPE);
+    for (i, m) in messages.iter().enumerate() {
+        let len = json_len(m) + 1;
+        let count = i - start;
+        if count > 0 && (count >= paging.messages.max(1) || bytes + len > paging.bytes) {
+            pages.push(&messages[start..i]);
+            start = i;
+            bytes = PAGE_ENVELOPE;
+        }
+        bytes += len;
+    }
+    if start < messages.len() {
+        pages.push(&messages[start..]);
+    }
+    pages
+}
+
+impl HistoryReader {
+    /// Up to `limit` messages with `seq > after`, oldest first, read on the blocking pool.
+    async fn read_after(&self, after: u64, limit: usize) -> Result<Vec<ChatMessage>, HistoryError> {
+        let (store, session) = (self.store.clone(), self.session.clone());
+        tokio::task::spawn_blocking(move || store.chat_after(&session, after, limit))
+            .await
+            .map_err(|e| HistoryError::Task(e.to_string()))?
+            .map_err(HistoryError::from)
+    }
+
+    /// Sends `range` to `outbox` as `history` frames, oldest first; always at least one
+    /// frame (an empty history is `"messages":[]`). Each frame is queued once the previous
+    /// one is written. Stops early, without error, when the connection goes away.
+    pub async fn send(
+        &self,
+        range: HistoryRange,
+        outbox: &Outbox,
+        paging: Paging,
+    ) -> Result<(), HistoryError> {
+        // Seqs are gapless, so the newest `limit` before `before` are those after
+        // `before - 1 - limit`: both forms are read forwards, a page at a time.
+        let (mut cursor, through) = match range {
+            HistoryRange::After { after, through } => (after, through),
+            HistoryRange::Before { before, limit } => {
+                let through = before.saturating_sub(1);
+                (through.saturating_sub(limit as u64), through)
+            }
+        };
+        let per_read = paging.messages.max(1);
+        let mut sent_any = false;
+        loop {
+            let mut page = if cursor < through {
+                self.read_after(cursor, per_read).await?
+            } else {
+                Vec::new()
+            };
+            let full = page.len() >= per_read;
+            page.retain(|m| m.seq <= through);
+            let last = match page.last() {
+                Some(m) => {
+                    cursor = m.seq;
+                    !full || cursor >= through
+                }
+                None => true,
+            };
+            if page.is_empty() && sent_any {
+                // The previous frame said more would come: end the history plainly.
+                self.send_page(outbox, &[], false).await;
+                return Ok(());
+            }
+            let frames = cut_pages(&page, paging);
+            let n = frames.len();
+            if n == 0 {
+                self.send_page(outbox, &[], false).await;
+                return Ok(());
+            }
+            for (i, frame) in frames.into_iter().enumerate() {
+                let more = !(last && i + 1 == n);
+                if !self.send_page(outbox, frame, more).await {
+                    return Ok(());
+                }
+                sent_any = true;
+            }
+            if last {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Queues one `history` frame once everything queued before is written; `false` when
+    /// the connection no longer takes messages.
+    async fn send_page(&self, outbox: &Outbox, messages: &[ChatMessage], more: bool) -> bool {
+        outbox.written().await;
+        let json = ServerMessage::History { messages, more }.to_json();
+        self.metrics.history_pages.inc();
+        outbox.send(text(json)) || outbox.is_open()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(seq: u64, text: &str) -> ChatMessage {
+        ChatMessage {
+            seq,
+            client_id: None,
+            from: UserInfo {
+                id: "u".into(),
+                name: "U".into(),
+                role: "student".into(),
+            },
+            text: text.into(),
+            ts: "2026-01-01T00:00:00.000Z".into(),
+        }
+    }
+
+    #[test]
+    fn pages_hold_at_most_the_count_and_bytes() {
+        let messages: Vec<_> = (1..=35).map(|i| msg(i, "hello")).collect();
+        let pages = cut_pages(
+            &messages,
+            Paging {
+                messages: 10,
+                bytes: 1 << 20,
+            },
+        );
+        assert_eq!(
+            pages.iter().map(|p| p.len()).collect::<Vec<_>>(),
+            [10, 10, 10, 5]
+        );
+        let big: Vec<_> = (1..=4).map(|i| msg(i, &"x".repeat(1000))).collect();
+        let pages = cut_pages(
+            &big,
+            Paging {
+                messages: 200,
+                bytes: 2500,
+            },
+        );
+        assert_eq!(pages.iter().map(|p| p.len()).collect::<Vec<_>>(), [2, 2]);
+        for p in &pages {
+            let json = ServerMessage::History {
+                messages: p,
+                more: true,
+            }
+            .to_json();
+            assert!(json.len() <= 2500, "{}", json.len());
+        }
+        // A message larger than a page goes alone.
+        let pages = cut_pages(
+            &big,
+            Paging {
+                messages: 200,
+                bytes: 10,
+            },
+        );
+        assert_eq!(pages.len(), 4);
+        assert!(cut_pages(
+            &[],
+            Paging {
+                messages: 1,
+                bytes: 1
+            }
+        )
+        .is_empty());
     }
 }

@@ -602,7 +602,6 @@ impl Whiteboard {
             tracing::debug!(session = %self.session, why, limit_per_connection = limits.max_awareness_clients_per_connection, "awareness update refused");
             return false;
         }
-        let ids: Vec<ClientID> = update.clients.keys().copied().collect();
         let summary = match awareness.apply_update_summary(update) {
             Ok(Some(summary)) => summary,
             Ok(None) => return true,
@@ -612,12 +611,16 @@ impl Whiteboard {
             }
         };
         drop(awareness);
-        for id in ids {
-            if summary.removed.contains(&id) {
-                announced.remove(&id);
-            } else {
-                announced.insert(id);
-            }
+        // Only the entries that were applied make the connection speak for a client: an
+        // entry at a clock the session already holds is ignored by the awareness, and
+        // counting its id as announced would let this connection's close remove another
+        // connection's live client (tests/hostile_doc.rs,
+        // a_connection_cannot_remove_another_connections_awareness_client).
+        for id in summary.added.iter().chain(&summary.updated) {
+            announced.insert(*id);
+        }
+        for id in &summary.removed {
+            announced.remove(id);
         }
         for outbox in peers.values() {
             outbox.send(Message::Binary(message.clone()));
@@ -641,10 +644,20 @@ impl Whiteboard {
                 return Err("a state nested too deep");
             }
         }
+        // An entry the awareness would ignore (a clock it already holds) announces nothing:
+        // y-websocket clients send back every state they apply, the greeting included, so a
+        // joiner's echo names every client of the session; it is not a refusal
+        // (tests/hostile_doc.rs, a_joiner_sending_back_the_states_it_was_greeted_with_is_not_refused).
         let new_ids = update
             .clients
             .iter()
-            .filter(|(id, entry)| !announced.contains(id) && &*entry.json != "null")
+            .filter(|(id, entry)| {
+                !announced.contains(id)
+                    && &*entry.json != "null"
+                    && awareness
+                        .meta(**id)
+                        .is_none_or(|(clock, _)| entry.clock > clock)
+            })
             .count();
         if new_ids == 0 {
             return Ok(());

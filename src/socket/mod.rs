@@ -7,10 +7,27 @@
 //! The writer also owns the liveness traffic (pings, the whiteboard keep-alive) and every
 //! close: the reader asks for a close with a code; the writer sends it. This module knows
 //! nothing of Yjs or chat: the endpoints in [`whiteboard`] and [`tutor`] do.
+//!
+//! Closing follows RFC 6455 5.5.1 on both endpoints:
+//! - A close the server decides on (1008, 1009, 1011, 1013, 4401, 1012, ...) stops the
+//!   queue taking more, writes what was queued before it, then sends the Close frame and
+//!   waits briefly for the client's answer before the TCP connection ends.
+//! - A client's Close is answered with a Close frame echoing its code. The reader reads a
+//!   frame only once the writer has written everything queued before (usually at once:
+//!   the queue is empty), because the WebSocket layer refuses data once a Close has been
+//!   read; so whatever was queued before the client's Close reaches the client first.
+//!   (The wait is bounded by [`WRITER_WAIT`]: a client that reads nothing is still read.)
+//!
+//! A handler that must wait (rate-limit back-pressure, a store read, a paged reply) returns
+//! [`Flow::RetryAfter`] or [`Flow::Then`]; the reader then reads no further frame until the
+//! wait is over, but keeps watching the token's expiry, the writer and the shutdown.
 
+mod frames;
 pub mod tutor;
 pub mod whiteboard;
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -22,7 +39,7 @@ use tokio::time::Instant;
 
 use crate::limits::ConnectionPermit;
 use crate::metrics::{Endpoint, EndpointMetrics};
-use crate::outbox::OutboxReceiver;
+use crate::outbox::{OutboxReceiver, Progress};
 use crate::session::whiteboard::ConnId;
 
 /// Close codes the server sends.
@@ -58,17 +75,38 @@ impl Close {
 /// Longer than any connection lives; `Instant + Duration::MAX` would overflow.
 const FAR_FUTURE: Duration = Duration::from_secs(10 * 365 * 86_400);
 
+/// How long a closing connection may take to write what was queued before its Close frame.
+/// A client that reads nothing in that time loses the rest (it would have to resync anyway).
+const CLOSE_DRAIN: Duration = Duration::from_secs(5);
+
+/// How long the client has to answer the server's Close frame before the TCP connection ends.
+const CLOSE_ANSWER: Duration = Duration::from_secs(2);
+
+/// How long the reader waits for the writer before it reads the next frame anyway.
+const WRITER_WAIT: Duration = Duration::from_secs(1);
+
+/// Work a handler hands back to the reader: awaited before the next frame is read.
+pub type FlowFuture = Pin<Box<dyn Future<Output = Flow> + Send>>;
+
 /// What the reader does after a frame.
 pub enum Flow {
     Continue,
-    /// Come back with the same frame after this long (rate limit back-pressure).
+    /// Come back with the same frame after this long (rate limit back-pressure). The handler
+    /// keeps track of how far into the frame it got.
     RetryAfter(Duration),
+    /// Await this, then go on with its outcome (a `RetryAfter` then retries the same frame).
+    Then(FlowFuture),
     Close(Close),
 }
 
 /// An endpoint's handling of incoming frames. Handlers run on the reader task and must not
-/// block for long: they apply, store and fan out, then return.
+/// block: they apply, store and fan out, then return; anything slow (a store read, waiting
+/// for the send queue) goes into a [`Flow::Then`].
 pub trait FrameHandler: Send {
+    /// Runs once before the first frame is read (e.g. the tutor endpoint's history pages).
+    fn on_start(&mut self) -> Flow {
+        Flow::Continue
+    }
     fn on_frame(&mut self, frame: &Message) -> Flow;
     /// The connection is over; leave the session.
     fn on_close(&mut self);
@@ -102,6 +140,85 @@ pub struct Timing {
     pub batch: usize,
 }
 
+/// What the reader tells the writer, once.
+enum WriterCmd {
+    /// The server closes: write what is queued, then this Close frame.
+    Close(Close),
+    /// The client sent a Close: answer it (the WebSocket layer echoes its code) and stop.
+    PeerClosed,
+}
+
+/// What the reader is waiting on instead of reading the next frame.
+enum Work {
+    /// Call the handler again with the frame at this time.
+    Retry(Instant),
+    Run(FlowFuture),
+}
+
+impl Work {
+    /// `None`: call the handler again with the frame; `Some`: the awaited outcome.
+    /// Cancel-safe: the select loop may drop this future and poll a new one later.
+    async fn wait(&mut self) -> Option<Flow> {
+        match self {
+            Work::Retry(at) => {
+                tokio::time::sleep_until(*at).await;
+                None
+            }
+            Work::Run(fut) => Some(fut.as_mut().await),
+        }
+    }
+}
+
+/// The reader's side of closing: asks the writer at most once.
+struct Closer {
+    cmd_tx: Option<oneshot::Sender<WriterCmd>>,
+    /// The close the server asked for, if any.
+    asked: Option<Close>,
+    /// Once the server asked for a close, the reader gives up at this time.
+    deadline: Instant,
+}
+
+impl Closer {
+    fn ask(&mut self, close: Close) {
+        if let Some(tx) = self.cmd_tx.take() {
+            let _ = tx.send(WriterCmd::Close(close.clone()));
+            self.asked = Some(close);
+            self.deadline = Instant::now() + CLOSE_DRAIN + CLOSE_ANSWER;
+        }
+    }
+}
+
+/// Applies a handler's answer for `frame` (`None`: the start-up work).
+fn settle(
+    flow: Flow,
+    frame: Option<Message>,
+    work: &mut Option<(Option<Message>, Work)>,
+    closer: &mut Closer,
+) {
+    *work = match flow {
+        Flow::Continue => None,
+        Flow::RetryAfter(d) => frame.map(|f| (Some(f), Work::Retry(Instant::now() + d))),
+        Flow::Then(fut) => Some((frame, Work::Run(fut))),
+        Flow::Close(c) => {
+            closer.ask(c);
+            None
+        }
+    };
+}
+
+/// Reads the next frame once everything queued before is written (see the module docs).
+async fn next_frame(
+    stream: &mut futures_util::stream::SplitStream<WebSocket>,
+    progress: &Progress,
+) -> Option<Result<Message, axum::Error>> {
+    if !progress.all_written() {
+        // Bounded: a client that reads nothing (its writer is stuck) must not also stop
+        // being read, or a client that writes before it reads would deadlock with us.
+        let _ = tokio::time::timeout(WRITER_WAIT, progress.written()).await;
+    }
+    stream.next().await
+}
+
 /// Runs a connection until either side closes it.
 pub async fn run(socket: WebSocket, conn: Connection, mut handler: impl FrameHandler) {
     let Connection {
@@ -113,15 +230,15 @@ pub async fn run(socket: WebSocket, conn: Connection, mut handler: impl FrameHan
         ..
     } = conn;
     let (sink, mut stream) = socket.split();
-    // A oneshot, not a channel: the writer is asked to close at most once, and an idle
-    // connection should not carry a channel's preallocated block (about 1 KiB).
-    let (close_tx, close_rx) = oneshot::channel::<Close>();
-    let mut close_tx = Some(close_tx);
+    // A oneshot, not a channel: the writer is told at most once, and an idle connection
+    // should not carry a channel's preallocated block (about 1 KiB).
+    let (cmd_tx, cmd_rx) = oneshot::channel::<WriterCmd>();
+    let progress = outbox.progress();
     metrics.connections.inc();
     let mut writer = tokio::spawn(write_loop(
         sink,
         outbox,
-        close_rx,
+        cmd_rx,
         shutdown,
         timing,
         metrics.clone(),
@@ -134,61 +251,88 @@ pub async fn run(socket: WebSocket, conn: Connection, mut handler: impl FrameHan
             .unwrap_or_default()
             .min(FAR_FUTURE);
     let mut last_heard = Instant::now();
-    let mut asked: Option<Close> = None;
+    let mut written_seen = progress.written_count();
+    let mut closer = Closer {
+        cmd_tx: Some(cmd_tx),
+        asked: None,
+        deadline: Instant::now() + FAR_FUTURE,
+    };
     let mut writer_result: Option<Option<Close>> = None;
     let mut client_closed = false;
-    let mut ask = |close: Close, asked: &mut Option<Close>| {
-        if let Some(tx) = close_tx.take() {
-            let _ = tx.send(close.clone());
-            *asked = Some(close);
-        }
-    };
+    // The frame being handled when the handler asked to wait, and what it waits on.
+    let mut work: Option<(Option<Message>, Work)> = None;
+    settle(handler.on_start(), None, &mut work, &mut closer);
 
     'read: loop {
         tokio::select! {
-            frame = stream.next() => {
+            frame = next_frame(&mut stream, &progress), if work.is_none() => {
                 let frame = match frame {
                     Some(Ok(f)) => f,
                     Some(Err(e)) => {
                         let text = e.to_string();
                         if text.contains("too long") || text.contains("Space limit") {
-                            ask(Close::new(close::TOO_BIG, "frame too large"), &mut asked);
+                            closer.ask(Close::new(close::TOO_BIG, "frame too large"));
                         } else {
                             tracing::debug!(conn = conn.id, error = %text, "read error");
                         }
                         break 'read;
                     }
-                    None => { client_closed = true; break 'read; }
+                    None => { client_closed = closer.asked.is_none(); break 'read; }
                 };
                 last_heard = Instant::now();
-                if asked.is_some() {
+                if let Message::Close(_) = frame {
+                    // An answer to our Close, or the client's own: either way the reading
+                    // is over. The WebSocket layer has queued the echo of a client's Close.
+                    client_closed = closer.asked.is_none();
+                    break 'read;
+                }
+                if closer.asked.is_some() {
                     continue; // closing: discard what is still in flight
                 }
                 let len = match &frame {
                     Message::Binary(b) => b.len(),
                     Message::Text(t) => t.len(),
-                    Message::Close(_) => { client_closed = true; break 'read; }
                     _ => continue,
                 };
                 metrics.frames_in.inc();
                 metrics.bytes_in.inc_by(len as u64);
                 if len > max_frame_bytes {
-                    ask(Close::new(close::TOO_BIG, "frame too large"), &mut asked);
+                    closer.ask(Close::new(close::TOO_BIG, "frame too large"));
                     continue;
                 }
-                loop {
-                    match handler.on_frame(&frame) {
-                        Flow::Continue => break,
-                        Flow::Close(c) => { ask(c, &mut asked); break; }
-                        Flow::RetryAfter(d) => tokio::time::sleep(d).await,
-                    }
+                let flow = handler.on_frame(&frame);
+                settle(flow, Some(frame), &mut work, &mut closer);
+            }
+            outcome = async { match work.as_mut() { Some((_, w)) => w.wait().await, None => std::future::pending().await } }, if work.is_some() => {
+                let frame = work.take().and_then(|(f, _)| f);
+                let flow = match (outcome, &frame) {
+                    (Some(flow), _) => flow,
+                    (None, Some(f)) => handler.on_frame(f),
+                    (None, None) => Flow::Continue,
+                };
+                settle(flow, frame, &mut work, &mut closer);
+                if work.is_none() {
+                    // The client was not read while it waited: do not count that as silence.
+                    last_heard = Instant::now();
                 }
             }
-            _ = tokio::time::sleep_until(expiry), if asked.is_none() => {
-                ask(Close::new(close::TOKEN_EXPIRED, "token expired"), &mut asked);
+            _ = tokio::time::sleep_until(expiry), if closer.asked.is_none() => {
+                work = None;
+                closer.ask(Close::new(close::TOKEN_EXPIRED, "token expired"));
             }
-            _ = tokio::time::sleep_until(last_heard + timing.idle_timeout), if asked.is_none() => {
-                ask(Close::new(close::GOING_AWAY, "idle timeout"), &mut asked);
+            _ = tokio::time::sleep_until(last_heard + timing.idle_timeout), if closer.asked.is_none() => {
+                // While the handler's work is pending the client is not read: it counts as
+                // alive as long as the writer gets something to it.
+                let written = progress.written_count();
+                if work.is_some() && written != written_seen {
+                    written_seen = written;
+                    last_heard = Instant::now();
+                } else {
+                    closer.ask(Close::new(close::GOING_AWAY, "idle timeout"));
+                }
+            }
+            _ = tokio::time::sleep_until(closer.deadline), if closer.asked.is_some() => {
+                break 'read;
             }
             res = &mut writer => {
                 writer_result = Some(res.ok().flatten());
@@ -196,30 +340,42 @@ pub async fn run(socket: WebSocket, conn: Connection, mut handler: impl FrameHan
             }
         }
     }
+    drop(work);
 
     handler.on_close();
-    // Let the writer send its close frame, then give the peer a moment to answer it, so
-    // that the socket is not reset under a close frame the client has not read yet.
     let sent = match writer_result {
         Some(sent) => sent,
         None if client_closed => {
-            writer.abort();
-            None
+            if let Some(tx) = closer.cmd_tx.take() {
+                let _ = tx.send(WriterCmd::PeerClosed);
+            }
+            let sent = tokio::time::timeout(CLOSE_ANSWER, &mut writer)
+                .await
+                .ok()
+                .and_then(|r| r.ok())
+                .flatten();
+            // Reading on after the client's Close writes the echo if the writer could not
+            // (it stopped on an error) and then ends the stream.
+            let _ = tokio::time::timeout(CLOSE_ANSWER, async {
+                while let Some(Ok(_)) = stream.next().await {}
+            })
+            .await;
+            sent
         }
         None => {
-            ask(
-                Close::new(close::GOING_AWAY, "connection ended"),
-                &mut asked,
-            );
-            tokio::time::timeout(Duration::from_secs(2), &mut writer)
+            closer.ask(Close::new(close::GOING_AWAY, "connection ended"));
+            tokio::time::timeout(CLOSE_DRAIN, &mut writer)
                 .await
                 .ok()
                 .and_then(|r| r.ok())
                 .flatten()
         }
     };
-    if !client_closed {
-        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+    writer.abort();
+    if !client_closed && sent.is_some() {
+        // Give the client a moment to answer our Close, so the socket is not reset under
+        // a Close frame it has not read yet.
+        let _ = tokio::time::timeout(CLOSE_ANSWER, async {
             while let Some(Ok(m)) = stream.next().await {
                 if matches!(m, Message::Close(_)) {
                     break;
@@ -252,10 +408,18 @@ pub async fn stopping(shutdown: &mut watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|stop| *stop).await.is_ok();
 }
 
+fn payload_len(m: &Message) -> usize {
+    match m {
+        Message::Binary(b) => b.len(),
+        Message::Text(t) => t.len(),
+        _ => 0,
+    }
+}
+
 async fn write_loop(
     mut sink: SplitSink<WebSocket, Message>,
     mut outbox: OutboxReceiver,
-    mut close_rx: oneshot::Receiver<Close>,
+    mut cmd_rx: oneshot::Receiver<WriterCmd>,
     mut shutdown: watch::Receiver<bool>,
     timing: Timing,
     metrics: EndpointMetrics,
@@ -269,8 +433,14 @@ async fn write_loop(
         tokio::select! {
             biased;
             // Polled only until it completes: every outcome leaves the loop.
-            c = &mut close_rx => match c {
-                Ok(c) => break c,
+            c = &mut cmd_rx => match c {
+                Ok(WriterCmd::Close(c)) => break c,
+                Ok(WriterCmd::PeerClosed) => {
+                    outbox.start_closing();
+                    // Flushes the Close frame the WebSocket layer queued as the answer.
+                    let _ = tokio::time::timeout(CLOSE_ANSWER, sink.close()).await;
+                    return None;
+                }
                 Err(_) => return None,
             },
             _ = overflow.overflowed() => {
@@ -283,8 +453,10 @@ async fn write_loop(
                 let mut next = Some(m?);
                 let (mut n, mut bytes) = (0, 0);
                 while let Some(m) = next {
-                    bytes += match &m { Message::Binary(b) => b.len(), Message::Text(t) => t.len(), _ => 0 };
-                    if sink.feed(m).await.is_err() {
+                    bytes += payload_len(&m);
+                    let fed = sink.feed(m).await;
+                    outbox.mark_written(1);
+                    if fed.is_err() {
                         return None;
                     }
                     n += 1;
@@ -314,10 +486,33 @@ async fn write_loop(
             }
         }
     };
+    // Whatever was queued before the close goes first; nothing queued after it does.
+    outbox.start_closing();
     let frame = CloseFrame {
         code: close.code,
         reason: Utf8Bytes::from(close.reason.clone()),
     };
-    let _ = sink.send(Message::Close(Some(frame))).await;
+    let finished = tokio::time::timeout(CLOSE_DRAIN, async {
+        let (mut n, mut bytes) = (0u64, 0u64);
+        while let Some(m) = outbox.try_recv() {
+            bytes += payload_len(&m) as u64;
+            let fed = sink.feed(m).await;
+            outbox.mark_written(1);
+            fed?;
+            n += 1;
+        }
+        metrics.frames_out.inc_by(n);
+        metrics.bytes_out.inc_by(bytes);
+        sink.send(Message::Close(Some(frame))).await
+    })
+    .await;
+    match finished {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::debug!(code = close.code, error = %e, "close frame not sent"),
+        Err(_) => tracing::info!(
+            code = close.code,
+            "close frame not sent: the client read nothing for {CLOSE_DRAIN:?}"
+        ),
+    }
     Some(close)
 }

@@ -3,6 +3,13 @@
 //! Parses each text frame, checks it (size, role, rate), and turns it into a chat post, an
 //! ephemeral relay or a reply. A bad message gets an error and the connection stays open;
 //! too many within the window close it with 1008.
+//!
+//! Sizes (SPEC.md 7.1): chat text at most `tutor.max_text_chars` characters, `client_id`
+//! `tutor.max_client_id_bytes`, `event.name` `tutor.max_event_name_bytes`, `event.data`
+//! `tutor.max_event_data_bytes` of JSON; past them `too_large`. A frame too long to hold
+//! anything valid is refused as `too_large` before it is parsed, so parsing never builds a
+//! large tree. History (the connection's first, and `history` requests) is sent in pages
+//! by the tutor room; the reader reads no further frame until the pages are queued.
 
 use std::sync::Arc;
 
@@ -15,12 +22,42 @@ use crate::limits::{Strikes, TokenBucket};
 use crate::metrics::Metrics;
 use crate::outbox::Outbox;
 use crate::protocol::tutor::{ClientMessage, ErrorCode, ServerMessage, UserInfo};
-use crate::session::tutor::{check_text, ChatTextError};
+use crate::session::tutor::{check_text, ChatTextError, HistoryRange, Paging};
 use crate::session::whiteboard::ConnId;
 use crate::session::SessionHandle;
 
 /// Most messages one `history` request returns.
 const MAX_HISTORY_PAGE: usize = 200;
+
+/// Bytes of JSON a string of `n` bytes may take at most (every byte escaped as `\u00XX`).
+const ESCAPED: usize = 6;
+
+/// The longest text frame that can hold a valid message: the largest of the parts, each
+/// escaped as much as JSON allows, and room for the rest of the object.
+fn max_frame_bytes(c: &TutorConfig) -> usize {
+    let text = c.max_text_chars.saturating_mul(4 * ESCAPED);
+    let data = c.max_event_data_bytes.saturating_mul(ESCAPED);
+    let ids = (c.max_client_id_bytes + c.max_event_name_bytes).saturating_mul(ESCAPED);
+    text.max(data).saturating_add(ids).saturating_add(4096)
+}
+
+/// The length of a JSON value as compact text, without building the text.
+fn json_len(value: &serde_json::Value) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut c = Count(0);
+    // Writing a parsed value into a counter cannot fail.
+    let _ = serde_json::to_writer(&mut c, value);
+    c.0
+}
 
 pub struct TutorHandler {
     pub conn: ConnId,
@@ -38,6 +75,19 @@ impl TutorHandler {
     fn send(&self, message: ServerMessage<'_>) {
         self.outbox
             .send(Message::Text(Utf8Bytes::from(message.to_json())));
+    }
+
+    fn paging(&self) -> Paging {
+        Paging {
+            messages: self.config.history_page_messages,
+            bytes: self.config.history_page_bytes,
+        }
+    }
+
+    /// Refuses something too large: `too_large`, counted, and a strike.
+    fn too_large(&mut self, message: &str) -> Flow {
+        self.metrics.tutor_too_large.inc();
+        self.error(ErrorCode::TooLarge, message, true)
     }
 
     /// Answers with an error; `strike` counts it toward the bad-message limit.
@@ -63,7 +113,16 @@ impl TutorHandler {
                         return self.error(ErrorCode::BadMessage, &e.to_string(), true)
                     }
                     Err(e @ ChatTextError::TooLong { .. }) => {
-                        return self.error(ErrorCode::TooLarge, &e.to_string(), true)
+                        return self.too_large(&e.to_string())
+                    }
+                }
+                if let Some(id) = &client_id {
+                    if id.len() > self.config.max_client_id_bytes {
+                        let max = self.config.max_client_id_bytes;
+                        return self.too_large(&format!(
+                            "client_id is {} bytes; the limit is {max}",
+                            id.len()
+                        ));
                     }
                 }
                 if let Err(e) = room.post_chat(self.user.clone(), text, client_id) {
@@ -84,6 +143,21 @@ impl TutorHandler {
                 if !self.role.can_write() {
                     return self.error(ErrorCode::Forbidden, "viewers may not send events", false);
                 }
+                if name.len() > self.config.max_event_name_bytes {
+                    let max = self.config.max_event_name_bytes;
+                    return self.too_large(&format!(
+                        "event name is {} bytes; the limit is {max}",
+                        name.len()
+                    ));
+                }
+                let data_len = json_len(&data);
+                if data_len > self.config.max_event_data_bytes {
+                    let max = self.config.max_event_data_bytes;
+                    return self.too_large(&format!(
+                        "event data is {data_len} bytes; the limit is {max}"
+                    ));
+                }
+                let room = &self.session.tutor;
                 room.relay(
                     self.conn,
                     &ServerMessage::Event {
@@ -97,15 +171,23 @@ impl TutorHandler {
                 let limit = limit
                     .unwrap_or(self.config.history_on_connect)
                     .min(MAX_HISTORY_PAGE);
-                match room.history_before(before, limit) {
-                    Ok(messages) => self.send(ServerMessage::History {
-                        messages: &messages,
-                    }),
-                    Err(e) => {
-                        tracing::error!(session = %self.session.id, error = %e, "history not read");
-                        return Flow::Close(Close::new(close::INTERNAL, "storage error"));
+                let newest = room.last_seq().saturating_add(1);
+                let range = HistoryRange::Before {
+                    before: before.unwrap_or(newest).min(newest),
+                    limit,
+                };
+                let (reader, outbox, paging) = (room.reader(), self.outbox.clone(), self.paging());
+                let session = self.session.id.clone();
+                // Read and sent off the reader, page by page; the next frame is read after.
+                return Flow::Then(Box::pin(async move {
+                    match reader.send(range, &outbox, paging).await {
+                        Ok(()) => Flow::Continue,
+                        Err(e) => {
+                            tracing::error!(%session, error = %e, "history not read");
+                            Flow::Close(Close::new(close::INTERNAL, "storage error"))
+                        }
                     }
-                }
+                }));
             }
             ClientMessage::Ping => self.send(ServerMessage::Pong),
         }
@@ -114,6 +196,22 @@ impl TutorHandler {
 }
 
 impl FrameHandler for TutorHandler {
+    fn on_start(&mut self) -> Flow {
+        let Some(catch_up) = self.session.tutor.catch_up(self.conn, self.paging()) else {
+            return Flow::Continue;
+        };
+        let session = self.session.id.clone();
+        Flow::Then(Box::pin(async move {
+            match catch_up.await {
+                Ok(()) => Flow::Continue,
+                Err(e) => {
+                    tracing::error!(%session, error = %e, "tutor join failed: history unreadable");
+                    Flow::Close(Close::new(close::INTERNAL, "storage error"))
+                }
+            }
+        }))
+    }
+
     fn on_frame(&mut self, frame: &Message) -> Flow {
         let text = match frame {
             Message::Text(t) => t.as_str(),
@@ -125,6 +223,13 @@ impl FrameHandler for TutorHandler {
         if !self.bucket.try_take() {
             self.metrics.tutor.rate_limited.inc();
             return self.error(ErrorCode::RateLimited, "slow down", true);
+        }
+        let max = max_frame_bytes(&self.config);
+        if text.len() > max {
+            return self.too_large(&format!(
+                "message is {} bytes; no valid message is longer than {max}",
+                text.len()
+            ));
         }
         match ClientMessage::parse(text) {
             Ok(message) => self.handle(message),

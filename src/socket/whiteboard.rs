@@ -1,8 +1,17 @@
 //! The whiteboard endpoint's frame handling: y-websocket messages in, session calls out.
 //!
-//! Decodes each binary frame (every message in it), answers sync step 1 from the session's
+//! Reads every message of each binary frame, answers sync step 1 from the session's
 //! document, hands updates and awareness to the [`Whiteboard`], enforces the viewer's
-//! read-only rule and the frame rate limit. Maps protocol failures to close codes.
+//! read-only rule and the rate limit. Maps protocol failures to close codes.
+//!
+//! The rate limit counts protocol messages, not frames (SPEC.md 7.1): a frame packed with a
+//! million messages costs a million tokens. A frame is first checked whole for its framing
+//! (no allocation), then walked one message at a time: each takes a token before it is
+//! decoded; past the budget, awareness, query-awareness and auth messages are dropped
+//! undecoded and counted (a client that keeps at it is closed with 1008), and a sync
+//! message makes the reader wait for a token and resume the frame where it stopped
+//! (back-pressure). Replies (step 2, awareness states) go through the connection's own send
+//! queue, in bytes as sent; once it refuses them (1013), the rest of the frame is not read.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -10,6 +19,7 @@ use std::sync::Arc;
 use axum::extract::ws::Message;
 use yrs::ClientID;
 
+use super::frames::{self, Kind};
 use super::{close, Close, Flow, FrameHandler};
 use crate::limits::{Strikes, TokenBucket};
 use crate::metrics::Metrics;
@@ -30,6 +40,8 @@ pub struct WhiteboardHandler {
     pub user: String,
     denied_sent: bool,
     announced: HashSet<ClientID>,
+    /// Where in the current frame to go on after a rate-limit wait (`None`: a new frame).
+    resume_at: Option<usize>,
 }
 
 impl WhiteboardHandler {
@@ -55,6 +67,7 @@ impl WhiteboardHandler {
             user,
             denied_sent: false,
             announced: HashSet::new(),
+            resume_at: None,
         }
     }
 
@@ -100,6 +113,107 @@ impl WhiteboardHandler {
     }
 }
 
+impl WhiteboardHandler {
+    /// Queues a reply; `Err` when the send queue refused it (it is over its limit and the
+    /// writer is closing with 1013), so the rest of the frame is not worth reading.
+    fn reply(&self, message: bytes::Bytes) -> Result<(), Close> {
+        if self.outbox.send(Message::Binary(message)) || self.outbox.is_open() {
+            return Ok(());
+        }
+        Err(Close::new(
+            close::TRY_AGAIN_LATER,
+            "send queue full: reconnect and resync",
+        ))
+    }
+
+    /// Handles one message (the bytes of exactly one).
+    fn handle(&mut self, bytes: &bytes::Bytes) -> Result<(), Close> {
+        let message = match wire::decode_frame(bytes) {
+            Ok(mut m) if m.len() == 1 => m.pop(),
+            Ok(_) => None,
+            Err(e) => {
+                if matches!(e, wire::WireError::AwarenessRefused(_)) {
+                    self.metrics.guard_refusals.awareness.inc();
+                } else {
+                    self.metrics.updates_rejected.inc();
+                }
+                tracing::warn!(session = %self.session.id, user = %self.user, error = %e, "frame refused");
+                return Err(Close::new(e.close_code(), e.to_string()));
+            }
+        };
+        let Some(message) = message else {
+            return Err(Close::new(close::INVALID_PAYLOAD, "malformed message"));
+        };
+        match message {
+            Inbound::SyncStep1(sv) => self.reply(self.whiteboard().sync_step2(&sv)),
+            Inbound::SyncStep2 { update } => self.apply(&update, None),
+            Inbound::Update { update, message } => self.apply(&update, Some(message)),
+            Inbound::Awareness { update, message } => {
+                let mut announced = std::mem::take(&mut self.announced);
+                self.whiteboard()
+                    .apply_awareness(update, message, &mut announced);
+                self.announced = announced;
+                Ok(())
+            }
+            Inbound::Auth => Ok(()),
+            Inbound::QueryAwareness => {
+                let states = self
+                    .whiteboard()
+                    .awareness_states()
+                    .unwrap_or_else(|| bytes::Bytes::from_static(wire::KEEPALIVE));
+                self.reply(states)
+            }
+        }
+    }
+
+    /// Walks the frame from `self.resume_at`.
+    fn walk(&mut self, bytes: &bytes::Bytes) -> Flow {
+        if self.resume_at.is_none() {
+            // The framing of the whole frame first: nothing of a frame cut short or holding
+            // an unknown type is applied.
+            match frames::count_messages(bytes) {
+                Ok(n) => {
+                    self.metrics.whiteboard_messages_in.inc_by(n as u64);
+                }
+                Err(e) => {
+                    self.metrics.updates_rejected.inc();
+                    tracing::warn!(session = %self.session.id, user = %self.user, error = %e, "frame refused");
+                    return Flow::Close(Close::new(e.close_code(), e.to_string()));
+                }
+            }
+        }
+        let mut pos = self.resume_at.unwrap_or(0);
+        while pos < bytes.len() {
+            let (kind, end) = match frames::next_message(bytes, pos) {
+                Ok(m) => m,
+                Err(e) => return Flow::Close(Close::new(e.close_code(), e.to_string())),
+            };
+            if !self.bucket.try_take() {
+                if kind == Kind::Sync {
+                    // Updates are never dropped (the client would diverge): the reader
+                    // waits for a token instead, which back-pressures the client through
+                    // TCP, and comes back to this message.
+                    self.resume_at = Some(pos);
+                    return Flow::RetryAfter(self.bucket.wait_time());
+                }
+                // Cursor traffic is dropped, undecoded, and counted; a client that keeps
+                // at it is closed.
+                self.metrics.whiteboard.rate_limited.inc();
+                if self.drops.strike() {
+                    return Flow::Close(Close::new(close::POLICY, "rate limit exceeded"));
+                }
+                pos = end;
+                continue;
+            }
+            if let Err(c) = self.handle(&bytes.slice(pos..end)) {
+                return Flow::Close(c);
+            }
+            pos = end;
+        }
+        Flow::Continue
+    }
+}
+
 impl FrameHandler for WhiteboardHandler {
     fn on_frame(&mut self, frame: &Message) -> Flow {
         let bytes = match frame {
@@ -112,58 +226,11 @@ impl FrameHandler for WhiteboardHandler {
             }
             _ => return Flow::Continue,
         };
-        if !self.bucket.try_take() {
-            // Updates are never dropped (the client would diverge): the reader waits for a
-            // token instead, which back-pressures the client through TCP. Cursor traffic
-            // is dropped and counted; a client that keeps at it is closed.
-            if bytes.first() == Some(&0) {
-                return Flow::RetryAfter(self.bucket.wait_time());
-            }
-            self.metrics.whiteboard.rate_limited.inc();
-            if self.drops.strike() {
-                return Flow::Close(Close::new(close::POLICY, "rate limit exceeded"));
-            }
-            return Flow::Continue;
+        let flow = self.walk(bytes);
+        if !matches!(flow, Flow::RetryAfter(_)) {
+            self.resume_at = None;
         }
-        let messages = match wire::decode_frame(bytes) {
-            Ok(m) => m,
-            Err(e) => {
-                self.metrics.updates_rejected.inc();
-                tracing::warn!(session = %self.session.id, user = %self.user, error = %e, "frame refused");
-                return Flow::Close(Close::new(e.close_code(), e.to_string()));
-            }
-        };
-        for message in messages {
-            let outcome = match message {
-                Inbound::SyncStep1(sv) => {
-                    self.outbox
-                        .send(Message::Binary(self.whiteboard().sync_step2(&sv)));
-                    Ok(())
-                }
-                Inbound::SyncStep2 { update } => self.apply(&update, None),
-                Inbound::Update { update, message } => self.apply(&update, Some(message)),
-                Inbound::Awareness { update, message } => {
-                    let mut announced = std::mem::take(&mut self.announced);
-                    self.whiteboard()
-                        .apply_awareness(update, message, &mut announced);
-                    self.announced = announced;
-                    Ok(())
-                }
-                Inbound::Auth => Ok(()),
-                Inbound::QueryAwareness => {
-                    let states = self
-                        .whiteboard()
-                        .awareness_states()
-                        .unwrap_or_else(|| bytes::Bytes::from_static(wire::KEEPALIVE));
-                    self.outbox.send(Message::Binary(states));
-                    Ok(())
-                }
-            };
-            if let Err(c) = outcome {
-                return Flow::Close(c);
-            }
-        }
-        Flow::Continue
+        flow
     }
 
     fn on_close(&mut self) {
