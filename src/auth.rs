@@ -149,7 +149,16 @@ pub struct Claims {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub iss: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub aud: Option<String>,
+    pub aud: Option<Audience>,
+}
+
+/// The `aud` claim: RFC 7519 allows one string or a list (many identity providers issue a
+/// list). Checked by the JWT library against `auth.audience` when that is configured.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Audience {
+    One(String),
+    Many(Vec<String>),
 }
 
 impl Claims {
@@ -451,6 +460,33 @@ mod tests {
                 "{name}: cannot mint without a secret"
             );
         }
+    }
+
+    #[test]
+    fn a_list_valued_audience_is_accepted_and_checked_when_configured() {
+        let mut c = claims_for(
+            "u",
+            vec!["s".into()],
+            Role::Student,
+            None,
+            Duration::from_secs(60),
+        );
+        c.aud = Some(Audience::Many(vec!["easel".into(), "other".into()]));
+        // No audience configured: the claim is not checked, whatever its shape.
+        let open = Verifier::from_config(&cfg()).unwrap().unwrap();
+        open.verify(&open.mint(&c).unwrap()).unwrap();
+        // Configured: a list holding it passes, one without it does not.
+        let strict = Verifier::from_config(&AuthConfig {
+            audience: Some("easel".into()),
+            ..cfg()
+        })
+        .unwrap()
+        .unwrap();
+        strict.verify(&strict.mint(&c).unwrap()).unwrap();
+        c.aud = Some(Audience::Many(vec!["other".into()]));
+        assert!(strict.verify(&strict.mint(&c).unwrap()).is_err());
+        c.aud = Some(Audience::One("easel".into()));
+        strict.verify(&strict.mint(&c).unwrap()).unwrap();
     }
 
     #[test]
