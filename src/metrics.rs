@@ -39,6 +39,21 @@ pub struct EndpointMetrics {
     pub bytes_in: Counter,
     pub bytes_out: Counter,
     pub rate_limited: Counter,
+    /// `easel_closes_total{endpoint, code}` of this endpoint: the closes the server sent.
+    closes: Family<[(&'static str, String); 2], Counter>,
+    endpoint: Endpoint,
+}
+
+impl EndpointMetrics {
+    /// Counts a close the server sent on this endpoint, by code.
+    pub fn closed(&self, code: u16) {
+        self.closes
+            .get_or_create(&[
+                ("endpoint", self.endpoint.as_str().to_owned()),
+                ("code", code.to_string()),
+            ])
+            .inc();
+    }
 }
 
 pub struct Metrics {
@@ -50,7 +65,6 @@ pub struct Metrics {
     pub updates_rejected: Counter,
     pub chat_messages: Counter,
     auth_failures: Family<Labels, Counter>,
-    closes: Family<[(&'static str, String); 2], Counter>,
     pub relay_latency: Histogram,
     pub snapshot_duration: Histogram,
     pub store_decode_errors: Counter,
@@ -130,6 +144,12 @@ impl Metrics {
             "Frames refused or dropped by a rate limit",
             rate_limited.clone(),
         );
+        let closes = Family::<[(&'static str, String); 2], Counter>::default();
+        registry.register(
+            "closes",
+            "Connections closed by the server, by endpoint and close code",
+            closes.clone(),
+        );
         let endpoint = |e: Endpoint| {
             let l = [("endpoint", e.as_str())];
             EndpointMetrics {
@@ -139,6 +159,8 @@ impl Metrics {
                 bytes_in: bytes_in.get_or_create_owned(&l),
                 bytes_out: bytes_out.get_or_create_owned(&l),
                 rate_limited: rate_limited.get_or_create_owned(&l),
+                closes: closes.clone(),
+                endpoint: e,
             }
         };
         let whiteboard = endpoint(Endpoint::Whiteboard);
@@ -173,12 +195,6 @@ impl Metrics {
             "auth_failures",
             "Refused requests by reason",
             auth_failures.clone(),
-        );
-        let closes = Family::default();
-        registry.register(
-            "closes",
-            "Connections closed by the server, by endpoint and close code",
-            closes.clone(),
         );
         let relay_latency = Histogram::new(exponential_buckets(0.000_05, 2.0, 16));
         registry.register(
@@ -252,7 +268,6 @@ impl Metrics {
             updates_rejected,
             chat_messages,
             auth_failures,
-            closes,
             relay_latency,
             snapshot_duration,
             store_decode_errors,
@@ -281,15 +296,6 @@ impl Metrics {
     /// (`long_polls_per_user`, `http_timeout`, `state_vector`, ...).
     pub fn limit_refused(&self, limit: &'static str) {
         self.limit_refusals.get_or_create(&[("limit", limit)]).inc();
-    }
-
-    pub fn closed(&self, e: Endpoint, code: u16) {
-        self.closes
-            .get_or_create(&[
-                ("endpoint", e.as_str().to_owned()),
-                ("code", code.to_string()),
-            ])
-            .inc();
     }
 
     /// The Prometheus text exposition of every metric.

@@ -521,6 +521,8 @@ pub fn router(app: Arc<AppState>) -> Router {
         .route("/ws/v2/session/{session}/whiteboard", get(whiteboard_ws))
         .route("/ws/v2/session/{session}", get(tutor_ws))
         .merge(crate::demo::routes())
+        .fallback(http_api::not_found)
+        .method_not_allowed_fallback(http_api::method_not_allowed)
         // A posted update may be as large as a WebSocket frame may.
         .layer(DefaultBodyLimit::max(app.config.limits.max_frame_bytes))
         .layer(cors(&app.config.http.allowed_origins))

@@ -306,3 +306,16 @@ async fn chat_over_http_and_websocket() {
         .await;
     assert_refusal(&r, 400, Some("bad_request"), "no text");
 }
+
+#[tokio::test]
+async fn unknown_paths_and_methods_answer_json_errors() {
+    let server = TestServer::start("");
+    let r = server.http_get("/api/v2/nope").await;
+    assert_eq!(r.status, 404);
+    assert_eq!(r.json()["error"], "not_found", "{}", r.text());
+    let r = http_request(server.addr, "DELETE", "/healthz", &[], None).await;
+    assert_eq!(r.status, 405);
+    assert_eq!(r.json()["error"], "method_not_allowed", "{}", r.text());
+    // The demo page at / is still served.
+    assert_eq!(server.http_get("/").await.status, 200);
+}

@@ -450,6 +450,14 @@ async fn undecodable_frames_close_1007() {
         );
         assert_server_alive(&server, &s).await;
     }
+    // Every close the server sent is counted by endpoint and code.
+    let text = server.http_get("/metrics").await.text();
+    let closes = text
+        .lines()
+        .find(|l| l.starts_with("easel_closes_total{") && l.contains("code=\"1007\""))
+        .unwrap_or_else(|| panic!("no 1007 close counted in:\n{text}"));
+    assert!(closes.contains("endpoint=\"whiteboard\""), "{closes}");
+    assert!(closes.ends_with(" 3"), "three 1007 closes: {closes}");
 }
 
 #[tokio::test]

@@ -386,6 +386,9 @@ pub async fn run(socket: WebSocket, conn: Connection, mut handler: impl FrameHan
     }
     metrics.connections.dec();
     let code = sent.as_ref().map(|c| c.code);
+    if let Some(code) = code {
+        metrics.closed(code);
+    }
     let reason = sent
         .as_ref()
         .map(|c| c.reason.as_str())
