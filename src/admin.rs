@@ -68,10 +68,9 @@ impl Admin {
                 config.data_dir.display()
             )));
         }
-        Ok(Arc::new(SledStore::open(
+        Ok(Arc::new(SledStore::open_with(
             &config.data_dir,
-            config.persist.flush_interval_ms,
-            config.persist.keep_snapshots,
+            crate::store::SledSettings::from_config(config),
             None,
         )?))
     }

@@ -45,6 +45,9 @@ pub enum ServerError {
     },
     #[error("server I/O: {0}")]
     Io(#[from] std::io::Error),
+    /// Shutdown finished, but some state could not be saved (logged in detail).
+    #[error("not everything could be saved at shutdown: {0}")]
+    Unsaved(String),
 }
 
 /// Read buffer of a WebSocket: small, since it is allocated per connection and most
@@ -381,7 +384,7 @@ fn cors(allowed: &[String]) -> CorsLayer {
 pub fn router(app: Arc<AppState>) -> Router {
     Router::new()
         .route("/healthz", get(http_api::healthz))
-        .route("/readyz", get(http_api::readyz))
+        .route("/readyz", get(readyz))
         .route("/metrics", get(http_api::metrics))
         .route("/api/v2/status", get(http_api::status))
         .route("/api/v2/sessions", get(http_api::list_sessions))
@@ -459,10 +462,14 @@ pub async fn serve(
     let server = tokio::spawn(async move { server.await });
 
     stop.await;
+    // Everything below fits in `shutdown_timeout_s`, even when the disk hangs or fails:
+    // half of it to let sockets close, the rest to save (SPEC 5.2, 5.4).
+    let started = Instant::now();
+    let deadline = Duration::from_secs(config.shutdown_timeout_s.max(1));
+    let remaining = || deadline.saturating_sub(started.elapsed());
     tracing::info!("shutting down: closing connections");
     let _ = shutdown_tx.send(true);
-    let deadline = Duration::from_secs(config.shutdown_timeout_s);
-    let drained = tokio::time::timeout(deadline, async {
+    let drained = tokio::time::timeout(deadline / 2, async {
         while app.caps.open() > 0 {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -474,17 +481,58 @@ pub async fn serve(
             "connections still open at the shutdown deadline"
         );
     }
-    let _ = housekeeping.await;
+    let _ = tokio::time::timeout(remaining() / 2, housekeeping).await;
+    // A thread of its own, not `spawn_blocking`: a save stuck in the disk must not keep
+    // the runtime (and so the process) from ending.
+    let (saved, save_result) = tokio::sync::oneshot::channel();
     let registry = registry.clone();
     let store = app.store.clone();
-    let _ = tokio::task::spawn_blocking(move || {
-        registry.snapshot_all();
-        if let Err(e) = store.flush() {
-            tracing::error!(error = %e, "final flush failed");
-        }
-    })
-    .await;
+    let spawned = std::thread::Builder::new()
+        .name("easel-final-save".into())
+        .spawn(move || {
+            let failed = registry.snapshot_all();
+            let flushed = store.close();
+            let _ = saved.send((failed, flushed));
+        });
+    let unsaved = match spawned {
+        Err(e) => Some(format!("cannot start the final save: {e}")),
+        Ok(_) => match tokio::time::timeout(remaining(), save_result).await {
+            Ok(Ok((failed, flushed))) => {
+                let mut problems: Vec<String> = failed
+                    .iter()
+                    .map(|(session, e)| format!("session {session}: {e}"))
+                    .collect();
+                if let Err(e) = flushed {
+                    tracing::error!(error = %e, "final flush failed: changes of the last moments may not be on disk");
+                    problems.push(format!("final flush: {e}"));
+                }
+                (!problems.is_empty()).then(|| problems.join("; "))
+            }
+            Ok(Err(_)) => Some("the final save stopped".into()),
+            Err(_) => {
+                tracing::error!("the final snapshots and flush did not finish within shutdown_timeout_s: what they held may not be on disk");
+                Some("the final save did not finish within shutdown_timeout_s".into())
+            }
+        },
+    };
     server.abort();
+    if let Some(unsaved) = unsaved {
+        tracing::error!(%unsaved, "shutdown complete, but not everything was saved");
+        return Err(ServerError::Unsaved(unsaved));
+    }
     tracing::info!("shutdown complete");
     Ok(())
+}
+
+/// `/readyz`: 200 while the store can write, else 503 with the reason (SPEC 5.4).
+async fn readyz(State(app): State<Arc<AppState>>) -> Response {
+    use axum::response::IntoResponse;
+    match app.store.check() {
+        Ok(()) => (axum::http::StatusCode::OK, "ready").into_response(),
+        Err(e) => (
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            format!("storage unavailable: {e}"),
+        )
+            .into_response(),
+    }
 }

@@ -170,14 +170,18 @@ impl Registry {
         before - map.len()
     }
 
-    /// Snapshots every changed session (shutdown).
-    pub fn snapshot_all(&self) {
+    /// Snapshots every changed session (shutdown). Returns the sessions it could not
+    /// save, with the reason (each is logged too).
+    pub fn snapshot_all(&self) -> Vec<(Arc<str>, String)> {
         let sessions: Vec<_> = self.map().values().cloned().collect();
+        let mut failed = Vec::new();
         for s in sessions {
             if let Err(e) = s.whiteboard.snapshot_if_dirty() {
-                tracing::error!(session = %s.id, error = %e, "snapshot failed");
+                tracing::error!(session = %s.id, error = %e, "snapshot failed: this session's latest changes may not be saved");
+                failed.push((s.id.clone(), e.to_string()));
             }
         }
+        failed
     }
 
     /// Snapshots changed sessions whose last snapshot is older than
