@@ -22,7 +22,7 @@ use crate::protocol::tutor::ChatMessage;
 pub enum StoreError {
     #[error("storage I/O: {0}")]
     Io(String),
-    #[error("stored record does not decode: {0}")]
+    #[error("damaged data: {0}")]
     Corrupt(String),
 }
 

@@ -18,7 +18,7 @@ use super::sled_store::{
     check_yjs_update, decode_chat, decode_counter, decode_snapshot_entry, decode_update,
     encode_counter, encode_snapshot, named_key, now_ms, numbered_key, quiet_catch_unwind,
     split_key, storage_error, version_files_in, SledSettings, SnapshotHeader, CHAT_TREE,
-    LAST_SNAPSHOT_VERSION, META_TREE, SNAPSHOTS_TREE, UPDATES_TREE, VERSIONS_DIR,
+    CHAT_SEQ_RESERVED, LAST_SNAPSHOT_VERSION, META_TREE, SNAPSHOTS_TREE, UPDATES_TREE, VERSIONS_DIR,
 };
 use super::StoreError;
 
@@ -137,10 +137,10 @@ struct Salvage {
     opened: bool,
 }
 
-/// Copies sled's files of `dir` to a temporary folder (without sled's own snapshot files
-/// when `without_snapshots`: sled rebuilds its state from the log alone) and reads every
-/// record that reads and decodes.
-fn salvage(dir: &Path, without_snapshots: bool, problems: &mut Vec<String>) -> Salvage {
+/// Copies sled's files of `dir` to a temporary folder (without sled's own snapshot and
+/// settings files when `without_derived`: sled rebuilds them from the log and defaults)
+/// and reads every record that reads and decodes.
+fn salvage(dir: &Path, without_derived: bool, problems: &mut Vec<String>) -> Salvage {
     let mut salvage = Salvage::default();
     let Ok(scratch) = Scratch::new() else {
         problems.push("cannot create a temporary folder to examine the database".into());
@@ -161,8 +161,10 @@ fn salvage(dir: &Path, without_snapshots: bool, problems: &mut Vec<String>) -> S
             continue;
         };
         let name_str = name.to_string_lossy();
-        if name_str.ends_with(".generating") || (without_snapshots && name_str.starts_with("snap."))
-        {
+        // sled rebuilds its own snapshot (`snap.*`) from the log, and `conf` with the
+        // settings easel always uses: the second attempt goes without either.
+        let derived = name_str.starts_with("snap.") || name_str == "conf";
+        if name_str.ends_with(".generating") || (without_derived && derived) {
             continue;
         }
         if let Err(e) = copy_tree(&file, &scratch.path().join(name)) {
@@ -319,17 +321,19 @@ pub fn check(dir: &Path) -> Result<CheckReport, RepairError> {
                 report.problems.push(format!("{}: {e}", path.display()));
             }
         }
-        // The newest file is a version the database had (the counter says so) but lost.
+        // A version file newer than the database's newest version: sled lost it (it
+        // drops everything after a damaged spot of its log), or a crash came between the
+        // file and the record.
         if salvage.opened {
             let newest_file = versions.last().copied().unwrap_or(0);
             let newest_db = in_db
                 .get(session)
                 .and_then(|v| v.last().copied())
                 .unwrap_or(0);
-            let counted = counter(&salvage, session, LAST_SNAPSHOT_VERSION).unwrap_or(0);
-            if newest_file > newest_db && newest_file <= counted {
+            if newest_file > newest_db {
                 report.problems.push(format!(
-                    "session {session}: version {newest_file} is missing from the database (its versions/ file is there)"
+                    "session {session}: version {newest_file} is in versions/ but not in the database \
+                     (the database lost what came after some point, or a snapshot was interrupted)"
                 ));
             }
         }
@@ -453,8 +457,56 @@ pub fn recover(dir: &Path, settings: &SledSettings) -> Result<RecoverReport, Rep
             ));
         }
     }
+    // Chat seqs must never be handed out twice, even for messages that could not be
+    // brought back: start every session above the highest seq found anywhere in the
+    // damaged files (a gap, not a reuse).
+    if let Some(aside) = &report.moved_to {
+        let highest = highest_chat_seq_in(aside);
+        if highest > 0 {
+            let mut sessions: BTreeSet<String> = version_files(dir).into_keys().collect();
+            for tree in salvage.trees.values() {
+                sessions.extend(
+                    tree.keys()
+                        .filter_map(|k| split_key(k).map(|(s, _)| s.to_owned())),
+                );
+            }
+            for session in sessions {
+                let counted = counter(&salvage, &session, CHAT_SEQ_RESERVED).unwrap_or(0);
+                if highest > counted {
+                    meta.insert(named_key(&session, CHAT_SEQ_RESERVED), &encode_counter(highest)[..])
+                        .map_err(storage_error)?;
+                }
+            }
+        }
+    }
     db.flush().map_err(storage_error)?;
     Ok(report)
+}
+
+/// The highest `"seq":N` in the raw bytes of sled's files under `dir` (chat messages are
+/// stored as JSON): a bound on every chat seq the damaged database handed out.
+fn highest_chat_seq_in(dir: &Path) -> u64 {
+    const NEEDLE: &[u8] = b"{\"seq\":";
+    let mut files = vec![dir.join("db")];
+    if let Ok(blobs) = std::fs::read_dir(dir.join("blobs")) {
+        files.extend(blobs.flatten().map(|e| e.path()));
+    }
+    let mut highest = 0u64;
+    for file in files {
+        let Ok(bytes) = std::fs::read(&file) else { continue };
+        let mut at = 0;
+        while let Some(found) = bytes[at..].windows(NEEDLE.len()).position(|w| w == NEEDLE) {
+            let digits = &bytes[at + found + NEEDLE.len()..];
+            let n = digits
+                .iter()
+                .take(20)
+                .take_while(|b| b.is_ascii_digit())
+                .fold(0u64, |n, b| n.saturating_mul(10).saturating_add(u64::from(b - b'0')));
+            highest = highest.max(n);
+            at += found + NEEDLE.len();
+        }
+    }
+    highest
 }
 
 /// The v1-encoded state vector of a Yjs v1 update, `None` if it does not decode.

@@ -128,7 +128,7 @@ pub(super) const META_TREE: &str = "meta";
 const LAST_LOG_SEQ: &str = "last_log_seq";
 pub(super) const LAST_SNAPSHOT_VERSION: &str = "last_snapshot_version";
 pub(super) const LAST_CHAT_SEQ: &str = "last_chat_seq";
-const CHAT_SEQ_RESERVED: &str = "chat_seq_reserved";
+pub(super) const CHAT_SEQ_RESERVED: &str = "chat_seq_reserved";
 const LAST_ACTIVITY_MS: &str = "last_activity_ms";
 
 /// Chat seqs reserved (and flushed) at a time: one fsync per this many messages of a
@@ -665,6 +665,15 @@ impl Shared {
         tracing::warn!(tree, key = %describe_key(key), error, "stored record does not decode; skipped");
     }
 
+    /// Logs and counts a part of the database sled cannot read (the caller goes on with
+    /// what it has: one damaged page never hides the rest).
+    fn report_unreadable(&self, tree: &str, session: &str, error: &sled::Error) {
+        if let Some(metrics) = &self.metrics {
+            metrics.store_decode_errors.inc();
+        }
+        tracing::warn!(tree, session, error = %error, "part of the database does not read; skipped");
+    }
+
     /// A `meta` counter of the session; `None` if absent or damaged (damage is reported).
     fn read_counter(
         &self,
@@ -791,7 +800,14 @@ impl Shared {
     ) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
         let mut found = None;
         for entry in t.snapshots.scan_prefix(session_prefix(session)).rev() {
-            let (key, value) = entry.map_err(storage_error)?;
+            let (key, value) = match entry {
+                Ok(kv) => kv,
+                Err(e) => {
+                    // A page sled cannot read: the version files still can be.
+                    self.report_unreadable(SNAPSHOTS_TREE, session, &e);
+                    break;
+                }
+            };
             let loaded =
                 decode_snapshot_entry(session, &key, &value).and_then(|(header, state)| {
                     check_yjs_update(state)?;
@@ -815,14 +831,16 @@ impl Shared {
             }
             match self.read_version_file(session, version) {
                 Ok(state) => {
-                    if version <= counted {
-                        // The database had this version and lost it: damage, repaired here.
-                        self.report_damaged(
-                            SNAPSHOTS_TREE,
-                            &numbered_key(session, version),
-                            "missing or damaged in the database; loaded from its versions/ file",
-                        );
-                    }
+                    // The database lost this version (sled drops everything after a
+                    // damaged spot of its log as if it were a torn write), or, rarely, a
+                    // crash came between the file and the record. Either way the file is
+                    // the version's exact state.
+                    let why = if version <= counted {
+                        "damaged in the database; loaded from its versions/ file"
+                    } else {
+                        "missing from the database (damage, or an interrupted snapshot); loaded from its versions/ file"
+                    };
+                    self.report_damaged(SNAPSHOTS_TREE, &numbered_key(session, version), why);
                     return Ok(Some((version, state)));
                 }
                 Err(e) => self.report_damaged(VERSIONS_DIR, &numbered_key(session, version), &e),
@@ -835,7 +853,13 @@ impl Shared {
     fn log_entries(&self, t: &Trees, session: &str) -> Result<Vec<Vec<u8>>, StoreError> {
         let mut updates = Vec::new();
         for entry in t.updates.scan_prefix(session_prefix(session)) {
-            let (key, value) = entry.map_err(storage_error)?;
+            let (key, value) = match entry {
+                Ok(kv) => kv,
+                Err(e) => {
+                    self.report_unreadable(UPDATES_TREE, session, &e);
+                    break;
+                }
+            };
             match decode_update(&value) {
                 Ok(update) => updates.push(update.to_vec()),
                 Err(e) => self.report_damaged(UPDATES_TREE, &key, &e),
@@ -856,7 +880,13 @@ impl Shared {
             if messages.len() >= limit {
                 break;
             }
-            let (key, value) = entry.map_err(storage_error)?;
+            let (key, value) = match entry {
+                Ok(kv) => kv,
+                Err(e) => {
+                    self.report_unreadable(CHAT_TREE, "", &e);
+                    break;
+                }
+            };
             match decode_chat(&value) {
                 Ok(message) => messages.push(message),
                 Err(e) => self.report_damaged(CHAT_TREE, &key, &e),
@@ -890,7 +920,17 @@ impl Shared {
     /// The highest chat seq stored or counted (without reservations).
     fn stored_chat_seq(&self, t: &Trees, session: &str) -> Result<u64, StoreError> {
         let counted = self.read_counter(t, session, LAST_CHAT_SEQ)?;
-        let stored = self.last_number(&t.chat, session)?;
+        let stored = match self.last_number(&t.chat, session) {
+            Ok(stored) => stored,
+            Err(StoreError::Corrupt(e)) => {
+                tracing::warn!(session, error = %e, "chat does not read; seqs continue from the counters");
+                if let Some(metrics) = &self.metrics {
+                    metrics.store_decode_errors.inc();
+                }
+                None
+            }
+            Err(e) => return Err(e),
+        };
         Ok(counted.max(stored).unwrap_or(0))
     }
 }
