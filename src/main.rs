@@ -408,6 +408,10 @@ fn open_store(config: &Config, metrics: Arc<easel::metrics::Metrics>) -> anyhow:
     ) {
         Ok(store) => Ok(store),
         Err(e) if is_locked_error(&e) => Err(e.into()),
+        Err(e) if e.to_string().contains("No space left") => bail!(
+            "{e}\nthe disk holding {} is full: free some space and start again (nothing was changed)",
+            config.data_dir.display()
+        ),
         Err(e) => bail!(
             "{e}\nthe database in {dir} is damaged or unreadable: run `easel store check --data-dir {dir}` \
              to see what, and `easel store recover --data-dir {dir}` to rebuild it from the versions/ files \

@@ -93,9 +93,15 @@ async fn an_acknowledged_snapshot_version_survives_kill9_and_is_never_reused() {
     let mut server = TestServer::start(config);
     let session = session_id("versions");
     let tok = token("tina", &session, "tutor");
-    assert_eq!(post_update(&server, &session, &tok, &set(7, "k", "v1")).await, 204);
+    assert_eq!(
+        post_update(&server, &session, &tok, &set(7, "k", "v1")).await,
+        204
+    );
     let first = server.take_snapshot(&session, &tok).await;
-    assert_eq!(post_update(&server, &session, &tok, &set(7, "k", "v2")).await, 204);
+    assert_eq!(
+        post_update(&server, &session, &tok, &set(7, "k", "v2")).await,
+        204
+    );
     let acknowledged = server.take_snapshot(&session, &tok).await;
     assert!(acknowledged > first);
     let (server2, _tmp) = kill_and_restart(&mut server, config);
@@ -249,7 +255,10 @@ async fn a_full_disk_is_reported_refused_and_recovered_from_without_a_restart() 
         .wait_exit(Duration::from_secs(4 + 3))
         .await
         .expect("easel did not exit within shutdown_timeout_s (+3 s) on a full disk");
-    assert!(!status.success(), "exit status {status} after an unsaved shutdown");
+    assert!(
+        !status.success(),
+        "exit status {status} after an unsaved shutdown"
+    );
     assert!(started.elapsed() < Duration::from_secs(7));
     assert!(
         server.stderr_text().contains("not everything was saved"),
@@ -318,26 +327,49 @@ async fn a_damaged_database_is_refused_by_name_and_recovered_from_the_version_fi
     for i in 0..150 {
         last_seq = post_chat(&server, &session, &tok, &format!("{i} {long}")).await;
     }
-    assert_eq!(post_update(&server, &session, &tok, &set(9, "shape", "circle")).await, 204);
+    assert_eq!(
+        post_update(&server, &session, &tok, &set(9, "shape", "circle")).await,
+        204
+    );
     let version = server.take_snapshot(&session, &tok).await;
     server.stop_graceful().await;
     let data = server.data_dir.clone();
     let _tmp = server.take_tempdir();
 
-    assert!(store_cli("check", &data).success(), "check of a healthy directory");
+    assert!(
+        store_cli("check", &data).success(),
+        "check of a healthy directory"
+    );
 
     // 1. Damage sled opens over: every copy of the board's content in the database is hit.
     // The board comes back from its version file, and the damage is counted.
     let flipped = flip_every(&data.join("db"), b"circle");
     assert!(flipped > 0, "the board's content is not in the db file");
     let check = store_cli("check", &data);
-    assert!(!check.success(), "store check exit 0 on damage:\n{}", check.stdout_text());
-    assert!(check.stdout_text().contains("damaged"), "{}", check.stdout_text());
+    assert!(
+        !check.success(),
+        "store check exit 0 on damage:\n{}",
+        check.stdout_text()
+    );
+    assert!(
+        check.stdout_text().contains("damaged"),
+        "{}",
+        check.stdout_text()
+    );
     let mut server = TestServer::start_in(&data, "");
     let doc = server.whiteboard_doc(&session, &tok).await;
-    assert_eq!(doc_map_get(&doc, "board", "shape").as_deref(), Some("circle"));
-    let counted = server.metric("easel_store_decode_errors_total").await.unwrap_or(0.0);
-    assert!(counted >= 1.0, "damage read over was not counted ({counted})");
+    assert_eq!(
+        doc_map_get(&doc, "board", "shape").as_deref(),
+        Some("circle")
+    );
+    let counted = server
+        .metric("easel_store_decode_errors_total")
+        .await
+        .unwrap_or(0.0);
+    assert!(
+        counted >= 1.0,
+        "damage read over was not counted ({counted})"
+    );
     server.stop_graceful().await;
     let _tmp2 = server.take_tempdir();
 
@@ -350,11 +382,22 @@ async fn a_damaged_database_is_refused_by_name_and_recovered_from_the_version_fi
         refused.contains("easel store recover"),
         "serve's refusal does not name `easel store recover`:\n{refused}"
     );
-    assert!(!refused.contains("panicked at"), "serve panicked:\n{refused}");
+    assert!(
+        !refused.contains("panicked at"),
+        "serve panicked:\n{refused}"
+    );
 
     let check = store_cli("check", &data);
-    assert!(!check.success(), "store check exit 0 on damage:\n{}", check.stdout_text());
-    assert!(check.stdout_text().contains("damaged"), "{}", check.stdout_text());
+    assert!(
+        !check.success(),
+        "store check exit 0 on damage:\n{}",
+        check.stdout_text()
+    );
+    assert!(
+        check.stdout_text().contains("damaged"),
+        "{}",
+        check.stdout_text()
+    );
 
     let recover = store_cli("recover", &data);
     recover.assert_ok("store recover");
@@ -364,11 +407,20 @@ async fn a_damaged_database_is_refused_by_name_and_recovered_from_the_version_fi
 
     let server = TestServer::start_in(&data, "");
     let doc = server.whiteboard_doc(&session, &tok).await;
-    assert_eq!(doc_map_get(&doc, "board", "shape").as_deref(), Some("circle"));
-    assert!(server.snapshot_versions(&session, &tok).await.contains(&version));
+    assert_eq!(
+        doc_map_get(&doc, "board", "shape").as_deref(),
+        Some("circle")
+    );
+    assert!(server
+        .snapshot_versions(&session, &tok)
+        .await
+        .contains(&version));
     // Chat that could not be brought back never gets its seqs handed out again.
     let next = post_chat(&server, &session, &tok, "after recovery").await;
-    assert!(next > last_seq, "chat seq {next} after recovery, {last_seq} was used before");
+    assert!(
+        next > last_seq,
+        "chat seq {next} after recovery, {last_seq} was used before"
+    );
     assert!(server.take_snapshot(&session, &tok).await > version);
 }
 
@@ -389,7 +441,9 @@ async fn resident_memory_stays_flat_over_rounds_of_opening_and_unloading_session
             let update = set(1000 + i as u64, &format!("r{round}"), &payload);
             assert_eq!(post_update(&server, session, tok, &update).await, 204);
         }
-        server.wait_loaded_sessions(0, Duration::from_secs(20)).await;
+        server
+            .wait_loaded_sessions(0, Duration::from_secs(20))
+            .await;
         rss.push(vm_rss_kib(server.pid()).expect("VmRSS"));
     }
     eprintln!("VmRSS per round (KiB): {rss:?}");
@@ -407,7 +461,10 @@ async fn sessions_piped_into_head_ends_quietly() {
     for i in 0..700 {
         let session = format!("{}-{i}", "s".repeat(120));
         let tok = token(&format!("p{i}"), &session, "student");
-        assert_eq!(post_update(&server, &session, &tok, &set(5, "k", "v")).await, 204);
+        assert_eq!(
+            post_update(&server, &session, &tok, &set(5, "k", "v")).await,
+            204
+        );
     }
     server.stop_graceful().await;
     let data = server.data_dir.clone();
@@ -424,7 +481,14 @@ async fn sessions_piped_into_head_ends_quietly() {
         .output()
         .expect("run the pipeline");
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "pipeline exit {}: {stderr}", out.status);
-    assert!(!stderr.contains("panicked"), "easel panicked on the closed pipe: {stderr}");
+    assert!(
+        out.status.success(),
+        "pipeline exit {}: {stderr}",
+        out.status
+    );
+    assert!(
+        !stderr.contains("panicked"),
+        "easel panicked on the closed pipe: {stderr}"
+    );
     assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 1);
 }

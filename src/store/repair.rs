@@ -17,8 +17,8 @@ use yrs::{ReadTxn, Transact};
 use super::sled_store::{
     check_yjs_update, decode_chat, decode_counter, decode_snapshot_entry, decode_update,
     encode_counter, encode_snapshot, named_key, now_ms, numbered_key, quiet_catch_unwind,
-    split_key, storage_error, version_files_in, SledSettings, SnapshotHeader, CHAT_TREE,
-    CHAT_SEQ_RESERVED, LAST_SNAPSHOT_VERSION, META_TREE, SNAPSHOTS_TREE, UPDATES_TREE, VERSIONS_DIR,
+    split_key, storage_error, version_files_in, SledSettings, SnapshotHeader, CHAT_SEQ_RESERVED,
+    CHAT_TREE, LAST_SNAPSHOT_VERSION, META_TREE, SNAPSHOTS_TREE, UPDATES_TREE, VERSIONS_DIR,
 };
 use super::StoreError;
 
@@ -473,8 +473,11 @@ pub fn recover(dir: &Path, settings: &SledSettings) -> Result<RecoverReport, Rep
             for session in sessions {
                 let counted = counter(&salvage, &session, CHAT_SEQ_RESERVED).unwrap_or(0);
                 if highest > counted {
-                    meta.insert(named_key(&session, CHAT_SEQ_RESERVED), &encode_counter(highest)[..])
-                        .map_err(storage_error)?;
+                    meta.insert(
+                        named_key(&session, CHAT_SEQ_RESERVED),
+                        &encode_counter(highest)[..],
+                    )
+                    .map_err(storage_error)?;
                 }
             }
         }
@@ -493,7 +496,9 @@ fn highest_chat_seq_in(dir: &Path) -> u64 {
     }
     let mut highest = 0u64;
     for file in files {
-        let Ok(bytes) = std::fs::read(&file) else { continue };
+        let Ok(bytes) = std::fs::read(&file) else {
+            continue;
+        };
         let mut at = 0;
         while let Some(found) = bytes[at..].windows(NEEDLE.len()).position(|w| w == NEEDLE) {
             let digits = &bytes[at + found + NEEDLE.len()..];
@@ -501,7 +506,9 @@ fn highest_chat_seq_in(dir: &Path) -> u64 {
                 .iter()
                 .take(20)
                 .take_while(|b| b.is_ascii_digit())
-                .fold(0u64, |n, b| n.saturating_mul(10).saturating_add(u64::from(b - b'0')));
+                .fold(0u64, |n, b| {
+                    n.saturating_mul(10).saturating_add(u64::from(b - b'0'))
+                });
             highest = highest.max(n);
             at += found + NEEDLE.len();
         }
