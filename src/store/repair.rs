@@ -175,6 +175,7 @@ fn salvage(dir: &Path, without_derived: bool, problems: &mut Vec<String>) -> Sal
         flush_interval_ms: 0,
         keep_snapshots: usize::MAX,
         cache_mb: 64,
+        sync_durability: false,
     };
     let opened = quiet_catch_unwind(|| -> Result<sled::Db, StoreError> {
         sled::Config::new()

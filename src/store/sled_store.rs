@@ -46,7 +46,8 @@
 //!   files), in that order. After a crash midway, some entries the newest snapshot includes
 //!   may remain: loading replays them, which changes nothing (a Yjs update applies once).
 //!   The next version is above the counter, the newest record and the newest file.
-//! - Chat seqs are never handed out twice: before a message whose seq passes the session's
+//! - Chat seqs are never handed out twice: with `durability = "sync"` every message is
+//!   flushed before it is shown; with `"batch"`, before a message whose seq passes the session's
 //!   reservation is stored, `chat_seq_reserved` is raised by a block of
 //!   [`CHAT_SEQ_BLOCK`] and flushed (one fsync per block, not per message). After a crash,
 //!   [`Store::last_chat_seq`] answers the reservation, so the first seq after a restart is
@@ -166,6 +167,9 @@ pub struct SledSettings {
     pub keep_snapshots: usize,
     /// sled's page cache, in MiB.
     pub cache_mb: u64,
+    /// `persist.durability = "sync"`: every chat message is flushed before it is shown,
+    /// so no seq needs reserving ahead (and a crash leaves no gap).
+    pub sync_durability: bool,
 }
 
 impl SledSettings {
@@ -174,6 +178,7 @@ impl SledSettings {
             flush_interval_ms: config.persist.flush_interval_ms,
             keep_snapshots: config.persist.keep_snapshots,
             cache_mb: config.persist.cache_mb,
+            sync_durability: config.persist.durability == crate::config::Durability::Sync,
         }
     }
 }
@@ -351,6 +356,7 @@ impl SledStore {
                 flush_interval_ms,
                 keep_snapshots,
                 cache_mb: 64,
+                sync_durability: false,
             },
             metrics,
         )
@@ -1035,6 +1041,7 @@ impl Store for SledStore {
             numbered_key(session, version),
             encode_snapshot(&header, state)?,
         ))?;
+
         s.write_counter(&t, session, LAST_SNAPSHOT_VERSION, version)?;
         s.write_counter(&t, session, LAST_ACTIVITY_MS, created_at_ms)?;
         // The deleted entries' seqs stay used: the counter keeps the largest of them, and
@@ -1163,7 +1170,7 @@ impl Store for SledStore {
             Some(r) => r,
             None => s.read_counter(&t, session, CHAT_SEQ_RESERVED)?.unwrap_or(0),
         };
-        if message.seq > known {
+        if message.seq > known && !s.settings.sync_durability {
             let block_end = message.seq.saturating_add(CHAT_SEQ_BLOCK - 1);
             s.write_counter(&t, session, CHAT_SEQ_RESERVED, block_end)?;
             s.flush_trees(&t, false)?;
