@@ -481,7 +481,9 @@ pub async fn serve(
             "connections still open at the shutdown deadline"
         );
     }
-    let _ = tokio::time::timeout(remaining() / 2, housekeeping).await;
+    // Housekeeping stops at its next tick; a snapshot it is writing finishes under the
+    // session's own lock, which the final save below waits on anyway.
+    let _ = tokio::time::timeout(remaining().min(Duration::from_secs(1)), housekeeping).await;
     // A thread of its own, not `spawn_blocking`: a save stuck in the disk must not keep
     // the runtime (and so the process) from ending.
     let (saved, save_result) = tokio::sync::oneshot::channel();
