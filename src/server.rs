@@ -4,7 +4,10 @@
 //! An upgrade is refused here, before any WebSocket exists, when the session id, origin,
 //! token, scope or connection caps say so (SPEC.md sections 2 and 7). An accepted one is
 //! handed to `socket::run` with its endpoint's frame handler. Shutdown: stop accepting,
-//! close every socket with 1012, wait for their tasks, snapshot, and return.
+//! close every socket with 1012, wait for their tasks, snapshot, flush, and return, all
+//! within `shutdown_timeout_s` even when the disk fails or hangs; what could not be saved
+//! is logged and returned as [`ServerError::Unsaved`] (a non-zero exit). `/readyz` answers
+//! 503 with the store's reason while it cannot write.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
