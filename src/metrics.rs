@@ -54,6 +54,10 @@ pub struct Metrics {
     pub relay_latency: Histogram,
     pub snapshot_duration: Histogram,
     pub store_decode_errors: Counter,
+    /// 1 while the store takes writes, 0 while it refuses them (disk full, I/O error).
+    pub store_writable: Gauge,
+    /// Times the store stopped taking writes.
+    pub store_write_failures: Counter,
 }
 
 impl Default for Metrics {
@@ -161,6 +165,18 @@ impl Metrics {
             "Stored records that did not decode and were skipped",
             store_decode_errors.clone(),
         );
+        let store_writable = Gauge::default();
+        registry.register(
+            "store_writable",
+            "1 while the store takes writes, 0 while it refuses them (see /readyz for why)",
+            store_writable.clone(),
+        );
+        let store_write_failures = Counter::default();
+        registry.register(
+            "store_write_failures",
+            "Times the store stopped taking writes (disk full, I/O error)",
+            store_write_failures.clone(),
+        );
         Self {
             registry,
             whiteboard,
@@ -174,6 +190,8 @@ impl Metrics {
             relay_latency,
             snapshot_duration,
             store_decode_errors,
+            store_writable,
+            store_write_failures,
         }
     }
 

@@ -225,6 +225,7 @@ async fn a_full_disk_is_reported_refused_and_recovered_from_without_a_restart() 
     .await;
     assert_eq!(status, 503);
     assert!(reason.contains("disk full"), "readyz body: {reason}");
+    assert_eq!(server.metric("easel_store_writable").await, Some(0.0));
 
     // A write is refused with 1011. (That the live document drops it too is the
     // whiteboard's part, tested with it.)
@@ -240,6 +241,12 @@ async fn a_full_disk_is_reported_refused_and_recovered_from_without_a_restart() 
         (readyz(&server).await.0 == 200).then_some(())
     })
     .await;
+    assert_eq!(server.metric("easel_store_writable").await, Some(1.0));
+    let failures = server.metric("easel_store_write_failures_total").await;
+    assert!(
+        failures.is_some_and(|n| n >= 1.0),
+        "write failures counted: {failures:?}"
+    );
     let mut writer = server.wb(&session, &tok).await;
     writer.map_set("board", "after", "yes").await;
     writer.barrier().await;

@@ -370,6 +370,9 @@ impl SledStore {
         metrics: Option<Arc<Metrics>>,
     ) -> Result<Self, StoreError> {
         let trees = open_sled(dir, &settings)?;
+        if let Some(metrics) = &metrics {
+            metrics.store_writable.set(1);
+        }
         let shared = Arc::new(Shared {
             dir: dir.to_path_buf(),
             settings: SledSettings {
@@ -439,6 +442,10 @@ impl Shared {
         if health.failure.is_none() {
             tracing::error!(reason = %reason, "the store cannot write; writes are refused until it can");
             health.failure = Some(reason);
+            if let Some(metrics) = &self.metrics {
+                metrics.store_writable.set(0);
+                metrics.store_write_failures.inc();
+            }
         }
         health.sled_failed |= sled_failed;
     }
@@ -615,6 +622,9 @@ impl Shared {
         health.failure = None;
         health.sled_failed = false;
         health.unflushed.clear();
+        if let Some(metrics) = &self.metrics {
+            metrics.store_writable.set(1);
+        }
         tracing::info!(
             discarded = poisoned.len(),
             "the store writes again (entries whose write had failed were discarded)"
