@@ -151,8 +151,12 @@ impl Registry {
         })
     }
 
-    /// Drops sessions idle for longer than `idle`. Returns how many were unloaded.
+    /// Drops sessions idle for longer than `idle`. Returns how many were unloaded. A
+    /// changed session whose snapshot cannot be written stays loaded.
     pub fn unload_idle(&self, idle: Duration) -> usize {
+        if self.store.check().is_err() {
+            return 0;
+        }
         let mut map = self.map();
         let before = map.len();
         map.retain(|_, s| {
@@ -188,6 +192,11 @@ impl Registry {
     /// `persist.snapshot_interval_s`, whose last client left, or whose log has grown enough
     /// ([`Whiteboard::snapshot_wanted`]). Returns how many it wrote.
     pub fn snapshot_due(&self) -> usize {
+        if self.store.check().is_err() {
+            // The store refuses writes (and says why in /readyz): trying every session
+            // every second would only fill the log. They stay dirty for later.
+            return 0;
+        }
         let interval = Duration::from_secs(self.config.persist.snapshot_interval_s);
         let sessions: Vec<_> = self.map().values().cloned().collect();
         let mut written = 0;
