@@ -272,9 +272,25 @@ async fn a_full_disk_is_reported_refused_and_recovered_from_without_a_restart() 
         "the log does not say what was not saved"
     );
 
+    // A start on the still-full disk either refuses, saying why, or comes up not ready;
+    // either way it leaves nothing that stops the next start.
+    let _tmp = server.take_tempdir();
+    match TestServer::try_start_in(&data, config) {
+        Err(refused) => assert!(
+            refused.contains("disk") && !refused.contains("panicked at"),
+            "start on a full disk: {refused}"
+        ),
+        Ok(mut full) => {
+            eventually("not ready on a full disk", TIMEOUT, || async {
+                (readyz(&full).await.0 == 503).then_some(())
+            })
+            .await;
+            full.kill();
+        }
+    }
+
     // The next start works, with what was accepted.
     std::fs::remove_file(&filler).expect("remove filler");
-    let _tmp = server.take_tempdir();
     let server = TestServer::start_in(&data, config);
     let doc = server.whiteboard_doc(&session, &tok).await;
     assert_eq!(doc_map_get(&doc, "board", "before").as_deref(), Some("yes"));

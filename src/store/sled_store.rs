@@ -385,6 +385,13 @@ impl SledStore {
             chat_reserved: Mutex::new(HashMap::new()),
             metrics,
         });
+        // Not ready from the first request on a full disk, not one monitor tick later.
+        if let Some(free) = free_bytes(dir).filter(|&free| free < SPACE_MARGIN) {
+            shared.fail(
+                format!("disk full: {free} bytes free in {}", dir.display()),
+                false,
+            );
+        }
         let weak = Arc::downgrade(&shared);
         let spawned = std::thread::Builder::new()
             .name("easel-store-monitor".into())
