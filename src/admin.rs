@@ -68,10 +68,9 @@ impl Admin {
                 config.data_dir.display()
             )));
         }
-        Ok(Arc::new(SledStore::open(
+        Ok(Arc::new(SledStore::open_with(
             &config.data_dir,
-            config.persist.flush_interval_ms,
-            config.persist.keep_snapshots,
+            crate::store::SledSettings::from_config(config),
             None,
         )?))
     }
@@ -156,8 +155,7 @@ impl Admin {
 
     /// Merges a Yjs v1 update into the session's whiteboard.
     pub fn import(&self, session: &str, update: &[u8]) -> Result<(), AdminError> {
-        Update::decode_v1(update)
-            .map_err(|e| AdminError::Invalid(format!("not a Yjs v1 update: {e}")))?;
+        decode_checked(update)?;
         match &self.target {
             Target::Dir(config) => {
                 let (registry, store) = Self::registry(config)?;
@@ -246,13 +244,22 @@ fn read_response(
 
 /// The content of a Yjs v1 update as JSON.
 pub fn inspect(update: &[u8]) -> Result<serde_json::Value, AdminError> {
-    let decoded = Update::decode_v1(update)
-        .map_err(|e| AdminError::Invalid(format!("not a Yjs v1 update: {e}")))?;
+    let decoded = decode_checked(update)?;
     let doc = Doc::new();
     doc.transact_mut()
         .apply_update(decoded)
         .map_err(|e| AdminError::Invalid(format!("update does not apply: {e}")))?;
     Ok(doc_to_json(&doc))
+}
+
+/// A file's bytes as a Yjs v1 update, through the update guard first: a file is input like
+/// a client's, and a nesting bomb would overflow the stack inside yrs's decoder. The
+/// session a file is imported into applies its configured `limits.max_nesting` too.
+fn decode_checked(update: &[u8]) -> Result<Update, AdminError> {
+    crate::doc::guard::NestingIndex::default()
+        .check(update, crate::doc::guard::SAFE_NESTING)
+        .map_err(|e| AdminError::Invalid(format!("not a usable Yjs v1 update: {e}")))?;
+    Update::decode_v1(update).map_err(|e| AdminError::Invalid(format!("not a Yjs v1 update: {e}")))
 }
 
 /// Reads an update file for `inspect` or `import`.

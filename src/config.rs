@@ -369,6 +369,16 @@ impl Config {
         positive("limits.ping_interval_s", l.ping_interval_s > 0)?;
         positive("limits.idle_timeout_s", l.idle_timeout_s > 0)?;
         positive("limits.max_nesting", l.max_nesting > 0)?;
+        if l.max_nesting > crate::doc::guard::SAFE_NESTING {
+            return Err(ConfigError::Invalid {
+                key: "limits.max_nesting",
+                message: format!(
+                    "{} is deeper than the {} levels a decoder's stack is safe for",
+                    l.max_nesting,
+                    crate::doc::guard::SAFE_NESTING
+                ),
+            });
+        }
         positive("limits.max_doc_bytes", l.max_doc_bytes > 0)?;
         positive("limits.max_pending_bytes", l.max_pending_bytes > 0)?;
         positive(

@@ -104,11 +104,13 @@ pub async fn healthz() -> &'static str {
     "ok"
 }
 
+/// `/readyz`: 200 while the store takes writes, else 503 with the store's reason (SPEC 5.4).
 pub async fn readyz(State(app): State<Arc<AppState>>) -> Response {
-    if app.store_ready() {
-        (StatusCode::OK, "ready").into_response()
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "storage unavailable").into_response()
+    match app.store_unready() {
+        None => Json(json!({ "status": "ready" })).into_response(),
+        Some(reason) => {
+            ApiError::Unavailable(format!("storage unavailable: {reason}")).into_response()
+        }
     }
 }
 

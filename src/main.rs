@@ -1,4 +1,6 @@
-//! The `easel` command line: `serve` runs the relay, `token` mints a development token.
+//! The `easel` command line: `serve` runs the relay, `token` mints a development token,
+//! `snapshot` and `sessions` work on the store, `store check | recover` find and repair a
+//! damaged data directory.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -14,7 +16,7 @@ use std::io::Write;
 use easel::admin::{inspect, read_update_file, Admin, Target};
 use easel::auth::{claims_for, Role, Verifier};
 use easel::config::{Config, LogFormat};
-use easel::store::{SledStore, Store};
+use easel::store::{is_locked_error, repair, SledSettings, SledStore, Store};
 
 #[derive(Parser)]
 #[command(
@@ -127,6 +129,84 @@ enum Command {
         #[command(flatten)]
         target: TargetArgs,
     },
+    /// The data directory itself: check for damage, or recover from it.
+    Store {
+        #[command(subcommand)]
+        command: StoreCommand,
+        /// Data directory (default ./snapshots, or the config's data_dir).
+        #[arg(long, global = true)]
+        data_dir: Option<PathBuf>,
+        /// TOML configuration file.
+        #[arg(long, global = true)]
+        config: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum StoreCommand {
+    /// Report damage without changing anything (exit status 1 when damaged).
+    Check,
+    /// Move a damaged database aside and rebuild it from what still reads and from the
+    /// versions/ files; prints what could not be brought back.
+    Recover,
+}
+
+fn store_command(
+    command: StoreCommand,
+    data_dir: Option<PathBuf>,
+    config: Option<PathBuf>,
+) -> anyhow::Result<std::process::ExitCode> {
+    let mut config = load_config(&ConfigArgs { config })?;
+    if let Some(d) = data_dir {
+        config.data_dir = d;
+    }
+    let dir = config.data_dir.clone();
+    match command {
+        StoreCommand::Check => {
+            let report = repair::check(&dir)?;
+            for problem in &report.problems {
+                println!("damaged: {problem}");
+            }
+            if report.problems.is_empty() {
+                println!(
+                    "{}: no damage found ({} sessions, {} records)",
+                    dir.display(),
+                    report.sessions,
+                    report.records
+                );
+                Ok(std::process::ExitCode::SUCCESS)
+            } else {
+                println!(
+                    "{}: {} problems; `easel store recover --data-dir {}` rebuilds the database",
+                    dir.display(),
+                    report.problems.len(),
+                    dir.display()
+                );
+                Ok(std::process::ExitCode::FAILURE)
+            }
+        }
+        StoreCommand::Recover => {
+            let report = repair::recover(&dir, &SledSettings::from_config(&config))?;
+            if let Some(aside) = &report.moved_to {
+                println!("moved the damaged database to {}", aside.display());
+            }
+            println!(
+                "rebuilt {}: {} records kept, {} versions restored from versions/ files",
+                dir.display(),
+                report.records_kept,
+                report.versions_from_files
+            );
+            if report.lost.is_empty() {
+                println!("nothing was lost");
+            } else {
+                println!("could not bring back:");
+                for lost in &report.lost {
+                    println!("  {lost}");
+                }
+            }
+            Ok(std::process::ExitCode::SUCCESS)
+        }
+    }
 }
 
 fn admin(target: TargetArgs) -> anyhow::Result<Admin> {
@@ -303,12 +383,7 @@ async fn serve(
         }
     }
     let metrics = Arc::new(easel::metrics::Metrics::new());
-    let store: Arc<dyn Store> = Arc::new(SledStore::open(
-        &config.data_dir,
-        config.persist.flush_interval_ms,
-        config.persist.keep_snapshots,
-        Some(metrics.clone()),
-    )?);
+    let store: Arc<dyn Store> = Arc::new(open_store(&config, metrics.clone())?);
     println!("easel listening on {addr}");
     tracing::info!(%addr, data_dir = %config.data_dir.display(), "easel listening");
     easel::server::serve(
@@ -321,6 +396,29 @@ async fn serve(
     )
     .await?;
     Ok(())
+}
+
+/// Opens the data directory for `serve`; a database sled refuses (or panics on) is an
+/// error that names the way out.
+fn open_store(config: &Config, metrics: Arc<easel::metrics::Metrics>) -> anyhow::Result<SledStore> {
+    match SledStore::open_with(
+        &config.data_dir,
+        SledSettings::from_config(config),
+        Some(metrics),
+    ) {
+        Ok(store) => Ok(store),
+        Err(e) if is_locked_error(&e) => Err(e.into()),
+        Err(e) if e.to_string().contains("No space left") => bail!(
+            "{e}\nthe disk holding {} is full: free some space and start again (nothing was changed)",
+            config.data_dir.display()
+        ),
+        Err(e) => bail!(
+            "{e}\nthe database in {dir} is damaged or unreadable: run `easel store check --data-dir {dir}` \
+             to see what, and `easel store recover --data-dir {dir}` to rebuild it from the versions/ files \
+             and whatever of it still reads",
+            dir = config.data_dir.display()
+        ),
+    }
 }
 
 fn token(
@@ -341,6 +439,12 @@ fn token(
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Serve { .. }) {
+        // A command piped into `head` must end quietly when the pipe closes, not panic
+        // in `println!`: let SIGPIPE end it as it ends every Unix tool. (`serve` keeps
+        // Rust's ignored SIGPIPE: its sockets report EPIPE as errors.)
+        restore_default_sigpipe();
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {
@@ -348,8 +452,12 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli)) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+    let result = runtime.block_on(run(cli));
+    // A blocking task stuck in a failed disk must not hold the exit (shutdown_timeout_s
+    // has already been spent by then).
+    runtime.shutdown_timeout(Duration::from_millis(500));
+    match result {
+        Ok(code) => code,
         Err(e) => {
             // One line with the whole cause chain; no backtrace for an operator's mistake.
             eprintln!("error: {e:#}");
@@ -358,13 +466,22 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-async fn run(cli: Cli) -> anyhow::Result<()> {
+fn restore_default_sigpipe() {
+    #[cfg(unix)]
+    // SAFETY: resetting a signal's disposition to its default, before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
+    let ok = |()| std::process::ExitCode::SUCCESS;
     match cli.command {
         Command::Serve {
             listen,
             data_dir,
             config,
-        } => serve(load_config(&config)?, listen, data_dir).await,
+        } => serve(load_config(&config)?, listen, data_dir).await.map(ok),
         Command::Token {
             sub,
             sessions,
@@ -372,8 +489,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             name,
             ttl,
             config,
-        } => token(load_config(&config)?, sub, sessions, role, name, ttl),
-        Command::Snapshot { command, target } => snapshot(command, admin(target)?),
-        Command::Sessions { target } => sessions(admin(target)?),
+        } => token(load_config(&config)?, sub, sessions, role, name, ttl).map(ok),
+        Command::Snapshot { command, target } => snapshot(command, admin(target)?).map(ok),
+        Command::Sessions { target } => sessions(admin(target)?).map(ok),
+        Command::Store {
+            command,
+            data_dir,
+            config,
+        } => store_command(command, data_dir, config),
     }
 }

@@ -68,6 +68,10 @@ pub struct Metrics {
     pub relay_latency: Histogram,
     pub snapshot_duration: Histogram,
     pub store_decode_errors: Counter,
+    /// 1 while the store takes writes, 0 while it refuses them (disk full, I/O error).
+    pub store_writable: Gauge,
+    /// Times the store stopped taking writes.
+    pub store_write_failures: Counter,
     /// Whiteboard protocol messages received (a frame may pack many).
     pub whiteboard_messages_in: Counter,
     /// Tutor messages refused with `too_large` (text, client_id, event name or data).
@@ -258,6 +262,18 @@ impl Metrics {
             "Chat history frames sent, a page each",
             history_pages.clone(),
         );
+        let store_writable = Gauge::default();
+        registry.register(
+            "store_writable",
+            "1 while the store takes writes, 0 while it refuses them (see /readyz for why)",
+            store_writable.clone(),
+        );
+        let store_write_failures = Counter::default();
+        registry.register(
+            "store_write_failures",
+            "Times the store stopped taking writes (disk full, I/O error)",
+            store_write_failures.clone(),
+        );
         Self {
             limit_refusals,
             registry,
@@ -276,6 +292,8 @@ impl Metrics {
             whiteboard_messages_in,
             tutor_too_large,
             history_pages,
+            store_writable,
+            store_write_failures,
         }
     }
 

@@ -4,7 +4,10 @@
 //! An upgrade is refused here, before any WebSocket exists, when the session id, origin,
 //! token, scope or connection caps say so (SPEC.md sections 2 and 7). An accepted one is
 //! handed to `socket::run` with its endpoint's frame handler. Shutdown: stop accepting,
-//! close every socket with 1012, wait for their tasks, snapshot, and return.
+//! close every socket with 1012, wait for their tasks, snapshot, flush, and return, all
+//! within `shutdown_timeout_s` even when the disk fails or hangs; what could not be saved
+//! is logged and returned as [`ServerError::Unsaved`] (a non-zero exit). `/readyz` answers
+//! 503 with the store's reason while it cannot write.
 //!
 //! Hostile clients (SPEC.md 7.1): connections are served by our own accept loop
 //! ([`serve_http`]) so that request headers have a deadline (`limits.http_timeout_s`, which
@@ -57,6 +60,9 @@ pub enum ServerError {
     },
     #[error("server I/O: {0}")]
     Io(#[from] std::io::Error),
+    /// Shutdown finished, but some state could not be saved (logged in detail).
+    #[error("not everything could be saved at shutdown: {0}")]
+    Unsaved(String),
 }
 
 /// Read buffer of a WebSocket: small, since it is allocated per connection and most
@@ -147,8 +153,9 @@ impl RequestLimits {
 }
 
 impl AppState {
-    pub fn store_ready(&self) -> bool {
-        self.store.check().is_ok()
+    /// Why the store cannot take writes now, if it cannot (SPEC 5.4: `/readyz` says so).
+    pub fn store_unready(&self) -> Option<String> {
+        self.store.check().err().map(|e| e.to_string())
     }
 
     /// The token of a request: `Authorization: Bearer`, then the `bearer.<jwt>`
@@ -574,10 +581,14 @@ pub async fn serve(
     let server = tokio::spawn(server);
 
     stop.await;
+    // Everything below fits in `shutdown_timeout_s`, even when the disk hangs or fails:
+    // half of it to let sockets close, the rest to save (SPEC 5.2, 5.4).
+    let started = Instant::now();
+    let deadline = Duration::from_secs(config.shutdown_timeout_s.max(1));
+    let remaining = || deadline.saturating_sub(started.elapsed());
     tracing::info!("shutting down: closing connections");
     let _ = shutdown_tx.send(true);
-    let deadline = Duration::from_secs(config.shutdown_timeout_s);
-    let drained = tokio::time::timeout(deadline, async {
+    let drained = tokio::time::timeout(deadline / 2, async {
         while app.caps.open() > 0 {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -589,17 +600,47 @@ pub async fn serve(
             "connections still open at the shutdown deadline"
         );
     }
-    let _ = housekeeping.await;
+    // Housekeeping stops at its next tick; a snapshot it is writing finishes under the
+    // session's own lock, which the final save below waits on anyway.
+    let _ = tokio::time::timeout(remaining().min(Duration::from_secs(1)), housekeeping).await;
+    // A thread of its own, not `spawn_blocking`: a save stuck in the disk must not keep
+    // the runtime (and so the process) from ending.
+    let (saved, save_result) = tokio::sync::oneshot::channel();
     let registry = registry.clone();
     let store = app.store.clone();
-    let _ = tokio::task::spawn_blocking(move || {
-        registry.snapshot_all();
-        if let Err(e) = store.flush() {
-            tracing::error!(error = %e, "final flush failed");
-        }
-    })
-    .await;
+    let spawned = std::thread::Builder::new()
+        .name("easel-final-save".into())
+        .spawn(move || {
+            let failed = registry.snapshot_all();
+            let flushed = store.close();
+            let _ = saved.send((failed, flushed));
+        });
+    let unsaved = match spawned {
+        Err(e) => Some(format!("cannot start the final save: {e}")),
+        Ok(_) => match tokio::time::timeout(remaining(), save_result).await {
+            Ok(Ok((failed, flushed))) => {
+                let mut problems: Vec<String> = failed
+                    .iter()
+                    .map(|(session, e)| format!("session {session}: {e}"))
+                    .collect();
+                if let Err(e) = flushed {
+                    tracing::error!(error = %e, "final flush failed: changes of the last moments may not be on disk");
+                    problems.push(format!("final flush: {e}"));
+                }
+                (!problems.is_empty()).then(|| problems.join("; "))
+            }
+            Ok(Err(_)) => Some("the final save stopped".into()),
+            Err(_) => {
+                tracing::error!("the final snapshots and flush did not finish within shutdown_timeout_s: what they held may not be on disk");
+                Some("the final save did not finish within shutdown_timeout_s".into())
+            }
+        },
+    };
     server.abort();
+    if let Some(unsaved) = unsaved {
+        tracing::error!(%unsaved, "shutdown complete, but not everything was saved");
+        return Err(ServerError::Unsaved(unsaved));
+    }
     tracing::info!("shutdown complete");
     Ok(())
 }

@@ -14,6 +14,13 @@ use yrs::sync::AwarenessUpdate;
 use yrs::updates::decoder::Decode;
 use yrs::StateVector;
 
+/// The deepest nesting any check allows, whatever is configured: `yrs`'s decoders and a
+/// type's deletion recurse once per level, and a thread's stack holds a few thousand
+/// levels. Bytes that no session would accept anyway (stored records, files for the CLI)
+/// are checked against this, so that decoding them is safe; sessions apply
+/// `limits.max_nesting` (at most this).
+pub const SAFE_NESTING: usize = 1024;
+
 /// Why bytes were refused before `yrs` saw them.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum GuardError {

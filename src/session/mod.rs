@@ -152,8 +152,12 @@ impl Registry {
         })
     }
 
-    /// Drops sessions idle for longer than `idle`. Returns how many were unloaded.
+    /// Drops sessions idle for longer than `idle`. Returns how many were unloaded. A
+    /// changed session whose snapshot cannot be written stays loaded.
     pub fn unload_idle(&self, idle: Duration) -> usize {
+        if self.store.check().is_err() {
+            return 0;
+        }
         let mut map = self.map();
         let before = map.len();
         map.retain(|_, s| {
@@ -171,20 +175,29 @@ impl Registry {
         before - map.len()
     }
 
-    /// Snapshots every changed session (shutdown).
-    pub fn snapshot_all(&self) {
+    /// Snapshots every changed session (shutdown). Returns the sessions it could not
+    /// save, with the reason (each is logged too).
+    pub fn snapshot_all(&self) -> Vec<(Arc<str>, String)> {
         let sessions: Vec<_> = self.map().values().cloned().collect();
+        let mut failed = Vec::new();
         for s in sessions {
             if let Err(e) = s.whiteboard.snapshot_if_dirty() {
-                tracing::error!(session = %s.id, error = %e, "snapshot failed");
+                tracing::error!(session = %s.id, error = %e, "snapshot failed: this session's latest changes may not be saved");
+                failed.push((s.id.clone(), e.to_string()));
             }
         }
+        failed
     }
 
     /// Snapshots changed sessions whose last snapshot is older than
     /// `persist.snapshot_interval_s`, whose last client left, or whose log has grown enough
     /// ([`Whiteboard::snapshot_wanted`]). Returns how many it wrote.
     pub fn snapshot_due(&self) -> usize {
+        if self.store.check().is_err() {
+            // The store refuses writes (and says why in /readyz): trying every session
+            // every second would only fill the log. They stay dirty for later.
+            return 0;
+        }
         let interval = Duration::from_secs(self.config.persist.snapshot_interval_s);
         let sessions: Vec<_> = self.map().values().cloned().collect();
         let mut written = 0;

@@ -7,10 +7,13 @@
 //! Redis-backed one can later, without touching the WebSocket handlers.
 
 mod memory;
+pub mod repair;
 mod sled_store;
 
 pub use memory::MemoryStore;
-pub use sled_store::{is_locked_error, SledStore};
+pub use sled_store::{
+    is_locked_error, remove_stale_files, SledSettings, SledStore, CHAT_SEQ_BLOCK, VERSIONS_DIR,
+};
 
 use crate::protocol::tutor::ChatMessage;
 
@@ -19,7 +22,7 @@ use crate::protocol::tutor::ChatMessage;
 pub enum StoreError {
     #[error("storage I/O: {0}")]
     Io(String),
-    #[error("stored record does not decode: {0}")]
+    #[error("damaged data: {0}")]
     Corrupt(String),
 }
 
@@ -125,6 +128,13 @@ pub trait Store: Send + Sync + 'static {
     /// Makes everything written so far durable (fsync).
     fn flush(&self) -> Result<(), StoreError>;
 
-    /// Whether the storage is usable (for `/readyz`).
+    /// Whether the storage is usable (for `/readyz`): `Err` with the reason while it
+    /// cannot write.
     fn check(&self) -> Result<(), StoreError>;
+
+    /// Makes everything durable before the process ends (shutdown): releases what the
+    /// store reserved ahead (chat seqs) and flushes.
+    fn close(&self) -> Result<(), StoreError> {
+        self.flush()
+    }
 }
