@@ -227,13 +227,14 @@ async fn a_full_disk_is_reported_refused_and_recovered_from_without_a_restart() 
     assert!(reason.contains("disk full"), "readyz body: {reason}");
     assert_eq!(server.metric("easel_store_writable").await, Some(0.0));
 
-    // A write is refused with 1011. (That the live document drops it too is the
-    // whiteboard's part, tested with it.)
+    // A write is refused with 1011, and the live document does not keep it: a reader must
+    // never see what a restart will not have (the document is rebuilt from the store).
     writer.map_set("board", "refused", "yes").await;
     assert_eq!(writer.expect_close(TIMEOUT).await, Some(1011));
     // Reads go on.
     let doc = server.whiteboard_doc(&session, &tok).await;
     assert_eq!(doc_map_get(&doc, "board", "before").as_deref(), Some("yes"));
+    assert_eq!(doc_map_get(&doc, "board", "refused"), None);
 
     // Space comes back: ready again and writing, with no restart.
     std::fs::remove_file(&filler).expect("remove filler");
