@@ -1,4 +1,5 @@
-//! Micro-benchmarks of the relay's hot path (criterion): frame decode, update apply, fan-out
+//! Micro-benchmarks of the relay's hot path (criterion): frame decode, the update guard and
+//! update apply, fan-out
 //! encode, awareness relay, and snapshot encode/decode of a ~20 MB document built from a
 //! realistic stroke workload. Results and commands: BENCHMARKS.md.
 //!
@@ -108,6 +109,26 @@ fn update_apply(c: &mut Criterion) {
     // A whiteboard already holding ~1 MB of strokes, as in a lesson well under way.
     let mut w = Writer::new(2, 500);
     let yrs_doc = workload::build_document(1 << 20, 7);
+    // The update guard alone (SPEC 7.1), against an index of the same ~1 MB document: what
+    // every update pays before yrs decodes it.
+    let mut index = easel::doc::guard::NestingIndex::default();
+    let seeded = index
+        .check(
+            &yrs_doc
+                .transact()
+                .encode_state_as_update_v1(&StateVector::default()),
+            64,
+        )
+        .expect("seed passes the guard");
+    index.commit(seeded);
+    let mut gw = Writer::new(3, 500);
+    g.bench_function("guard_only_500B", |b| {
+        b.iter_batched(
+            || gw.next(),
+            |u| index.check(std::hint::black_box(&u), 64).expect("guard"),
+            BatchSize::SmallInput,
+        )
+    });
     g.bench_function("yrs_only_500B", |b| {
         b.iter_batched(
             || w.next(),
