@@ -386,7 +386,16 @@ mod config_words {
                 }
             }
         }
-        message.replace('`', "")
+        if let Some(rest) = message.strip_prefix("unknown field ") {
+            return format!("unknown key {}", rest.replace('`', ""));
+        }
+        if let Some(rest) = message.strip_prefix("unknown variant ") {
+            return format!("unknown value {}", rest.replace('`', ""));
+        }
+        if message == "invalid socket address syntax" {
+            return "expected an address and port such as \"127.0.0.1:8080\"".into();
+        }
+        message.to_owned()
     }
 
     fn expected_words(expected: &str) -> String {
@@ -396,6 +405,8 @@ mod config_words {
             "f32" | "f64" => "a number".into(),
             "a boolean" | "bool" => "true or false".into(),
             "a string" | "a borrowed string" => "a string (in quotes)".into(),
+            "socket address" => "an address and port such as \"127.0.0.1:8080\"".into(),
+            "path string" => "a path (a string in quotes)".into(),
             other => other.replace('`', ""),
         }
     }
@@ -510,7 +521,7 @@ async fn serve(
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let addr = listener.local_addr()?;
-    tracing::info!(data_dir = %config.data_dir.display(), "store open");
+    tracing::info!(data_dir = %config.data_dir.display(), "data directory open");
     let data_dir_arg = shell_word(&config.data_dir.display().to_string());
     match &dev_secret {
         Some(path) => {
@@ -539,10 +550,22 @@ async fn serve(
                 );
             }
         }
-        None => tracing::info!(
-            "demo page: http://{addr}/?session=SESSION&token=JWT; mint a link's token with the same \
-             secret: `easel token --sub NAME --session SESSION --role tutor` (or student)"
-        ),
+        None => {
+            // Only an HMAC secret can mint; a public key's tokens come from its issuer.
+            let probe = claims_for("probe", vec![], Role::Viewer, None, Duration::from_secs(1));
+            if verifier.mint(&probe).is_ok() {
+                tracing::info!(
+                    "demo page: http://{addr}/?session=SESSION&token=JWT; mint a link's token with the \
+                     same secret (EASEL_JWT_SECRET or --config): `easel token --sub NAME --session SESSION \
+                     --role tutor` (or student)"
+                );
+            } else {
+                tracing::info!(
+                    "demo page: http://{addr}/?session=SESSION&token=JWT, with a token from the issuer \
+                     of the configured public key"
+                );
+            }
+        }
     }
     // The one "listening" line, on stdout: scripts (and the tests) wait for it.
     println!("easel listening on {addr}");

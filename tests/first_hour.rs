@@ -241,7 +241,10 @@ fn development_secret_survives_a_restart_and_easel_token_uses_it() {
         .unwrap_or_else(|| panic!("no final-save line at shutdown:\n{log}"));
     assert!(saved.contains("demo v"), "{saved}");
     // "listening" once, no escape bytes in a piped log.
-    assert!(!log.contains('\u{1b}'), "ANSI escapes in a piped log:\n{log:?}");
+    assert!(
+        !log.contains('\u{1b}'),
+        "ANSI escapes in a piped log:\n{log:?}"
+    );
     assert!(
         !log.contains("listening"),
         "the listening line belongs to stdout only:\n{log}"
@@ -307,7 +310,13 @@ fn serve_on_a_held_directory_prints_no_link_and_names_data_dir() {
     );
     // The snapshot commands suggest the server's API instead.
     let out = cli_dev(
-        &["snapshot", "list", "demo", "--data-dir", data.to_str().unwrap()],
+        &[
+            "snapshot",
+            "list",
+            "demo",
+            "--data-dir",
+            data.to_str().unwrap(),
+        ],
         tmp.path(),
     );
     assert!(!out.success());
@@ -354,7 +363,13 @@ fn cli_errors_are_said_in_words() {
     let server = DevServer::start(&data);
     drop(server.stop());
     let out = cli_dev(
-        &["snapshot", "list", "nosuch", "--data-dir", data.to_str().unwrap()],
+        &[
+            "snapshot",
+            "list",
+            "nosuch",
+            "--data-dir",
+            data.to_str().unwrap(),
+        ],
         cwd,
     );
     assert_eq!(out.status.code(), Some(1));
@@ -366,11 +381,23 @@ fn cli_errors_are_said_in_words() {
 
     // Without a secret and without a development secret, `token` says where it looked.
     let out = cli_dev(
-        &["token", "--sub", "me", "--session", "*", "--data-dir", "elsewhere"],
+        &[
+            "token",
+            "--sub",
+            "me",
+            "--session",
+            "*",
+            "--data-dir",
+            "elsewhere",
+        ],
         cwd,
     );
     assert_eq!(out.status.code(), Some(1));
-    assert!(out.stderr.contains("elsewhere/dev-secret"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("elsewhere/dev-secret"),
+        "{}",
+        out.stderr
+    );
 }
 
 #[test]
