@@ -514,6 +514,16 @@ async fn serve(
         None => {
             let path = dev_secret::path(&config.data_dir);
             let secret = dev_secret::load_or_create(&path)?;
+            #[cfg(unix)]
+            if let Ok(meta) = std::fs::metadata(&path) {
+                use std::os::unix::fs::PermissionsExt;
+                if meta.permissions().mode() & 0o077 != 0 {
+                    tracing::warn!(
+                        "{} can be read by other users: anyone who reads it can mint tokens (chmod 600 it)",
+                        path.display()
+                    );
+                }
+            }
             (dev_secret::verifier(&secret, &config.auth)?, Some(path))
         }
     };
