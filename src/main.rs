@@ -1,6 +1,8 @@
-//! The `easel` command line: `serve` runs the relay, `token` mints a development token,
-//! `snapshot` and `sessions` work on the store, `store check | recover` find and repair a
-//! damaged data directory.
+//! The `easel` command line: `serve` runs the relay (with no key configured, on a development
+//! secret it keeps in the data directory), `token` mints a token with the configured or
+//! development secret, `snapshot` and `sessions` work on the store, `store check | recover`
+//! find and repair a damaged data directory. Errors are said for the person reading them:
+//! no Rust type names, no doubled OS errors, the way out named.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
