@@ -567,14 +567,14 @@ async fn serve(
             let probe = claims_for("probe", vec![], Role::Viewer, None, Duration::from_secs(1));
             if verifier.mint(&probe).is_ok() {
                 tracing::info!(
-                    "demo page: http://{addr}/?session=SESSION&token=JWT; mint a link's token with the \
-                     same secret (EASEL_JWT_SECRET or --config): `easel token --sub NAME --session SESSION \
-                     --role tutor` (or student)"
+                    "demo page: http://{addr}/?session=SESSION with a token appended as its `token` \
+                     parameter; mint one with the same secret (EASEL_JWT_SECRET or --config): \
+                     `easel token --sub NAME --session SESSION --role tutor` (or student)"
                 );
             } else {
                 tracing::info!(
-                    "demo page: http://{addr}/?session=SESSION&token=JWT, with a token from the issuer \
-                     of the configured public key"
+                    "demo page: http://{addr}/?session=SESSION with a token appended as its `token` \
+                     parameter, from the issuer of the configured public key"
                 );
             }
         }

@@ -75,13 +75,13 @@ impl RefusalLog {
             Line::First => tracing::info!(
                 %session,
                 reason,
-                token = %fingerprint,
+                token_fp = %fingerprint,
                 "request refused (further refusals of this token: one summary a minute)"
             ),
             Line::Summary { count, over } => tracing::info!(
                 %session,
                 reason,
-                token = %fingerprint,
+                token_fp = %fingerprint,
                 refused = count,
                 over_s = over.as_secs(),
                 "the same token was refused again"
