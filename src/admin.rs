@@ -68,11 +68,38 @@ impl Admin {
                 config.data_dir.display()
             )));
         }
-        Ok(Arc::new(SledStore::open_with(
+        match SledStore::open_with(
             &config.data_dir,
             crate::store::SledSettings::from_config(config),
             None,
-        )?))
+        ) {
+            Ok(store) => Ok(Arc::new(store)),
+            // A running server holds the directory: the way in is its HTTP API.
+            Err(e) if crate::store::is_locked_error(&e) => Err(AdminError::Invalid(format!(
+                "{}; go through it with --server URL --token JWT (an admin token for every \
+                 session: `easel token --data-dir {} --sub me --session '*' --role admin`)",
+                locked_message(&config.data_dir),
+                config.data_dir.display()
+            ))),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// An error unless `session` has something stored: an unknown (or mistyped) session
+    /// must not read as an empty one.
+    fn require_session(
+        config: &Config,
+        store: &Arc<dyn Store>,
+        session: &str,
+    ) -> Result<(), AdminError> {
+        if store.list_sessions()?.iter().any(|s| s.id == session) {
+            Ok(())
+        } else {
+            Err(AdminError::Invalid(format!(
+                "no session {session} in {}",
+                config.data_dir.display()
+            )))
+        }
     }
 
     fn registry(config: &Arc<Config>) -> Result<(Registry, Arc<dyn Store>), AdminError> {
@@ -83,16 +110,20 @@ impl Admin {
 
     pub fn list(&self, session: &str) -> Result<Vec<VersionRow>, AdminError> {
         match &self.target {
-            Target::Dir(config) => Ok(Self::store(config)?
-                .list_snapshots(session)?
-                .into_iter()
-                .map(|i| VersionRow {
-                    version: i.version,
-                    created_at: rfc3339_ms(i.created_at_ms),
-                    bytes: i.bytes,
-                    updates: i.updates,
-                })
-                .collect()),
+            Target::Dir(config) => {
+                let store = Self::store(config)?;
+                Self::require_session(config, &store, session)?;
+                Ok(store
+                    .list_snapshots(session)?
+                    .into_iter()
+                    .map(|i| VersionRow {
+                        version: i.version,
+                        created_at: rfc3339_ms(i.created_at_ms),
+                        bytes: i.bytes,
+                        updates: i.updates,
+                    })
+                    .collect())
+            }
             Target::Server { .. } => {
                 #[derive(Deserialize)]
                 struct Versions {
@@ -109,13 +140,16 @@ impl Admin {
     /// The whiteboard as a Yjs v1 update: version `version`, or the current state.
     pub fn export(&self, session: &str, version: Option<u64>) -> Result<Vec<u8>, AdminError> {
         match (&self.target, version) {
-            (Target::Dir(config), Some(v)) => Self::store(config)?
-                .get_snapshot(session, v)?
-                .ok_or_else(|| {
+            (Target::Dir(config), Some(v)) => {
+                let store = Self::store(config)?;
+                Self::require_session(config, &store, session)?;
+                store.get_snapshot(session, v)?.ok_or_else(|| {
                     AdminError::Invalid(format!("session {session} has no snapshot version {v}"))
-                }),
+                })
+            }
             (Target::Dir(config), None) => {
-                let (registry, _) = Self::registry(config)?;
+                let (registry, store) = Self::registry(config)?;
+                Self::require_session(config, &store, session)?;
                 let handle = registry.open(session)?;
                 Ok(handle.whiteboard.encode_state())
             }
@@ -133,6 +167,7 @@ impl Admin {
         match &self.target {
             Target::Dir(config) => {
                 let (registry, store) = Self::registry(config)?;
+                Self::require_session(config, &store, session)?;
                 let new_version = registry.open(session)?.whiteboard.restore(version)?;
                 store.flush()?;
                 Ok(new_version)
@@ -235,10 +270,15 @@ fn read_response(
     if status.is_success() {
         Ok(body)
     } else {
-        Err(AdminError::Http(format!(
-            "{status}: {}",
-            String::from_utf8_lossy(&body)
-        )))
+        // The server's JSON error carries a sentence for people: show that, not the JSON.
+        #[derive(Deserialize)]
+        struct ErrorBody {
+            message: String,
+        }
+        let said = serde_json::from_slice::<ErrorBody>(&body)
+            .map(|b| b.message)
+            .unwrap_or_else(|_| String::from_utf8_lossy(&body).into_owned());
+        Err(AdminError::Http(format!("{status}: {said}")))
     }
 }
 
@@ -264,5 +304,63 @@ fn decode_checked(update: &[u8]) -> Result<Update, AdminError> {
 
 /// Reads an update file for `inspect` or `import`.
 pub fn read_update_file(path: &Path) -> Result<Vec<u8>, AdminError> {
-    std::fs::read(path).map_err(|e| AdminError::Invalid(format!("{}: {e}", path.display())))
+    std::fs::read(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => {
+            AdminError::Invalid(format!("no such file: {}", path.display()))
+        }
+        _ => AdminError::Invalid(format!("cannot read {}: {e}", path.display())),
+    })
+}
+
+/// "the data directory DIR is in use by another process (pid N: its command line)": what
+/// can be found of the process holding sled's lock, for the message that says so.
+pub fn locked_message(dir: &Path) -> String {
+    match lock_holder(dir) {
+        Some(holder) => format!(
+            "the data directory {} is in use by another process ({holder})",
+            dir.display()
+        ),
+        None => format!(
+            "the data directory {} is in use by another process (a running `easel serve`?)",
+            dir.display()
+        ),
+    }
+}
+
+/// The process holding the `flock` sled takes on `DIR/db`, as "pid N: command line", from
+/// /proc/locks (which names the lock's owner by device and inode) and /proc/N/cmdline.
+/// None where /proc is missing (not Linux) or the holder cannot be told.
+pub fn lock_holder(dir: &Path) -> Option<String> {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::metadata(dir.join("db")).ok()?;
+        let inode = meta.ino();
+        let locks = std::fs::read_to_string("/proc/locks").ok()?;
+        // "1: FLOCK  ADVISORY  WRITE 1234 08:01:5678 0 EOF": the device is printed as
+        // hex major:minor, the inode in decimal; the inode alone is a good enough match.
+        let pid = locks.lines().find_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let pos = fields.iter().position(|f| f.matches(':').count() == 2)?;
+            let file_inode: u64 = fields[pos].rsplit(':').next()?.parse().ok()?;
+            let pid: i64 = fields.get(pos.checked_sub(1)?)?.parse().ok()?;
+            (file_inode == inode && pid > 0 && pid as u32 != std::process::id()).then_some(pid)
+        })?;
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let cmdline: Vec<String> = cmdline
+            .split(|b| *b == 0)
+            .filter(|a| !a.is_empty())
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        if cmdline.is_empty() {
+            Some(format!("pid {pid}"))
+        } else {
+            Some(format!("pid {pid}: {}", cmdline.join(" ")))
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = dir;
+        None
+    }
 }

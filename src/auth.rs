@@ -68,6 +68,16 @@ impl From<jsonwebtoken::errors::Error> for AuthError {
             K::InvalidAlgorithm | K::InvalidAlgorithmName => AuthError::WrongAlgorithm,
             K::InvalidIssuer | K::InvalidAudience => AuthError::WrongIssuerOrAudience,
             K::MissingRequiredClaim(c) => AuthError::Malformed(format!("missing claim {c}")),
+            // jsonwebtoken's own texts for these are its enum's names ("InvalidToken").
+            K::InvalidToken => {
+                AuthError::Malformed("not a JWT (three base64url parts joined by dots)".into())
+            }
+            K::Base64(_) | K::Utf8(_) => {
+                AuthError::Malformed("a part of the token is not valid base64url".into())
+            }
+            K::Json(_) => AuthError::Malformed(
+                "the token's header or claims are not the JSON expected".into(),
+            ),
             _ => AuthError::Malformed(e.to_string()),
         }
     }

@@ -3,8 +3,9 @@
 //! A small page a newcomer can open in a browser: freehand strokes and sticky notes in a
 //! Yjs document synced through the whiteboard endpoint, other users' cursors from
 //! awareness, a chat panel on the tutor endpoint, and a connection indicator. It reads
-//! `?session=ID&token=JWT` from its address (the link `easel serve` prints when it runs
-//! with a generated secret).
+//! `?session=ID&token=JWT` from its address (the links `easel serve` prints when it runs
+//! with the development secret it keeps in the data directory, or one minted with
+//! `easel token`).
 //!
 //! The page's source is in `web/` (pinned `yjs` and `y-websocket`); `scripts/build-demo.sh`
 //! bundles its script into `assets/demo/app.js`, which is committed and embedded here with

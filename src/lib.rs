@@ -15,6 +15,7 @@ pub mod limits;
 pub mod metrics;
 pub mod outbox;
 pub mod protocol;
+pub mod refusal_log;
 pub mod server;
 pub mod session;
 pub mod socket;

@@ -206,12 +206,13 @@ impl AppState {
         };
         let claims = self.verifier.verify(token).map_err(|e| {
             self.metrics.auth_failure(e.reason());
-            tracing::info!(%session, reason = e.reason(), "request refused");
+            // A stale tab retries every few seconds: logged once, then a summary a minute.
+            crate::refusal_log::RefusalLog::global().refused(token, session, e.reason());
             ApiError::Unauthorized(e.to_string())
         })?;
         if !claims.sid.covers(session) {
             self.metrics.auth_failure("wrong_session");
-            tracing::info!(%session, user = %claims.sub, reason = "wrong_session", "request refused");
+            crate::refusal_log::RefusalLog::global().refused(token, session, "wrong_session");
             return Err(ApiError::Forbidden(
                 "the token does not cover this session".into(),
             ));
@@ -637,6 +638,7 @@ pub async fn serve(
         },
     };
     server.abort();
+    crate::refusal_log::RefusalLog::global().flush();
     if let Some(unsaved) = unsaved {
         tracing::error!(%unsaved, "shutdown complete, but not everything was saved");
         return Err(ServerError::Unsaved(unsaved));

@@ -180,11 +180,22 @@ impl Registry {
     pub fn snapshot_all(&self) -> Vec<(Arc<str>, String)> {
         let sessions: Vec<_> = self.map().values().cloned().collect();
         let mut failed = Vec::new();
+        let mut saved = Vec::new();
         for s in sessions {
-            if let Err(e) = s.whiteboard.snapshot_if_dirty() {
-                tracing::error!(session = %s.id, error = %e, "snapshot failed: this session's latest changes may not be saved");
-                failed.push((s.id.clone(), e.to_string()));
+            match s.whiteboard.snapshot_if_dirty() {
+                Ok(Some(version)) => saved.push(format!("{} v{version}", s.id)),
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::error!(session = %s.id, error = %e, "snapshot failed: this session's latest changes may not be saved");
+                    failed.push((s.id.clone(), e.to_string()));
+                }
             }
+        }
+        // What the operator needs to hear at shutdown: which sessions were saved, as what.
+        if saved.is_empty() {
+            tracing::info!("final save: no session had unsaved changes");
+        } else {
+            tracing::info!(snapshots = %saved.join(", "), "final save: wrote {} snapshot(s)", saved.len());
         }
         failed
     }
