@@ -32,7 +32,11 @@ const OPTIONS: WhiteboardOptions = WhiteboardOptions {
     echo_updates: false,
     flush_before_relay: false,
     snapshot_every_updates: u64::MAX,
-    limits: easel::session::whiteboard::WhiteboardLimits::DEFAULT,
+    // The benches grow one document by hundreds of MB of strokes and never snapshot it.
+    limits: easel::session::whiteboard::WhiteboardLimits {
+        max_doc_bytes: usize::MAX,
+        ..easel::session::whiteboard::WhiteboardLimits::DEFAULT
+    },
 };
 
 /// A client that draws strokes of about `payload` bytes; each call gives the next update.

@@ -122,6 +122,9 @@ pub struct Whiteboard {
     /// Bytes of updates applied while blocks were missing (pending in `yrs`); changed under
     /// the peer lock, reset when nothing is pending.
     pending_bytes: AtomicU64,
+    /// The document's encoded size when last measured, with the log bytes counted then
+    /// (see [`Whiteboard::fits`]).
+    measured_size: Mutex<Option<(u64, u64)>>,
     /// Locked after `peers` when both are needed.
     awareness: Mutex<Awareness>,
     peers: Mutex<HashMap<ConnId, Outbox>>,
@@ -167,6 +170,7 @@ impl Whiteboard {
             doc: RwLock::new(rebuilt.doc),
             nesting: Mutex::new(rebuilt.nesting),
             pending_bytes: AtomicU64::new(rebuilt.pending_bytes),
+            measured_size: Mutex::new(None),
             peers: Mutex::new(HashMap::new()),
             store,
             metrics,
@@ -331,6 +335,15 @@ impl Whiteboard {
         }
         let decoded = Update::decode_v1(update).map_err(|e| ApplyError::Decode(e.to_string()))?;
         let doc = self.doc();
+        // Checked before integrating, so a refusal needs no undoing: the update's size
+        // stands for what it could add.
+        if !self.fits(&doc, update.len()) {
+            self.metrics.guard_refusals.doc_size.inc();
+            return Err(ApplyError::Guard(GuardError::TooLarge {
+                what: "the document",
+                limit: limits.max_doc_bytes,
+            }));
+        }
         let integrated = {
             let mut txn = doc.transact_mut();
             let had_pending = txn.has_missing_updates();
@@ -375,13 +388,6 @@ impl Whiteboard {
                 limit: limits.max_pending_bytes,
             })));
         }
-        if changed && !self.fits(&doc, update.len()) {
-            self.metrics.guard_refusals.doc_size.inc();
-            return Err(self.roll_back(ApplyError::Guard(GuardError::TooLarge {
-                what: "the document",
-                limit: limits.max_doc_bytes,
-            })));
-        }
         // Pending updates are logged too: a restart must still have them.
         if changed || has_pending {
             if let Err(e) = self.log_update(update) {
@@ -407,20 +413,31 @@ impl Whiteboard {
         Ok(true)
     }
 
-    /// Whether the document, grown by an update of `added` bytes, is within
-    /// `limits.max_doc_bytes`. The bytes stored since the last snapshot bound its size from
-    /// above; only when that bound passes the limit is the document encoded to measure it.
+    /// Whether the document, grown by an update of `added` bytes, stays within
+    /// `limits.max_doc_bytes`. The document's size is bounded from above by its last known
+    /// size (the last snapshot's, or the last measurement's) plus the bytes logged since;
+    /// only when that bound passes the limit is the document encoded to measure it, and the
+    /// measurement becomes the new base. A board near the limit is measured once per
+    /// limit-minus-size of logged bytes, not per update.
     fn fits(&self, doc: &Doc, added: usize) -> bool {
         let limit = self.options.limits.max_doc_bytes as u64;
-        let bound = self.snapshot_bytes.load(Ordering::Acquire)
-            + self.log_bytes_since_snapshot.load(Ordering::Acquire)
-            + added as u64;
-        bound <= limit
-            || doc
-                .transact()
-                .encode_state_as_update_v1(&StateVector::default())
-                .len() as u64
-                <= limit
+        let logged = self.log_bytes_since_snapshot.load(Ordering::Acquire);
+        let mut measured = self.measured_size.lock().unwrap_or_else(|e| e.into_inner());
+        let bound = match *measured {
+            // Logged bytes only shrink when a snapshot folds them in; then the snapshot's
+            // size is the better base.
+            Some((exact, logged_then)) if logged >= logged_then => exact + (logged - logged_then),
+            _ => self.snapshot_bytes.load(Ordering::Acquire) + logged,
+        };
+        if bound + added as u64 <= limit {
+            return true;
+        }
+        let exact = doc
+            .transact()
+            .encode_state_as_update_v1(&StateVector::default())
+            .len() as u64;
+        *measured = Some((exact, logged));
+        exact + added as u64 <= limit
     }
 
     /// Undoes an update that began to integrate and is refused after all (SPEC.md 7.1: the
