@@ -284,14 +284,15 @@ fn read_content(cursor: &mut Cursor<'_>, info: u8, limit: usize) -> Result<u32, 
     Ok(match info & 0b1111 {
         content::DELETED => cursor.read_var::<u32>().map_err(malformed)?,
         content::JSON => {
-            // yrs reads one string more than the count says (and none for a count that is
-            // negative as an i32); the guard walks exactly what yrs will walk.
+            // yrs reads one string more than the count says; the guard walks exactly what
+            // yrs will walk. A count that is negative as an i32 makes yrs reserve
+            // `count as usize` (2^64 - 1) strings and fail: refused here, so that the
+            // guard never calls an update empty that yrs would refuse.
             let declared = cursor.read_var::<u32>().map_err(malformed)?;
-            let strings = if (declared as i32) < 0 {
-                0
-            } else {
-                declared as usize + 1
-            };
+            if (declared as i32) < 0 {
+                return Err(malformed("JSON content with a negative count"));
+            }
+            let strings = declared as usize + 1;
             let remaining = cursor.buf.len().saturating_sub(cursor.next);
             if strings > remaining {
                 return Err(malformed(
@@ -863,6 +864,19 @@ mod tests {
         ));
         // A million declared clients in four bytes.
         assert!(decode_awareness(&[0xc0, 0x84, 0x3d, 0], 1024, 64).is_err());
+    }
+
+    #[test]
+    fn json_content_with_a_negative_count_is_refused_as_yrs_refuses_it() {
+        // m.k = JSON content whose count is -1 as an i32 (fixtures/hostile).
+        let mut b = vec![1, 1, 1, 0, 0b0010_0010, 1, 1, b'm', 1, b'k'];
+        b.extend_from_slice(&[0xff, 0xff, 0xff, 0xff, 0x0f, 0]);
+        assert!(Update::decode_v1(&b).is_err(), "yrs refuses it");
+        // It used to pass as an empty update, which the whiteboard skipped undecoded.
+        assert!(matches!(
+            NestingIndex::default().check(&b, 64),
+            Err(GuardError::Malformed(_))
+        ));
     }
 
     #[test]
