@@ -208,6 +208,82 @@ fn the_guard_refuses_the_one_level_chain_at_the_nesting_limit() {
     assert_eq!(refused, Some(63));
 }
 
+/// A whiteboard on an in-memory store with the server's default limits.
+fn whiteboard() -> easel::session::whiteboard::Whiteboard {
+    use easel::session::whiteboard::{Whiteboard, WhiteboardLimits, WhiteboardOptions};
+    let options = WhiteboardOptions {
+        echo_updates: false,
+        flush_before_relay: false,
+        snapshot_every_updates: u64::MAX,
+        limits: WhiteboardLimits::DEFAULT,
+    };
+    Whiteboard::load(
+        "hostile".into(),
+        std::sync::Arc::new(easel::store::MemoryStore::new(20)),
+        std::sync::Arc::new(easel::metrics::Metrics::new()),
+        options,
+    )
+    .expect("a memory store loads")
+}
+
+/// The content and state vector of a state the whiteboard encoded.
+fn content(state: &[u8]) -> (serde_json::Value, yrs::StateVector) {
+    let doc = Doc::new();
+    let update = Update::decode_v1(state).expect("the whiteboard's state decodes");
+    doc.transact_mut()
+        .apply_update(update)
+        .expect("the whiteboard's state applies");
+    let sv = yrs::ReadTxn::state_vector(&doc.transact());
+    (easel::session::restore::doc_to_json(&doc), sv)
+}
+
+/// update → whiteboard → restore, as the `whiteboard_restore` fuzz target runs it: every
+/// update file through `Whiteboard::apply_update`; a refused update leaves the document as
+/// it was; a snapshot taken before is restored afterwards.
+#[test]
+fn update_files_through_a_whiteboard_leave_the_document_as_it_was_when_refused() {
+    for entry in corpus() {
+        let updates = match entry.kind {
+            Kind::Update => vec![&entry.bytes[..]],
+            Kind::Updates => split_updates(&entry.bytes),
+            _ => continue,
+        };
+        let wb = whiteboard();
+        wb.apply_update(None, &map_set_update(11, "board", "seed", "1"), None)
+            .expect("a plain update applies");
+        let version = wb.snapshot_now().expect("snapshot");
+        let seeded = content(&wb.encode_state());
+        let mut refused = None;
+        for (i, update) in updates.iter().enumerate() {
+            let before = wb.encode_state();
+            if let Err(e) = wb.apply_update(None, update, None) {
+                let after = wb.encode_state();
+                assert!(
+                    before == after || content(&before) == content(&after),
+                    "{}: #{i} was refused ({e}) and changed the document",
+                    entry.file
+                );
+                refused.get_or_insert(i);
+            }
+        }
+        assert_eq!(
+            refused.is_some(),
+            entry.verdict == Verdict::Refuse,
+            "{}: refused at {refused:?}",
+            entry.file
+        );
+        wb.snapshot_now().expect("snapshot");
+        wb.restore(version)
+            .unwrap_or_else(|e| panic!("{}: restore: {e}", entry.file));
+        assert_eq!(
+            content(&wb.encode_state()).0,
+            seeded.0,
+            "{}: restored content",
+            entry.file
+        );
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Through the server
 // ---------------------------------------------------------------------------------------------

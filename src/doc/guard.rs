@@ -360,9 +360,19 @@ fn read_structs(bytes: &[u8], limit: usize) -> Result<(Vec<Struct>, bool), Guard
     let mut structs = Vec::new();
     // Each client's section is a struct count, a client id and a clock.
     let clients = read_count(&mut cursor, 3)?;
+    // Yjs and yrs write each client's structs as one section. yrs appends a repeated
+    // section to the first one with its clock restarted, and integrating such overlapping
+    // blocks underflows in its block store (release builds then divide by zero in the
+    // transaction's commit, outside any `catch_unwind`; found by fuzzing, fixtures/hostile).
+    let mut sections = std::collections::HashSet::new();
     for _ in 0..clients {
         let count = read_count(&mut cursor, 2)?;
         let client = read_client(&mut cursor)?;
+        if !sections.insert(client) {
+            return Err(GuardError::Malformed(format!(
+                "client {client} has two sections"
+            )));
+        }
         let mut clock = cursor.read_var::<u32>().map_err(malformed)?;
         for _ in 0..count {
             let info = cursor.read_u8().map_err(malformed)?;
@@ -876,6 +886,21 @@ mod tests {
         assert!(matches!(
             NestingIndex::default().check(&b, 64),
             Err(GuardError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn a_client_with_two_sections_is_refused() {
+        // Found by fuzzing (guard_update): client 0's section 1 holds a GC of length 1 at
+        // clock 0, section 5 two more GCs from clock 0 again. yrs decodes it and its
+        // integration underflows (debug) or divides by zero in the commit (release).
+        let bytes = [
+            5, 1, 0, 0, 0, 1, 0, 0, 0, 0, 0, 65, 0, 0, 100, 2, 0, 0, 0, 4, 0, 65, 0,
+        ];
+        assert!(Update::decode_v1(&bytes).is_ok(), "yrs takes it");
+        assert!(matches!(
+            NestingIndex::default().check(&bytes, 64),
+            Err(GuardError::Malformed(m)) if m.contains("two sections")
         ));
     }
 
