@@ -284,25 +284,12 @@ fn read_content(cursor: &mut Cursor<'_>, info: u8, limit: usize) -> Result<u32, 
     Ok(match info & 0b1111 {
         content::DELETED => cursor.read_var::<u32>().map_err(malformed)?,
         content::JSON => {
-            // yrs reads one string more than the count says; the guard walks exactly what
-            // yrs will walk. A count that is negative as an i32 makes yrs reserve
-            // `count as usize` (2^64 - 1) strings and fail: refused here, so that the
-            // guard never calls an update empty that yrs would refuse.
-            let declared = cursor.read_var::<u32>().map_err(malformed)?;
-            if (declared as i32) < 0 {
-                return Err(malformed("JSON content with a negative count"));
-            }
-            let strings = declared as usize + 1;
-            let remaining = cursor.buf.len().saturating_sub(cursor.next);
-            if strings > remaining {
-                return Err(malformed(
-                    "JSON content declares more strings than it holds",
-                ));
-            }
-            for _ in 0..strings {
-                check_json_depth(cursor.read_string().map_err(malformed)?.as_bytes(), limit)?;
-            }
-            strings as u32
+            // Legacy content (Yjs 13 reads it, never writes it) that yrs 0.28.1 cannot
+            // write back: it encodes N strings under a count of N and reads N + 1, so the
+            // document's state no longer decodes (every joiner's sync, every snapshot: a
+            // stored poison pill), and while the item waits for a missing block, encoding
+            // the document panics (`merge_updates_v1(..).unwrap()`). Found by fuzzing.
+            return Err(malformed("JSON content (legacy, not supported)"));
         }
         content::BINARY => {
             read_bytes(cursor)?;
@@ -877,31 +864,27 @@ mod tests {
     }
 
     #[test]
-    fn json_content_with_a_negative_count_is_refused_as_yrs_refuses_it() {
-        // m.k = JSON content whose count is -1 as an i32 (fixtures/hostile).
-        let mut b = vec![1, 1, 1, 0, 0b0010_0010, 1, 1, b'm', 1, b'k'];
-        b.extend_from_slice(&[0xff, 0xff, 0xff, 0xff, 0x0f, 0]);
-        assert!(Update::decode_v1(&b).is_err(), "yrs refuses it");
-        // It used to pass as an empty update, which the whiteboard skipped undecoded.
+    fn json_content_is_refused_because_yrs_cannot_encode_it_again() {
+        // m.k = legacy JSON content holding "1" (count 0: yrs reads count + 1 strings).
+        let mut b = vec![1, 1, 1, 0, 0b0010_0010, 1, 1, b'm', 1, b'k', 0, 1, b'1', 0];
+        let doc = Doc::new();
+        doc.transact_mut()
+            .apply_update(Update::decode_v1(&b).unwrap())
+            .unwrap();
+        let state = doc
+            .transact()
+            .encode_state_as_update_v1(&StateVector::default());
+        assert!(
+            Update::decode_v1(&state).is_err(),
+            "yrs cannot read back what it wrote"
+        );
         assert!(matches!(
             NestingIndex::default().check(&b, 64),
             Err(GuardError::Malformed(_))
         ));
-    }
-
-    #[test]
-    fn a_client_with_two_sections_is_refused() {
-        // Found by fuzzing (guard_update): client 0's section 1 holds a GC of length 1 at
-        // clock 0, section 5 two more GCs from clock 0 again. yrs decodes it and its
-        // integration underflows (debug) or divides by zero in the commit (release).
-        let bytes = [
-            5, 1, 0, 0, 0, 1, 0, 0, 0, 0, 0, 65, 0, 0, 100, 2, 0, 0, 0, 4, 0, 65, 0,
-        ];
-        assert!(Update::decode_v1(&bytes).is_ok(), "yrs takes it");
-        assert!(matches!(
-            NestingIndex::default().check(&bytes, 64),
-            Err(GuardError::Malformed(m)) if m.contains("two sections")
-        ));
+        // A count that is negative as an i32 (yrs refuses it) is refused too.
+        b.splice(10..11, [0xff, 0xff, 0xff, 0xff, 0x0f]);
+        assert!(NestingIndex::default().check(&b, 64).is_err());
     }
 
     #[test]
