@@ -298,24 +298,12 @@ fn read_content(cursor: &mut Cursor<'_>, info: u8, limit: usize) -> Result<u32, 
     Ok(match info & 0b1111 {
         content::DELETED => cursor.read_var::<u32>().map_err(malformed)?,
         content::JSON => {
-            // yrs reads one string more than the count says (and none for a count that is
-            // negative as an i32); the guard walks exactly what yrs will walk.
-            let declared = cursor.read_var::<u32>().map_err(malformed)?;
-            let strings = if (declared as i32) < 0 {
-                0
-            } else {
-                declared as usize + 1
-            };
-            let remaining = cursor.buf.len().saturating_sub(cursor.next);
-            if strings > remaining {
-                return Err(malformed(
-                    "JSON content declares more strings than it holds",
-                ));
-            }
-            for _ in 0..strings {
-                check_json_depth(cursor.read_string().map_err(malformed)?.as_bytes(), limit)?;
-            }
-            strings as u32
+            // Legacy content (Yjs 13 reads it, never writes it) that yrs 0.28.1 cannot
+            // write back: it encodes N strings under a count of N and reads N + 1, so the
+            // document's state no longer decodes (every joiner's sync, every snapshot: a
+            // stored poison pill), and while the item waits for a missing block, encoding
+            // the document panics (`merge_updates_v1(..).unwrap()`). Found by fuzzing.
+            return Err(malformed("JSON content (legacy, not supported)"));
         }
         content::BINARY => {
             read_bytes(cursor)?;
@@ -373,9 +361,19 @@ fn read_structs(bytes: &[u8], limit: usize) -> Result<(Vec<Struct>, bool), Guard
     let mut structs = Vec::new();
     // Each client's section is a struct count, a client id and a clock.
     let clients = read_count(&mut cursor, 3)?;
+    // Yjs and yrs write each client's structs as one section. yrs appends a repeated
+    // section to the first one with its clock restarted, and integrating such overlapping
+    // blocks underflows in its block store (release builds then divide by zero in the
+    // transaction's commit, outside any `catch_unwind`; found by fuzzing, fixtures/hostile).
+    let mut sections = std::collections::HashSet::new();
     for _ in 0..clients {
         let count = read_count(&mut cursor, 2)?;
         let client = read_client(&mut cursor)?;
+        if !sections.insert(client) {
+            return Err(GuardError::Malformed(format!(
+                "client {client} has two sections"
+            )));
+        }
         let mut clock = cursor.read_var::<u32>().map_err(malformed)?;
         for _ in 0..count {
             let info = cursor.read_u8().map_err(malformed)?;
@@ -877,6 +875,30 @@ mod tests {
         ));
         // A million declared clients in four bytes.
         assert!(decode_awareness(&[0xc0, 0x84, 0x3d, 0], usize::MAX, 1024, 64).is_err());
+    }
+
+    #[test]
+    fn json_content_is_refused_because_yrs_cannot_encode_it_again() {
+        // m.k = legacy JSON content holding "1" (count 0: yrs reads count + 1 strings).
+        let mut b = vec![1, 1, 1, 0, 0b0010_0010, 1, 1, b'm', 1, b'k', 0, 1, b'1', 0];
+        let doc = Doc::new();
+        doc.transact_mut()
+            .apply_update(Update::decode_v1(&b).unwrap())
+            .unwrap();
+        let state = doc
+            .transact()
+            .encode_state_as_update_v1(&StateVector::default());
+        assert!(
+            Update::decode_v1(&state).is_err(),
+            "yrs cannot read back what it wrote"
+        );
+        assert!(matches!(
+            NestingIndex::default().check(&b, 64),
+            Err(GuardError::Malformed(_))
+        ));
+        // A count that is negative as an i32 (yrs refuses it) is refused too.
+        b.splice(10..11, [0xff, 0xff, 0xff, 0xff, 0x0f]);
+        assert!(NestingIndex::default().check(&b, 64).is_err());
     }
 
     #[test]

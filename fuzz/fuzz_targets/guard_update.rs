@@ -1,0 +1,26 @@
+//! The guard's promise: whatever `NestingIndex::check` passes, yrs decodes and integrates
+//! without panicking or overflowing its stack, and the result reads back as JSON.
+//!
+//! Strict on purpose: a panic in yrs's integration is a finding here even though the
+//! whiteboard catches it (and rolls back); a stack overflow or abort would kill the server.
+#![no_main]
+
+use easel::doc::guard::NestingIndex;
+use libfuzzer_sys::fuzz_target;
+use yrs::updates::decoder::Decode;
+use yrs::{Doc, Transact, Update};
+
+fuzz_target!(|data: &[u8]| {
+    if NestingIndex::default()
+        .check(data, easel_fuzz::LIMITS.max_nesting)
+        .is_err()
+    {
+        return;
+    }
+    let Ok(update) = Update::decode_v1(data) else {
+        return;
+    };
+    let doc = Doc::new();
+    let _ = doc.transact_mut().apply_update(update);
+    let _ = easel::session::restore::doc_to_json(&doc);
+});
