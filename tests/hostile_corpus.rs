@@ -151,9 +151,14 @@ fn direct_verdict(entry: &Entry) -> Result<(), String> {
         Kind::Sv => decode_state_vector(&entry.bytes)
             .map(|_| ())
             .map_err(|e| e.to_string()),
-        Kind::Awareness => decode_awareness(&entry.bytes, MAX_AWARENESS_STATE_BYTES, MAX_NESTING)
-            .map(|_| ())
-            .map_err(|e| e.to_string()),
+        Kind::Awareness => decode_awareness(
+            &entry.bytes,
+            easel::protocol::wire::MAX_AWARENESS_ENTRIES,
+            MAX_AWARENESS_STATE_BYTES,
+            MAX_NESTING,
+        )
+        .map(|_| ())
+        .map_err(|e| e.to_string()),
         Kind::Frame => {
             let messages =
                 decode_frame(&Bytes::from(entry.bytes.clone())).map_err(|e| e.to_string())?;
@@ -165,8 +170,13 @@ fn direct_verdict(entry: &Entry) -> Result<(), String> {
                     }
                     Inbound::Awareness { update, .. } => {
                         let encoded = yrs::updates::encoder::Encode::encode_v1(&update);
-                        decode_awareness(&encoded, MAX_AWARENESS_STATE_BYTES, MAX_NESTING)
-                            .map_err(|e| e.to_string())?;
+                        decode_awareness(
+                            &encoded,
+                            easel::protocol::wire::MAX_AWARENESS_ENTRIES,
+                            MAX_AWARENESS_STATE_BYTES,
+                            MAX_NESTING,
+                        )
+                        .map_err(|e| e.to_string())?;
                     }
                     _ => {}
                 }
