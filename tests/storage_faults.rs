@@ -331,6 +331,21 @@ fn flip_every(path: &Path, needle: &[u8]) -> usize {
     at.len()
 }
 
+/// `easel store check` on a damaged directory: non-zero, and it says `damaged`.
+fn assert_check_reports_damage(data: &std::path::Path) {
+    let check = store_cli("check", data);
+    assert!(
+        !check.success(),
+        "store check exit 0 on damage:\n{}",
+        check.stdout_text()
+    );
+    assert!(
+        check.stdout_text().contains("damaged"),
+        "{}",
+        check.stdout_text()
+    );
+}
+
 fn store_cli(command: &str, data: &Path) -> CliOutput {
     run_cli_blocking(&[
         "store".to_string(),
@@ -369,17 +384,7 @@ async fn a_damaged_database_is_refused_by_name_and_recovered_from_the_version_fi
     // The board comes back from its version file, and the damage is counted.
     let flipped = flip_every(&data.join("db"), b"circle");
     assert!(flipped > 0, "the board's content is not in the db file");
-    let check = store_cli("check", &data);
-    assert!(
-        !check.success(),
-        "store check exit 0 on damage:\n{}",
-        check.stdout_text()
-    );
-    assert!(
-        check.stdout_text().contains("damaged"),
-        "{}",
-        check.stdout_text()
-    );
+    assert_check_reports_damage(&data);
     let mut server = TestServer::start_in(&data, "");
     let doc = server.whiteboard_doc(&session, &tok).await;
     assert_eq!(
@@ -411,17 +416,7 @@ async fn a_damaged_database_is_refused_by_name_and_recovered_from_the_version_fi
         "serve panicked:\n{refused}"
     );
 
-    let check = store_cli("check", &data);
-    assert!(
-        !check.success(),
-        "store check exit 0 on damage:\n{}",
-        check.stdout_text()
-    );
-    assert!(
-        check.stdout_text().contains("damaged"),
-        "{}",
-        check.stdout_text()
-    );
+    assert_check_reports_damage(&data);
 
     let recover = store_cli("recover", &data);
     recover.assert_ok("store recover");

@@ -1,13 +1,14 @@
 // Replays the recorded fixture streams (fixtures/*.updates) through the server on a raw
 // y-websocket connection, and checks what real JS clients get back (live relay and late join).
-import { test, before, after, afterEach } from 'node:test'
+import { test } from 'node:test'
 import assert from 'node:assert/strict'
 import { readFileSync, readdirSync } from 'node:fs'
 import { dirname, join } from 'node:path'
 import { fileURLToPath } from 'node:url'
 import * as encoding from 'lib0/encoding'
-import { startServer, waitFor, sessionId } from '../lib/server.mjs'
-import { makeClient, WebSocket, stateVector, destroyAll } from '../lib/client.mjs'
+import { waitFor, sessionId } from '../lib/server.mjs'
+import { WebSocket, stateVector } from '../lib/client.mjs'
+import { sharedServer } from '../lib/harness.mjs'
 
 const fixturesDir = join(dirname(fileURLToPath(import.meta.url)), '..', '..', '..', 'fixtures')
 
@@ -36,21 +37,7 @@ const contentOf = (doc, roots) => {
 }
 
 let server
-const clients = []
-const client = (sid, opts) => {
-  const c = makeClient(server, sid, opts)
-  clients.push(c)
-  return c
-}
-before(async () => { server = await startServer() })
-afterEach(() => { destroyAll(clients) })
-after(async () => {
-  try {
-    destroyAll(clients)
-  } finally {
-    if (server) await server.stop()
-  }
-})
+const client = sharedServer((s) => { server = s })
 
 const names = readdirSync(fixturesDir).filter((f) => f.endsWith('.updates')).map((f) => f.slice(0, -'.updates'.length)).sort()
 

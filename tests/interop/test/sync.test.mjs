@@ -1,30 +1,12 @@
 // Document sync between real y-websocket clients through the easel server.
-import { test, before, after, afterEach } from 'node:test'
+import { test } from 'node:test'
 import assert from 'node:assert/strict'
-import { startServer, waitFor, sessionId } from '../lib/server.mjs'
-import { makeClient, Y, stateVector, destroyAll } from '../lib/client.mjs'
+import { waitFor, sessionId } from '../lib/server.mjs'
+import { Y, stateVector } from '../lib/client.mjs'
+import { sharedServer } from '../lib/harness.mjs'
 
 let server
-const clients = []
-const client = (sid, opts) => {
-  const c = makeClient(server, sid, opts)
-  clients.push(c)
-  return c
-}
-
-before(async () => {
-  server = await startServer()
-})
-afterEach(() => {
-  destroyAll(clients)
-})
-after(async () => {
-  try {
-    destroyAll(clients)
-  } finally {
-    if (server) await server.stop()
-  }
-})
+const client = sharedServer((s) => { server = s })
 
 /** Content of the root types these tests use. */
 const content = (doc) => ({
