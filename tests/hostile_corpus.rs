@@ -223,6 +223,13 @@ fn the_guard_refuses_the_one_level_chain_at_the_nesting_limit() {
 
 /// A whiteboard on an in-memory store with the server's default limits.
 fn whiteboard() -> easel::session::whiteboard::Whiteboard {
+    whiteboard_on(std::sync::Arc::new(easel::store::MemoryStore::new(20)))
+}
+
+/// A whiteboard on `store`, configured as the server configures one.
+fn whiteboard_on(
+    store: std::sync::Arc<dyn easel::store::Store>,
+) -> easel::session::whiteboard::Whiteboard {
     use easel::session::whiteboard::{Whiteboard, WhiteboardLimits, WhiteboardOptions};
     let options = WhiteboardOptions {
         echo_updates: false,
@@ -232,11 +239,48 @@ fn whiteboard() -> easel::session::whiteboard::Whiteboard {
     };
     Whiteboard::load(
         "hostile".into(),
-        std::sync::Arc::new(easel::store::MemoryStore::new(20)),
+        store,
         std::sync::Arc::new(easel::metrics::Metrics::new()),
         options,
     )
     .expect("a memory store loads")
+}
+
+/// Fuzz findings fixed in the whiteboard rather than the guard (`fixtures/hostile/regressions/`,
+/// update streams in the `.updates` layout): every update through `Whiteboard::apply_update`;
+/// a refused one leaves the document as it was, and at the end the live document is what
+/// the store rebuilds (nothing kept live that was not logged, nothing logged that is lost).
+#[test]
+fn fuzz_regressions_keep_the_live_document_and_the_store_in_step() {
+    let dir = corpus_dir().join("regressions");
+    let mut replayed = 0;
+    for entry in std::fs::read_dir(&dir).expect("fixtures/hostile/regressions") {
+        let path = entry.expect("dir entry").path();
+        let bytes = std::fs::read(&path).expect("read");
+        let store: std::sync::Arc<dyn easel::store::Store> =
+            std::sync::Arc::new(easel::store::MemoryStore::new(20));
+        let wb = whiteboard_on(store.clone());
+        for (i, update) in split_updates(&bytes).iter().enumerate() {
+            let before = wb.encode_state();
+            if let Err(e) = wb.apply_update(None, update, None) {
+                assert_eq!(
+                    content(&before).0,
+                    content(&wb.encode_state()).0,
+                    "{}: #{i} was refused ({e}) and changed the document",
+                    path.display()
+                );
+            }
+        }
+        let rebuilt = whiteboard_on(store);
+        assert_eq!(
+            content(&wb.encode_state()).0,
+            content(&rebuilt.encode_state()).0,
+            "{}: the live document and the one the store rebuilds differ",
+            path.display()
+        );
+        replayed += 1;
+    }
+    assert!(replayed >= 1, "no regression replayed");
 }
 
 /// The content and state vector of a state the whiteboard encoded.

@@ -474,16 +474,31 @@ async fn a_client_close_is_answered_after_what_was_queued_on_both_endpoints() {
     let last = poster
         .wait_for("last ack", |v| v["type"] == "chat" && v["text"] == "c19")
         .await;
+    // Dave's ack of c19 can reach him before the fan-out has queued c19 for carol; carol's
+    // own chat is sequenced after every earlier one (one room, one order), so once it is
+    // queued for her, all 20 are too. Her Close follows it on the same socket.
+    c.send(WsMessage::Text(
+        json!({"type":"chat","text":"carol's last"})
+            .to_string()
+            .into(),
+    ))
+    .await
+    .expect("send chat");
     c.send(close_frame(1000, "")).await.expect("send close");
     let data = expect_clean_close(&mut c, 1000).await;
-    let chats = data
+    let chats: Vec<&str> = data
         .iter()
-        .filter(|m| matches!(m, WsMessage::Text(t) if t.contains("\"type\":\"chat\"")))
-        .count();
+        .filter_map(|m| match m {
+            WsMessage::Text(t) if t.contains("\"type\":\"chat\"") => Some(t.as_str()),
+            _ => None,
+        })
+        .collect();
     assert_eq!(
-        chats, 20,
-        "every chat queued before the Close (last {last})"
+        chats.len(),
+        21,
+        "every chat queued before the Close (dave's last {last}): {chats:?}"
     );
+    assert!(chats[20].contains("carol's last"), "{chats:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -472,6 +472,24 @@ pub struct CheckedUpdate {
     /// Whether the update carries nothing: no struct, no deleted range. A viewer's client
     /// sends such an update on connect; it is not a write.
     pub is_empty: bool,
+    /// Whether some of its structs depend on content the document does not have yet: an
+    /// earlier clock of the same client, or a neighbour or parent the index has not seen.
+    /// `yrs` would keep such structs pending; the whiteboard holds the whole update back
+    /// instead and retries it once more has arrived (yrs 0.28.1's pending machinery is
+    /// where fuzzing found memory unsafety and a restore that misreads the document).
+    pub waits: bool,
+    /// The clients whose content it waits for: only an update by one of them can let it in.
+    pub waits_on: Vec<u64>,
+}
+
+impl CheckedUpdate {
+    /// The clients whose structs the update carries.
+    pub fn clients(&self) -> Vec<u64> {
+        let mut clients: Vec<u64> = self.runs.iter().map(|r| r.0).collect();
+        clients.sort_unstable();
+        clients.dedup();
+        clients
+    }
 }
 
 impl NestingIndex {
@@ -494,18 +512,31 @@ impl NestingIndex {
     /// Nothing is recorded until [`NestingIndex::commit`].
     pub fn check(&self, update: &[u8], limit: usize) -> Result<CheckedUpdate, GuardError> {
         let (structs, deletes) = read_structs(update, limit)?;
-        let depths = resolve_depths(self, &structs)?;
+        let (depths, mut waits_on) = resolve_depths(self, &structs)?;
         let mut runs = Vec::with_capacity(structs.len());
+        // A client's section (one per client: the guard refuses two) that starts past the
+        // clock the index has seen leaves a gap before it.
+        let mut section_start: std::collections::HashMap<u64, u32> = Default::default();
+        for s in &structs {
+            let start = section_start.entry(s.id.0).or_insert(s.id.1);
+            *start = (*start).min(s.id.1);
+        }
+        waits_on.extend(
+            section_start
+                .iter()
+                .filter(|(client, start)| **start > self.seen.get(client).copied().unwrap_or(0))
+                .map(|(client, _)| *client),
+        );
+        waits_on.sort_unstable();
+        waits_on.dedup();
+        let mut waits = !waits_on.is_empty();
         for (s, depth) in structs.iter().zip(depths) {
             if s.is_type && depth != UNKNOWN && usize::from(depth) + 1 > limit {
                 return Err(GuardError::TooDeep { limit });
             }
-            if s.is_type && depth == UNKNOWN {
-                // Its depth would only be known once content the server lacks arrives.
-                return Err(malformed(
-                    "a shared type placed next to content the server does not have",
-                ));
-            }
+            // Its place (and, for a type, its depth) is known only once the content it
+            // depends on arrives.
+            waits |= depth == UNKNOWN;
             let end = s.id.1 + s.len;
             match runs.last_mut() {
                 Some((client, _, last_end, last_depth))
@@ -519,6 +550,8 @@ impl NestingIndex {
         Ok(CheckedUpdate {
             is_empty: structs.is_empty() && !deletes,
             runs,
+            waits,
+            waits_on,
         })
     }
 
@@ -559,7 +592,12 @@ impl NestingIndex {
 /// The depth of each struct's parent (`UNKNOWN` where it depends on absent content), by
 /// following parents and neighbours through this update and the index. Iterative with
 /// memoisation: a chain of a million items costs a million steps, not a stack frame each.
-fn resolve_depths(index: &NestingIndex, structs: &[Struct]) -> Result<Vec<u16>, GuardError> {
+fn resolve_depths(
+    index: &NestingIndex,
+    structs: &[Struct],
+) -> Result<(Vec<u16>, Vec<u64>), GuardError> {
+    // Clients whose absent content some struct depends on.
+    let mut missing = Vec::new();
     // Items of this update by client, sorted by clock, to find the one holding an id.
     let mut by_client: std::collections::HashMap<u64, Vec<usize>> = Default::default();
     for (i, s) in structs.iter().enumerate() {
@@ -592,7 +630,10 @@ fn resolve_depths(index: &NestingIndex, structs: &[Struct]) -> Result<Vec<u16>, 
             let s = &structs[current];
             // The dependency: an item whose depth gives ours (`plus` for a type's children).
             let (target, plus) = match s.parent {
-                None if s.is_skip => break UNKNOWN,
+                None if s.is_skip => {
+                    missing.push(s.id.0);
+                    break UNKNOWN;
+                }
                 None | Some(ParentRef::Root) => break 1,
                 Some(ParentRef::SameAs(id)) => (id, 0),
                 Some(ParentRef::Type(id)) => (id, 1),
@@ -606,11 +647,13 @@ fn resolve_depths(index: &NestingIndex, structs: &[Struct]) -> Result<Vec<u16>, 
                     chain.push(dep);
                 }
                 Some(dep) => break add_depth(depth[dep], plus),
-                None => {
-                    break index
-                        .parent_depth(target)
-                        .map_or(UNKNOWN, |d| add_depth(d, plus))
-                }
+                None => match index.parent_depth(target) {
+                    Some(d) => break add_depth(d, plus),
+                    None => {
+                        missing.push(target.0);
+                        break UNKNOWN;
+                    }
+                },
             }
         };
         // Unwind: each link's depth is its dependency's, plus one across a type.
@@ -624,7 +667,7 @@ fn resolve_depths(index: &NestingIndex, structs: &[Struct]) -> Result<Vec<u16>, 
             }
         }
     }
-    Ok(depth)
+    Ok((depth, missing))
 }
 
 fn add_depth(depth: u16, plus: u16) -> u16 {

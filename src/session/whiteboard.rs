@@ -28,7 +28,7 @@ use yrs::updates::encoder::Encode;
 use yrs::{ClientID, Doc, ReadTxn, StateVector, Transact, Update};
 
 use crate::config::LimitsConfig;
-use crate::doc::guard::{self, GuardError, NestingIndex};
+use crate::doc::guard::{self, CheckedUpdate, GuardError, NestingIndex};
 use crate::metrics::Metrics;
 use crate::outbox::Outbox;
 use crate::protocol::wire;
@@ -119,9 +119,10 @@ pub struct Whiteboard {
     doc: RwLock<Doc>,
     /// What the update guard knows of the document's nesting; changed under the peer lock.
     nesting: Mutex<NestingIndex>,
-    /// Bytes of updates applied while blocks were missing (pending in `yrs`); changed under
-    /// the peer lock, reset when nothing is pending.
-    pending_bytes: AtomicU64,
+    /// Updates that depend on content the document does not have yet, oldest first: held
+    /// here rather than left pending in yrs (see [`CheckedUpdate::waits`]). Changed under
+    /// the peer lock.
+    held_back: Mutex<Vec<HeldBack>>,
     /// The document's encoded size when last measured, with the log bytes counted then
     /// (see [`Whiteboard::fits`]).
     measured_size: Mutex<Option<(u64, u64)>>,
@@ -149,6 +150,13 @@ pub struct Whiteboard {
     full_step2: Mutex<Option<(u64, Bytes)>>,
 }
 
+/// An update held back until the content it depends on arrives.
+struct HeldBack {
+    update: Vec<u8>,
+    /// Clients of whom it waits for content.
+    waits_on: Vec<u64>,
+}
+
 impl Whiteboard {
     /// Rebuilds the session's document from the store.
     pub fn load(
@@ -169,7 +177,7 @@ impl Whiteboard {
             awareness: Mutex::new(Awareness::new(rebuilt.doc.clone())),
             doc: RwLock::new(rebuilt.doc),
             nesting: Mutex::new(rebuilt.nesting),
-            pending_bytes: AtomicU64::new(rebuilt.pending_bytes),
+            held_back: Mutex::new(rebuilt.held_back),
             measured_size: Mutex::new(None),
             peers: Mutex::new(HashMap::new()),
             store,
@@ -322,17 +330,43 @@ impl Whiteboard {
         message: Option<Bytes>,
     ) -> Result<bool, ApplyError> {
         let started = Instant::now();
-        let limits = self.options.limits;
         let peers = self.peers();
         // The guard walks the bytes before yrs decodes them (SPEC.md 7.1): lengths, counts,
         // value depth, and the depth of every shared type against what the document holds.
         let checked = self
             .nesting()
-            .check(update, limits.max_nesting)
+            .check(update, self.options.limits.max_nesting)
             .inspect_err(|e| self.metrics.guard_refusals.count(e))?;
         if checked.is_empty {
             return Ok(false);
         }
+        if checked.waits {
+            self.hold_back(update, checked.waits_on)?;
+            return Ok(false);
+        }
+        let clients = checked.clients();
+        let changed = self.integrate(&peers, origin, update, message, checked, true)?;
+        if changed {
+            self.retry_held_back(&peers, clients);
+            self.metrics
+                .relay_latency
+                .observe(started.elapsed().as_secs_f64());
+        }
+        Ok(changed)
+    }
+
+    /// Integrates a checked update that waits for nothing, logs it (unless it was logged
+    /// when it was held back) and relays it. Called with the peer lock held (`peers`).
+    fn integrate(
+        &self,
+        peers: &HashMap<ConnId, Outbox>,
+        origin: Option<ConnId>,
+        update: &[u8],
+        message: Option<Bytes>,
+        checked: CheckedUpdate,
+        log: bool,
+    ) -> Result<bool, ApplyError> {
+        let limits = self.options.limits;
         let decoded = Update::decode_v1(update).map_err(|e| ApplyError::Decode(e.to_string()))?;
         let doc = self.doc();
         // Checked before integrating, so a refusal needs no undoing: the update's size
@@ -346,74 +380,114 @@ impl Whiteboard {
         }
         let integrated = {
             let mut txn = doc.transact_mut();
-            let had_pending = txn.has_missing_updates();
             let applied = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 txn.apply_update(decoded)
             }));
             match applied {
-                Ok(Ok(())) => {
-                    // Whatever yrs integrated counts, including blocks that fill a range
-                    // the state vector already covered (a skip integrated earlier): judged
-                    // by the state vector alone such an update was taken for a no-op, kept
-                    // in the live document but neither logged nor relayed (a fuzz finding).
-                    let changed = txn.has_changes() || txn.before_state() != &txn.state_vector();
-                    let has_pending = txn.has_missing_updates();
-                    let frame = if !changed {
-                        None
-                    } else if !had_pending && !has_pending {
-                        // Fully integrated: what the client sent is exactly what the others need.
-                        Some(message.unwrap_or_else(|| wire::update(update.to_vec())))
-                    } else {
-                        // Parts of this or an earlier update waited for missing blocks: relay
-                        // what was actually integrated, so no receiver waits for something it
-                        // never gets.
-                        Some(wire::update(txn.encode_update_v1()))
-                    };
-                    Ok((frame, changed, has_pending))
-                }
+                // The guard holds back whatever depends on absent content, so nothing may
+                // be left pending in yrs; if something is, the guard missed a dependency.
+                Ok(Ok(())) if txn.has_missing_updates() => Err(ApplyError::Guard(
+                    GuardError::Malformed("depends on content the server does not have".into()),
+                )),
+                // Whatever yrs integrated counts, including blocks that fill a range the
+                // state vector already covered (a skip integrated earlier): judged by the
+                // state vector alone such an update was taken for a no-op, kept in the live
+                // document but neither logged nor relayed (a fuzz finding).
+                Ok(Ok(())) => Ok(txn.has_changes() || txn.before_state() != &txn.state_vector()),
                 Ok(Err(e)) => Err(ApplyError::Rejected(e.to_string())),
                 Err(_) => Err(ApplyError::Rejected("integration panicked".into())),
             }
         };
-        let (frame, changed, has_pending) = match integrated {
-            Ok(outcome) => outcome,
+        let changed = match integrated {
+            Ok(changed) => changed,
             Err(e) => return Err(self.roll_back(e)),
         };
-        let pending_bytes = if has_pending {
-            self.pending_bytes.load(Ordering::Acquire) + update.len() as u64
-        } else {
-            0
-        };
-        if pending_bytes > limits.max_pending_bytes as u64 {
-            self.metrics.guard_refusals.pending.inc();
-            return Err(self.roll_back(ApplyError::Guard(GuardError::TooLarge {
-                what: "updates waiting for missing blocks",
-                limit: limits.max_pending_bytes,
-            })));
+        if !changed {
+            return Ok(false);
         }
-        // Pending updates are logged too: a restart must still have them.
-        if changed || has_pending {
+        if log {
             if let Err(e) = self.log_update(update) {
                 return Err(self.roll_back(e.into()));
             }
         }
-        self.pending_bytes.store(pending_bytes, Ordering::Release);
         self.nesting().commit(checked);
-        let Some(frame) = frame else {
-            return Ok(false);
-        };
         self.metrics.updates_applied.inc();
         self.changes.send_modify(|n| *n += 1);
+        // What the client sent is exactly what the others need.
+        let frame = message.unwrap_or_else(|| wire::update(update.to_vec()));
         for (id, outbox) in peers.iter() {
             if Some(*id) != origin || self.options.echo_updates {
                 outbox.send(Message::Binary(frame.clone()));
             }
         }
-        drop(peers);
-        self.metrics
-            .relay_latency
-            .observe(started.elapsed().as_secs_f64());
         Ok(true)
+    }
+
+    /// Holds back an update that depends on content the document does not have yet
+    /// (SPEC.md 7.1: bounded by `limits.max_pending_bytes` per session, and logged like any
+    /// other so a restart has it). Called with the peer lock held.
+    fn hold_back(&self, update: &[u8], waits_on: Vec<u64>) -> Result<(), ApplyError> {
+        let limit = self.options.limits.max_pending_bytes;
+        let mut held = self.held_back();
+        let bytes: usize = held.iter().map(|h| h.update.len()).sum::<usize>() + update.len();
+        if bytes > limit {
+            self.metrics.guard_refusals.pending.inc();
+            return Err(ApplyError::Guard(GuardError::TooLarge {
+                what: "updates waiting for missing blocks",
+                limit,
+            }));
+        }
+        self.log_update(update)?;
+        held.push(HeldBack {
+            update: update.to_vec(),
+            waits_on,
+        });
+        Ok(())
+    }
+
+    /// Lets in the held-back updates that an update by `clients` (just integrated) may have
+    /// completed, and those they complete in turn. Only updates waiting on one of those
+    /// clients (or on a client a let-in update carries) are checked again, so a full hold-back costs
+    /// nothing to the updates that cannot help it. Called with the peer lock held.
+    fn retry_held_back(&self, peers: &HashMap<ConnId, Outbox>, mut clients: Vec<u64>) {
+        while !clients.is_empty() {
+            let ready: Vec<HeldBack> = {
+                let mut held = self.held_back();
+                let (ready, waiting) = std::mem::take(&mut *held)
+                    .into_iter()
+                    .partition(|h| h.waits_on.iter().any(|c| clients.contains(c)));
+                *held = waiting;
+                ready
+            };
+            clients.clear();
+            for h in ready {
+                let checked = self
+                    .nesting()
+                    .check(&h.update, self.options.limits.max_nesting);
+                match checked {
+                    Ok(checked) if checked.waits => self.held_back().push(HeldBack {
+                        update: h.update,
+                        waits_on: checked.waits_on,
+                    }),
+                    Ok(checked) => {
+                        let carries = checked.clients();
+                        match self.integrate(peers, None, &h.update, None, checked, false) {
+                            Ok(_) => clients.extend(carries),
+                            Err(e) => {
+                                tracing::warn!(session = %self.session, error = %e, "a held-back update was refused once it could be applied");
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(session = %self.session, error = %e, "a held-back update was refused once it could be applied");
+                    }
+                }
+            }
+        }
+    }
+
+    fn held_back(&self) -> MutexGuard<'_, Vec<HeldBack>> {
+        self.held_back.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Whether the document, grown by an update of `added` bytes, stays within
@@ -460,8 +534,7 @@ impl Whiteboard {
                 );
                 *self.doc.write().unwrap_or_else(|e| e.into_inner()) = rebuilt.doc;
                 *self.nesting() = rebuilt.nesting;
-                self.pending_bytes
-                    .store(rebuilt.pending_bytes, Ordering::Release);
+                *self.held_back() = rebuilt.held_back;
                 tracing::warn!(session = %self.session, error = %why, "update refused after it began to integrate; document rebuilt from the store");
             }
             Err(e) => {
@@ -493,6 +566,18 @@ impl Whiteboard {
         self.log_bytes_since_snapshot
             .fetch_add(update.len() as u64, Ordering::AcqRel);
         self.dirty.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// Appends every held-back update to the log again (without counting it as a change:
+    /// a snapshot does this, and must not make itself due again).
+    fn relog_held_back(&self) -> Result<(), StoreError> {
+        let _peers = self.peers();
+        for held in self.held_back().iter() {
+            let seq = self.log_seq.load(Ordering::Acquire) + 1;
+            self.store.append_update(&self.session, seq, &held.update)?;
+            self.log_seq.store(seq, Ordering::Release);
+        }
         Ok(())
     }
 
@@ -745,6 +830,12 @@ impl Whiteboard {
             }
         };
         let encoded = started.elapsed();
+        // Held-back updates are not in the state: log them again past `log_through`, so
+        // the entries the snapshot replaces take none of them along.
+        if let Err(e) = self.relog_held_back() {
+            self.dirty.store(true, Ordering::Release);
+            return Err(e);
+        }
         let written = self
             .store
             .write_snapshot(&self.session, &state, &sv, count, log_through);
@@ -783,15 +874,17 @@ impl Whiteboard {
 struct Rebuilt {
     doc: Doc,
     nesting: NestingIndex,
-    /// Bytes of the updates that left blocks pending, while any remain pending.
-    pending_bytes: u64,
+    /// Stored updates that still wait for content the store does not have.
+    held_back: Vec<HeldBack>,
     /// Updates skipped because they did not decode, did not pass the guard or were rejected.
     skipped: usize,
 }
 
-/// A document from stored updates applied in order. Each one passes the update guard
-/// first (a record stored before the guard existed can hold a nesting bomb); each one that
-/// does not pass, decode or apply is logged, counted and skipped, and the rest still load.
+/// A document from stored updates applied in order, as the live whiteboard applied them:
+/// each one passes the update guard first (a record stored before the guard existed can
+/// hold a nesting bomb), one that waits for absent content is held back and let in once
+/// that content is there, and each one that does not pass, decode or apply is logged,
+/// counted and skipped, and the rest still load.
 fn doc_from_updates(
     session: &str,
     updates: &[Vec<u8>],
@@ -801,38 +894,49 @@ fn doc_from_updates(
     let doc = Doc::new();
     let mut nesting = NestingIndex::default();
     let mut skipped = 0;
-    let mut pending_bytes = 0;
+    let mut held_back: Vec<HeldBack> = Vec::new();
+    let mut skip = |why: &str, error: String| {
+        skipped += 1;
+        metrics.store_decode_errors.inc();
+        tracing::warn!(%session, error, "stored update {why}; skipped");
+    };
     {
         let mut txn = doc.transact_mut();
         for bytes in updates {
-            let checked = match nesting.check(bytes, limits.max_nesting) {
-                Ok(checked) => checked,
-                Err(e) => {
-                    skipped += 1;
-                    metrics.store_decode_errors.inc();
-                    tracing::warn!(%session, error = %e, "stored update refused by the guard; skipped");
+            // This update, then whatever held-back ones it lets in, and so on.
+            let mut next = vec![bytes.clone()];
+            while let Some(update) = next.pop() {
+                let checked = match nesting.check(&update, limits.max_nesting) {
+                    Ok(checked) => checked,
+                    Err(e) => {
+                        skip("is refused by the guard", e.to_string());
+                        continue;
+                    }
+                };
+                if checked.waits {
+                    held_back.push(HeldBack {
+                        update,
+                        waits_on: checked.waits_on,
+                    });
                     continue;
                 }
-            };
-            let applied = Update::decode_v1(bytes)
-                .map_err(|e| ("does not decode", e.to_string()))
-                .and_then(|u| {
-                    txn.apply_update(u)
-                        .map_err(|e| ("is rejected", e.to_string()))
-                });
-            match applied {
-                Ok(()) => {
-                    nesting.commit(checked);
-                    pending_bytes = if txn.has_missing_updates() {
-                        pending_bytes + bytes.len() as u64
-                    } else {
-                        0
-                    };
-                }
-                Err((why, error)) => {
-                    skipped += 1;
-                    metrics.store_decode_errors.inc();
-                    tracing::warn!(%session, error, "stored update {why}; skipped");
+                let clients = checked.clients();
+                let applied = Update::decode_v1(&update)
+                    .map_err(|e| ("does not decode", e.to_string()))
+                    .and_then(|u| {
+                        txn.apply_update(u)
+                            .map_err(|e| ("is rejected", e.to_string()))
+                    });
+                match applied {
+                    Ok(()) => {
+                        nesting.commit(checked);
+                        let (ready, waiting) = std::mem::take(&mut held_back)
+                            .into_iter()
+                            .partition(|h| h.waits_on.iter().any(|c| clients.contains(c)));
+                        held_back = waiting;
+                        next.extend(ready.into_iter().map(|h: HeldBack| h.update).rev());
+                    }
+                    Err((why, error)) => skip(why, error),
                 }
             }
         }
@@ -840,7 +944,84 @@ fn doc_from_updates(
     Rebuilt {
         doc,
         nesting,
-        pending_bytes,
+        held_back,
         skipped,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::outbox::outbox;
+    use crate::store::MemoryStore;
+    use yrs::{GetString, Text};
+
+    fn options() -> WhiteboardOptions {
+        WhiteboardOptions {
+            echo_updates: false,
+            flush_before_relay: false,
+            snapshot_every_updates: u64::MAX,
+            limits: WhiteboardLimits::DEFAULT,
+        }
+    }
+
+    /// Three updates of one client typing into text "t", in order.
+    fn typed(parts: &[&str]) -> Vec<Vec<u8>> {
+        let doc = Doc::with_client_id(77);
+        let text = doc.get_or_insert_text("t");
+        parts
+            .iter()
+            .map(|part| {
+                let mut txn = doc.transact_mut();
+                let len = text.len(&txn);
+                text.insert(&mut txn, len, part);
+                txn.encode_update_v1()
+            })
+            .collect()
+    }
+
+    fn text_of(state: &[u8]) -> String {
+        let doc = Doc::new();
+        let text = doc.get_or_insert_text("t");
+        doc.transact_mut()
+            .apply_update(Update::decode_v1(state).unwrap())
+            .unwrap();
+        let txn = doc.transact();
+        text.get_string(&txn)
+    }
+
+    #[test]
+    fn an_update_with_a_gap_is_held_back_relayed_once_let_in_and_survives_a_snapshot() {
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::new(20));
+        let metrics = Arc::new(Metrics::new());
+        let wb = Whiteboard::load("s".into(), store.clone(), metrics.clone(), options()).unwrap();
+        let (peer, mut rx) = outbox(1 << 20);
+        wb.join(1, peer);
+        while rx.try_recv().is_some() {}
+        let u = typed(&["a", "b", "c"]);
+
+        // The second and third wait for the first: held back, nothing relayed, nothing shown.
+        assert!(!wb.apply_update(None, &u[2], None).unwrap());
+        assert!(!wb.apply_update(None, &u[1], None).unwrap());
+        assert!(rx.try_recv().is_none());
+        assert_eq!(text_of(&wb.encode_state()), "");
+
+        // A snapshot while they wait, then a reload from the store: still held back.
+        wb.snapshot_now().unwrap();
+        let reloaded = Whiteboard::load("s".into(), store.clone(), metrics, options()).unwrap();
+        assert_eq!(text_of(&reloaded.encode_state()), "");
+        let (peer, mut rx2) = outbox(1 << 20);
+        reloaded.join(2, peer);
+        while rx2.try_recv().is_some() {}
+
+        // The first arrives: all three are in, and each was relayed.
+        assert!(reloaded.apply_update(None, &u[0], None).unwrap());
+        assert_eq!(text_of(&reloaded.encode_state()), "abc");
+        let relayed = std::iter::from_fn(|| rx2.try_recv()).count();
+        assert_eq!(relayed, 3, "the update and the two it let in");
+        // And the live whiteboard that held them does the same.
+        assert!(wb.apply_update(None, &u[0], None).unwrap());
+        assert_eq!(text_of(&wb.encode_state()), "abc");
+        assert_eq!(std::iter::from_fn(|| rx.try_recv()).count(), 3);
     }
 }
