@@ -13,7 +13,7 @@
 use std::collections::hash_map::RandomState;
 use std::collections::HashMap;
 use std::hash::BuildHasher;
-use std::sync::{Mutex, OnceLock};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 /// How often a summary line may be written per token.
@@ -55,12 +55,6 @@ impl RefusalLog {
             key: RandomState::new(),
             tokens: Mutex::new(HashMap::new()),
         }
-    }
-
-    /// The log every server in this process shares.
-    pub fn global() -> &'static RefusalLog {
-        static LOG: OnceLock<RefusalLog> = OnceLock::new();
-        LOG.get_or_init(|| RefusalLog::new(WINDOW))
     }
 
     /// The token's fingerprint as it appears in the log: 12 hex digits.

@@ -85,6 +85,8 @@ pub struct AppState {
     pub store: Arc<dyn Store>,
     pub shutdown: watch::Receiver<bool>,
     pub started: Instant,
+    /// Refused tokens, logged once and then summarised (a stale tab retries forever).
+    pub refusals: crate::refusal_log::RefusalLog,
 }
 
 /// The per-user limits of SPEC.md 7.1 that are not connection counts: long polls held
@@ -207,12 +209,12 @@ impl AppState {
         let claims = self.verifier.verify(token).map_err(|e| {
             self.metrics.auth_failure(e.reason());
             // A stale tab retries every few seconds: logged once, then a summary a minute.
-            crate::refusal_log::RefusalLog::global().refused(token, session, e.reason());
+            self.refusals.refused(token, session, e.reason());
             ApiError::Unauthorized(e.to_string())
         })?;
         if !claims.sid.covers(session) {
             self.metrics.auth_failure("wrong_session");
-            crate::refusal_log::RefusalLog::global().refused(token, session, "wrong_session");
+            self.refusals.refused(token, session, "wrong_session");
             return Err(ApiError::Forbidden(
                 "the token does not cover this session".into(),
             ));
@@ -572,6 +574,7 @@ pub async fn serve(
         store,
         shutdown: shutdown.clone(),
         started: Instant::now(),
+        refusals: crate::refusal_log::RefusalLog::new(crate::refusal_log::WINDOW),
     });
     let housekeeping = tokio::spawn(registry.clone().run_housekeeping(shutdown.clone()));
 
@@ -638,7 +641,7 @@ pub async fn serve(
         },
     };
     server.abort();
-    crate::refusal_log::RefusalLog::global().flush();
+    app.refusals.flush();
     if let Some(unsaved) = unsaved {
         tracing::error!(%unsaved, "shutdown complete, but not everything was saved");
         return Err(ServerError::Unsaved(unsaved));
