@@ -28,16 +28,18 @@ use easel::store::{MemoryStore, SledStore, Store};
 #[path = "../src/bin/easel-loadgen/workload.rs"]
 mod workload;
 
-const OPTIONS: WhiteboardOptions = WhiteboardOptions {
-    echo_updates: false,
-    flush_before_relay: false,
-    snapshot_every_updates: u64::MAX,
-    // The benches grow one document by hundreds of MB of strokes and never snapshot it.
-    limits: easel::session::whiteboard::WhiteboardLimits {
-        max_doc_bytes: usize::MAX,
-        ..easel::session::whiteboard::WhiteboardLimits::DEFAULT
-    },
-};
+fn options() -> WhiteboardOptions {
+    WhiteboardOptions {
+        echo_updates: false,
+        flush_before_relay: false,
+        snapshot_every_updates: u64::MAX,
+        // The benches grow one document by hundreds of MB of strokes and never snapshot it.
+        limits: easel::config::LimitsConfig {
+            max_doc_bytes: usize::MAX,
+            ..Default::default()
+        },
+    }
+}
 
 /// A client that draws strokes of about `payload` bytes; each call gives the next update.
 struct Writer {
@@ -71,7 +73,7 @@ impl Writer {
 
 fn whiteboard(store: Arc<dyn Store>, seed_bytes: usize) -> Whiteboard {
     let wb =
-        Whiteboard::load("bench".into(), store, Arc::new(Metrics::new()), OPTIONS).expect("load");
+        Whiteboard::load("bench".into(), store, Arc::new(Metrics::new()), options()).expect("load");
     if seed_bytes > 0 {
         let doc = workload::build_document(seed_bytes, 7);
         let state = doc

@@ -230,12 +230,12 @@ fn whiteboard() -> easel::session::whiteboard::Whiteboard {
 fn whiteboard_on(
     store: std::sync::Arc<dyn easel::store::Store>,
 ) -> easel::session::whiteboard::Whiteboard {
-    use easel::session::whiteboard::{Whiteboard, WhiteboardLimits, WhiteboardOptions};
+    use easel::session::whiteboard::{Whiteboard, WhiteboardOptions};
     let options = WhiteboardOptions {
         echo_updates: false,
         flush_before_relay: false,
         snapshot_every_updates: u64::MAX,
-        limits: WhiteboardLimits::DEFAULT,
+        limits: easel::config::LimitsConfig::default(),
     };
     Whiteboard::load(
         "hostile".into(),

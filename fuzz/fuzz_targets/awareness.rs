@@ -10,7 +10,7 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     easel_fuzz::server_panic_semantics();
-    let limits = easel_fuzz::LIMITS;
+    let limits = easel_fuzz::limits();
     let _ = decode_awareness(data, easel::protocol::wire::MAX_AWARENESS_ENTRIES, limits.max_awareness_state_bytes, limits.max_nesting);
     let Ok(update) = decode_awareness(data, usize::MAX, usize::MAX, usize::MAX) else {
         return;

@@ -12,7 +12,7 @@ use yrs::{Doc, Transact, Update};
 
 fuzz_target!(|data: &[u8]| {
     if NestingIndex::default()
-        .check(data, easel_fuzz::LIMITS.max_nesting)
+        .check(data, easel_fuzz::limits().max_nesting)
         .is_err()
     {
         return;

@@ -12,7 +12,7 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(messages) = decode_frame(&frame) {
         for m in messages {
             if let Inbound::Update { update, .. } | Inbound::SyncStep2 { update } = m {
-                let _ = NestingIndex::default().check(&update, easel_fuzz::LIMITS.max_nesting);
+                let _ = NestingIndex::default().check(&update, easel_fuzz::limits().max_nesting);
             }
         }
     }

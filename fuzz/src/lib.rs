@@ -3,13 +3,16 @@
 use std::sync::{Arc, Once};
 
 use easel::metrics::Metrics;
-use easel::session::whiteboard::{Whiteboard, WhiteboardLimits, WhiteboardOptions};
+use easel::config::LimitsConfig;
+use easel::session::whiteboard::{Whiteboard, WhiteboardOptions};
 use easel::store::MemoryStore;
 use yrs::updates::decoder::Decode;
 use yrs::{Doc, Transact, Update};
 
 /// The server's own limits (SPEC.md defaults).
-pub const LIMITS: WhiteboardLimits = WhiteboardLimits::DEFAULT;
+pub fn limits() -> LimitsConfig {
+    LimitsConfig::default()
+}
 
 /// libfuzzer-sys installs a panic hook that aborts, so a `catch_unwind` in the code under
 /// test (the guard's around yrs's state vector and awareness decoders, the whiteboard's
@@ -29,7 +32,7 @@ pub fn whiteboard() -> Whiteboard {
         echo_updates: false,
         flush_before_relay: false,
         snapshot_every_updates: u64::MAX,
-        limits: LIMITS,
+        limits: limits(),
     };
     match Whiteboard::load(
         "fuzz".into(),

@@ -136,7 +136,7 @@ impl Registry {
                     echo_updates: self.config.whiteboard.echo_updates,
                     flush_before_relay: self.sync_durability(),
                     snapshot_every_updates: self.config.persist.snapshot_every_updates.max(1),
-                    limits: whiteboard::WhiteboardLimits::from_config(&self.config.limits),
+                    limits: self.config.limits,
                 },
             )?,
             tutor: TutorRoom::load(

@@ -75,41 +75,9 @@ pub struct WhiteboardOptions {
     /// Snapshot after this many logged updates (`persist.snapshot_every_updates`), once
     /// the log has also grown to the last snapshot's size (see [`Whiteboard::log_update`]).
     pub snapshot_every_updates: u64,
-    pub limits: WhiteboardLimits,
-}
-
-/// The bounds of SPEC.md 7.1 that a whiteboard enforces.
-#[derive(Debug, Clone, Copy)]
-pub struct WhiteboardLimits {
-    pub max_nesting: usize,
-    pub max_doc_bytes: usize,
-    pub max_pending_bytes: usize,
-    pub max_awareness_clients_per_connection: usize,
-    pub max_awareness_clients_per_session: usize,
-    pub max_awareness_state_bytes: usize,
-}
-
-impl WhiteboardLimits {
-    /// SPEC.md's defaults.
-    pub const DEFAULT: Self = Self {
-        max_nesting: 64,
-        max_doc_bytes: 64 * 1024 * 1024,
-        max_pending_bytes: 8 * 1024 * 1024,
-        max_awareness_clients_per_connection: 16,
-        max_awareness_clients_per_session: 1000,
-        max_awareness_state_bytes: 64 * 1024,
-    };
-
-    pub fn from_config(limits: &LimitsConfig) -> Self {
-        Self {
-            max_nesting: limits.max_nesting,
-            max_doc_bytes: limits.max_doc_bytes,
-            max_pending_bytes: limits.max_pending_bytes,
-            max_awareness_clients_per_connection: limits.max_awareness_clients_per_connection,
-            max_awareness_clients_per_session: limits.max_awareness_clients_per_session,
-            max_awareness_state_bytes: limits.max_awareness_state_bytes,
-        }
-    }
+    /// The bounds of SPEC.md 7.1 a whiteboard enforces (nesting, document size, pending
+    /// bytes, awareness), as configured.
+    pub limits: LimitsConfig,
 }
 
 pub struct Whiteboard {
@@ -889,7 +857,7 @@ fn doc_from_updates(
     session: &str,
     updates: &[Vec<u8>],
     metrics: &Metrics,
-    limits: &WhiteboardLimits,
+    limits: &LimitsConfig,
 ) -> Rebuilt {
     let doc = Doc::new();
     let mut nesting = NestingIndex::default();
@@ -961,7 +929,7 @@ mod tests {
             echo_updates: false,
             flush_before_relay: false,
             snapshot_every_updates: u64::MAX,
-            limits: WhiteboardLimits::DEFAULT,
+            limits: LimitsConfig::default(),
         }
     }
 
