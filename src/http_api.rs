@@ -45,6 +45,8 @@ pub enum ApiError {
     #[error("{0}")]
     MethodNotAllowed(String),
     #[error("{0}")]
+    NotImplemented(String),
+    #[error("{0}")]
     TooLarge(String),
     #[error("{0}")]
     TooManyConnections(String),
@@ -67,6 +69,7 @@ impl ApiError {
             ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             ApiError::MethodNotAllowed(_) => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
+            ApiError::NotImplemented(_) => (StatusCode::NOT_IMPLEMENTED, "not_implemented"),
             ApiError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
             ApiError::TooManyConnections(_) => {
                 (StatusCode::TOO_MANY_REQUESTS, "too_many_connections")
@@ -221,6 +224,60 @@ impl From<SnapshotInfo> for VersionJson {
 pub fn rfc3339_ms(ms: u64) -> String {
     let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms);
     humantime::format_rfc3339_millis(t).to_string()
+}
+
+/// `POST /api/v2/session/{id}/student-link` (tutor, admin): a student token for this
+/// session, so a tutor can hand out a link without a command line. Valid 12 hours, never
+/// longer than the tutor's own token; minted only where the server holds an HMAC secret
+/// (with a public key, tokens come from the identity provider: `501`).
+pub async fn student_link(
+    State(app): State<Arc<AppState>>,
+    Path(session): Path<String>,
+    Query(query): Query<QueryMap>,
+    headers: HeaderMap,
+) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
+    const LINK_TTL_S: u64 = 12 * 3600;
+    let claims = app.authorize(&session, &headers, &query, None)?;
+    if !matches!(claims.role, Role::Tutor | Role::Admin) {
+        return Err(ApiError::Forbidden(
+            "only tutors and admins may hand out student links".into(),
+        ));
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs();
+    let ttl = claims.exp.saturating_sub(now).min(LINK_TTL_S);
+    let student = format!("student-{:06x}", rand::random::<u32>() & 0xff_ffff);
+    let mut minted = crate::auth::claims_for(
+        &student,
+        vec![session.clone()],
+        Role::Student,
+        Some("Student".into()),
+        std::time::Duration::from_secs(ttl),
+    );
+    // Whatever this server checks of its tokens, the minted one carries.
+    minted.iss = app.config.auth.issuer.clone();
+    minted.aud = app
+        .config
+        .auth
+        .audience
+        .clone()
+        .map(crate::auth::Audience::One);
+    let token = app.verifier.mint(&minted).map_err(|e| {
+        ApiError::NotImplemented(format!(
+            "this server cannot mint tokens ({e}); mint student tokens where yours come from"
+        ))
+    })?;
+    tracing::info!(%session, user = %claims.sub, student, ttl_s = ttl, "student link minted");
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({
+            "token": token,
+            "path": format!("/?session={session}&token={token}"),
+            "expires_in_s": ttl,
+        })),
+    ))
 }
 
 pub async fn list_snapshots(

@@ -528,6 +528,10 @@ pub fn router(app: Arc<AppState>) -> Router {
             "/api/v2/session/{session}/snapshots/{version}/restore",
             post(http_api::restore_snapshot),
         )
+        .route(
+            "/api/v2/session/{session}/student-link",
+            post(http_api::student_link),
+        )
         .route("/ws/v2/session/{session}/whiteboard", get(whiteboard_ws))
         .route("/ws/v2/session/{session}", get(tutor_ws))
         .merge(crate::demo::routes())

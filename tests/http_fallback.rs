@@ -319,3 +319,48 @@ async fn unknown_paths_and_methods_answer_json_errors() {
     // The demo page at / is still served.
     assert_eq!(server.http_get("/").await.status, 200);
 }
+
+#[tokio::test]
+async fn a_tutor_mints_a_working_student_link_and_nobody_else_can() {
+    let server = TestServer::start("");
+    let s = session_id("student-link");
+    let post = |tok: String| {
+        let server = &server;
+        let s = s.clone();
+        async move {
+            let auth = format!("Bearer {tok}");
+            let headers = [("Authorization", auth.as_str())];
+            http_request(
+                server.addr,
+                "POST",
+                &format!("/api/v2/session/{s}/student-link"),
+                &headers,
+                None,
+            )
+            .await
+        }
+    };
+    let r = post(token("tess", &s, "tutor")).await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    let v = r.json();
+    let minted = v["token"].as_str().expect("token").to_string();
+    assert_eq!(
+        v["path"].as_str(),
+        Some(format!("/?session={s}&token={minted}").as_str())
+    );
+    // The minted token is a student's of this session: it reads and writes the board.
+    let doc = server.whiteboard_doc(&s, &minted).await;
+    drop(doc);
+    let mut student = server.wb(&s, &minted).await;
+    student.map_set("board", "from", "student").await;
+    student.barrier().await;
+    let doc = server.whiteboard_doc(&s, &token("tess", &s, "tutor")).await;
+    assert_eq!(
+        doc_map_get(&doc, "board", "from").as_deref(),
+        Some("student")
+    );
+    // Students and viewers may not mint; another session's tutor neither.
+    assert_eq!(post(token("sam", &s, "student")).await.status, 403);
+    assert_eq!(post(token("vic", &s, "viewer")).await.status, 403);
+    assert_eq!(post(token("tom", "elsewhere", "tutor")).await.status, 403);
+}

@@ -77,14 +77,18 @@ test('restart with the same secret: reconnecting…, offline edits sync, no dupl
     await until(tutor, '"Sam (student) joined"', () => [...document.querySelectorAll('#messages li.system')].some((li) => li.textContent === 'Sam (student) joined'))
     assert.deepEqual(await systemLines(student), [])
 
-    // Only the tutor has "Copy student link"; it copies the address without the token and says so.
+    // Only the tutor has "Copy student link": the server mints a student token for the
+    // session and the page copies a link with it, which opens the board as a student.
     assert.equal(await student.isVisible('#copy-student-link'), false)
     await tutor.click('#copy-student-link')
     await until(tutor, 'the copy note', () => !document.querySelector('#copy-note').hidden)
-    const expected = `${server.url}/?session=${session}`
-    assert.equal(await tutor.getAttribute('#copy-note', 'data-link'), expected)
-    assert.match(await tutor.textContent('#copy-note'), /^Copied .*add a student token before sending it .*--role student/)
-    assert.equal(await tutor.evaluate(() => navigator.clipboard.readText()), expected)
+    const copied = await tutor.getAttribute('#copy-note', 'data-link')
+    assert.ok(copied.startsWith(`${server.url}/?session=${session}&token=`), copied)
+    assert.match(await tutor.textContent('#copy-note'), /^Copied a student link .*valid 12 hours/)
+    assert.equal(await tutor.evaluate(() => navigator.clipboard.readText()), copied)
+    const minted = JSON.parse(Buffer.from(new URL(copied).searchParams.get('token').split('.')[1], 'base64url'))
+    assert.equal(minted.role, 'student')
+    assert.equal(minted.sid, session)
 
     // Connected: a stroke from each side.
     await draw(tutor, [[100, 100], [200, 150], [300, 100]])

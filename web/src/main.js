@@ -213,24 +213,44 @@ async function closedForGood (which, code, reason) {
 // ---------------------------------------------------------------- student link
 
 /**
- * The page holds only its own token and mints nothing: it copies its address without the
- * token and says that a student token must be added (the server does not give the page one).
+ * A tutor's "copy student link": the server mints a student token for this session
+ * (`POST /api/v2/session/ID/student-link`, tutors and admins only) and the page copies the
+ * link. Where the server cannot mint (it verifies tokens with a public key), the page copies
+ * its address without its token and says how to add one.
  */
 function showCopyButton () {
   const b = $('copy-student-link')
   b.hidden = !isTutor(me.role)
   b.onclick = async () => {
-    const u = new URL(location.href)
-    u.searchParams.delete('token')
-    u.hash = ''
-    const link = u.href
+    let link = null
+    let minted = false
+    try {
+      const r = await fetch(`${location.origin}/api/v2/session/${encodeURIComponent(session)}/student-link`,
+        { method: 'POST', headers: { Authorization: `Bearer ${token}` } })
+      if (r.ok) {
+        const body = await r.json()
+        link = new URL(body.path, location.href).href
+        minted = true
+      }
+    } catch { /* offline or refused: the fallback below */ }
+    if (!link) {
+      const u = new URL(location.href)
+      u.searchParams.delete('token')
+      u.hash = ''
+      link = u.href
+    }
     let copied = false
     try { await navigator.clipboard.writeText(link); copied = true } catch { /* shown below, to copy by hand */ }
     const note = $('copy-note')
     note.textContent = ''
-    note.append(copied ? 'Copied ' : 'Copy this link: ', el('code', null, link),
-      ' — add a student token before sending it (&token=…); this page cannot make one. Mint it with ',
-      el('code', null, `easel token --sub NAME --name Name --session ${session} --role student`), '.')
+    if (minted) {
+      note.append(copied ? 'Copied a student link ' : 'Copy this student link: ', el('code', null, link),
+        ' — valid 12 hours (at most as long as yours).')
+    } else {
+      note.append(copied ? 'Copied ' : 'Copy this link: ', el('code', null, link),
+        ' — add a student token before sending it (&token=…); this server cannot make one here. Mint it with ',
+        el('code', null, `easel token --sub NAME --name Name --session ${session} --role student`), '.')
+    }
     const close = el('button', 'dismiss', '×')
     close.type = 'button'
     close.title = 'dismiss'
