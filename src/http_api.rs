@@ -248,7 +248,14 @@ pub async fn student_link(
         .unwrap_or_default()
         .as_secs();
     let ttl = claims.exp.saturating_sub(now).min(LINK_TTL_S);
-    let student = format!("student-{:06x}", rand::random::<u32>() & 0xff_ffff);
+    if ttl == 0 {
+        // Within the leeway past its `exp`: a link minted now would be dead on arrival.
+        return Err(ApiError::Unauthorized(
+            "your token has expired: get a new one first".into(),
+        ));
+    }
+    // 64 random bits: two links never share a student's identity (presence, caps).
+    let student = format!("student-{:016x}", rand::random::<u64>());
     let mut minted = crate::auth::claims_for(
         &student,
         vec![session.clone()],
@@ -489,6 +496,18 @@ pub async fn post_message(
         ChatTextError::Empty => ApiError::BadRequest(e.to_string()),
         ChatTextError::TooLong { .. } => ApiError::TooLarge(e.to_string()),
     })?;
+    // The same bound as on the WebSocket (SPEC 7.1): a client_id is stored, relayed and
+    // served in every history page.
+    let max_client_id = app.config.tutor.max_client_id_bytes;
+    if post
+        .client_id
+        .as_ref()
+        .is_some_and(|c| c.len() > max_client_id)
+    {
+        return Err(ApiError::TooLarge(format!(
+            "client_id is longer than {max_client_id} bytes"
+        )));
+    }
     let from = crate::server::user_info(&claims);
     let message = blocking(move || {
         handle

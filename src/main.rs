@@ -466,24 +466,27 @@ fn init_logging(config: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+/// SIGINT or SIGTERM, registered now: until a handler is registered a signal still has its
+/// default action and kills the process before any socket is closed with 1012. So the
+/// handlers exist before the "listening" line, and the returned future only waits on them.
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
     #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut interrupt = signal(SignalKind::interrupt())?;
+        let mut terminate = signal(SignalKind::terminate())?;
+        Ok(async move {
+            tokio::select! {
+                _ = interrupt.recv() => {},
+                _ = terminate.recv() => {},
             }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
+        })
+    }
     #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {},
-        _ = term => {},
+    {
+        Ok(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
     }
 }
 
@@ -579,17 +582,10 @@ async fn serve(
             }
         }
     }
+    let stop = shutdown_signal()?;
     // The one "listening" line, on stdout: scripts (and the tests) wait for it.
     println!("easel listening on {addr}");
-    easel::server::serve(
-        listener,
-        Arc::new(config),
-        verifier,
-        store,
-        metrics,
-        shutdown_signal(),
-    )
-    .await?;
+    easel::server::serve(listener, Arc::new(config), verifier, store, metrics, stop).await?;
     Ok(())
 }
 
@@ -663,7 +659,9 @@ mod dev_secret {
         let mut bytes = [0u8; 32];
         rand::thread_rng().fill_bytes(&mut bytes);
         let secret: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-        let tmp = path.with_file_name(format!(".{FILE}.{}.tmp", std::process::id()));
+        // A random name, not the pid: a crash between creating and removing it must not
+        // block a later start that gets the same pid (always 1 in a container).
+        let tmp = path.with_file_name(format!(".{FILE}.{:016x}.tmp", rand::random::<u64>()));
         let write = || -> std::io::Result<()> {
             let mut options = std::fs::OpenOptions::new();
             options.write(true).create_new(true);

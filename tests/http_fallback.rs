@@ -364,3 +364,26 @@ async fn a_tutor_mints_a_working_student_link_and_nobody_else_can() {
     assert_eq!(post(token("vic", &s, "viewer")).await.status, 403);
     assert_eq!(post(token("tom", "elsewhere", "tutor")).await.status, 403);
 }
+
+#[tokio::test]
+async fn a_posted_client_id_is_bounded_like_on_the_websocket() {
+    let server = TestServer::start("");
+    let s = session_id("http-client-id");
+    let tok = token("sam", &s, "student");
+    let auth = format!("Bearer {tok}");
+    let headers = [
+        ("Authorization", auth.as_str()),
+        ("Content-Type", "application/json"),
+    ];
+    let path = format!("/api/v2/session/{s}/tutor/messages");
+    let long = "x".repeat(129);
+    let body = serde_json::json!({"text": "hi", "client_id": long}).to_string();
+    let r = http_request(server.addr, "POST", &path, &headers, Some(body.as_bytes())).await;
+    assert_eq!(r.status, 413, "{}", r.text());
+    assert_eq!(r.json()["error"], "too_large");
+    let ok = "y".repeat(128);
+    let body = serde_json::json!({"text": "hi", "client_id": ok}).to_string();
+    let r = http_request(server.addr, "POST", &path, &headers, Some(body.as_bytes())).await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    assert_eq!(r.json()["seq"], 1, "the refused one took no seq");
+}
