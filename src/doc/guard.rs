@@ -260,6 +260,8 @@ enum ParentRef {
     Type(Id),
     /// The parent of this neighbour (the item's origin or right origin).
     SameAs(Id),
+    /// Already known to be at this depth (the tail of an item the document has).
+    Known(u16),
 }
 
 /// One struct of an update, as far as nesting is concerned.
@@ -273,6 +275,8 @@ struct Struct {
     is_type: bool,
     /// A skip range: content that is not in this update.
     is_skip: bool,
+    /// The right neighbour, when the parent comes from the left one: yrs needs both.
+    right: Option<Id>,
 }
 
 /// Content refs, as `yrs::ItemContent::decode` reads them (the low four bits of `info`).
@@ -356,7 +360,10 @@ fn read_content(cursor: &mut Cursor<'_>, info: u8, limit: usize) -> Result<u32, 
 
 /// Walks a Yjs v1 update the way `yrs::Update::decode_v1` does, checking every count and
 /// length and every `Any`/JSON depth, and lists its structs for the nesting check.
-fn read_structs(bytes: &[u8], limit: usize) -> Result<(Vec<Struct>, bool), GuardError> {
+/// A deleted range: client, clock, length.
+type Deleted = (u64, u32, u32);
+
+fn read_structs(bytes: &[u8], limit: usize) -> Result<(Vec<Struct>, Vec<Deleted>), GuardError> {
     let mut cursor = Cursor::new(bytes);
     let mut structs = Vec::new();
     // Each client's section is a struct count, a client id and a clock.
@@ -377,13 +384,13 @@ fn read_structs(bytes: &[u8], limit: usize) -> Result<(Vec<Struct>, bool), Guard
         let mut clock = cursor.read_var::<u32>().map_err(malformed)?;
         for _ in 0..count {
             let info = cursor.read_u8().map_err(malformed)?;
-            let (len, parent, is_type, is_skip) = match info {
+            let (len, parent, is_type, is_skip, right) = match info {
                 INFO_SKIP | INFO_GC => {
                     let len = cursor.read_var::<u32>().map_err(malformed)?;
                     if len == 0 {
                         return Err(malformed("an empty block"));
                     }
-                    (len, None, false, info == INFO_SKIP)
+                    (len, None, false, info == INFO_SKIP, None)
                 }
                 _ => {
                     let origin = (info & HAS_ORIGIN != 0)
@@ -409,7 +416,8 @@ fn read_structs(bytes: &[u8], limit: usize) -> Result<(Vec<Struct>, bool), Guard
                     };
                     let len = read_content(&mut cursor, info, limit)?;
                     let is_type = info & 0b1111 == content::TYPE;
-                    (len, Some(parent), is_type, false)
+                    let right = origin.and(right_origin);
+                    (len, Some(parent), is_type, false, right)
                 }
             };
             if len == 0 {
@@ -421,6 +429,7 @@ fn read_structs(bytes: &[u8], limit: usize) -> Result<(Vec<Struct>, bool), Guard
                 parent,
                 is_type,
                 is_skip,
+                right,
             });
             clock = clock
                 .checked_add(len)
@@ -428,10 +437,10 @@ fn read_structs(bytes: &[u8], limit: usize) -> Result<(Vec<Struct>, bool), Guard
         }
     }
     // The delete set: per client, ranges of a clock and a length.
-    let mut deletes = false;
+    let mut deletes = Vec::new();
     let clients = read_count(&mut cursor, 2)?;
     for _ in 0..clients {
-        read_client(&mut cursor)?;
+        let client = read_client(&mut cursor)?;
         let ranges = read_count(&mut cursor, 2)?;
         for _ in 0..ranges {
             let clock = cursor.read_var::<u32>().map_err(malformed)?;
@@ -439,7 +448,7 @@ fn read_structs(bytes: &[u8], limit: usize) -> Result<(Vec<Struct>, bool), Guard
             clock
                 .checked_add(len)
                 .ok_or_else(|| malformed("a deleted range past 2^32"))?;
-            deletes = true;
+            deletes.push((client, clock, len));
         }
     }
     Ok((structs, deletes))
@@ -511,8 +520,41 @@ impl NestingIndex {
     /// `Any` and JSON depth, and the depth of every shared type it creates (at most `limit`).
     /// Nothing is recorded until [`NestingIndex::commit`].
     pub fn check(&self, update: &[u8], limit: usize) -> Result<CheckedUpdate, GuardError> {
-        let (structs, deletes) = read_structs(update, limit)?;
+        let (read, deletes) = read_structs(update, limit)?;
+        let is_empty = read.is_empty() && deletes.is_empty();
+        let seen = |client: u64| self.seen.get(&client).copied().unwrap_or(0);
+        // What the document has already, yrs skips: a struct re-sent whole says nothing
+        // about depths (its parent claim may be false; yrs keeps the one it has), and the
+        // tail of one that straddles what is known sits where the known head does.
+        let mut structs = Vec::with_capacity(read.len());
+        for mut s in read {
+            let known = seen(s.id.0);
+            if s.id.1 + s.len <= known {
+                continue;
+            }
+            if s.id.1 < known {
+                let head = (s.id.0, known - 1);
+                s.len -= known - s.id.1;
+                s.id.1 = known;
+                if s.parent.is_some() {
+                    s.parent = Some(ParentRef::Known(self.parent_depth(head).unwrap_or(UNKNOWN)));
+                }
+            }
+            structs.push(s);
+        }
         let (depths, mut waits_on) = resolve_depths(self, &structs)?;
+        // A deletion of content neither the document nor this update has waits for it.
+        let mut update_end: std::collections::HashMap<u64, u32> = Default::default();
+        for s in &structs {
+            let end = update_end.entry(s.id.0).or_default();
+            *end = (*end).max(s.id.1 + s.len);
+        }
+        for (client, clock, len) in &deletes {
+            let have = seen(*client).max(update_end.get(client).copied().unwrap_or(0));
+            if clock + len > have {
+                waits_on.push(*client);
+            }
+        }
         let mut runs = Vec::with_capacity(structs.len());
         // A client's section (one per client: the guard refuses two) that starts past the
         // clock the index has seen leaves a gap before it.
@@ -548,7 +590,7 @@ impl NestingIndex {
             }
         }
         Ok(CheckedUpdate {
-            is_empty: structs.is_empty() && !deletes,
+            is_empty,
             runs,
             waits,
             waits_on,
@@ -635,6 +677,12 @@ fn resolve_depths(
                     break UNKNOWN;
                 }
                 None | Some(ParentRef::Root) => break 1,
+                Some(ParentRef::Known(depth)) => {
+                    if depth == UNKNOWN {
+                        missing.push(s.id.0);
+                    }
+                    break depth;
+                }
                 Some(ParentRef::SameAs(id)) => (id, 0),
                 Some(ParentRef::Type(id)) => (id, 1),
             };
@@ -664,6 +712,14 @@ fn resolve_depths(
                 if matches!(structs[parent].parent, Some(ParentRef::Type(_))) {
                     below = add_depth(below, 1);
                 }
+            }
+        }
+    }
+    // yrs needs the right neighbour too, where the parent came from the left one.
+    for s in structs {
+        if let Some(right) = s.right {
+            if find(right).is_none() && index.parent_depth(right).is_none() {
+                missing.push(right.0);
             }
         }
     }
@@ -800,6 +856,44 @@ mod tests {
             parent = child;
         }
         assert_eq!(refused_at, Some(65));
+    }
+
+    #[test]
+    fn a_resent_item_cannot_lie_about_its_parent() {
+        // Client 1 nests ten maps below root "m": items 0..=9, item 9 (the deepest map)
+        // sits at parent depth 10.
+        let doc = Doc::with_client_id(1);
+        let root = doc.get_or_insert_map("m");
+        let mut txn = doc.transact_mut();
+        let mut parent = root.insert(&mut txn, "k", MapPrelim::default());
+        for _ in 0..9 {
+            parent = parent.insert(&mut txn, "k", MapPrelim::default());
+        }
+        let chain = txn.encode_update_v1();
+        drop(txn);
+        let mut index = NestingIndex::default();
+        let checked = index.check(&chain, 64).unwrap();
+        index.commit(checked);
+        // The attack: item (1, 9) sent again claiming root "m" as its parent, and a new
+        // client's array placed next to it. yrs keeps (1, 9) where it is, so the array
+        // lands at depth 11.
+        let attack = [
+            2, // two client sections
+            1, 1, 9, // one struct of client 1 at clock 9
+            0x08, 1, 1, b'm', 1, 126, // Any content, parent root "m", one value: null
+            1, 2, 0, // one struct of client 2 at clock 0
+            0x87, 1, 9, 0, // a type (array) whose origin is (1, 9)
+            0, // no deletions
+        ];
+        Update::decode_v1(&attack).expect("yrs decodes the attack");
+        assert_eq!(
+            index.check(&attack, 10).unwrap_err(),
+            GuardError::TooDeep { limit: 10 }
+        );
+        // And what the index knows of (1, 9) is not overwritten by the false claim.
+        let checked = index.check(&attack, 64).unwrap();
+        index.commit(checked);
+        assert_eq!(index.parent_depth((1, 9)), Some(10));
     }
 
     #[test]

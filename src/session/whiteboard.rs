@@ -118,6 +118,9 @@ pub struct Whiteboard {
     full_step2: Mutex<Option<(u64, Bytes)>>,
 }
 
+/// The most updates a session holds back at once (besides `limits.max_pending_bytes`).
+const MAX_HELD_BACK: usize = 256;
+
 /// An update held back until the content it depends on arrives.
 struct HeldBack {
     update: Vec<u8>,
@@ -402,7 +405,9 @@ impl Whiteboard {
             return Ok(());
         }
         let bytes: usize = held.iter().map(|h| h.update.len()).sum::<usize>() + update.len();
-        if bytes > limit {
+        // Counted too: every update let in re-checks the ones waiting on its client, so a
+        // flood of tiny held-back updates would cost quadratic time under the peer lock.
+        if bytes > limit || held.len() >= MAX_HELD_BACK {
             self.metrics.guard_refusals.pending.inc();
             return Err(ApplyError::Guard(GuardError::TooLarge {
                 what: "updates waiting for missing blocks",
@@ -507,6 +512,10 @@ impl Whiteboard {
                 *self.doc.write().unwrap_or_else(|e| e.into_inner()) = rebuilt.doc;
                 *self.nesting() = rebuilt.nesting;
                 *self.held_back() = rebuilt.held_back;
+                // A joiner may have been served the refused update meanwhile (step 2 does
+                // not take the peer lock): the cached step 2 goes, and long polls wake.
+                *self.full_step2.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                self.changes.send_modify(|n| *n += 1);
                 tracing::warn!(session = %self.session, error = %why, "update refused after it began to integrate; document rebuilt from the store");
             }
             Err(e) => {
@@ -541,13 +550,13 @@ impl Whiteboard {
         Ok(())
     }
 
-    /// Appends every held-back update to the log again (without counting it as a change:
-    /// a snapshot does this, and must not make itself due again).
-    fn relog_held_back(&self) -> Result<(), StoreError> {
+    /// Appends held-back updates to the log again (without counting them as a change: a
+    /// snapshot does this, and must not make itself due again).
+    fn relog_held_back(&self, held: &[Vec<u8>]) -> Result<(), StoreError> {
         let _peers = self.peers();
-        for held in self.held_back().iter() {
+        for update in held {
             let seq = self.log_seq.load(Ordering::Acquire) + 1;
-            self.store.append_update(&self.session, seq, &held.update)?;
+            self.store.append_update(&self.session, seq, update)?;
             self.log_seq.store(seq, Ordering::Release);
         }
         Ok(())
@@ -771,14 +780,21 @@ impl Whiteboard {
             return Ok(None);
         }
         let started = Instant::now();
-        let (live_sv, log_through, count, bytes) = {
+        let (live_sv, held, log_through, count, bytes) = {
             // An update is applied before it is logged, and none is applied while this
             // read transaction is open: every log entry up to `log_through` is stored and
-            // counted in `live_sv`.
+            // counted in `live_sv`, except the held-back ones, copied here under their lock
+            // (which holding back logs under): the snapshot logs them again below, even if
+            // they are let in meanwhile, so its deletions take none of them along.
             let doc = self.doc();
             let txn = doc.transact();
+            let held_back = self.held_back();
             (
                 txn.state_vector(),
+                held_back
+                    .iter()
+                    .map(|h| h.update.clone())
+                    .collect::<Vec<_>>(),
                 self.log_seq.load(Ordering::Acquire),
                 self.updates_since_snapshot.load(Ordering::Acquire),
                 self.log_bytes_since_snapshot.load(Ordering::Acquire),
@@ -804,7 +820,7 @@ impl Whiteboard {
         let encoded = started.elapsed();
         // Held-back updates are not in the state: log them again past `log_through`, so
         // the entries the snapshot replaces take none of them along.
-        if let Err(e) = self.relog_held_back() {
+        if let Err(e) = self.relog_held_back(&held) {
             self.dirty.store(true, Ordering::Release);
             return Err(e);
         }
@@ -896,8 +912,14 @@ fn doc_from_updates(
                 let applied = Update::decode_v1(&update)
                     .map_err(|e| ("does not decode", e.to_string()))
                     .and_then(|u| {
-                        txn.apply_update(u)
-                            .map_err(|e| ("is rejected", e.to_string()))
+                        // yrs panics on some input the guard lets through (an index out of
+                        // bounds found by fuzzing): a stored one must not make the session
+                        // unloadable.
+                        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                            txn.apply_update(u)
+                        }))
+                        .map_err(|_| ("made yrs panic", String::new()))?
+                        .map_err(|e| ("is rejected", e.to_string()))
                     });
                 match applied {
                     Ok(()) => {
