@@ -82,6 +82,28 @@ impl ApiError {
     }
 }
 
+/// `axum::extract::Path`, refusing a malformed path (a snapshot number that is not one, a
+/// session id that is not UTF-8) with a JSON 400 like every other refusal, not axum's text.
+pub struct ApiPath<T>(pub T);
+
+impl<S, T> axum::extract::FromRequestParts<S> for ApiPath<T>
+where
+    T: serde::de::DeserializeOwned + Send,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        match Path::<T>::from_request_parts(parts, state).await {
+            Ok(Path(value)) => Ok(ApiPath(value)),
+            Err(e) => Err(ApiError::BadRequest(e.body_text())),
+        }
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, code) = self.status_and_code();
@@ -232,7 +254,7 @@ pub fn rfc3339_ms(ms: u64) -> String {
 /// (with a public key, tokens come from the identity provider: `501`).
 pub async fn student_link(
     State(app): State<Arc<AppState>>,
-    Path(session): Path<String>,
+    ApiPath(session): ApiPath<String>,
     Query(query): Query<QueryMap>,
     headers: HeaderMap,
 ) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
@@ -289,7 +311,7 @@ pub async fn student_link(
 
 pub async fn list_snapshots(
     State(app): State<Arc<AppState>>,
-    Path(session): Path<String>,
+    ApiPath(session): ApiPath<String>,
     Query(query): Query<QueryMap>,
     headers: HeaderMap,
 ) -> Result<Json<serde_json::Value>, ApiError> {
@@ -302,7 +324,7 @@ pub async fn list_snapshots(
 
 pub async fn take_snapshot(
     State(app): State<Arc<AppState>>,
-    Path(session): Path<String>,
+    ApiPath(session): ApiPath<String>,
     Query(query): Query<QueryMap>,
     headers: HeaderMap,
 ) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
@@ -316,7 +338,7 @@ pub async fn take_snapshot(
 
 pub async fn get_snapshot(
     State(app): State<Arc<AppState>>,
-    Path((session, version)): Path<(String, u64)>,
+    ApiPath((session, version)): ApiPath<(String, u64)>,
     Query(query): Query<QueryMap>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
@@ -330,7 +352,7 @@ pub async fn get_snapshot(
 
 pub async fn restore_snapshot(
     State(app): State<Arc<AppState>>,
-    Path((session, version)): Path<(String, u64)>,
+    ApiPath((session, version)): ApiPath<(String, u64)>,
     Query(query): Query<QueryMap>,
     headers: HeaderMap,
 ) -> Result<Json<serde_json::Value>, ApiError> {
@@ -420,7 +442,7 @@ fn state_vector_param(app: &AppState, query: &QueryMap) -> Result<StateVector, A
 /// thread or timer loop per request) until something changes or `wait` seconds pass.
 pub async fn get_whiteboard(
     State(app): State<Arc<AppState>>,
-    Path(session): Path<String>,
+    ApiPath(session): ApiPath<String>,
     Query(query): Query<QueryMap>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
@@ -445,14 +467,15 @@ pub async fn get_whiteboard(
 /// oldest first, with `last_seq`; with `wait`, held until a message after `after` exists.
 pub async fn get_messages(
     State(app): State<Arc<AppState>>,
-    Path(session): Path<String>,
+    ApiPath(session): ApiPath<String>,
     Query(query): Query<QueryMap>,
     headers: HeaderMap,
 ) -> Result<Json<serde_json::Value>, ApiError> {
+    // The token first: a client without one is told 401, whatever else it sent.
+    let claims = app.authorize(&session, &headers, &query, None)?;
     let after = number_param(&query, "after")?.unwrap_or(0);
     let limit = number_param(&query, "limit")?.unwrap_or(50).clamp(1, 200) as usize;
     let wait = wait_param(&query)?;
-    let claims = app.authorize(&session, &headers, &query, None)?;
     let _poll = wait.map(|_| app.long_poll(&claims, &session)).transpose()?;
     let handle = app.open_session(&claims, &session).await?;
     if let Some(wait) = wait {
@@ -478,7 +501,7 @@ pub struct PostMessage {
 /// WebSocket clients like a chat frame; `201` with the stored message.
 pub async fn post_message(
     State(app): State<Arc<AppState>>,
-    Path(session): Path<String>,
+    ApiPath(session): ApiPath<String>,
     Query(query): Query<QueryMap>,
     headers: HeaderMap,
     req: Request,
@@ -523,7 +546,7 @@ pub async fn post_message(
 /// exactly like one from a WebSocket client.
 pub async fn post_whiteboard(
     State(app): State<Arc<AppState>>,
-    Path(session): Path<String>,
+    ApiPath(session): ApiPath<String>,
     Query(query): Query<QueryMap>,
     headers: HeaderMap,
     req: Request,

@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use axum::extract::ws::{WebSocket, WebSocketUpgrade};
-use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::extract::{DefaultBodyLimit, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method};
 use axum::response::Response;
 use axum::routing::{get, post};
@@ -37,7 +37,7 @@ use tower_http::trace::TraceLayer;
 
 use crate::auth::{bearer_from_subprotocols, Claims, Verifier};
 use crate::config::Config;
-use crate::http_api::{self, ApiError};
+use crate::http_api::{self, ApiError, ApiPath};
 use crate::limits::{
     CapError, ConnectionCaps, ConnectionPermit, LongPollCaps, LongPollPermit, NewSessionRate,
     Strikes, TokenBucket,
@@ -372,7 +372,7 @@ pub fn user_info(claims: &Claims) -> UserInfo {
 
 async fn whiteboard_ws(
     State(app): State<Arc<AppState>>,
-    Path(session): Path<String>,
+    ApiPath(session): ApiPath<String>,
     Query(query): Query<HashMap<String, String>>,
     headers: HeaderMap,
     ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
@@ -433,11 +433,13 @@ fn connection(
 
 async fn tutor_ws(
     State(app): State<Arc<AppState>>,
-    Path(session): Path<String>,
+    ApiPath(session): ApiPath<String>,
     Query(query): Query<HashMap<String, String>>,
     headers: HeaderMap,
     ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
+    // The token first: a client without one is told 401, whatever else it sent.
+    let a = admit(&app, Endpoint::Tutor, &session, &headers, &query, ws).await?;
     let after_seq = match query.get("after_seq") {
         None => None,
         Some(v) => Some(
@@ -445,7 +447,6 @@ async fn tutor_ws(
                 .map_err(|_| ApiError::BadRequest("after_seq must be a whole number".into()))?,
         ),
     };
-    let a = admit(&app, Endpoint::Tutor, &session, &headers, &query, ws).await?;
     Ok(a.ws
         .on_upgrade(move |socket| run_tutor(app, socket, a.claims, a.permit, a.session, after_seq)))
 }

@@ -318,6 +318,25 @@ async fn unknown_paths_and_methods_answer_json_errors() {
     assert_eq!(r.json()["error"], "method_not_allowed", "{}", r.text());
     // The demo page at / is still served.
     assert_eq!(server.http_get("/").await.status, 200);
+    // A path that routes but does not parse (a snapshot number that is not one) is a JSON 400.
+    let s = session_id("bad-path");
+    let tok = token("tess", &s, "tutor");
+    let r = server
+        .http_get(&format!("/api/v2/session/{s}/snapshots/abc?token={tok}"))
+        .await;
+    assert_eq!(r.status, 400);
+    assert_eq!(r.json()["error"], "bad_request", "{}", r.text());
+    // Without a token, a bad parameter is still a 401 first.
+    let r = server
+        .http_get(&format!("/api/v2/session/{s}/tutor/messages?after=x"))
+        .await;
+    assert_eq!(r.status, 401, "{}", r.text());
+    let r = server
+        .http_get(&format!(
+            "/api/v2/session/{s}/tutor/messages?after=x&token={tok}"
+        ))
+        .await;
+    assert_eq!(r.status, 400, "{}", r.text());
 }
 
 #[tokio::test]
