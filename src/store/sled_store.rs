@@ -1276,6 +1276,9 @@ impl Store for SledStore {
             for session in reserved {
                 let last = s.stored_chat_seq(&t, &session)?;
                 s.write_counter(&t, &session, CHAT_SEQ_RESERVED, last)?;
+                // The reservation on disk is gone, so the one in memory goes too: a message
+                // a straggling connection posts after this reserves (and flushes) anew.
+                lock(&s.chat_reserved).remove(&session);
             }
         }
         s.flush_trees(&t, true)
@@ -1821,6 +1824,22 @@ mod tests {
         // A clean close gives the unused reservation back: no gap after a clean restart.
         let store = open(dir.path());
         assert_eq!(store.last_chat_seq(SESSION).unwrap(), after_crash + 1);
+        // A message posted after close() (a connection still draining) reserves anew on
+        // disk, so a crash right after it still never hands its seq out again.
+        store
+            .append_chat(SESSION, &chat(after_crash + 2), 100)
+            .unwrap();
+        store.close().unwrap();
+        store
+            .append_chat(SESSION, &chat(after_crash + 3), 100)
+            .unwrap();
+        let t = store.shared.trees().unwrap();
+        let reserved = store
+            .shared
+            .read_counter(&t, SESSION, CHAT_SEQ_RESERVED)
+            .unwrap()
+            .unwrap_or(0);
+        assert!(reserved >= after_crash + 3, "reserved on disk: {reserved}");
     }
 
     #[test]
