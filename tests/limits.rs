@@ -117,6 +117,23 @@ async fn slow_reader_is_closed_1013_and_fast_reader_gets_everything() {
         );
     }
 
+    // While the slow reader still reads nothing (the server's writer is stuck writing to
+    // it), the server ends its connection by itself: only the writer and the fast reader
+    // stay. (It used to wait for the 60 s idle timeout: only the stuck writer watched the
+    // send queue.)
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let v = server.http_get("/api/v2/status").await.json();
+        if v["connections"].as_u64() == Some(2) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the slow reader's connection is still open 20 s after its queue overflowed: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
     // now the slow reader reads: its connection must end, with 1013 if a close frame arrives
     let code = slow.expect_close(Duration::from_secs(30)).await;
     if let Some(code) = code {

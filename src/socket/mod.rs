@@ -234,6 +234,10 @@ pub async fn run(socket: WebSocket, conn: Connection, mut handler: impl FrameHan
     // should not carry a channel's preallocated block (about 1 KiB).
     let (cmd_tx, cmd_rx) = oneshot::channel::<WriterCmd>();
     let progress = outbox.progress();
+    // The writer watches these too, but not while it is stuck writing to a client that
+    // does not read: then only the reader can end the connection.
+    let overflow = outbox.overflow_signal();
+    let mut stopping_rx = shutdown.clone();
     metrics.connections.inc();
     let mut writer = tokio::spawn(write_loop(
         sink,
@@ -319,6 +323,14 @@ pub async fn run(socket: WebSocket, conn: Connection, mut handler: impl FrameHan
             _ = tokio::time::sleep_until(expiry), if closer.asked.is_none() => {
                 work = None;
                 closer.ask(Close::new(close::TOKEN_EXPIRED, "token expired"));
+            }
+            _ = overflow.overflowed(), if closer.asked.is_none() => {
+                work = None;
+                closer.ask(Close::new(close::TRY_AGAIN_LATER, "send queue full: reconnect and resync"));
+            }
+            _ = stopping(&mut stopping_rx), if closer.asked.is_none() => {
+                work = None;
+                closer.ask(Close::new(close::RESTART, "server restarting"));
             }
             _ = tokio::time::sleep_until(last_heard + timing.idle_timeout), if closer.asked.is_none() => {
                 // While the handler's work is pending the client is not read: it counts as
