@@ -354,6 +354,81 @@ impl Config {
                 })
             }
         }
+        // Upper bounds: durations are added to clock readings and rates turn into
+        // durations; past these, that arithmetic would overflow and panic at run time.
+        fn at_most(key: &'static str, value: f64, max: f64, what: &str) -> Result<(), ConfigError> {
+            if value <= max {
+                Ok(())
+            } else {
+                Err(ConfigError::Invalid {
+                    key,
+                    message: format!("{value} is more than {max} {what}"),
+                })
+            }
+        }
+        const DAY_S: f64 = 86_400.0;
+        const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
+        for (key, seconds) in [
+            ("shutdown_timeout_s", self.shutdown_timeout_s),
+            ("whiteboard.keepalive_s", self.whiteboard.keepalive_s),
+            ("limits.ping_interval_s", self.limits.ping_interval_s),
+            ("limits.idle_timeout_s", self.limits.idle_timeout_s),
+            ("limits.http_timeout_s", self.limits.http_timeout_s),
+            (
+                "tutor.bad_message_window_s",
+                self.tutor.bad_message_window_s,
+            ),
+            (
+                "persist.snapshot_interval_s",
+                self.persist.snapshot_interval_s,
+            ),
+            ("sessions.idle_unload_s", self.sessions.idle_unload_s),
+        ] {
+            at_most(key, seconds as f64, DAY_S, "seconds (a day)")?;
+        }
+        at_most(
+            "persist.flush_interval_ms",
+            self.persist.flush_interval_ms as f64,
+            DAY_S * 1000.0,
+            "milliseconds (a day)",
+        )?;
+        for (key, rate) in [
+            ("limits.whiteboard_rate", self.limits.whiteboard_rate),
+            ("limits.tutor_rate", self.limits.tutor_rate),
+        ] {
+            // A token a day at the slowest; a rate is per second.
+            if !(rate.is_finite() && rate >= 1.0 / DAY_S) {
+                return Err(ConfigError::Invalid {
+                    key,
+                    message: format!("{rate} is not a rate of at least one per day (1.2e-5)"),
+                });
+            }
+        }
+        for (key, bytes) in [
+            ("limits.max_frame_bytes", self.limits.max_frame_bytes),
+            (
+                "limits.max_send_queue_bytes",
+                self.limits.max_send_queue_bytes,
+            ),
+            ("limits.max_doc_bytes", self.limits.max_doc_bytes),
+            ("limits.max_pending_bytes", self.limits.max_pending_bytes),
+            (
+                "limits.max_awareness_state_bytes",
+                self.limits.max_awareness_state_bytes,
+            ),
+            ("tutor.max_client_id_bytes", self.tutor.max_client_id_bytes),
+            (
+                "tutor.max_event_name_bytes",
+                self.tutor.max_event_name_bytes,
+            ),
+            (
+                "tutor.max_event_data_bytes",
+                self.tutor.max_event_data_bytes,
+            ),
+            ("tutor.history_page_bytes", self.tutor.history_page_bytes),
+        ] {
+            at_most(key, bytes as f64, 4.0 * GIB, "bytes (4 GiB)")?;
+        }
         let l = &self.limits;
         positive("limits.max_frame_bytes", l.max_frame_bytes > 0)?;
         positive("limits.max_send_queue_bytes", l.max_send_queue_bytes > 0)?;
@@ -513,6 +588,33 @@ mod tests {
         let c =
             Config::from_toml(&format!("[auth]\njwt_secret = \"{}\"\n", "k".repeat(32))).unwrap();
         assert!(c.validate().is_ok());
+    }
+
+    #[test]
+    fn values_whose_arithmetic_would_overflow_are_rejected_with_their_key() {
+        for (toml, key) in [
+            (
+                "[limits]\nwhiteboard_rate = 1e-20\n",
+                "limits.whiteboard_rate",
+            ),
+            (
+                "[limits]\nping_interval_s = 9223372036854775807\n",
+                "limits.ping_interval_s",
+            ),
+            (
+                "[whiteboard]\nkeepalive_s = 99999999999\n",
+                "whiteboard.keepalive_s",
+            ),
+            (
+                "[tutor]\nmax_client_id_bytes = 9223372036854775807\n",
+                "tutor.max_client_id_bytes",
+            ),
+        ] {
+            let c = Config::from_toml(toml).unwrap();
+            let err = c.validate().unwrap_err().to_string();
+            assert!(err.contains(key), "{toml}: {err}");
+        }
+        Config::default().validate().unwrap();
     }
 
     #[test]
