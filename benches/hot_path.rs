@@ -30,14 +30,13 @@ mod workload;
 
 fn options() -> WhiteboardOptions {
     WhiteboardOptions {
-        echo_updates: false,
-        flush_before_relay: false,
         snapshot_every_updates: u64::MAX,
         // The benches grow one document by hundreds of MB of strokes and never snapshot it.
         limits: easel::config::LimitsConfig {
             max_doc_bytes: usize::MAX,
             ..Default::default()
         },
+        ..Default::default()
     }
 }
 

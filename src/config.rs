@@ -368,33 +368,81 @@ impl Config {
         }
         const DAY_S: f64 = 86_400.0;
         const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
-        for (key, seconds) in [
-            ("shutdown_timeout_s", self.shutdown_timeout_s),
-            ("whiteboard.keepalive_s", self.whiteboard.keepalive_s),
-            ("limits.ping_interval_s", self.limits.ping_interval_s),
-            ("limits.idle_timeout_s", self.limits.idle_timeout_s),
-            ("limits.http_timeout_s", self.limits.http_timeout_s),
+        let (day, ms_day, size) = (
+            (DAY_S, "seconds (a day)"),
+            (DAY_S * 1000.0, "milliseconds (a day)"),
+            (4.0 * GIB, "bytes (4 GiB)"),
+        );
+        let (t, l, p) = (&self.tutor, &self.limits, &self.persist);
+        for (key, value, (max, what)) in [
+            ("shutdown_timeout_s", self.shutdown_timeout_s as f64, day),
+            (
+                "whiteboard.keepalive_s",
+                self.whiteboard.keepalive_s as f64,
+                day,
+            ),
+            ("limits.ping_interval_s", l.ping_interval_s as f64, day),
+            ("limits.idle_timeout_s", l.idle_timeout_s as f64, day),
+            ("limits.http_timeout_s", l.http_timeout_s as f64, day),
             (
                 "tutor.bad_message_window_s",
-                self.tutor.bad_message_window_s,
+                t.bad_message_window_s as f64,
+                day,
             ),
             (
                 "persist.snapshot_interval_s",
-                self.persist.snapshot_interval_s,
+                p.snapshot_interval_s as f64,
+                day,
             ),
-            ("sessions.idle_unload_s", self.sessions.idle_unload_s),
+            (
+                "sessions.idle_unload_s",
+                self.sessions.idle_unload_s as f64,
+                day,
+            ),
+            (
+                "persist.flush_interval_ms",
+                p.flush_interval_ms as f64,
+                ms_day,
+            ),
+            ("limits.max_frame_bytes", l.max_frame_bytes as f64, size),
+            (
+                "limits.max_send_queue_bytes",
+                l.max_send_queue_bytes as f64,
+                size,
+            ),
+            ("limits.max_doc_bytes", l.max_doc_bytes as f64, size),
+            ("limits.max_pending_bytes", l.max_pending_bytes as f64, size),
+            (
+                "limits.max_awareness_state_bytes",
+                l.max_awareness_state_bytes as f64,
+                size,
+            ),
+            (
+                "tutor.max_client_id_bytes",
+                t.max_client_id_bytes as f64,
+                size,
+            ),
+            (
+                "tutor.max_event_name_bytes",
+                t.max_event_name_bytes as f64,
+                size,
+            ),
+            (
+                "tutor.max_event_data_bytes",
+                t.max_event_data_bytes as f64,
+                size,
+            ),
+            (
+                "tutor.history_page_bytes",
+                t.history_page_bytes as f64,
+                size,
+            ),
         ] {
-            at_most(key, seconds as f64, DAY_S, "seconds (a day)")?;
+            at_most(key, value, max, what)?;
         }
-        at_most(
-            "persist.flush_interval_ms",
-            self.persist.flush_interval_ms as f64,
-            DAY_S * 1000.0,
-            "milliseconds (a day)",
-        )?;
         for (key, rate) in [
-            ("limits.whiteboard_rate", self.limits.whiteboard_rate),
-            ("limits.tutor_rate", self.limits.tutor_rate),
+            ("limits.whiteboard_rate", l.whiteboard_rate),
+            ("limits.tutor_rate", l.tutor_rate),
         ] {
             // A token a day at the slowest; a rate is per second.
             if !(rate.is_finite() && rate >= 1.0 / DAY_S) {
@@ -403,31 +451,6 @@ impl Config {
                     message: format!("{rate} is not a rate of at least one per day (1.2e-5)"),
                 });
             }
-        }
-        for (key, bytes) in [
-            ("limits.max_frame_bytes", self.limits.max_frame_bytes),
-            (
-                "limits.max_send_queue_bytes",
-                self.limits.max_send_queue_bytes,
-            ),
-            ("limits.max_doc_bytes", self.limits.max_doc_bytes),
-            ("limits.max_pending_bytes", self.limits.max_pending_bytes),
-            (
-                "limits.max_awareness_state_bytes",
-                self.limits.max_awareness_state_bytes,
-            ),
-            ("tutor.max_client_id_bytes", self.tutor.max_client_id_bytes),
-            (
-                "tutor.max_event_name_bytes",
-                self.tutor.max_event_name_bytes,
-            ),
-            (
-                "tutor.max_event_data_bytes",
-                self.tutor.max_event_data_bytes,
-            ),
-            ("tutor.history_page_bytes", self.tutor.history_page_bytes),
-        ] {
-            at_most(key, bytes as f64, 4.0 * GIB, "bytes (4 GiB)")?;
         }
         let l = &self.limits;
         positive("limits.max_frame_bytes", l.max_frame_bytes > 0)?;

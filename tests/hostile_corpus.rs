@@ -232,10 +232,8 @@ fn whiteboard_on(
 ) -> easel::session::whiteboard::Whiteboard {
     use easel::session::whiteboard::{Whiteboard, WhiteboardOptions};
     let options = WhiteboardOptions {
-        echo_updates: false,
-        flush_before_relay: false,
         snapshot_every_updates: u64::MAX,
-        limits: easel::config::LimitsConfig::default(),
+        ..Default::default()
     };
     Whiteboard::load(
         "hostile".into(),

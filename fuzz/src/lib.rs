@@ -29,10 +29,8 @@ pub fn server_panic_semantics() {
 /// A whiteboard on a fresh in-memory store, configured as the server configures it.
 pub fn whiteboard() -> Whiteboard {
     let options = WhiteboardOptions {
-        echo_updates: false,
-        flush_before_relay: false,
         snapshot_every_updates: u64::MAX,
-        limits: limits(),
+        ..Default::default()
     };
     match Whiteboard::load(
         "fuzz".into(),

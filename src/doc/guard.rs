@@ -544,15 +544,18 @@ impl NestingIndex {
         }
         let (depths, mut waits_on) = resolve_depths(self, &structs)?;
         // A deletion of content neither the document nor this update has waits for it.
-        let mut update_end: std::collections::HashMap<u64, u32> = Default::default();
-        for s in &structs {
-            let end = update_end.entry(s.id.0).or_default();
-            *end = (*end).max(s.id.1 + s.len);
-        }
-        for (client, clock, len) in &deletes {
-            let have = seen(*client).max(update_end.get(client).copied().unwrap_or(0));
-            if clock + len > have {
-                waits_on.push(*client);
+        // (Indexed only when there are deletions: most updates carry none.)
+        if !deletes.is_empty() {
+            let mut update_end: std::collections::HashMap<u64, u32> = Default::default();
+            for s in &structs {
+                let end = update_end.entry(s.id.0).or_default();
+                *end = (*end).max(s.id.1 + s.len);
+            }
+            for (client, clock, len) in &deletes {
+                let have = seen(*client).max(update_end.get(client).copied().unwrap_or(0));
+                if clock + len > have {
+                    waits_on.push(*client);
+                }
             }
         }
         let mut runs = Vec::with_capacity(structs.len());
