@@ -615,15 +615,22 @@ impl Shared {
         }
         let trees = self.trees()?;
         let poisoned = std::mem::take(&mut lock(&self.health).poisoned);
+        // sled keeps the first I/O error of its background flusher in the open handle and
+        // returns it from every later call, even after the space is back: a sled error
+        // here means the next attempt must reopen it.
+        let sled_error = |e: sled::Error, poisoned: Vec<_>| {
+            let mut health = lock(&self.health);
+            health.poisoned.extend(poisoned);
+            health.sled_failed = true;
+            storage_error(e)
+        };
         for (tree, key) in &poisoned {
             if let Err(e) = trees.tree(*tree).remove(key) {
-                lock(&self.health).poisoned.extend(poisoned.iter().cloned());
-                return Err(storage_error(e));
+                return Err(sled_error(e, poisoned.clone()));
             }
         }
         if let Err(e) = trees.db.flush() {
-            lock(&self.health).poisoned.extend(poisoned);
-            return Err(storage_error(e));
+            return Err(sled_error(e, poisoned));
         }
         let mut health = lock(&self.health);
         health.failure = None;
