@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::metrics::Endpoint;
+use crate::sync;
 
 /// A token bucket: `rate` tokens a second, holding at most `burst`.
 #[derive(Debug)]
@@ -182,7 +183,7 @@ impl ConnectionCaps {
         endpoint: Endpoint,
     ) -> Result<ConnectionPermit, CapError> {
         let key = (user.to_owned(), session.to_owned(), endpoint);
-        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        let mut counts = sync::lock(&self.counts);
         if self.total.load(Ordering::Relaxed) >= self.max_total {
             return Err(CapError::Total);
         }
@@ -204,7 +205,7 @@ impl ConnectionCaps {
 
 impl Drop for ConnectionPermit {
     fn drop(&mut self) {
-        let mut counts = self.caps.counts.lock().unwrap_or_else(|e| e.into_inner());
+        let mut counts = sync::lock(&self.caps.counts);
         release(&mut counts.per_session, &self.key);
         release(&mut counts.per_user, &self.key.0);
         self.caps.total.fetch_sub(1, Ordering::Relaxed);
@@ -255,11 +256,11 @@ impl LongPollCaps {
 
     /// Long polls held now.
     pub fn held(&self) -> usize {
-        self.counts.lock().unwrap_or_else(|e| e.into_inner()).0
+        sync::lock(&self.counts).0
     }
 
     pub fn acquire(self: &Arc<Self>, user: &str) -> Result<LongPollPermit, LongPollError> {
-        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        let mut counts = sync::lock(&self.counts);
         let (total, per_user) = &mut *counts;
         if per_user.get(user).copied().unwrap_or(0) >= self.max_per_user {
             return Err(LongPollError::PerUser);
@@ -278,7 +279,7 @@ impl LongPollCaps {
 
 impl Drop for LongPollPermit {
     fn drop(&mut self) {
-        let mut counts = self.caps.counts.lock().unwrap_or_else(|e| e.into_inner());
+        let mut counts = sync::lock(&self.caps.counts);
         counts.0 = counts.0.saturating_sub(1);
         release(&mut counts.1, &self.user);
     }
@@ -306,7 +307,7 @@ impl NewSessionRate {
 
     /// Takes one new-session token of `user`; `false` when the user has none left.
     pub fn try_take(&self, user: &str) -> bool {
-        let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        let mut buckets = sync::lock(&self.buckets);
         if buckets.len() >= PRUNE_BUCKETS_AT && !buckets.contains_key(user) {
             // A full bucket is the same as no bucket: forget it.
             buckets.retain(|_, b| !b.is_full());

@@ -15,6 +15,7 @@ use std::collections::HashMap;
 use std::hash::BuildHasher;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
+use crate::sync;
 
 /// How often a summary line may be written per token.
 pub const WINDOW: Duration = Duration::from_secs(60);
@@ -87,7 +88,7 @@ impl RefusalLog {
     /// The decision of [`Self::refused`], at time `now`.
     pub fn record(&self, token: &str, session: &str, reason: &'static str, now: Instant) -> Line {
         let id = self.key.hash_one(token);
-        let mut tokens = self.tokens.lock().unwrap_or_else(|e| e.into_inner());
+        let mut tokens = sync::lock(&self.tokens);
         if let Some(entry) = tokens.get_mut(&id) {
             entry.unlogged += 1;
             entry.reason = reason;
@@ -123,7 +124,7 @@ impl RefusalLog {
     /// Logs a summary for every token refused since its last line (at shutdown), and
     /// forgets them all.
     pub fn flush(&self) {
-        let mut tokens = self.tokens.lock().unwrap_or_else(|e| e.into_inner());
+        let mut tokens = sync::lock(&self.tokens);
         for entry in tokens.values().filter(|e| e.unlogged > 0) {
             tracing::info!(
                 session = %entry.session,

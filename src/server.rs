@@ -1,54 +1,50 @@
-//! The HTTP server: shared state, the router, the WebSocket upgrade handlers, and
-//! graceful shutdown.
+//! The HTTP server: the router, our own accept loop ([`serve_http`]) and graceful
+//! shutdown ([`serve`]).
 //!
-//! An upgrade is refused here, before any WebSocket exists, when the session id, origin,
-//! token, scope or connection caps say so (SPEC.md sections 2 and 7). An accepted one is
-//! handed to `socket::run` with its endpoint's frame handler. Shutdown: stop accepting,
-//! close every socket with 1012, wait for their tasks, snapshot, flush, and return, all
-//! within `shutdown_timeout_s` even when the disk fails or hangs; what could not be saved
-//! is logged and returned as [`ServerError::Unsaved`] (a non-zero exit). `/readyz` answers
+//! The router binds every path (SPEC.md 6 and the two WebSocket endpoints) to its handler
+//! in one place: the handlers live in `http` (one file per route group) and `ws::upgrade`,
+//! and the state they share in `app`. Assembling the router here rather than in
+//! `http::routes()` keeps `http` free of `app` imports it would otherwise need only for the
+//! router's state type, and shows the whole surface, HTTP and WebSocket, in one table.
+//!
+//! Shutdown: stop accepting, close every socket with 1012, wait until every connection's
+//! drain guard is dropped (`ws::DrainGuard`), snapshot, flush, and return, all within
+//! `shutdown_timeout_s` even when the disk fails or hangs; what could not be saved is
+//! logged and returned as [`ServerError::Unsaved`] (a non-zero exit). `/readyz` answers
 //! 503 with the store's reason while it cannot write.
 //!
 //! Hostile clients (SPEC.md 7.1): connections are served by our own accept loop
 //! ([`serve_http`]) so that request headers have a deadline (`limits.http_timeout_s`, which
 //! axum's `serve` cannot set); the open-file limit is raised to its hard limit at start;
-//! a user's connections are capped across sessions and the sessions a user brings into
-//! memory are metered ([`RequestLimits`]); request spans log the path, never the query
-//! string (it may hold `?token=`).
+//! request spans log the path, never the query string (it may hold `?token=`).
+//!
+//! Must not hold handler logic or admission checks: those are `http`'s, `ws`'s and `app`'s.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::pin::pin;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::extract::ws::{WebSocket, WebSocketUpgrade};
-use axum::extract::{DefaultBodyLimit, Query, State};
-use axum::http::{header, HeaderMap, HeaderValue, Method};
-use axum::response::Response;
+use axum::extract::DefaultBodyLimit;
+use axum::http::{header, HeaderValue, Method};
 use axum::routing::{get, post};
 use axum::Router;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::trace::TraceLayer;
 
-use crate::auth::{bearer_from_subprotocols, Claims, Verifier};
+use crate::app::{AppState, RequestLimits};
+use crate::auth::Verifier;
 use crate::config::Config;
-use crate::http_api::{self, ApiError, ApiPath};
-use crate::limits::{
-    CapError, ConnectionCaps, ConnectionPermit, LongPollCaps, LongPollPermit, NewSessionRate,
-    Strikes, TokenBucket,
-};
-use crate::metrics::{Endpoint, Metrics};
-use crate::outbox::{outbox, Outbox};
-use crate::protocol::tutor::UserInfo;
-use crate::protocol::wire;
-use crate::session::{valid_session_id, Registry, SessionHandle};
-use crate::socket::{self, tutor::TutorHandler, whiteboard::WhiteboardHandler, Connection, Timing};
+use crate::http::{self, health, sessions, snapshots, tutor, whiteboard};
+use crate::limits::ConnectionCaps;
+use crate::metrics::Metrics;
+use crate::session::Registry;
 use crate::store::Store;
+use crate::ws;
 
 /// Why the server could not run.
 #[derive(Debug, thiserror::Error)]
@@ -63,430 +59,6 @@ pub enum ServerError {
     /// Shutdown finished, but some state could not be saved (logged in detail).
     #[error("not everything could be saved at shutdown: {0}")]
     Unsaved(String),
-}
-
-/// Read buffer of a WebSocket: small, since it is allocated per connection and most
-/// frames (cursor moves, strokes) are well under it; larger frames grow it as needed.
-const WS_READ_BUFFER: usize = 4 * 1024;
-/// Frames the writer batches are gathered up to this size before a send (measured in
-/// BENCHMARKS.md: one `sendto` per frame was half of the server's CPU under load).
-const WS_WRITE_BUFFER: usize = 64 * 1024;
-/// Most frames the writer sends before one flush.
-const WRITE_BATCH: usize = 64;
-
-/// State shared by every handler.
-pub struct AppState {
-    pub config: Arc<Config>,
-    pub verifier: Arc<Verifier>,
-    pub registry: Arc<Registry>,
-    pub metrics: Arc<Metrics>,
-    pub caps: Arc<ConnectionCaps>,
-    pub requests: RequestLimits,
-    pub store: Arc<dyn Store>,
-    pub shutdown: watch::Receiver<bool>,
-    pub started: Instant,
-    /// Refused tokens, logged once and then summarised (a stale tab retries forever).
-    pub refusals: crate::refusal_log::RefusalLog,
-}
-
-/// The per-user limits of SPEC.md 7.1 that are not connection counts: long polls held
-/// and sessions brought into memory.
-pub struct RequestLimits {
-    long_polls: Arc<LongPollCaps>,
-    new_sessions: NewSessionRate,
-    /// Sessions this server has opened, as weak references to their id (the `Arc<str>`
-    /// the registry's entry and its session share): one that still upgrades is loaded.
-    /// Every open goes through [`AppState::open_session`], so this sees every load
-    /// without a lookup into the registry's map.
-    opened: Mutex<OpenedSessions>,
-}
-
-struct OpenedSessions {
-    ids: HashMap<String, Weak<str>>,
-    /// Size at which dead entries are next swept out (amortised: doubles with the map).
-    sweep_at: usize,
-}
-
-/// Entries kept before the first sweep of [`OpenedSessions`].
-const OPENED_SWEEP_MIN: usize = 1024;
-
-impl RequestLimits {
-    pub fn new(limits: &crate::config::LimitsConfig) -> Self {
-        Self {
-            long_polls: Arc::new(LongPollCaps::new(
-                limits.max_long_polls,
-                limits.max_long_polls_per_user,
-            )),
-            new_sessions: NewSessionRate::new(limits.max_new_sessions_per_user_per_minute),
-            opened: Mutex::new(OpenedSessions {
-                ids: HashMap::new(),
-                sweep_at: OPENED_SWEEP_MIN,
-            }),
-        }
-    }
-
-    /// Long polls held now (for `/api/v2/status`).
-    pub fn long_polls_held(&self) -> usize {
-        self.long_polls.held()
-    }
-
-    fn opened(&self) -> std::sync::MutexGuard<'_, OpenedSessions> {
-        self.opened.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Whether `session` is in memory now (its session value still lives).
-    fn is_loaded(&self, session: &str) -> bool {
-        self.opened()
-            .ids
-            .get(session)
-            .is_some_and(|w| w.strong_count() > 0)
-    }
-
-    fn remember(&self, handle: &SessionHandle) {
-        let mut opened = self.opened();
-        opened
-            .ids
-            .insert(handle.id.to_string(), Arc::downgrade(&handle.id));
-        if opened.ids.len() >= opened.sweep_at {
-            opened.ids.retain(|_, w| w.strong_count() > 0);
-            opened.sweep_at = (opened.ids.len() * 2).max(OPENED_SWEEP_MIN);
-        }
-    }
-}
-
-impl AppState {
-    /// Why the store cannot take writes now, if it cannot (SPEC 5.4: `/readyz` says so).
-    pub fn store_unready(&self) -> Option<String> {
-        self.store.check().err().map(|e| e.to_string())
-    }
-
-    /// The token of a request: `Authorization: Bearer`, then the `bearer.<jwt>`
-    /// subprotocol, then `?token=`.
-    fn token<'a>(
-        headers: &'a HeaderMap,
-        query: &'a HashMap<String, String>,
-        ws: Option<&'a WebSocketUpgrade>,
-    ) -> Option<&'a str> {
-        let from_header = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| {
-                v.strip_prefix("Bearer ")
-                    .or_else(|| v.strip_prefix("bearer "))
-            })
-            .map(str::trim);
-        from_header
-            .or_else(|| {
-                ws.and_then(|ws| {
-                    bearer_from_subprotocols(
-                        ws.requested_protocols().filter_map(|p| p.to_str().ok()),
-                    )
-                })
-            })
-            .or_else(|| query.get("token").map(String::as_str))
-    }
-
-    /// Checks the session id, the token and its scope.
-    pub fn authorize(
-        &self,
-        session: &str,
-        headers: &HeaderMap,
-        query: &HashMap<String, String>,
-        ws: Option<&WebSocketUpgrade>,
-    ) -> Result<Claims, ApiError> {
-        if !valid_session_id(session) {
-            self.metrics.auth_failure("bad_session_id");
-            tracing::info!(reason = "bad_session_id", "request refused");
-            return Err(ApiError::BadRequest(
-                "session id must match [A-Za-z0-9_-]{1,128}".into(),
-            ));
-        }
-        let Some(token) = Self::token(headers, query, ws) else {
-            self.metrics.auth_failure("missing");
-            tracing::info!(%session, reason = "missing", "request refused");
-            return Err(ApiError::Unauthorized("a token is required".into()));
-        };
-        let claims = self.verifier.verify(token).map_err(|e| {
-            self.metrics.auth_failure(e.reason());
-            // A stale tab retries every few seconds: logged once, then a summary a minute.
-            self.refusals.refused(token, session, e.reason());
-            ApiError::Unauthorized(e.to_string())
-        })?;
-        if !claims.sid.covers(session) {
-            self.metrics.auth_failure("wrong_session");
-            self.refusals.refused(token, session, "wrong_session");
-            return Err(ApiError::Forbidden(
-                "the token does not cover this session".into(),
-            ));
-        }
-        Ok(claims)
-    }
-
-    fn check_origin(&self, headers: &HeaderMap) -> Result<(), ApiError> {
-        let allowed = &self.config.http.allowed_origins;
-        if allowed.is_empty() {
-            return Ok(());
-        }
-        // Browsers always send Origin; a request without one is not a browser's, and the
-        // check exists to stop other sites' pages from riding a user's browser.
-        match headers
-            .get(header::ORIGIN)
-            .map(|o| o.to_str().unwrap_or(""))
-        {
-            None => Ok(()),
-            Some(o) if allowed.iter().any(|a| a == o) => Ok(()),
-            Some(o) => {
-                self.metrics.auth_failure("origin");
-                tracing::info!(
-                    origin = o,
-                    reason = "origin",
-                    "upgrade refused: origin not allowed"
-                );
-                Err(ApiError::Forbidden(format!("origin {o} is not allowed")))
-            }
-        }
-    }
-
-    fn acquire(
-        &self,
-        claims: &Claims,
-        session: &str,
-        e: Endpoint,
-    ) -> Result<ConnectionPermit, ApiError> {
-        self.caps.acquire(&claims.sub, session, e).map_err(|err| {
-            self.metrics.auth_failure(err.reason());
-            tracing::info!(%session, user = %claims.sub, reason = err.reason(), "upgrade refused");
-            match err {
-                CapError::PerUser | CapError::PerUserTotal => {
-                    ApiError::TooManyConnections(err.to_string())
-                }
-                CapError::Total => ApiError::Unavailable(err.to_string()),
-            }
-        })
-    }
-
-    /// A place for one more long poll of this user (SPEC.md 7.1), or `429`.
-    pub fn long_poll(&self, claims: &Claims, session: &str) -> Result<LongPollPermit, ApiError> {
-        self.requests
-            .long_polls
-            .acquire(&claims.sub)
-            .map_err(|err| {
-                self.metrics.limit_refused(err.reason());
-                tracing::info!(%session, user = %claims.sub, reason = err.reason(), "long poll refused");
-                ApiError::TooManyRequests("too_many_long_polls", err.to_string())
-            })
-    }
-
-    /// Opens a session for the user of `claims`, off the async threads (loading may read
-    /// the disk). A session not in memory costs the user one of their
-    /// `limits.max_new_sessions_per_user_per_minute`; with none left, `429` and nothing
-    /// is loaded.
-    pub async fn open_session(
-        &self,
-        claims: &Claims,
-        session: &str,
-    ) -> Result<SessionHandle, ApiError> {
-        if !self.requests.is_loaded(session) && !self.requests.new_sessions.try_take(&claims.sub) {
-            self.metrics.limit_refused("new_sessions_per_user");
-            tracing::info!(%session, user = %claims.sub, reason = "new_sessions_per_user", "request refused");
-            return Err(ApiError::TooManyRequests(
-                "too_many_new_sessions",
-                "this user opened too many new sessions in the last minute".into(),
-            ));
-        }
-        let registry = self.registry.clone();
-        let id = session.to_owned();
-        let handle = tokio::task::spawn_blocking(move || registry.open(&id))
-            .await
-            .map_err(|e| ApiError::Internal(e.to_string()))?
-            .map_err(|e| {
-                tracing::error!(%session, error = %e, "session could not be loaded");
-                ApiError::Unavailable("the session could not be loaded".into())
-            })?;
-        self.requests.remember(&handle);
-        Ok(handle)
-    }
-
-    fn timing(&self, keepalive: bool) -> Timing {
-        let l = &self.config.limits;
-        Timing {
-            ping_interval: Duration::from_secs(l.ping_interval_s),
-            idle_timeout: Duration::from_secs(l.idle_timeout_s),
-            keepalive: keepalive.then(|| {
-                (
-                    Duration::from_secs(self.config.whiteboard.keepalive_s),
-                    wire::KEEPALIVE,
-                )
-            }),
-            batch: WRITE_BATCH,
-        }
-    }
-}
-
-/// Everything an upgrade needs once it passed every check.
-struct Admitted {
-    claims: Claims,
-    permit: ConnectionPermit,
-    session: SessionHandle,
-    ws: WebSocketUpgrade,
-}
-
-async fn admit(
-    app: &AppState,
-    endpoint: Endpoint,
-    session: &str,
-    headers: &HeaderMap,
-    query: &HashMap<String, String>,
-    ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
-) -> Result<Admitted, ApiError> {
-    let claims = app.authorize(session, headers, query, ws.as_ref().ok())?;
-    app.check_origin(headers)?;
-    let ws = ws.map_err(|e| ApiError::BadRequest(e.to_string()))?;
-    let permit = app.acquire(&claims, session, endpoint)?;
-    let session = app.open_session(&claims, session).await?;
-    let max = app.config.limits.max_frame_bytes;
-    let ws = ws
-        .protocols(["easel"])
-        .read_buffer_size(WS_READ_BUFFER)
-        // The writer feeds a batch of frames, then flushes once: one send per batch.
-        .write_buffer_size(WS_WRITE_BUFFER)
-        // Frames up to twice the limit are read whole and refused with 1009 and a clean
-        // close; beyond that the socket is dropped mid-frame.
-        .max_message_size(max.saturating_mul(2))
-        .max_frame_size(max.saturating_mul(2));
-    Ok(Admitted {
-        claims,
-        permit,
-        session,
-        ws,
-    })
-}
-
-pub fn user_info(claims: &Claims) -> UserInfo {
-    UserInfo {
-        id: claims.sub.clone(),
-        name: claims.display_name().to_owned(),
-        role: claims.role.as_str().to_owned(),
-    }
-}
-
-async fn whiteboard_ws(
-    State(app): State<Arc<AppState>>,
-    ApiPath(session): ApiPath<String>,
-    Query(query): Query<HashMap<String, String>>,
-    headers: HeaderMap,
-    ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
-) -> Result<Response, ApiError> {
-    let a = admit(&app, Endpoint::Whiteboard, &session, &headers, &query, ws).await?;
-    Ok(a.ws.on_upgrade(move |socket| run_whiteboard(app, socket, a.claims, a.permit, a.session)))
-}
-
-async fn run_whiteboard(
-    app: Arc<AppState>,
-    socket: WebSocket,
-    claims: Claims,
-    permit: ConnectionPermit,
-    session: SessionHandle,
-) {
-    let limits = &app.config.limits;
-    let (conn, tx) = connection(&app, Endpoint::Whiteboard, &session, &claims, permit);
-    session.whiteboard.join(conn.id, tx.clone());
-    let handler = WhiteboardHandler::new(
-        conn.id,
-        session,
-        tx,
-        claims.role.can_write(),
-        TokenBucket::new(limits.whiteboard_rate, limits.whiteboard_burst),
-        Strikes::new(limits.whiteboard_burst, Duration::from_secs(60)),
-        app.metrics.clone(),
-        claims.sub,
-    );
-    socket::run(socket, conn, handler).await;
-}
-
-/// A connection's record and the sending side of its outbox: a fresh id, logged as connected.
-fn connection(
-    app: &AppState,
-    endpoint: Endpoint,
-    session: &SessionHandle,
-    claims: &Claims,
-    permit: ConnectionPermit,
-) -> (Connection, Outbox) {
-    let id = app.registry.next_conn_id();
-    let (tx, rx) = outbox(app.config.limits.max_send_queue_bytes);
-    tracing::info!(conn = id, endpoint = endpoint.as_str(), session = %session.id, user = %claims.sub, role = claims.role.as_str(), "connected");
-    let conn = Connection {
-        id,
-        endpoint,
-        session: session.id.clone(),
-        token_expires: app.verifier.expires_at(claims),
-        user: claims.sub.clone(),
-        permit,
-        outbox: rx,
-        timing: app.timing(endpoint == Endpoint::Whiteboard),
-        metrics: app.metrics.endpoint(endpoint).clone(),
-        shutdown: app.shutdown.clone(),
-        max_frame_bytes: app.config.limits.max_frame_bytes,
-    };
-    (conn, tx)
-}
-
-async fn tutor_ws(
-    State(app): State<Arc<AppState>>,
-    ApiPath(session): ApiPath<String>,
-    Query(query): Query<HashMap<String, String>>,
-    headers: HeaderMap,
-    ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
-) -> Result<Response, ApiError> {
-    // The token first: a client without one is told 401, whatever else it sent.
-    let a = admit(&app, Endpoint::Tutor, &session, &headers, &query, ws).await?;
-    let after_seq = match query.get("after_seq") {
-        None => None,
-        Some(v) => Some(
-            v.parse::<u64>()
-                .map_err(|_| ApiError::BadRequest("after_seq must be a whole number".into()))?,
-        ),
-    };
-    Ok(a.ws
-        .on_upgrade(move |socket| run_tutor(app, socket, a.claims, a.permit, a.session, after_seq)))
-}
-
-async fn run_tutor(
-    app: Arc<AppState>,
-    socket: WebSocket,
-    claims: Claims,
-    permit: ConnectionPermit,
-    session: SessionHandle,
-    after_seq: Option<u64>,
-) {
-    let cfg = &app.config;
-    let (conn, tx) = connection(&app, Endpoint::Tutor, &session, &claims, permit);
-    let user = user_info(&claims);
-    if let Err(e) = session.tutor.join(
-        conn.id,
-        user.clone(),
-        tx.clone(),
-        after_seq,
-        cfg.tutor.history_on_connect,
-    ) {
-        tracing::error!(session = %session.id, error = %e, "tutor join failed: history unreadable");
-        return;
-    }
-    let handler = TutorHandler {
-        conn: conn.id,
-        session,
-        outbox: tx,
-        user,
-        role: claims.role,
-        bucket: TokenBucket::new(cfg.limits.tutor_rate, cfg.limits.tutor_burst),
-        strikes: Strikes::new(
-            cfg.tutor.bad_message_limit,
-            Duration::from_secs(cfg.tutor.bad_message_window_s),
-        ),
-        config: cfg.tutor.clone(),
-        metrics: app.metrics.clone(),
-    };
-    socket::run(socket, conn, handler).await;
 }
 
 /// Cross-origin access to the HTTP API: only from `http.allowed_origins`; with none set,
@@ -504,40 +76,40 @@ fn cors(allowed: &[String]) -> CorsLayer {
 
 pub fn router(app: Arc<AppState>) -> Router {
     Router::new()
-        .route("/healthz", get(http_api::healthz))
-        .route("/readyz", get(http_api::readyz))
-        .route("/metrics", get(http_api::metrics))
-        .route("/api/v2/status", get(http_api::status))
-        .route("/api/v2/sessions", get(http_api::list_sessions))
+        .route("/healthz", get(health::healthz))
+        .route("/readyz", get(health::readyz))
+        .route("/metrics", get(health::metrics))
+        .route("/api/v2/status", get(health::status))
+        .route("/api/v2/sessions", get(sessions::list_sessions))
         .route(
             "/api/v2/session/{session}/whiteboard",
-            get(http_api::get_whiteboard).post(http_api::post_whiteboard),
+            get(whiteboard::get_whiteboard).post(whiteboard::post_whiteboard),
         )
         .route(
             "/api/v2/session/{session}/tutor/messages",
-            get(http_api::get_messages).post(http_api::post_message),
+            get(tutor::get_messages).post(tutor::post_message),
         )
         .route(
             "/api/v2/session/{session}/snapshots",
-            get(http_api::list_snapshots).post(http_api::take_snapshot),
+            get(snapshots::list_snapshots).post(snapshots::take_snapshot),
         )
         .route(
             "/api/v2/session/{session}/snapshots/{version}",
-            get(http_api::get_snapshot),
+            get(snapshots::get_snapshot),
         )
         .route(
             "/api/v2/session/{session}/snapshots/{version}/restore",
-            post(http_api::restore_snapshot),
+            post(snapshots::restore_snapshot),
         )
         .route(
             "/api/v2/session/{session}/student-link",
-            post(http_api::student_link),
+            post(sessions::student_link),
         )
-        .route("/ws/v2/session/{session}/whiteboard", get(whiteboard_ws))
-        .route("/ws/v2/session/{session}", get(tutor_ws))
+        .route("/ws/v2/session/{session}/whiteboard", get(ws::upgrade::whiteboard_ws))
+        .route("/ws/v2/session/{session}", get(ws::upgrade::tutor_ws))
         .merge(crate::demo::routes())
-        .fallback(http_api::not_found)
-        .method_not_allowed_fallback(http_api::method_not_allowed)
+        .fallback(http::not_found)
+        .method_not_allowed_fallback(http::method_not_allowed)
         // A posted update may be as large as a WebSocket frame may.
         .layer(DefaultBodyLimit::max(app.config.limits.max_frame_bytes))
         .layer(cors(&app.config.http.allowed_origins))
@@ -560,6 +132,8 @@ pub async fn serve(
     stop: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
     let (shutdown_tx, shutdown) = watch::channel(false);
+    // The one strong sender kept here; each connection holds a clone (`ws::DrainGuard`).
+    let (drain_tx, mut drained_rx) = mpsc::channel::<()>(1);
     let registry = Arc::new(Registry::new(
         store.clone(),
         metrics.clone(),
@@ -580,12 +154,13 @@ pub async fn serve(
         shutdown: shutdown.clone(),
         started: Instant::now(),
         refusals: crate::refusal_log::RefusalLog::new(crate::refusal_log::WINDOW),
+        drain: drain_tx.downgrade(),
     });
     let housekeeping = tokio::spawn(registry.clone().run_housekeeping(shutdown.clone()));
 
     let mut stopping = shutdown.clone();
     let server = serve_http(listener, router(app.clone()), app.clone(), async move {
-        socket::stopping(&mut stopping).await;
+        ws::stopping(&mut stopping).await;
     });
     let server = tokio::spawn(server);
 
@@ -597,12 +172,9 @@ pub async fn serve(
     let remaining = || deadline.saturating_sub(started.elapsed());
     tracing::info!("shutting down: closing connections");
     let _ = shutdown_tx.send(true);
-    let drained = tokio::time::timeout(deadline / 2, async {
-        while app.caps.open() > 0 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await;
+    // `recv()` returns `None` once the last connection dropped its guard: no polling.
+    drop(drain_tx);
+    let drained = tokio::time::timeout(deadline / 2, drained_rx.recv()).await;
     if drained.is_err() {
         tracing::warn!(
             open = app.caps.open(),

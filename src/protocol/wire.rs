@@ -15,28 +15,19 @@ use yrs::sync::{AwarenessUpdate, Message, SyncMessage};
 use yrs::updates::encoder::Encode;
 use yrs::StateVector;
 
-/// Why a frame was refused; each maps to a WebSocket close code.
+/// Why a frame was refused; each maps to a WebSocket close code (`ws::close::Close::for_wire`).
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum WireError {
-    /// Truncated or otherwise undecodable bytes (close 1007).
+    /// Truncated or otherwise undecodable bytes (an invalid payload).
     #[error("malformed message: {0}")]
     Malformed(String),
-    /// A message type or sync sub-type this protocol does not define (close 1003).
+    /// A message type or sync sub-type this protocol does not define (unsupported).
     #[error("unsupported message type {0}")]
     Unsupported(u32),
-    /// An awareness message past the guard's bounds (close 1007; counted as an awareness
-    /// refusal).
+    /// An awareness message past the guard's bounds (an invalid payload; counted as an
+    /// awareness refusal).
     #[error("awareness refused: {0}")]
     AwarenessRefused(guard::GuardError),
-}
-
-impl WireError {
-    pub fn close_code(&self) -> u16 {
-        match self {
-            WireError::Malformed(_) | WireError::AwarenessRefused(_) => 1007,
-            WireError::Unsupported(_) => 1003,
-        }
-    }
 }
 
 /// One decoded message of an incoming frame.

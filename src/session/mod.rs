@@ -20,6 +20,7 @@ use crate::metrics::Metrics;
 use crate::store::{Store, StoreError};
 use tutor::TutorRoom;
 use whiteboard::{ConnId, Whiteboard, WhiteboardOptions};
+use crate::sync;
 
 /// `[A-Za-z0-9_-]{1,128}`.
 pub fn valid_session_id(id: &str) -> bool {
@@ -40,7 +41,7 @@ pub struct Session {
 
 impl Session {
     fn idle_since(&self) -> MutexGuard<'_, Option<Instant>> {
-        self.idle_since.lock().unwrap_or_else(|e| e.into_inner())
+        sync::lock(&self.idle_since)
     }
 }
 
@@ -86,7 +87,7 @@ impl Registry {
     }
 
     fn map(&self) -> MutexGuard<'_, HashMap<Arc<str>, Arc<Session>>> {
-        self.sessions.lock().unwrap_or_else(|e| e.into_inner())
+        sync::lock(&self.sessions)
     }
 
     /// A fresh connection id.
@@ -431,8 +432,8 @@ mod tests {
 
     /// Connects a peer to the session's whiteboard: with a client connected, a snapshot is
     /// built from the store (the path these tests are about), not from the live document.
-    fn connect_peer(h: &SessionHandle) -> crate::outbox::OutboxReceiver {
-        let (outbox, received) = crate::outbox::outbox(1 << 20);
+    fn connect_peer(h: &SessionHandle) -> crate::ws::outbox::OutboxReceiver {
+        let (outbox, received) = crate::ws::outbox::outbox(1 << 20);
         h.whiteboard.join(1, outbox);
         received
     }

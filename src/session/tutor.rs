@@ -24,9 +24,10 @@ use axum::extract::ws::{Message, Utf8Bytes};
 
 use super::whiteboard::ConnId;
 use crate::metrics::Metrics;
-use crate::outbox::Outbox;
+use crate::ws::outbox::Outbox;
 use crate::protocol::tutor::{ChatMessage, Participant, PresenceEvent, ServerMessage, UserInfo};
 use crate::store::{Store, StoreError};
+use crate::sync;
 
 /// Why a chat text was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -386,7 +387,7 @@ impl TutorRoom {
 
 fn lock(inner: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
     // Nothing panics while holding this lock; recover the room if something ever did.
-    inner.lock().unwrap_or_else(|e| e.into_inner())
+    sync::lock(&inner)
 }
 
 /// Counts bytes without keeping them.

@@ -30,10 +30,11 @@ use yrs::{ClientID, Doc, ReadTxn, StateVector, Transact, Update};
 use crate::config::LimitsConfig;
 use crate::doc::guard::{self, CheckedUpdate, GuardError, NestingIndex};
 use crate::metrics::Metrics;
-use crate::outbox::Outbox;
+use crate::ws::outbox::Outbox;
 use crate::protocol::wire;
 use crate::store::{Store, StoreError};
 use yrs::sync::awareness::AwarenessUpdateEntry;
+use crate::sync;
 
 /// Identifies one connection within the server.
 pub type ConnId = u64;
@@ -181,20 +182,20 @@ impl Whiteboard {
 
     /// The live document (a handle: cloning it is cheap).
     fn doc(&self) -> Doc {
-        self.doc.read().unwrap_or_else(|e| e.into_inner()).clone()
+        sync::read(&self.doc).clone()
     }
 
     fn nesting(&self) -> MutexGuard<'_, NestingIndex> {
-        self.nesting.lock().unwrap_or_else(|e| e.into_inner())
+        sync::lock(&self.nesting)
     }
 
     fn awareness(&self) -> MutexGuard<'_, Awareness> {
-        self.awareness.lock().unwrap_or_else(|e| e.into_inner())
+        sync::lock(&self.awareness)
     }
 
     fn peers(&self) -> MutexGuard<'_, HashMap<ConnId, Outbox>> {
         // Nothing panics while holding this lock; recover the map if something ever did.
-        self.peers.lock().unwrap_or_else(|e| e.into_inner())
+        sync::lock(&self.peers)
     }
 
     /// Registers a connection and queues its greeting: sync step 1 with the server's state
@@ -259,7 +260,7 @@ impl Whiteboard {
         // Read the count before encoding: the cached bytes then hold at least what that
         // count says, and any later change bumps the count and is relayed to the joiner.
         let version = *self.changes.borrow();
-        let mut cache = self.full_step2.lock().unwrap_or_else(|e| e.into_inner());
+        let mut cache = sync::lock(&self.full_step2);
         if let Some((cached, bytes)) = cache.as_ref() {
             if *cached == version {
                 return bytes.clone();
@@ -479,7 +480,7 @@ impl Whiteboard {
     }
 
     fn held_back(&self) -> MutexGuard<'_, Vec<HeldBack>> {
-        self.held_back.lock().unwrap_or_else(|e| e.into_inner())
+        sync::lock(&self.held_back)
     }
 
     /// Whether the document, grown by an update of `added` bytes, stays within
@@ -491,7 +492,7 @@ impl Whiteboard {
     fn fits(&self, doc: &Doc, added: usize) -> bool {
         let limit = self.options.limits.max_doc_bytes as u64;
         let logged = self.log_bytes_since_snapshot.load(Ordering::Acquire);
-        let mut measured = self.measured_size.lock().unwrap_or_else(|e| e.into_inner());
+        let mut measured = sync::lock(&self.measured_size);
         let bound = match *measured {
             // Logged bytes only shrink when a snapshot folds them in; then the snapshot's
             // size is the better base.
@@ -524,12 +525,12 @@ impl Whiteboard {
                     &self.metrics,
                     &self.options.limits,
                 );
-                *self.doc.write().unwrap_or_else(|e| e.into_inner()) = rebuilt.doc;
+                *sync::write(&self.doc) = rebuilt.doc;
                 *self.nesting() = rebuilt.nesting;
                 *self.held_back() = rebuilt.held_back;
                 // A joiner may have been served the refused update meanwhile (step 2 does
                 // not take the peer lock): the cached step 2 goes, and long polls wake.
-                *self.full_step2.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                *sync::lock(&self.full_step2) = None;
                 self.changes.send_modify(|n| *n += 1);
                 tracing::warn!(session = %self.session, error = %why, "update refused after it began to integrate; document rebuilt from the store");
             }
@@ -628,9 +629,7 @@ impl Whiteboard {
 
     /// Time since the last snapshot was taken.
     pub fn snapshot_age(&self) -> std::time::Duration {
-        self.last_snapshot
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+        sync::lock(&self.last_snapshot)
             .elapsed()
     }
 
@@ -790,7 +789,7 @@ impl Whiteboard {
     /// [`Self::compact_stored`]); with none (last client gone, unload, shutdown) there is no
     /// relay to stall, and encoding the live document costs a third as much.
     pub fn snapshot_if_dirty(&self) -> Result<Option<u64>, StoreError> {
-        let _one_at_a_time = self.snapshotting.lock().unwrap_or_else(|e| e.into_inner());
+        let _one_at_a_time = sync::lock(&self.snapshotting);
         if !self.dirty.swap(false, Ordering::AcqRel) {
             return Ok(None);
         }
@@ -856,7 +855,7 @@ impl Whiteboard {
             .fetch_sub(bytes, Ordering::AcqRel);
         self.snapshot_bytes
             .store(state.len() as u64, Ordering::Release);
-        *self.last_snapshot.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+        *sync::lock(&self.last_snapshot) = Instant::now();
         self.metrics
             .snapshot_duration
             .observe(started.elapsed().as_secs_f64());
@@ -961,7 +960,7 @@ fn doc_from_updates(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::outbox::outbox;
+    use crate::ws::outbox::outbox;
     use crate::store::MemoryStore;
     use yrs::{GetString, Text};
 

@@ -20,10 +20,11 @@ use axum::extract::ws::Message;
 use yrs::ClientID;
 
 use super::frames::{self, Kind};
-use super::{close, Close, Flow, FrameHandler};
+use super::close::{self, Close};
+use super::{Flow, FrameHandler};
 use crate::limits::{Strikes, TokenBucket};
 use crate::metrics::Metrics;
-use crate::outbox::Outbox;
+use super::outbox::Outbox;
 use crate::protocol::wire::{self, Inbound};
 use crate::session::whiteboard::{ApplyError, ConnId, Whiteboard};
 use crate::session::SessionHandle;
@@ -138,7 +139,7 @@ impl WhiteboardHandler {
                     self.metrics.updates_rejected.inc();
                 }
                 tracing::warn!(session = %self.session.id, user = %self.user, error = %e, "frame refused");
-                return Err(Close::new(e.close_code(), e.to_string()));
+                return Err(Close::for_wire(&e));
             }
         };
         let Some(message) = message else {
@@ -178,7 +179,7 @@ impl WhiteboardHandler {
                 Err(e) => {
                     self.metrics.updates_rejected.inc();
                     tracing::warn!(session = %self.session.id, user = %self.user, error = %e, "frame refused");
-                    return Flow::Close(Close::new(e.close_code(), e.to_string()));
+                    return Flow::Close(Close::for_wire(&e));
                 }
             }
         }
@@ -186,7 +187,7 @@ impl WhiteboardHandler {
         while pos < bytes.len() {
             let (kind, end) = match frames::next_message(bytes, pos) {
                 Ok(m) => m,
-                Err(e) => return Flow::Close(Close::new(e.close_code(), e.to_string())),
+                Err(e) => return Flow::Close(Close::for_wire(&e)),
             };
             if !self.bucket.try_take() {
                 if kind == Kind::Sync {

@@ -15,12 +15,13 @@ use std::sync::Arc;
 
 use axum::extract::ws::{Message, Utf8Bytes};
 
-use super::{close, Close, Flow, FrameHandler};
+use super::close::{self, Close};
+use super::{Flow, FrameHandler};
 use crate::auth::Role;
 use crate::config::TutorConfig;
 use crate::limits::{Strikes, TokenBucket};
 use crate::metrics::Metrics;
-use crate::outbox::Outbox;
+use super::outbox::Outbox;
 use crate::protocol::tutor::{ClientMessage, ErrorCode, ServerMessage, UserInfo};
 use crate::session::tutor::{check_text, ChatTextError, HistoryRange, Paging};
 use crate::session::whiteboard::ConnId;

@@ -1,7 +1,8 @@
 //! The life of one WebSocket connection, shared by both endpoints.
 //!
 //! A connection is two tasks: the reader (this module's [`run`], driving an endpoint's
-//! [`FrameHandler`]) and a writer that drains the connection's [`Outbox`] into the socket.
+//! [`FrameHandler`]) and a writer that drains the connection's [`outbox::Outbox`] into the
+//! socket.
 //! Every outgoing message, whether the session's fan-out or the reader's own reply, goes
 //! through the outbox, so order is kept and the writer is the only one touching the sink.
 //! The writer also owns the liveness traffic (pings, the whiteboard keep-alive) and every
@@ -21,9 +22,15 @@
 //! A handler that must wait (rate-limit back-pressure, a store read, a paged reply) returns
 //! [`Flow::RetryAfter`] or [`Flow::Then`]; the reader then reads no further frame until the
 //! wait is over, but keeps watching the token's expiry, the writer and the shutdown.
+//!
+//! Admission (who may upgrade) is [`upgrade`]'s; every close code is in [`close`]. This
+//! module must not touch session state or the store: the handlers do, on the reader task.
 
+pub mod close;
 mod frames;
+pub mod outbox;
 pub mod tutor;
+pub mod upgrade;
 pub mod whiteboard;
 
 use std::future::Future;
@@ -34,43 +41,14 @@ use std::time::{Duration, SystemTime};
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use futures_util::stream::SplitSink;
 use futures_util::{SinkExt, StreamExt};
-use tokio::sync::{oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
 use crate::limits::ConnectionPermit;
 use crate::metrics::{Endpoint, EndpointMetrics};
-use crate::outbox::{OutboxReceiver, Progress};
+use close::Close;
+use crate::ws::outbox::{OutboxReceiver, Progress};
 use crate::session::whiteboard::ConnId;
-
-/// Close codes the server sends.
-pub mod close {
-    pub const NORMAL: u16 = 1000;
-    pub const GOING_AWAY: u16 = 1001;
-    pub const UNSUPPORTED: u16 = 1003;
-    pub const INVALID_PAYLOAD: u16 = 1007;
-    pub const POLICY: u16 = 1008;
-    pub const TOO_BIG: u16 = 1009;
-    pub const INTERNAL: u16 = 1011;
-    pub const RESTART: u16 = 1012;
-    pub const TRY_AGAIN_LATER: u16 = 1013;
-    pub const TOKEN_EXPIRED: u16 = 4401;
-}
-
-/// A close the server decided on.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Close {
-    pub code: u16,
-    pub reason: String,
-}
-
-impl Close {
-    pub fn new(code: u16, reason: impl Into<String>) -> Self {
-        Self {
-            code,
-            reason: reason.into(),
-        }
-    }
-}
 
 /// Longer than any connection lives; `Instant + Duration::MAX` would overflow.
 const FAR_FUTURE: Duration = Duration::from_secs(10 * 365 * 86_400);
@@ -120,6 +98,8 @@ pub struct Connection {
     pub user: String,
     /// Holds the connection's place under the caps until the connection is over.
     pub permit: ConnectionPermit,
+    /// Keeps shutdown waiting until the connection is over (see [`DrainGuard`]).
+    pub drain: Option<DrainGuard>,
     pub token_expires: SystemTime,
     /// What the session and the handler queue for this connection.
     pub outbox: OutboxReceiver,
@@ -127,6 +107,18 @@ pub struct Connection {
     pub metrics: EndpointMetrics,
     pub shutdown: watch::Receiver<bool>,
     pub max_frame_bytes: usize,
+}
+
+/// A connection's hold on shutdown: a clone of the sender whose every copy shutdown waits
+/// to see dropped (`recv()` on its receiver returning `None`), instead of polling a count.
+pub struct DrainGuard {
+    _held: mpsc::Sender<()>,
+}
+
+impl DrainGuard {
+    pub fn new(sender: mpsc::Sender<()>) -> Self {
+        Self { _held: sender }
+    }
 }
 
 /// Timing of a connection's writer and reader.
@@ -326,11 +318,11 @@ pub async fn run(socket: WebSocket, conn: Connection, mut handler: impl FrameHan
             }
             _ = overflow.overflowed(), if closer.asked.is_none() => {
                 work = None;
-                closer.ask(Close::new(close::TRY_AGAIN_LATER, "send queue full: reconnect and resync"));
+                closer.ask(Close::queue_full());
             }
             _ = stopping(&mut stopping_rx), if closer.asked.is_none() => {
                 work = None;
-                closer.ask(Close::new(close::RESTART, "server restarting"));
+                closer.ask(Close::restart());
             }
             _ = tokio::time::sleep_until(last_heard + timing.idle_timeout), if closer.asked.is_none() => {
                 // While the handler's work is pending the client is not read: it counts as
@@ -415,6 +407,8 @@ pub async fn run(socket: WebSocket, conn: Connection, mut handler: impl FrameHan
         "connection closed"
     );
     drop(conn.permit);
+    // Last: once every connection's guard is gone, shutdown goes on to the final save.
+    drop(conn.drain);
 }
 
 /// Resolves when the server starts shutting down (or is gone).
@@ -459,10 +453,10 @@ async fn write_loop(
                 Err(_) => return None,
             },
             _ = overflow.overflowed() => {
-                break Close::new(close::TRY_AGAIN_LATER, "send queue full: reconnect and resync");
+                break Close::queue_full();
             }
             _ = stopping(&mut shutdown) => {
-                break Close::new(close::RESTART, "server restarting");
+                break Close::restart();
             }
             m = outbox.recv() => {
                 let mut next = Some(m?);

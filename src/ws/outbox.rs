@@ -20,6 +20,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use axum::extract::ws::Message;
 use tokio::sync::Notify;
+use crate::sync;
 
 /// A plain queue under a briefly held lock rather than a tokio channel: an empty
 /// `VecDeque` allocates nothing, where a channel preallocates a block of 32 slots (about
@@ -49,7 +50,7 @@ struct Shared {
 impl Shared {
     fn queue(&self) -> MutexGuard<'_, VecDeque<Message>> {
         // Nothing panics while holding this lock; recover the queue if something ever did.
-        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+        sync::lock(&self.queue)
     }
 
     /// Waits until every message queued before the call is written, or the writer is gone.

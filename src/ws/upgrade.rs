@@ -1,0 +1,262 @@
+//! WebSocket upgrades: the two endpoints' handlers, refused here, before any WebSocket
+//! exists, when the session id, origin, token, scope or connection caps say so (SPEC.md
+//! sections 2 and 7); an accepted one gets its connection record, outbox and frame handler
+//! and is handed to [`super::run`].
+//!
+//! Owns admission and the per-connection settings (buffers, timing). Must not touch the
+//! reader/writer loop (`ws`), the protocols themselves (`ws::whiteboard`, `ws::tutor`) or
+//! session state beyond joining.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
+use axum::extract::ws::{WebSocket, WebSocketUpgrade};
+use axum::extract::{Query, State};
+use axum::http::{header, HeaderMap};
+use axum::response::Response;
+
+use super::outbox::{outbox, Outbox};
+use super::tutor::TutorHandler;
+use super::whiteboard::WhiteboardHandler;
+use super::{Connection, DrainGuard, Timing};
+use crate::app::{user_info, AppState};
+use crate::auth::Claims;
+use crate::http::{ApiError, ApiPath};
+use crate::limits::{CapError, ConnectionPermit, Strikes, TokenBucket};
+use crate::metrics::Endpoint;
+use crate::protocol::wire;
+use crate::session::SessionHandle;
+
+/// Read buffer of a WebSocket: small, since it is allocated per connection and most
+/// frames (cursor moves, strokes) are well under it; larger frames grow it as needed.
+const WS_READ_BUFFER: usize = 4 * 1024;
+/// Frames the writer batches are gathered up to this size before a send (measured in
+/// BENCHMARKS.md: one `sendto` per frame was half of the server's CPU under load).
+const WS_WRITE_BUFFER: usize = 64 * 1024;
+/// Most frames the writer sends before one flush.
+const WRITE_BATCH: usize = 64;
+
+fn check_origin(app: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+    let allowed = &app.config.http.allowed_origins;
+    if allowed.is_empty() {
+        return Ok(());
+    }
+    // Browsers always send Origin; a request without one is not a browser's, and the
+    // check exists to stop other sites' pages from riding a user's browser.
+    match headers
+        .get(header::ORIGIN)
+        .map(|o| o.to_str().unwrap_or(""))
+    {
+        None => Ok(()),
+        Some(o) if allowed.iter().any(|a| a == o) => Ok(()),
+        Some(o) => {
+            app.metrics.auth_failure("origin");
+            tracing::info!(
+                origin = o,
+                reason = "origin",
+                "upgrade refused: origin not allowed"
+            );
+            Err(ApiError::Forbidden(format!("origin {o} is not allowed")))
+        }
+    }
+}
+
+fn acquire(
+    app: &AppState,
+    claims: &Claims,
+    session: &str,
+    e: Endpoint,
+) -> Result<ConnectionPermit, ApiError> {
+    app.caps.acquire(&claims.sub, session, e).map_err(|err| {
+        app.metrics.auth_failure(err.reason());
+        tracing::info!(%session, user = %claims.sub, reason = err.reason(), "upgrade refused");
+        match err {
+            CapError::PerUser | CapError::PerUserTotal => {
+                ApiError::TooManyConnections(err.to_string())
+            }
+            CapError::Total => ApiError::Unavailable(err.to_string()),
+        }
+    })
+}
+
+fn timing(app: &AppState, keepalive: bool) -> Timing {
+    let l = &app.config.limits;
+    Timing {
+        ping_interval: Duration::from_secs(l.ping_interval_s),
+        idle_timeout: Duration::from_secs(l.idle_timeout_s),
+        keepalive: keepalive.then(|| {
+            (
+                Duration::from_secs(app.config.whiteboard.keepalive_s),
+                wire::KEEPALIVE,
+            )
+        }),
+        batch: WRITE_BATCH,
+    }
+}
+
+/// Everything a connection needs once its upgrade passed every check.
+struct Admitted {
+    claims: Claims,
+    permit: ConnectionPermit,
+    /// Shutdown waits until this is dropped (with the connection, or with an upgrade that
+    /// never completes).
+    drain: Option<DrainGuard>,
+    session: SessionHandle,
+}
+
+async fn admit(
+    app: &AppState,
+    endpoint: Endpoint,
+    session: &str,
+    headers: &HeaderMap,
+    query: &HashMap<String, String>,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Result<(Admitted, WebSocketUpgrade), ApiError> {
+    let claims = app.authorize(session, headers, query, ws.as_ref().ok())?;
+    check_origin(app, headers)?;
+    let ws = ws.map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    let permit = acquire(app, &claims, session, endpoint)?;
+    let session = app.open_session(&claims, session).await?;
+    let max = app.config.limits.max_frame_bytes;
+    let ws = ws
+        .protocols(["easel"])
+        .read_buffer_size(WS_READ_BUFFER)
+        // The writer feeds a batch of frames, then flushes once: one send per batch.
+        .write_buffer_size(WS_WRITE_BUFFER)
+        // Frames up to twice the limit are read whole and refused with 1009 and a clean
+        // close; beyond that the socket is dropped mid-frame.
+        .max_message_size(max.saturating_mul(2))
+        .max_frame_size(max.saturating_mul(2));
+    let admitted = Admitted {
+        claims,
+        permit,
+        // `None` only once shutdown found no connection left to wait for: this one is
+        // closed with 1012 at once, like any connection still open then.
+        drain: app.drain.upgrade().map(DrainGuard::new),
+        session,
+    };
+    Ok((admitted, ws))
+}
+
+/// `GET /ws/v2/session/{session}/whiteboard`: the y-websocket endpoint (SPEC.md 3).
+pub async fn whiteboard_ws(
+    State(app): State<Arc<AppState>>,
+    ApiPath(session): ApiPath<String>,
+    Query(query): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Result<Response, ApiError> {
+    let (a, ws) = admit(&app, Endpoint::Whiteboard, &session, &headers, &query, ws).await?;
+    Ok(ws.on_upgrade(move |socket| run_whiteboard(app, socket, a)))
+}
+
+async fn run_whiteboard(app: Arc<AppState>, socket: WebSocket, a: Admitted) {
+    let limits = &app.config.limits;
+    let Admitted {
+        claims,
+        permit,
+        drain,
+        session,
+    } = a;
+    let (conn, tx) = connection(&app, Endpoint::Whiteboard, &session, &claims, permit, drain);
+    session.whiteboard.join(conn.id, tx.clone());
+    let handler = WhiteboardHandler::new(
+        conn.id,
+        session,
+        tx,
+        claims.role.can_write(),
+        TokenBucket::new(limits.whiteboard_rate, limits.whiteboard_burst),
+        Strikes::new(limits.whiteboard_burst, Duration::from_secs(60)),
+        app.metrics.clone(),
+        claims.sub,
+    );
+    super::run(socket, conn, handler).await;
+}
+
+/// A connection's record and the sending side of its outbox: a fresh id, logged as connected.
+fn connection(
+    app: &AppState,
+    endpoint: Endpoint,
+    session: &SessionHandle,
+    claims: &Claims,
+    permit: ConnectionPermit,
+    drain: Option<DrainGuard>,
+) -> (Connection, Outbox) {
+    let id = app.registry.next_conn_id();
+    let (tx, rx) = outbox(app.config.limits.max_send_queue_bytes);
+    tracing::info!(conn = id, endpoint = endpoint.as_str(), session = %session.id, user = %claims.sub, role = claims.role.as_str(), "connected");
+    let conn = Connection {
+        id,
+        endpoint,
+        session: session.id.clone(),
+        token_expires: app.verifier.expires_at(claims),
+        user: claims.sub.clone(),
+        permit,
+        drain,
+        outbox: rx,
+        timing: timing(app, endpoint == Endpoint::Whiteboard),
+        metrics: app.metrics.endpoint(endpoint).clone(),
+        shutdown: app.shutdown.clone(),
+        max_frame_bytes: app.config.limits.max_frame_bytes,
+    };
+    (conn, tx)
+}
+
+/// `GET /ws/v2/session/{session}`: the tutor chat endpoint (SPEC.md 4).
+pub async fn tutor_ws(
+    State(app): State<Arc<AppState>>,
+    ApiPath(session): ApiPath<String>,
+    Query(query): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Result<Response, ApiError> {
+    // The token first: a client without one is told 401, whatever else it sent.
+    let (a, ws) = admit(&app, Endpoint::Tutor, &session, &headers, &query, ws).await?;
+    let after_seq = match query.get("after_seq") {
+        None => None,
+        Some(v) => Some(
+            v.parse::<u64>()
+                .map_err(|_| ApiError::BadRequest("after_seq must be a whole number".into()))?,
+        ),
+    };
+    Ok(ws.on_upgrade(move |socket| run_tutor(app, socket, a, after_seq)))
+}
+
+async fn run_tutor(app: Arc<AppState>, socket: WebSocket, a: Admitted, after_seq: Option<u64>) {
+    let cfg = &app.config;
+    let Admitted {
+        claims,
+        permit,
+        drain,
+        session,
+    } = a;
+    let (conn, tx) = connection(&app, Endpoint::Tutor, &session, &claims, permit, drain);
+    let user = user_info(&claims);
+    if let Err(e) = session.tutor.join(
+        conn.id,
+        user.clone(),
+        tx.clone(),
+        after_seq,
+        cfg.tutor.history_on_connect,
+    ) {
+        tracing::error!(session = %session.id, error = %e, "tutor join failed: history unreadable");
+        return;
+    }
+    let handler = TutorHandler {
+        conn: conn.id,
+        session,
+        outbox: tx,
+        user,
+        role: claims.role,
+        bucket: TokenBucket::new(cfg.limits.tutor_rate, cfg.limits.tutor_burst),
+        strikes: Strikes::new(
+            cfg.tutor.bad_message_limit,
+            Duration::from_secs(cfg.tutor.bad_message_window_s),
+        ),
+        config: cfg.tutor.clone(),
+        metrics: app.metrics.clone(),
+    };
+    super::run(socket, conn, handler).await;
+}
