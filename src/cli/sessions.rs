@@ -1,11 +1,12 @@
-//! Operator commands: `easel snapshot list | export | inspect | restore | import` and
-//! `easel sessions`.
+//! `easel sessions`, and the admin client it and `easel snapshot` use: list, export,
+//! inspect, restore and import, on a data directory or a running server.
 //!
 //! Each works on a data directory directly when no server holds it, or through a running
 //! server's HTTP API (`--server URL --token JWT`): sled locks its directory, so while a
 //! server runs, the API is the only way in, and the error says so. Restores and imports on
 //! a directory go through the same `Registry` and `Whiteboard` code as the server's, so an
-//! offline restore records a new version exactly like a live one.
+//! offline restore records a new version exactly like a live one. Must not print: the
+//! commands do.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -14,13 +15,32 @@ use serde::Deserialize;
 use yrs::updates::decoder::Decode;
 use yrs::{Doc, Transact, Update};
 
-use crate::config::Config;
-use crate::http_api::rfc3339_ms;
-use crate::metrics::Metrics;
-use crate::session::restore::doc_to_json;
-use crate::session::whiteboard::RestoreFailure;
-use crate::session::Registry;
-use crate::store::{SessionInfo, SledStore, Store, StoreError};
+use easel::config::Config;
+use easel::http::rfc3339_ms;
+use easel::metrics::Metrics;
+use easel::session::restore::doc_to_json;
+use easel::session::whiteboard::RestoreFailure;
+use easel::session::Registry;
+use easel::store::{SessionInfo, SledStore, Store, StoreError};
+
+/// `easel sessions`: every stored session, one line each.
+pub fn sessions(admin: Admin) -> anyhow::Result<()> {
+    let sessions = admin.sessions()?;
+    println!(
+        "{:<32}  {:>10}  {:<24}  {:>9}",
+        "session", "bytes", "last_activity", "snapshots"
+    );
+    for s in sessions {
+        println!(
+            "{:<32}  {:>10}  {:<24}  {:>9}",
+            s.id,
+            s.bytes,
+            rfc3339_ms(s.last_activity_ms),
+            s.snapshots
+        );
+    }
+    Ok(())
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum AdminError {
@@ -70,12 +90,12 @@ impl Admin {
         }
         match SledStore::open_with(
             &config.data_dir,
-            crate::store::SledSettings::from_config(config),
+            easel::store::SledSettings::from_config(config),
             None,
         ) {
             Ok(store) => Ok(Arc::new(store)),
             // A running server holds the directory: the way in is its HTTP API.
-            Err(e) if crate::store::is_locked_error(&e) => Err(AdminError::Invalid(format!(
+            Err(e) if easel::store::is_locked_error(&e) => Err(AdminError::Invalid(format!(
                 "{}; go through it with --server URL --token JWT (an admin token for every \
                  session: `easel token --data-dir {} --sub me --session '*' --role admin`)",
                 locked_message(&config.data_dir),
@@ -296,8 +316,8 @@ pub fn inspect(update: &[u8]) -> Result<serde_json::Value, AdminError> {
 /// a client's, and a nesting bomb would overflow the stack inside yrs's decoder. The
 /// session a file is imported into applies its configured `limits.max_nesting` too.
 fn decode_checked(update: &[u8]) -> Result<Update, AdminError> {
-    crate::doc::guard::NestingIndex::default()
-        .check(update, crate::doc::guard::SAFE_NESTING)
+    easel::doc::guard::NestingIndex::default()
+        .check(update, easel::doc::guard::SAFE_NESTING)
         .map_err(|e| AdminError::Invalid(format!("not a usable Yjs v1 update: {e}")))?;
     Update::decode_v1(update).map_err(|e| AdminError::Invalid(format!("not a Yjs v1 update: {e}")))
 }
