@@ -10,12 +10,12 @@
 //! whose key is random for each run (so a fingerprint cannot be checked against a guessed
 //! token, and means nothing outside this run's log).
 
+use crate::sync;
 use std::collections::hash_map::RandomState;
 use std::collections::HashMap;
 use std::hash::BuildHasher;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
-use crate::sync;
 
 /// How often a summary line may be written per token.
 pub const WINDOW: Duration = Duration::from_secs(60);

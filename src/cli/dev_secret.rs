@@ -75,8 +75,7 @@ pub fn load_or_create(path: &Path) -> anyhow::Result<String> {
     };
     let written = write();
     let _ = std::fs::remove_file(&tmp);
-    written
-        .with_context(|| format!("cannot write the development secret {}", path.display()))?;
+    written.with_context(|| format!("cannot write the development secret {}", path.display()))?;
     match load(path)? {
         Some(secret) => Ok(secret),
         None => bail!("{} vanished right after it was written", path.display()),

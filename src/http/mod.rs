@@ -129,10 +129,6 @@ pub async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri
     ApiError::MethodNotAllowed(format!("{method} is not served on {}", uri.path()))
 }
 
-
-
-
-
 /// `?token=` and anything else in the query string.
 pub(crate) type QueryMap = HashMap<String, String>;
 
@@ -196,19 +192,11 @@ pub(crate) fn storage(e: StoreError) -> ApiError {
     ApiError::Internal("storage error".into())
 }
 
-
-
 /// Milliseconds since the epoch as RFC 3339, UTC.
 pub fn rfc3339_ms(ms: u64) -> String {
     let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms);
     humantime::format_rfc3339_millis(t).to_string()
 }
-
-
-
-
-
-
 
 /// Longest a long poll is held (SPEC.md section 6).
 const MAX_WAIT_S: u64 = 30;
@@ -235,9 +223,3 @@ pub(crate) fn number_param(query: &QueryMap, name: &str) -> Result<Option<u64>, 
         })
         .transpose()
 }
-
-
-
-
-
-

@@ -6,6 +6,7 @@
 //! of Yjs servers is docs kept after their last client left). The registry owns the map
 //! and the reaper; what a session does lives in [`whiteboard`] and [`tutor`].
 
+pub mod peers;
 pub mod restore;
 pub mod tutor;
 pub mod whiteboard;
@@ -18,9 +19,9 @@ use std::time::{Duration, Instant};
 use crate::config::{Config, Durability};
 use crate::metrics::Metrics;
 use crate::store::{Store, StoreError};
+use crate::sync;
 use tutor::TutorRoom;
 use whiteboard::{ConnId, Whiteboard, WhiteboardOptions};
-use crate::sync;
 
 /// `[A-Za-z0-9_-]{1,128}`.
 pub fn valid_session_id(id: &str) -> bool {

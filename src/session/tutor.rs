@@ -17,17 +17,17 @@
 //! after the last page: nothing falls between the history and the live stream, and nothing
 //! comes twice. What is held counts against the connection's send-queue limit (1013 past it).
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use axum::extract::ws::{Message, Utf8Bytes};
 
-use super::whiteboard::ConnId;
+use super::peers::{ConnId, Peer, Peers};
 use crate::metrics::Metrics;
-use crate::ws::outbox::Outbox;
 use crate::protocol::tutor::{ChatMessage, Participant, PresenceEvent, ServerMessage, UserInfo};
 use crate::store::{Store, StoreError};
 use crate::sync;
+use crate::ws::outbox::Outbox;
 
 /// Why a chat text was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -90,7 +90,7 @@ struct Member {
     catch_up: Option<CatchUp>,
 }
 
-impl Member {
+impl Peer for Member {
     /// Queues a broadcast, or holds it back while the member's history is being sent.
     fn deliver(&mut self, msg: &Message) {
         let Some(held) = self.held.as_mut() else {
@@ -117,7 +117,7 @@ impl Member {
 
 struct Inner {
     last_seq: u64,
-    members: HashMap<ConnId, Member>,
+    members: Peers<Member>,
 }
 
 /// Why a history could not be sent.
@@ -166,7 +166,7 @@ impl TutorRoom {
             session,
             inner: Arc::new(Mutex::new(Inner {
                 last_seq,
-                members: HashMap::new(),
+                members: Peers::default(),
             })),
             store,
             metrics,
@@ -180,7 +180,7 @@ impl TutorRoom {
         lock(&self.inner)
     }
 
-    fn participants(members: &HashMap<ConnId, Member>) -> Vec<Participant> {
+    fn participants(members: &Peers<Member>) -> Vec<Participant> {
         let mut by_user: BTreeMap<&str, Participant> = BTreeMap::new();
         for m in members.values() {
             by_user
@@ -246,11 +246,7 @@ impl TutorRoom {
                 }
                 .to_json(),
             );
-            for (id, m) in inner.members.iter_mut() {
-                if *id != conn {
-                    m.deliver(&msg);
-                }
-            }
+            inner.members.broadcast(&msg, Some(conn));
         }
         Ok(())
     }
@@ -313,9 +309,7 @@ impl TutorRoom {
             }
             .to_json(),
         );
-        for m in inner.members.values_mut() {
-            m.deliver(&msg);
-        }
+        inner.members.broadcast(&msg, None);
     }
 
     /// Stores a chat message under the next `seq` and sends it to every connection,
@@ -343,9 +337,7 @@ impl TutorRoom {
         self.seq_changes.send_replace(message.seq);
         self.metrics.chat_messages.inc();
         let msg = text(ServerMessage::Chat(&message).to_json());
-        for m in inner.members.values_mut() {
-            m.deliver(&msg);
-        }
+        inner.members.broadcast(&msg, None);
         Ok(message)
     }
 
@@ -353,11 +345,7 @@ impl TutorRoom {
     pub fn relay(&self, from: ConnId, message: &ServerMessage<'_>) {
         let msg = text(message.to_json());
         let mut inner = self.inner();
-        for (id, m) in inner.members.iter_mut() {
-            if *id != from {
-                m.deliver(&msg);
-            }
-        }
+        inner.members.broadcast(&msg, Some(from));
     }
 
     pub fn last_seq(&self) -> u64 {

@@ -18,9 +18,9 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use crate::sync;
 use axum::extract::ws::Message;
 use tokio::sync::Notify;
-use crate::sync;
 
 /// A plain queue under a briefly held lock rather than a tokio channel: an empty
 /// `VecDeque` allocates nothing, where a channel preallocates a block of 32 slots (about

@@ -16,12 +16,12 @@ use std::sync::Arc;
 use axum::extract::ws::{Message, Utf8Bytes};
 
 use super::close::{self, Close};
+use super::outbox::Outbox;
 use super::{Flow, FrameHandler};
 use crate::auth::Role;
 use crate::config::TutorConfig;
 use crate::limits::{Strikes, TokenBucket};
 use crate::metrics::Metrics;
-use super::outbox::Outbox;
 use crate::protocol::tutor::{ClientMessage, ErrorCode, ServerMessage, UserInfo};
 use crate::session::tutor::{check_text, ChatTextError, HistoryRange, Paging};
 use crate::session::whiteboard::ConnId;

@@ -19,12 +19,12 @@ use std::sync::Arc;
 use axum::extract::ws::Message;
 use yrs::ClientID;
 
-use super::frames::{self, Kind};
 use super::close::{self, Close};
+use super::frames::{self, Kind};
+use super::outbox::Outbox;
 use super::{Flow, FrameHandler};
 use crate::limits::{Strikes, TokenBucket};
 use crate::metrics::Metrics;
-use super::outbox::Outbox;
 use crate::protocol::wire::{self, Inbound};
 use crate::session::whiteboard::{ApplyError, ConnId, Whiteboard};
 use crate::session::SessionHandle;

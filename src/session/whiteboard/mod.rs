@@ -1,0 +1,523 @@
+//! A session's whiteboard: one `yrs` document and its awareness, and the fan-out to every
+//! connection of the session.
+//!
+//! This is the only place a session's document is changed. Every change, whoever sends it
+//! (a WebSocket client, the HTTP API, later another node), goes through
+//! [`Whiteboard::apply_update`]: decode, apply in one short transaction, append to the
+//! store's log, then push the same encoded bytes to every peer's outbox. The peer list's
+//! lock is held across apply and fan-out so that a peer that joins sees every update either
+//! in its sync step 2 or in its queue, never neither. No lock here is held across an
+//! `.await`; nothing here touches a socket.
+//!
+//! Snapshots stay off that path. The relay only counts what it logged; housekeeping asks
+//! [`Whiteboard::snapshot_wanted`] and, while clients are connected, builds the state on
+//! its own thread from the store (a fresh document: the live one is not locked). The store
+//! deletes just the log entries that state includes (by seq), so updates logged meanwhile
+//! are kept and nothing needs the peer lock.
+//!
+//! Split by concern: [`held_back`] (updates waiting for missing content, and rebuilding
+//! from the store), [`awareness`] (cursors and presence and their bounds), [`snapshot`]
+//! (when and how a snapshot is written). Every file adds to the one `impl Whiteboard`;
+//! this one keeps the state, joining and leaving, and the update path. Must not touch
+//! sockets or the store's internals.
+
+mod awareness;
+mod held_back;
+mod snapshot;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::Instant;
+
+use axum::extract::ws::Message;
+use bytes::Bytes;
+use yrs::sync::{Awareness, AwarenessUpdate};
+use yrs::updates::decoder::Decode;
+use yrs::updates::encoder::Encode;
+use yrs::{ClientID, Doc, ReadTxn, StateVector, Transact, Update};
+
+use super::peers::Peers;
+use crate::config::LimitsConfig;
+use crate::doc::guard::{self, CheckedUpdate, GuardError, NestingIndex};
+use crate::metrics::Metrics;
+use crate::protocol::wire;
+use crate::store::{Store, StoreError};
+use crate::sync;
+use crate::ws::outbox::Outbox;
+use held_back::{doc_from_updates, HeldBack};
+use yrs::sync::awareness::AwarenessUpdateEntry;
+
+/// Identifies one connection within the server.
+pub use super::peers::ConnId;
+
+/// Why an update was not applied. The document is unchanged in every case.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error("update does not decode: {0}")]
+    Decode(String),
+    #[error("update rejected: {0}")]
+    Rejected(String),
+    /// Refused by the update guard (SPEC.md 7.1) before `yrs` saw it.
+    #[error("update refused: {0}")]
+    Guard(#[from] crate::doc::guard::GuardError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Why a restore did not happen. The document is unchanged in every case.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreFailure {
+    #[error("no snapshot version {0}")]
+    NoSuchVersion(u64),
+    #[error("stored version refused: {0}")]
+    Guard(#[from] GuardError),
+    #[error(transparent)]
+    Restore(#[from] super::restore::RestoreError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// How a whiteboard treats what it is sent.
+#[derive(Debug, Clone, Copy)]
+pub struct WhiteboardOptions {
+    /// Send updates back to their sender too.
+    pub echo_updates: bool,
+    /// Flush the store before relaying (`persist.durability = "sync"`).
+    pub flush_before_relay: bool,
+    /// Snapshot after this many logged updates (`persist.snapshot_every_updates`), once
+    /// the log has also grown to the last snapshot's size (see [`Whiteboard::log_update`]).
+    pub snapshot_every_updates: u64,
+    /// The bounds of SPEC.md 7.1 a whiteboard enforces (nesting, document size, pending
+    /// bytes, awareness), as configured.
+    pub limits: LimitsConfig,
+}
+
+pub struct Whiteboard {
+    session: Arc<str>,
+    /// The live document. Replaced (under the peer lock) only when an update that began to
+    /// integrate must be undone: it is rebuilt from the store, which never held that update.
+    doc: RwLock<Doc>,
+    /// What the update guard knows of the document's nesting; changed under the peer lock.
+    nesting: Mutex<NestingIndex>,
+    /// Updates that depend on content the document does not have yet, oldest first: held
+    /// here rather than left pending in yrs (see [`CheckedUpdate::waits`]). Changed under
+    /// the peer lock.
+    held_back: Mutex<Vec<HeldBack>>,
+    /// The document's encoded size when last measured, with the log bytes counted then
+    /// (see [`Whiteboard::fits`]).
+    measured_size: Mutex<Option<(u64, u64)>>,
+    /// Locked after `peers` when both are needed.
+    awareness: Mutex<Awareness>,
+    peers: Mutex<Peers<Outbox>>,
+    store: Arc<dyn Store>,
+    metrics: Arc<Metrics>,
+    options: WhiteboardOptions,
+    /// The seq of the last log entry written; only grows, under the peer lock.
+    log_seq: AtomicU64,
+    /// Updates and bytes logged since the last snapshot.
+    updates_since_snapshot: AtomicU64,
+    log_bytes_since_snapshot: AtomicU64,
+    /// Size of the last snapshot's state.
+    snapshot_bytes: AtomicU64,
+    /// One snapshot at a time: two racing could store an older state as the newer version.
+    snapshotting: Mutex<()>,
+    dirty: AtomicBool,
+    last_snapshot: Mutex<Instant>,
+    /// Counts changes, for long polls waiting on the document.
+    changes: tokio::sync::watch::Sender<u64>,
+    /// The sync step 2 for an empty state vector (a joiner with a fresh document), with the
+    /// change count it was encoded at: a join storm encodes a large board once, not per joiner.
+    full_step2: Mutex<Option<(u64, Bytes)>>,
+}
+
+impl Default for WhiteboardOptions {
+    /// SPEC.md's defaults, as a session with no configuration gets them.
+    fn default() -> Self {
+        Self {
+            echo_updates: false,
+            flush_before_relay: false,
+            snapshot_every_updates: 500,
+            limits: LimitsConfig::default(),
+        }
+    }
+}
+
+impl Whiteboard {
+    /// Rebuilds the session's document from the store.
+    pub fn load(
+        session: Arc<str>,
+        store: Arc<dyn Store>,
+        metrics: Arc<Metrics>,
+        options: WhiteboardOptions,
+    ) -> Result<Self, StoreError> {
+        let stored = store.load_whiteboard(&session)?;
+        let has_snapshot = stored.snapshot_version > 0 && !stored.updates.is_empty();
+        let (snapshot, log) = stored.updates.split_at(usize::from(has_snapshot));
+        let snapshot_bytes = snapshot.first().map_or(0, |s| s.len() as u64);
+        let log_len = log.len() as u64;
+        let log_bytes = log.iter().map(|u| u.len() as u64).sum();
+        let rebuilt = doc_from_updates(&session, &stored.updates, &metrics, &options.limits);
+        Ok(Self {
+            session,
+            awareness: Mutex::new(Awareness::new(rebuilt.doc.clone())),
+            doc: RwLock::new(rebuilt.doc),
+            nesting: Mutex::new(rebuilt.nesting),
+            held_back: Mutex::new(rebuilt.held_back),
+            measured_size: Mutex::new(None),
+            peers: Mutex::new(Peers::default()),
+            store,
+            metrics,
+            options,
+            log_seq: AtomicU64::new(stored.last_log_seq),
+            // A log left after the snapshot (a crash, a kill) is folded into the next one.
+            updates_since_snapshot: AtomicU64::new(log_len),
+            log_bytes_since_snapshot: AtomicU64::new(log_bytes),
+            snapshot_bytes: AtomicU64::new(snapshot_bytes),
+            snapshotting: Mutex::new(()),
+            dirty: AtomicBool::new(log_len > 0),
+            last_snapshot: Mutex::new(Instant::now()),
+            changes: tokio::sync::watch::Sender::new(0),
+            full_step2: Mutex::new(None),
+        })
+    }
+
+    /// The live document (a handle: cloning it is cheap).
+    fn doc(&self) -> Doc {
+        sync::read(&self.doc).clone()
+    }
+
+    fn nesting(&self) -> MutexGuard<'_, NestingIndex> {
+        sync::lock(&self.nesting)
+    }
+
+    fn peers(&self) -> MutexGuard<'_, Peers<Outbox>> {
+        // Nothing panics while holding this lock; recover the map if something ever did.
+        sync::lock(&self.peers)
+    }
+
+    /// Registers a connection and queues its greeting: sync step 1 with the server's state
+    /// vector, then every awareness state if there are any.
+    pub fn join(&self, conn: ConnId, outbox: Outbox) {
+        let mut peers = self.peers();
+        let sv = self.doc().transact().state_vector();
+        outbox.send(Message::Binary(wire::sync_step1(sv)));
+        if let Some(states) = self.awareness_states() {
+            outbox.send(Message::Binary(states));
+        }
+        peers.insert(conn, outbox);
+    }
+
+    /// Unregisters a connection and removes the awareness clients it announced, relaying
+    /// the removal to the others with each client's own last clock (as y-protocols'
+    /// `removeAwarenessStates` does): a bumped clock would hide the same client, when it
+    /// reconnects with its old clock, until its state's clock passed the bumped one.
+    pub fn leave(&self, conn: ConnId, awareness_clients: &HashSet<ClientID>) {
+        let mut peers = {
+            let mut peers = self.peers();
+            peers.remove(&conn);
+            if awareness_clients.is_empty() {
+                return;
+            }
+            peers
+        };
+        let removal = {
+            let mut awareness = self.awareness();
+            let clients: HashMap<ClientID, AwarenessUpdateEntry> = awareness_clients
+                .iter()
+                .filter_map(|id| {
+                    let (clock, _) = awareness.meta(*id)?;
+                    let entry = AwarenessUpdateEntry {
+                        clock,
+                        json: Arc::from("null"),
+                    };
+                    Some((*id, entry))
+                })
+                .collect();
+            if clients.is_empty() {
+                return;
+            }
+            let removal = AwarenessUpdate { clients };
+            // Same clock, null state: y-protocols and yrs both remove the state.
+            if let Err(e) = awareness.apply_update(removal.clone()) {
+                tracing::debug!(session = %self.session, error = %e, "awareness removal not applied");
+            }
+            removal
+        };
+        peers.broadcast(&Message::Binary(wire::awareness(removal)), None);
+    }
+
+    /// Sync step 2 for a peer whose state vector is `sv`.
+    pub fn sync_step2(&self, sv: &StateVector) -> Bytes {
+        if !sv.is_empty() {
+            return wire::sync_step2(self.doc().transact().encode_state_as_update_v1(sv));
+        }
+        // Read the count before encoding: the cached bytes then hold at least what that
+        // count says, and any later change bumps the count and is relayed to the joiner.
+        let version = *self.changes.borrow();
+        let mut cache = sync::lock(&self.full_step2);
+        if let Some((cached, bytes)) = cache.as_ref() {
+            if *cached == version {
+                return bytes.clone();
+            }
+        }
+        let bytes = wire::sync_step2(self.doc().transact().encode_state_as_update_v1(sv));
+        *cache = Some((version, bytes.clone()));
+        bytes
+    }
+
+    /// Follows the document's changes (for long polls).
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    /// Whether the document holds anything a peer at state vector `sv` lacks (deletions
+    /// aside: they do not advance a state vector).
+    pub fn is_ahead_of(&self, sv: &StateVector) -> bool {
+        let current = self.doc().transact().state_vector();
+        current
+            .iter()
+            .any(|(client, clock)| *clock > sv.get(client))
+    }
+
+    /// What a peer at state vector `sv` is missing, as one Yjs v1 update.
+    pub fn diff(&self, sv: &StateVector) -> Vec<u8> {
+        self.doc().transact().encode_state_as_update_v1(sv)
+    }
+
+    /// The whole document as one Yjs v1 update.
+    pub fn encode_state(&self) -> Vec<u8> {
+        self.doc()
+            .transact()
+            .encode_state_as_update_v1(&StateVector::default())
+    }
+
+    /// Applies a Yjs v1 update from `origin` (`None`: not a connection of this node).
+    ///
+    /// `message`, when given, is the update already encoded as a sync-update message (the
+    /// bytes the client sent): it is relayed as is. Returns whether the document changed.
+    pub fn apply_update(
+        &self,
+        origin: Option<ConnId>,
+        update: &[u8],
+        message: Option<Bytes>,
+    ) -> Result<bool, ApplyError> {
+        let started = Instant::now();
+        let mut peers = self.peers();
+        // The guard walks the bytes before yrs decodes them (SPEC.md 7.1): lengths, counts,
+        // value depth, and the depth of every shared type against what the document holds.
+        let checked = self
+            .nesting()
+            .check(update, self.options.limits.max_nesting)
+            .inspect_err(|e| self.metrics.guard_refusals.count(e))?;
+        if checked.is_empty {
+            return Ok(false);
+        }
+        if checked.waits {
+            self.hold_back(update, checked.waits_on)?;
+            return Ok(false);
+        }
+        // Almost always nothing is held back: then the relay path pays nothing for it.
+        let clients = (!self.held_back().is_empty()).then(|| checked.clients());
+        let changed = self.integrate(&mut peers, origin, update, message, checked, true)?;
+        if changed {
+            if let Some(clients) = clients {
+                self.retry_held_back(&mut peers, clients);
+            }
+            self.metrics
+                .relay_latency
+                .observe(started.elapsed().as_secs_f64());
+        }
+        Ok(changed)
+    }
+
+    /// Integrates a checked update that waits for nothing, logs it (unless it was logged
+    /// when it was held back) and relays it. Called with the peer lock held (`peers`).
+    fn integrate(
+        &self,
+        peers: &mut Peers<Outbox>,
+        origin: Option<ConnId>,
+        update: &[u8],
+        message: Option<Bytes>,
+        checked: CheckedUpdate,
+        log: bool,
+    ) -> Result<bool, ApplyError> {
+        let limits = self.options.limits;
+        let decoded = Update::decode_v1(update).map_err(|e| ApplyError::Decode(e.to_string()))?;
+        let doc = self.doc();
+        // Checked before integrating, so a refusal needs no undoing: the update's size
+        // stands for what it could add.
+        if !self.fits(&doc, update.len()) {
+            self.metrics.guard_refusals.doc_size.inc();
+            return Err(ApplyError::Guard(GuardError::TooLarge {
+                what: "the document",
+                limit: limits.max_doc_bytes,
+            }));
+        }
+        let integrated = {
+            let mut txn = doc.transact_mut();
+            let applied = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                txn.apply_update(decoded)
+            }));
+            match applied {
+                // The guard holds back whatever depends on absent content, so nothing may
+                // be left pending in yrs; if something is, the guard missed a dependency.
+                Ok(Ok(())) if txn.has_missing_updates() => Err(ApplyError::Guard(
+                    GuardError::Malformed("depends on content the server does not have".into()),
+                )),
+                // Whatever yrs integrated counts, including blocks that fill a range the
+                // state vector already covered (a skip integrated earlier): judged by the
+                // state vector alone such an update was taken for a no-op, kept in the live
+                // document but neither logged nor relayed (a fuzz finding).
+                Ok(Ok(())) => Ok(txn.has_changes() || txn.before_state() != &txn.state_vector()),
+                Ok(Err(e)) => Err(ApplyError::Rejected(e.to_string())),
+                Err(_) => Err(ApplyError::Rejected("integration panicked".into())),
+            }
+        };
+        let changed = match integrated {
+            Ok(changed) => changed,
+            Err(e) => return Err(self.roll_back(e)),
+        };
+        if !changed {
+            return Ok(false);
+        }
+        if log {
+            if let Err(e) = self.log_update(update) {
+                return Err(self.roll_back(e.into()));
+            }
+        }
+        self.nesting().commit(checked);
+        self.metrics.updates_applied.inc();
+        self.changes.send_modify(|n| *n += 1);
+        // What the client sent is exactly what the others need.
+        let frame = message.unwrap_or_else(|| wire::update(update.to_vec()));
+        let except = if self.options.echo_updates {
+            None
+        } else {
+            origin
+        };
+        peers.broadcast(&Message::Binary(frame), except);
+        Ok(true)
+    }
+
+    /// Whether the document, grown by an update of `added` bytes, stays within
+    /// `limits.max_doc_bytes`. The document's size is bounded from above by its last known
+    /// size (the last snapshot's, or the last measurement's) plus the bytes logged since;
+    /// only when that bound passes the limit is the document encoded to measure it, and the
+    /// measurement becomes the new base. A board near the limit is measured once per
+    /// limit-minus-size of logged bytes, not per update.
+    fn fits(&self, doc: &Doc, added: usize) -> bool {
+        let limit = self.options.limits.max_doc_bytes as u64;
+        let logged = self.log_bytes_since_snapshot.load(Ordering::Acquire);
+        let mut measured = sync::lock(&self.measured_size);
+        let bound = match *measured {
+            // Logged bytes only shrink when a snapshot folds them in; then the snapshot's
+            // size is the better base.
+            Some((exact, logged_then)) if logged >= logged_then => exact + (logged - logged_then),
+            _ => self.snapshot_bytes.load(Ordering::Acquire) + logged,
+        };
+        if bound + added as u64 <= limit {
+            return true;
+        }
+        let exact = doc
+            .transact()
+            .encode_state_as_update_v1(&StateVector::default())
+            .len() as u64;
+        *measured = Some((exact, logged));
+        exact + added as u64 <= limit
+    }
+
+    /// Undoes an update that began to integrate and is refused after all (SPEC.md 7.1: the
+    /// live document stays exactly as it was): the document is rebuilt from the store,
+    /// which holds every update that was accepted and never the refused one. Called with
+    /// the peer lock held, so no update slips in between; nothing was relayed. Returns
+    /// `why`, for the caller to hand on.
+    fn roll_back(&self, why: ApplyError) -> ApplyError {
+        self.metrics.updates_rolled_back.inc();
+        match self.store.load_whiteboard(&self.session) {
+            Ok(stored) => {
+                let rebuilt = doc_from_updates(
+                    &self.session,
+                    &stored.updates,
+                    &self.metrics,
+                    &self.options.limits,
+                );
+                *sync::write(&self.doc) = rebuilt.doc;
+                *self.nesting() = rebuilt.nesting;
+                *self.held_back() = rebuilt.held_back;
+                // A joiner may have been served the refused update meanwhile (step 2 does
+                // not take the peer lock): the cached step 2 goes, and long polls wake.
+                *sync::lock(&self.full_step2) = None;
+                self.changes.send_modify(|n| *n += 1);
+                tracing::warn!(session = %self.session, error = %why, "update refused after it began to integrate; document rebuilt from the store");
+            }
+            Err(e) => {
+                tracing::error!(session = %self.session, error = %why, store_error = %e, "update refused after it began to integrate, and the store cannot be read to undo it");
+            }
+        }
+        why
+    }
+
+    /// Whether `update` changes nothing at all (no struct, no deletion): what a read-only
+    /// client sends in answer to sync step 1. Checked by the guard, never decoded by yrs.
+    pub fn is_empty_update(&self, update: &[u8]) -> Result<bool, GuardError> {
+        Ok(self
+            .nesting()
+            .check(update, self.options.limits.max_nesting)?
+            .is_empty)
+    }
+
+    /// Appends to the store's log (flushing first in sync durability), before any relay.
+    /// Every caller holds the peer lock, which keeps seqs in the order of the log.
+    fn log_update(&self, update: &[u8]) -> Result<(), StoreError> {
+        let seq = self.log_seq.load(Ordering::Acquire) + 1;
+        self.store.append_update(&self.session, seq, update)?;
+        self.log_seq.store(seq, Ordering::Release);
+        if self.options.flush_before_relay {
+            self.store.flush()?;
+        }
+        self.updates_since_snapshot.fetch_add(1, Ordering::AcqRel);
+        self.log_bytes_since_snapshot
+            .fetch_add(update.len() as u64, Ordering::AcqRel);
+        self.dirty.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// Rolls the document back to snapshot `version` as new operations (SPEC.md 5.3):
+    /// connected clients receive them like any update and show that version without a
+    /// reload. The result is recorded as a new snapshot version, which is returned.
+    pub fn restore(&self, version: u64) -> Result<u64, RestoreFailure> {
+        let state = self
+            .store
+            .get_snapshot(&self.session, version)?
+            .ok_or(RestoreFailure::NoSuchVersion(version))?;
+        {
+            let mut peers = self.peers();
+            // A stored version passes the same guard as a client's update.
+            NestingIndex::default().check(&state, self.options.limits.max_nesting)?;
+            let restored = super::restore::restore_into(&self.doc(), &state);
+            let update = match restored {
+                Ok(update) => update,
+                Err(e) => {
+                    self.roll_back(ApplyError::Rejected(e.to_string()));
+                    return Err(e.into());
+                }
+            };
+            let checked = self
+                .nesting()
+                .check(&update, self.options.limits.max_nesting);
+            if let Err(e) = self.log_update(&update) {
+                self.roll_back(ApplyError::Rejected(e.to_string()));
+                return Err(e.into());
+            }
+            if let Ok(checked) = checked {
+                self.nesting().commit(checked);
+            }
+            peers.broadcast(&Message::Binary(wire::update(update)), None);
+            self.changes.send_modify(|n| *n += 1);
+        }
+        self.dirty.store(true, Ordering::Release);
+        let version = self.snapshot_if_dirty()?;
+        Ok(version.unwrap_or_default())
+    }
+}
