@@ -177,7 +177,7 @@ impl TutorRoom {
     }
 
     fn inner(&self) -> MutexGuard<'_, Inner> {
-        lock(&self.inner)
+        sync::lock(&self.inner)
     }
 
     fn participants(members: &Peers<Member>) -> Vec<Participant> {
@@ -270,7 +270,7 @@ impl TutorRoom {
             let sent = reader.send(plan.range, &outbox, paging).await;
             // Whatever happened, release what was held back (in order, under the lock so no
             // broadcast overtakes it); on an error the caller closes the connection.
-            let mut inner = lock(&inner);
+            let mut inner = sync::lock(&inner);
             if let Some(member) = inner.members.get_mut(&conn) {
                 if let Some(held) = member.held.take() {
                     for msg in held.messages {
@@ -371,11 +371,6 @@ impl TutorRoom {
         self.store
             .chat_before(&self.session, before.unwrap_or(u64::MAX), limit)
     }
-}
-
-fn lock(inner: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
-    // Nothing panics while holding this lock; recover the room if something ever did.
-    sync::lock(&inner)
 }
 
 /// Counts bytes without keeping them.
