@@ -17,6 +17,7 @@ use rand::RngCore;
 use serde::{Deserialize, Serialize};
 
 use crate::config::AuthConfig;
+pub use crate::config::MIN_SECRET_BYTES;
 
 /// Why a token was refused. The `reason` strings are stable metric label values.
 #[derive(Debug, thiserror::Error)]
@@ -177,10 +178,6 @@ impl Claims {
         self.name.as_deref().unwrap_or(&self.sub)
     }
 }
-
-/// Shortest HMAC secret accepted: HS256's key should be at least as long as its output
-/// (RFC 7518 3.2), and a short one ("dev", "secret") is guessed offline from one token.
-pub const MIN_SECRET_BYTES: usize = 32;
 
 /// Refuses an HMAC secret shorter than [`MIN_SECRET_BYTES`]; `source` names where it came
 /// from (a config key, a variable, a file) so the operator knows what to change.
