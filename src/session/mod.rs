@@ -4,7 +4,9 @@
 //! each connection holds a [`SessionHandle`], and when the last handle is gone the session
 //! is snapshotted and, `sessions.idle_unload_s` later, dropped from memory (the classic leak
 //! of Yjs servers is docs kept after their last client left). The registry owns the map
-//! and the reaper; what a session does lives in [`whiteboard`] and [`tutor`].
+//! and the reaper; what a session does lives in [`whiteboard`] and [`tutor`], and every
+//! fan-out goes through [`peers::Peers::broadcast`]. Must not touch sockets or HTTP: the
+//! `ws` and `http` layers call in.
 
 pub mod peers;
 pub mod restore;

@@ -16,6 +16,7 @@
 //! history has been sent, what the room broadcasts to it is held back in order and queued
 //! after the last page: nothing falls between the history and the live stream, and nothing
 //! comes twice. What is held counts against the connection's send-queue limit (1013 past it).
+//! Every broadcast goes through [`Peers::broadcast`]; a member is a [`Peer`] that holds back.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};

@@ -5,7 +5,8 @@
 //! Vec of millions before any rate limit had a say. This module only finds where each
 //! message ends and what kind it is (no allocation), so the whiteboard handler can charge
 //! the rate limit per message, skip the messages it drops without decoding them, and hand
-//! the ones it keeps to `decode_frame` one message at a time.
+//! the ones it keeps to `decode_frame` one message at a time. Must not decode payloads
+//! or apply anything.
 
 use crate::protocol::wire::WireError;
 

@@ -10,6 +10,9 @@
 //! anything valid is refused as `too_large` before it is parsed, so parsing never builds a
 //! large tree. History (the connection's first, and `history` requests) is sent in pages
 //! by the tutor room; the reader reads no further frame until the pages are queued.
+//!
+//! Must not store or broadcast by itself: the tutor room does; close codes come from
+//! [`super::close`].
 
 use std::sync::Arc;
 

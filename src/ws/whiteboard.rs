@@ -12,6 +12,9 @@
 //! message makes the reader wait for a token and resume the frame where it stopped
 //! (back-pressure). Replies (step 2, awareness states) go through the connection's own send
 //! queue, in bytes as sent; once it refuses them (1013), the rest of the frame is not read.
+//!
+//! Must not touch the document or other connections directly: the session does, and every
+//! close code comes from [`super::close`].
 
 use std::collections::HashSet;
 use std::sync::Arc;

@@ -7,16 +7,6 @@
 
 use super::*;
 
-/// The most updates a session holds back at once (besides `limits.max_pending_bytes`).
-pub(super) const MAX_HELD_BACK: usize = 256;
-
-/// An update held back until the content it depends on arrives.
-pub(super) struct HeldBack {
-    pub(super) update: Vec<u8>,
-    /// Clients of whom it waits for content.
-    pub(super) waits_on: Vec<u64>,
-}
-
 impl Whiteboard {
     /// Holds back an update that depends on content the document does not have yet
     /// (SPEC.md 7.1: bounded by `limits.max_pending_bytes` per session, and logged like any
@@ -102,78 +92,80 @@ pub(super) struct Rebuilt {
     pub(super) skipped: usize,
 }
 
-/// A document from stored updates applied in order, as the live whiteboard applied them:
-/// each one passes the update guard first (a record stored before the guard existed can
-/// hold a nesting bomb), one that waits for absent content is held back and let in once
-/// that content is there, and each one that does not pass, decode or apply is logged,
-/// counted and skipped, and the rest still load.
-pub(super) fn doc_from_updates(
-    session: &str,
-    updates: &[Vec<u8>],
-    metrics: &Metrics,
-    limits: &LimitsConfig,
-) -> Rebuilt {
-    let doc = Doc::new();
-    let mut nesting = NestingIndex::default();
-    let mut skipped = 0;
-    let mut held_back: Vec<HeldBack> = Vec::new();
-    let mut skip = |why: &str, error: String| {
-        skipped += 1;
-        metrics.store_decode_errors.inc();
-        tracing::warn!(%session, error, "stored update {why}; skipped");
-    };
-    {
-        let mut txn = doc.transact_mut();
-        for bytes in updates {
-            // This update, then whatever held-back ones it lets in, and so on.
-            let mut next = vec![bytes.clone()];
-            while let Some(update) = next.pop() {
-                let checked = match nesting.check(&update, limits.max_nesting) {
-                    Ok(checked) => checked,
-                    Err(e) => {
-                        skip("is refused by the guard", e.to_string());
+impl Whiteboard {
+    /// A document from stored updates applied in order, as the live whiteboard applied them:
+    /// each one passes the update guard first (a record stored before the guard existed can
+    /// hold a nesting bomb), one that waits for absent content is held back and let in once
+    /// that content is there, and each one that does not pass, decode or apply is logged,
+    /// counted and skipped, and the rest still load.
+    pub(super) fn doc_from_updates(
+        session: &str,
+        updates: &[Vec<u8>],
+        metrics: &Metrics,
+        limits: &LimitsConfig,
+    ) -> Rebuilt {
+        let doc = Doc::new();
+        let mut nesting = NestingIndex::default();
+        let mut skipped = 0;
+        let mut held_back: Vec<HeldBack> = Vec::new();
+        let mut skip = |why: &str, error: String| {
+            skipped += 1;
+            metrics.store_decode_errors.inc();
+            tracing::warn!(%session, error, "stored update {why}; skipped");
+        };
+        {
+            let mut txn = doc.transact_mut();
+            for bytes in updates {
+                // This update, then whatever held-back ones it lets in, and so on.
+                let mut next = vec![bytes.clone()];
+                while let Some(update) = next.pop() {
+                    let checked = match nesting.check(&update, limits.max_nesting) {
+                        Ok(checked) => checked,
+                        Err(e) => {
+                            skip("is refused by the guard", e.to_string());
+                            continue;
+                        }
+                    };
+                    if checked.waits {
+                        held_back.push(HeldBack {
+                            update,
+                            waits_on: checked.waits_on,
+                        });
                         continue;
                     }
-                };
-                if checked.waits {
-                    held_back.push(HeldBack {
-                        update,
-                        waits_on: checked.waits_on,
-                    });
-                    continue;
-                }
-                let clients = checked.clients();
-                let applied = Update::decode_v1(&update)
-                    .map_err(|e| ("does not decode", e.to_string()))
-                    .and_then(|u| {
-                        // yrs panics on some input the guard lets through (an index out of
-                        // bounds found by fuzzing): a stored one must not make the session
-                        // unloadable.
-                        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                            txn.apply_update(u)
-                        }))
-                        .map_err(|_| ("made yrs panic", String::new()))?
-                        .map_err(|e| ("is rejected", e.to_string()))
-                    });
-                match applied {
-                    Ok(()) => {
-                        nesting.commit(checked);
-                        let (ready, waiting) = std::mem::take(&mut held_back)
-                            .into_iter()
-                            .partition(|h| h.waits_on.iter().any(|c| clients.contains(c)));
-                        held_back = waiting;
-                        next.extend(ready.into_iter().map(|h: HeldBack| h.update).rev());
+                    let clients = checked.clients();
+                    let applied = Update::decode_v1(&update)
+                        .map_err(|e| ("does not decode", e.to_string()))
+                        .and_then(|u| {
+                            // yrs panics on some input the guard lets through (an index out of
+                            // bounds found by fuzzing): a stored one must not make the session
+                            // unloadable.
+                            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                                txn.apply_update(u)
+                            }))
+                            .map_err(|_| ("made yrs panic", String::new()))?
+                            .map_err(|e| ("is rejected", e.to_string()))
+                        });
+                    match applied {
+                        Ok(()) => {
+                            nesting.commit(checked);
+                            let (ready, waiting) = std::mem::take(&mut held_back)
+                                .into_iter()
+                                .partition(|h| h.waits_on.iter().any(|c| clients.contains(c)));
+                            held_back = waiting;
+                            next.extend(ready.into_iter().map(|h: HeldBack| h.update).rev());
+                        }
+                        Err((why, error)) => skip(why, error),
                     }
-                    Err((why, error)) => skip(why, error),
                 }
             }
         }
-    }
-    Rebuilt {
-        doc,
-        nesting,
-        held_back,
-        skipped,
+        Rebuilt {
+            doc,
+            nesting,
+            held_back,
+            skipped,
+        }
     }
 }
 

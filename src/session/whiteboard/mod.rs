@@ -45,7 +45,6 @@ use crate::protocol::wire;
 use crate::store::{Store, StoreError};
 use crate::sync;
 use crate::ws::outbox::Outbox;
-use held_back::{doc_from_updates, HeldBack};
 use yrs::sync::awareness::AwarenessUpdateEntry;
 
 /// Identifies one connection within the server.
@@ -143,6 +142,16 @@ impl Default for WhiteboardOptions {
     }
 }
 
+/// The most updates a session holds back at once (besides `limits.max_pending_bytes`).
+const MAX_HELD_BACK: usize = 256;
+
+/// An update held back until the content it depends on arrives (see `held_back.rs`).
+struct HeldBack {
+    update: Vec<u8>,
+    /// Clients of whom it waits for content.
+    waits_on: Vec<u64>,
+}
+
 impl Whiteboard {
     /// Rebuilds the session's document from the store.
     pub fn load(
@@ -157,7 +166,7 @@ impl Whiteboard {
         let snapshot_bytes = snapshot.first().map_or(0, |s| s.len() as u64);
         let log_len = log.len() as u64;
         let log_bytes = log.iter().map(|u| u.len() as u64).sum();
-        let rebuilt = doc_from_updates(&session, &stored.updates, &metrics, &options.limits);
+        let rebuilt = Self::doc_from_updates(&session, &stored.updates, &metrics, &options.limits);
         Ok(Self {
             session,
             awareness: Mutex::new(Awareness::new(rebuilt.doc.clone())),
@@ -436,7 +445,7 @@ impl Whiteboard {
         self.metrics.updates_rolled_back.inc();
         match self.store.load_whiteboard(&self.session) {
             Ok(stored) => {
-                let rebuilt = doc_from_updates(
+                let rebuilt = Self::doc_from_updates(
                     &self.session,
                     &stored.updates,
                     &self.metrics,

@@ -46,7 +46,7 @@ impl Whiteboard {
                 return None;
             }
         };
-        let rebuilt = doc_from_updates(
+        let rebuilt = Self::doc_from_updates(
             &self.session,
             &stored.updates,
             &self.metrics,
