@@ -47,8 +47,8 @@ use tokio::time::Instant;
 use crate::limits::ConnectionPermit;
 use crate::metrics::{Endpoint, EndpointMetrics};
 use crate::session::whiteboard::ConnId;
-use crate::ws::outbox::{OutboxReceiver, Progress};
 use close::Close;
+use outbox::{OutboxReceiver, Progress};
 
 /// Longer than any connection lives; `Instant + Duration::MAX` would overflow.
 const FAR_FUTURE: Duration = Duration::from_secs(10 * 365 * 86_400);

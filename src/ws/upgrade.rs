@@ -118,6 +118,10 @@ async fn admit(
     check_origin(app, headers)?;
     let ws = ws.map_err(|e| ApiError::BadRequest(e.to_string()))?;
     let permit = acquire(app, &claims, session, endpoint)?;
+    // Held from here, like the permit: shutdown also waits for an upgrade still loading
+    // its session. `None` only once shutdown found no connection left to wait for: this
+    // one is then closed with 1012 at once, like any connection still open at shutdown.
+    let drain = app.drain.upgrade().map(DrainGuard::new);
     let session = app.open_session(&claims, session).await?;
     let max = app.config.limits.max_frame_bytes;
     let ws = ws
@@ -132,9 +136,7 @@ async fn admit(
     let admitted = Admitted {
         claims,
         permit,
-        // `None` only once shutdown found no connection left to wait for: this one is
-        // closed with 1012 at once, like any connection still open then.
-        drain: app.drain.upgrade().map(DrainGuard::new),
+        drain,
         session,
     };
     Ok((admitted, ws))
