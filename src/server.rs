@@ -1,4 +1,4 @@
-//! The HTTP server: the router, our own accept loop ([`serve_http`]) and graceful
+//! The HTTP server: the router, our own accept loop (`serve_http`) and graceful
 //! shutdown ([`serve`]).
 //!
 //! The router binds every path (SPEC.md 6 and the two WebSocket endpoints) to its handler
@@ -14,7 +14,7 @@
 //! 503 with the store's reason while it cannot write.
 //!
 //! Hostile clients (SPEC.md 7.1): connections are served by our own accept loop
-//! ([`serve_http`]) so that request headers have a deadline (`limits.http_timeout_s`, which
+//! (`serve_http`) so that request headers have a deadline (`limits.http_timeout_s`, which
 //! axum's `serve` cannot set); the open-file limit is raised to its hard limit at start;
 //! request spans log the path, never the query string (it may hold `?token=`).
 //!

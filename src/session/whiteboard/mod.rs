@@ -15,8 +15,8 @@
 //! deletes just the log entries that state includes (by seq), so updates logged meanwhile
 //! are kept and nothing needs the peer lock.
 //!
-//! Split by concern: [`held_back`] (updates waiting for missing content, and rebuilding
-//! from the store), [`awareness`] (cursors and presence and their bounds), [`snapshot`]
+//! Split by concern: `held_back.rs` (updates waiting for missing content, and rebuilding
+//! from the store), `awareness.rs` (cursors and presence and their bounds), `snapshot.rs`
 //! (when and how a snapshot is written). Every file adds to the one `impl Whiteboard`;
 //! this one keeps the state, joining and leaving, and the update path. Must not touch
 //! sockets or the store's internals.
