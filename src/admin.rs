@@ -75,7 +75,7 @@ impl Admin {
         ) {
             Ok(store) => Ok(Arc::new(store)),
             // A running server holds the directory: the way in is its HTTP API.
-            Err(e) if crate::store::is_locked_error(&e) => Err(AdminError::Invalid(format!(
+            Err(StoreError::Locked { .. }) => Err(AdminError::Invalid(format!(
                 "{}; go through it with --server URL --token JWT (an admin token for every \
                  session: `easel token --data-dir {} --sub me --session '*' --role admin`)",
                 locked_message(&config.data_dir),

@@ -18,7 +18,7 @@ use std::io::Write;
 use easel::admin::{inspect, read_update_file, Admin, Target};
 use easel::auth::{claims_for, Role, Verifier};
 use easel::config::{Config, ConfigError, LogFormat};
-use easel::store::{is_locked_error, repair, SledSettings, SledStore, Store};
+use easel::store::{repair, SledSettings, SledStore, Store, StoreError};
 
 #[derive(Parser)]
 #[command(
@@ -696,7 +696,7 @@ fn open_store(config: &Config, metrics: Arc<easel::metrics::Metrics>) -> anyhow:
         Some(metrics),
     ) {
         Ok(store) => Ok(store),
-        Err(e) if is_locked_error(&e) => bail!(
+        Err(StoreError::Locked { .. }) => bail!(
             "{}: stop it, or start this server with another --data-dir",
             easel::admin::locked_message(&config.data_dir)
         ),

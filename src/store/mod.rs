@@ -5,25 +5,101 @@
 //! nothing of sockets. Implementations: [`MemoryStore`] (state for the life of the process,
 //! the seam the relay was built against); a sled-backed store fills the same trait, and a
 //! Redis-backed one can later, without touching the WebSocket handlers.
+//!
+//! # On disk
+//!
+//! A data directory holds one sled database (four trees: `updates`, `snapshots`, `chat`,
+//! `meta`; every key is `session \0 n` or `session \0 name`, every value a format-version
+//! byte then its body) and `versions/<session>/<N>.yjs`, a plain file per kept snapshot.
+//! The tables are in [`sled`] (`src/store/sled/mod.rs`); [`sled::keys`] encodes the keys,
+//! [`sled::records`] the values.
+//!
+//! Files: [`memory`] and [`sled`] implement the seam; [`repair`] is `easel store check` /
+//! `recover`. This module must not touch sessions, documents or sockets.
 
 mod memory;
 pub mod repair;
-mod sled_store;
+mod sled;
 
-pub use memory::MemoryStore;
-pub use sled_store::{
+use std::path::PathBuf;
+use std::sync::LockResult;
+
+pub use self::memory::MemoryStore;
+pub use self::sled::{
     is_locked_error, remove_stale_files, SledSettings, SledStore, CHAT_SEQ_BLOCK, VERSIONS_DIR,
 };
 
 use crate::protocol::tutor::ChatMessage;
 
+/// The error a storage backend failed with underneath (sled's, the file system's, an
+/// encoder's), kept whole as the [`StoreError::Io`] source.
+pub type BackendError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
 /// A store failure. Callers log it and refuse the operation; they never panic on it.
+///
+/// Callers tell the cases apart by variant, never by text. The texts are the ones users
+/// have always seen (`storage I/O: …`, `damaged data: …`); [`StoreError::Io`] shows its
+/// source's text too, because most callers print only the top error.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    /// Another process (a running `easel serve`, or a tool run beside one) holds the data
+    /// directory.
+    #[error(
+        "storage I/O: locked: the data directory {} is in use by another process \
+         (a running `easel serve`?); use --server URL --token JWT to go through it",
+        .dir.display()
+    )]
+    Locked { dir: PathBuf },
+    /// A session id outside `[A-Za-z0-9_-]{1,128}`: it would break the key layout.
+    #[error("storage I/O: invalid session id: must match [A-Za-z0-9_-]{{1,128}}")]
+    InvalidSession,
+    /// The store refuses writes for now (a nearly full disk, a failed write it has not yet
+    /// recovered from, a reopen in progress, a stuck flush); the reason.
     #[error("storage I/O: {0}")]
-    Io(String),
+    Unavailable(String),
+    /// The storage underneath failed: what the store was doing (empty when the source says
+    /// it all) and the error it failed with.
+    #[error("storage I/O: {}", io_message(.context, .source))]
+    Io {
+        context: String,
+        #[source]
+        source: BackendError,
+    },
     #[error("damaged data: {0}")]
     Corrupt(String),
+}
+
+impl StoreError {
+    /// [`StoreError::Io`] for `source`, with no context.
+    pub fn io(source: impl Into<BackendError>) -> Self {
+        Self::Io {
+            context: String::new(),
+            source: source.into(),
+        }
+    }
+
+    /// [`StoreError::Io`] for `source`, saying what the store was doing.
+    pub fn io_while(context: impl Into<String>, source: impl Into<BackendError>) -> Self {
+        Self::Io {
+            context: context.into(),
+            source: source.into(),
+        }
+    }
+}
+
+fn io_message(context: &str, source: &BackendError) -> String {
+    if context.is_empty() {
+        source.to_string()
+    } else {
+        format!("{context}: {source}")
+    }
+}
+
+/// The guard of a lock whatever a panicking holder left poisoned: every store and doc
+/// structure behind a lock is whole between statements (no invariant spans a panic
+/// point), so the data is still good. The one helper for this in `store/` (`doc/` holds no lock).
+pub(crate) fn unpoisoned<G>(result: LockResult<G>) -> G {
+    result.unwrap_or_else(|e| e.into_inner())
 }
 
 /// What a session needs to rebuild its document: updates to apply in order (the latest
