@@ -15,9 +15,9 @@ use yrs::updates::decoder::Decode;
 use yrs::{Doc, Transact, Update};
 
 use crate::config::Config;
+use crate::doc::json::doc_to_json;
 use crate::http_api::rfc3339_ms;
 use crate::metrics::Metrics;
-use crate::session::restore::doc_to_json;
 use crate::session::whiteboard::RestoreFailure;
 use crate::session::Registry;
 use crate::store::{SessionInfo, SledStore, Store, StoreError};

@@ -6,7 +6,13 @@
 //! of Yjs servers is docs kept after their last client left). The registry owns the map
 //! and the reaper; what a session does lives in [`whiteboard`] and [`tutor`].
 
-pub mod restore;
+/// The restore moved to [`crate::doc::restore`] and `doc_to_json` to [`crate::doc::json`]:
+/// this path stays only until `tests/` and `fuzz/` import `easel::doc::json` (issue #10),
+/// then goes.
+#[doc(hidden)]
+pub mod restore {
+    pub use crate::doc::json::doc_to_json;
+}
 pub mod tutor;
 pub mod whiteboard;
 
