@@ -700,7 +700,7 @@ fn open_store(config: &Config, metrics: Arc<easel::metrics::Metrics>) -> anyhow:
             "{}: stop it, or start this server with another --data-dir",
             easel::admin::locked_message(&config.data_dir)
         ),
-        Err(e) if e.to_string().contains("No space left") => bail!(
+        Err(e) if e.is_disk_full() => bail!(
             "{e}\nthe disk holding {} is full: free some space and start again (nothing was changed)",
             config.data_dir.display()
         ),

@@ -85,6 +85,36 @@ impl StoreError {
             source: source.into(),
         }
     }
+
+    /// Whether the file system was full (ENOSPC) underneath: an I/O error of the file
+    /// system or of sled somewhere in the source chain, or a panic of sled's whose message
+    /// names it (a panic carries nothing but its text).
+    pub fn is_disk_full(&self) -> bool {
+        match self {
+            StoreError::Io { source, .. } => disk_full_in(source.as_ref()),
+            StoreError::Corrupt(panicked) => panicked.contains("No space left"),
+            _ => false,
+        }
+    }
+}
+
+fn disk_full_in(error: &(dyn std::error::Error + 'static)) -> bool {
+    let full = |io: &std::io::Error| {
+        io.kind() == std::io::ErrorKind::StorageFull || io.raw_os_error() == Some(libc::ENOSPC)
+    };
+    let mut next = Some(error);
+    while let Some(e) = next {
+        if e.downcast_ref::<std::io::Error>().is_some_and(full) {
+            return true;
+        }
+        if let Some(::sled::Error::Io(io)) = e.downcast_ref::<::sled::Error>() {
+            if full(io) {
+                return true;
+            }
+        }
+        next = e.source();
+    }
+    false
 }
 
 fn io_message(context: &str, source: &BackendError) -> String {
@@ -212,5 +242,46 @@ pub trait Store: Send + Sync + 'static {
     /// store reserved ahead (chat seqs) and flushes.
     fn close(&self) -> Result<(), StoreError> {
         self.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The texts users and logs see are the ones the string-typed errors had; only the
+    /// way callers tell them apart changed.
+    #[test]
+    fn typed_errors_keep_their_texts_and_sources() {
+        let locked = StoreError::Locked {
+            dir: PathBuf::from("/data"),
+        };
+        assert_eq!(
+            locked.to_string(),
+            "storage I/O: locked: the data directory /data is in use by another process \
+             (a running `easel serve`?); use --server URL --token JWT to go through it"
+        );
+        assert_eq!(
+            StoreError::InvalidSession.to_string(),
+            "storage I/O: invalid session id: must match [A-Za-z0-9_-]{1,128}"
+        );
+        let full = || ::sled::Error::Io(std::io::Error::from_raw_os_error(libc::ENOSPC));
+        let open = StoreError::io_while("cannot open the data directory /data", full());
+        assert_eq!(
+            open.to_string(),
+            format!(
+                "storage I/O: cannot open the data directory /data: {}",
+                full()
+            )
+        );
+        assert!(open.is_disk_full());
+        assert!(std::error::Error::source(&open).is_some());
+        assert_eq!(
+            StoreError::io(full()).to_string(),
+            format!("storage I/O: {}", full())
+        );
+        let other = StoreError::io(std::io::Error::other("boom"));
+        assert!(!other.is_disk_full());
+        assert!(!locked.is_disk_full());
     }
 }
