@@ -1,4 +1,4 @@
-//! [`MemoryStore`]: the [`Store`](super::Store) seam held in process memory, for tests
+//! [`MemoryStore`]: the [`Store`] seam held in process memory, for tests
 //! and tools that need no disk. State outlives a session's unload but not the process.
 
 use std::collections::{BTreeMap, HashMap};

@@ -3,19 +3,48 @@
 //! A store keeps, per session, the whiteboard's update log and snapshots and the chat log.
 //! Sessions call it; it never calls back into a session, holds no live document and knows
 //! nothing of sockets. Implementations: [`MemoryStore`] (state for the life of the process,
-//! the seam the relay was built against); a sled-backed store fills the same trait, and a
+//! the seam the relay was built against); [`SledStore`] fills the same trait, and a
 //! Redis-backed one can later, without touching the WebSocket handlers.
 //!
-//! # On disk
+//! # On disk (the sled store)
 //!
-//! A data directory holds one sled database (four trees: `updates`, `snapshots`, `chat`,
-//! `meta`; every key is `session \0 n` or `session \0 name`, every value a format-version
-//! byte then its body) and `versions/<session>/<N>.yjs`, a plain file per kept snapshot.
-//! The tables are in [`sled`] (`src/store/sled/mod.rs`); [`sled::keys`] encodes the keys,
-//! [`sled::records`] the values.
+//! One sled database per data directory, holding four trees. Every key starts with the
+//! session id and a `\0` byte. Session ids match `[A-Za-z0-9_-]{1,128}` (checked on every
+//! call), so `session \0` is a prefix no other session shares, and a prefix scan visits one
+//! session's records in key order. Numbers in keys are big-endian `u64`, so key order is
+//! numeric order and a range scan is a range of sequence numbers.
 //!
-//! Files: [`memory`] and [`sled`] implement the seam; [`repair`] is `easel store check` /
-//! `recover`. This module must not touch sessions, documents or sockets.
+//! | tree        | key                         | value |
+//! |-------------|-----------------------------|-------|
+//! | `updates`   | `session \0 seq` (u64 BE)   | `0x01`, then one accepted Yjs v1 update |
+//! | `snapshots` | `session \0 version` (u64 BE) | a bincode-2 `SnapshotHeader` (`format_version: u16 = 1`, session, version, `created_at_ms`, `update_count`, `state_len`, `state_vector`), then the whole document as a Yjs v1 update (`state_len` bytes) |
+//! | `chat`      | `session \0 seq` (u64 BE)   | `0x01`, then the [`ChatMessage`] as JSON (the object clients receive, so fields can be added with serde defaults) |
+//! | `meta`      | `session \0 name` (ASCII)   | `0x01`, then a u64 BE |
+//!
+//! The `meta` names:
+//!
+//! | name                    | meaning |
+//! |-------------------------|---------|
+//! | `last_log_seq`          | the largest seq of the `updates` entries a snapshot deleted; with the newest entry left, it says where the session's next seq starts, so seqs are never reused |
+//! | `last_snapshot_version` | the highest snapshot version written; never reused, even once pruned |
+//! | `last_chat_seq`         | the highest chat seq stored; survives trimming and restarts |
+//! | `chat_seq_reserved`     | chat seqs up to this one may have been shown to clients (reserved in blocks of [`CHAT_SEQ_BLOCK`]) |
+//! | `last_activity_ms`      | time of the session's last write, in ms since the Unix epoch |
+//!
+//! The first byte (or, for snapshots, the first bincode field) of every value is its format
+//! version, 1 today: a later layout writes version 2 and keeps reading version 1.
+//!
+//! Beside the database, every snapshot version is also a plain file,
+//! `versions/<session>/<N>.yjs` (the Yjs v1 state, written to a temporary name, fsynced,
+//! renamed): what `easel store recover` rebuilds a damaged database from, and what a load
+//! falls back on when the database lost a version it had.
+//!
+//! In the code: `sled/keys.rs` builds the keys, `sled/records.rs` the values,
+//! `sled/versions.rs` the files.
+//!
+//! Files: `memory.rs` ([`MemoryStore`]) and `sled/` ([`SledStore`]) implement the seam;
+//! [`repair`] is `easel store check` / `recover`. This module must not touch sessions,
+//! documents or sockets.
 
 mod memory;
 pub mod repair;

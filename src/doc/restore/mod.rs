@@ -44,9 +44,9 @@
 //! as with any Yjs delta. On an untyped root, a text that holds nothing but embedded shared
 //! types reads as an array, and an array that holds nothing but XML nodes as an XML fragment.
 //!
-//! Files: this one pairs the roots of both documents and runs the restore; [`plan`] plans
-//! the edits per root kind, [`diff`] is the sequence diff, [`text`] turns texts into
-//! characters with formatting, [`copy`] compares and copies values across documents. The
+//! Files: this one pairs the roots of both documents and runs the restore; `plan.rs` plans
+//! the edits per root kind, `diff.rs` is the sequence diff, `text.rs` turns texts into
+//! characters with formatting, `copy.rs` compares and copies values across documents. The
 //! kind of a root is read by [`crate::doc::roots`]. Nothing here knows about sessions: the
 //! caller (`session::whiteboard`) holds the live document and relays the update.
 

@@ -1,5 +1,5 @@
 //! The per-session `meta` counters (`last_log_seq`, `last_snapshot_version`,
-//! `last_chat_seq`, `chat_seq_reserved`, `last_activity_ms`; see [`super`]): reading,
+//! `last_chat_seq`, `chat_seq_reserved`, `last_activity_ms`; see [`crate::store`]): reading,
 //! compare-and-swap updates and blind writes, and the numbers read back from keys.
 //!
 //! Owns: counter access. Must not touch: what a counter means to the store (that is in the

@@ -209,7 +209,7 @@ impl Shared {
             .map_err(storage_error)
     }
 
-    pub(super) fn monitor_tick(&self) {
+    fn monitor_tick(&self) {
         let (failed, wedged) = {
             let h = unpoisoned(self.health.lock());
             (h.failure.is_some(), h.wedged)
@@ -244,7 +244,7 @@ impl Shared {
     }
 
     /// Writes, fsyncs and removes a small file: whether the directory takes writes again.
-    pub(super) fn probe_directory(&self) -> std::io::Result<()> {
+    fn probe_directory(&self) -> std::io::Result<()> {
         if free_bytes(&self.dir).is_some_and(|free| free < 2 * SPACE_MARGIN) {
             return Err(std::io::Error::other("too little free space"));
         }
@@ -262,7 +262,7 @@ impl Shared {
 
     /// Reopens sled if it failed, deletes the entries reported as failed, flushes, and lets
     /// writes through again.
-    pub(super) fn resume(&self) -> Result<(), StoreError> {
+    fn resume(&self) -> Result<(), StoreError> {
         let sled_failed = unpoisoned(self.health.lock()).sled_failed;
         if sled_failed {
             self.reopen()?;
@@ -301,7 +301,7 @@ impl Shared {
     }
 
     /// Closes sled and opens it again: its error state lives in the open handle.
-    pub(super) fn reopen(&self) -> Result<(), StoreError> {
+    fn reopen(&self) -> Result<(), StoreError> {
         let old = unpoisoned(self.trees.write()).take();
         if let Some(old) = old {
             // Other threads finish what they were doing with it (they see errors now).

@@ -1,4 +1,4 @@
-//! Key encoding of the sled layout (the tables in [`super`]): which tree holds what, the
+//! Key encoding of the sled layout (the tables in [`crate::store`]): which tree holds what, the
 //! `meta` names, and how a key is built from a session id and a number or a name.
 //!
 //! Every key starts with the session id and a `\0` byte. Session ids match

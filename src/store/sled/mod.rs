@@ -1,38 +1,10 @@
-//! [`SledStore`]: the [`Store`](super::Store) seam on an embedded sled 0.34 database, the
+//! [`SledStore`]: the [`Store`] seam on an embedded sled 0.34 database, the
 //! durable store behind `easel serve` and the offline `easel snapshot` / `easel sessions`.
 //!
 //! # Layout
 //!
-//! One sled database per data directory, holding four trees. Every key starts with the
-//! session id and a `\0` byte. Session ids match `[A-Za-z0-9_-]{1,128}` (checked on every
-//! call), so `session \0` is a prefix no other session shares, and a prefix scan visits one
-//! session's records in key order. Numbers in keys are big-endian `u64`, so key order is
-//! numeric order and a range scan is a range of sequence numbers.
-//!
-//! | tree        | key                         | value |
-//! |-------------|-----------------------------|-------|
-//! | `updates`   | `session \0 seq` (u64 BE)   | `0x01`, then one accepted Yjs v1 update |
-//! | `snapshots` | `session \0 version` (u64 BE) | a bincode-2 [`SnapshotHeader`] (`format_version: u16 = 1`, session, version, `created_at_ms`, `update_count`, `state_len`, `state_vector`), then the whole document as a Yjs v1 update (`state_len` bytes) |
-//! | `chat`      | `session \0 seq` (u64 BE)   | `0x01`, then the [`ChatMessage`] as JSON (the object clients receive, so fields can be added with serde defaults) |
-//! | `meta`      | `session \0 name` (ASCII)   | `0x01`, then a u64 BE |
-//!
-//! The `meta` names:
-//!
-//! | name                    | meaning |
-//! |-------------------------|---------|
-//! | `last_log_seq`          | the largest seq of the `updates` entries a snapshot deleted; with the newest entry left, it says where the session's next seq starts, so seqs are never reused |
-//! | `last_snapshot_version` | the highest snapshot version written; never reused, even once pruned |
-//! | `last_chat_seq`         | the highest chat seq stored; survives trimming and restarts |
-//! | `chat_seq_reserved`     | chat seqs up to this one may have been shown to clients (reserved in blocks, see below) |
-//! | `last_activity_ms`      | time of the session's last write, in ms since the Unix epoch |
-//!
-//! The first byte (or, for snapshots, the first bincode field) of every value is its format
-//! version, 1 today: a later layout writes version 2 and keeps reading version 1.
-//!
-//! Beside the database, every snapshot version is also a plain file,
-//! `versions/<session>/<N>.yjs` (the Yjs v1 state, written to a temporary name, fsynced,
-//! renamed): what `easel store recover` rebuilds a damaged database from, and what a load
-//! falls back on when the database lost a version it had.
+//! The on-disk layout (trees, keys, values, `meta` names, `versions/` files) is described in
+//! [`crate::store`]; `keys.rs` and `records.rs` encode it.
 //!
 //! # Invariants and crash safety
 //!
@@ -77,11 +49,11 @@
 //! sled handles a failed write badly (a sticky error, or a flush that never returns), so
 //! the store refuses writes itself while the disk is nearly full or after a failed write,
 //! and its monitor thread probes the directory and reopens sled once it can write again:
-//! see [`health`].
+//! see `health.rs`.
 //!
 //! # Damaged records
 //!
-//! A value that does not decode is logged, counted and skipped (see [`scan`]); a failure
+//! A value that does not decode is logged, counted and skipped (see `scan.rs`); a failure
 //! of sled itself while reading is returned as [`StoreError::Io`]. Nothing read from disk
 //! is unwrapped. Damage sled refuses to open is for `easel store recover`
 //! ([`super::repair`]).
@@ -95,11 +67,12 @@
 //!
 //! - this file: [`SledStore`], its settings and the [`Store`] impl (what each call writes,
 //!   in which order);
-//! - [`keys`] and [`records`]: the layout above, key and value encoding;
-//! - [`versions`]: the `versions/` files; [`counters`]: the `meta` counters;
-//!   [`scan`]: reading records back and reporting damage;
-//! - [`health`]: the write gate, the monitor thread, recovery from a failed disk;
-//! - [`open`]: opening sled, and the locked-directory error.
+//! - `keys.rs` and `records.rs`: the layout of [`crate::store`], key and value encoding;
+//! - `versions.rs`: the `versions/` files; `counters.rs`: the `meta` counters;
+//!   `scan.rs`: reading records back and reporting damage;
+//! - `health.rs`: the write gate, the monitor thread, recovery from a failed disk;
+//! - `open.rs`: opening sled, and the locked-directory error;
+//! - `tests.rs`: the store's tests through the seam.
 
 mod counters;
 mod health;

@@ -1,4 +1,4 @@
-//! Value encoding of the sled layout (the tables in [`super`]): every record's bytes.
+//! Value encoding of the sled layout (the tables in [`crate::store`]): every record's bytes.
 //!
 //! The first byte of every `updates`, `chat` and `meta` value is its format version (1
 //! today), then the body: a Yjs v1 update, a [`ChatMessage`] as JSON (the object clients
@@ -18,11 +18,11 @@ use crate::protocol::tutor::ChatMessage;
 use crate::store::StoreError;
 
 /// Format version byte of `updates`, `chat` and `meta` values.
-pub(crate) const RECORD_FORMAT_V1: u8 = 1;
+const RECORD_FORMAT_V1: u8 = 1;
 /// Format version of the snapshot header.
 pub(crate) const SNAPSHOT_FORMAT_V1: u16 = 1;
 /// The largest snapshot header decoded: bounds what a damaged length prefix can allocate.
-pub(crate) const MAX_SNAPSHOT_HEADER_BYTES: usize = 64 << 20;
+const MAX_SNAPSHOT_HEADER_BYTES: usize = 64 << 20;
 
 /// What precedes the Yjs state in a `snapshots` value (bincode 2, standard config).
 #[derive(Debug, Serialize, Deserialize)]
@@ -40,7 +40,7 @@ pub(crate) struct SnapshotHeader {
     pub(crate) state_vector: Vec<u8>,
 }
 
-pub(crate) fn bincode_config() -> impl bincode::config::Config {
+fn bincode_config() -> impl bincode::config::Config {
     bincode::config::standard().with_limit::<MAX_SNAPSHOT_HEADER_BYTES>()
 }
 
@@ -114,7 +114,7 @@ pub(crate) fn check_yjs_update(state: &[u8]) -> Result<(), String> {
 }
 
 /// `format` then `body`: the shape of `updates`, `chat` and `meta` values.
-pub(crate) fn versioned(format: u8, body: &[u8]) -> Vec<u8> {
+fn versioned(format: u8, body: &[u8]) -> Vec<u8> {
     let mut record = Vec::with_capacity(1 + body.len());
     record.push(format);
     record.extend_from_slice(body);
@@ -122,7 +122,7 @@ pub(crate) fn versioned(format: u8, body: &[u8]) -> Vec<u8> {
 }
 
 /// The body of a `versioned` value of format 1.
-pub(crate) fn v1_body<'a>(kind: &str, value: &'a [u8]) -> Result<&'a [u8], String> {
+fn v1_body<'a>(kind: &str, value: &'a [u8]) -> Result<&'a [u8], String> {
     match value.split_first() {
         Some((&RECORD_FORMAT_V1, body)) => Ok(body),
         Some((format, _)) => Err(format!("unknown {kind} format version {format}")),

@@ -32,7 +32,7 @@ impl Shared {
 
     /// Logs and counts a part of the database sled cannot read (the caller goes on with
     /// what it has: one damaged page never hides the rest).
-    pub(super) fn report_unreadable(&self, tree: &str, session: &str, error: &sled::Error) {
+    fn report_unreadable(&self, tree: &str, session: &str, error: &sled::Error) {
         if let Some(metrics) = &self.metrics {
             metrics.store_decode_errors.inc();
         }
