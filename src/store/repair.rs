@@ -34,14 +34,24 @@ pub enum RepairError {
     NoDirectory(PathBuf),
     #[error("the data directory {0} is in use by a running server; stop it first")]
     Locked(PathBuf),
-    #[error("{0}")]
-    Io(String),
+    /// A file operation failed: what was done (`cannot move`), on which path, and why.
+    #[error("{what} {}: {source}", .path.display())]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Store(#[from] StoreError),
 }
 
-fn io(what: &str, path: &Path, e: std::io::Error) -> RepairError {
-    RepairError::Io(format!("{what} {}: {e}", path.display()))
+fn io(what: &'static str, path: &Path, source: std::io::Error) -> RepairError {
+    RepairError::Io {
+        what,
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// What `check` found.
