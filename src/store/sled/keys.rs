@@ -15,11 +15,13 @@ use sled::{IVec, Tree};
 use super::storage_error;
 use crate::store::StoreError;
 
+/// The four trees (what each holds: the layout in [`crate::store`]).
 pub(crate) const UPDATES_TREE: &str = "updates";
 pub(crate) const SNAPSHOTS_TREE: &str = "snapshots";
 pub(crate) const CHAT_TREE: &str = "chat";
 pub(crate) const META_TREE: &str = "meta";
 
+/// The `meta` names (what each counts: the layout in [`crate::store`]).
 pub(crate) const LAST_LOG_SEQ: &str = "last_log_seq";
 pub(crate) const LAST_SNAPSHOT_VERSION: &str = "last_snapshot_version";
 pub(crate) const LAST_CHAT_SEQ: &str = "last_chat_seq";
@@ -34,6 +36,8 @@ pub(crate) fn session_keys(tree: &Tree, session: &str) -> Result<Vec<IVec>, Stor
         .map_err(storage_error)
 }
 
+/// [`StoreError::InvalidSession`] unless `session` matches `[A-Za-z0-9_-]{1,128}`: any
+/// other byte (a `\0` above all) would break the key layout.
 pub(crate) fn check_session_id(session: &str) -> Result<(), StoreError> {
     let valid = (1..=128).contains(&session.len())
         && session
