@@ -15,7 +15,7 @@ use super::dev_secret;
 use super::sessions::locked_message;
 use easel::auth::{claims_for, Role, Verifier};
 use easel::config::{Config, LogFormat};
-use easel::store::{is_locked_error, SledSettings, SledStore, Store};
+use easel::store::{SledSettings, SledStore, Store, StoreError};
 
 fn init_logging(config: &Config) -> anyhow::Result<()> {
     use std::io::IsTerminal;
@@ -181,11 +181,11 @@ fn open_store(config: &Config, metrics: Arc<easel::metrics::Metrics>) -> anyhow:
         Some(metrics),
     ) {
         Ok(store) => Ok(store),
-        Err(e) if is_locked_error(&e) => bail!(
+        Err(StoreError::Locked { .. }) => bail!(
             "{}: stop it, or start this server with another --data-dir",
             locked_message(&config.data_dir)
         ),
-        Err(e) if e.to_string().contains("No space left") => bail!(
+        Err(e) if e.is_disk_full() => bail!(
             "{e}\nthe disk holding {} is full: free some space and start again (nothing was changed)",
             config.data_dir.display()
         ),

@@ -16,9 +16,9 @@ use yrs::updates::decoder::Decode;
 use yrs::{Doc, Transact, Update};
 
 use easel::config::Config;
+use easel::doc::json::doc_to_json;
 use easel::http::rfc3339_ms;
 use easel::metrics::Metrics;
-use easel::session::restore::doc_to_json;
 use easel::session::whiteboard::RestoreFailure;
 use easel::session::Registry;
 use easel::store::{SessionInfo, SledStore, Store, StoreError};
@@ -95,7 +95,7 @@ impl Admin {
         ) {
             Ok(store) => Ok(Arc::new(store)),
             // A running server holds the directory: the way in is its HTTP API.
-            Err(e) if easel::store::is_locked_error(&e) => Err(AdminError::Invalid(format!(
+            Err(StoreError::Locked { .. }) => Err(AdminError::Invalid(format!(
                 "{}; go through it with --server URL --token JWT (an admin token for every \
                  session: `easel token --data-dir {} --sub me --session '*' --role admin`)",
                 locked_message(&config.data_dir),

@@ -9,7 +9,6 @@
 //! `ws` and `http` layers call in.
 
 pub mod peers;
-pub mod restore;
 pub mod tutor;
 pub mod whiteboard;
 

@@ -1,4 +1,4 @@
-//! [`MemoryStore`]: the [`Store`](super::Store) seam held in process memory, for tests
+//! [`MemoryStore`]: the [`Store`] seam held in process memory, for tests
 //! and tools that need no disk. State outlives a session's unload but not the process.
 
 use std::collections::{BTreeMap, HashMap};
@@ -34,7 +34,7 @@ impl MemoryStore {
 
     fn with<T>(&self, session: &str, f: impl FnOnce(&mut SessionData) -> T) -> T {
         // Every closure below is infallible, so a poisoned lock still guards whole data.
-        let mut map = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        let mut map = super::unpoisoned(self.sessions.lock());
         let data = map.entry(session.to_owned()).or_default();
         data.last_activity_ms = now_ms();
         f(data)
@@ -118,7 +118,7 @@ impl Store for MemoryStore {
     }
 
     fn list_sessions(&self) -> Result<Vec<SessionInfo>, StoreError> {
-        let map = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        let map = super::unpoisoned(self.sessions.lock());
         let mut out: Vec<SessionInfo> = map
             .iter()
             .map(|(id, s)| SessionInfo {

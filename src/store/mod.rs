@@ -3,27 +3,160 @@
 //! A store keeps, per session, the whiteboard's update log and snapshots and the chat log.
 //! Sessions call it; it never calls back into a session, holds no live document and knows
 //! nothing of sockets. Implementations: [`MemoryStore`] (state for the life of the process,
-//! the seam the relay was built against); a sled-backed store fills the same trait, and a
+//! the seam the relay was built against); [`SledStore`] fills the same trait, and a
 //! Redis-backed one can later, without touching the WebSocket handlers.
+//!
+//! # On disk (the sled store)
+//!
+//! One sled database per data directory, holding four trees. Every key starts with the
+//! session id and a `\0` byte. Session ids match `[A-Za-z0-9_-]{1,128}` (checked on every
+//! call), so `session \0` is a prefix no other session shares, and a prefix scan visits one
+//! session's records in key order. Numbers in keys are big-endian `u64`, so key order is
+//! numeric order and a range scan is a range of sequence numbers.
+//!
+//! | tree        | key                         | value |
+//! |-------------|-----------------------------|-------|
+//! | `updates`   | `session \0 seq` (u64 BE)   | `0x01`, then one accepted Yjs v1 update |
+//! | `snapshots` | `session \0 version` (u64 BE) | a bincode-2 `SnapshotHeader` (`format_version: u16 = 1`, session, version, `created_at_ms`, `update_count`, `state_len`, `state_vector`), then the whole document as a Yjs v1 update (`state_len` bytes) |
+//! | `chat`      | `session \0 seq` (u64 BE)   | `0x01`, then the [`ChatMessage`] as JSON (the object clients receive, so fields can be added with serde defaults) |
+//! | `meta`      | `session \0 name` (ASCII)   | `0x01`, then a u64 BE |
+//!
+//! The `meta` names:
+//!
+//! | name                    | meaning |
+//! |-------------------------|---------|
+//! | `last_log_seq`          | the largest seq of the `updates` entries a snapshot deleted; with the newest entry left, it says where the session's next seq starts, so seqs are never reused |
+//! | `last_snapshot_version` | the highest snapshot version written; never reused, even once pruned |
+//! | `last_chat_seq`         | the highest chat seq stored; survives trimming and restarts |
+//! | `chat_seq_reserved`     | chat seqs up to this one may have been shown to clients (reserved in blocks of [`CHAT_SEQ_BLOCK`]) |
+//! | `last_activity_ms`      | time of the session's last write, in ms since the Unix epoch |
+//!
+//! The first byte (or, for snapshots, the first bincode field) of every value is its format
+//! version, 1 today: a later layout writes version 2 and keeps reading version 1.
+//!
+//! Beside the database, every snapshot version is also a plain file,
+//! `versions/<session>/<N>.yjs` (the Yjs v1 state, written to a temporary name, fsynced,
+//! renamed): what `easel store recover` rebuilds a damaged database from, and what a load
+//! falls back on when the database lost a version it had.
+//!
+//! In the code: `sled/keys.rs` builds the keys, `sled/records.rs` the values,
+//! `sled/versions.rs` the files.
+//!
+//! Files: `memory.rs` ([`MemoryStore`]) and `sled/` ([`SledStore`]) implement the seam;
+//! [`repair`] is `easel store check` / `recover`. This module must not touch sessions,
+//! documents or sockets.
 
 mod memory;
 pub mod repair;
-mod sled_store;
+mod sled;
 
-pub use memory::MemoryStore;
-pub use sled_store::{
-    is_locked_error, remove_stale_files, SledSettings, SledStore, CHAT_SEQ_BLOCK, VERSIONS_DIR,
-};
+use std::path::PathBuf;
+use std::sync::LockResult;
+
+pub use self::memory::MemoryStore;
+pub use self::sled::{remove_stale_files, SledSettings, SledStore, CHAT_SEQ_BLOCK, VERSIONS_DIR};
 
 use crate::protocol::tutor::ChatMessage;
 
+/// The error a storage backend failed with underneath (sled's, the file system's, an
+/// encoder's), kept whole as the [`StoreError::Io`] source.
+pub type BackendError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
 /// A store failure. Callers log it and refuse the operation; they never panic on it.
+///
+/// Callers tell the cases apart by variant, never by text. The texts are the ones users
+/// have always seen (`storage I/O: …`, `damaged data: …`); [`StoreError::Io`] shows its
+/// source's text too, because most callers print only the top error.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    /// Another process (a running `easel serve`, or a tool run beside one) holds the data
+    /// directory.
+    #[error(
+        "storage I/O: locked: the data directory {} is in use by another process \
+         (a running `easel serve`?); use --server URL --token JWT to go through it",
+        .dir.display()
+    )]
+    Locked { dir: PathBuf },
+    /// A session id outside `[A-Za-z0-9_-]{1,128}`: it would break the key layout.
+    #[error("storage I/O: invalid session id: must match [A-Za-z0-9_-]{{1,128}}")]
+    InvalidSession,
+    /// The store refuses writes for now (a nearly full disk, a failed write it has not yet
+    /// recovered from, a reopen in progress, a stuck flush); the reason.
     #[error("storage I/O: {0}")]
-    Io(String),
+    Unavailable(String),
+    /// The storage underneath failed: what the store was doing (empty when the source says
+    /// it all) and the error it failed with.
+    #[error("storage I/O: {}", io_message(.context, .source))]
+    Io {
+        context: String,
+        #[source]
+        source: BackendError,
+    },
     #[error("damaged data: {0}")]
     Corrupt(String),
+}
+
+impl StoreError {
+    /// [`StoreError::Io`] for `source`, with no context.
+    pub fn io(source: impl Into<BackendError>) -> Self {
+        Self::Io {
+            context: String::new(),
+            source: source.into(),
+        }
+    }
+
+    /// [`StoreError::Io`] for `source`, saying what the store was doing.
+    pub fn io_while(context: impl Into<String>, source: impl Into<BackendError>) -> Self {
+        Self::Io {
+            context: context.into(),
+            source: source.into(),
+        }
+    }
+
+    /// Whether the file system was full (ENOSPC) underneath: an I/O error of the file
+    /// system or of sled somewhere in the source chain, or a panic of sled's whose message
+    /// names it (a panic carries nothing but its text).
+    pub fn is_disk_full(&self) -> bool {
+        match self {
+            StoreError::Io { source, .. } => disk_full_in(source.as_ref()),
+            StoreError::Corrupt(panicked) => panicked.contains("No space left"),
+            _ => false,
+        }
+    }
+}
+
+fn disk_full_in(error: &(dyn std::error::Error + 'static)) -> bool {
+    let full = |io: &std::io::Error| {
+        io.kind() == std::io::ErrorKind::StorageFull || io.raw_os_error() == Some(libc::ENOSPC)
+    };
+    let mut next = Some(error);
+    while let Some(e) = next {
+        if e.downcast_ref::<std::io::Error>().is_some_and(full) {
+            return true;
+        }
+        if let Some(::sled::Error::Io(io)) = e.downcast_ref::<::sled::Error>() {
+            if full(io) {
+                return true;
+            }
+        }
+        next = e.source();
+    }
+    false
+}
+
+fn io_message(context: &str, source: &BackendError) -> String {
+    if context.is_empty() {
+        source.to_string()
+    } else {
+        format!("{context}: {source}")
+    }
+}
+
+/// The guard of a lock whatever a panicking holder left poisoned: every store and doc
+/// structure behind a lock is whole between statements (no invariant spans a panic
+/// point), so the data is still good. The one helper for this in `store/` (`doc/` holds no lock).
+pub(crate) fn unpoisoned<G>(result: LockResult<G>) -> G {
+    result.unwrap_or_else(|e| e.into_inner())
 }
 
 /// What a session needs to rebuild its document: updates to apply in order (the latest
@@ -136,5 +269,46 @@ pub trait Store: Send + Sync + 'static {
     /// store reserved ahead (chat seqs) and flushes.
     fn close(&self) -> Result<(), StoreError> {
         self.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The texts users and logs see are the ones the string-typed errors had; only the
+    /// way callers tell them apart changed.
+    #[test]
+    fn typed_errors_keep_their_texts_and_sources() {
+        let locked = StoreError::Locked {
+            dir: PathBuf::from("/data"),
+        };
+        assert_eq!(
+            locked.to_string(),
+            "storage I/O: locked: the data directory /data is in use by another process \
+             (a running `easel serve`?); use --server URL --token JWT to go through it"
+        );
+        assert_eq!(
+            StoreError::InvalidSession.to_string(),
+            "storage I/O: invalid session id: must match [A-Za-z0-9_-]{1,128}"
+        );
+        let full = || ::sled::Error::Io(std::io::Error::from_raw_os_error(libc::ENOSPC));
+        let open = StoreError::io_while("cannot open the data directory /data", full());
+        assert_eq!(
+            open.to_string(),
+            format!(
+                "storage I/O: cannot open the data directory /data: {}",
+                full()
+            )
+        );
+        assert!(open.is_disk_full());
+        assert!(std::error::Error::source(&open).is_some());
+        assert_eq!(
+            StoreError::io(full()).to_string(),
+            format!("storage I/O: {}", full())
+        );
+        let other = StoreError::io(std::io::Error::other("boom"));
+        assert!(!other.is_disk_full());
+        assert!(!locked.is_disk_full());
     }
 }

@@ -14,11 +14,16 @@ use yrs::updates::decoder::Decode;
 use yrs::updates::encoder::Encode;
 use yrs::{ReadTxn, Transact};
 
-use super::sled_store::{
+use super::sled::keys::{
+    describe_key, key_number, named_key, numbered_key, split_key, CHAT_SEQ_RESERVED, CHAT_TREE,
+    LAST_SNAPSHOT_VERSION, META_TREE, SNAPSHOTS_TREE, UPDATES_TREE,
+};
+use super::sled::records::{
     check_yjs_update, decode_chat, decode_counter, decode_snapshot_entry, decode_update,
-    encode_counter, encode_snapshot, named_key, now_ms, numbered_key, quiet_catch_unwind,
-    split_key, storage_error, version_files_in, SledSettings, SnapshotHeader, CHAT_SEQ_RESERVED,
-    CHAT_TREE, LAST_SNAPSHOT_VERSION, META_TREE, SNAPSHOTS_TREE, UPDATES_TREE, VERSIONS_DIR,
+    encode_counter, encode_snapshot, SnapshotHeader,
+};
+use super::sled::{
+    now_ms, quiet_catch_unwind, storage_error, version_files_in, SledSettings, VERSIONS_DIR,
 };
 use super::StoreError;
 
@@ -29,14 +34,24 @@ pub enum RepairError {
     NoDirectory(PathBuf),
     #[error("the data directory {0} is in use by a running server; stop it first")]
     Locked(PathBuf),
-    #[error("{0}")]
-    Io(String),
+    /// A file operation failed: what was done (`cannot move`), on which path, and why.
+    #[error("{what} {}: {source}", .path.display())]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Store(#[from] StoreError),
 }
 
-fn io(what: &str, path: &Path, e: std::io::Error) -> RepairError {
-    RepairError::Io(format!("{what} {}: {e}", path.display()))
+fn io(what: &'static str, path: &Path, source: std::io::Error) -> RepairError {
+    RepairError::Io {
+        what,
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// What `check` found.
@@ -222,10 +237,7 @@ fn salvage(dir: &Path, without_derived: bool, problems: &mut Vec<String>) -> Sal
                     Ok(()) => {
                         kept.insert(key.to_vec(), value.to_vec());
                     }
-                    Err(e) => bad.push(format!(
-                        "{name} record {}: {e}",
-                        super::sled_store::describe_key(&key)
-                    )),
+                    Err(e) => bad.push(format!("{name} record {}: {e}", describe_key(&key))),
                 }
             }
             (kept, bad)
@@ -275,9 +287,7 @@ fn db_versions(salvage: &Salvage) -> BTreeMap<String, BTreeSet<u64>> {
     let mut versions: BTreeMap<String, BTreeSet<u64>> = BTreeMap::new();
     if let Some(tree) = salvage.trees.get(SNAPSHOTS_TREE) {
         for key in tree.keys() {
-            if let (Some((session, _)), Some(v)) =
-                (split_key(key), super::sled_store::key_number(key))
-            {
+            if let (Some((session, _)), Some(v)) = (split_key(key), key_number(key)) {
                 versions.entry(session.to_owned()).or_default().insert(v);
             }
         }

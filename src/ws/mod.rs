@@ -211,6 +211,17 @@ async fn next_frame(
     stream.next().await
 }
 
+/// Whether a read failed on a frame or message over the configured size: tungstenite's
+/// capacity error (axum wraps it; matched by type, not by its text).
+fn is_over_size_limit(e: &axum::Error) -> bool {
+    use std::error::Error as _;
+    use tokio_tungstenite::tungstenite::Error as WsError;
+    matches!(
+        e.source().and_then(|s| s.downcast_ref::<WsError>()),
+        Some(WsError::Capacity(_))
+    )
+}
+
 /// Runs a connection until either side closes it.
 pub async fn run(socket: WebSocket, conn: Connection, mut handler: impl FrameHandler) {
     let Connection {
@@ -265,11 +276,10 @@ pub async fn run(socket: WebSocket, conn: Connection, mut handler: impl FrameHan
                 let frame = match frame {
                     Some(Ok(f)) => f,
                     Some(Err(e)) => {
-                        let text = e.to_string();
-                        if text.contains("too long") || text.contains("Space limit") {
+                        if is_over_size_limit(&e) {
                             closer.ask(Close::new(close::TOO_BIG, "frame too large"));
                         } else {
-                            tracing::debug!(conn = conn.id, error = %text, "read error");
+                            tracing::debug!(conn = conn.id, error = %e, "read error");
                         }
                         break 'read;
                     }

@@ -72,7 +72,7 @@ pub enum RestoreFailure {
     #[error("stored version refused: {0}")]
     Guard(#[from] GuardError),
     #[error(transparent)]
-    Restore(#[from] super::restore::RestoreError),
+    Restore(#[from] crate::doc::restore::RestoreError),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -504,7 +504,7 @@ impl Whiteboard {
             let mut peers = self.peers();
             // A stored version passes the same guard as a client's update.
             NestingIndex::default().check(&state, self.options.limits.max_nesting)?;
-            let restored = super::restore::restore_into(&self.doc(), &state);
+            let restored = crate::doc::restore::restore_into(&self.doc(), &state);
             let update = match restored {
                 Ok(update) => update,
                 Err(e) => {

@@ -1,0 +1,343 @@
+//! Whether the store can write, and getting it writing again after a failure (SPEC 5.4).
+//!
+//! sled handles a failed write badly: an inline write that fails sets a sticky error that
+//! every later write returns (even once space is back), and a failed blob write (values
+//! over ~128 KiB) leaves its I/O buffer claimed, so every later flush, and dropping the
+//! database, waits forever. So this module:
+//!
+//! - refuses writes, before sled sees them, while the disk is nearly full (less than
+//!   [`SPACE_MARGIN`] free, checked by the monitor thread and before every large value),
+//!   and from the first failed write on, with the reason ([`Shared::check`], `/readyz`);
+//! - remembers the keys of writes that failed, and of writes a failed explicit flush did
+//!   not make durable, and deletes them when it writes again, so nothing a client was told
+//!   failed is replayed by a later load;
+//! - runs the monitor thread that flushes every `flush_interval_ms` and, while writes are
+//!   refused, probes the directory (a small file written and fsynced) and, once that
+//!   works, closes and reopens the database (sled's sticky error lives in the open handle);
+//! - reports a flush that has not returned for [`FLUSH_STALL`] as a stalled database:
+//!   that one needs a restart, and `/readyz` says so.
+//!
+//! Owns: [`Health`], the write gate (`writable`, `written`, `ensure_space`, `insert_entry`,
+//! `flush_trees`), the monitor, probing and reopening. Must not touch: what records mean
+//! (keys, values, counters), which is the store's.
+
+use std::io::Write;
+use std::path::Path;
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+use super::open::open_sled;
+use super::{storage_error, Shared, TreeId, Trees};
+use crate::store::{unpoisoned, StoreError};
+
+/// Writes are refused while the data directory's file system has less free than this:
+/// sled must never meet a full disk itself (see the module documentation).
+pub const SPACE_MARGIN: u64 = 1 << 20;
+/// A flush that has not returned for this long means sled is stuck (a restart is needed).
+pub const FLUSH_STALL: Duration = Duration::from_secs(5);
+/// Values at least this large are checked against the free space before sled sees them
+/// (sled writes them as blob files, whose failure wedges it).
+pub(super) const LARGE_VALUE: usize = 64 << 10;
+
+/// Whether the store can write, and what to undo when it can again.
+#[derive(Default)]
+pub(super) struct Health {
+    /// Why writes are refused (`None`: they are not).
+    pub(super) failure: Option<String>,
+    /// sled itself returned a write error: its handle must be reopened before writing.
+    pub(super) sled_failed: bool,
+    /// sled cannot be closed (a stuck flush); only a restart helps.
+    pub(super) wedged: bool,
+    /// Keys of log and chat entries inserted since the last successful flush.
+    pub(super) unflushed: Vec<(TreeId, Vec<u8>)>,
+    /// Keys of entries whose write was reported as failed: deleted before writing resumes.
+    pub(super) poisoned: Vec<(TreeId, Vec<u8>)>,
+}
+
+/// At most this many unflushed keys are remembered (only a failed explicit flush uses
+/// them, in sync durability, where there are a handful).
+const MAX_UNFLUSHED: usize = 100_000;
+
+/// Free bytes for an unprivileged writer on the file system of `dir`.
+pub(super) fn free_bytes(dir: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    // SAFETY: `path` is a valid C string; `stat` is a plain out-parameter.
+    unsafe {
+        let mut stat: libc::statvfs = std::mem::zeroed();
+        if libc::statvfs(path.as_ptr(), &mut stat) != 0 {
+            return None;
+        }
+        Some((stat.f_bavail as u64).saturating_mul(stat.f_frsize as u64))
+    }
+}
+
+/// Flushes periodically and, while writes are refused, probes and reopens; ends when the
+/// store is dropped.
+pub(super) fn monitor(shared: Weak<Shared>) {
+    let period = {
+        let Some(s) = shared.upgrade() else { return };
+        Duration::from_millis(s.settings.flush_interval_ms.clamp(50, 1000))
+    };
+    loop {
+        std::thread::sleep(period);
+        let Some(s) = shared.upgrade() else { return };
+        s.monitor_tick();
+    }
+}
+
+impl Shared {
+    /// Refuses a write while the store cannot write.
+    pub(super) fn writable(&self) -> Result<(), StoreError> {
+        match &unpoisoned(self.health.lock()).failure {
+            None => Ok(()),
+            Some(reason) => Err(StoreError::Unavailable(format!(
+                "the store cannot write: {reason}"
+            ))),
+        }
+    }
+
+    /// Marks the store as unable to write (the first reason is kept).
+    pub(super) fn fail(&self, reason: String, sled_failed: bool) {
+        let mut health = unpoisoned(self.health.lock());
+        if health.failure.is_none() {
+            tracing::error!(reason = %reason, "the store cannot write; writes are refused until it can");
+            health.failure = Some(reason);
+            if let Some(metrics) = &self.metrics {
+                metrics.store_writable.set(0);
+                metrics.store_write_failures.inc();
+            }
+        }
+        health.sled_failed |= sled_failed;
+    }
+
+    /// The result of a sled write: a failure stops further writes until recovery.
+    pub(super) fn written<T>(&self, result: sled::Result<T>) -> Result<T, StoreError> {
+        result.map_err(|e| {
+            self.fail(format!("write failed: {e}"), true);
+            storage_error(e)
+        })
+    }
+
+    /// Refuses a large write when the disk cannot take it (sled must not meet ENOSPC).
+    pub(super) fn ensure_space(&self, bytes: usize) -> Result<(), StoreError> {
+        if bytes < LARGE_VALUE {
+            return Ok(());
+        }
+        match free_bytes(&self.dir) {
+            Some(free) if free < bytes as u64 + SPACE_MARGIN => {
+                let reason = format!("disk full: {free} bytes free in {}", self.dir.display());
+                self.fail(reason.clone(), false);
+                Err(StoreError::Unavailable(reason))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Inserts a log or chat entry, remembering its key until it is flushed (or, should
+    /// the insert fail, for deletion once writing resumes).
+    pub(super) fn insert_entry(
+        &self,
+        trees: &Trees,
+        tree: TreeId,
+        key: Vec<u8>,
+        value: Vec<u8>,
+    ) -> Result<(), StoreError> {
+        self.ensure_space(value.len())?;
+        match trees.tree(tree).insert(&key, value) {
+            Ok(_) => {
+                let mut health = unpoisoned(self.health.lock());
+                if health.unflushed.len() < MAX_UNFLUSHED {
+                    health.unflushed.push((tree, key));
+                }
+                Ok(())
+            }
+            Err(e) => {
+                unpoisoned(self.health.lock()).poisoned.push((tree, key));
+                self.written(Err(e))
+            }
+        }
+    }
+
+    /// Flushes sled; a failure (or a stall, seen by [`Shared::check`]) stops writes.
+    pub(super) fn flush_trees(&self, trees: &Trees, explicit: bool) -> Result<(), StoreError> {
+        *unpoisoned(self.flushing_since.lock()) = Some(Instant::now());
+        let result = trees.db.flush();
+        *unpoisoned(self.flushing_since.lock()) = None;
+        let mut health = unpoisoned(self.health.lock());
+        match result {
+            Ok(_) => {
+                health.unflushed.clear();
+                Ok(())
+            }
+            Err(e) => {
+                if explicit {
+                    // In sync durability these writes are reported as failed: they must
+                    // not come back on a later load.
+                    let unflushed = std::mem::take(&mut health.unflushed);
+                    health.poisoned.extend(unflushed);
+                }
+                drop(health);
+                self.written(Err(e))
+            }
+        }
+    }
+
+    pub(super) fn check(&self) -> Result<(), StoreError> {
+        if let Some(since) = *unpoisoned(self.flushing_since.lock()) {
+            if since.elapsed() >= FLUSH_STALL {
+                return Err(StoreError::Unavailable(format!(
+                    "a flush has not returned for {} s (sled is stuck after a failed write); restart easel",
+                    since.elapsed().as_secs()
+                )));
+            }
+        }
+        let health = unpoisoned(self.health.lock());
+        if let Some(reason) = &health.failure {
+            return Err(StoreError::Unavailable(if health.wedged {
+                format!("{reason}; restart easel")
+            } else {
+                reason.clone()
+            }));
+        }
+        drop(health);
+        let trees = self.trees()?;
+        trees
+            .meta
+            .get(b"\0readiness-probe")
+            .map(|_| ())
+            .map_err(storage_error)
+    }
+
+    fn monitor_tick(&self) {
+        let (failed, wedged) = {
+            let h = unpoisoned(self.health.lock());
+            (h.failure.is_some(), h.wedged)
+        };
+        if wedged {
+            return;
+        }
+        if !failed {
+            if let Some(free) = free_bytes(&self.dir) {
+                if free < SPACE_MARGIN {
+                    self.fail(
+                        format!("disk full: {free} bytes free in {}", self.dir.display()),
+                        false,
+                    );
+                    return;
+                }
+            }
+            if let Ok(trees) = self.trees() {
+                if let Err(e) = self.flush_trees(&trees, false) {
+                    tracing::error!(error = %e, "periodic flush failed");
+                }
+            }
+            return;
+        }
+        if let Err(e) = self.probe_directory() {
+            tracing::debug!(error = %e, "the data directory still cannot be written");
+            return;
+        }
+        if let Err(e) = self.resume() {
+            tracing::warn!(error = %e, "the store could not resume writing yet");
+        }
+    }
+
+    /// Writes, fsyncs and removes a small file: whether the directory takes writes again.
+    fn probe_directory(&self) -> std::io::Result<()> {
+        if free_bytes(&self.dir).is_some_and(|free| free < 2 * SPACE_MARGIN) {
+            return Err(std::io::Error::other("too little free space"));
+        }
+        let path = self
+            .dir
+            .join(format!(".easel-probe-{}", std::process::id()));
+        let result = (|| {
+            let mut file = std::fs::File::create(&path)?;
+            file.write_all(&[0u8; 64 << 10])?;
+            file.sync_all()
+        })();
+        let _ = std::fs::remove_file(&path);
+        result
+    }
+
+    /// Reopens sled if it failed, deletes the entries reported as failed, flushes, and lets
+    /// writes through again.
+    fn resume(&self) -> Result<(), StoreError> {
+        let sled_failed = unpoisoned(self.health.lock()).sled_failed;
+        if sled_failed {
+            self.reopen()?;
+        }
+        let trees = self.trees()?;
+        let poisoned = std::mem::take(&mut unpoisoned(self.health.lock()).poisoned);
+        // sled keeps the first I/O error of its background flusher in the open handle and
+        // returns it from every later call, even after the space is back: a sled error
+        // here means the next attempt must reopen it.
+        let sled_error = |e: sled::Error, poisoned: Vec<_>| {
+            let mut health = unpoisoned(self.health.lock());
+            health.poisoned.extend(poisoned);
+            health.sled_failed = true;
+            storage_error(e)
+        };
+        for (tree, key) in &poisoned {
+            if let Err(e) = trees.tree(*tree).remove(key) {
+                return Err(sled_error(e, poisoned.clone()));
+            }
+        }
+        if let Err(e) = trees.db.flush() {
+            return Err(sled_error(e, poisoned));
+        }
+        let mut health = unpoisoned(self.health.lock());
+        health.failure = None;
+        health.sled_failed = false;
+        health.unflushed.clear();
+        if let Some(metrics) = &self.metrics {
+            metrics.store_writable.set(1);
+        }
+        tracing::info!(
+            discarded = poisoned.len(),
+            "the store writes again (entries whose write had failed were discarded)"
+        );
+        Ok(())
+    }
+
+    /// Closes sled and opens it again: its error state lives in the open handle.
+    fn reopen(&self) -> Result<(), StoreError> {
+        let old = unpoisoned(self.trees.write()).take();
+        if let Some(old) = old {
+            // Other threads finish what they were doing with it (they see errors now).
+            let deadline = Instant::now() + Duration::from_secs(2);
+            while Arc::strong_count(&old) > 1 && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            // Dropping a stuck sled waits forever: drop it on a thread of its own.
+            let (done, dropped) = std::sync::mpsc::channel();
+            let spawned = std::thread::Builder::new()
+                .name("easel-store-close".into())
+                .spawn(move || {
+                    drop(old);
+                    let _ = done.send(());
+                });
+            let closed = spawned.is_ok() && dropped.recv_timeout(Duration::from_secs(3)).is_ok();
+            if !closed {
+                let mut health = unpoisoned(self.health.lock());
+                health.wedged = true;
+                health.failure =
+                    Some("sled did not close after a failed write (its files stay locked)".into());
+                return Err(StoreError::Unavailable("sled did not close".into()));
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            match open_sled(&self.dir, &self.settings) {
+                Ok(trees) => {
+                    *unpoisoned(self.trees.write()) = Some(Arc::new(trees));
+                    return Ok(());
+                }
+                Err(StoreError::Locked { .. }) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
