@@ -6,11 +6,9 @@
 //! Real binary, real sled directory in a temp dir; the content is always written by a real
 //! whiteboard client of a real server first.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 
-use common::*;
+use crate::support::*;
 use serde_json::{json, Value};
 use yrs::{Array, Doc, Map, Text, Transact};
 

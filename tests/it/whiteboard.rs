@@ -1,11 +1,9 @@
 //! Whiteboard endpoint (SPEC §3): y-websocket sync, relay, awareness, viewers, keep-alive,
 //! and the close codes for bad frames.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::support::*;
 use yrs::sync::{Message, SyncMessage};
 use yrs::updates::decoder::Decode;
 use yrs::{Doc, Map, ReadTxn, Text, Transact, Update};

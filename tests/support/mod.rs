@@ -3,8 +3,6 @@
 //! Every test spawns the real `easel` binary on 127.0.0.1:0 with a temporary data
 //! directory and a temporary TOML config, and talks to it over real sockets only.
 //! Nothing from the easel library crate is used.
-#![allow(dead_code)]
-
 use std::collections::{HashMap, VecDeque};
 use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;

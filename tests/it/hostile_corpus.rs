@@ -10,13 +10,11 @@
 //! by hand under the same naming. `fixtures/hostile/open/` (findings not fixed yet) is not
 //! replayed.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::*;
+use crate::support::*;
 use easel::doc::guard::{decode_awareness, decode_state_vector, NestingIndex};
 use easel::protocol::wire::{decode_frame, Inbound};
 use yrs::sync::{Message, SyncMessage};

@@ -7,12 +7,10 @@
 //! `crash_with_batch_durability_loses_nothing_older_than_flush_interval`, whose very point
 //! is the flush window.
 
-mod common;
-
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::support::*;
 use serde_json::{json, Value};
 use yrs::{Doc, Map, Transact};
 

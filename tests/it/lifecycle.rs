@@ -2,11 +2,9 @@
 //! SIGTERM/SIGINT (1012, exit 0), configuration errors. Persistence across restarts is in
 //! tests/persistence.rs.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::support::*;
 
 #[tokio::test]
 async fn health_ready_metrics_status() {

@@ -6,11 +6,9 @@
 //! killing the process (a stack overflow in `yrs`'s recursive decoder), the others by
 //! accepting what the guard now refuses. See notes/doctests.md for which failed how.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::support::*;
 use yrs::sync::{Message, SyncMessage};
 use yrs::types::ToJson;
 use yrs::{Doc, GetString, Map, MapPrelim, MapRef, Out, ReadTxn, Text, Transact};

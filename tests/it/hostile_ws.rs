@@ -2,11 +2,9 @@
 //! message, tutor sizes are capped, history goes out in pages, and closes follow RFC 6455
 //! on both endpoints. Every test runs the real binary and talks raw WebSocket to it.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::support::*;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;

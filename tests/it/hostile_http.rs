@@ -2,12 +2,10 @@
 //! shown next to proof that other users carry on (`/healthz` answers fast, another user's
 //! long poll or WebSocket still works), and that it is counted in `/metrics`.
 
-mod common;
-
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::support::*;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -335,7 +333,7 @@ async fn long_polls_are_capped_per_user_and_in_all_and_healthz_stays_up() {
 }
 
 /// A GET on a raw socket with no overall timeout of its own (long polls outlast
-/// `common::TIMEOUT`): `(status, body)`.
+/// `support::TIMEOUT`): `(status, body)`.
 async fn raw_get(addr: SocketAddr, path: &str, auth: &str) -> (u16, String) {
     let mut s = TcpStream::connect(addr).await.expect("connect");
     let req = format!(

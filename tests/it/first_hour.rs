@@ -4,15 +4,13 @@
 //! Real binary throughout. The development-mode servers here run WITHOUT a JWT secret
 //! (unlike `TestServer`, which always sets one), so this file has its own small launcher.
 
-mod common;
-
 use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::support::*;
 
 /// A `serve` started with no secret configured, its output collected.
 struct DevServer {
