@@ -3,8 +3,8 @@
 
 use std::time::{Duration, Instant};
 
-use base64::Engine;
 use crate::support::*;
+use base64::Engine;
 use serde_json::json;
 
 const ENDPOINTS: [&str; 2] = ["whiteboard", "tutor"];

@@ -13,8 +13,8 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use bytes::Bytes;
 use crate::support::*;
+use bytes::Bytes;
 use easel::doc::guard::{decode_awareness, decode_state_vector, NestingIndex};
 use easel::protocol::wire::{decode_frame, Inbound};
 use yrs::sync::{Message, SyncMessage};

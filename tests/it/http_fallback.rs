@@ -3,9 +3,9 @@
 
 use std::time::{Duration, Instant};
 
+use crate::support::*;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
-use crate::support::*;
 use serde_json::json;
 use yrs::updates::decoder::Decode;
 use yrs::updates::encoder::Encode;
