@@ -1,6 +1,6 @@
 //! Process lifecycle (SPEC §1, §5.2, §6): HTTP health/metrics/status, graceful shutdown on
 //! SIGTERM/SIGINT (1012, exit 0), configuration errors. Persistence across restarts is in
-//! tests/persistence.rs.
+//! tests/it/persistence/.
 
 use std::time::Duration;
 
