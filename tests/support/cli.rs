@@ -1,10 +1,10 @@
 //! Running the `easel` CLI (`snapshot`, `sessions`, `token`, `store`) as a child process.
 
 use std::io::Read;
-use std::process::{Command, ExitStatus, Stdio};
+use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
-use super::server::SECRET;
+use super::server::easel_command;
 
 /// What a CLI run produced.
 #[derive(Debug)]
@@ -44,19 +44,9 @@ pub fn run_cli_blocking(args: &[String]) -> CliOutput {
         .prefix("easel-cli-")
         .tempdir()
         .expect("tempdir");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_easel"))
+    let mut child = easel_command("warn")
         .args(args)
         .current_dir(cwd.path())
-        .env_remove("EASEL_LISTEN")
-        .env_remove("EASEL_DATA_DIR")
-        .env_remove("EASEL_JWT_SECRET_FILE")
-        .env_remove("EASEL_JWT_PUBLIC_KEY_FILE")
-        .env_remove("EASEL_LOG_FORMAT")
-        .env("EASEL_JWT_SECRET", SECRET)
-        .env("EASEL_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
         .spawn()
         .expect("spawn easel CLI");
     let mut out = child.stdout.take().unwrap();

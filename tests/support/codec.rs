@@ -159,6 +159,20 @@ pub fn map_set_update(client: u64, map: &str, key: &str, value: &str) -> Vec<u8>
     txn.encode_update_v1()
 }
 
+/// An update setting key "k" of root map "m" to an `Any` array nested `depth` deep: two bytes
+/// a level, so 7,000 levels are 14 KB (the same bytes as `deep_any_update` in guard.rs).
+pub fn deep_any_update(depth: usize) -> Vec<u8> {
+    // One client (1) with one struct at clock 0: an item of Any content (info 8) with a
+    // parent sub (0x20), parent root "m", key "k", one value.
+    let mut b = vec![1, 1, 1, 0, 0b0010_1000, 1, 1, b'm', 1, b'k', 1];
+    // `depth` arrays of one element each (tag 117, length 1), then null (126).
+    b.extend(std::iter::repeat_n([117u8, 1], depth).flatten());
+    b.push(126);
+    // Empty delete set.
+    b.push(0);
+    b
+}
+
 /// At most the first 64 bytes of a frame, for failure messages.
 pub fn short(b: &[u8]) -> String {
     if b.len() <= 64 {

@@ -34,6 +34,24 @@ pub struct TestServer {
     _tmp: Option<tempfile::TempDir>,
 }
 
+/// The `easel` binary with a clean environment (none of the EASEL_* settings of the shell
+/// running the tests), the test secret, log level `log`, stdin closed and stdout and stderr
+/// piped.
+pub fn easel_command(log: &str) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_easel"));
+    cmd.env_remove("EASEL_LISTEN")
+        .env_remove("EASEL_DATA_DIR")
+        .env_remove("EASEL_JWT_SECRET_FILE")
+        .env_remove("EASEL_JWT_PUBLIC_KEY_FILE")
+        .env_remove("EASEL_LOG_FORMAT")
+        .env("EASEL_JWT_SECRET", SECRET)
+        .env("EASEL_LOG", log)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    cmd
+}
+
 /// Options for starting a server.
 #[derive(Default, Clone)]
 pub struct StartOpts {
@@ -97,7 +115,7 @@ impl TestServer {
         };
         std::fs::create_dir_all(&data_dir).expect("create data dir");
 
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_easel"));
+        let mut cmd = easel_command("info");
         cmd.arg("serve")
             .arg("--listen")
             .arg("127.0.0.1:0")
@@ -105,17 +123,7 @@ impl TestServer {
             .arg(&data_dir)
             .arg("--config")
             .arg(&config_path)
-            .args(&opts.args)
-            .env_remove("EASEL_LISTEN")
-            .env_remove("EASEL_DATA_DIR")
-            .env_remove("EASEL_JWT_SECRET_FILE")
-            .env_remove("EASEL_JWT_PUBLIC_KEY_FILE")
-            .env_remove("EASEL_LOG_FORMAT")
-            .env("EASEL_JWT_SECRET", SECRET)
-            .env("EASEL_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+            .args(&opts.args);
         for (k, v) in &opts.env {
             cmd.env(k, v);
         }
@@ -394,13 +402,32 @@ pub fn metric_sum(text: &str, name: &str) -> Option<f64> {
     found
 }
 
+/// The value of one sample of a /metrics text, named exactly as written there
+/// (`name{label="value",...}`); None when absent.
+pub fn metric_sample(text: &str, series: &str) -> Option<f64> {
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let (name, value) = l.rsplit_once(' ')?;
+        (name == series).then(|| value.trim().parse().ok())?
+    })
+}
+
 /// Resident set size of a process in KiB (VmRSS from /proc/PID/status).
 pub fn vm_rss_kib(pid: u32) -> Option<u64> {
+    proc_status_kib(pid, "VmRSS:")
+}
+
+/// Peak resident set size of a process in KiB (VmHWM from /proc/PID/status); panics when
+/// the process has no status (it died, which the caller's test is about to report anyway).
+pub fn vm_hwm_kib(pid: u32) -> u64 {
+    proc_status_kib(pid, "VmHWM:").unwrap_or_else(|| panic!("VmHWM of process {pid}"))
+}
+
+fn proc_status_kib(pid: u32, field: &str) -> Option<u64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     s.lines()
-        .find(|l| l.starts_with("VmRSS:"))?
+        .find_map(|l| l.strip_prefix(field))?
         .split_whitespace()
-        .nth(1)?
+        .next()?
         .parse()
         .ok()
 }

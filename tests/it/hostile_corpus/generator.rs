@@ -42,15 +42,6 @@ fn type_item(type_ref: u8, tail: &[u8]) -> Vec<u8> {
     b
 }
 
-fn deep_any_update(depth: usize) -> Vec<u8> {
-    let mut b = one_struct(1, 8);
-    var(&mut b, 1);
-    b.extend(std::iter::repeat_n([117u8, 1], depth).flatten());
-    b.push(126);
-    var(&mut b, 0);
-    b
-}
-
 fn deep_json(depth: usize) -> String {
     format!("{}{}", "[".repeat(depth), "]".repeat(depth))
 }

@@ -25,20 +25,6 @@ mod nesting;
 const BOMB_MAP: &str = "m";
 const BOMB_KEY: &str = "k";
 
-/// An update setting key "k" of root map "m" to an `Any` array nested `depth` deep: two bytes
-/// a level, so 7,000 levels are 14 KB (the same bytes as `deep_any_update` in guard.rs).
-fn deep_any_update(depth: usize) -> Vec<u8> {
-    // One client (1) with one struct at clock 0: an item of Any content (info 8) with a
-    // parent sub (0x20), parent root "m", key "k", one value.
-    let mut b = vec![1, 1, 1, 0, 0b0010_1000, 1, 1, b'm', 1, b'k', 1];
-    // `depth` arrays of one element each (tag 117, length 1), then null (126).
-    b.extend(std::iter::repeat_n([117u8, 1], depth).flatten());
-    b.push(126);
-    // Empty delete set.
-    b.push(0);
-    b
-}
-
 /// A chain of `depth` nested Y.Maps under key "k" of root map "m", all in one update of
 /// `client`: item i (clock i) is a Y.Map whose parent is the map item i-1 created. Written
 /// by hand so that 20,000 levels cost the test nothing (checked against yrs in
@@ -137,26 +123,7 @@ async fn healthz(server: &TestServer) -> u16 {
 /// (0 when absent: a counter not yet incremented may not be listed).
 async fn metric_labelled(server: &TestServer, sample: &str) -> f64 {
     let text = server.http_get("/metrics").await.text();
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find_map(|l| {
-            let (name, value) = l.rsplit_once(' ')?;
-            (name == sample)
-                .then(|| value.parse::<f64>().ok())
-                .flatten()
-        })
-        .unwrap_or(0.0)
-}
-
-/// Peak resident memory (VmHWM) of a process in KiB.
-fn vm_hwm_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
-    status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .expect("VmHWM in /proc/PID/status")
+    metric_sample(&text, sample).unwrap_or(0.0)
 }
 
 async fn post_update(server: &TestServer, session: &str, token: &str, body: &[u8]) -> HttpResponse {

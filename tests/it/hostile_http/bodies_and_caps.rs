@@ -6,7 +6,7 @@ use super::*;
 async fn unauthenticated_large_posts_are_refused_without_reading_the_body() {
     let server = TestServer::start("");
     let addr = server.addr;
-    let before = peak_rss_kb(server.pid());
+    let before = vm_hwm_kib(server.pid());
     let declared = 8 * 1024 * 1024;
     // Fifty clients announce 8 MiB each, send 64 KiB of it and stall.
     let mut stalled = Vec::new();
@@ -30,7 +30,7 @@ async fn unauthenticated_large_posts_are_refused_without_reading_the_body() {
     }
     let took = healthz(addr).await;
     assert!(took < Duration::from_millis(500), "/healthz took {took:?}");
-    let grown_mb = peak_rss_kb(server.pid()).saturating_sub(before) / 1024;
+    let grown_mb = vm_hwm_kib(server.pid()).saturating_sub(before) / 1024;
     assert!(grown_mb < 64, "peak RSS grew {grown_mb} MiB");
     // A viewer is refused before its body is read too.
     let mut s = TcpStream::connect(addr).await.expect("connect");

@@ -23,16 +23,6 @@ fn wb_api(session: &str) -> String {
     format!("/api/v2/session/{session}/whiteboard")
 }
 
-/// Peak resident memory of a process, in KiB (`VmHWM` of /proc/PID/status).
-fn peak_rss_kb(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmHWM line")
-}
-
 /// `GET /healthz`: asserts 200 and returns how long it took.
 async fn healthz(addr: SocketAddr) -> Duration {
     let started = Instant::now();
@@ -44,16 +34,7 @@ async fn healthz(addr: SocketAddr) -> Duration {
 /// The value of one metric line of `/metrics` (`name{labels}`), 0 when absent.
 async fn metric(addr: SocketAddr, series: &str) -> f64 {
     let r = http_request(addr, "GET", "/metrics", &[], None).await;
-    r.text()
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix(series)?
-                .strip_prefix(' ')?
-                .trim()
-                .parse()
-                .ok()
-        })
-        .unwrap_or(0.0)
+    metric_sample(&r.text(), series).unwrap_or(0.0)
 }
 
 fn bearer(token: &str) -> String {

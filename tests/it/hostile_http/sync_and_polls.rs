@@ -7,7 +7,7 @@ async fn tokenless_sv_bomb_is_401_and_costs_no_memory() {
     let server = TestServer::start("");
     let addr = server.addr;
     healthz(addr).await;
-    let before = peak_rss_kb(server.pid());
+    let before = vm_hwm_kib(server.pid());
     let path = format!("{}?sv={SV_BOMB}", wb_api("lesson"));
     // Four loops, as in the issue, bounded in count.
     let loops: Vec<_> = (0..4)
@@ -29,7 +29,7 @@ async fn tokenless_sv_bomb_is_401_and_costs_no_memory() {
     for l in loops {
         l.await.expect("flood loop");
     }
-    let grown_mb = peak_rss_kb(server.pid()).saturating_sub(before) / 1024;
+    let grown_mb = vm_hwm_kib(server.pid()).saturating_sub(before) / 1024;
     assert!(
         grown_mb < 64,
         "peak RSS grew {grown_mb} MiB under the flood"
@@ -46,13 +46,13 @@ async fn sv_bomb_with_a_valid_token_is_400_and_costs_no_memory() {
     let server = TestServer::start("");
     let addr = server.addr;
     let t = token("alice", "lesson", "student");
-    let before = peak_rss_kb(server.pid());
+    let before = vm_hwm_kib(server.pid());
     for _ in 0..20 {
         let r = get_with(addr, &format!("{}?sv={SV_BOMB}", wb_api("lesson")), &t).await;
         assert_eq!(r.status, 400, "{}", r.text());
         assert!(r.text().contains("sv"), "{}", r.text());
     }
-    let grown_mb = peak_rss_kb(server.pid()).saturating_sub(before) / 1024;
+    let grown_mb = vm_hwm_kib(server.pid()).saturating_sub(before) / 1024;
     assert!(grown_mb < 64, "peak RSS grew {grown_mb} MiB");
     assert!(metric(addr, "easel_limit_refusals_total{limit=\"state_vector\"}").await >= 20.0);
     // Another user still reads the board.
