@@ -2,27 +2,15 @@
 //! message, tutor sizes are capped, history goes out in pages, and closes follow RFC 6455
 //! on both endpoints. Every test runs the real binary and talks raw WebSocket to it.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::support::*;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 use yrs::sync::{Message, SyncMessage};
-
-/// Peak resident set size of a process in KiB (VmHWM from /proc/PID/status).
-fn vm_hwm_kib(pid: u32) -> u64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc status");
-    s.lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .expect("VmHWM in /proc status")
-}
 
 /// Every message of a sync step 1 with an empty state vector: `[0, 0, 1, 0]`.
 const EMPTY_STEP1: [u8; 4] = [0, 0, 1, 0];

@@ -1,13 +1,11 @@
 //! The HTTP fallback (SPEC §6): a client with no WebSocket follows and edits a whiteboard and
 //! a chat next to WebSocket clients, through the real server.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
+use crate::support::*;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
-use common::*;
 use serde_json::json;
 use yrs::updates::decoder::Decode;
 use yrs::updates::encoder::Encode;

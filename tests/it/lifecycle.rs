@@ -1,12 +1,10 @@
 //! Process lifecycle (SPEC §1, §5.2, §6): HTTP health/metrics/status, graceful shutdown on
 //! SIGTERM/SIGINT (1012, exit 0), configuration errors. Persistence across restarts is in
-//! tests/persistence.rs.
-
-mod common;
+//! tests/it/persistence/.
 
 use std::time::Duration;
 
-use common::*;
+use crate::support::*;
 
 #[tokio::test]
 async fn health_ready_metrics_status() {

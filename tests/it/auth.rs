@@ -1,12 +1,10 @@
 //! Authentication and connection admission (SPEC §2, §7): refusals before the upgrade,
 //! token transports, sid forms, live expiry (4401), origins and connection caps.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
+use crate::support::*;
 use base64::Engine;
-use common::*;
 use serde_json::json;
 
 const ENDPOINTS: [&str; 2] = ["whiteboard", "tutor"];

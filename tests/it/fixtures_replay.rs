@@ -1,11 +1,9 @@
 //! Replays the Yjs update streams recorded from the real JS client (fixtures/*.updates,
 //! see fixtures/README.md) through the server, and checks what other clients end up with.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 
-use common::*;
+use crate::support::*;
 use serde_json::Value;
 use yrs::sync::Message;
 use yrs::updates::decoder::Decode;

@@ -1,11 +1,9 @@
 //! Limits on the whiteboard (SPEC §3, §7): slow readers are closed with 1013 without
 //! delaying the others; rate-limited sync frames are delayed, never dropped.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::support::*;
 use yrs::sync::{Message, SyncMessage};
 use yrs::updates::decoder::Decode;
 use yrs::{Map, Transact, Update};

@@ -1,11 +1,9 @@
 //! Tutor endpoint (SPEC §4): welcome, history, chat sequence numbers, presence, typing,
 //! events, ping, history requests, after_seq, errors, limits.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::support::*;
 use serde_json::{json, Value};
 
 fn participant<'a>(v: &'a Value, id: &str) -> Option<&'a Value> {

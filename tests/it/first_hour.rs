@@ -4,15 +4,13 @@
 //! Real binary throughout. The development-mode servers here run WITHOUT a JWT secret
 //! (unlike `TestServer`, which always sets one), so this file has its own small launcher.
 
-mod common;
-
 use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::support::*;
 
 /// A `serve` started with no secret configured, its output collected.
 struct DevServer {
@@ -26,19 +24,10 @@ impl DevServer {
     /// Starts `easel serve` on `data_dir` without a secret; Err(all output) when it exits
     /// before printing its `easel listening on` line.
     fn try_start(data_dir: &Path) -> Result<DevServer, String> {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_easel"))
+        let mut child = easel_command("info")
             .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
             .arg(data_dir)
             .env_remove("EASEL_JWT_SECRET")
-            .env_remove("EASEL_JWT_SECRET_FILE")
-            .env_remove("EASEL_JWT_PUBLIC_KEY_FILE")
-            .env_remove("EASEL_LISTEN")
-            .env_remove("EASEL_DATA_DIR")
-            .env_remove("EASEL_LOG_FORMAT")
-            .env("EASEL_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
             .spawn()
             .expect("spawn easel serve");
         let stdout = Arc::new(Mutex::new(String::new()));
@@ -141,15 +130,10 @@ impl Drop for DevServer {
 
 /// Runs `easel ARGS` with NO secret in the environment (development mode).
 fn cli_dev(args: &[&str], cwd: &Path) -> CliOutput {
-    let out = Command::new(env!("CARGO_BIN_EXE_easel"))
+    let out = easel_command("warn")
         .args(args)
         .current_dir(cwd)
         .env_remove("EASEL_JWT_SECRET")
-        .env_remove("EASEL_JWT_SECRET_FILE")
-        .env_remove("EASEL_JWT_PUBLIC_KEY_FILE")
-        .env_remove("EASEL_DATA_DIR")
-        .env("EASEL_LOG", "warn")
-        .stdin(Stdio::null())
         .output()
         .expect("run easel");
     CliOutput {

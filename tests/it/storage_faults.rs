@@ -3,13 +3,11 @@
 //! is rebuilt from the `versions/` files, memory stays flat over session churn, and the
 //! CLI ends quietly on a closed pipe.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::support::*;
 use serde_json::json;
 
 /// A config whose batch flush happens only long after the test is done with the server:
