@@ -20,7 +20,7 @@ use yrs::updates::encoder::Encode;
 use yrs::{Doc, Map, ReadTxn, StateVector, Transact, Update};
 
 use easel::metrics::Metrics;
-use easel::outbox::{outbox, OutboxReceiver};
+use easel::ws::outbox::{outbox, OutboxReceiver};
 use easel::protocol::wire;
 use easel::session::whiteboard::{Whiteboard, WhiteboardOptions};
 use easel::store::{MemoryStore, SledStore, Store};

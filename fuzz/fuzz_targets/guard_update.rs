@@ -22,5 +22,5 @@ fuzz_target!(|data: &[u8]| {
     };
     let doc = Doc::new();
     let _ = doc.transact_mut().apply_update(update);
-    let _ = easel::session::restore::doc_to_json(&doc);
+    let _ = easel::doc::json::doc_to_json(&doc);
 });

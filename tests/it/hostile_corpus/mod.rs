@@ -134,7 +134,7 @@ fn guard_and_apply(index: &mut NestingIndex, doc: &Doc, update: &[u8]) -> Result
         .apply_update(decoded)
         .map_err(|e| format!("apply: {e}"))?;
     index.commit(checked);
-    let _ = easel::session::restore::doc_to_json(doc);
+    let _ = easel::doc::json::doc_to_json(doc);
     Ok(())
 }
 
@@ -290,7 +290,7 @@ fn content(state: &[u8]) -> (serde_json::Value, yrs::StateVector) {
         .apply_update(update)
         .expect("the whiteboard's state applies");
     let sv = yrs::ReadTxn::state_vector(&doc.transact());
-    (easel::session::restore::doc_to_json(&doc), sv)
+    (easel::doc::json::doc_to_json(&doc), sv)
 }
 
 /// update → whiteboard → restore, as the `whiteboard_restore` fuzz target runs it: every
