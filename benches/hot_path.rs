@@ -20,10 +20,10 @@ use yrs::updates::encoder::Encode;
 use yrs::{Doc, Map, ReadTxn, StateVector, Transact, Update};
 
 use easel::metrics::Metrics;
-use easel::ws::outbox::{outbox, OutboxReceiver};
 use easel::protocol::wire;
 use easel::session::whiteboard::{Whiteboard, WhiteboardOptions};
 use easel::store::{MemoryStore, SledStore, Store};
+use easel::ws::outbox::{outbox, OutboxReceiver};
 
 #[path = "../src/bin/easel-loadgen/workload.rs"]
 mod workload;

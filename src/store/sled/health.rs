@@ -52,10 +52,14 @@ pub(super) struct Health {
     pub(super) unflushed: Vec<(TreeId, Vec<u8>)>,
     /// Keys of entries whose write was reported as failed: deleted before writing resumes.
     pub(super) poisoned: Vec<(TreeId, Vec<u8>)>,
+    /// Acknowledged entries read back from a failed handle, still to be written into the
+    /// reopened one (see [`Shared::carry_unflushed`]).
+    pub(super) carried: Vec<(TreeId, Vec<u8>, sled::IVec)>,
 }
 
-/// At most this many unflushed keys are remembered (only a failed explicit flush uses
-/// them, in sync durability, where there are a handful).
+/// At most this many unflushed keys are remembered (a failed explicit flush in sync
+/// durability, where there are a handful, and a reopen, which carries the last
+/// `flush_interval_ms` of batch durability over).
 const MAX_UNFLUSHED: usize = 100_000;
 
 /// Free bytes for an unprivileged writer on the file system of `dir`.
@@ -304,6 +308,7 @@ impl Shared {
     fn reopen(&self) -> Result<(), StoreError> {
         let old = unpoisoned(self.trees.write()).take();
         if let Some(old) = old {
+            self.carry_unflushed(&old);
             // Other threads finish what they were doing with it (they see errors now).
             let deadline = Instant::now() + Duration::from_secs(2);
             while Arc::strong_count(&old) > 1 && Instant::now() < deadline {
@@ -330,8 +335,9 @@ impl Shared {
         loop {
             match open_sled(&self.dir, &self.settings) {
                 Ok(trees) => {
-                    *unpoisoned(self.trees.write()) = Some(Arc::new(trees));
-                    return Ok(());
+                    let trees = Arc::new(trees);
+                    *unpoisoned(self.trees.write()) = Some(Arc::clone(&trees));
+                    return self.write_carried(&trees);
                 }
                 Err(StoreError::Locked { .. }) if Instant::now() < deadline => {
                     std::thread::sleep(Duration::from_millis(20));
@@ -339,5 +345,48 @@ impl Shared {
                 Err(e) => return Err(e),
             }
         }
+    }
+
+    /// Reads out of a failed handle the entries acknowledged since the last flush (batch
+    /// durability): they exist only in its memory, and reopening from disk would drop
+    /// them while live documents still show them — a reader must never see what a
+    /// restart will not have (SPEC 5.4).
+    fn carry_unflushed(&self, old: &Trees) {
+        let keys = std::mem::take(&mut unpoisoned(self.health.lock()).unflushed);
+        let mut carried = Vec::with_capacity(keys.len());
+        let mut unreadable = 0usize;
+        for (tree, key) in keys {
+            match old.tree(tree).get(&key) {
+                Ok(Some(value)) => carried.push((tree, key, value)),
+                // Removed since: a snapshot covered it.
+                Ok(None) => {}
+                Err(_) => unreadable += 1,
+            }
+        }
+        if unreadable > 0 {
+            tracing::error!(
+                unreadable,
+                "acknowledged entries not yet flushed could not be read back from the failed database; a restart will not have them"
+            );
+        }
+        unpoisoned(self.health.lock()).carried.extend(carried);
+    }
+
+    /// Writes the carried entries into the reopened handle. They count as unflushed again
+    /// until the next flush, so a failure before it carries them once more.
+    fn write_carried(&self, trees: &Trees) -> Result<(), StoreError> {
+        let mut carried = std::mem::take(&mut unpoisoned(self.health.lock()).carried);
+        while let Some((tree, key, value)) = carried.pop() {
+            if let Err(e) = trees.tree(tree).insert(&key, value.clone()) {
+                carried.push((tree, key, value));
+                unpoisoned(self.health.lock()).carried.extend(carried);
+                return Err(storage_error(e));
+            }
+            let mut health = unpoisoned(self.health.lock());
+            if health.unflushed.len() < MAX_UNFLUSHED {
+                health.unflushed.push((tree, key));
+            }
+        }
+        Ok(())
     }
 }

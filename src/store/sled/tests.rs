@@ -298,40 +298,17 @@ fn snapshot_versions_are_files_too_and_pruned_with_them() {
 /// Needs root (a small tmpfs); skipped otherwise.
 #[test]
 fn a_sled_write_failure_is_recovered_by_reopening() {
-    let parent = tempfile::tempdir().unwrap();
-    let mount = parent.path().join("fs");
-    std::fs::create_dir_all(&mount).unwrap();
-    let mounted = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=8m", "tmpfs"])
-        .arg(&mount)
-        .status()
-        .is_ok_and(|s| s.success());
-    if !mounted {
-        eprintln!("skipped: cannot mount a tmpfs (not root?)");
+    let Some(fs) = SmallTmpfs::mount() else {
         return;
-    }
-    struct Unmount(PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("umount")
-                .arg("-l")
-                .arg(&self.0)
-                .status();
-        }
-    }
-    let _unmount = Unmount(mount.clone());
+    };
+    let mount = fs.path.clone();
     // The monitor looks once a second: the inserts below outrun it.
     let store = SledStore::open(&mount, 60_000, 3, None).unwrap();
     store
         .append_update(SESSION, 1, &text_update("kept"))
         .unwrap();
     store.flush().unwrap();
-    let filler = mount.join("filler");
-    {
-        use std::io::Write;
-        let mut f = std::fs::File::create(&filler).unwrap();
-        while f.write_all(&[0u8; 4096]).is_ok() {}
-    }
+    let filler = fs.fill();
     // Free a little, so sled's first buffer fits and a later one does not.
     let len = std::fs::metadata(&filler).unwrap().len();
     std::fs::OpenOptions::new()
@@ -527,5 +504,103 @@ fn records_round_trip_and_reject_unknown_formats() {
     assert_eq!(
         describe_key(&named_key("s", LAST_CHAT_SEQ)),
         "s/last_chat_seq"
+    );
+}
+
+/// An 8 MiB tmpfs (a disk that fills in milliseconds), unmounted on drop; `None`, with a
+/// note, when this process may not mount (not root).
+struct SmallTmpfs {
+    path: PathBuf,
+    _parent: tempfile::TempDir,
+}
+
+impl SmallTmpfs {
+    fn mount() -> Option<Self> {
+        let parent = tempfile::tempdir().unwrap();
+        let path = parent.path().join("fs");
+        std::fs::create_dir_all(&path).unwrap();
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=8m", "tmpfs"])
+            .arg(&path)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !mounted {
+            eprintln!("skipped: cannot mount a tmpfs (not root?)");
+            return None;
+        }
+        Some(Self {
+            path,
+            _parent: parent,
+        })
+    }
+
+    /// Writes a filler file until the file system refuses a byte more.
+    fn fill(&self) -> PathBuf {
+        use std::io::Write;
+        let filler = self.path.join("filler");
+        let mut f = std::fs::File::create(&filler).unwrap();
+        while f.write_all(&[0u8; 4096]).is_ok() {}
+        while f.write_all(&[0u8; 1]).is_ok() {}
+        filler
+    }
+}
+
+impl Drop for SmallTmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.path)
+            .status();
+    }
+}
+
+/// The race CI met: an update acknowledged in batch durability, then the disk fills before
+/// the next flush, and the free-space check (not a sled write) is what refuses writes. sled's
+/// background flush has failed meanwhile and keeps that error in its handle, so resuming
+/// must reopen it, and the reopen must carry the acknowledged update over: it exists only
+/// in the failed handle's memory, and the live document already shows it.
+#[test]
+fn an_acknowledged_unflushed_update_survives_the_reopen_after_a_full_disk() {
+    let Some(fs) = SmallTmpfs::mount() else {
+        return;
+    };
+    let store = SledStore::open(&fs.path, 60_000, 3, None).unwrap();
+    store
+        .append_update(SESSION, 1, &text_update("flushed "))
+        .unwrap();
+    store.flush().unwrap();
+    let filler = fs.fill();
+    // Small enough for the write gate (no space check), large enough to need new pages.
+    let acknowledged = text_update(&"acknowledged ".repeat(600));
+    store.append_update(SESSION, 2, &acknowledged).unwrap();
+    assert!(
+        store.t().db.flush().is_err(),
+        "sled flushed on a full disk: this test needs the flush to fail"
+    );
+    store.shared.fail("disk full (test)".into(), false);
+    assert!(store.check().is_err());
+
+    std::fs::remove_file(&filler).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while store.check().is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "the store did not resume: {:?}",
+            store.check()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let text = text_of(&store.load_whiteboard(SESSION).unwrap().updates);
+    assert!(
+        text.contains("flushed") && text.contains("acknowledged"),
+        "{text}"
+    );
+    store.flush().unwrap();
+    drop(store);
+    let reopened = open(&fs.path);
+    let text = text_of(&reopened.load_whiteboard(SESSION).unwrap().updates);
+    assert!(
+        text.contains("flushed") && text.contains("acknowledged"),
+        "{text}"
     );
 }
