@@ -251,6 +251,13 @@ async fn a_full_disk_is_reported_refused_and_recovered_from_without_a_restart() 
     writer.barrier().await;
     let doc = server.whiteboard_doc(&session, &tok).await;
     assert_eq!(doc_map_get(&doc, "board", "after").as_deref(), Some("yes"));
+    // In batch durability "after" is on disk only after the next flush; a snapshot's 201
+    // says it is (an unflushed write lost at an unsaved shutdown is what batch allows).
+    // "late" then leaves the shutdown something it cannot save.
+    let tutor = token("tia", &session, "tutor");
+    server.take_snapshot(&session, &tutor).await;
+    writer.map_set("board", "late", "yes").await;
+    writer.barrier().await;
     writer.close().await;
 
     // SIGTERM on a full disk: ends within shutdown_timeout_s, non-zero, and says so.
