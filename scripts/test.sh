@@ -7,11 +7,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# --workspace: the server (root package) and bench/ (load generator, baseline fan-out
+# server, the workload library's unit tests). Both land in target/debug/.
 echo "== cargo build"
-cargo build --locked --bins
+cargo build --locked --workspace --bins
 
 echo "== cargo test"
-cargo test --locked --no-fail-fast
+cargo test --locked --workspace --no-fail-fast
 
 echo "== load generator smoke (a few seconds: exact counts, zero loss, convergence)"
 target/debug/easel-loadgen --server-bin target/debug/easel --scenario smoke

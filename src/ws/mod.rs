@@ -215,7 +215,7 @@ async fn next_frame(
 /// capacity error (axum wraps it; matched by type, not by its text).
 fn is_over_size_limit(e: &axum::Error) -> bool {
     use std::error::Error as _;
-    use tokio_tungstenite::tungstenite::Error as WsError;
+    use tungstenite::Error as WsError;
     matches!(
         e.source().and_then(|s| s.downcast_ref::<WsError>()),
         Some(WsError::Capacity(_))

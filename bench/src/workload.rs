@@ -1,10 +1,8 @@
 //! The whiteboard workload: strokes in a `Y.Map`, the send-time markers receivers read, a
 //! realistic document builder, and the digest used to check convergence.
 //!
-//! Shared with `benches/hot_path.rs` (included there with `#[path]`), so it depends on
-//! nothing but `yrs`, `rand` and the standard library.
-
-#![allow(dead_code)]
+//! Used by the load generator and by the criterion benches (`benches/hot_path.rs`), so it
+//! depends on nothing but `yrs`, `rand` and the standard library, and knows nothing of easel.
 
 use std::collections::hash_map::DefaultHasher;
 use std::collections::HashMap;

@@ -22,7 +22,7 @@ use yrs::updates::encoder::Encode;
 use yrs::{Doc, Map, ReadTxn, StateVector, Transact, Update};
 
 use crate::target::Kind;
-use crate::workload::{self, AWARENESS_MARK, STROKES, UPDATE_MARK};
+use easel_bench::workload::{self, AWARENESS_MARK, STROKES, UPDATE_MARK};
 
 static EPOCH: OnceLock<std::time::Instant> = OnceLock::new();
 

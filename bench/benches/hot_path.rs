@@ -3,7 +3,8 @@
 //! encode, awareness relay, and snapshot encode/decode of a ~20 MB document built from a
 //! realistic stroke workload. Results and commands: BENCHMARKS.md.
 //!
-//! `cargo bench --bench hot_path` (all), or e.g. `cargo bench --bench hot_path -- fanout`.
+//! `cargo bench -p easel-bench --bench hot_path` (all), or e.g.
+//! `cargo bench -p easel-bench --bench hot_path -- fanout`.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -24,9 +25,7 @@ use easel::protocol::wire;
 use easel::session::whiteboard::{Whiteboard, WhiteboardOptions};
 use easel::store::{MemoryStore, SledStore, Store};
 use easel::ws::outbox::{outbox, OutboxReceiver};
-
-#[path = "../src/bin/easel-loadgen/workload.rs"]
-mod workload;
+use easel_bench::workload;
 
 fn options() -> WhiteboardOptions {
     WhiteboardOptions {

@@ -15,7 +15,6 @@
 mod client;
 mod stats;
 mod target;
-mod workload;
 
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -27,6 +26,8 @@ use clap::Parser;
 use serde_json::{json, Value};
 use tokio::sync::watch;
 use tokio::time::{sleep, sleep_until, Instant};
+
+use easel_bench::workload;
 
 use client::{ApplyMode, ClientSpec, ClientStats, Counters, Phase, Shared, Step};
 use stats::{r3, Summary};

@@ -1,0 +1,7 @@
+//! easel-bench's shared code: the whiteboard workload that both the load generator
+//! (`src/bin/easel-loadgen/`) and the criterion benches (`benches/hot_path.rs`) drive.
+//!
+//! Knows nothing of the server's code: the load generator reaches easel only over
+//! sockets, so this library depends on `yrs`, `rand` and the standard library alone.
+
+pub mod workload;
