@@ -6,6 +6,8 @@
 //! the seam the relay was built against); a sled-backed store fills the same trait, and a
 //! Redis-backed one can later, without touching the WebSocket handlers.
 
+mod chat_edits;
+pub mod compact;
 mod memory;
 pub mod repair;
 mod sled_store;
@@ -14,6 +16,8 @@ pub use memory::MemoryStore;
 pub use sled_store::{
     is_locked_error, remove_stale_files, SledSettings, SledStore, CHAT_SEQ_BLOCK, VERSIONS_DIR,
 };
+
+pub use chat_edits::{ChatEdit, ModerationRecord};
 
 use crate::protocol::tutor::ChatMessage;
 
@@ -124,6 +128,53 @@ pub trait Store: Send + Sync + 'static {
 
     /// The highest `seq` ever assigned in the session (0 for none), surviving trimming.
     fn last_chat_seq(&self, session: &str) -> Result<u64, StoreError>;
+
+    // ---- SPEC 4.1: edits, deletions and moderation (records in `chat_edits.rs`). A store
+    // that keeps none of it keeps these defaults: nothing to read, every write refused.
+
+    /// One stored message (`None`: never posted, or trimmed).
+    fn chat_get(&self, session: &str, seq: u64) -> Result<Option<ChatMessage>, StoreError> {
+        let _ = (session, seq);
+        Ok(None)
+    }
+
+    /// Replaces stored message `message.seq` with its edited or deleted form (a deleted one
+    /// keeps no text) and records `edit` in the session's edit log, ordered by
+    /// `(at_ms, seq)`, removing the message's previous entry (at `previous_at_ms`): the log
+    /// holds at most one entry per message, its latest change.
+    fn chat_amend(
+        &self,
+        session: &str,
+        message: &ChatMessage,
+        edit: &ChatEdit,
+        previous_at_ms: Option<u64>,
+    ) -> Result<(), StoreError> {
+        let _ = (session, message, edit, previous_at_ms);
+        Err(StoreError::Io("this store keeps no chat edits".into()))
+    }
+
+    /// Up to `limit` edit-log entries ordered after `after` = `(at_ms, seq)`, oldest first.
+    fn chat_edits_after(
+        &self,
+        session: &str,
+        after: (u64, u64),
+        limit: usize,
+    ) -> Result<Vec<ChatEdit>, StoreError> {
+        let _ = (session, after, limit);
+        Ok(Vec::new())
+    }
+
+    /// Every moderation record of the session (mutes and bans, expired ones included).
+    fn moderation(&self, session: &str) -> Result<Vec<ModerationRecord>, StoreError> {
+        let _ = session;
+        Ok(Vec::new())
+    }
+
+    /// Stores a user's moderation record; one with nothing in force is deleted.
+    fn set_moderation(&self, session: &str, record: &ModerationRecord) -> Result<(), StoreError> {
+        let _ = (session, record);
+        Err(StoreError::Io("this store keeps no moderation".into()))
+    }
 
     /// Makes everything written so far durable (fsync).
     fn flush(&self) -> Result<(), StoreError>;

@@ -17,8 +17,8 @@ use yrs::{ReadTxn, Transact};
 use super::sled_store::{
     check_yjs_update, decode_chat, decode_counter, decode_snapshot_entry, decode_update,
     encode_counter, encode_snapshot, named_key, now_ms, numbered_key, quiet_catch_unwind,
-    split_key, storage_error, version_files_in, SledSettings, SnapshotHeader, CHAT_SEQ_RESERVED,
-    CHAT_TREE, LAST_SNAPSHOT_VERSION, META_TREE, SNAPSHOTS_TREE, UPDATES_TREE, VERSIONS_DIR,
+    split_key, storage_error, version_files_in, SledSettings, SnapshotHeader, CHAT_EDITS_TREE,
+    CHAT_SEQ_RESERVED, CHAT_TREE, MODERATION_TREE, LAST_SNAPSHOT_VERSION, META_TREE, SNAPSHOTS_TREE, UPDATES_TREE, VERSIONS_DIR,
 };
 use super::StoreError;
 
@@ -199,7 +199,14 @@ fn salvage(dir: &Path, without_derived: bool, problems: &mut Vec<String>) -> Sal
         }
     };
     salvage.opened = true;
-    for name in [UPDATES_TREE, SNAPSHOTS_TREE, CHAT_TREE, META_TREE] {
+    for name in [
+        UPDATES_TREE,
+        SNAPSHOTS_TREE,
+        CHAT_TREE,
+        META_TREE,
+        CHAT_EDITS_TREE,
+        MODERATION_TREE,
+    ] {
         let read = quiet_catch_unwind(|| {
             let mut kept = BTreeMap::new();
             let mut bad = Vec::new();
@@ -249,6 +256,13 @@ fn record_ok(tree: &str, key: &[u8], value: &[u8]) -> Result<(), String> {
         UPDATES_TREE => decode_update(value).map(|_| ()),
         CHAT_TREE => decode_chat(value).map(|_| ()),
         META_TREE => decode_counter(value).map(|_| ()),
+        // SPEC 4.1 records: `0x01` then JSON.
+        CHAT_EDITS_TREE | MODERATION_TREE => match value.split_first() {
+            Some((1, json)) => serde_json::from_slice::<serde_json::Value>(json)
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
+            _ => Err("unknown record format".into()),
+        },
         _ => {
             let (_, state) = decode_snapshot_entry(session, key, value)?;
             check_yjs_update(state)

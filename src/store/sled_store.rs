@@ -15,6 +15,8 @@
 //! | `snapshots` | `session \0 version` (u64 BE) | a bincode-2 [`SnapshotHeader`] (`format_version: u16 = 1`, session, version, `created_at_ms`, `update_count`, `state_len`, `state_vector`), then the whole document as a Yjs v1 update (`state_len` bytes) |
 //! | `chat`      | `session \0 seq` (u64 BE)   | `0x01`, then the [`ChatMessage`] as JSON (the object clients receive, so fields can be added with serde defaults) |
 //! | `meta`      | `session \0 name` (ASCII)   | `0x01`, then a u64 BE |
+//! | `chat_edits` | `session \0 at_ms seq` (two u64 BE) | `0x01`, then a [`ChatEdit`](super::ChatEdit) as JSON: the latest edit or deletion of message `seq` (one entry per message; see [`chat_edits`]) |
+//! | `moderation` | `session \0 user id` (UTF-8) | `0x01`, then a [`ModerationRecord`](super::ModerationRecord) as JSON |
 //!
 //! The `meta` names:
 //!
@@ -121,6 +123,9 @@ use super::{SessionInfo, SnapshotInfo, Store, StoreError, StoredWhiteboard};
 use crate::metrics::Metrics;
 use crate::protocol::tutor::ChatMessage;
 
+mod chat_edits;
+pub(super) use chat_edits::{CHAT_EDITS_TREE, MODERATION_TREE};
+
 pub(super) const UPDATES_TREE: &str = "updates";
 pub(super) const SNAPSHOTS_TREE: &str = "snapshots";
 pub(super) const CHAT_TREE: &str = "chat";
@@ -190,6 +195,9 @@ struct Trees {
     snapshots: Tree,
     chat: Tree,
     meta: Tree,
+    /// SPEC 4.1 (see [`chat_edits`]).
+    chat_edits: Tree,
+    moderation: Tree,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -295,6 +303,8 @@ fn open_sled(dir: &Path, settings: &SledSettings) -> Result<Trees, StoreError> {
             snapshots: open_tree(SNAPSHOTS_TREE)?,
             chat: open_tree(CHAT_TREE)?,
             meta: open_tree(META_TREE)?,
+            chat_edits: open_tree(chat_edits::CHAT_EDITS_TREE)?,
+            moderation: open_tree(chat_edits::MODERATION_TREE)?,
             db,
         })
     });
@@ -1262,6 +1272,41 @@ impl Store for SledStore {
         // may have been shown before the messages reached the disk. Start above them.
         let reserved = s.read_counter(&t, session, CHAT_SEQ_RESERVED)?.unwrap_or(0);
         Ok(stored.max(reserved))
+    }
+
+    fn chat_get(&self, session: &str, seq: u64) -> Result<Option<ChatMessage>, StoreError> {
+        self.sled_chat_get(session, seq)
+    }
+
+    fn chat_amend(
+        &self,
+        session: &str,
+        message: &ChatMessage,
+        edit: &super::ChatEdit,
+        previous_at_ms: Option<u64>,
+    ) -> Result<(), StoreError> {
+        self.sled_chat_amend(session, message, edit, previous_at_ms)
+    }
+
+    fn chat_edits_after(
+        &self,
+        session: &str,
+        after: (u64, u64),
+        limit: usize,
+    ) -> Result<Vec<super::ChatEdit>, StoreError> {
+        self.sled_chat_edits_after(session, after, limit)
+    }
+
+    fn moderation(&self, session: &str) -> Result<Vec<super::ModerationRecord>, StoreError> {
+        self.sled_moderation(session)
+    }
+
+    fn set_moderation(
+        &self,
+        session: &str,
+        record: &super::ModerationRecord,
+    ) -> Result<(), StoreError> {
+        self.sled_set_moderation(session, record)
     }
 
     fn flush(&self) -> Result<(), StoreError> {

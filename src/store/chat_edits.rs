@@ -1,0 +1,48 @@
+//! The records SPEC 4.1 adds behind the [`Store`](super::Store) seam: the chat edit log
+//! and per-user moderation. Plain data, encoded as JSON by the stores that keep them on
+//! disk; what they mean (who may edit, when a mute ends) is the tutor room's business.
+
+use serde::{Deserialize, Serialize};
+
+use crate::protocol::tutor::UserInfo;
+
+/// The latest change to one chat message: an edit or a deletion (which one is read off
+/// the stored message: a deleted message has `deleted_at`). The log is ordered by
+/// `(at_ms, seq)`, so "every change since time T" is one range read.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChatEdit {
+    pub seq: u64,
+    /// Milliseconds since the Unix epoch.
+    pub at_ms: u64,
+    /// Who made the change.
+    pub by: UserInfo,
+}
+
+/// A user's moderation in one session.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ModerationRecord {
+    pub user: String,
+    /// Muted (until `muted_until_ms` when set, else until unmuted).
+    pub muted: bool,
+    pub muted_until_ms: Option<u64>,
+    /// Removed: new connections are refused until then (ms since the Unix epoch).
+    pub banned_until_ms: Option<u64>,
+}
+
+impl ModerationRecord {
+    /// Whether the user is muted at `now_ms`.
+    pub fn muted_at(&self, now_ms: u64) -> bool {
+        self.muted && self.muted_until_ms.is_none_or(|until| until > now_ms)
+    }
+
+    /// Whether the user is banned at `now_ms`.
+    pub fn banned_at(&self, now_ms: u64) -> bool {
+        self.banned_until_ms.is_some_and(|until| until > now_ms)
+    }
+
+    /// Whether nothing is in force at `now_ms` (the record can go).
+    pub fn is_spent(&self, now_ms: u64) -> bool {
+        !self.muted_at(now_ms) && !self.banned_at(now_ms)
+    }
+}

@@ -1,0 +1,167 @@
+//! The sled side of SPEC 4.1: the chat edit log and moderation records, as an `impl`
+//! block of [`SledStore`] whose methods the `Store` impl calls in one line each.
+//!
+//! - `chat_edits`: key `session \0 at_ms seq` (two u64 BE), value `0x01` + a [`ChatEdit`]
+//!   as JSON. One entry per message (its latest change): an amend inserts the new entry,
+//!   then overwrites the message, then removes the previous entry, so a crash midway leaves
+//!   at worst an extra entry, which a resume answers with the message's current state
+//!   (harmless: clients apply edits idempotently). Entries of messages trimmed since are
+//!   skipped by readers (the message is gone) and removed with the next amend's cleanup
+//!   pass of that message only: the log is bounded by the number of messages ever changed.
+//! - `moderation`: key `session \0 user id`, value `0x01` + a [`ModerationRecord`] as JSON;
+//!   a record with nothing set is deleted.
+//!
+//! The overwritten message's old bytes stay in sled's log segments until sled rewrites
+//! them; `easel store compact` ([`crate::store::compact`]) rebuilds the database so that
+//! a deleted message's text is gone from disk.
+//!
+//! Must not touch: the chat seq reservations and counters (an amend never changes a seq).
+
+use super::{
+    check_session_id, decode_chat, encode_chat, now_ms, numbered_key, session_end,
+    session_prefix, storage_error, v1_body, versioned, SledStore, RECORD_FORMAT_V1,
+};
+use crate::protocol::tutor::ChatMessage;
+use crate::store::{ChatEdit, ModerationRecord, StoreError};
+
+pub(crate) const CHAT_EDITS_TREE: &str = "chat_edits";
+pub(crate) const MODERATION_TREE: &str = "moderation";
+
+/// `session \0 at_ms seq`.
+fn edit_key(session: &str, at_ms: u64, seq: u64) -> Vec<u8> {
+    let mut key = numbered_key(session, at_ms);
+    key.extend_from_slice(&seq.to_be_bytes());
+    key
+}
+
+fn user_key(session: &str, user: &str) -> Vec<u8> {
+    let mut key = session_prefix(session);
+    key.extend_from_slice(user.as_bytes());
+    key
+}
+
+fn encode_json<T: serde::Serialize>(what: &str, value: &T) -> Result<Vec<u8>, StoreError> {
+    let json = serde_json::to_vec(value)
+        .map_err(|e| StoreError::Io(format!("cannot encode {what}: {e}")))?;
+    Ok(versioned(RECORD_FORMAT_V1, &json))
+}
+
+fn decode_json<T: serde::de::DeserializeOwned>(what: &str, value: &[u8]) -> Result<T, String> {
+    serde_json::from_slice(v1_body(what, value)?).map_err(|e| format!("{what}: {e}"))
+}
+
+impl SledStore {
+    pub(super) fn sled_chat_get(
+        &self,
+        session: &str,
+        seq: u64,
+    ) -> Result<Option<ChatMessage>, StoreError> {
+        check_session_id(session)?;
+        let t = self.shared.trees()?;
+        let key = numbered_key(session, seq);
+        let Some(value) = t.chat.get(&key).map_err(storage_error)? else {
+            return Ok(None);
+        };
+        match decode_chat(&value) {
+            Ok(message) => Ok(Some(message)),
+            Err(e) => {
+                self.shared.report_damaged(super::CHAT_TREE, &key, &e);
+                Ok(None)
+            }
+        }
+    }
+
+    pub(super) fn sled_chat_amend(
+        &self,
+        session: &str,
+        message: &ChatMessage,
+        edit: &ChatEdit,
+        previous_at_ms: Option<u64>,
+    ) -> Result<(), StoreError> {
+        check_session_id(session)?;
+        let s = &self.shared;
+        s.writable()?;
+        let t = s.trees()?;
+        // Plain inserts, not `insert_entry`: a failed write must not get the message's key
+        // deleted on recovery (that would lose the original message too).
+        let new_key = edit_key(session, edit.at_ms, edit.seq);
+        s.written(t.chat_edits.insert(&new_key, encode_json("chat edit", edit)?))?;
+        s.written(t.chat.insert(
+            numbered_key(session, message.seq),
+            encode_chat(message)?,
+        ))?;
+        if let Some(at) = previous_at_ms {
+            let old_key = edit_key(session, at, edit.seq);
+            if old_key != new_key {
+                s.written(t.chat_edits.remove(old_key))?;
+            }
+        }
+        s.write_counter(&t, session, super::LAST_ACTIVITY_MS, now_ms())
+    }
+
+    pub(super) fn sled_chat_edits_after(
+        &self,
+        session: &str,
+        after: (u64, u64),
+        limit: usize,
+    ) -> Result<Vec<ChatEdit>, StoreError> {
+        check_session_id(session)?;
+        let t = self.shared.trees()?;
+        let (at, seq) = after;
+        // Exclusive of `after`: start at the next key.
+        let start = match seq.checked_add(1) {
+            Some(next) => edit_key(session, at, next),
+            None => match at.checked_add(1) {
+                Some(next_at) => edit_key(session, next_at, 0),
+                None => return Ok(Vec::new()),
+            },
+        };
+        let mut out = Vec::new();
+        for entry in t.chat_edits.range(start..session_end(session)) {
+            if out.len() >= limit {
+                break;
+            }
+            let (key, value) = entry.map_err(storage_error)?;
+            match decode_json::<ChatEdit>("chat edit", &value) {
+                Ok(edit) => out.push(edit),
+                Err(e) => self.shared.report_damaged(CHAT_EDITS_TREE, &key, &e),
+            }
+        }
+        Ok(out)
+    }
+
+    pub(super) fn sled_moderation(
+        &self,
+        session: &str,
+    ) -> Result<Vec<ModerationRecord>, StoreError> {
+        check_session_id(session)?;
+        let t = self.shared.trees()?;
+        let mut out = Vec::new();
+        for entry in t.moderation.scan_prefix(session_prefix(session)) {
+            let (key, value) = entry.map_err(storage_error)?;
+            match decode_json::<ModerationRecord>("moderation", &value) {
+                Ok(record) => out.push(record),
+                Err(e) => self.shared.report_damaged(MODERATION_TREE, &key, &e),
+            }
+        }
+        Ok(out)
+    }
+
+    pub(super) fn sled_set_moderation(
+        &self,
+        session: &str,
+        record: &ModerationRecord,
+    ) -> Result<(), StoreError> {
+        check_session_id(session)?;
+        let s = &self.shared;
+        s.writable()?;
+        let t = s.trees()?;
+        let key = user_key(session, &record.user);
+        if !record.muted && record.banned_until_ms.is_none() {
+            s.written(t.moderation.remove(key))?;
+        } else {
+            s.written(t.moderation.insert(key, encode_json("moderation", record)?))?;
+        }
+        Ok(())
+    }
+}
