@@ -40,6 +40,9 @@ pub enum ApiError {
     Unauthorized(String),
     #[error("{0}")]
     Forbidden(String),
+    /// `403` `forbidden` with `"reason":"muted"` (SPEC 4.1).
+    #[error("{0}")]
+    Muted(String),
     #[error("{0}")]
     NotFound(String),
     #[error("{0}")]
@@ -66,7 +69,7 @@ impl ApiError {
         match self {
             ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
             ApiError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
-            ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
+            ApiError::Forbidden(_) | ApiError::Muted(_) => (StatusCode::FORBIDDEN, "forbidden"),
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             ApiError::MethodNotAllowed(_) => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
             ApiError::NotImplemented(_) => (StatusCode::NOT_IMPLEMENTED, "not_implemented"),
@@ -107,11 +110,11 @@ where
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, code) = self.status_and_code();
-        (
-            status,
-            Json(json!({ "error": code, "message": self.to_string() })),
-        )
-            .into_response()
+        let mut body = json!({ "error": code, "message": self.to_string() });
+        if matches!(self, ApiError::Muted(_)) {
+            body["reason"] = json!("muted");
+        }
+        (status, Json(body)).into_response()
     }
 }
 
@@ -165,12 +168,12 @@ pub async fn status(State(app): State<Arc<AppState>>) -> Json<serde_json::Value>
 }
 
 /// `?token=` and anything else in the query string.
-type QueryMap = HashMap<String, String>;
+pub(crate) type QueryMap = HashMap<String, String>;
 
 /// The body of an authorized request, read only now: within `limits.http_timeout_s` (a
 /// client trickling its body holds a task and a socket) and at most
 /// `limits.max_frame_bytes` (the `DefaultBodyLimit` of the router; `413` past it).
-async fn read_body(app: &AppState, req: Request) -> Result<axum::body::Bytes, ApiError> {
+pub(crate) async fn read_body(app: &AppState, req: Request) -> Result<axum::body::Bytes, ApiError> {
     let timeout = std::time::Duration::from_secs(app.config.limits.http_timeout_s);
     match tokio::time::timeout(timeout, axum::body::Bytes::from_request(req, &())).await {
         Ok(Ok(body)) => Ok(body),
@@ -210,7 +213,7 @@ fn require_snapshot_role(claims: &Claims) -> Result<(), ApiError> {
 }
 
 /// Runs store work off the async threads.
-async fn blocking<T: Send + 'static>(
+pub(crate) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
 ) -> Result<T, ApiError> {
     tokio::task::spawn_blocking(f)
@@ -218,7 +221,7 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| ApiError::Internal(e.to_string()))?
 }
 
-fn storage(e: StoreError) -> ApiError {
+pub(crate) fn storage(e: StoreError) -> ApiError {
     tracing::error!(error = %e, "storage error");
     ApiError::Internal("storage error".into())
 }
@@ -482,12 +485,18 @@ pub async fn get_messages(
         let mut seq = handle.tutor.subscribe();
         let _ = tokio::time::timeout(wait, seq.wait_for(|last| *last > after)).await;
     }
-    let (messages, last_seq) = blocking(move || {
+    let (messages, last_seq, changes) = blocking(move || {
         let messages = handle.tutor.history_after(after, limit).map_err(storage)?;
-        Ok((messages, handle.tutor.last_seq()))
+        // SPEC 4.1: what changed in the messages up to `after` since it was posted.
+        let changes = crate::http_moderation::changes_since(&handle, after)?;
+        Ok((messages, handle.tutor.last_seq(), changes))
     })
     .await?;
-    Ok(Json(json!({ "messages": messages, "last_seq": last_seq })))
+    let mut body = json!({ "messages": messages, "last_seq": last_seq });
+    if let Some(changes) = changes {
+        body["changes"] = changes;
+    }
+    Ok(Json(body))
 }
 
 #[derive(serde::Deserialize)]
@@ -513,6 +522,9 @@ pub async fn post_message(
     }
     let body = read_body(&app, req).await?;
     let handle = app.open_session(&claims, &session).await?;
+    if handle.tutor.is_muted(&claims.sub) {
+        return Err(ApiError::Muted("you are muted in this session".into()));
+    }
     let post: PostMessage = serde_json::from_slice(&body)
         .map_err(|e| ApiError::BadRequest(format!("expected {{\"text\":\"…\"}}: {e}")))?;
     check_text(&post.text, app.config.tutor.max_text_chars).map_err(|e| match e {

@@ -11,6 +11,7 @@ pub mod config;
 pub mod demo;
 pub mod doc;
 pub mod http_api;
+pub mod http_moderation;
 pub mod limits;
 pub mod metrics;
 pub mod outbox;

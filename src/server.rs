@@ -26,7 +26,7 @@ use axum::extract::ws::{WebSocket, WebSocketUpgrade};
 use axum::extract::{DefaultBodyLimit, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method};
 use axum::response::Response;
-use axum::routing::{get, post};
+use axum::routing::{get, patch, post};
 use axum::Router;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
@@ -38,6 +38,7 @@ use tower_http::trace::TraceLayer;
 use crate::auth::{bearer_from_subprotocols, Claims, Verifier};
 use crate::config::Config;
 use crate::http_api::{self, ApiError, ApiPath};
+use crate::http_moderation;
 use crate::limits::{
     CapError, ConnectionCaps, ConnectionPermit, LongPollCaps, LongPollPermit, NewSessionRate,
     Strikes, TokenBucket,
@@ -304,6 +305,14 @@ impl AppState {
                 ApiError::Unavailable("the session could not be loaded".into())
             })?;
         self.requests.remember(&handle);
+        // A user removed from the session (SPEC 4.1) is refused everything in it, on
+        // both endpoints and over HTTP, until the ban ends.
+        if let Some(until) = handle.tutor.banned_until(&claims.sub) {
+            tracing::info!(%session, user = %claims.sub, reason = "removed", "request refused");
+            return Err(ApiError::Forbidden(format!(
+                "you were removed from this session; try again after {until}"
+            )));
+        }
         Ok(handle)
     }
 
@@ -427,6 +436,7 @@ fn connection(
         metrics: app.metrics.endpoint(endpoint).clone(),
         shutdown: app.shutdown.clone(),
         max_frame_bytes: app.config.limits.max_frame_bytes,
+        removed: session.tutor.removals(),
     };
     (conn, tx)
 }
@@ -498,7 +508,7 @@ fn cors(allowed: &[String]) -> CorsLayer {
         .collect();
     CorsLayer::new()
         .allow_origin(AllowOrigin::list(origins))
-        .allow_methods([Method::GET, Method::POST])
+        .allow_methods([Method::GET, Method::POST, Method::PATCH, Method::DELETE])
         .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE])
 }
 
@@ -516,6 +526,14 @@ pub fn router(app: Arc<AppState>) -> Router {
         .route(
             "/api/v2/session/{session}/tutor/messages",
             get(http_api::get_messages).post(http_api::post_message),
+        )
+        .route(
+            "/api/v2/session/{session}/tutor/messages/{seq}",
+            patch(http_moderation::patch_message).delete(http_moderation::delete_message),
+        )
+        .route(
+            "/api/v2/session/{session}/tutor/moderation",
+            post(http_moderation::post_moderation),
         )
         .route(
             "/api/v2/session/{session}/snapshots",

@@ -30,7 +30,7 @@ use crate::store::{ModerationRecord, Store, StoreError};
 
 mod moderation;
 pub use moderation::{
-    is_moderator, parse_time, AmendError, ModerateError, RemovedUsers,
+    is_moderator, now_ms, parse_time, AmendError, ModerateError, RemovedUsers,
 };
 
 /// Why a chat text was refused.

@@ -54,6 +54,8 @@ pub mod close {
     pub const RESTART: u16 = 1012;
     pub const TRY_AGAIN_LATER: u16 = 1013;
     pub const TOKEN_EXPIRED: u16 = 4401;
+    /// Removed from the session by a tutor or admin (SPEC 4.1).
+    pub const REMOVED: u16 = 4403;
 }
 
 /// A close the server decided on.
@@ -127,6 +129,9 @@ pub struct Connection {
     pub metrics: EndpointMetrics,
     pub shutdown: watch::Receiver<bool>,
     pub max_frame_bytes: usize,
+    /// The session's removed users (SPEC 4.1): the connection closes with 4403 when its
+    /// user is among them.
+    pub removed: watch::Receiver<crate::session::tutor::RemovedUsers>,
 }
 
 /// Timing of a connection's writer and reader.
@@ -227,6 +232,7 @@ pub async fn run(socket: WebSocket, conn: Connection, mut handler: impl FrameHan
         metrics,
         shutdown,
         max_frame_bytes,
+        mut removed,
         ..
     } = conn;
     let (sink, mut stream) = socket.split();
@@ -328,6 +334,10 @@ pub async fn run(socket: WebSocket, conn: Connection, mut handler: impl FrameHan
                 work = None;
                 closer.ask(Close::new(close::TRY_AGAIN_LATER, "send queue full: reconnect and resync"));
             }
+            _ = removed_from_session(&mut removed, &conn.user), if closer.asked.is_none() => {
+                work = None;
+                closer.ask(Close::new(close::REMOVED, "removed from the session"));
+            }
             _ = stopping(&mut stopping_rx), if closer.asked.is_none() => {
                 work = None;
                 closer.ask(Close::new(close::RESTART, "server restarting"));
@@ -415,6 +425,28 @@ pub async fn run(socket: WebSocket, conn: Connection, mut handler: impl FrameHan
         "connection closed"
     );
     drop(conn.permit);
+}
+
+/// Resolves when `user` is among the session's removed users with a ban still running.
+/// Cancel-safe: it looks at the current value first on every poll.
+async fn removed_from_session(
+    removed: &mut watch::Receiver<crate::session::tutor::RemovedUsers>,
+    user: &str,
+) {
+    loop {
+        let now = crate::session::tutor::now_ms();
+        if removed
+            .borrow_and_update()
+            .get(user)
+            .is_some_and(|&until| until > now)
+        {
+            return;
+        }
+        if removed.changed().await.is_err() {
+            // The session is gone: nobody can be removed from it any more.
+            std::future::pending::<()>().await;
+        }
+    }
 }
 
 /// Resolves when the server starts shutting down (or is gone).

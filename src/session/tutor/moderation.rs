@@ -67,7 +67,7 @@ pub fn is_moderator(role: Role) -> bool {
     matches!(role, Role::Tutor | Role::Admin)
 }
 
-pub(crate) fn now_ms() -> u64 {
+pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
