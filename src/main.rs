@@ -167,6 +167,9 @@ enum StoreCommand {
     /// Move a damaged database aside and rebuild it from what still reads and from the
     /// versions/ files; prints what could not be brought back.
     Recover,
+    /// Rebuild the database into a fresh one and swap it in (offline), so that deleted
+    /// chat messages' text is gone from disk.
+    Compact,
 }
 
 fn store_command(
@@ -221,6 +224,26 @@ fn store_command(
                 for lost in &report.lost {
                     println!("  {lost}");
                 }
+            }
+            Ok(std::process::ExitCode::SUCCESS)
+        }
+        StoreCommand::Compact => {
+            let report = easel::store::compact::compact(&dir, config.persist.cache_mb)?;
+            if report.resumed {
+                println!("finished an interrupted compaction first");
+            }
+            println!(
+                "compacted {}: {} records, {} bytes before, {} after",
+                dir.display(),
+                report.records,
+                report.bytes_before,
+                report.bytes_after
+            );
+            for folder in &report.left_alone {
+                println!(
+                    "not compacted: {} (an old database `easel store recover` moved aside; it may hold deleted chat text: delete it when you no longer need it)",
+                    folder.display()
+                );
             }
             Ok(std::process::ExitCode::SUCCESS)
         }

@@ -65,7 +65,7 @@ pub struct RecoverReport {
 
 /// The files of sled in a data directory (everything but ours: `versions/`, earlier
 /// `damaged-*` folders, probe files).
-fn sled_files(dir: &Path) -> Result<Vec<PathBuf>, RepairError> {
+pub(super) fn sled_files(dir: &Path) -> Result<Vec<PathBuf>, RepairError> {
     let entries = std::fs::read_dir(dir).map_err(|e| io("cannot read", dir, e))?;
     let mut files = Vec::new();
     for entry in entries.flatten() {
@@ -78,7 +78,7 @@ fn sled_files(dir: &Path) -> Result<Vec<PathBuf>, RepairError> {
 }
 
 /// Whether another process holds the database (sled's lock is a `flock` on `db`).
-fn is_locked(dir: &Path) -> bool {
+pub(super) fn is_locked(dir: &Path) -> bool {
     use std::os::unix::io::AsRawFd;
     let Ok(file) = std::fs::OpenOptions::new().read(true).open(dir.join("db")) else {
         return false;

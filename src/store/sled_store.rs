@@ -379,6 +379,13 @@ impl SledStore {
         settings: SledSettings,
         metrics: Option<Arc<Metrics>>,
     ) -> Result<Self, StoreError> {
+        if super::compact::interrupted(dir) {
+            return Err(StoreError::Corrupt(format!(
+                "{} holds an interrupted `easel store compact`; run `easel store compact --data-dir {}` again to finish it",
+                dir.display(),
+                dir.display()
+            )));
+        }
         let trees = open_sled(dir, &settings)?;
         if let Some(metrics) = &metrics {
             metrics.store_writable.set(1);
