@@ -392,7 +392,11 @@ impl Config {
                 t.bad_message_window_s as f64,
                 day,
             ),
-            ("tutor.remove_ban_s", t.remove_ban_s as f64, (DAY_S * 365.0, "seconds (a year)")),
+            (
+                "tutor.remove_ban_s",
+                t.remove_ban_s as f64,
+                (DAY_S * 365.0, "seconds (a year)"),
+            ),
             (
                 "persist.snapshot_interval_s",
                 p.snapshot_interval_s as f64,

@@ -134,7 +134,11 @@ async fn edits_and_deletions_reach_everyone_and_show_in_history() {
     alice
         .send(&json!({"type":"edit","seq":1,"text":"hello"}))
         .await;
-    for (who, c) in [("alice", &mut alice), ("bob", &mut bob), ("tina", &mut tina)] {
+    for (who, c) in [
+        ("alice", &mut alice),
+        ("bob", &mut bob),
+        ("tina", &mut tina),
+    ] {
         let e = wait_seq(c, "chat_edited", 1).await;
         assert_eq!(e["text"], "hello", "{who}: {e}");
         assert_eq!(e["by"]["id"], "alice", "{who}: {e}");
@@ -142,7 +146,11 @@ async fn edits_and_deletions_reach_everyone_and_show_in_history() {
     }
 
     alice.send(&json!({"type":"delete","seq":1})).await;
-    for (who, c) in [("alice", &mut alice), ("bob", &mut bob), ("tina", &mut tina)] {
+    for (who, c) in [
+        ("alice", &mut alice),
+        ("bob", &mut bob),
+        ("tina", &mut tina),
+    ] {
         let d = wait_seq(c, "chat_deleted", 1).await;
         assert_eq!(d["by"]["id"], "alice", "{who}: {d}");
         assert!(d.get("text").is_none(), "{who}: {d}");
@@ -168,7 +176,12 @@ async fn edits_and_deletions_reach_everyone_and_show_in_history() {
     let h = tina.wait_type("history").await;
     assert_deleted_stub(&find(&h["messages"], 1), 1);
     let r = server
-        .api("GET", &messages_path(&s), Some(&tok("x", &s, "viewer")), None)
+        .api(
+            "GET",
+            &messages_path(&s),
+            Some(&tok("x", &s, "viewer")),
+            None,
+        )
         .await;
     assert_eq!(r.status, 200, "{}", r.text());
     let list = r.json();
@@ -342,7 +355,11 @@ async fn a_muted_user_is_refused_chat_and_events_and_welcome_says_so() {
 
     tina.send(&json!({"type":"mute","user":"bob","until":null}))
         .await;
-    for (who, c) in [("alice", &mut alice), ("bob", &mut bob), ("tina", &mut tina)] {
+    for (who, c) in [
+        ("alice", &mut alice),
+        ("bob", &mut bob),
+        ("tina", &mut tina),
+    ] {
         let m = c.wait_type("moderation").await;
         assert_eq!(m["action"], "mute", "{who}: {m}");
         assert_eq!(m["user"], "bob", "{who}: {m}");
@@ -350,21 +367,27 @@ async fn a_muted_user_is_refused_chat_and_events_and_welcome_says_so() {
         assert_eq!(m["by"]["id"], "tina", "{who}: {m}");
     }
 
-    bob.send(&json!({"type":"chat","text":"let me speak"})).await;
+    bob.send(&json!({"type":"chat","text":"let me speak"}))
+        .await;
     let e = wait_error(&mut bob).await;
     assert_eq!(e["code"], "forbidden", "{e}");
     assert_eq!(e["reason"], "muted", "{e}");
     bob.send(&json!({"type":"event","name":"hint","data":{}}))
         .await;
     let e = wait_error(&mut bob).await;
-    assert_eq!((e["code"].clone(), e["reason"].clone()), (json!("forbidden"), json!("muted")));
+    assert_eq!(
+        (e["code"].clone(), e["reason"].clone()),
+        (json!("forbidden"), json!("muted"))
+    );
     bob.send(&json!({"type":"edit","seq":1,"text":"sneaky"}))
         .await;
     assert_eq!(wait_error(&mut bob).await["reason"], "muted");
     // Nothing of it reached the others.
     let seen = alice.barrier().await;
     assert!(
-        !seen.iter().any(|v| v["type"] == "chat" || v["type"] == "event"),
+        !seen
+            .iter()
+            .any(|v| v["type"] == "chat" || v["type"] == "event"),
         "{seen:?}"
     );
     // Over HTTP too.
@@ -402,33 +425,45 @@ async fn a_muted_user_is_refused_chat_and_events_and_welcome_says_so() {
     tina.send(&json!({"type":"mute","user":"bob","until":"2000-01-01T00:00:00Z"}))
         .await;
     let m = bob
-        .wait_for("unmute", |v| v["type"] == "moderation" && v["action"] == "unmute")
+        .wait_for("unmute", |v| {
+            v["type"] == "moderation" && v["action"] == "unmute"
+        })
         .await;
     assert_eq!(m["user"], "bob");
     chat(&mut bob, "free again").await;
 
     // A mute with an end, given with an offset, ends by itself.
-    let until = humantime::format_rfc3339_seconds(std::time::SystemTime::now() + Duration::from_secs(2))
-        .to_string()
-        .replace('Z', "+00:00");
+    let until =
+        humantime::format_rfc3339_seconds(std::time::SystemTime::now() + Duration::from_secs(2))
+            .to_string()
+            .replace('Z', "+00:00");
     tina.send(&json!({"type":"mute","user":"bob","until":until}))
         .await;
     let m = bob
-        .wait_for("timed mute", |v| v["type"] == "moderation" && v["action"] == "mute")
+        .wait_for("timed mute", |v| {
+            v["type"] == "moderation" && v["action"] == "mute"
+        })
         .await;
     assert!(m["until"].is_string(), "{m}");
-    bob.send(&json!({"type":"chat","text":"still muted?"})).await;
+    bob.send(&json!({"type":"chat","text":"still muted?"}))
+        .await;
     assert_eq!(wait_error(&mut bob).await["reason"], "muted");
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
-        bob.send(&json!({"type":"chat","text":"after the mute"})).await;
+        bob.send(&json!({"type":"chat","text":"after the mute"}))
+            .await;
         let v = bob
-            .wait_for("chat or error", |v| v["type"] == "chat" || v["type"] == "error")
+            .wait_for("chat or error", |v| {
+                v["type"] == "chat" || v["type"] == "error"
+            })
             .await;
         if v["type"] == "chat" {
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "the timed mute never ended");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the timed mute never ended"
+        );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
@@ -452,17 +487,31 @@ async fn remove_closes_both_endpoints_with_4403_and_refuses_reconnects() {
     assert_eq!(bob.expect_close(TIMEOUT).await, Some(4403));
     assert_eq!(bob_wb.expect_close(TIMEOUT).await, Some(4403));
     alice
-        .wait_for("bob left", |v| v["type"] == "presence" && v["event"] == "left")
+        .wait_for("bob left", |v| {
+            v["type"] == "presence" && v["event"] == "left"
+        })
         .await;
 
     // New connections to the session: 403 on both endpoints and over HTTP.
     let bob_token = tok("bob", &s, "student");
     let q = format!("?token={bob_token}");
-    let r = ws_upgrade_raw(server.addr, &format!("{}{q}", TestServer::tutor_path(&s)), &[]).await;
+    let r = ws_upgrade_raw(
+        server.addr,
+        &format!("{}{q}", TestServer::tutor_path(&s)),
+        &[],
+    )
+    .await;
     assert_refusal(&r, 403, Some("forbidden"), "removed user's tutor reconnect");
     let r = ws_upgrade_raw(server.addr, &format!("{}{q}", TestServer::wb_path(&s)), &[]).await;
-    assert_refusal(&r, 403, Some("forbidden"), "removed user's whiteboard reconnect");
-    let r = server.api("GET", &messages_path(&s), Some(&bob_token), None).await;
+    assert_refusal(
+        &r,
+        403,
+        Some("forbidden"),
+        "removed user's whiteboard reconnect",
+    );
+    let r = server
+        .api("GET", &messages_path(&s), Some(&bob_token), None)
+        .await;
     assert_refusal(&r, 403, Some("forbidden"), "removed user's HTTP read");
     // Others are unaffected, and bob may still use other sessions.
     chat(&mut alice, "still here").await;
@@ -524,7 +573,14 @@ async fn http_patch_delete_and_moderation_follow_the_same_rules() {
     let one = format!("{}/1", messages_path(&s));
     let two = format!("{}/2", messages_path(&s));
 
-    let r = api_json(&server, "PATCH", &one, &alice, Some(json!({"text":"alice fixed"}))).await;
+    let r = api_json(
+        &server,
+        "PATCH",
+        &one,
+        &alice,
+        Some(json!({"text":"alice fixed"})),
+    )
+    .await;
     assert_eq!(r.status, 200, "{}", r.text());
     let m = r.json();
     assert_eq!(m["text"], "alice fixed");
@@ -561,7 +617,9 @@ async fn http_patch_delete_and_moderation_follow_the_same_rules() {
     assert_eq!(d["by"]["id"], "tina");
     let r = api_json(&server, "DELETE", &two, &tina, None).await;
     assert_refusal(&r, 404, Some("not_found"), "DELETE twice");
-    let r = server.api("GET", &messages_path(&s), Some(&vic), None).await;
+    let r = server
+        .api("GET", &messages_path(&s), Some(&vic), None)
+        .await;
     let list = r.json();
     assert_deleted_stub(&find(&list["messages"], 2), 2);
     assert_eq!(find(&list["messages"], 1)["text"], "alice fixed");
@@ -569,9 +627,23 @@ async fn http_patch_delete_and_moderation_follow_the_same_rules() {
 
     // Moderation over HTTP.
     let path = format!("/api/v2/session/{s}/tutor/moderation");
-    let r = api_json(&server, "POST", &path, &bob, Some(json!({"type":"mute","user":"alice"}))).await;
+    let r = api_json(
+        &server,
+        "POST",
+        &path,
+        &bob,
+        Some(json!({"type":"mute","user":"alice"})),
+    )
+    .await;
     assert_refusal(&r, 403, Some("forbidden"), "a student's moderation");
-    let r = api_json(&server, "POST", &path, &tina, Some(json!({"type":"shout","user":"alice"}))).await;
+    let r = api_json(
+        &server,
+        "POST",
+        &path,
+        &tina,
+        Some(json!({"type":"shout","user":"alice"})),
+    )
+    .await;
     assert_refusal(&r, 400, Some("bad_request"), "unknown moderation");
     let r = api_json(
         &server,
@@ -582,19 +654,47 @@ async fn http_patch_delete_and_moderation_follow_the_same_rules() {
     )
     .await;
     assert_refusal(&r, 400, Some("bad_request"), "a bad until");
-    let r = api_json(&server, "POST", &path, &tina, Some(json!({"type":"mute","user":"alice","until":null}))).await;
+    let r = api_json(
+        &server,
+        "POST",
+        &path,
+        &tina,
+        Some(json!({"type":"mute","user":"alice","until":null})),
+    )
+    .await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json()["type"], "moderation");
     assert_eq!(alice_ws.wait_type("moderation").await["action"], "mute");
-    let r = api_json(&server, "POST", &messages_path(&s), &alice, Some(json!({"text":"hi"}))).await;
+    let r = api_json(
+        &server,
+        "POST",
+        &messages_path(&s),
+        &alice,
+        Some(json!({"text":"hi"})),
+    )
+    .await;
     assert_refusal(&r, 403, Some("forbidden"), "muted");
-    let r = api_json(&server, "PATCH", &one, &alice, Some(json!({"text":"edit while muted"}))).await;
+    let r = api_json(
+        &server,
+        "PATCH",
+        &one,
+        &alice,
+        Some(json!({"text":"edit while muted"})),
+    )
+    .await;
     assert_eq!(r.json()["reason"], "muted");
     // A muted author may still delete their own message.
     let r = api_json(&server, "DELETE", &one, &alice, None).await;
     assert_eq!(r.status, 200, "{}", r.text());
 
-    let r = api_json(&server, "POST", &path, &tina, Some(json!({"type":"remove","user":"alice"}))).await;
+    let r = api_json(
+        &server,
+        "POST",
+        &path,
+        &tina,
+        Some(json!({"type":"remove","user":"alice"})),
+    )
+    .await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json()["action"], "remove");
     assert_eq!(alice_ws.expect_close(TIMEOUT).await, Some(4403));
@@ -651,7 +751,9 @@ async fn a_crash_keeps_edits_deletions_mutes_and_bans() {
     assert!(first["edited_at"].is_string());
     assert_deleted_stub(&find(&history["messages"], 2), 2);
     assert_eq!(find(&history["messages"], 3)["text"], "third");
-    alice.send(&json!({"type":"chat","text":"muted still?"})).await;
+    alice
+        .send(&json!({"type":"chat","text":"muted still?"}))
+        .await;
     assert_eq!(wait_error(&mut alice).await["reason"], "muted");
     let path = format!(
         "{}?token={}",
@@ -696,14 +798,12 @@ async fn store_compact_purges_deleted_text_from_every_file() {
     drop(whiteboard);
 
     // While the server holds the directory, compact refuses.
-    let out = run_cli(&[
-        "store",
-        "compact",
-        "--data-dir",
-        data_dir.to_str().unwrap(),
-    ])
-    .await;
-    assert!(!out.success(), "compact ran beside a server: {}", out.stdout_text());
+    let out = run_cli(&["store", "compact", "--data-dir", data_dir.to_str().unwrap()]).await;
+    assert!(
+        !out.success(),
+        "compact ran beside a server: {}",
+        out.stdout_text()
+    );
     assert!(out.stderr.contains("in use"), "{}", out.stderr);
     server.stop_graceful().await;
     drop(server);
@@ -712,15 +812,13 @@ async fn store_compact_purges_deleted_text_from_every_file() {
     let before = files_containing(&data_dir, secret.as_bytes());
     eprintln!("files holding the deleted text before compact: {before:?}");
 
-    let out = run_cli(&[
-        "store",
-        "compact",
-        "--data-dir",
-        data_dir.to_str().unwrap(),
-    ])
-    .await;
+    let out = run_cli(&["store", "compact", "--data-dir", data_dir.to_str().unwrap()]).await;
     out.assert_ok("store compact");
-    assert!(out.stdout_text().contains("compacted"), "{}", out.stdout_text());
+    assert!(
+        out.stdout_text().contains("compacted"),
+        "{}",
+        out.stdout_text()
+    );
     let after = files_containing(&data_dir, secret.as_bytes());
     assert!(after.is_empty(), "deleted text still on disk in {after:?}");
 

@@ -29,9 +29,7 @@ use crate::protocol::tutor::{ChatMessage, Participant, PresenceEvent, ServerMess
 use crate::store::{ModerationRecord, Store, StoreError};
 
 mod moderation;
-pub use moderation::{
-    is_moderator, now_ms, parse_time, AmendError, ModerateError, RemovedUsers,
-};
+pub use moderation::{is_moderator, now_ms, parse_time, AmendError, ModerateError, RemovedUsers};
 
 /// Why a chat text was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

@@ -5,7 +5,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use super::{ChatEdit, ModerationRecord, SessionInfo, SnapshotInfo, Store, StoreError, StoredWhiteboard};
+use super::{
+    ChatEdit, ModerationRecord, SessionInfo, SnapshotInfo, Store, StoreError, StoredWhiteboard,
+};
 use crate::protocol::tutor::ChatMessage;
 
 #[derive(Default)]

@@ -18,7 +18,8 @@ use super::sled_store::{
     check_yjs_update, decode_chat, decode_counter, decode_snapshot_entry, decode_update,
     encode_counter, encode_snapshot, named_key, now_ms, numbered_key, quiet_catch_unwind,
     split_key, storage_error, version_files_in, SledSettings, SnapshotHeader, CHAT_EDITS_TREE,
-    CHAT_SEQ_RESERVED, CHAT_TREE, MODERATION_TREE, LAST_SNAPSHOT_VERSION, META_TREE, SNAPSHOTS_TREE, UPDATES_TREE, VERSIONS_DIR,
+    CHAT_SEQ_RESERVED, CHAT_TREE, LAST_SNAPSHOT_VERSION, META_TREE, MODERATION_TREE,
+    SNAPSHOTS_TREE, UPDATES_TREE, VERSIONS_DIR,
 };
 use super::StoreError;
 

@@ -1700,6 +1700,7 @@ mod tests {
             },
             text: format!("message {seq}"),
             ts: "2024-01-01T00:00:00Z".into(),
+            ..Default::default()
         }
     }
 

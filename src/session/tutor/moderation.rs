@@ -310,7 +310,9 @@ impl TutorRoom {
             .values()
             .any(|m| m.user.id == user && m.user.role == Role::Admin.as_str());
         if target_is_admin && role != Role::Admin {
-            return Err(ModerateError::Forbidden("a tutor may not moderate an admin"));
+            return Err(ModerateError::Forbidden(
+                "a tutor may not moderate an admin",
+            ));
         }
         let now = now_ms();
         let mut record = inner.moderation.get(user).cloned().unwrap_or_default();
@@ -372,6 +374,9 @@ fn change_frame(message: &ChatMessage, by: &UserInfo) -> String {
     }
 }
 
+/// A page of changes: the frames, and where the next page starts (`None`: the end).
+pub type ChangesPage = (Vec<String>, Option<(u64, u64)>);
+
 /// Edit-log entries read per store call during a catch-up.
 const CHANGES_PAGE: usize = 200;
 
@@ -384,7 +389,7 @@ impl HistoryReader {
         &self,
         after: u64,
         cursor: Option<(u64, u64)>,
-    ) -> Result<(Vec<String>, Option<(u64, u64)>), StoreError> {
+    ) -> Result<ChangesPage, StoreError> {
         let store = &self.store;
         let cursor = match cursor {
             Some(c) => c,
@@ -436,5 +441,69 @@ impl HistoryReader {
                 None => return Ok(()),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_rfc3339_with_z_and_offsets() {
+        assert_eq!(parse_time("1970-01-01T00:00:01Z"), Ok(1000));
+        assert_eq!(parse_time("1970-01-01T00:00:01.250Z"), Ok(1250));
+        assert_eq!(parse_time("1970-01-01T01:00:01+01:00"), Ok(1000));
+        assert_eq!(parse_time("1970-01-01T00:00:01-00:30"), Ok(1_801_000));
+        assert!(parse_time("tomorrow").is_err());
+        assert!(parse_time("").is_err());
+        assert!(parse_time("1969-12-31T23:00:00Z").is_err());
+        assert_eq!(parse_time(&rfc3339(1_234_567)), Ok(1_234_567));
+    }
+
+    #[test]
+    fn a_deleted_message_serialises_without_its_text() {
+        let m = ChatMessage {
+            seq: 4,
+            text: "secret".into(),
+            deleted_at: Some("2026-01-01T00:00:00.000Z".into()),
+            ..Default::default()
+        };
+        let json = serde_json::to_string(&m).unwrap();
+        assert_eq!(
+            json,
+            r#"{"seq":4,"deleted":true,"deleted_at":"2026-01-01T00:00:00.000Z"}"#
+        );
+        let back: ChatMessage = serde_json::from_str(&json).unwrap();
+        assert_eq!(back.seq, 4);
+        assert!(back.deleted_at.is_some() && back.text.is_empty());
+        let chat = ServerMessage::Chat(&ChatMessage {
+            seq: 1,
+            text: "hi".into(),
+            edited_at: Some("2026-01-01T00:00:00.000Z".into()),
+            ..Default::default()
+        })
+        .to_json();
+        let v: serde_json::Value = serde_json::from_str(&chat).unwrap();
+        assert_eq!(v["type"], "chat");
+        assert_eq!(v["text"], "hi");
+        assert_eq!(v["edited_at"], "2026-01-01T00:00:00.000Z");
+    }
+
+    #[test]
+    fn mutes_and_bans_end_on_time() {
+        let r = ModerationRecord {
+            user: "u".into(),
+            muted: true,
+            muted_until_ms: Some(100),
+            banned_until_ms: Some(50),
+        };
+        assert!(r.muted_at(99) && !r.muted_at(100));
+        assert!(r.banned_at(49) && !r.banned_at(50));
+        assert!(r.is_spent(100));
+        let forever = ModerationRecord {
+            muted: true,
+            ..Default::default()
+        };
+        assert!(forever.muted_at(u64::MAX));
     }
 }

@@ -18,8 +18,8 @@
 //! Must not touch: the chat seq reservations and counters (an amend never changes a seq).
 
 use super::{
-    check_session_id, decode_chat, encode_chat, now_ms, numbered_key, session_end,
-    session_prefix, storage_error, v1_body, versioned, SledStore, RECORD_FORMAT_V1,
+    check_session_id, decode_chat, encode_chat, now_ms, numbered_key, session_end, session_prefix,
+    storage_error, v1_body, versioned, SledStore, RECORD_FORMAT_V1,
 };
 use crate::protocol::tutor::ChatMessage;
 use crate::store::{ChatEdit, ModerationRecord, StoreError};
@@ -85,11 +85,14 @@ impl SledStore {
         // Plain inserts, not `insert_entry`: a failed write must not get the message's key
         // deleted on recovery (that would lose the original message too).
         let new_key = edit_key(session, edit.at_ms, edit.seq);
-        s.written(t.chat_edits.insert(&new_key, encode_json("chat edit", edit)?))?;
-        s.written(t.chat.insert(
-            numbered_key(session, message.seq),
-            encode_chat(message)?,
-        ))?;
+        s.written(
+            t.chat_edits
+                .insert(&new_key, encode_json("chat edit", edit)?),
+        )?;
+        s.written(
+            t.chat
+                .insert(numbered_key(session, message.seq), encode_chat(message)?),
+        )?;
         if let Some(at) = previous_at_ms {
             let old_key = edit_key(session, at, edit.seq);
             if old_key != new_key {
@@ -163,5 +166,104 @@ impl SledStore {
             s.written(t.moderation.insert(key, encode_json("moderation", record)?))?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::tutor::UserInfo;
+    use crate::store::Store;
+
+    fn message(seq: u64, text: &str) -> ChatMessage {
+        ChatMessage {
+            seq,
+            from: UserInfo {
+                id: "ada".into(),
+                name: "Ada".into(),
+                role: "student".into(),
+            },
+            text: text.into(),
+            ts: "2026-01-01T00:00:00.000Z".into(),
+            ..Default::default()
+        }
+    }
+
+    fn edit(seq: u64, at_ms: u64) -> ChatEdit {
+        ChatEdit {
+            seq,
+            at_ms,
+            by: UserInfo::default(),
+        }
+    }
+
+    #[test]
+    fn amends_replace_the_message_and_keep_one_log_entry_per_message() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path(), 0, 5, None).unwrap();
+        for seq in 1..=3 {
+            store
+                .append_chat("s", &message(seq, &format!("m{seq}")), 100)
+                .unwrap();
+        }
+        let edited = ChatMessage {
+            text: "m2 fixed".into(),
+            edited_at: Some("2026-01-01T00:00:01.000Z".into()),
+            ..message(2, "")
+        };
+        store
+            .chat_amend("s", &edited, &edit(2, 1000), None)
+            .unwrap();
+        let edited_again = ChatMessage {
+            text: "m2 fixed twice".into(),
+            ..edited.clone()
+        };
+        store
+            .chat_amend("s", &edited_again, &edit(2, 3000), Some(1000))
+            .unwrap();
+        let deleted = ChatMessage {
+            seq: 1,
+            deleted_at: Some("2026-01-01T00:00:02.000Z".into()),
+            ..Default::default()
+        };
+        store
+            .chat_amend("s", &deleted, &edit(1, 2000), None)
+            .unwrap();
+        // Another session's log is separate.
+        store.append_chat("t", &message(1, "x"), 100).unwrap();
+        store
+            .chat_amend("t", &message(1, "y"), &edit(1, 500), None)
+            .unwrap();
+
+        let log = store.chat_edits_after("s", (0, 0), 10).unwrap();
+        let keys: Vec<(u64, u64)> = log.iter().map(|e| (e.at_ms, e.seq)).collect();
+        assert_eq!(keys, [(2000, 1), (3000, 2)]);
+        assert_eq!(store.chat_edits_after("s", (2000, 1), 10).unwrap().len(), 1);
+        assert_eq!(
+            store.chat_get("s", 2).unwrap().unwrap().text,
+            "m2 fixed twice"
+        );
+        let stub = store.chat_get("s", 1).unwrap().unwrap();
+        assert!(stub.text.is_empty() && stub.deleted_at.is_some());
+        assert!(store.chat_get("s", 9).unwrap().is_none());
+
+        let record = ModerationRecord {
+            user: "bob".into(),
+            muted: true,
+            muted_until_ms: None,
+            banned_until_ms: Some(u64::MAX),
+        };
+        store.set_moderation("s", &record).unwrap();
+        drop(store);
+        let store = SledStore::open(dir.path(), 0, 5, None).unwrap();
+        assert_eq!(store.moderation("s").unwrap(), [record.clone()]);
+        assert!(store.moderation("t").unwrap().is_empty());
+        let cleared = ModerationRecord {
+            user: "bob".into(),
+            ..Default::default()
+        };
+        store.set_moderation("s", &cleared).unwrap();
+        assert!(store.moderation("s").unwrap().is_empty());
+        assert_eq!(store.chat_edits_after("s", (0, 0), 10).unwrap().len(), 2);
     }
 }
