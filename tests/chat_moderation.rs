@@ -382,12 +382,16 @@ async fn a_muted_user_is_refused_chat_and_events_and_welcome_says_so() {
     bob.send(&json!({"type":"edit","seq":1,"text":"sneaky"}))
         .await;
     assert_eq!(wait_error(&mut bob).await["reason"], "muted");
+    // A muted user's typing is dropped quietly (no error, not relayed).
+    bob.send(&json!({"type":"typing","active":true})).await;
+    let own = bob.barrier().await;
+    assert!(!own.iter().any(|v| v["type"] == "error"), "{own:?}");
     // Nothing of it reached the others.
     let seen = alice.barrier().await;
     assert!(
         !seen
             .iter()
-            .any(|v| v["type"] == "chat" || v["type"] == "event"),
+            .any(|v| v["type"] == "chat" || v["type"] == "event" || v["type"] == "typing"),
         "{seen:?}"
     );
     // Over HTTP too.
@@ -542,6 +546,16 @@ async fn a_ban_ends_after_remove_ban_s() {
     .await;
     let (mut bob, _, _) = server.tutor(&s, &bob_token).await;
     chat(&mut bob, "back after the ban").await;
+}
+
+#[tokio::test]
+async fn remove_ban_s_is_validated_at_start() {
+    let err =
+        match TestServer::try_start("[tutor]\nremove_ban_s = 999999999\n", StartOpts::default()) {
+            Ok(_) => panic!("a ban of 30 years was accepted"),
+            Err(e) => e,
+        };
+    assert!(err.contains("tutor.remove_ban_s"), "{err}");
 }
 
 // ---------------------------------------------------------------------------------------------
