@@ -642,16 +642,30 @@ function startChat () {
       const role = [p.role, p.id === myId ? 'you' : null, p.muted ? 'muted' : null].filter(Boolean).join(', ')
       box.append(i ? ', ' : '', b)
       if (role) box.append(' ', el('span', 'role', `(${role})`))
-      // SPEC 4.1: tutors and admins mute and remove the others.
-      if (!stale && isTutor(me.role) && p.id !== myId) {
-        const tools = el('span', 'mod-tools')
-        tools.dataset.user = p.id
-        tools.append(
-          button('mute', p.muted ? 'unmute' : 'mute', () => send({ type: 'mute', user: p.id, until: p.muted ? new Date(0).toISOString() : null })),
-          button('remove', 'remove', () => send({ type: 'remove', user: p.id })))
-        box.append(' ', tools)
-      }
     })
+    showModTools(stale)
+  }
+  /** SPEC 4.1: a tutor's or admin's mute and remove buttons for each other participant, in a
+   * panel under the participants line (which stays plain text). */
+  function showModTools (stale) {
+    let panel = $('mod-panel')
+    if (!panel) {
+      panel = el('div', 'mod-panel')
+      panel.id = 'mod-panel'
+      $('participants').after(panel)
+    }
+    panel.replaceChildren()
+    const others = participants.filter((p) => p.id !== myId)
+    panel.hidden = stale || !isTutor(me.role) || !others.length
+    if (panel.hidden) return
+    for (const p of others) {
+      const tools = el('span', 'mod-tools')
+      tools.dataset.user = p.id
+      tools.append(el('b', null, nameOf(p)),
+        button('mute', p.muted ? 'unmute' : 'mute', () => send({ type: 'mute', user: p.id, until: p.muted ? new Date(0).toISOString() : null })),
+        button('remove', 'remove', () => send({ type: 'remove', user: p.id })))
+      panel.append(tools)
+    }
   }
   /** A `moderation` announcement: a line for everyone, and the muted marks. */
   function moderation (m) {
