@@ -256,7 +256,7 @@ mod tests {
         store.set_moderation("s", &record).unwrap();
         drop(store);
         let store = SledStore::open(dir.path(), 0, 5, None).unwrap();
-        assert_eq!(store.moderation("s").unwrap(), [record.clone()]);
+        assert_eq!(store.moderation("s").unwrap(), [record]);
         assert!(store.moderation("t").unwrap().is_empty());
         let cleared = ModerationRecord {
             user: "bob".into(),
