@@ -483,7 +483,15 @@ pub async fn get_messages(
     let handle = app.open_session(&claims, &session).await?;
     if let Some(wait) = wait {
         let mut seq = handle.tutor.subscribe();
-        let _ = tokio::time::timeout(wait, seq.wait_for(|last| *last > after)).await;
+        // An edit or deletion (SPEC 4.1) also ends the wait: it is in the answer's `changes`.
+        let mut amends = handle.tutor.subscribe_amends();
+        let _ = tokio::time::timeout(wait, async {
+            tokio::select! {
+                _ = seq.wait_for(|last| *last > after) => {}
+                _ = amends.changed() => {}
+            }
+        })
+        .await;
     }
     let (messages, last_seq, changes) = blocking(move || {
         let messages = handle.tutor.history_after(after, limit).map_err(storage)?;

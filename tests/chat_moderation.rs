@@ -319,6 +319,49 @@ async fn a_resume_with_after_seq_converges_on_edits_and_deletions() {
         "an edit made before message 4 was posted is not resent: {after:?}"
     );
 
+    // A long poll after the newest message wakes for an edit, and carries it.
+    let poll = {
+        let path = format!("{}?after=5&wait=20", messages_path(&s));
+        let token = tok("bob", &s, "student");
+        let addr = server.addr;
+        tokio::spawn(async move {
+            let auth = format!("Bearer {token}");
+            http_request(
+                addr,
+                "GET",
+                &path,
+                &[("Authorization", auth.as_str())],
+                None,
+            )
+            .await
+        })
+    };
+    // The poll is waiting once the server holds it (long_polls in /api/v2/status).
+    eventually("the long poll is held", TIMEOUT, || async {
+        let st = server.http_get("/api/v2/status").await.json();
+        (st["long_polls"] == 1).then_some(())
+    })
+    .await;
+    let started = std::time::Instant::now();
+    alice
+        .send(&json!({"type":"edit","seq":5,"text":"five, edited"}))
+        .await;
+    let r = poll.await.expect("long poll task");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "the poll did not wake for the edit"
+    );
+    let body = r.json();
+    assert_eq!(body["messages"], json!([]), "{body}");
+    assert!(
+        body["changes"]
+            .as_array()
+            .expect("changes")
+            .iter()
+            .any(|c| c["type"] == "chat_edited" && c["seq"] == 5 && c["text"] == "five, edited"),
+        "{body}"
+    );
+
     // The HTTP list after 4 carries the same changes.
     let r = server
         .api(

@@ -157,6 +157,8 @@ pub struct TutorRoom {
     removed: tokio::sync::watch::Sender<RemovedUsers>,
     /// How long a removal bans (`tutor.remove_ban_s`).
     remove_ban: std::time::Duration,
+    /// Counts edits and deletions, for long polls waiting on `changes` (SPEC 4.1).
+    amends: tokio::sync::watch::Sender<u64>,
 }
 
 fn text(json: String) -> Message {
@@ -189,6 +191,7 @@ impl TutorRoom {
             seq_changes: tokio::sync::watch::Sender::new(last_seq),
             removed,
             remove_ban,
+            amends: tokio::sync::watch::Sender::new(0),
         })
     }
 

@@ -151,6 +151,11 @@ impl TutorRoom {
         r.banned_until_ms.map(rfc3339)
     }
 
+    /// Follows edits and deletions (long polls wake on them as on new messages).
+    pub fn subscribe_amends(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.amends.subscribe()
+    }
+
     /// Follows the removed users (every connection of the session watches it).
     pub fn removals(&self) -> tokio::sync::watch::Receiver<RemovedUsers> {
         self.removed.subscribe()
@@ -242,6 +247,7 @@ impl TutorRoom {
         for m in inner.members.values_mut() {
             m.deliver(&msg);
         }
+        self.amends.send_modify(|n| *n = n.wrapping_add(1));
         Ok(amended)
     }
 
