@@ -193,3 +193,83 @@ pub fn compact(dir: &Path, cache_mb: u64) -> Result<CompactReport, CompactError>
     }
     Ok(report)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::tutor::ChatMessage;
+    use crate::store::{SledStore, Store};
+
+    fn store_with_chat(dir: &Path) {
+        let store = SledStore::open(dir, 0, 5, None).unwrap();
+        for seq in 1..=3 {
+            let m = ChatMessage {
+                seq,
+                text: format!("line {seq}"),
+                ..Default::default()
+            };
+            store.append_chat("s", &m, 100).unwrap();
+        }
+        store.close().unwrap();
+    }
+
+    fn texts(dir: &Path) -> Vec<String> {
+        let store = SledStore::open(dir, 0, 5, None).unwrap();
+        let texts = store
+            .chat_after("s", 0, 10)
+            .unwrap()
+            .into_iter()
+            .map(|m| m.text)
+            .collect();
+        drop(store);
+        texts
+    }
+
+    #[test]
+    fn compacts_and_keeps_every_record() {
+        let dir = tempfile::tempdir().unwrap();
+        store_with_chat(dir.path());
+        let report = compact(dir.path(), 8).unwrap();
+        assert!(report.records >= 3, "{report:?}");
+        assert!(!report.resumed);
+        assert!(!dir.path().join(NEW_DIR).exists() && !dir.path().join(OLD_DIR).exists());
+        assert_eq!(texts(dir.path()), ["line 1", "line 2", "line 3"]);
+    }
+
+    #[test]
+    fn an_interrupted_swap_blocks_serve_and_is_finished_by_the_next_run() {
+        let dir = tempfile::tempdir().unwrap();
+        store_with_chat(dir.path());
+        // Interrupted after the old files moved aside, before the new ones moved in.
+        let new = dir.path().join(NEW_DIR);
+        std::fs::create_dir_all(&new).unwrap();
+        copy_database(dir.path(), &new, 8).unwrap();
+        write_marker(&new, SWAPPING).unwrap();
+        move_sled_files(dir.path(), &dir.path().join(OLD_DIR)).unwrap();
+        assert!(interrupted(dir.path()));
+        let refused = SledStore::open(dir.path(), 0, 5, None)
+            .err()
+            .map(|e| e.to_string());
+        assert!(
+            refused
+                .as_deref()
+                .is_some_and(|e| e.contains("easel store compact")),
+            "{refused:?}"
+        );
+        let report = compact(dir.path(), 8).unwrap();
+        assert!(report.resumed);
+        assert!(!interrupted(dir.path()));
+        assert_eq!(texts(dir.path()), ["line 1", "line 2", "line 3"]);
+    }
+
+    #[test]
+    fn a_build_that_never_reached_the_swap_is_discarded() {
+        let dir = tempfile::tempdir().unwrap();
+        store_with_chat(dir.path());
+        let new = dir.path().join(NEW_DIR);
+        std::fs::create_dir_all(new.join("junk")).unwrap();
+        let report = compact(dir.path(), 8).unwrap();
+        assert!(!report.resumed);
+        assert_eq!(texts(dir.path()), ["line 1", "line 2", "line 3"]);
+    }
+}
