@@ -124,6 +124,9 @@ struct Inner {
     members: HashMap<ConnId, Member>,
     /// Mutes and bans by user (SPEC 4.1), as stored.
     moderation: HashMap<String, ModerationRecord>,
+    /// The newest `ts` of a message (ms): edits are stamped no earlier, so a resume's
+    /// "changes since message N was posted" holds even if the clock steps back.
+    last_ts_ms: u64,
 }
 
 /// Why a history could not be sent.
@@ -176,6 +179,10 @@ impl TutorRoom {
     ) -> Result<Self, StoreError> {
         let last_seq = store.last_chat_seq(&session)?;
         let moderation = Self::load_moderation(store.as_ref(), &session)?;
+        let last_ts_ms = store
+            .chat_get(&session, last_seq)?
+            .and_then(|m| parse_time(&m.ts).ok())
+            .unwrap_or(0);
         let removed = tokio::sync::watch::Sender::new(Self::bans(&moderation));
         Ok(Self {
             session,
@@ -183,6 +190,7 @@ impl TutorRoom {
                 last_seq,
                 members: HashMap::new(),
                 moderation,
+                last_ts_ms,
             })),
             store,
             metrics,
@@ -372,6 +380,7 @@ impl TutorRoom {
             self.store.flush()?;
         }
         inner.last_seq = message.seq;
+        inner.last_ts_ms = inner.last_ts_ms.max(parse_time(&message.ts).unwrap_or(0));
         self.seq_changes.send_replace(message.seq);
         self.metrics.chat_messages.inc();
         let msg = text(ServerMessage::Chat(&message).to_json());

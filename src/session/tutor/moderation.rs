@@ -18,7 +18,8 @@
 //! - A resume with `after_seq=N` gets, after its history, the latest change of every
 //!   message `<= N` changed at or after message N was posted: the client left after it
 //!   got N, so this is a superset of what it missed, read as one range of the edit log
-//!   (ordered by time) rather than a scan of the history.
+//!   (ordered by time) rather than a scan of the history. A change is stamped no earlier
+//!   than the newest message's `ts`, so a wall clock stepped back cannot hide it.
 //!
 //! Must not touch: seqs (an amend never renumbers or reserves), sockets (it queues into
 //! outboxes), the store's layout (it only calls the `Store` seam).
@@ -220,7 +221,9 @@ impl TutorRoom {
             .edited_at
             .as_deref()
             .and_then(|at| parse_time(at).ok());
-        let at = rfc3339(now);
+        // Never before the newest message: see `Inner::last_ts_ms`.
+        let at_ms = now.max(inner.last_ts_ms);
+        let at = rfc3339(at_ms);
         let amended = match change {
             Change::Edit(new_text) => ChatMessage {
                 text: new_text,
@@ -235,7 +238,7 @@ impl TutorRoom {
         };
         let edit = ChatEdit {
             seq,
-            at_ms: now,
+            at_ms,
             by: by.clone(),
         };
         self.store
