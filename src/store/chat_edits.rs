@@ -46,3 +46,67 @@ impl ModerationRecord {
         !self.muted_at(now_ms) && !self.banned_at(now_ms)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::tutor::ChatMessage;
+    use crate::store::{MemoryStore, Store};
+
+    /// The memory store keeps the same records, in the same order, as the sled store (whose
+    /// test is in `sled_store/chat_edits.rs`).
+    #[test]
+    fn the_memory_store_keeps_edits_and_moderation() {
+        let store = MemoryStore::default();
+        for seq in 1..=2 {
+            let m = ChatMessage {
+                seq,
+                text: format!("m{seq}"),
+                ..Default::default()
+            };
+            store.append_chat("s", &m, 100).unwrap();
+        }
+        let edit = |seq, at_ms| ChatEdit {
+            seq,
+            at_ms,
+            by: UserInfo::default(),
+        };
+        let edited = ChatMessage {
+            seq: 2,
+            text: "m2!".into(),
+            ..Default::default()
+        };
+        store.chat_amend("s", &edited, &edit(2, 10), None).unwrap();
+        store
+            .chat_amend("s", &edited, &edit(2, 30), Some(10))
+            .unwrap();
+        store.chat_amend("s", &edited, &edit(1, 20), None).unwrap();
+        let log: Vec<(u64, u64)> = store
+            .chat_edits_after("s", (0, 0), 10)
+            .unwrap()
+            .iter()
+            .map(|e| (e.at_ms, e.seq))
+            .collect();
+        assert_eq!(log, [(20, 1), (30, 2)]);
+        assert_eq!(store.chat_edits_after("s", (20, 1), 10).unwrap().len(), 1);
+        assert_eq!(store.chat_get("s", 2).unwrap().unwrap().text, "m2!");
+
+        let record = ModerationRecord {
+            user: "bob".into(),
+            muted: true,
+            ..Default::default()
+        };
+        store.set_moderation("s", &record).unwrap();
+        assert_eq!(store.moderation("s").unwrap(), [record]);
+        store
+            .set_moderation(
+                "s",
+                &ModerationRecord {
+                    user: "bob".into(),
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        assert!(store.moderation("s").unwrap().is_empty());
+    }
+}
