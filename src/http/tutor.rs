@@ -15,7 +15,8 @@ use crate::protocol::tutor::ChatMessage;
 use crate::session::tutor::{check_text, ChatTextError};
 
 /// `GET /api/v2/session/{id}/tutor/messages?after=N&limit=M&wait=S`: chat after `after`,
-/// oldest first, with `last_seq`; with `wait`, held until a message after `after` exists.
+/// oldest first, with `last_seq` and (SPEC 4.1) the `changes` to messages up to `after`;
+/// with `wait`, held until a message after `after` exists or a message is changed.
 pub async fn get_messages(
     State(app): State<Arc<AppState>>,
     ApiPath(session): ApiPath<String>,
@@ -31,14 +32,28 @@ pub async fn get_messages(
     let handle = app.open_session(&claims, &session).await?;
     if let Some(wait) = wait {
         let mut seq = handle.tutor.subscribe();
-        let _ = tokio::time::timeout(wait, seq.wait_for(|last| *last > after)).await;
+        // An edit or deletion (SPEC 4.1) also ends the wait: it is in the answer's `changes`.
+        let mut amends = handle.tutor.subscribe_amends();
+        let _ = tokio::time::timeout(wait, async {
+            tokio::select! {
+                _ = seq.wait_for(|last| *last > after) => {}
+                _ = amends.changed() => {}
+            }
+        })
+        .await;
     }
-    let (messages, last_seq) = blocking(move || {
+    let (messages, last_seq, changes) = blocking(move || {
         let messages = handle.tutor.history_after(after, limit).map_err(storage)?;
-        Ok((messages, handle.tutor.last_seq()))
+        // SPEC 4.1: what changed in the messages up to `after` since it was posted.
+        let changes = super::moderation::changes_since(&handle, after)?;
+        Ok((messages, handle.tutor.last_seq(), changes))
     })
     .await?;
-    Ok(Json(json!({ "messages": messages, "last_seq": last_seq })))
+    let mut body = json!({ "messages": messages, "last_seq": last_seq });
+    if let Some(changes) = changes {
+        body["changes"] = changes;
+    }
+    Ok(Json(body))
 }
 
 #[derive(serde::Deserialize)]
@@ -64,6 +79,9 @@ pub async fn post_message(
     }
     let body = read_body(req, &app.config.limits, &app.metrics).await?;
     let handle = app.open_session(&claims, &session).await?;
+    if handle.tutor.is_muted(&claims.sub) {
+        return Err(ApiError::Muted("you are muted in this session".into()));
+    }
     let post: PostMessage = serde_json::from_slice(&body)
         .map_err(|e| ApiError::BadRequest(format!("expected {{\"text\":\"…\"}}: {e}")))?;
     check_text(&post.text, app.config.tutor.max_text_chars).map_err(|e| match e {
