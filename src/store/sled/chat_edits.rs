@@ -257,4 +257,38 @@ mod tests {
         assert!(store.moderation("s").unwrap().is_empty());
         assert_eq!(store.chat_edits_after("s", (0, 0), 10).unwrap().len(), 2);
     }
+
+    /// An amend reported as failed (sync durability: its flush failed) is undone to what
+    /// the keys held: the original message is back, not deleted with the failed write,
+    /// and the failed change's edit-log entry is gone.
+    #[test]
+    fn a_failed_amend_is_undone_to_the_original_message() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path(), 0, 5, None).unwrap();
+        store.append_chat("s", &message(1, "keep me"), 100).unwrap();
+        store.flush().unwrap();
+        let deleted = ChatMessage {
+            seq: 1,
+            deleted_at: Some("2026-01-01T00:00:02.000Z".into()),
+            ..Default::default()
+        };
+        store
+            .chat_amend("s", &deleted, &edit(1, 2000), None)
+            .unwrap();
+        // What a failed explicit flush does, then a sled failure (reopen before resuming).
+        {
+            let mut health = crate::store::unpoisoned(store.shared.health.lock());
+            let unflushed = std::mem::take(&mut health.unflushed);
+            assert_eq!(unflushed.len(), 2, "the edit-log entry and the message");
+            health.poisoned.extend(unflushed);
+        }
+        store.shared.fail("flush failed (test)".into(), true);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+        while store.check().is_err() {
+            assert!(std::time::Instant::now() < deadline, "{:?}", store.check());
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        assert_eq!(store.chat_get("s", 1).unwrap().unwrap().text, "keep me");
+        assert!(store.chat_edits_after("s", (0, 0), 10).unwrap().is_empty());
+    }
 }
