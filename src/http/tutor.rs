@@ -25,6 +25,9 @@ pub async fn get_messages(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     // The token first: a client without one is told 401, whatever else it sent.
     let claims = app.authorize(&session, &headers, &query, None)?;
+    // Changes are stamped no earlier than the clock's now, so any made from here on wake
+    // the poll, even one made before it subscribes below (while the session opens).
+    let arrived_ms = crate::session::tutor::now_ms();
     let after = number_param(&query, "after")?.unwrap_or(0);
     let limit = number_param(&query, "limit")?.unwrap_or(50).clamp(1, 200) as usize;
     let wait = wait_param(&query)?;
@@ -37,7 +40,7 @@ pub async fn get_messages(
         let _ = tokio::time::timeout(wait, async {
             tokio::select! {
                 _ = seq.wait_for(|last| *last > after) => {}
-                _ = amends.changed() => {}
+                _ = amends.wait_for(|latest| *latest >= arrived_ms) => {}
             }
         })
         .await;

@@ -162,7 +162,8 @@ pub struct TutorRoom {
     removed: tokio::sync::watch::Sender<RemovedUsers>,
     /// How long a removal bans (`tutor.remove_ban_s`).
     remove_ban: std::time::Duration,
-    /// Counts edits and deletions, for long polls waiting on `changes` (SPEC 4.1).
+    /// The stamp (ms) of the latest edit or deletion, for long polls waiting on `changes`
+    /// (SPEC 4.1).
     amends: tokio::sync::watch::Sender<u64>,
 }
 

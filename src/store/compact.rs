@@ -20,44 +20,13 @@
 
 use std::path::{Path, PathBuf};
 
-use super::repair::{is_locked, sled_files, RepairError};
+use super::repair::{io, is_locked, sled_files, RepairError};
 use super::sled::storage_error;
-use super::StoreError;
 
 const NEW_DIR: &str = ".compact-new";
 const OLD_DIR: &str = ".compact-old";
 const SWAPPING: &str = "SWAPPING";
 const INSTALLING: &str = "INSTALLING";
-
-/// Why a compaction could not run.
-#[derive(Debug, thiserror::Error)]
-pub enum CompactError {
-    #[error("the data directory {0} does not exist")]
-    NoDirectory(PathBuf),
-    #[error("the data directory {0} is in use by a running server; stop it first (compaction is offline)")]
-    Locked(PathBuf),
-    /// A file operation failed: what was done (`cannot move`), on which path, and why.
-    #[error("{what} {}: {source}", .path.display())]
-    Io {
-        what: &'static str,
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    /// Listing sled's files failed.
-    #[error(transparent)]
-    Repair(#[from] RepairError),
-    #[error(transparent)]
-    Store(#[from] StoreError),
-}
-
-fn io(what: &'static str, path: &Path, source: std::io::Error) -> CompactError {
-    CompactError::Io {
-        what,
-        path: path.to_path_buf(),
-        source,
-    }
-}
 
 /// What a compaction did.
 #[derive(Debug, Default)]
@@ -89,7 +58,7 @@ fn size_of(path: &Path) -> u64 {
     }
 }
 
-fn sled_bytes(dir: &Path) -> Result<u64, CompactError> {
+fn sled_bytes(dir: &Path) -> Result<u64, RepairError> {
     Ok(sled_files(dir)
         ?
         .iter()
@@ -97,13 +66,13 @@ fn sled_bytes(dir: &Path) -> Result<u64, CompactError> {
         .sum())
 }
 
-fn sync_dir(dir: &Path) -> Result<(), CompactError> {
+fn sync_dir(dir: &Path) -> Result<(), RepairError> {
     std::fs::File::open(dir)
         .and_then(|f| f.sync_all())
         .map_err(|e| io("cannot sync", dir, e))
 }
 
-fn write_marker(dir: &Path, name: &str) -> Result<(), CompactError> {
+fn write_marker(dir: &Path, name: &str) -> Result<(), RepairError> {
     let path = dir.join(name);
     std::fs::File::create(&path)
         .and_then(|f| f.sync_all())
@@ -112,7 +81,7 @@ fn write_marker(dir: &Path, name: &str) -> Result<(), CompactError> {
 }
 
 /// Moves every sled file of `from` into `to`.
-fn move_sled_files(from: &Path, to: &Path) -> Result<(), CompactError> {
+fn move_sled_files(from: &Path, to: &Path) -> Result<(), RepairError> {
     std::fs::create_dir_all(to).map_err(|e| io("cannot create", to, e))?;
     for file in sled_files(from)? {
         if let Some(name) = file.file_name() {
@@ -128,7 +97,7 @@ fn move_sled_files(from: &Path, to: &Path) -> Result<(), CompactError> {
 }
 
 /// The swap, from wherever an earlier run stopped.
-fn swap(dir: &Path) -> Result<(), CompactError> {
+fn swap(dir: &Path) -> Result<(), RepairError> {
     let new = dir.join(NEW_DIR);
     let old = dir.join(OLD_DIR);
     if !new.join(INSTALLING).exists() {
@@ -146,7 +115,7 @@ fn swap(dir: &Path) -> Result<(), CompactError> {
 }
 
 /// Copies every record of every tree of the database in `dir` into a new one in `to`.
-fn copy_database(dir: &Path, to: &Path, cache_mb: u64) -> Result<u64, CompactError> {
+fn copy_database(dir: &Path, to: &Path, cache_mb: u64) -> Result<u64, RepairError> {
     let open = |path: &Path| {
         sled::Config::new()
             .path(path)
@@ -174,12 +143,12 @@ fn copy_database(dir: &Path, to: &Path, cache_mb: u64) -> Result<u64, CompactErr
 }
 
 /// Compacts the database in `dir` (see the module docs). Refuses while a server holds it.
-pub fn compact(dir: &Path, cache_mb: u64) -> Result<CompactReport, CompactError> {
+pub fn compact(dir: &Path, cache_mb: u64) -> Result<CompactReport, RepairError> {
     if !dir.is_dir() {
-        return Err(CompactError::NoDirectory(dir.to_path_buf()));
+        return Err(RepairError::NoDirectory(dir.to_path_buf()));
     }
     if is_locked(dir) {
-        return Err(CompactError::Locked(dir.to_path_buf()));
+        return Err(RepairError::Locked(dir.to_path_buf()));
     }
     let mut report = CompactReport::default();
     let new = dir.join(NEW_DIR);

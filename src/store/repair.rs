@@ -28,7 +28,7 @@ use super::sled::{
 };
 use super::StoreError;
 
-/// Why a check or a recovery could not run at all.
+/// Why a check, a recovery or a compaction ([`super::compact`]) could not run at all.
 #[derive(Debug, thiserror::Error)]
 pub enum RepairError {
     #[error("the data directory {0} does not exist")]
@@ -47,7 +47,7 @@ pub enum RepairError {
     Store(#[from] StoreError),
 }
 
-fn io(what: &'static str, path: &Path, source: std::io::Error) -> RepairError {
+pub(super) fn io(what: &'static str, path: &Path, source: std::io::Error) -> RepairError {
     RepairError::Io {
         what,
         path: path.to_path_buf(),

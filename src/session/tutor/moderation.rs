@@ -152,7 +152,8 @@ impl TutorRoom {
         r.banned_until_ms.map(rfc3339)
     }
 
-    /// Follows edits and deletions (long polls wake on them as on new messages).
+    /// Follows edits and deletions: the stamp (ms) of the latest one, so a long poll wakes
+    /// on any made after it arrived, even one made before it subscribed.
     pub fn subscribe_amends(&self) -> tokio::sync::watch::Receiver<u64> {
         self.amends.subscribe()
     }
@@ -248,7 +249,7 @@ impl TutorRoom {
         }
         let msg = text(change_frame(&amended, by));
         inner.members.broadcast(&msg, None);
-        self.amends.send_modify(|n| *n = n.wrapping_add(1));
+        self.amends.send_modify(|latest| *latest = (*latest).max(at_ms));
         Ok(amended)
     }
 

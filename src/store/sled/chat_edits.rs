@@ -36,6 +36,29 @@ use crate::protocol::tutor::ChatMessage;
 use crate::store::{ChatEdit, ModerationRecord, StoreError};
 
 impl SledStore {
+    /// Up to `limit` records of `entries` decoded; a damaged one is reported and skipped,
+    /// a failure of sled itself while reading is returned.
+    fn decode_all<T>(
+        &self,
+        tree: &str,
+        entries: impl Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>,
+        limit: usize,
+        decode: fn(&[u8]) -> Result<T, String>,
+    ) -> Result<Vec<T>, StoreError> {
+        let mut out = Vec::new();
+        for entry in entries {
+            if out.len() >= limit {
+                break;
+            }
+            let (key, value) = entry.map_err(storage_error)?;
+            match decode(&value) {
+                Ok(record) => out.push(record),
+                Err(e) => self.shared.report_damaged(tree, &key, &e),
+            }
+        }
+        Ok(out)
+    }
+
     pub(super) fn sled_chat_get(
         &self,
         session: &str,
@@ -106,18 +129,8 @@ impl SledStore {
                 None => return Ok(Vec::new()),
             },
         };
-        let mut out = Vec::new();
-        for entry in t.chat_edits.range(start..session_end(session)) {
-            if out.len() >= limit {
-                break;
-            }
-            let (key, value) = entry.map_err(storage_error)?;
-            match decode_chat_edit(&value) {
-                Ok(edit) => out.push(edit),
-                Err(e) => self.shared.report_damaged(CHAT_EDITS_TREE, &key, &e),
-            }
-        }
-        Ok(out)
+        let entries = t.chat_edits.range(start..session_end(session));
+        self.decode_all(CHAT_EDITS_TREE, entries, limit, decode_chat_edit)
     }
 
     pub(super) fn sled_moderation(
@@ -126,15 +139,8 @@ impl SledStore {
     ) -> Result<Vec<ModerationRecord>, StoreError> {
         check_session_id(session)?;
         let t = self.shared.trees()?;
-        let mut out = Vec::new();
-        for entry in t.moderation.scan_prefix(session_prefix(session)) {
-            let (key, value) = entry.map_err(storage_error)?;
-            match decode_moderation(&value) {
-                Ok(record) => out.push(record),
-                Err(e) => self.shared.report_damaged(MODERATION_TREE, &key, &e),
-            }
-        }
-        Ok(out)
+        let entries = t.moderation.scan_prefix(session_prefix(session));
+        self.decode_all(MODERATION_TREE, entries, usize::MAX, decode_moderation)
     }
 
     pub(super) fn sled_set_moderation(

@@ -37,13 +37,7 @@ async fn a_crash_keeps_edits_deletions_mutes_and_bans() {
     let server = TestServer::start_in(&data_dir, cfg);
     let (mut alice, welcome, history) = server.tutor(&s, &token("alice", &s, "student")).await;
     assert_eq!(welcome["last_seq"], 3);
-    let me = welcome["participants"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["id"] == "alice")
-        .cloned()
-        .unwrap();
+    let me = participant(&welcome, "alice");
     assert_eq!(me["muted"], true, "the mute survived: {welcome}");
     let first = find(&history["messages"], 1);
     assert_eq!(first["text"], "first, edited");

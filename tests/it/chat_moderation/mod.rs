@@ -50,6 +50,17 @@ fn assert_deleted_stub(m: &Value, seq: u64) {
     );
 }
 
+/// The entry of `user` in a `welcome`'s (or a `presence`'s) participants.
+fn participant(welcome: &Value, user: &str) -> Value {
+    welcome["participants"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no participants: {welcome}"))
+        .iter()
+        .find(|p| p["id"] == user)
+        .cloned()
+        .unwrap_or_else(|| panic!("no participant {user} in {welcome}"))
+}
+
 fn messages_path(s: &str) -> String {
     format!("/api/v2/session/{s}/tutor/messages")
 }

@@ -336,21 +336,9 @@ async fn a_muted_user_is_refused_chat_and_events_and_welcome_says_so() {
 
     // welcome shows who is muted.
     let (_bob2, welcome, _) = server.tutor(&s, &token("bob", &s, "student")).await;
-    let me = welcome["participants"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["id"] == "bob")
-        .cloned()
-        .unwrap();
+    let me = participant(&welcome, "bob");
     assert_eq!(me["muted"], true, "{welcome}");
-    let alice_p = welcome["participants"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["id"] == "alice")
-        .cloned()
-        .unwrap();
+    let alice_p = participant(&welcome, "alice");
     assert_eq!(alice_p["muted"], false, "{welcome}");
 
     // A time in the past unmutes.
