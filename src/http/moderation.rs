@@ -15,8 +15,8 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::{blocking, read_body, storage, ApiError, ApiPath, QueryMap};
-use crate::protocol::tutor::ChatMessage;
 use crate::app::{user_info, AppState};
+use crate::protocol::tutor::ChatMessage;
 use crate::session::tutor::{check_text, AmendError, ChatTextError, ModerateError};
 use crate::session::SessionHandle;
 

@@ -59,11 +59,7 @@ fn size_of(path: &Path) -> u64 {
 }
 
 fn sled_bytes(dir: &Path) -> Result<u64, RepairError> {
-    Ok(sled_files(dir)
-        ?
-        .iter()
-        .map(|f| size_of(f))
-        .sum())
+    Ok(sled_files(dir)?.iter().map(|f| size_of(f)).sum())
 }
 
 fn sync_dir(dir: &Path) -> Result<(), RepairError> {

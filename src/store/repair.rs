@@ -20,8 +20,8 @@ use super::sled::keys::{
     SNAPSHOTS_TREE, UPDATES_TREE,
 };
 use super::sled::records::{
-    check_yjs_update, decode_chat, decode_chat_edit, decode_counter, decode_moderation, decode_snapshot_entry, decode_update,
-    encode_counter, encode_snapshot, SnapshotHeader,
+    check_yjs_update, decode_chat, decode_chat_edit, decode_counter, decode_moderation,
+    decode_snapshot_entry, decode_update, encode_counter, encode_snapshot, SnapshotHeader,
 };
 use super::sled::{
     now_ms, quiet_catch_unwind, storage_error, version_files_in, SledSettings, VERSIONS_DIR,

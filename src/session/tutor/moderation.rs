@@ -30,9 +30,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::{text, HistoryError, HistoryReader, TutorRoom};
 use crate::auth::Role;
-use crate::ws::outbox::Outbox;
 use crate::protocol::tutor::{ChatMessage, ServerMessage, UserInfo};
 use crate::store::{ChatEdit, ModerationRecord, Store, StoreError};
+use crate::ws::outbox::Outbox;
 
 /// Users removed from the session, with the end of their ban (ms since the Unix epoch).
 /// Every connection of the session follows this and closes with 4403 when its user is in
@@ -249,7 +249,8 @@ impl TutorRoom {
         }
         let msg = text(change_frame(&amended, by));
         inner.members.broadcast(&msg, None);
-        self.amends.send_modify(|latest| *latest = (*latest).max(at_ms));
+        self.amends
+            .send_modify(|latest| *latest = (*latest).max(at_ms));
         Ok(amended)
     }
 

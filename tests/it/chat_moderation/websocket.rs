@@ -325,12 +325,14 @@ async fn a_muted_user_is_refused_chat_and_events_and_welcome_says_so() {
         "{seen:?}"
     );
     // Over HTTP too.
-    let r = server.api_json("POST",
-        &messages_path(&s),
-        &token("bob", &s, "student"),
-        Some(json!({"text":"via http"})),
-    )
-    .await;
+    let r = server
+        .api_json(
+            "POST",
+            &messages_path(&s),
+            &token("bob", &s, "student"),
+            Some(json!({"text":"via http"})),
+        )
+        .await;
     assert_refusal(&r, 403, Some("forbidden"), "muted HTTP chat");
     assert_eq!(r.json()["reason"], "muted");
 
