@@ -16,7 +16,7 @@ use serde_json::Value;
 
 use super::{blocking, read_body, storage, ApiError, ApiPath, QueryMap};
 use crate::app::{user_info, AppState};
-use crate::protocol::tutor::ChatMessage;
+use crate::protocol::tutor::{ChatMessage, ClientMessage};
 use crate::session::tutor::{check_text, AmendError, ChatTextError, ModerateError};
 use crate::session::SessionHandle;
 
@@ -101,20 +101,6 @@ pub async fn delete_message(
     Ok(Json(message))
 }
 
-/// The body of `POST .../tutor/moderation`: the WebSocket's `mute` and `remove` frames.
-#[derive(Deserialize)]
-#[serde(tag = "type", rename_all = "lowercase")]
-enum ModerationBody {
-    Mute {
-        user: String,
-        #[serde(default)]
-        until: Option<String>,
-    },
-    Remove {
-        user: String,
-    },
-}
-
 /// `POST .../tutor/moderation` `{"type":"mute","user":"ID","until":…}` or
 /// `{"type":"remove","user":"ID"}` (tutors and admins): `200` with the `moderation`
 /// announcement every connection got.
@@ -133,18 +119,18 @@ pub async fn post_moderation(
     }
     let body = read_body(req, &app.config.limits, &app.metrics).await?;
     let handle = app.open_session(&claims, &session).await?;
-    let request: ModerationBody = serde_json::from_slice(&body).map_err(|e| {
-        ApiError::BadRequest(format!(
-            "expected {{\"type\":\"mute\"|\"remove\",\"user\":\"…\"}}: {e}"
-        ))
-    })?;
+    // The body is the WebSocket's `mute` or `remove` frame, parsed as one.
+    let expected = "expected {\"type\":\"mute\"|\"remove\",\"user\":\"…\"}";
+    let request: ClientMessage = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::BadRequest(format!("{expected}: {e}")))?;
     let by = user_info(&claims);
     let role = claims.role;
     let announced = blocking(move || {
         let tutor = &handle.tutor;
         match request {
-            ModerationBody::Mute { user, until } => tutor.mute(&by, role, &user, until.as_deref()),
-            ModerationBody::Remove { user } => tutor.remove(&by, role, &user),
+            ClientMessage::Mute { user, until } => tutor.mute(&by, role, &user, until.as_deref()),
+            ClientMessage::Remove { user } => tutor.remove(&by, role, &user),
+            _ => return Err(ApiError::BadRequest(expected.into())),
         }
         .map_err(moderate_error)
     })

@@ -5,31 +5,15 @@
 //
 //   npm ci && EASEL_BIN=/path/to/target/debug/easel node --test
 
-import { test, before, after } from 'node:test'
+import { test } from 'node:test'
 import assert from 'node:assert/strict'
 import { randomBytes } from 'node:crypto'
 import { mkdirSync } from 'node:fs'
 import { join } from 'node:path'
-import { OUT, startServer, launchBrowser, until as untilIn } from './lib/harness.mjs'
+import { OUT, serverAndBrowser } from './lib/harness.mjs'
 
-let server
-let browser
-let pageErrors = []
-
-before(async () => {
-  server = await startServer()
-  browser = await launchBrowser()
-  pageErrors = browser.pageErrors
-})
-
-after(async () => {
-  await browser?.close()
-  const exit = await server?.stop()
-  if (exit) assert.equal(exit.code, 0, `easel exited with ${JSON.stringify(exit)}`)
-})
-
-const open = (path) => browser.open(server.url + path)
-const until = (page, what, fn, arg) => untilIn(page, what, fn, arg, server.logTail)
+const ctx = serverAndBrowser()
+const { open, until } = ctx
 
 const chatConnected = (page, who) => until(page, `${who}'s chat connected`, () =>
   document.querySelector('#status-chat').dataset.state === 'connected')
@@ -53,7 +37,7 @@ const line = (page, text) => page.locator('#messages li.msg', { has: page.locato
 
 test('a deleted line is gone on the other page; edits, a tutor delete and a mute are shown to everyone', { timeout: 120000 }, async () => {
   const session = 'moderation-' + randomBytes(4).toString('hex')
-  const link = (sub, name, role) => `/?session=${session}&token=${server.token({ sub, name, sid: session, role })}`
+  const link = (sub, name, role) => `/?session=${session}&token=${ctx.server.token({ sub, name, sid: session, role })}`
   const alice = await open(link('alice', 'Alice', 'student'))
   const bob = await open(link('bob', 'Bob', 'student'))
   const tess = await open(link('tess', 'Tess', 'tutor'))
@@ -116,7 +100,7 @@ test('a deleted line is gone on the other page; edits, a tutor delete and a mute
   await until(alice, 'Bob marked muted in the participants', () => /Bob \(student, muted\)/.test(document.querySelector('#participants').textContent))
   mkdirSync(OUT, { recursive: true })
   await alice.screenshot({ path: join(OUT, 'browser-moderation.png') })
-  assert.deepEqual(pageErrors, [])
+  assert.deepEqual(ctx.pageErrors, [])
 
   // The tutor removes Bob: his page says so and stops; the others are told.
   await tess.click('.mod-tools[data-user="bob"] button.remove')
@@ -125,6 +109,6 @@ test('a deleted line is gone on the other page; edits, a tutor delete and a mute
   await until(bob, "Bob's page says he was removed", () => !document.querySelector('#notice').hidden &&
     /You were removed from this session/.test(document.querySelector('#notice').textContent))
   // Refused upgrades are logged by the browser as console errors; nothing threw.
-  assert.deepEqual(pageErrors.filter((e) => !e.startsWith('console:')), [])
+  assert.deepEqual(ctx.pageErrors.filter((e) => !e.startsWith('console:')), [])
   for (const p of [alice, bob, tess, carol]) await p.close()
 })
