@@ -216,6 +216,14 @@ impl AppState {
                 ApiError::Unavailable("the session could not be loaded".into())
             })?;
         self.requests.remember(&handle);
+        // A user removed from the session (SPEC 4.1) is refused everything in it, on
+        // both endpoints and over HTTP, until the ban ends.
+        if let Some(until) = handle.tutor.banned_until(&claims.sub) {
+            tracing::info!(%session, user = %claims.sub, reason = "removed", "request refused");
+            return Err(ApiError::Forbidden(format!(
+                "you were removed from this session; try again after {until}"
+            )));
+        }
         Ok(handle)
     }
 }

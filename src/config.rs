@@ -224,6 +224,8 @@ pub struct TutorConfig {
     /// messages and this many bytes of JSON.
     pub history_page_messages: usize,
     pub history_page_bytes: usize,
+    /// How long a user removed from a session (SPEC 4.1) is refused there, in seconds.
+    pub remove_ban_s: u64,
 }
 
 impl Default for TutorConfig {
@@ -239,6 +241,7 @@ impl Default for TutorConfig {
             max_event_data_bytes: 64 * 1024,
             history_page_messages: 200,
             history_page_bytes: 1024 * 1024,
+            remove_ban_s: 600,
         }
     }
 }
@@ -397,6 +400,11 @@ impl Config {
                 "tutor.bad_message_window_s",
                 t.bad_message_window_s as f64,
                 day,
+            ),
+            (
+                "tutor.remove_ban_s",
+                t.remove_ban_s as f64,
+                (DAY_S * 365.0, "seconds (a year)"),
             ),
             (
                 "persist.snapshot_interval_s",

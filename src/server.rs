@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use axum::extract::DefaultBodyLimit;
 use axum::http::{header, HeaderValue, Method};
-use axum::routing::{get, post};
+use axum::routing::{get, patch, post};
 use axum::Router;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
@@ -39,7 +39,7 @@ use tower_http::trace::TraceLayer;
 use crate::app::{AppState, RequestLimits};
 use crate::auth::Verifier;
 use crate::config::Config;
-use crate::http::{self, health, sessions, snapshots, tutor, whiteboard};
+use crate::http::{self, health, moderation, sessions, snapshots, tutor, whiteboard};
 use crate::limits::ConnectionCaps;
 use crate::metrics::Metrics;
 use crate::session::Registry;
@@ -70,7 +70,7 @@ fn cors(allowed: &[String]) -> CorsLayer {
         .collect();
     CorsLayer::new()
         .allow_origin(AllowOrigin::list(origins))
-        .allow_methods([Method::GET, Method::POST])
+        .allow_methods([Method::GET, Method::POST, Method::PATCH, Method::DELETE])
         .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE])
 }
 
@@ -88,6 +88,14 @@ pub fn router(app: Arc<AppState>) -> Router {
         .route(
             "/api/v2/session/{session}/tutor/messages",
             get(tutor::get_messages).post(tutor::post_message),
+        )
+        .route(
+            "/api/v2/session/{session}/tutor/messages/{seq}",
+            patch(moderation::patch_message).delete(moderation::delete_message),
+        )
+        .route(
+            "/api/v2/session/{session}/tutor/moderation",
+            post(moderation::post_moderation),
         )
         .route(
             "/api/v2/session/{session}/snapshots",

@@ -173,6 +173,9 @@ pub enum StoreCommand {
     /// Move a damaged database aside and rebuild it from what still reads and from the
     /// versions/ files; prints what could not be brought back.
     Recover,
+    /// Rebuild the database into a fresh one and swap it in (offline), so that deleted
+    /// chat messages' text is gone from disk.
+    Compact,
 }
 
 pub(crate) fn load_config(args: &ConfigArgs) -> anyhow::Result<Config> {

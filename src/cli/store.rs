@@ -1,5 +1,6 @@
-//! `easel store check | recover`: finds and repairs a damaged data directory through
-//! `easel::store::repair`, printing what it found and what could not be brought back.
+//! `easel store check | recover | compact`: finds and repairs a damaged data directory
+//! through `easel::store::repair`, printing what it found and what could not be brought
+//! back, and rebuilds it through `easel::store::compact` so deleted chat text leaves disk.
 //! Must not open the store for serving.
 
 use std::path::PathBuf;
@@ -60,6 +61,26 @@ pub fn store_command(
                 for lost in &report.lost {
                     println!("  {lost}");
                 }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        StoreCommand::Compact => {
+            let report = easel::store::compact::compact(&dir, config.persist.cache_mb)?;
+            if report.resumed {
+                println!("finished an interrupted compaction first");
+            }
+            println!(
+                "compacted {}: {} records, {} bytes before, {} after",
+                dir.display(),
+                report.records,
+                report.bytes_before,
+                report.bytes_after
+            );
+            for folder in &report.left_alone {
+                println!(
+                    "not compacted: {} (an old database `easel store recover` moved aside; it may hold deleted chat text: delete it when you no longer need it)",
+                    folder.display()
+                );
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -17,6 +17,7 @@
 //! of state they need, so the files of this folder and `app.rs` form no cycle.
 
 pub mod health;
+pub mod moderation;
 pub mod sessions;
 pub mod snapshots;
 pub mod tutor;
@@ -44,6 +45,9 @@ pub enum ApiError {
     Unauthorized(String),
     #[error("{0}")]
     Forbidden(String),
+    /// `403` `forbidden` with `"reason":"muted"` (SPEC 4.1).
+    #[error("{0}")]
+    Muted(String),
     #[error("{0}")]
     NotFound(String),
     #[error("{0}")]
@@ -70,7 +74,7 @@ impl ApiError {
         match self {
             ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
             ApiError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
-            ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
+            ApiError::Forbidden(_) | ApiError::Muted(_) => (StatusCode::FORBIDDEN, "forbidden"),
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             ApiError::MethodNotAllowed(_) => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
             ApiError::NotImplemented(_) => (StatusCode::NOT_IMPLEMENTED, "not_implemented"),
@@ -111,11 +115,11 @@ where
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, code) = self.status_and_code();
-        (
-            status,
-            Json(json!({ "error": code, "message": self.to_string() })),
-        )
-            .into_response()
+        let mut body = json!({ "error": code, "message": self.to_string() });
+        if matches!(self, ApiError::Muted(_)) {
+            body["reason"] = json!("muted");
+        }
+        (status, Json(body)).into_response()
     }
 }
 

@@ -15,7 +15,8 @@ use crate::protocol::tutor::ChatMessage;
 use crate::session::tutor::{check_text, ChatTextError};
 
 /// `GET /api/v2/session/{id}/tutor/messages?after=N&limit=M&wait=S`: chat after `after`,
-/// oldest first, with `last_seq`; with `wait`, held until a message after `after` exists.
+/// oldest first, with `last_seq` and (SPEC 4.1) the `changes` to messages up to `after`;
+/// with `wait`, held until a message after `after` exists or a message is changed.
 pub async fn get_messages(
     State(app): State<Arc<AppState>>,
     ApiPath(session): ApiPath<String>,
@@ -24,6 +25,9 @@ pub async fn get_messages(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     // The token first: a client without one is told 401, whatever else it sent.
     let claims = app.authorize(&session, &headers, &query, None)?;
+    // Changes are stamped no earlier than the clock's now, so any made from here on wake
+    // the poll, even one made before it subscribes below (while the session opens).
+    let arrived_ms = crate::session::tutor::now_ms();
     let after = number_param(&query, "after")?.unwrap_or(0);
     let limit = number_param(&query, "limit")?.unwrap_or(50).clamp(1, 200) as usize;
     let wait = wait_param(&query)?;
@@ -31,14 +35,28 @@ pub async fn get_messages(
     let handle = app.open_session(&claims, &session).await?;
     if let Some(wait) = wait {
         let mut seq = handle.tutor.subscribe();
-        let _ = tokio::time::timeout(wait, seq.wait_for(|last| *last > after)).await;
+        // An edit or deletion (SPEC 4.1) also ends the wait: it is in the answer's `changes`.
+        let mut amends = handle.tutor.subscribe_amends();
+        let _ = tokio::time::timeout(wait, async {
+            tokio::select! {
+                _ = seq.wait_for(|last| *last > after) => {}
+                _ = amends.wait_for(|latest| *latest >= arrived_ms) => {}
+            }
+        })
+        .await;
     }
-    let (messages, last_seq) = blocking(move || {
+    let (messages, last_seq, changes) = blocking(move || {
         let messages = handle.tutor.history_after(after, limit).map_err(storage)?;
-        Ok((messages, handle.tutor.last_seq()))
+        // SPEC 4.1: what changed in the messages up to `after` since it was posted.
+        let changes = super::moderation::changes_since(&handle, after)?;
+        Ok((messages, handle.tutor.last_seq(), changes))
     })
     .await?;
-    Ok(Json(json!({ "messages": messages, "last_seq": last_seq })))
+    let mut body = json!({ "messages": messages, "last_seq": last_seq });
+    if let Some(changes) = changes {
+        body["changes"] = changes;
+    }
+    Ok(Json(body))
 }
 
 #[derive(serde::Deserialize)]
@@ -64,6 +82,9 @@ pub async fn post_message(
     }
     let body = read_body(req, &app.config.limits, &app.metrics).await?;
     let handle = app.open_session(&claims, &session).await?;
+    if handle.tutor.is_muted(&claims.sub) {
+        return Err(ApiError::Muted("you are muted in this session".into()));
+    }
     let post: PostMessage = serde_json::from_slice(&body)
         .map_err(|e| ApiError::BadRequest(format!("expected {{\"text\":\"…\"}}: {e}")))?;
     check_text(&post.text, app.config.tutor.max_text_chars).map_err(|e| match e {

@@ -28,6 +28,23 @@ pub enum ClientMessage {
         limit: Option<usize>,
     },
     Ping,
+    /// SPEC 4.1: correcting and moderating chat (see [`crate::session::tutor`]).
+    Edit {
+        seq: u64,
+        text: String,
+    },
+    Delete {
+        seq: u64,
+    },
+    Mute {
+        user: String,
+        /// RFC 3339; `null` (or absent): until unmuted. A time in the past unmutes.
+        #[serde(default)]
+        until: Option<String>,
+    },
+    Remove {
+        user: String,
+    },
 }
 
 impl ClientMessage {
@@ -37,7 +54,7 @@ impl ClientMessage {
 }
 
 /// Who sent something, as other participants see it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct UserInfo {
     pub id: String,
     pub name: String,
@@ -50,10 +67,15 @@ pub struct Participant {
     #[serde(flatten)]
     pub user: UserInfo,
     pub connections: usize,
+    /// Whether the user is muted in this session now (SPEC 4.1).
+    pub muted: bool,
 }
 
-/// A stored chat message, as sent to clients.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// A stored chat message, as sent to clients. Serialised by hand (below): a deleted one
+/// is only `{"seq","deleted":true,"deleted_at"}`, so its text can be neither served nor
+/// stored again (the store keeps this same JSON).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Default)]
+#[serde(default)]
 pub struct ChatMessage {
     pub seq: u64,
     pub client_id: Option<String>,
@@ -61,6 +83,34 @@ pub struct ChatMessage {
     pub text: String,
     /// RFC 3339, UTC.
     pub ts: String,
+    /// RFC 3339, when the text was last edited.
+    pub edited_at: Option<String>,
+    /// RFC 3339, when the message was deleted (then nothing else is kept but `seq`).
+    pub deleted_at: Option<String>,
+}
+
+impl Serialize for ChatMessage {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        if let Some(deleted_at) = &self.deleted_at {
+            let mut st = s.serialize_struct("ChatMessage", 3)?;
+            st.serialize_field("seq", &self.seq)?;
+            st.serialize_field("deleted", &true)?;
+            st.serialize_field("deleted_at", deleted_at)?;
+            return st.end();
+        }
+        let edited = self.edited_at.is_some();
+        let mut st = s.serialize_struct("ChatMessage", 5 + usize::from(edited))?;
+        st.serialize_field("seq", &self.seq)?;
+        st.serialize_field("client_id", &self.client_id)?;
+        st.serialize_field("from", &self.from)?;
+        st.serialize_field("text", &self.text)?;
+        st.serialize_field("ts", &self.ts)?;
+        if let Some(at) = &self.edited_at {
+            st.serialize_field("edited_at", at)?;
+        }
+        st.end()
+    }
 }
 
 #[derive(Debug, Clone, Copy, Serialize)]
@@ -76,6 +126,7 @@ pub enum PresenceEvent {
 pub enum ErrorCode {
     BadMessage,
     Forbidden,
+    NotFound,
     RateLimited,
     TooLarge,
 }
@@ -115,6 +166,30 @@ pub enum ServerMessage<'a> {
     Error {
         code: ErrorCode,
         message: &'a str,
+        /// Why, when a code has several causes (`forbidden`: `muted`).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        reason: Option<&'a str>,
+    },
+    #[serde(rename = "chat_edited")]
+    ChatEdited {
+        seq: u64,
+        text: &'a str,
+        edited_at: &'a str,
+        by: &'a UserInfo,
+    },
+    #[serde(rename = "chat_deleted")]
+    ChatDeleted {
+        seq: u64,
+        deleted_at: &'a str,
+        by: &'a UserInfo,
+    },
+    /// `action`: `mute`, `unmute` or `remove`; `until`: RFC 3339 or `null` (a mute with
+    /// no end).
+    Moderation {
+        action: &'a str,
+        user: &'a str,
+        until: Option<&'a str>,
+        by: &'a UserInfo,
     },
 }
 
@@ -164,6 +239,7 @@ mod tests {
             from: user,
             text: "hi".into(),
             ts: "2026-01-01T00:00:00Z".into(),
+            ..Default::default()
         };
         let v: serde_json::Value =
             serde_json::from_str(&ServerMessage::Chat(&msg).to_json()).unwrap();

@@ -148,6 +148,7 @@ impl Registry {
                 self.metrics.clone(),
                 self.config.tutor.history_limit,
                 self.sync_durability(),
+                Duration::from_secs(self.config.tutor.remove_ban_s),
             )?,
             id,
             handles: AtomicUsize::new(0),

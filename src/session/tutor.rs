@@ -18,7 +18,7 @@
 //! comes twice. What is held counts against the connection's send-queue limit (1013 past it).
 //! Every broadcast goes through [`Peers::broadcast`]; a member is a [`Peer`] that holds back.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use axum::extract::ws::{Message, Utf8Bytes};
@@ -26,9 +26,12 @@ use axum::extract::ws::{Message, Utf8Bytes};
 use super::peers::{ConnId, Peer, Peers};
 use crate::metrics::Metrics;
 use crate::protocol::tutor::{ChatMessage, Participant, PresenceEvent, ServerMessage, UserInfo};
-use crate::store::{Store, StoreError};
+use crate::store::{ModerationRecord, Store, StoreError};
 use crate::sync;
 use crate::ws::outbox::Outbox;
+
+mod moderation;
+pub use moderation::{is_moderator, now_ms, parse_time, AmendError, ModerateError, RemovedUsers};
 
 /// Why a chat text was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -73,6 +76,8 @@ pub enum HistoryRange {
 #[derive(Debug, Clone, Copy)]
 struct CatchUp {
     range: HistoryRange,
+    /// `after_seq` of a resume: the edits to messages up to it follow the history.
+    resume_after: Option<u64>,
 }
 
 /// Broadcasts held back for a member whose history is still being sent.
@@ -119,6 +124,11 @@ impl Peer for Member {
 struct Inner {
     last_seq: u64,
     members: Peers<Member>,
+    /// Mutes and bans by user (SPEC 4.1), as stored.
+    moderation: HashMap<String, ModerationRecord>,
+    /// The newest `ts` of a message (ms): edits are stamped no earlier, so a resume's
+    /// "changes since message N was posted" holds even if the clock steps back.
+    last_ts_ms: u64,
 }
 
 /// Why a history could not be sent.
@@ -148,6 +158,13 @@ pub struct TutorRoom {
     flush_before_relay: bool,
     /// The last `seq`, for long polls waiting on new messages.
     seq_changes: tokio::sync::watch::Sender<u64>,
+    /// Users removed and banned (SPEC 4.1), followed by every connection of the session.
+    removed: tokio::sync::watch::Sender<RemovedUsers>,
+    /// How long a removal bans (`tutor.remove_ban_s`).
+    remove_ban: std::time::Duration,
+    /// The stamp (ms) of the latest edit or deletion, for long polls waiting on `changes`
+    /// (SPEC 4.1).
+    amends: tokio::sync::watch::Sender<u64>,
 }
 
 fn text(json: String) -> Message {
@@ -161,19 +178,31 @@ impl TutorRoom {
         metrics: Arc<Metrics>,
         history_limit: usize,
         flush_before_relay: bool,
+        remove_ban: std::time::Duration,
     ) -> Result<Self, StoreError> {
         let last_seq = store.last_chat_seq(&session)?;
+        let moderation = Self::load_moderation(store.as_ref(), &session)?;
+        let last_ts_ms = store
+            .chat_get(&session, last_seq)?
+            .and_then(|m| parse_time(&m.ts).ok())
+            .unwrap_or(0);
+        let removed = tokio::sync::watch::Sender::new(Self::bans(&moderation));
         Ok(Self {
             session,
             inner: Arc::new(Mutex::new(Inner {
                 last_seq,
                 members: Peers::default(),
+                moderation,
+                last_ts_ms,
             })),
             store,
             metrics,
             history_limit,
             flush_before_relay,
             seq_changes: tokio::sync::watch::Sender::new(last_seq),
+            removed,
+            remove_ban,
+            amends: tokio::sync::watch::Sender::new(0),
         })
     }
 
@@ -181,14 +210,19 @@ impl TutorRoom {
         sync::lock(&self.inner)
     }
 
-    fn participants(members: &Peers<Member>) -> Vec<Participant> {
+    fn participants(inner: &Inner) -> Vec<Participant> {
+        let now = moderation::now_ms();
         let mut by_user: BTreeMap<&str, Participant> = BTreeMap::new();
-        for m in members.values() {
+        for m in inner.members.values() {
             by_user
                 .entry(&m.user.id)
                 .or_insert_with(|| Participant {
                     user: m.user.clone(),
                     connections: 0,
+                    muted: inner
+                        .moderation
+                        .get(&m.user.id)
+                        .is_some_and(|r| r.muted_at(now)),
                 })
                 .connections += 1;
         }
@@ -225,10 +259,13 @@ impl TutorRoom {
                 user: user.clone(),
                 outbox: outbox.clone(),
                 held: Some(Held::default()),
-                catch_up: Some(CatchUp { range }),
+                catch_up: Some(CatchUp {
+                    range,
+                    resume_after: after_seq.filter(|&a| a > 0),
+                }),
             },
         );
-        let participants = Self::participants(&inner.members);
+        let participants = Self::participants(&inner);
         outbox.send(text(
             ServerMessage::Welcome {
                 session: &self.session,
@@ -268,7 +305,10 @@ impl TutorRoom {
         let reader = self.reader();
         let inner = self.inner.clone();
         Some(async move {
-            let sent = reader.send(plan.range, &outbox, paging).await;
+            let mut sent = reader.send(plan.range, &outbox, paging).await;
+            if let (Ok(()), Some(after)) = (&sent, plan.resume_after) {
+                sent = reader.send_changes(after, &outbox).await;
+            }
             // Whatever happened, release what was held back (in order, under the lock so no
             // broadcast overtakes it); on an error the caller closes the connection.
             let mut inner = sync::lock(&inner);
@@ -301,7 +341,7 @@ impl TutorRoom {
         if inner.members.values().any(|m| m.user.id == gone.user.id) {
             return;
         }
-        let participants = Self::participants(&inner.members);
+        let participants = Self::participants(&inner);
         let msg = text(
             ServerMessage::Presence {
                 event: PresenceEvent::Left,
@@ -328,6 +368,8 @@ impl TutorRoom {
             from,
             text: text_body,
             ts: humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
+            edited_at: None,
+            deleted_at: None,
         };
         self.store
             .append_chat(&self.session, &message, self.history_limit)?;
@@ -335,6 +377,7 @@ impl TutorRoom {
             self.store.flush()?;
         }
         inner.last_seq = message.seq;
+        inner.last_ts_ms = inner.last_ts_ms.max(parse_time(&message.ts).unwrap_or(0));
         self.seq_changes.send_replace(message.seq);
         self.metrics.chat_messages.inc();
         let msg = text(ServerMessage::Chat(&message).to_json());
@@ -514,6 +557,7 @@ mod tests {
             },
             text: text.into(),
             ts: "2026-01-01T00:00:00.000Z".into(),
+            ..Default::default()
         }
     }
 

@@ -5,7 +5,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use super::{SessionInfo, SnapshotInfo, Store, StoreError, StoredWhiteboard};
+use super::{
+    ChatEdit, ModerationRecord, SessionInfo, SnapshotInfo, Store, StoreError, StoredWhiteboard,
+};
 use crate::protocol::tutor::ChatMessage;
 
 #[derive(Default)]
@@ -17,6 +19,9 @@ struct SessionData {
     chat: BTreeMap<u64, ChatMessage>,
     last_seq: u64,
     last_activity_ms: u64,
+    /// The chat edit log, by `(at_ms, seq)`, and moderation by user (SPEC 4.1).
+    edits: BTreeMap<(u64, u64), ChatEdit>,
+    moderation: BTreeMap<String, ModerationRecord>,
 }
 
 pub struct MemoryStore {
@@ -185,6 +190,58 @@ impl Store for MemoryStore {
 
     fn last_chat_seq(&self, session: &str) -> Result<u64, StoreError> {
         Ok(self.with(session, |s| s.last_seq))
+    }
+
+    fn chat_get(&self, session: &str, seq: u64) -> Result<Option<ChatMessage>, StoreError> {
+        Ok(self.with(session, |s| s.chat.get(&seq).cloned()))
+    }
+
+    fn chat_amend(
+        &self,
+        session: &str,
+        message: &ChatMessage,
+        edit: &ChatEdit,
+        previous_at_ms: Option<u64>,
+    ) -> Result<(), StoreError> {
+        self.with(session, |s| {
+            if let Some(at) = previous_at_ms {
+                s.edits.remove(&(at, edit.seq));
+            }
+            s.edits.insert((edit.at_ms, edit.seq), edit.clone());
+            s.chat.insert(message.seq, message.clone());
+        });
+        Ok(())
+    }
+
+    fn chat_edits_after(
+        &self,
+        session: &str,
+        after: (u64, u64),
+        limit: usize,
+    ) -> Result<Vec<ChatEdit>, StoreError> {
+        use std::ops::Bound::{Excluded, Unbounded};
+        Ok(self.with(session, |s| {
+            s.edits
+                .range((Excluded(after), Unbounded))
+                .take(limit)
+                .map(|(_, e)| e.clone())
+                .collect()
+        }))
+    }
+
+    fn moderation(&self, session: &str) -> Result<Vec<ModerationRecord>, StoreError> {
+        Ok(self.with(session, |s| s.moderation.values().cloned().collect()))
+    }
+
+    fn set_moderation(&self, session: &str, record: &ModerationRecord) -> Result<(), StoreError> {
+        self.with(session, |s| {
+            if record.is_cleared() {
+                s.moderation.remove(&record.user);
+            } else {
+                s.moderation.insert(record.user.clone(), record.clone());
+            }
+        });
+        Ok(())
     }
 
     fn flush(&self) -> Result<(), StoreError> {

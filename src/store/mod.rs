@@ -8,7 +8,7 @@
 //!
 //! # On disk (the sled store)
 //!
-//! One sled database per data directory, holding four trees. Every key starts with the
+//! One sled database per data directory, holding six trees. Every key starts with the
 //! session id and a `\0` byte. Session ids match `[A-Za-z0-9_-]{1,128}` (checked on every
 //! call), so `session \0` is a prefix no other session shares, and a prefix scan visits one
 //! session's records in key order. Numbers in keys are big-endian `u64`, so key order is
@@ -20,6 +20,8 @@
 //! | `snapshots` | `session \0 version` (u64 BE) | a bincode-2 `SnapshotHeader` (`format_version: u16 = 1`, session, version, `created_at_ms`, `update_count`, `state_len`, `state_vector`), then the whole document as a Yjs v1 update (`state_len` bytes) |
 //! | `chat`      | `session \0 seq` (u64 BE)   | `0x01`, then the [`ChatMessage`] as JSON (the object clients receive, so fields can be added with serde defaults) |
 //! | `meta`      | `session \0 name` (ASCII)   | `0x01`, then a u64 BE |
+//! | `chat_edits` | `session \0 at_ms seq` (two u64 BE) | `0x01`, then a [`ChatEdit`] as JSON: the latest edit or deletion of message `seq` (one entry per message; see `sled/chat_edits.rs`) |
+//! | `moderation` | `session \0 user id` (UTF-8) | `0x01`, then a [`ModerationRecord`] as JSON |
 //!
 //! The `meta` names:
 //!
@@ -43,9 +45,12 @@
 //! `sled/versions.rs` the files.
 //!
 //! Files: `memory.rs` ([`MemoryStore`]) and `sled/` ([`SledStore`]) implement the seam;
-//! [`repair`] is `easel store check` / `recover`. This module must not touch sessions,
+//! [`repair`] is `easel store check` / `recover`, [`compact`] is `easel store compact`;
+//! `chat_edits.rs` holds the SPEC 4.1 records (edit log, moderation). This module must not touch sessions,
 //! documents or sockets.
 
+mod chat_edits;
+pub mod compact;
 mod memory;
 pub mod repair;
 mod sled;
@@ -55,6 +60,8 @@ use std::sync::LockResult;
 
 pub use self::memory::MemoryStore;
 pub use self::sled::{remove_stale_files, SledSettings, SledStore, CHAT_SEQ_BLOCK, VERSIONS_DIR};
+
+pub use chat_edits::{ChatEdit, ModerationRecord};
 
 use crate::protocol::tutor::ChatMessage;
 
@@ -257,6 +264,57 @@ pub trait Store: Send + Sync + 'static {
 
     /// The highest `seq` ever assigned in the session (0 for none), surviving trimming.
     fn last_chat_seq(&self, session: &str) -> Result<u64, StoreError>;
+
+    // ---- SPEC 4.1: edits, deletions and moderation (records in `chat_edits.rs`). A store
+    // that keeps none of it keeps these defaults: nothing to read, every write refused.
+
+    /// One stored message (`None`: never posted, or trimmed).
+    fn chat_get(&self, session: &str, seq: u64) -> Result<Option<ChatMessage>, StoreError> {
+        let _ = (session, seq);
+        Ok(None)
+    }
+
+    /// Replaces stored message `message.seq` with its edited or deleted form (a deleted one
+    /// keeps no text) and records `edit` in the session's edit log, ordered by
+    /// `(at_ms, seq)`, removing the message's previous entry (at `previous_at_ms`): the log
+    /// holds at most one entry per message, its latest change.
+    fn chat_amend(
+        &self,
+        session: &str,
+        message: &ChatMessage,
+        edit: &ChatEdit,
+        previous_at_ms: Option<u64>,
+    ) -> Result<(), StoreError> {
+        let _ = (session, message, edit, previous_at_ms);
+        Err(StoreError::Unavailable(
+            "this store keeps no chat edits".into(),
+        ))
+    }
+
+    /// Up to `limit` edit-log entries ordered after `after` = `(at_ms, seq)`, oldest first.
+    fn chat_edits_after(
+        &self,
+        session: &str,
+        after: (u64, u64),
+        limit: usize,
+    ) -> Result<Vec<ChatEdit>, StoreError> {
+        let _ = (session, after, limit);
+        Ok(Vec::new())
+    }
+
+    /// Every moderation record of the session (mutes and bans, expired ones included).
+    fn moderation(&self, session: &str) -> Result<Vec<ModerationRecord>, StoreError> {
+        let _ = session;
+        Ok(Vec::new())
+    }
+
+    /// Stores a user's moderation record; one with nothing in force is deleted.
+    fn set_moderation(&self, session: &str, record: &ModerationRecord) -> Result<(), StoreError> {
+        let _ = (session, record);
+        Err(StoreError::Unavailable(
+            "this store keeps no moderation".into(),
+        ))
+    }
 
     /// Makes everything written so far durable (fsync).
     fn flush(&self) -> Result<(), StoreError>;

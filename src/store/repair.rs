@@ -15,19 +15,20 @@ use yrs::updates::encoder::Encode;
 use yrs::{ReadTxn, Transact};
 
 use super::sled::keys::{
-    describe_key, key_number, named_key, numbered_key, split_key, CHAT_SEQ_RESERVED, CHAT_TREE,
-    LAST_SNAPSHOT_VERSION, META_TREE, SNAPSHOTS_TREE, UPDATES_TREE,
+    describe_key, key_number, named_key, numbered_key, split_key, CHAT_EDITS_TREE,
+    CHAT_SEQ_RESERVED, CHAT_TREE, LAST_SNAPSHOT_VERSION, META_TREE, MODERATION_TREE,
+    SNAPSHOTS_TREE, UPDATES_TREE,
 };
 use super::sled::records::{
-    check_yjs_update, decode_chat, decode_counter, decode_snapshot_entry, decode_update,
-    encode_counter, encode_snapshot, SnapshotHeader,
+    check_yjs_update, decode_chat, decode_chat_edit, decode_counter, decode_moderation,
+    decode_snapshot_entry, decode_update, encode_counter, encode_snapshot, SnapshotHeader,
 };
 use super::sled::{
     now_ms, quiet_catch_unwind, storage_error, version_files_in, SledSettings, VERSIONS_DIR,
 };
 use super::StoreError;
 
-/// Why a check or a recovery could not run at all.
+/// Why a check, a recovery or a compaction ([`super::compact`]) could not run at all.
 #[derive(Debug, thiserror::Error)]
 pub enum RepairError {
     #[error("the data directory {0} does not exist")]
@@ -46,7 +47,7 @@ pub enum RepairError {
     Store(#[from] StoreError),
 }
 
-fn io(what: &'static str, path: &Path, source: std::io::Error) -> RepairError {
+pub(super) fn io(what: &'static str, path: &Path, source: std::io::Error) -> RepairError {
     RepairError::Io {
         what,
         path: path.to_path_buf(),
@@ -80,7 +81,7 @@ pub struct RecoverReport {
 
 /// The files of sled in a data directory (everything but ours: `versions/`, earlier
 /// `damaged-*` folders, probe files).
-fn sled_files(dir: &Path) -> Result<Vec<PathBuf>, RepairError> {
+pub(super) fn sled_files(dir: &Path) -> Result<Vec<PathBuf>, RepairError> {
     let entries = std::fs::read_dir(dir).map_err(|e| io("cannot read", dir, e))?;
     let mut files = Vec::new();
     for entry in entries.flatten() {
@@ -93,7 +94,7 @@ fn sled_files(dir: &Path) -> Result<Vec<PathBuf>, RepairError> {
 }
 
 /// Whether another process holds the database (sled's lock is a `flock` on `db`).
-fn is_locked(dir: &Path) -> bool {
+pub(super) fn is_locked(dir: &Path) -> bool {
     use std::os::unix::io::AsRawFd;
     let Ok(file) = std::fs::OpenOptions::new().read(true).open(dir.join("db")) else {
         return false;
@@ -214,7 +215,14 @@ fn salvage(dir: &Path, without_derived: bool, problems: &mut Vec<String>) -> Sal
         }
     };
     salvage.opened = true;
-    for name in [UPDATES_TREE, SNAPSHOTS_TREE, CHAT_TREE, META_TREE] {
+    for name in [
+        UPDATES_TREE,
+        SNAPSHOTS_TREE,
+        CHAT_TREE,
+        META_TREE,
+        CHAT_EDITS_TREE,
+        MODERATION_TREE,
+    ] {
         let read = quiet_catch_unwind(|| {
             let mut kept = BTreeMap::new();
             let mut bad = Vec::new();
@@ -261,6 +269,8 @@ fn record_ok(tree: &str, key: &[u8], value: &[u8]) -> Result<(), String> {
         UPDATES_TREE => decode_update(value).map(|_| ()),
         CHAT_TREE => decode_chat(value).map(|_| ()),
         META_TREE => decode_counter(value).map(|_| ()),
+        CHAT_EDITS_TREE => decode_chat_edit(value).map(|_| ()),
+        MODERATION_TREE => decode_moderation(value).map(|_| ()),
         _ => {
             let (_, state) = decode_snapshot_entry(session, key, value)?;
             check_yjs_update(state)

@@ -1,7 +1,7 @@
 //! Every WebSocket close code the server sends, in one place, and [`Close`], a close the
 //! server decided on.
 //!
-//! Owns the numbers (RFC 6455 7.4 and the application's own 4401) and the mapping from a
+//! Owns the numbers (RFC 6455 7.4 and the application's own 4401 and 4403) and the mapping from a
 //! refused frame's [`WireError`] to its code. Must not touch sockets or sessions: the
 //! writer in `ws` sends what is decided here.
 
@@ -17,6 +17,8 @@ pub const INTERNAL: u16 = 1011;
 pub const RESTART: u16 = 1012;
 pub const TRY_AGAIN_LATER: u16 = 1013;
 pub const TOKEN_EXPIRED: u16 = 4401;
+/// Removed from the session by a tutor or admin (SPEC 4.1).
+pub const REMOVED: u16 = 4403;
 
 /// A close the server decided on.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,6 +49,11 @@ impl Close {
     /// The close for a connection whose send queue overflowed (SPEC 7: reconnect, resync).
     pub fn queue_full() -> Self {
         Self::new(TRY_AGAIN_LATER, "send queue full: reconnect and resync")
+    }
+
+    /// The close of a removed user's connections (SPEC 4.1).
+    pub fn removed() -> Self {
+        Self::new(REMOVED, "removed from the session")
     }
 
     /// The close every connection gets at shutdown.

@@ -107,6 +107,9 @@ pub struct Connection {
     pub metrics: EndpointMetrics,
     pub shutdown: watch::Receiver<bool>,
     pub max_frame_bytes: usize,
+    /// The session's removed users (SPEC 4.1): the connection closes with 4403 when its
+    /// user is among them.
+    pub removed: watch::Receiver<crate::session::tutor::RemovedUsers>,
 }
 
 /// A connection's hold on shutdown: a clone of the sender whose every copy shutdown waits
@@ -230,6 +233,7 @@ pub async fn run(socket: WebSocket, conn: Connection, mut handler: impl FrameHan
         metrics,
         shutdown,
         max_frame_bytes,
+        mut removed,
         ..
     } = conn;
     let (sink, mut stream) = socket.split();
@@ -330,6 +334,10 @@ pub async fn run(socket: WebSocket, conn: Connection, mut handler: impl FrameHan
                 work = None;
                 closer.ask(Close::queue_full());
             }
+            _ = removed_from_session(&mut removed, &conn.user), if closer.asked.is_none() => {
+                work = None;
+                closer.ask(Close::removed());
+            }
             _ = stopping(&mut stopping_rx), if closer.asked.is_none() => {
                 work = None;
                 closer.ask(Close::restart());
@@ -419,6 +427,28 @@ pub async fn run(socket: WebSocket, conn: Connection, mut handler: impl FrameHan
     drop(conn.permit);
     // Last: once every connection's guard is gone, shutdown goes on to the final save.
     drop(conn.drain);
+}
+
+/// Resolves when `user` is among the session's removed users with a ban still running.
+/// Cancel-safe: it looks at the current value first on every poll.
+async fn removed_from_session(
+    removed: &mut watch::Receiver<crate::session::tutor::RemovedUsers>,
+    user: &str,
+) {
+    loop {
+        let now = crate::session::tutor::now_ms();
+        if removed
+            .borrow_and_update()
+            .get(user)
+            .is_some_and(|&until| until > now)
+        {
+            return;
+        }
+        if removed.changed().await.is_err() {
+            // The session is gone: nobody can be removed from it any more.
+            std::future::pending::<()>().await;
+        }
+    }
 }
 
 /// Resolves when the server starts shutting down (or is gone).

@@ -202,6 +202,7 @@ fn connection(
         metrics: app.metrics.endpoint(endpoint).clone(),
         shutdown: app.shutdown.clone(),
         max_frame_bytes: app.config.limits.max_frame_bytes,
+        removed: session.tutor.removals(),
     };
     (conn, tx)
 }

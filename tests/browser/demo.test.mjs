@@ -9,31 +9,15 @@
 //   apt-get install -y chromium        # once; or set CHROMIUM_PATH
 //   npm ci && EASEL_BIN=/path/to/target/debug/easel node --test
 
-import { test, before, after } from 'node:test'
+import { test } from 'node:test'
 import assert from 'node:assert/strict'
 import { randomBytes } from 'node:crypto'
 import { mkdirSync } from 'node:fs'
 import { join } from 'node:path'
-import { OUT, startServer, launchBrowser, signToken, until as untilIn } from './lib/harness.mjs'
+import { OUT, signToken, serverAndBrowser } from './lib/harness.mjs'
 
-let server
-let browser
-let pageErrors = []
-
-before(async () => {
-  server = await startServer()
-  browser = await launchBrowser()
-  pageErrors = browser.pageErrors
-})
-
-after(async () => {
-  await browser?.close()
-  const exit = await server?.stop()
-  if (exit) assert.equal(exit.code, 0, `easel exited with ${JSON.stringify(exit)}`)
-})
-
-const open = (path) => browser.open(server.url + path)
-const until = (page, what, fn, arg) => untilIn(page, what, fn, arg, server.logTail)
+const ctx = serverAndBrowser()
+const { open, until } = ctx
 
 const connected = (page, who) => until(page, `${who} connected`, () =>
   document.querySelector('#status-board').dataset.state === 'connected' &&
@@ -43,7 +27,7 @@ const connected = (page, who) => until(page, `${who} connected`, () =>
 
 test('two users: a stroke, a note, a cursor and a chat line reach the other page', { timeout: 90000 }, async () => {
   const session = 'browser-' + randomBytes(4).toString('hex')
-  const link = (sub, name) => `/?session=${session}&token=${server.token({ sub, name, sid: session })}`
+  const link = (sub, name) => `/?session=${session}&token=${ctx.server.token({ sub, name, sid: session })}`
   const alice = await open(link('alice', 'Alice'))
   const bob = await open(link('bob', 'Bob'))
   await connected(alice, 'Alice')
@@ -117,7 +101,7 @@ test('two users: a stroke, a note, a cursor and a chat line reach the other page
 
   mkdirSync(OUT, { recursive: true })
   await bob.screenshot({ path: join(OUT, 'browser-demo.png') })
-  assert.deepEqual(pageErrors, [])
+  assert.deepEqual(ctx.pageErrors, [])
   await alice.close()
   await bob.close()
 })
@@ -136,7 +120,7 @@ test('a page without a token explains how to get one; a bad token is reported', 
   mkdirSync(OUT, { recursive: true })
   await bad.screenshot({ path: join(OUT, 'browser-demo-refused.png') })
   // The refused upgrades are logged by the browser as console errors; nothing threw.
-  assert.deepEqual(pageErrors.filter((e) => !e.startsWith('console:')), [])
+  assert.deepEqual(ctx.pageErrors.filter((e) => !e.startsWith('console:')), [])
   await bare.close()
   await bad.close()
 })

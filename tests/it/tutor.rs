@@ -27,15 +27,6 @@ fn seqs(history: &Value) -> Vec<u64> {
         .collect()
 }
 
-async fn chat(c: &mut TutorClient, text: &str) -> Value {
-    c.send(&json!({"type":"chat","text":text})).await;
-    let t = text.to_string();
-    c.wait_for("own chat acknowledgement", move |v| {
-        v["type"] == "chat" && v["text"] == t.as_str()
-    })
-    .await
-}
-
 #[tokio::test]
 async fn welcome_and_empty_history_on_connect() {
     let server = TestServer::start("");

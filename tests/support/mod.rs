@@ -10,6 +10,7 @@
 mod cli;
 mod codec;
 mod doc;
+mod files;
 mod http;
 mod server;
 mod token;
@@ -21,6 +22,7 @@ mod ws;
 pub use cli::*;
 pub use codec::*;
 pub use doc::*;
+pub use files::*;
 pub use http::*;
 pub use server::*;
 pub use token::*;

@@ -452,13 +452,39 @@ impl TestServer {
         token: Option<&str>,
         body: Option<&[u8]>,
     ) -> HttpResponse {
+        self.api_typed(method, path, token, body, "application/octet-stream")
+            .await
+    }
+
+    /// [`TestServer::api`] with a JSON body (if any) and a token.
+    pub async fn api_json(
+        &self,
+        method: &str,
+        path: &str,
+        token: &str,
+        body: Option<Value>,
+    ) -> HttpResponse {
+        let body = body.map(|b| b.to_string());
+        let body = body.as_deref().map(str::as_bytes);
+        self.api_typed(method, path, Some(token), body, "application/json")
+            .await
+    }
+
+    async fn api_typed(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<&[u8]>,
+        content_type: &str,
+    ) -> HttpResponse {
         let auth = token.map(|t| format!("Bearer {t}"));
         let mut headers: Vec<(&str, &str)> = Vec::new();
         if let Some(a) = &auth {
             headers.push(("Authorization", a.as_str()));
         }
         if body.is_some() {
-            headers.push(("Content-Type", "application/octet-stream"));
+            headers.push(("Content-Type", content_type));
         }
         http_request(self.addr, method, path, &headers, body).await
     }

@@ -158,6 +158,16 @@ impl TutorClient {
     }
 }
 
+/// Sends a chat message and waits for its own acknowledgement (the broadcast back).
+pub async fn chat(c: &mut TutorClient, text: &str) -> Value {
+    c.send(&json!({"type":"chat","text":text})).await;
+    let t = text.to_string();
+    c.wait_for("own chat acknowledgement", move |v| {
+        v["type"] == "chat" && v["text"] == t.as_str()
+    })
+    .await
+}
+
 /// Checks `YYYY-MM-DDTHH:MM:SS[.frac](Z|±HH:MM)` (RFC 3339 date-time).
 pub fn is_rfc3339(s: &str) -> bool {
     let b = s.as_bytes();

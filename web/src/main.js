@@ -550,6 +550,68 @@ function startChat () {
   const nameOf = (p) => p?.name || p?.id || 'someone'
   const labelOf = (p) => `${nameOf(p)}${p?.role ? ` (${p.role})` : ''}` // "Sam (student)"
 
+  const lineOf = (seq) => list.querySelector(`li.msg[data-seq="${seq}"]`)
+
+  /** A line's body: who, when, the text (or "message deleted"), and its edit/delete buttons. */
+  function fillLine (li, m) {
+    li.replaceChildren()
+    if (m.deleted) {
+      li.classList.add('deleted')
+      li.append(el('div', 'text', 'message deleted'))
+      return
+    }
+    const from = m.from || {}
+    li.dataset.from = from.id || ''
+    const who = el('span', 'who', from.name || from.id || '?')
+    who.style.color = colorOf(from.id)
+    const t = new Date(m.ts)
+    const time = el('time', null, isNaN(t) ? '' : t.toLocaleTimeString([], { hour: '2-digit', minute: '2-digit' }))
+    time.dateTime = m.ts || ''
+    li.append(who, time)
+    if (m.edited_at) li.append(el('span', 'edited', '(edited)'))
+    // SPEC 4.1: your own lines can be edited and deleted; a tutor deletes any line.
+    const actions = el('span', 'actions')
+    if (from.id === myId) actions.append(button('edit', 'edit', () => startEdit(li, m)))
+    if (from.id === myId || isTutor(me.role)) actions.append(button('delete', 'delete', () => send({ type: 'delete', seq: m.seq })))
+    li.append(actions, el('div', 'text', m.text))
+  }
+  function button (cls, label, onclick) {
+    const b = el('button', cls, label)
+    b.type = 'button'
+    b.onclick = onclick
+    return b
+  }
+  /** Edits a line in place: Enter saves, Escape (or an empty text) cancels. */
+  function startEdit (li, m) {
+    const box = el('input', 'edit-box')
+    box.value = m.text
+    box.maxLength = 8000
+    li.querySelector('.text').replaceWith(box)
+    box.focus()
+    let finished = false // removing the box blurs it: finish once
+    const done = (save) => {
+      if (finished) return
+      finished = true
+      const text = box.value.trim()
+      if (save && text && text !== m.text) send({ type: 'edit', seq: m.seq, text })
+      fillLine(li, li.msg || m) // as it is now: a change may have arrived meanwhile
+    }
+    box.addEventListener('keydown', (e) => {
+      if (e.key === 'Enter') { e.preventDefault(); done(true) }
+      if (e.key === 'Escape') done(false)
+    })
+    box.addEventListener('blur', () => { if (box.isConnected) done(false) })
+  }
+  /** `chat_edited` / `chat_deleted`, live or after a resume (idempotent). */
+  function changeMessage (m) {
+    const li = lineOf(m.seq)
+    if (!li || !li.msg) return
+    li.msg = m.type === 'chat_deleted'
+      ? { seq: m.seq, deleted: true, deleted_at: m.deleted_at }
+      : { ...li.msg, text: m.text, edited_at: m.edited_at }
+    fillLine(li, li.msg)
+  }
+
   function addMessage (m) {
     if (typeof m.seq !== 'number' || seen.has(m.seq)) return
     seen.add(m.seq)
@@ -558,12 +620,8 @@ function startChat () {
     const from = m.from || {}
     const li = el('li', 'msg' + (from.id === myId ? ' mine' : ''))
     li.dataset.seq = m.seq
-    const who = el('span', 'who', from.name || from.id || '?')
-    who.style.color = colorOf(from.id)
-    const t = new Date(m.ts)
-    const time = el('time', null, isNaN(t) ? '' : t.toLocaleTimeString([], { hour: '2-digit', minute: '2-digit' }))
-    time.dateTime = m.ts || ''
-    li.append(who, time, el('div', 'text', m.text))
+    li.msg = m
+    fillLine(li, m)
     // Keep seq order (history after a reconnect may interleave with live messages); lines
     // still waiting to be sent stay last.
     const after = [...list.querySelectorAll('li.msg, li.pending')].find((o) => o.classList.contains('pending') || Number(o.dataset.seq) > m.seq)
@@ -581,10 +639,51 @@ function startChat () {
     participants.forEach((p, i) => {
       const b = el('b', null, nameOf(p))
       b.style.color = colorOf(p.id)
-      const role = [p.role, p.id === myId ? 'you' : null].filter(Boolean).join(', ')
+      const role = [p.role, p.id === myId ? 'you' : null, p.muted ? 'muted' : null].filter(Boolean).join(', ')
       box.append(i ? ', ' : '', b)
       if (role) box.append(' ', el('span', 'role', `(${role})`))
     })
+    showModTools(stale)
+  }
+  /** SPEC 4.1: a tutor's or admin's mute and remove buttons for each other participant, in a
+   * panel under the participants line (which stays plain text). */
+  function showModTools (stale) {
+    let panel = $('mod-panel')
+    if (!panel) {
+      panel = el('div', 'mod-panel')
+      panel.id = 'mod-panel'
+      $('participants').after(panel)
+    }
+    panel.replaceChildren()
+    const others = participants.filter((p) => p.id !== myId)
+    panel.hidden = stale || !isTutor(me.role) || !others.length
+    if (panel.hidden) return
+    for (const p of others) {
+      const tools = el('span', 'mod-tools')
+      tools.dataset.user = p.id
+      tools.append(el('b', null, nameOf(p)),
+        button('mute', p.muted ? 'unmute' : 'mute', () => send({ type: 'mute', user: p.id, until: p.muted ? new Date(0).toISOString() : null })),
+        button('remove', 'remove', () => send({ type: 'remove', user: p.id })))
+      panel.append(tools)
+    }
+  }
+  /** A `moderation` announcement: a line for everyone, and the muted marks. */
+  function moderation (m) {
+    const who = participants.find((p) => p.id === m.user)
+    const name = who ? nameOf(who) : m.user
+    const by = nameOf(m.by)
+    const until = m.until ? ` until ${new Date(m.until).toLocaleTimeString()}` : ''
+    if (m.action === 'mute') system(m.user === myId ? `${by} muted you${until}` : `${by} muted ${name}${until}`)
+    else if (m.action === 'unmute') system(m.user === myId ? `${by} unmuted you` : `${by} unmuted ${name}`)
+    else if (m.action === 'remove') system(m.user === myId ? `${by} removed you from this session` : `${by} removed ${name}`)
+    if (m.user === myId && (m.action === 'mute' || m.action === 'unmute')) {
+      input.disabled = m.action === 'mute'
+      input.placeholder = m.action === 'mute' ? 'You are muted' : 'Say something…'
+    }
+    if (who && (m.action === 'mute' || m.action === 'unmute')) {
+      who.muted = m.action === 'mute'
+      showParticipants(false)
+    }
   }
   function setParticipants (ps) {
     participants = Array.isArray(ps) ? ps : []
@@ -620,6 +719,11 @@ function startChat () {
         live = true
         attempt = 0
         setParticipants(ps)
+        {
+          const muted = ps.some((p) => p.id === myId && p.muted)
+          input.disabled = muted
+          input.placeholder = muted ? 'You are muted' : 'Say something…'
+        }
         setStatus('chat', 'connected')
         linkWorks()
         // Messages typed while offline go out now, oldest first.
@@ -636,6 +740,13 @@ function startChat () {
         break
       case 'chat':
         addMessage(m)
+        break
+      case 'chat_edited':
+      case 'chat_deleted':
+        changeMessage(m)
+        break
+      case 'moderation':
+        moderation(m)
         break
       case 'presence': {
         setParticipants(m.participants)
@@ -668,7 +779,8 @@ function startChat () {
         break
       }
       case 'error':
-        system(`error (${m.code}): ${m.message || ''}`)
+        if (m.reason === 'muted') system('you are muted in this session')
+        else system(`error (${m.code}): ${m.message || ''}`)
         break
     }
   }

@@ -9,8 +9,9 @@
 //!   [`SPACE_MARGIN`] free, checked by the monitor thread and before every large value),
 //!   and from the first failed write on, with the reason ([`Shared::check`], `/readyz`);
 //! - remembers the keys of writes that failed, and of writes a failed explicit flush did
-//!   not make durable, and deletes them when it writes again, so nothing a client was told
-//!   failed is replayed by a later load;
+//!   not make durable, and undoes them when it writes again (an appended entry is deleted,
+//!   an overwritten or removed record gets back what it held), so nothing a client was
+//!   told failed is replayed by a later load;
 //! - runs the monitor thread that flushes every `flush_interval_ms` and, while writes are
 //!   refused, probes the directory (a small file written and fsynced) and, once that
 //!   works, closes and reopens the database (sled's sticky error lives in the open handle);
@@ -18,13 +19,15 @@
 //!   that one needs a restart, and `/readyz` says so.
 //!
 //! Owns: [`Health`], the write gate (`writable`, `written`, `ensure_space`, `insert_entry`,
-//! `flush_trees`), the monitor, probing and reopening. Must not touch: what records mean
+//! `overwrite_entry`, `flush_trees`), the monitor, probing and reopening. Must not touch: what records mean
 //! (keys, values, counters), which is the store's.
 
 use std::io::Write;
 use std::path::Path;
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
+
+use sled::IVec;
 
 use super::open::open_sled;
 use super::{storage_error, Shared, TreeId, Trees};
@@ -39,6 +42,15 @@ pub const FLUSH_STALL: Duration = Duration::from_secs(5);
 /// (sled writes them as blob files, whose failure wedges it).
 pub(super) const LARGE_VALUE: usize = 64 << 10;
 
+/// An acknowledged write the gate tracks until it is flushed: its key, and what the key
+/// held before (`None`: nothing), which is put back should the write be reported as failed.
+#[derive(Clone)]
+pub(super) struct Tracked {
+    pub(super) tree: TreeId,
+    pub(super) key: Vec<u8>,
+    pub(super) before: Option<IVec>,
+}
+
 /// Whether the store can write, and what to undo when it can again.
 #[derive(Default)]
 pub(super) struct Health {
@@ -48,13 +60,13 @@ pub(super) struct Health {
     pub(super) sled_failed: bool,
     /// sled cannot be closed (a stuck flush); only a restart helps.
     pub(super) wedged: bool,
-    /// Keys of log and chat entries inserted since the last successful flush.
-    pub(super) unflushed: Vec<(TreeId, Vec<u8>)>,
-    /// Keys of entries whose write was reported as failed: deleted before writing resumes.
-    pub(super) poisoned: Vec<(TreeId, Vec<u8>)>,
-    /// Acknowledged entries read back from a failed handle, still to be written into the
-    /// reopened one (see [`Shared::carry_unflushed`]).
-    pub(super) carried: Vec<(TreeId, Vec<u8>, sled::IVec)>,
+    /// Entries and records of a [`TreeId`] tree written since the last successful flush.
+    pub(super) unflushed: Vec<Tracked>,
+    /// Writes reported as failed: undone before writing resumes.
+    pub(super) poisoned: Vec<Tracked>,
+    /// Acknowledged writes read back from a failed handle (`None`: the key was removed),
+    /// still to be applied to the reopened one (see [`Shared::carry_unflushed`]).
+    pub(super) carried: Vec<(TreeId, Vec<u8>, Option<IVec>)>,
 }
 
 /// At most this many unflushed keys are remembered (a failed explicit flush in sync
@@ -138,8 +150,8 @@ impl Shared {
         }
     }
 
-    /// Inserts a log or chat entry, remembering its key until it is flushed (or, should
-    /// the insert fail, for deletion once writing resumes).
+    /// Inserts a new log or chat entry (a key nothing held), remembering its key until it
+    /// is flushed (or, should the insert fail, for deletion once writing resumes).
     pub(super) fn insert_entry(
         &self,
         trees: &Trees,
@@ -148,16 +160,53 @@ impl Shared {
         value: Vec<u8>,
     ) -> Result<(), StoreError> {
         self.ensure_space(value.len())?;
-        match trees.tree(tree).insert(&key, value) {
+        let result = trees.tree(tree).insert(&key, value);
+        self.track(
+            result,
+            Tracked {
+                tree,
+                key,
+                before: None,
+            },
+        )
+    }
+
+    /// Writes (`Some`) or removes (`None`) a record that may exist already: a chat message
+    /// edited or deleted, an edit-log entry, a moderation record. What the key held is read
+    /// first, so a write reported as failed puts it back rather than deleting the key
+    /// (which would lose the original message); an acknowledged one, removals included,
+    /// is carried over a reopen like an inserted entry.
+    pub(super) fn overwrite_entry(
+        &self,
+        trees: &Trees,
+        tree: TreeId,
+        key: Vec<u8>,
+        value: Option<Vec<u8>>,
+    ) -> Result<(), StoreError> {
+        if let Some(value) = &value {
+            self.ensure_space(value.len())?;
+        }
+        let sled_tree = trees.tree(tree);
+        let before = sled_tree.get(&key).map_err(storage_error)?;
+        let result = match value {
+            Some(value) => sled_tree.insert(&key, value),
+            None => sled_tree.remove(&key),
+        };
+        self.track(result, Tracked { tree, key, before })
+    }
+
+    /// Remembers an acknowledged write until it is flushed, or a failed one for undoing.
+    fn track(&self, result: sled::Result<Option<IVec>>, write: Tracked) -> Result<(), StoreError> {
+        match result {
             Ok(_) => {
                 let mut health = unpoisoned(self.health.lock());
                 if health.unflushed.len() < MAX_UNFLUSHED {
-                    health.unflushed.push((tree, key));
+                    health.unflushed.push(write);
                 }
                 Ok(())
             }
             Err(e) => {
-                unpoisoned(self.health.lock()).poisoned.push((tree, key));
+                unpoisoned(self.health.lock()).poisoned.push(write);
                 self.written(Err(e))
             }
         }
@@ -264,7 +313,7 @@ impl Shared {
         result
     }
 
-    /// Reopens sled if it failed, deletes the entries reported as failed, flushes, and lets
+    /// Reopens sled if it failed, undoes the writes reported as failed, flushes, and lets
     /// writes through again.
     fn resume(&self) -> Result<(), StoreError> {
         let sled_failed = unpoisoned(self.health.lock()).sled_failed;
@@ -282,8 +331,14 @@ impl Shared {
             health.sled_failed = true;
             storage_error(e)
         };
-        for (tree, key) in &poisoned {
-            if let Err(e) = trees.tree(*tree).remove(key) {
+        // Newest first: a key written twice ends with what it held before the first write.
+        for write in poisoned.iter().rev() {
+            let tree = trees.tree(write.tree);
+            let undone = match &write.before {
+                Some(before) => tree.insert(&write.key, before.clone()),
+                None => tree.remove(&write.key),
+            };
+            if let Err(e) = undone {
                 return Err(sled_error(e, poisoned.clone()));
             }
         }
@@ -355,10 +410,13 @@ impl Shared {
         let keys = std::mem::take(&mut unpoisoned(self.health.lock()).unflushed);
         let mut carried = Vec::with_capacity(keys.len());
         let mut unreadable = 0usize;
-        for (tree, key) in keys {
-            match old.tree(tree).get(&key) {
-                Ok(Some(value)) => carried.push((tree, key, value)),
-                // Removed since: a snapshot covered it.
+        for write in keys {
+            match old.tree(write.tree).get(&write.key) {
+                Ok(Some(value)) => carried.push((write.tree, write.key, Some(value))),
+                // A removal (or an overwrite removed since): its absence is carried, or the
+                // disk's older record would come back.
+                Ok(None) if write.before.is_some() => carried.push((write.tree, write.key, None)),
+                // An appended entry removed since: a snapshot covered it.
                 Ok(None) => {}
                 Err(_) => unreadable += 1,
             }
@@ -377,14 +435,21 @@ impl Shared {
     fn write_carried(&self, trees: &Trees) -> Result<(), StoreError> {
         let mut carried = std::mem::take(&mut unpoisoned(self.health.lock()).carried);
         while let Some((tree, key, value)) = carried.pop() {
-            if let Err(e) = trees.tree(tree).insert(&key, value.clone()) {
-                carried.push((tree, key, value));
-                unpoisoned(self.health.lock()).carried.extend(carried);
-                return Err(storage_error(e));
-            }
+            let written = match &value {
+                Some(value) => trees.tree(tree).insert(&key, value.clone()),
+                None => trees.tree(tree).remove(&key),
+            };
+            let before = match written {
+                Ok(before) => before,
+                Err(e) => {
+                    carried.push((tree, key, value));
+                    unpoisoned(self.health.lock()).carried.extend(carried);
+                    return Err(storage_error(e));
+                }
+            };
             let mut health = unpoisoned(self.health.lock());
             if health.unflushed.len() < MAX_UNFLUSHED {
-                health.unflushed.push((tree, key));
+                health.unflushed.push(Tracked { tree, key, before });
             }
         }
         Ok(())

@@ -15,11 +15,14 @@ use sled::{IVec, Tree};
 use super::storage_error;
 use crate::store::StoreError;
 
-/// The four trees (what each holds: the layout in [`crate::store`]).
+/// The trees (what each holds: the layout in [`crate::store`]).
 pub(crate) const UPDATES_TREE: &str = "updates";
 pub(crate) const SNAPSHOTS_TREE: &str = "snapshots";
 pub(crate) const CHAT_TREE: &str = "chat";
 pub(crate) const META_TREE: &str = "meta";
+/// SPEC 4.1: the chat edit log and the moderation records.
+pub(crate) const CHAT_EDITS_TREE: &str = "chat_edits";
+pub(crate) const MODERATION_TREE: &str = "moderation";
 
 /// The `meta` names (what each counts: the layout in [`crate::store`]).
 pub(crate) const LAST_LOG_SEQ: &str = "last_log_seq";
@@ -74,7 +77,16 @@ pub(crate) fn numbered_key(session: &str, n: u64) -> Vec<u8> {
     key
 }
 
-/// `session \0 name`: the key of a `meta` value.
+/// `session \0 at_ms seq`, both big-endian: the key of a `chat_edits` entry, so the log
+/// reads in time order (and by seq within one millisecond).
+pub(crate) fn edit_key(session: &str, at_ms: u64, seq: u64) -> Vec<u8> {
+    let mut key = numbered_key(session, at_ms);
+    key.extend_from_slice(&seq.to_be_bytes());
+    key
+}
+
+/// `session \0 name`: the key of a `meta` value (and, with a user id as the name, of a
+/// `moderation` record).
 pub(crate) fn named_key(session: &str, name: &str) -> Vec<u8> {
     let mut key = session_prefix(session);
     key.extend_from_slice(name.as_bytes());

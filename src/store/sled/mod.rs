@@ -72,8 +72,10 @@
 //!   `scan.rs`: reading records back and reporting damage;
 //! - `health.rs`: the write gate, the monitor thread, recovery from a failed disk;
 //! - `open.rs`: opening sled, and the locked-directory error;
+//! - `chat_edits.rs`: the SPEC 4.1 edit log and moderation records;
 //! - `tests.rs`: the store's tests through the seam.
 
+mod chat_edits;
 mod counters;
 mod health;
 pub(super) mod keys;
@@ -102,7 +104,10 @@ use self::records::{
     decode_snapshot, decode_snapshot_entry, encode_chat, encode_snapshot, encode_update,
     SnapshotHeader, SNAPSHOT_FORMAT_V1,
 };
-use super::{unpoisoned, SessionInfo, SnapshotInfo, Store, StoreError, StoredWhiteboard};
+use super::{
+    unpoisoned, ChatEdit, ModerationRecord, SessionInfo, SnapshotInfo, Store, StoreError,
+    StoredWhiteboard,
+};
 use crate::metrics::Metrics;
 use crate::protocol::tutor::ChatMessage;
 
@@ -147,12 +152,19 @@ struct Trees {
     snapshots: Tree,
     chat: Tree,
     meta: Tree,
+    /// SPEC 4.1 (see `chat_edits.rs`).
+    chat_edits: Tree,
+    moderation: Tree,
 }
 
+/// The trees whose writes are acknowledged to clients one by one, so the write gate
+/// (`health.rs`) tracks them: undone when reported failed, carried over a reopen.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum TreeId {
     Updates,
     Chat,
+    ChatEdits,
+    Moderation,
 }
 
 impl Trees {
@@ -160,6 +172,8 @@ impl Trees {
         match id {
             TreeId::Updates => &self.updates,
             TreeId::Chat => &self.chat,
+            TreeId::ChatEdits => &self.chat_edits,
+            TreeId::Moderation => &self.moderation,
         }
     }
 }
@@ -211,6 +225,13 @@ impl SledStore {
         settings: SledSettings,
         metrics: Option<Arc<Metrics>>,
     ) -> Result<Self, StoreError> {
+        if super::compact::interrupted(dir) {
+            return Err(StoreError::Corrupt(format!(
+                "{} holds an interrupted `easel store compact`; run `easel store compact --data-dir {}` again to finish it",
+                dir.display(),
+                dir.display()
+            )));
+        }
         let trees = open_sled(dir, &settings)?;
         if let Some(metrics) = &metrics {
             metrics.store_writable.set(1);
@@ -532,6 +553,37 @@ impl Store for SledStore {
         // may have been shown before the messages reached the disk. Start above them.
         let reserved = s.read_counter(&t, session, CHAT_SEQ_RESERVED)?.unwrap_or(0);
         Ok(stored.max(reserved))
+    }
+
+    fn chat_get(&self, session: &str, seq: u64) -> Result<Option<ChatMessage>, StoreError> {
+        self.sled_chat_get(session, seq)
+    }
+
+    fn chat_amend(
+        &self,
+        session: &str,
+        message: &ChatMessage,
+        edit: &ChatEdit,
+        previous_at_ms: Option<u64>,
+    ) -> Result<(), StoreError> {
+        self.sled_chat_amend(session, message, edit, previous_at_ms)
+    }
+
+    fn chat_edits_after(
+        &self,
+        session: &str,
+        after: (u64, u64),
+        limit: usize,
+    ) -> Result<Vec<ChatEdit>, StoreError> {
+        self.sled_chat_edits_after(session, after, limit)
+    }
+
+    fn moderation(&self, session: &str) -> Result<Vec<ModerationRecord>, StoreError> {
+        self.sled_moderation(session)
+    }
+
+    fn set_moderation(&self, session: &str, record: &ModerationRecord) -> Result<(), StoreError> {
+        self.sled_set_moderation(session, record)
     }
 
     fn flush(&self) -> Result<(), StoreError> {

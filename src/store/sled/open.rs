@@ -8,7 +8,9 @@
 use std::path::Path;
 use std::sync::Mutex;
 
-use super::keys::{CHAT_TREE, META_TREE, SNAPSHOTS_TREE, UPDATES_TREE};
+use super::keys::{
+    CHAT_EDITS_TREE, CHAT_TREE, META_TREE, MODERATION_TREE, SNAPSHOTS_TREE, UPDATES_TREE,
+};
 use super::{storage_error, SledSettings, Trees};
 use crate::store::{unpoisoned, StoreError};
 
@@ -54,6 +56,8 @@ pub(super) fn open_sled(dir: &Path, settings: &SledSettings) -> Result<Trees, St
             snapshots: open_tree(SNAPSHOTS_TREE)?,
             chat: open_tree(CHAT_TREE)?,
             meta: open_tree(META_TREE)?,
+            chat_edits: open_tree(CHAT_EDITS_TREE)?,
+            moderation: open_tree(MODERATION_TREE)?,
             db,
         })
     });

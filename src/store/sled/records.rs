@@ -1,8 +1,9 @@
 //! Value encoding of the sled layout (the tables in [`crate::store`]): every record's bytes.
 //!
-//! The first byte of every `updates`, `chat` and `meta` value is its format version (1
-//! today), then the body: a Yjs v1 update, a [`ChatMessage`] as JSON (the object clients
-//! receive, so fields can be added with serde defaults), or a u64 BE. A `snapshots` value
+//! The first byte of every `updates`, `chat`, `meta`, `chat_edits` and `moderation` value
+//! is its format version (1 today), then the body: a Yjs v1 update, a [`ChatMessage`] as
+//! JSON (the object clients receive, so fields can be added with serde defaults), a u64
+//! BE, a [`ChatEdit`] or a [`ModerationRecord`] as JSON. A `snapshots` value
 //! is a bincode-2 [`SnapshotHeader`] whose first field is its format version, then the
 //! whole document as a Yjs v1 update. A later layout writes version 2 and keeps reading
 //! version 1. Decoders return the reason as a `String`: the caller logs, counts and skips
@@ -15,9 +16,9 @@ use serde::{Deserialize, Serialize};
 
 use super::keys::key_number;
 use crate::protocol::tutor::ChatMessage;
-use crate::store::StoreError;
+use crate::store::{ChatEdit, ModerationRecord, StoreError};
 
-/// Format version byte of `updates`, `chat` and `meta` values.
+/// Format version byte of every value but a snapshot's.
 const RECORD_FORMAT_V1: u8 = 1;
 /// Format version of the snapshot header.
 pub(crate) const SNAPSHOT_FORMAT_V1: u16 = 1;
@@ -138,14 +139,39 @@ pub(crate) fn decode_update(value: &[u8]) -> Result<&[u8], String> {
     v1_body("update", value)
 }
 
-pub(crate) fn encode_chat(message: &ChatMessage) -> Result<Vec<u8>, StoreError> {
-    let json = serde_json::to_vec(message)
-        .map_err(|e| StoreError::io_while("cannot encode a chat message", e))?;
+/// `0x01` then `value` as JSON.
+fn encode_json<T: Serialize>(what: &str, value: &T) -> Result<Vec<u8>, StoreError> {
+    let json = serde_json::to_vec(value)
+        .map_err(|e| StoreError::io_while(format!("cannot encode a {what}"), e))?;
     Ok(versioned(RECORD_FORMAT_V1, &json))
 }
 
+fn decode_json<T: serde::de::DeserializeOwned>(what: &str, value: &[u8]) -> Result<T, String> {
+    serde_json::from_slice(v1_body(what, value)?).map_err(|e| format!("{what}: {e}"))
+}
+
+pub(crate) fn encode_chat(message: &ChatMessage) -> Result<Vec<u8>, StoreError> {
+    encode_json("chat message", message)
+}
+
 pub(crate) fn decode_chat(value: &[u8]) -> Result<ChatMessage, String> {
-    serde_json::from_slice(v1_body("chat", value)?).map_err(|e| format!("chat message: {e}"))
+    decode_json("chat message", value)
+}
+
+pub(crate) fn encode_chat_edit(edit: &ChatEdit) -> Result<Vec<u8>, StoreError> {
+    encode_json("chat edit", edit)
+}
+
+pub(crate) fn decode_chat_edit(value: &[u8]) -> Result<ChatEdit, String> {
+    decode_json("chat edit", value)
+}
+
+pub(crate) fn encode_moderation(record: &ModerationRecord) -> Result<Vec<u8>, StoreError> {
+    encode_json("moderation record", record)
+}
+
+pub(crate) fn decode_moderation(value: &[u8]) -> Result<ModerationRecord, String> {
+    decode_json("moderation record", value)
 }
 
 pub(crate) fn encode_counter(n: u64) -> [u8; 9] {

@@ -79,6 +79,7 @@ fn chat(seq: u64) -> ChatMessage {
         },
         text: format!("message {seq}"),
         ts: "2024-01-01T00:00:00Z".into(),
+        ..Default::default()
     }
 }
 

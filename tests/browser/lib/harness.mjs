@@ -2,6 +2,7 @@
 // 127.0.0.1, tokens signed with its secret, and Debian's chromium driven by playwright-core.
 // Not a test file itself (node --test picks up *.test.mjs only).
 
+import assert from 'node:assert/strict'
 import { spawn } from 'node:child_process'
 import { createHmac, randomBytes } from 'node:crypto'
 import { mkdtempSync, rmSync, existsSync, openSync, closeSync, readFileSync } from 'node:fs'
@@ -9,6 +10,7 @@ import { tmpdir } from 'node:os'
 import { join, isAbsolute } from 'node:path'
 import { createInterface } from 'node:readline'
 import { fileURLToPath } from 'node:url'
+import { before, after } from 'node:test'
 import { chromium } from 'playwright-core'
 
 export const CHROMIUM = process.env.CHROMIUM_PATH || '/usr/bin/chromium'
@@ -128,3 +130,29 @@ export async function until (page, what, fn, arg, logTail = () => '') {
 
 /** The words of the page's status line, e.g. "Whiteboard: connected Chat: connected". */
 export const statusWords = (page) => page.evaluate(() => document.querySelector('#status-line').textContent.replace(/\s+/g, ' ').trim())
+
+/**
+ * One server and one browser for a whole test file: started before its first test,
+ * closed after its last (the server must exit 0). Returns the live handles and the file's
+ * `open(path)` and `until(page, what, fn, arg)` (with the server's log on a timeout).
+ */
+export function serverAndBrowser () {
+  const ctx = {
+    server: undefined,
+    browser: undefined,
+    pageErrors: [],
+    open: (path) => ctx.browser.open(ctx.server.url + path),
+    until: (page, what, fn, arg) => until(page, what, fn, arg, ctx.server.logTail)
+  }
+  before(async () => {
+    ctx.server = await startServer()
+    ctx.browser = await launchBrowser()
+    ctx.pageErrors = ctx.browser.pageErrors
+  })
+  after(async () => {
+    await ctx.browser?.close()
+    const exit = await ctx.server?.stop()
+    if (exit) assert.equal(exit.code, 0, `easel exited with ${JSON.stringify(exit)}`)
+  })
+  return ctx
+}
