@@ -206,12 +206,8 @@ impl AppState {
                 "this user opened too many new sessions in the last minute".into(),
             ));
         }
-        let registry = self.registry.clone();
-        let id = session.to_owned();
-        let handle = tokio::task::spawn_blocking(move || registry.open(&id))
-            .await
-            .map_err(|e| ApiError::Internal(e.to_string()))?
-            .map_err(|e| {
+        // Single flight, on the blocking pool (see `Registry::open_shared`).
+        let handle = self.registry.open_shared(session).await.map_err(|e| {
                 tracing::error!(%session, error = %e, "session could not be loaded");
                 ApiError::Unavailable("the session could not be loaded".into())
             })?;

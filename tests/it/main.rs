@@ -20,6 +20,7 @@ mod hostile_corpus;
 mod hostile_doc;
 mod hostile_http;
 mod hostile_ws;
+mod join;
 mod http_fallback;
 mod lifecycle;
 mod limits;
