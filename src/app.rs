@@ -208,9 +208,9 @@ impl AppState {
         }
         // Single flight, on the blocking pool (see `Registry::open_shared`).
         let handle = self.registry.open_shared(session).await.map_err(|e| {
-                tracing::error!(%session, error = %e, "session could not be loaded");
-                ApiError::Unavailable("the session could not be loaded".into())
-            })?;
+            tracing::error!(%session, error = %e, "session could not be loaded");
+            ApiError::Unavailable("the session could not be loaded".into())
+        })?;
         self.requests.remember(&handle);
         Ok(handle)
     }

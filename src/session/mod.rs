@@ -254,8 +254,13 @@ impl Registry {
             s.handles.load(Ordering::Acquire) == 0
                 && s.idle_since().is_some_and(|t| t.elapsed() >= idle)
         };
-        let candidates: Vec<Arc<Session>> =
-            self.map().live.values().filter(|s| unused(s)).cloned().collect();
+        let candidates: Vec<Arc<Session>> = self
+            .map()
+            .live
+            .values()
+            .filter(|s| unused(s))
+            .cloned()
+            .collect();
         let mut unloaded = 0;
         for s in candidates {
             if let Err(e) = s.whiteboard.snapshot_if_dirty() {

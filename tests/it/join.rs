@@ -22,7 +22,12 @@ fn value(i: usize) -> String {
 
 /// A whiteboard client that takes messages as large as the server's `max_doc_bytes` (a
 /// browser has no such limit; tungstenite's default is 16 MiB), no handshake yet.
-async fn big_client(server: &TestServer, s: &str, user: &str, recv_buffer: Option<u32>) -> WbClient {
+async fn big_client(
+    server: &TestServer,
+    s: &str,
+    user: &str,
+    recv_buffer: Option<u32>,
+) -> WbClient {
     let config = WebSocketConfig::default()
         .max_message_size(Some(64 << 20))
         .max_frame_size(Some(64 << 20));
@@ -59,7 +64,10 @@ async fn big_board(server: &TestServer, s: &str) -> WbClient {
 }
 
 fn holds_the_board(c: &WbClient) -> bool {
-    (0..VALUES).all(|i| c.map_get("m", &format!("k{i}")).is_some_and(|v| v == value(i)))
+    (0..VALUES).all(|i| {
+        c.map_get("m", &format!("k{i}"))
+            .is_some_and(|v| v == value(i))
+    })
 }
 
 fn step2_len(m: &Message) -> Option<usize> {
@@ -111,18 +119,25 @@ async fn a_board_over_the_queue_limit_is_joined_behind_queued_updates() {
     // An update of the session, queued for the joiner behind the answer being written.
     writer.map_set("m", "late", "after the join").await;
     watcher
-        .wait_doc("the late update relayed", |c| c.map_get("m", "late").is_some())
+        .wait_doc("the late update relayed", |c| {
+            c.map_get("m", "late").is_some()
+        })
         .await;
     // Step 1 again, and an awareness update behind it in the same frame: the server
     // reads that only once the step 1 is answered (it walks a frame in order), so once the
     // watcher hears it, the second answer is queued (or refused), with no fixed wait.
     let mut frame = encode_msg(&Message::Sync(SyncMessage::SyncStep1(fresh)));
-    frame.extend(awareness_msg(&awareness_update(777, 1, r#"{"user":"joiner"}"#)));
+    frame.extend(awareness_msg(&awareness_update(
+        777,
+        1,
+        r#"{"user":"joiner"}"#,
+    )));
     joiner.send_raw(frame).await;
     watcher
-        .wait_for("the joiner's awareness, read after its step 1 was answered", |m| {
-            matches!(m, Message::Awareness(u) if awareness_entry(u, 777).is_some())
-        })
+        .wait_for(
+            "the joiner's awareness, read after its step 1 was answered",
+            |m| matches!(m, Message::Awareness(u) if awareness_entry(u, 777).is_some()),
+        )
         .await;
     let mut step2s = Vec::new();
     while step2s.len() < 2 {
@@ -136,7 +151,10 @@ async fn a_board_over_the_queue_limit_is_joined_behind_queued_updates() {
         "each answer holds the whole board: {step2s:?}"
     );
     assert!(holds_the_board(&joiner));
-    assert_eq!(joiner.map_get("m", "late").as_deref(), Some("after the join"));
+    assert_eq!(
+        joiner.map_get("m", "late").as_deref(),
+        Some("after the join")
+    );
     assert_eq!(joiner.closed, None, "the joiner stays connected");
     // The session still serves its writer.
     writer.barrier().await;
