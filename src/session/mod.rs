@@ -466,10 +466,21 @@ mod tests {
             Mutex<std::sync::mpsc::Receiver<()>>,
         )>,
         reads_empty: std::sync::atomic::AtomicBool,
+        /// Whiteboard loads so far, and a gate each load waits at (like `gate`).
+        loads: AtomicUsize,
+        load_gate: Option<(
+            std::sync::mpsc::SyncSender<()>,
+            Mutex<std::sync::mpsc::Receiver<()>>,
+        )>,
     }
 
     impl Store for GatedStore {
         fn load_whiteboard(&self, s: &str) -> Result<crate::store::StoredWhiteboard, StoreError> {
+            self.loads.fetch_add(1, Ordering::AcqRel);
+            if let Some((entered, go)) = &self.load_gate {
+                let _ = entered.send(());
+                let _ = go.lock().unwrap().recv();
+            }
             if self.reads_empty.load(Ordering::Acquire) {
                 return Ok(Default::default());
             }
@@ -641,6 +652,81 @@ mod tests {
             snapshot.transact().state_vector(),
             writer.transact().state_vector()
         );
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn concurrent_first_opens_load_the_session_once() {
+        let (entered_tx, entered) = std::sync::mpsc::sync_channel(8);
+        let (go, go_rx) = std::sync::mpsc::sync_channel(8);
+        let store = Arc::new(GatedStore {
+            load_gate: Some((entered_tx, Mutex::new(go_rx))),
+            ..Default::default()
+        });
+        let reg = Arc::new(registry_on(store.clone()));
+        let opens: Vec<_> = (0..8)
+            .map(|_| {
+                let reg = reg.clone();
+                tokio::spawn(async move { reg.open_shared("s").await })
+            })
+            .collect();
+        // Waiting off this thread lets every open run up to its first await: one is
+        // loading (held at the gate), the others found its load under way.
+        tokio::task::spawn_blocking(move || entered.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        go.send(()).unwrap();
+        let mut handles = Vec::new();
+        for open in opens {
+            handles.push(open.await.unwrap().unwrap());
+        }
+        assert_eq!(store.loads.load(Ordering::Acquire), 1, "loaded once");
+        assert!(handles
+            .iter()
+            .all(|h| Arc::ptr_eq(&h.session, &handles[0].session)));
+        assert_eq!(reg.loaded(), 1);
+    }
+
+    #[test]
+    fn an_unload_snapshots_outside_the_registry_lock() {
+        let (entered_tx, entered) = std::sync::mpsc::sync_channel(1);
+        let (go, go_rx) = std::sync::mpsc::sync_channel(1);
+        let store = Arc::new(GatedStore {
+            gate: Some((entered_tx, Mutex::new(go_rx))),
+            ..Default::default()
+        });
+        let reg = registry_on(store.clone());
+        let writer = yrs::Doc::new();
+        let h = reg.open("s").unwrap();
+        assert!(h
+            .whiteboard
+            .apply_update(None, &set_key(&writer, "a"), None)
+            .unwrap());
+        drop(h);
+        std::thread::scope(|scope| {
+            let unload = scope.spawn(|| reg.unload_idle(Duration::ZERO));
+            // The unload is writing the snapshot: an open meanwhile is not held up, and
+            // takes the session still loaded (not a second copy).
+            entered.recv().unwrap();
+            let (opened_tx, opened) = std::sync::mpsc::channel();
+            let reg = &reg;
+            let opener = scope.spawn(move || {
+                let h = reg.open("s");
+                let _ = opened_tx.send(());
+                h
+            });
+            let in_time = opened.recv_timeout(Duration::from_secs(5));
+            go.send(()).unwrap();
+            assert!(in_time.is_ok(), "open waited for the snapshot");
+            let h = opener.join().unwrap().unwrap();
+            // In use again: the snapshot is written, the session stays.
+            assert_eq!(unload.join().unwrap(), 0);
+            assert_eq!(reg.loaded(), 1);
+            assert_eq!(store.loads.load(Ordering::Acquire), 1);
+            assert!(!h.whiteboard.is_dirty());
+        });
+        assert_eq!(reg.unload_idle(Duration::ZERO), 1);
+        assert_eq!(reg.loaded(), 0);
     }
 
     #[test]
