@@ -1,6 +1,7 @@
 //! The registry of live sessions.
 //!
-//! A session is loaded from the [`Store`] on first use and shared as an `Arc<Session>`;
+//! A session is loaded from the [`Store`] on first use (once, however many open it at the
+//! same time: [`Registry::open_shared`]) and shared as an `Arc<Session>`;
 //! each connection holds a [`SessionHandle`], and when the last handle is gone the session
 //! is snapshotted and, `sessions.idle_unload_s` later, dropped from memory (the classic leak
 //! of Yjs servers is docs kept after their last client left). The registry owns the map

@@ -145,8 +145,8 @@ impl Outbox {
         }
         let len = payload_len(&message);
         let before = self.shared.queued_bytes.fetch_add(len, Ordering::AcqRel);
-        // An empty queue takes any one message, so a document larger than the limit can
-        // still be joined (its sync step 2 is one message); a backlog cannot grow past it.
+        // An empty queue takes any one message; a backlog cannot grow past the limit. (A
+        // step 2 larger than the limit goes through `send_reply`, whatever is queued.)
         if before > 0 && before + len > self.shared.limit {
             self.shared.queued_bytes.fetch_sub(len, Ordering::AcqRel);
             self.shared.overflowed.store(true, Ordering::Release);

@@ -12,6 +12,8 @@
 //! message makes the reader wait for a token and resume the frame where it stopped
 //! (back-pressure). Replies (step 2, awareness states) go through the connection's own send
 //! queue, in bytes as sent; once it refuses them (1013), the rest of the frame is not read.
+//! A step 2 is encoded off the async workers (the session's `sync_step2`): the reader
+//! awaits it ([`Flow::Then`]) and then goes on with the frame after the step 1 it answers.
 //!
 //! Must not touch the document or other connections directly: the session does, and every
 //! close code comes from [`super::close`].

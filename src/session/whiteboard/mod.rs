@@ -17,7 +17,8 @@
 //!
 //! Split by concern: `held_back.rs` (updates waiting for missing content, and rebuilding
 //! from the store), `awareness.rs` (cursors and presence and their bounds), `snapshot.rs`
-//! (when and how a snapshot is written). Every file adds to the one `impl Whiteboard`;
+//! (when and how a snapshot is written), `step2.rs` (sync step 2, encoded off the async
+//! workers, once per document state for fresh joiners). Every file adds to the one `impl Whiteboard`;
 //! this one keeps the state, joining and leaving, and the update path. Must not touch
 //! sockets or the store's internals.
 
