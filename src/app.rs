@@ -206,15 +206,11 @@ impl AppState {
                 "this user opened too many new sessions in the last minute".into(),
             ));
         }
-        let registry = self.registry.clone();
-        let id = session.to_owned();
-        let handle = tokio::task::spawn_blocking(move || registry.open(&id))
-            .await
-            .map_err(|e| ApiError::Internal(e.to_string()))?
-            .map_err(|e| {
-                tracing::error!(%session, error = %e, "session could not be loaded");
-                ApiError::Unavailable("the session could not be loaded".into())
-            })?;
+        // Single flight, on the blocking pool (see `Registry::open_shared`).
+        let handle = self.registry.open_shared(session).await.map_err(|e| {
+            tracing::error!(%session, error = %e, "session could not be loaded");
+            ApiError::Unavailable("the session could not be loaded".into())
+        })?;
         self.requests.remember(&handle);
         // A user removed from the session (SPEC 4.1) is refused everything in it, on
         // both endpoints and over HTTP, until the ban ends.

@@ -152,6 +152,29 @@ pub fn sync_step2(update: Vec<u8>) -> Bytes {
     encode(&Message::Sync(SyncMessage::SyncStep2(update)))
 }
 
+/// Sync step 2 whose update `encode` writes straight into the frame's own buffer: the
+/// state of a large board is written once, not encoded and then copied behind a header.
+/// The header (message type, sync type, the update's length) is only known afterwards, so
+/// room for its longest form is left in front and the header is written right-aligned
+/// into it; the frame is a zero-copy slice that starts at the header.
+pub fn sync_step2_with(encode: impl FnOnce(&mut yrs::updates::encoder::EncoderV1)) -> Bytes {
+    use yrs::encoding::write::Write;
+    use yrs::updates::encoder::Encoder;
+    // Two one-byte varints (the type constants are < 128) and a length of at most 10.
+    const ROOM: usize = 2 + 10;
+    let mut encoder = yrs::updates::encoder::EncoderV1::new();
+    encoder.write_all(&[0; ROOM]);
+    encode(&mut encoder);
+    let mut buf = encoder.to_vec();
+    let mut header = Vec::with_capacity(ROOM);
+    header.write_var(MSG_SYNC);
+    header.write_var(MSG_SYNC_STEP_2);
+    header.write_var((buf.len() - ROOM) as u64);
+    let start = ROOM - header.len();
+    buf[start..ROOM].copy_from_slice(&header);
+    Bytes::from(buf).slice(start..)
+}
+
 /// A sync update message.
 pub fn update(update: Vec<u8>) -> Bytes {
     encode(&Message::Sync(SyncMessage::Update(update)))
@@ -174,6 +197,22 @@ pub const KEEPALIVE: &[u8] = &[1, 1, 0];
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn step2_written_in_place_is_the_same_frame() {
+        use yrs::{Map, ReadTxn, Transact};
+        for len in [0usize, 100, 200_000] {
+            let doc = yrs::Doc::new();
+            if len > 0 {
+                let map = doc.get_or_insert_map("m");
+                map.insert(&mut doc.transact_mut(), "k", "x".repeat(len));
+            }
+            let sv = yrs::StateVector::default();
+            let plain = sync_step2(doc.transact().encode_state_as_update_v1(&sv));
+            let in_place = sync_step2_with(|e| doc.transact().encode_state_as_update(&sv, e));
+            assert_eq!(plain, in_place, "board of {len} bytes");
+        }
+    }
     use yrs::updates::decoder::Decode;
     use yrs::{Doc, GetString, Text, Transact};
 

@@ -1,6 +1,7 @@
 //! The registry of live sessions.
 //!
-//! A session is loaded from the [`Store`] on first use and shared as an `Arc<Session>`;
+//! A session is loaded from the [`Store`] on first use (once, however many open it at the
+//! same time: [`Registry::open_shared`]) and shared as an `Arc<Session>`;
 //! each connection holds a [`SessionHandle`], and when the last handle is gone the session
 //! is snapshotted and, `sessions.idle_unload_s` later, dropped from memory (the classic leak
 //! of Yjs servers is docs kept after their last client left). The registry owns the map
@@ -69,8 +70,32 @@ impl Drop for SessionHandle {
     }
 }
 
+/// The registry's map: loaded sessions, and the loads under way.
+#[derive(Default)]
+struct Sessions {
+    live: HashMap<Arc<str>, Arc<Session>>,
+    /// One load per session at a time (single flight): whoever finds a session here
+    /// awaits the loader's signal instead of loading (and decoding) it again.
+    loading: HashMap<Arc<str>, tokio::sync::watch::Receiver<bool>>,
+}
+
+/// The loader's hold on a load under way: once it is over, however it ends (loaded, a
+/// store error, a panic), the entry goes and the waiters are woken to look again.
+struct Flight<'a> {
+    registry: &'a Registry,
+    id: Arc<str>,
+    done: tokio::sync::watch::Sender<bool>,
+}
+
+impl Drop for Flight<'_> {
+    fn drop(&mut self) {
+        self.registry.map().loading.remove(&self.id);
+        let _ = self.done.send(true);
+    }
+}
+
 pub struct Registry {
-    sessions: Mutex<HashMap<Arc<str>, Arc<Session>>>,
+    sessions: Mutex<Sessions>,
     store: Arc<dyn Store>,
     metrics: Arc<Metrics>,
     config: Arc<Config>,
@@ -80,7 +105,7 @@ pub struct Registry {
 impl Registry {
     pub fn new(store: Arc<dyn Store>, metrics: Arc<Metrics>, config: Arc<Config>) -> Self {
         Self {
-            sessions: Mutex::new(HashMap::new()),
+            sessions: Mutex::new(Sessions::default()),
             store,
             metrics,
             config,
@@ -88,7 +113,7 @@ impl Registry {
         }
     }
 
-    fn map(&self) -> MutexGuard<'_, HashMap<Arc<str>, Arc<Session>>> {
+    fn map(&self) -> MutexGuard<'_, Sessions> {
         sync::lock(&self.sessions)
     }
 
@@ -98,21 +123,80 @@ impl Registry {
     }
 
     pub fn loaded(&self) -> usize {
-        self.map().len()
+        self.map().live.len()
     }
 
-    /// The session, loaded from the store if it is not in memory.
+    /// The session, loaded from the store if it is not in memory: what the server's
+    /// connections and requests call. The store read and the decode run on the blocking
+    /// pool, once however many open the session at the same time: the first one loads, the
+    /// others await it (a join storm on an unloaded 20 MB board decodes it once).
+    pub async fn open_shared(self: &Arc<Self>, id: &str) -> Result<SessionHandle, StoreError> {
+        /// What the map says, decided under its lock and acted on outside it.
+        enum Next {
+            Open(SessionHandle),
+            Await(tokio::sync::watch::Receiver<bool>),
+            Load(Arc<str>, tokio::sync::watch::Sender<bool>),
+        }
+        loop {
+            let next = {
+                let mut map = self.map();
+                if let Some(s) = map.live.get(id) {
+                    // Taken under the map's lock, so the reaper cannot unload it in between.
+                    Next::Open(Self::handle(s))
+                } else if let Some(loaded) = map.loading.get(id) {
+                    Next::Await(loaded.clone())
+                } else {
+                    let (done, loaded) = tokio::sync::watch::channel(false);
+                    let id: Arc<str> = Arc::from(id);
+                    map.loading.insert(id.clone(), loaded);
+                    Next::Load(id, done)
+                }
+            };
+            match next {
+                Next::Open(handle) => return Ok(handle),
+                Next::Await(mut loaded) => {
+                    // Over however it ended: look again (after a failed load, this one
+                    // tries itself).
+                    let _ = loaded.wait_for(|done| *done).await;
+                }
+                Next::Load(id, done) => {
+                    // The load completes (and registers the session) even if this caller
+                    // goes away meanwhile; its handle is then dropped, and the session
+                    // unloaded like any other unused one.
+                    let registry = self.clone();
+                    return tokio::task::spawn_blocking(move || {
+                        let flight = Flight {
+                            registry: &registry,
+                            id,
+                            done,
+                        };
+                        registry.load_and_register(&flight.id)
+                    })
+                    .await
+                    .map_err(|e| StoreError::Unavailable(format!("session load failed: {e}")))?;
+                }
+            }
+        }
+    }
+
+    /// The session, loaded from the store on this thread if it is not in memory: for
+    /// callers without a runtime (the CLI) and tests. Should another caller load the same
+    /// session meanwhile, the first one in wins.
     pub fn open(&self, id: &str) -> Result<SessionHandle, StoreError> {
-        if let Some(s) = self.map().get(id) {
+        if let Some(s) = self.map().live.get(id) {
             // Taken under the map's lock, so the reaper cannot unload it in between.
             return Ok(Self::handle(s));
         }
-        // Load without holding the map's lock, so other sessions are not held up. Should
-        // another connection load the same session meanwhile, the first one in wins.
+        self.load_and_register(id)
+    }
+
+    /// Loads without holding the map's lock, so other sessions are not held up, then
+    /// registers the session (unless another caller did first: then that one is used).
+    fn load_and_register(&self, id: &str) -> Result<SessionHandle, StoreError> {
         let loaded = Arc::new(self.load(id)?);
         let mut map = self.map();
-        let handle = Self::handle(map.entry(loaded.id.clone()).or_insert(loaded));
-        self.metrics.sessions_loaded.set(map.len() as i64);
+        let handle = Self::handle(map.live.entry(loaded.id.clone()).or_insert(loaded));
+        self.metrics.sessions_loaded.set(map.live.len() as i64);
         Ok(handle)
     }
 
@@ -158,31 +242,57 @@ impl Registry {
 
     /// Drops sessions idle for longer than `idle`. Returns how many were unloaded. A
     /// changed session whose snapshot cannot be written stays loaded.
+    ///
+    /// Decided under the map's lock, done outside it: a snapshot of a large board takes
+    /// seconds, and every `open` waits on that lock. A session stays in the map while its
+    /// snapshot is written (an `open` meanwhile takes it as it is: never loaded twice), and
+    /// is removed only if, under the lock again, it is still unused and has nothing the
+    /// snapshot missed (else a later round saves and unloads it).
     pub fn unload_idle(&self, idle: Duration) -> usize {
         if self.store.check().is_err() {
             return 0;
         }
-        let mut map = self.map();
-        let before = map.len();
-        map.retain(|_, s| {
-            let idle_for = s.idle_since().map(|t| t.elapsed());
-            let keep = s.handles.load(Ordering::Acquire) > 0 || idle_for.is_none_or(|d| d < idle);
-            if !keep {
-                if let Err(e) = s.whiteboard.snapshot_if_dirty() {
-                    tracing::error!(session = %s.id, error = %e, "snapshot before unload failed; kept loaded");
-                    return true;
-                }
+        let unused = |s: &Session| {
+            s.handles.load(Ordering::Acquire) == 0
+                && s.idle_since().is_some_and(|t| t.elapsed() >= idle)
+        };
+        let candidates: Vec<Arc<Session>> = self
+            .map()
+            .live
+            .values()
+            .filter(|s| unused(s))
+            .cloned()
+            .collect();
+        let mut unloaded = 0;
+        for s in candidates {
+            if let Err(e) = s.whiteboard.snapshot_if_dirty() {
+                tracing::error!(session = %s.id, error = %e, "snapshot before unload failed; kept loaded");
+                continue;
             }
-            keep
-        });
-        self.metrics.sessions_loaded.set(map.len() as i64);
-        before - map.len()
+            let removed = {
+                let mut map = self.map();
+                // A handle is only taken under this lock, so `unused` cannot change
+                // before the removal; and whatever changed the board since the snapshot
+                // left it dirty.
+                let same = map.live.get(&s.id).is_some_and(|m| Arc::ptr_eq(m, &s));
+                let removed = (same && unused(&s) && !s.whiteboard.is_dirty())
+                    .then(|| map.live.remove(&s.id))
+                    .flatten();
+                self.metrics.sessions_loaded.set(map.live.len() as i64);
+                removed
+            };
+            // Dropped here, outside the lock: freeing a large document takes a while.
+            if removed.is_some() {
+                unloaded += 1;
+            }
+        }
+        unloaded
     }
 
     /// Snapshots every changed session (shutdown). Returns the sessions it could not
     /// save, with the reason (each is logged too).
     pub fn snapshot_all(&self) -> Vec<(Arc<str>, String)> {
-        let sessions: Vec<_> = self.map().values().cloned().collect();
+        let sessions: Vec<_> = self.map().live.values().cloned().collect();
         let mut failed = Vec::new();
         let mut saved = Vec::new();
         for s in sessions {
@@ -214,7 +324,7 @@ impl Registry {
             return 0;
         }
         let interval = Duration::from_secs(self.config.persist.snapshot_interval_s);
-        let sessions: Vec<_> = self.map().values().cloned().collect();
+        let sessions: Vec<_> = self.map().live.values().cloned().collect();
         let mut written = 0;
         for s in sessions {
             let age = s.whiteboard.snapshot_age();
@@ -358,10 +468,21 @@ mod tests {
             Mutex<std::sync::mpsc::Receiver<()>>,
         )>,
         reads_empty: std::sync::atomic::AtomicBool,
+        /// Whiteboard loads so far, and a gate each load waits at (like `gate`).
+        loads: AtomicUsize,
+        load_gate: Option<(
+            std::sync::mpsc::SyncSender<()>,
+            Mutex<std::sync::mpsc::Receiver<()>>,
+        )>,
     }
 
     impl Store for GatedStore {
         fn load_whiteboard(&self, s: &str) -> Result<crate::store::StoredWhiteboard, StoreError> {
+            self.loads.fetch_add(1, Ordering::AcqRel);
+            if let Some((entered, go)) = &self.load_gate {
+                let _ = entered.send(());
+                let _ = go.lock().unwrap().recv();
+            }
             if self.reads_empty.load(Ordering::Acquire) {
                 return Ok(Default::default());
             }
@@ -533,6 +654,81 @@ mod tests {
             snapshot.transact().state_vector(),
             writer.transact().state_vector()
         );
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn concurrent_first_opens_load_the_session_once() {
+        let (entered_tx, entered) = std::sync::mpsc::sync_channel(8);
+        let (go, go_rx) = std::sync::mpsc::sync_channel(8);
+        let store = Arc::new(GatedStore {
+            load_gate: Some((entered_tx, Mutex::new(go_rx))),
+            ..Default::default()
+        });
+        let reg = Arc::new(registry_on(store.clone()));
+        let opens: Vec<_> = (0..8)
+            .map(|_| {
+                let reg = reg.clone();
+                tokio::spawn(async move { reg.open_shared("s").await })
+            })
+            .collect();
+        // Waiting off this thread lets every open run up to its first await: one is
+        // loading (held at the gate), the others found its load under way.
+        tokio::task::spawn_blocking(move || entered.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        go.send(()).unwrap();
+        let mut handles = Vec::new();
+        for open in opens {
+            handles.push(open.await.unwrap().unwrap());
+        }
+        assert_eq!(store.loads.load(Ordering::Acquire), 1, "loaded once");
+        assert!(handles
+            .iter()
+            .all(|h| Arc::ptr_eq(&h.session, &handles[0].session)));
+        assert_eq!(reg.loaded(), 1);
+    }
+
+    #[test]
+    fn an_unload_snapshots_outside_the_registry_lock() {
+        let (entered_tx, entered) = std::sync::mpsc::sync_channel(1);
+        let (go, go_rx) = std::sync::mpsc::sync_channel(1);
+        let store = Arc::new(GatedStore {
+            gate: Some((entered_tx, Mutex::new(go_rx))),
+            ..Default::default()
+        });
+        let reg = registry_on(store.clone());
+        let writer = yrs::Doc::new();
+        let h = reg.open("s").unwrap();
+        assert!(h
+            .whiteboard
+            .apply_update(None, &set_key(&writer, "a"), None)
+            .unwrap());
+        drop(h);
+        std::thread::scope(|scope| {
+            let unload = scope.spawn(|| reg.unload_idle(Duration::ZERO));
+            // The unload is writing the snapshot: an open meanwhile is not held up, and
+            // takes the session still loaded (not a second copy).
+            entered.recv().unwrap();
+            let (opened_tx, opened) = std::sync::mpsc::channel();
+            let reg = &reg;
+            let opener = scope.spawn(move || {
+                let h = reg.open("s");
+                let _ = opened_tx.send(());
+                h
+            });
+            let in_time = opened.recv_timeout(Duration::from_secs(5));
+            go.send(()).unwrap();
+            assert!(in_time.is_ok(), "open waited for the snapshot");
+            let h = opener.join().unwrap().unwrap();
+            // In use again: the snapshot is written, the session stays.
+            assert_eq!(unload.join().unwrap(), 0);
+            assert_eq!(reg.loaded(), 1);
+            assert_eq!(store.loads.load(Ordering::Acquire), 1);
+            assert!(!h.whiteboard.is_dirty());
+        });
+        assert_eq!(reg.unload_idle(Duration::ZERO), 1);
+        assert_eq!(reg.loaded(), 0);
     }
 
     #[test]

@@ -26,7 +26,10 @@ use tokio::sync::Notify;
 /// `VecDeque` allocates nothing, where a channel preallocates a block of 32 slots (about
 /// 1.3 KiB for every idle connection), and the writer takes its batch under one lock.
 struct Shared {
-    queue: Mutex<VecDeque<Message>>,
+    /// Each message with whether it holds the reply place (see [`Outbox::send_reply`]).
+    queue: Mutex<VecDeque<(Message, bool)>>,
+    /// A reply holds the place outside the byte limit.
+    reply_queued: AtomicBool,
     /// Wakes the writer: a message was queued, or the last sender went away.
     ready: Notify,
     /// Live [`Outbox`] handles; at 0 the writer ends once the queue is drained.
@@ -48,7 +51,7 @@ struct Shared {
 }
 
 impl Shared {
-    fn queue(&self) -> MutexGuard<'_, VecDeque<Message>> {
+    fn queue(&self) -> MutexGuard<'_, VecDeque<(Message, bool)>> {
         // Nothing panics while holding this lock; recover the queue if something ever did.
         sync::lock(&self.queue)
     }
@@ -84,6 +87,7 @@ pub struct OutboxReceiver {
 pub fn outbox(limit_bytes: usize) -> (Outbox, OutboxReceiver) {
     let shared = Arc::new(Shared {
         queue: Mutex::new(VecDeque::new()),
+        reply_queued: AtomicBool::new(false),
         ready: Notify::new(),
         senders: AtomicUsize::new(1),
         closed: AtomicBool::new(false),
@@ -141,21 +145,48 @@ impl Outbox {
         }
         let len = payload_len(&message);
         let before = self.shared.queued_bytes.fetch_add(len, Ordering::AcqRel);
-        // An empty queue takes any one message, so a document larger than the limit can
-        // still be joined (its sync step 2 is one message); a backlog cannot grow past it.
+        // An empty queue takes any one message; a backlog cannot grow past the limit. (A
+        // step 2 larger than the limit goes through `send_reply`, whatever is queued.)
         if before > 0 && before + len > self.shared.limit {
             self.shared.queued_bytes.fetch_sub(len, Ordering::AcqRel);
             self.shared.overflowed.store(true, Ordering::Release);
             self.shared.overflow.notify_one();
             return false;
         }
+        self.push(message, false);
+        true
+    }
+
+    fn push(&self, message: Message, reply: bool) {
         {
             let mut queue = self.shared.queue();
-            queue.push_back(message);
+            queue.push_back((message, reply));
             // Under the lock, so the count follows the queue's order.
             self.shared.pushed.fetch_add(1, Ordering::AcqRel);
         }
         self.shared.ready.notify_one();
+    }
+
+    /// Queues a reply the client asked for (sync step 2: up to the whole document) in the
+    /// queue's one place outside its byte limit, if that place is free; otherwise like
+    /// [`Outbox::send`]. A board larger than the limit is then joined whatever is queued
+    /// before its step 2 (the greeting, the session's updates), and the updates queued
+    /// behind it are not refused for its size. The queue so holds at most its limit plus
+    /// one reply; a client asking again before its last reply is written is bounded as
+    /// usual. Returns what [`Outbox::send`] returns.
+    pub fn send_reply(&self, message: Message) -> bool {
+        if !self.is_open() {
+            return false;
+        }
+        if self
+            .shared
+            .reply_queued
+            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            return self.send(message);
+        }
+        self.push(message, true);
         true
     }
 
@@ -205,10 +236,14 @@ impl OutboxReceiver {
 
     /// A message that is ready now, without waiting.
     pub fn try_recv(&mut self) -> Option<Message> {
-        let m = self.shared.queue().pop_front()?;
-        self.shared
-            .queued_bytes
-            .fetch_sub(payload_len(&m), Ordering::AcqRel);
+        let (m, reply) = self.shared.queue().pop_front()?;
+        if reply {
+            self.shared.reply_queued.store(false, Ordering::Release);
+        } else {
+            self.shared
+                .queued_bytes
+                .fetch_sub(payload_len(&m), Ordering::AcqRel);
+        }
         Some(m)
     }
 
@@ -284,6 +319,33 @@ impl OverflowSignal {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_reply_larger_than_the_limit_joins_a_busy_queue() {
+        let (tx, mut rx) = outbox(10);
+        assert!(tx.send(Message::Binary(vec![0; 6].into())));
+        // Larger than the whole limit, behind a queued message: takes the reply place.
+        assert!(tx.send_reply(Message::Binary(vec![0; 25].into())));
+        // Updates behind it are bounded by the limit alone, not refused for its size.
+        assert!(tx.send(Message::Binary(vec![0; 4].into())));
+        assert!(tx.is_open());
+        // A second reply while the first waits is bounded as usual.
+        assert!(!tx.send_reply(Message::Binary(vec![0; 25].into())));
+        let sizes: Vec<usize> = std::iter::from_fn(|| rx.try_recv())
+            .map(|m| payload_len(&m))
+            .collect();
+        assert_eq!(sizes, [6, 25, 4]);
+    }
+
+    #[tokio::test]
+    async fn the_reply_place_is_free_again_once_written() {
+        let (tx, mut rx) = outbox(10);
+        assert!(tx.send_reply(Message::Binary(vec![0; 25].into())));
+        assert_eq!(rx.try_recv().map(|m| payload_len(&m)), Some(25));
+        assert!(tx.send(Message::Binary(vec![0; 6].into())));
+        assert!(tx.send_reply(Message::Binary(vec![0; 25].into())));
+        assert!(tx.is_open());
+    }
 
     #[tokio::test]
     async fn overflow_marks_instead_of_dropping_silently() {

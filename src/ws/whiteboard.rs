@@ -12,6 +12,8 @@
 //! message makes the reader wait for a token and resume the frame where it stopped
 //! (back-pressure). Replies (step 2, awareness states) go through the connection's own send
 //! queue, in bytes as sent; once it refuses them (1013), the rest of the frame is not read.
+//! A step 2 is encoded off the async workers (the session's `sync_step2`): the reader
+//! awaits it ([`Flow::Then`]) and then goes on with the frame after the step 1 it answers.
 //!
 //! Must not touch the document or other connections directly: the session does, and every
 //! close code comes from [`super::close`].
@@ -130,8 +132,30 @@ impl WhiteboardHandler {
         ))
     }
 
-    /// Handles one message (the bytes of exactly one).
-    fn handle(&mut self, bytes: &bytes::Bytes) -> Result<(), Close> {
+    /// Answers sync step 1: the step 2 is encoded off the async workers (a large board
+    /// takes tens of milliseconds), and the reader awaits it before it goes on with the
+    /// frame, so replies keep the order of the messages they answer. The step 2 takes the
+    /// send queue's one place for a large reply (see [`Outbox::send_reply`]): a board
+    /// larger than the queue's limit joins whatever else is queued.
+    fn answer_step1(&self, sv: &yrs::StateVector) -> super::FlowFuture {
+        let step2 = self.whiteboard().sync_step2(sv);
+        let outbox = self.outbox.clone();
+        Box::pin(async move {
+            let bytes = step2.await;
+            if outbox.send_reply(Message::Binary(bytes)) || outbox.is_open() {
+                // Back to the frame, after the message answered (`resume_at`).
+                return Flow::RetryAfter(std::time::Duration::ZERO);
+            }
+            Flow::Close(Close::new(
+                close::TRY_AGAIN_LATER,
+                "send queue full: reconnect and resync",
+            ))
+        })
+    }
+
+    /// Handles one message (the bytes of exactly one). `Ok(Some)`: the rest of the frame
+    /// waits for this work.
+    fn handle(&mut self, bytes: &bytes::Bytes) -> Result<Option<super::FlowFuture>, Close> {
         let message = match wire::decode_frame(bytes) {
             Ok(mut m) if m.len() == 1 => m.pop(),
             Ok(_) => None,
@@ -149,7 +173,7 @@ impl WhiteboardHandler {
             return Err(Close::new(close::INVALID_PAYLOAD, "malformed message"));
         };
         match message {
-            Inbound::SyncStep1(sv) => self.reply(self.whiteboard().sync_step2(&sv)),
+            Inbound::SyncStep1(sv) => return Ok(Some(self.answer_step1(&sv))),
             Inbound::SyncStep2 { update } => self.apply(&update, None),
             Inbound::Update { update, message } => self.apply(&update, Some(message)),
             Inbound::Awareness { update, message } => {
@@ -168,6 +192,7 @@ impl WhiteboardHandler {
                 self.reply(states)
             }
         }
+        .map(|()| None)
     }
 
     /// Walks the frame from `self.resume_at`.
@@ -209,8 +234,13 @@ impl WhiteboardHandler {
                 pos = end;
                 continue;
             }
-            if let Err(c) = self.handle(&bytes.slice(pos..end)) {
-                return Flow::Close(c);
+            match self.handle(&bytes.slice(pos..end)) {
+                Err(c) => return Flow::Close(c),
+                Ok(Some(work)) => {
+                    self.resume_at = Some(end);
+                    return Flow::Then(work);
+                }
+                Ok(None) => {}
             }
             pos = end;
         }
@@ -231,7 +261,8 @@ impl FrameHandler for WhiteboardHandler {
             _ => return Flow::Continue,
         };
         let flow = self.walk(bytes);
-        if !matches!(flow, Flow::RetryAfter(_)) {
+        // Either comes back to this frame where `resume_at` says.
+        if !matches!(flow, Flow::RetryAfter(_) | Flow::Then(_)) {
             self.resume_at = None;
         }
         flow

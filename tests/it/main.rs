@@ -22,6 +22,7 @@ mod hostile_doc;
 mod hostile_http;
 mod hostile_ws;
 mod http_fallback;
+mod join;
 mod lifecycle;
 mod limits;
 mod persistence;

@@ -17,13 +17,15 @@
 //!
 //! Split by concern: `held_back.rs` (updates waiting for missing content, and rebuilding
 //! from the store), `awareness.rs` (cursors and presence and their bounds), `snapshot.rs`
-//! (when and how a snapshot is written). Every file adds to the one `impl Whiteboard`;
+//! (when and how a snapshot is written), `step2.rs` (sync step 2, encoded off the async
+//! workers, once per document state for fresh joiners). Every file adds to the one `impl Whiteboard`;
 //! this one keeps the state, joining and leaving, and the update path. Must not touch
 //! sockets or the store's internals.
 
 mod awareness;
 mod held_back;
 mod snapshot;
+mod step2;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -125,9 +127,10 @@ pub struct Whiteboard {
     last_snapshot: Mutex<Instant>,
     /// Counts changes, for long polls waiting on the document.
     changes: tokio::sync::watch::Sender<u64>,
-    /// The sync step 2 for an empty state vector (a joiner with a fresh document), with the
-    /// change count it was encoded at: a join storm encodes a large board once, not per joiner.
-    full_step2: Mutex<Option<(u64, Bytes)>>,
+    /// The sync step 2 for an empty state vector (a joiner with a fresh document), by the
+    /// change count it was encoded at: a join storm encodes a large board once, not per
+    /// joiner (see `step2.rs`).
+    full_step2: step2::FullStep2Cache,
 }
 
 impl Default for WhiteboardOptions {
@@ -187,7 +190,7 @@ impl Whiteboard {
             dirty: AtomicBool::new(log_len > 0),
             last_snapshot: Mutex::new(Instant::now()),
             changes: tokio::sync::watch::Sender::new(0),
-            full_step2: Mutex::new(None),
+            full_step2: Default::default(),
         })
     }
 
@@ -254,25 +257,6 @@ impl Whiteboard {
             removal
         };
         peers.broadcast(&Message::Binary(wire::awareness(removal)), None);
-    }
-
-    /// Sync step 2 for a peer whose state vector is `sv`.
-    pub fn sync_step2(&self, sv: &StateVector) -> Bytes {
-        if !sv.is_empty() {
-            return wire::sync_step2(self.doc().transact().encode_state_as_update_v1(sv));
-        }
-        // Read the count before encoding: the cached bytes then hold at least what that
-        // count says, and any later change bumps the count and is relayed to the joiner.
-        let version = *self.changes.borrow();
-        let mut cache = sync::lock(&self.full_step2);
-        if let Some((cached, bytes)) = cache.as_ref() {
-            if *cached == version {
-                return bytes.clone();
-            }
-        }
-        let bytes = wire::sync_step2(self.doc().transact().encode_state_as_update_v1(sv));
-        *cache = Some((version, bytes.clone()));
-        bytes
     }
 
     /// Follows the document's changes (for long polls).
@@ -456,7 +440,7 @@ impl Whiteboard {
                 *self.held_back() = rebuilt.held_back;
                 // A joiner may have been served the refused update meanwhile (step 2 does
                 // not take the peer lock): the cached step 2 goes, and long polls wake.
-                *sync::lock(&self.full_step2) = None;
+                self.forget_full_step2();
                 self.changes.send_modify(|n| *n += 1);
                 tracing::warn!(session = %self.session, error = %why, "update refused after it began to integrate; document rebuilt from the store");
             }
