@@ -13,6 +13,7 @@
 mod support;
 
 mod auth;
+mod awareness;
 mod cli;
 mod first_hour;
 mod fixtures_replay;
