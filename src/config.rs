@@ -131,6 +131,9 @@ pub struct WhiteboardConfig {
     pub echo_updates: bool,
     /// Send a no-op awareness message to a connection that was sent nothing for this long.
     pub keepalive_s: u64,
+    /// Awareness changes within this many milliseconds of a session's last relay go out
+    /// together at the tick's end (at most 16; 0 relays every change at once).
+    pub awareness_tick_ms: u64,
 }
 
 impl Default for WhiteboardConfig {
@@ -138,6 +141,7 @@ impl Default for WhiteboardConfig {
         Self {
             echo_updates: false,
             keepalive_s: 15,
+            awareness_tick_ms: crate::session::whiteboard::AWARENESS_TICK_MS,
         }
     }
 }
@@ -524,6 +528,13 @@ impl Config {
         )?;
         positive("persist.cache_mb", self.persist.cache_mb > 0)?;
         positive("whiteboard.keepalive_s", self.whiteboard.keepalive_s > 0)?;
+        // One display frame: longer would make cursors visibly lag (SPEC.md 3).
+        at_most(
+            "whiteboard.awareness_tick_ms",
+            self.whiteboard.awareness_tick_ms as f64,
+            16.0,
+            "milliseconds (one display frame)",
+        )?;
         positive("tutor.max_text_chars", self.tutor.max_text_chars > 0)?;
         positive("tutor.history_limit", self.tutor.history_limit > 0)?;
         positive("tutor.bad_message_limit", self.tutor.bad_message_limit > 0)?;
@@ -636,6 +647,10 @@ mod tests {
             (
                 "[whiteboard]\nkeepalive_s = 99999999999\n",
                 "whiteboard.keepalive_s",
+            ),
+            (
+                "[whiteboard]\nawareness_tick_ms = 17\n",
+                "whiteboard.awareness_tick_ms",
             ),
             (
                 "[tutor]\nmax_client_id_bytes = 9223372036854775807\n",

@@ -211,3 +211,22 @@ async fn a_joiner_is_greeted_with_the_latest_states_while_their_relay_waits() {
         .expect("client 8400 in the joiner's greeting");
     assert_eq!(greeting, (20, cursor(20)));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tick_of_zero_relays_every_change_at_once() {
+    const N: u32 = 10;
+    let server = TestServer::start("[whiteboard]\nawareness_tick_ms = 0\n");
+    let s = session_id("aw-tick0");
+    let mut a = server.wb_user(&s, "a").await;
+    let mut b = server.wb_user(&s, "b").await;
+    let burst: Vec<AwarenessUpdate> = (1..=N)
+        .map(|clock| awareness_update(8500, clock, &cursor(clock)))
+        .collect();
+    a.send_raw(packed(&burst)).await;
+    b.wait_for("the burst's last state", |m| {
+        entry_of(m, 8500).is_some_and(|(clock, _)| clock == N)
+    })
+    .await;
+    let clocks: Vec<u32> = relays_of(&b, 8500).into_iter().map(|(c, _)| c).collect();
+    assert_eq!(clocks, (1..=N).collect::<Vec<u32>>());
+}

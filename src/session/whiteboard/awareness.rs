@@ -7,7 +7,8 @@
 //! per receiver. Instead an update is applied at once (so greetings and query-awareness
 //! answers are always current) and the clients it changed are marked; the marked clients'
 //! current states then go out as one awareness message, encoded once and shared by every
-//! receiver, at most once per [`AWARENESS_TICK`]. A change after a quiet tick goes out at
+//! receiver, at most once per tick (`whiteboard.awareness_tick_ms`, default
+//! [`AWARENESS_TICK_MS`]). A change after a quiet tick goes out at
 //! once (a lone cursor move is not delayed); changes within a tick of the last relay wait
 //! for its end, so a burst costs at most one frame per tick whatever its length.
 //!
@@ -25,9 +26,11 @@ use std::time::Duration;
 
 use super::*;
 
-/// The longest a change waits before it is relayed; a burst within it goes out as one
-/// message (SPEC.md 3, issue #13: at most 16 ms, one display frame).
-pub const AWARENESS_TICK: Duration = Duration::from_millis(16);
+/// The default tick, in milliseconds: the longest a change waits before it is relayed; a
+/// burst within it goes out as one message (SPEC.md 3, issue #13: at most 16 ms, one
+/// display frame): a cursor is then at most one frame late, and a session of many moving
+/// cursors costs one frame per receiver per tick instead of one per move.
+pub const AWARENESS_TICK_MS: u64 = 16;
 
 /// A session's awareness and its coalescing relay. Shared (`Arc`) with the timer task that
 /// sends a tick's changes at its end.
@@ -39,6 +42,8 @@ pub(super) struct AwarenessRelay {
     pending: Mutex<Pending>,
     /// Held for a whole relay: two relays at once could send an older state last.
     relaying: Mutex<()>,
+    /// Changes within this long of the last relay wait for the tick's end.
+    tick: Duration,
 }
 
 #[derive(Default)]
@@ -62,8 +67,14 @@ enum Next {
 }
 
 impl AwarenessRelay {
-    pub(super) fn new(session: Arc<str>, doc: Doc, peers: Arc<Mutex<Peers<Outbox>>>) -> Self {
+    pub(super) fn new(
+        session: Arc<str>,
+        doc: Doc,
+        peers: Arc<Mutex<Peers<Outbox>>>,
+        tick: Duration,
+    ) -> Self {
         Self {
+            tick,
             session,
             states: Mutex::new(Awareness::new(doc)),
             peers,
@@ -90,9 +101,9 @@ impl AwarenessRelay {
                 Next::Nothing
             } else {
                 match pending.last {
-                    Some(last) if now.duration_since(last) < AWARENESS_TICK => {
+                    Some(last) if now.duration_since(last) < self.tick => {
                         pending.scheduled = true;
-                        Next::RelayAt(last + AWARENESS_TICK)
+                        Next::RelayAt(last + self.tick)
                     }
                     _ => {
                         // Counted from now, so a change right behind this one waits for
@@ -132,7 +143,7 @@ impl AwarenessRelay {
                 }
                 let now = Instant::now();
                 pending.last = Some(now);
-                at = now + AWARENESS_TICK;
+                at = now + self.tick;
             }
             self.relay();
         }
@@ -181,7 +192,7 @@ impl Whiteboard {
     }
 
     /// Applies an awareness update from a connection; what it changed is relayed to every
-    /// connection, the sender included, within [`AWARENESS_TICK`] (coalesced with the
+    /// connection, the sender included, within a tick (coalesced with the
     /// session's other changes of that tick: see the module docs). Updates `announced`
     /// with the client ids the connection now speaks for.
     ///

@@ -49,8 +49,8 @@ use yrs::sync::awareness::AwarenessUpdateEntry;
 
 /// Identifies one connection within the server.
 pub use super::peers::ConnId;
-/// How long an awareness change may wait to be relayed with the rest of its tick.
-pub use awareness::AWARENESS_TICK;
+/// How long an awareness change may wait by default to be relayed with the rest of its tick.
+pub use awareness::AWARENESS_TICK_MS;
 
 /// Why an update was not applied. The document is unchanged in every case.
 #[derive(Debug, thiserror::Error)]
@@ -84,6 +84,9 @@ pub enum RestoreFailure {
 pub struct WhiteboardOptions {
     /// Send updates back to their sender too.
     pub echo_updates: bool,
+    /// How long awareness changes after a relay wait to go out together (`awareness.rs`);
+    /// zero relays each at once.
+    pub awareness_tick: std::time::Duration,
     /// Flush the store before relaying (`persist.durability = "sync"`).
     pub flush_before_relay: bool,
     /// Snapshot after this many logged updates (`persist.snapshot_every_updates`), once
@@ -139,6 +142,7 @@ impl Default for WhiteboardOptions {
     fn default() -> Self {
         Self {
             echo_updates: false,
+            awareness_tick: std::time::Duration::from_millis(AWARENESS_TICK_MS),
             flush_before_relay: false,
             snapshot_every_updates: 500,
             limits: LimitsConfig::default(),
@@ -177,6 +181,7 @@ impl Whiteboard {
                 session.clone(),
                 rebuilt.doc.clone(),
                 peers.clone(),
+                options.awareness_tick,
             )),
             session,
             doc: RwLock::new(rebuilt.doc),
