@@ -5,11 +5,16 @@
 //! the per-frame hot path touches an atomic, never the label map. It must not hold any
 //! session or connection state.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
 use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::{EncodeMetric, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::metrics::histogram::exponential_buckets;
+use prometheus_client::metrics::{MetricType, TypedMetric};
 use prometheus_client::registry::Registry;
 
 type Labels = [(&'static str, &'static str); 1];
@@ -65,8 +70,8 @@ pub struct Metrics {
     pub updates_rejected: Counter,
     pub chat_messages: Counter,
     auth_failures: Family<Labels, Counter>,
-    pub relay_latency: Histogram,
-    pub snapshot_duration: Histogram,
+    pub relay_latency: AtomicHistogram,
+    pub snapshot_duration: AtomicHistogram,
     pub store_decode_errors: Counter,
     /// 1 while the store takes writes, 0 while it refuses them (disk full, I/O error).
     pub store_writable: Gauge,
@@ -200,13 +205,13 @@ impl Metrics {
             "Refused requests by reason",
             auth_failures.clone(),
         );
-        let relay_latency = Histogram::new(exponential_buckets(0.000_05, 2.0, 16));
+        let relay_latency = AtomicHistogram::new(exponential_buckets(0.000_05, 2.0, 16));
         registry.register(
             "relay_latency_seconds",
             "Time from receiving an update to queueing it for every receiver",
             relay_latency.clone(),
         );
-        let snapshot_duration = Histogram::new(exponential_buckets(0.001, 2.0, 14));
+        let snapshot_duration = AtomicHistogram::new(exponential_buckets(0.001, 2.0, 14));
         registry.register(
             "snapshot_duration_seconds",
             "Time to encode and store a snapshot",
@@ -322,5 +327,180 @@ impl Metrics {
         // Writing into a String cannot fail.
         let _ = encode(&mut out, &self.registry);
         out
+    }
+}
+
+/// A Prometheus histogram that observes without a lock: a fixed set of buckets, each an
+/// `AtomicU64`, and the sum as whole nanoseconds in another. prometheus-client's own
+/// `Histogram` takes a mutex per observation, and the relay observes one per update from
+/// every worker at once (issue #13). Encoded exactly as that `Histogram` with the same
+/// bounds is (name, `le` labels, a closing `+Inf` bucket, `_sum` in seconds, `_count`).
+///
+/// The count is the buckets' total, so `_count` always equals the `+Inf` bucket; a scrape
+/// during observations may see the sum and the buckets one observation apart, as any
+/// lock-free exporter may. Cloning shares the same counts (as `Histogram` does).
+#[derive(Debug, Clone)]
+pub struct AtomicHistogram {
+    inner: Arc<HistogramCells>,
+}
+
+#[derive(Debug)]
+struct HistogramCells {
+    /// Upper bounds, ascending, the last one `+Inf`.
+    bounds: Box<[f64]>,
+    /// Observations per bucket (not cumulative), one per bound.
+    counts: Box<[AtomicU64]>,
+    /// Sum of the observed values, in nanoseconds (values are seconds).
+    sum_nanos: AtomicU64,
+}
+
+impl AtomicHistogram {
+    /// Buckets with these upper bounds (non-finite ones dropped) and `+Inf`, as
+    /// `prometheus_client::metrics::histogram::Histogram::new` makes them.
+    pub fn new(bounds: impl IntoIterator<Item = f64>) -> Self {
+        let bounds: Box<[f64]> = bounds
+            .into_iter()
+            .filter(|b| b.is_finite())
+            .chain(std::iter::once(f64::INFINITY))
+            .collect();
+        let counts = bounds.iter().map(|_| AtomicU64::new(0)).collect();
+        Self {
+            inner: Arc::new(HistogramCells {
+                bounds,
+                counts,
+                sum_nanos: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    /// Records one value, in seconds. A value that is not a number counts in `+Inf`, as in
+    /// prometheus-client; a negative or not finite one adds nothing to the sum.
+    pub fn observe(&self, seconds: f64) {
+        let cells = &*self.inner;
+        let last = cells.bounds.len() - 1;
+        let i = if seconds.is_nan() {
+            last
+        } else {
+            // At most 17 bounds: a linear scan beats a binary search's branches here.
+            cells
+                .bounds
+                .iter()
+                .position(|b| seconds <= *b)
+                .unwrap_or(last)
+        };
+        cells.counts[i].fetch_add(1, Ordering::Relaxed);
+        if seconds.is_finite() && seconds > 0.0 {
+            // `as` saturates: a value past 584 years adds u64::MAX nanoseconds.
+            let nanos = (seconds * 1e9).round() as u64;
+            cells.sum_nanos.fetch_add(nanos, Ordering::Relaxed);
+        }
+    }
+
+    /// The sum (seconds), the count and the buckets (upper bound, observations in that
+    /// bucket alone), as the encoder takes them.
+    fn read(&self) -> (f64, u64, Vec<(f64, u64)>) {
+        let cells = &*self.inner;
+        let buckets: Vec<(f64, u64)> = cells
+            .bounds
+            .iter()
+            .zip(cells.counts.iter())
+            .map(|(b, n)| (*b, n.load(Ordering::Relaxed)))
+            .collect();
+        let count = buckets.iter().map(|(_, n)| n).sum();
+        let sum = cells.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9;
+        (sum, count, buckets)
+    }
+}
+
+impl TypedMetric for AtomicHistogram {
+    const TYPE: MetricType = MetricType::Histogram;
+}
+
+impl EncodeMetric for AtomicHistogram {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        let (sum, count, buckets) = self.read();
+        encoder.encode_histogram::<NoLabelSet>(sum, count, &buckets, None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        Self::TYPE
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prometheus_client::metrics::histogram::Histogram;
+
+    /// The lock-free histogram is exposed exactly as prometheus-client's own with the same
+    /// bounds and observations: same name, same `le` labels, same counts and sum.
+    #[test]
+    fn atomic_histogram_encodes_as_prometheus_clients_histogram() {
+        let bounds = || exponential_buckets(0.000_05, 2.0, 16);
+        let ours = AtomicHistogram::new(bounds());
+        let theirs = Histogram::new(bounds());
+        let values = [
+            0.0,
+            0.000_01,
+            0.000_05,
+            0.000_050_1,
+            0.000_3,
+            0.001,
+            0.25,
+            1.5,
+            2.0,
+            9.0,
+            1e6,
+        ];
+        for v in values {
+            ours.observe(v);
+            theirs.observe(v);
+        }
+        let render = |register: &dyn Fn(&mut Registry)| {
+            let mut registry = Registry::with_prefix("easel");
+            register(&mut registry);
+            let mut out = String::new();
+            encode(&mut out, &registry).expect("encode");
+            out
+        };
+        let a = render(&|r| r.register("relay_latency_seconds", "help", ours.clone()));
+        let b = render(&|r| r.register("relay_latency_seconds", "help", theirs.clone()));
+        // The sums are added differently (whole nanoseconds against f64s): equal to 1 ns.
+        let without_sum = |t: &str| -> Vec<String> {
+            t.lines()
+                .filter(|l| !l.contains("_sum"))
+                .map(str::to_owned)
+                .collect()
+        };
+        assert_eq!(without_sum(&a), without_sum(&b));
+        let sum = |t: &str| -> f64 {
+            t.lines()
+                .find_map(|l| l.strip_prefix("easel_relay_latency_seconds_sum "))
+                .and_then(|v| v.parse().ok())
+                .expect("a _sum line")
+        };
+        assert!((sum(&a) - sum(&b)).abs() < 1e-9 * sum(&b), "{a}\n{b}");
+        assert!(a.contains("easel_relay_latency_seconds_bucket{le=\"+Inf\"} 11"));
+        assert!(a.contains("easel_relay_latency_seconds_count 11"));
+    }
+
+    #[test]
+    fn atomic_histogram_counts_from_many_threads_without_losing_any() {
+        let h = AtomicHistogram::new(exponential_buckets(0.001, 2.0, 4));
+        std::thread::scope(|s| {
+            for t in 0..4 {
+                let h = h.clone();
+                s.spawn(move || {
+                    for i in 0..10_000u64 {
+                        h.observe(((i + t) % 20) as f64 * 0.001);
+                    }
+                });
+            }
+        });
+        let (sum, count, buckets) = h.read();
+        assert_eq!(count, 40_000);
+        assert_eq!(buckets.iter().map(|(_, n)| n).sum::<u64>(), 40_000);
+        // Each thread observes 0..=19 ms 500 times each: 4 * 500 * 190 ms = 380 s.
+        assert!((sum - 380.0).abs() < 1e-6, "{sum}");
     }
 }

@@ -16,19 +16,8 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let wb = easel_fuzz::whiteboard();
-    let mut message = vec![1u8];
-    let mut len = data.len() as u64;
-    loop {
-        let b = (len & 0x7f) as u8;
-        len >>= 7;
-        message.push(if len == 0 { b } else { b | 0x80 });
-        if len == 0 {
-            break;
-        }
-    }
-    message.extend_from_slice(data);
     let mut announced = HashSet::new();
-    wb.apply_awareness(update, message.into(), &mut announced);
+    wb.apply_awareness(update, &mut announced);
     let _ = wb.awareness_states();
     wb.leave(1, &announced);
 });

@@ -221,6 +221,7 @@ impl Registry {
                 self.metrics.clone(),
                 WhiteboardOptions {
                     echo_updates: self.config.whiteboard.echo_updates,
+                    awareness_tick: Duration::from_millis(self.config.whiteboard.awareness_tick_ms),
                     flush_before_relay: self.sync_durability(),
                     snapshot_every_updates: self.config.persist.snapshot_every_updates.max(1),
                     limits: self.config.limits,

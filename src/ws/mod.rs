@@ -88,6 +88,41 @@ pub trait FrameHandler: Send {
     fn on_frame(&mut self, frame: &Message) -> Flow;
     /// The connection is over; leave the session.
     fn on_close(&mut self);
+    /// Adds what the handler counted locally to the shared metrics: called when the
+    /// reader's own counts go (see `ReadCounts`), so a handler need not touch a shared
+    /// counter per frame.
+    fn flush_counters(&mut self) {}
+}
+
+/// Frames and bytes read but not yet added to the endpoint's shared counters. Like the
+/// writer's per-batch counts: every connection shares those counters, and an atomic add
+/// per frame made the cores take turns on their cache line. Flushed when the reader has
+/// nothing more to read at once (the end of a burst), every [`ReadCounts::FLUSH_EVERY`]
+/// frames of a longer one, when the reader starts to wait on its handler, and at close.
+#[derive(Default)]
+struct ReadCounts {
+    frames: u64,
+    bytes: u64,
+}
+
+impl ReadCounts {
+    /// Most frames held back from the shared counters during a burst.
+    const FLUSH_EVERY: u64 = 64;
+
+    fn add(&mut self, len: usize) -> bool {
+        self.frames += 1;
+        self.bytes += len as u64;
+        self.frames >= Self::FLUSH_EVERY
+    }
+
+    fn flush(&mut self, metrics: &EndpointMetrics, handler: &mut impl FrameHandler) {
+        if self.frames > 0 {
+            metrics.frames_in.inc_by(self.frames);
+            metrics.bytes_in.inc_by(self.bytes);
+            *self = Self::default();
+            handler.flush_counters();
+        }
+    }
 }
 
 /// Everything a connection holds while it lives.
@@ -202,16 +237,27 @@ fn settle(
 }
 
 /// Reads the next frame once everything queued before is written (see the module docs).
+/// When no frame is ready, the counts held back so far go to the shared counters first.
 async fn next_frame(
     stream: &mut futures_util::stream::SplitStream<WebSocket>,
     progress: &Progress,
+    counts: &mut ReadCounts,
+    metrics: &EndpointMetrics,
+    handler: &mut impl FrameHandler,
 ) -> Option<Result<Message, axum::Error>> {
     if !progress.all_written() {
         // Bounded: a client that reads nothing (its writer is stuck) must not also stop
         // being read, or a client that writes before it reads would deadlock with us.
         let _ = tokio::time::timeout(WRITER_WAIT, progress.written()).await;
     }
-    stream.next().await
+    std::future::poll_fn(|cx| {
+        let polled = stream.poll_next_unpin(cx);
+        if polled.is_pending() {
+            counts.flush(metrics, handler);
+        }
+        polled
+    })
+    .await
 }
 
 /// Whether a read failed on a frame or message over the configured size: tungstenite's
@@ -272,11 +318,12 @@ pub async fn run(socket: WebSocket, conn: Connection, mut handler: impl FrameHan
     let mut client_closed = false;
     // The frame being handled when the handler asked to wait, and what it waits on.
     let mut work: Option<(Option<Message>, Work)> = None;
+    let mut counts = ReadCounts::default();
     settle(handler.on_start(), None, &mut work, &mut closer);
 
     'read: loop {
         tokio::select! {
-            frame = next_frame(&mut stream, &progress), if work.is_none() => {
+            frame = next_frame(&mut stream, &progress, &mut counts, &metrics, &mut handler), if work.is_none() => {
                 let frame = match frame {
                     Some(Ok(f)) => f,
                     Some(Err(e)) => {
@@ -304,14 +351,19 @@ pub async fn run(socket: WebSocket, conn: Connection, mut handler: impl FrameHan
                     Message::Text(t) => t.len(),
                     _ => continue,
                 };
-                metrics.frames_in.inc();
-                metrics.bytes_in.inc_by(len as u64);
+                if counts.add(len) {
+                    counts.flush(&metrics, &mut handler);
+                }
                 if len > max_frame_bytes {
                     closer.ask(Close::new(close::TOO_BIG, "frame too large"));
                     continue;
                 }
                 let flow = handler.on_frame(&frame);
                 settle(flow, Some(frame), &mut work, &mut closer);
+                if work.is_some() {
+                    // The reader waits now; the counts should not wait with it.
+                    counts.flush(&metrics, &mut handler);
+                }
             }
             outcome = async { match work.as_mut() { Some((_, w)) => w.wait().await, None => std::future::pending().await } }, if work.is_some() => {
                 let frame = work.take().and_then(|(f, _)| f);
@@ -364,6 +416,7 @@ pub async fn run(socket: WebSocket, conn: Connection, mut handler: impl FrameHan
     }
     drop(work);
 
+    counts.flush(&metrics, &mut handler);
     handler.on_close();
     let sent = match writer_result {
         Some(sent) => sent,

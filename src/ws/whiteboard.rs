@@ -48,6 +48,9 @@ pub struct WhiteboardHandler {
     announced: HashSet<ClientID>,
     /// Where in the current frame to go on after a rate-limit wait (`None`: a new frame).
     resume_at: Option<usize>,
+    /// Protocol messages read and not yet added to `whiteboard_messages_in` (the reader
+    /// says when: [`FrameHandler::flush_counters`]).
+    messages_in: u64,
 }
 
 impl WhiteboardHandler {
@@ -74,6 +77,7 @@ impl WhiteboardHandler {
             denied_sent: false,
             announced: HashSet::new(),
             resume_at: None,
+            messages_in: 0,
         }
     }
 
@@ -176,10 +180,9 @@ impl WhiteboardHandler {
             Inbound::SyncStep1(sv) => return Ok(Some(self.answer_step1(&sv))),
             Inbound::SyncStep2 { update } => self.apply(&update, None),
             Inbound::Update { update, message } => self.apply(&update, Some(message)),
-            Inbound::Awareness { update, message } => {
+            Inbound::Awareness { update, .. } => {
                 let mut announced = std::mem::take(&mut self.announced);
-                self.whiteboard()
-                    .apply_awareness(update, message, &mut announced);
+                self.whiteboard().apply_awareness(update, &mut announced);
                 self.announced = announced;
                 Ok(())
             }
@@ -201,9 +204,7 @@ impl WhiteboardHandler {
             // The framing of the whole frame first: nothing of a frame cut short or holding
             // an unknown type is applied.
             match frames::count_messages(bytes) {
-                Ok(n) => {
-                    self.metrics.whiteboard_messages_in.inc_by(n as u64);
-                }
+                Ok(n) => self.messages_in += n as u64,
                 Err(e) => {
                     self.metrics.updates_rejected.inc();
                     tracing::warn!(session = %self.session.id, user = %self.user, error = %e, "frame refused");
@@ -270,5 +271,13 @@ impl FrameHandler for WhiteboardHandler {
 
     fn on_close(&mut self) {
         self.session.whiteboard.leave(self.conn, &self.announced);
+    }
+
+    fn flush_counters(&mut self) {
+        if self.messages_in > 0 {
+            self.metrics
+                .whiteboard_messages_in
+                .inc_by(std::mem::take(&mut self.messages_in));
+        }
     }
 }

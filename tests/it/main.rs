@@ -13,6 +13,7 @@
 mod support;
 
 mod auth;
+mod awareness;
 mod chat_moderation;
 mod cli;
 mod first_hour;

@@ -51,6 +51,8 @@ use yrs::sync::awareness::AwarenessUpdateEntry;
 
 /// Identifies one connection within the server.
 pub use super::peers::ConnId;
+/// How long an awareness change may wait by default to be relayed with the rest of its tick.
+pub use awareness::AWARENESS_TICK_MS;
 
 /// Why an update was not applied. The document is unchanged in every case.
 #[derive(Debug, thiserror::Error)]
@@ -84,6 +86,9 @@ pub enum RestoreFailure {
 pub struct WhiteboardOptions {
     /// Send updates back to their sender too.
     pub echo_updates: bool,
+    /// How long awareness changes after a relay wait to go out together (`awareness.rs`);
+    /// zero relays each at once.
+    pub awareness_tick: std::time::Duration,
     /// Flush the store before relaying (`persist.durability = "sync"`).
     pub flush_before_relay: bool,
     /// Snapshot after this many logged updates (`persist.snapshot_every_updates`), once
@@ -108,9 +113,11 @@ pub struct Whiteboard {
     /// The document's encoded size when last measured, with the log bytes counted then
     /// (see [`Whiteboard::fits`]).
     measured_size: Mutex<Option<(u64, u64)>>,
-    /// Locked after `peers` when both are needed.
-    awareness: Mutex<Awareness>,
-    peers: Mutex<Peers<Outbox>>,
+    /// The awareness states and their coalescing relay (`awareness.rs`); its lock is
+    /// taken after `peers` when both are needed.
+    awareness: Arc<awareness::AwarenessRelay>,
+    /// Shared with the awareness relay, which fans out from its own timer.
+    peers: Arc<Mutex<Peers<Outbox>>>,
     store: Arc<dyn Store>,
     metrics: Arc<Metrics>,
     options: WhiteboardOptions,
@@ -138,6 +145,7 @@ impl Default for WhiteboardOptions {
     fn default() -> Self {
         Self {
             echo_updates: false,
+            awareness_tick: std::time::Duration::from_millis(AWARENESS_TICK_MS),
             flush_before_relay: false,
             snapshot_every_updates: 500,
             limits: LimitsConfig::default(),
@@ -170,14 +178,20 @@ impl Whiteboard {
         let log_len = log.len() as u64;
         let log_bytes = log.iter().map(|u| u.len() as u64).sum();
         let rebuilt = Self::doc_from_updates(&session, &stored.updates, &metrics, &options.limits);
+        let peers = Arc::new(Mutex::new(Peers::default()));
         Ok(Self {
+            awareness: Arc::new(awareness::AwarenessRelay::new(
+                session.clone(),
+                rebuilt.doc.clone(),
+                peers.clone(),
+                options.awareness_tick,
+            )),
             session,
-            awareness: Mutex::new(Awareness::new(rebuilt.doc.clone())),
             doc: RwLock::new(rebuilt.doc),
             nesting: Mutex::new(rebuilt.nesting),
             held_back: Mutex::new(rebuilt.held_back),
             measured_size: Mutex::new(None),
-            peers: Mutex::new(Peers::default()),
+            peers,
             store,
             metrics,
             options,
@@ -220,43 +234,13 @@ impl Whiteboard {
         peers.insert(conn, outbox);
     }
 
-    /// Unregisters a connection and removes the awareness clients it announced, relaying
-    /// the removal to the others with each client's own last clock (as y-protocols'
-    /// `removeAwarenessStates` does): a bumped clock would hide the same client, when it
-    /// reconnects with its old clock, until its state's clock passed the bumped one.
+    /// Unregisters a connection and removes the awareness clients it announced; the
+    /// removal is relayed to the others with each client's own last clock (`awareness.rs`).
     pub fn leave(&self, conn: ConnId, awareness_clients: &HashSet<ClientID>) {
-        let mut peers = {
-            let mut peers = self.peers();
-            peers.remove(&conn);
-            if awareness_clients.is_empty() {
-                return;
-            }
-            peers
-        };
-        let removal = {
-            let mut awareness = self.awareness();
-            let clients: HashMap<ClientID, AwarenessUpdateEntry> = awareness_clients
-                .iter()
-                .filter_map(|id| {
-                    let (clock, _) = awareness.meta(*id)?;
-                    let entry = AwarenessUpdateEntry {
-                        clock,
-                        json: Arc::from("null"),
-                    };
-                    Some((*id, entry))
-                })
-                .collect();
-            if clients.is_empty() {
-                return;
-            }
-            let removal = AwarenessUpdate { clients };
-            // Same clock, null state: y-protocols and yrs both remove the state.
-            if let Err(e) = awareness.apply_update(removal.clone()) {
-                tracing::debug!(session = %self.session, error = %e, "awareness removal not applied");
-            }
-            removal
-        };
-        peers.broadcast(&Message::Binary(wire::awareness(removal)), None);
+        self.peers().remove(&conn);
+        if !awareness_clients.is_empty() {
+            self.remove_awareness_clients(awareness_clients);
+        }
     }
 
     /// Follows the document's changes (for long polls).

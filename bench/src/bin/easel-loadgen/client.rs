@@ -72,7 +72,11 @@ pub struct Counters {
     pub expected_upd: AtomicU64,
     pub received_upd: AtomicU64,
     pub expected_aw: AtomicU64,
+    /// Cursor states received, or superseded by a later state of the same sender that
+    /// was: the server coalesces a tick's awareness, relaying only each client's latest.
     pub received_aw: AtomicU64,
+    /// Of `received_aw`, the states never seen because a later one came in their place.
+    pub coalesced_aw: AtomicU64,
     pub bytes_sent: AtomicU64,
     pub settle_acks: AtomicUsize,
     /// Clients that sent everything their schedules held for the current step (each
@@ -429,12 +433,22 @@ async fn run_inner(
                         Message::Awareness(u) => {
                             for entry in u.clients.values() {
                                 if let Some((a, seq, sent)) = workload::find_marker(entry.json.as_bytes(), AWARENESS_MARK) {
-                                    counters.received_aw.fetch_add(1, Ordering::AcqRel);
                                     let mut s = lock(stats);
                                     s.aw.push((sent, received.saturating_sub(sent) as u32));
-                                    if let Some(n) = next_aware.get_mut(a as usize) {
-                                        if *n != seq { s.out_of_order += 1; }
-                                        *n = seq + 1;
+                                    match next_aware.get_mut(a as usize) {
+                                        // An older state after a newer one: a real reordering.
+                                        Some(n) if seq < *n => s.out_of_order += 1,
+                                        Some(n) => {
+                                            // The states in between were superseded within a
+                                            // tick: this one stands for them.
+                                            let covered = u64::from(seq - *n) + 1;
+                                            counters.received_aw.fetch_add(covered, Ordering::AcqRel);
+                                            counters.coalesced_aw.fetch_add(covered - 1, Ordering::AcqRel);
+                                            *n = seq + 1;
+                                        }
+                                        None => {
+                                            counters.received_aw.fetch_add(1, Ordering::AcqRel);
+                                        }
                                     }
                                 }
                             }

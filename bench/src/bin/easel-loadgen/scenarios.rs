@@ -292,6 +292,7 @@ pub(crate) async fn run_fanout(
             c.sent_upd.load(Ordering::Acquire),
             c.sent_aw.load(Ordering::Acquire),
             c.bytes_sent.load(Ordering::Acquire),
+            c.coalesced_aw.load(Ordering::Acquire),
         );
         let senders_done_before = c.senders_done.load(Ordering::Acquire);
         run.phase.send_replace(Phase::Run(Step {
@@ -343,6 +344,7 @@ pub(crate) async fn run_fanout(
         let sent_upd = c.sent_upd.load(Ordering::Acquire) - before.4;
         let sent_aw = c.sent_aw.load(Ordering::Acquire) - before.5;
         let update_bytes = c.bytes_sent.load(Ordering::Acquire) - before.6;
+        let coalesced_aw = c.coalesced_aw.load(Ordering::Acquire) - before.7;
         let (upd, aw) = run.take_samples();
         let (from_us, to_us) = (client::us_of(measure_from), client::us_of(end));
         let (upd_lat, upd_recv_in_window) = window_figures(&upd, from_us, to_us);
@@ -367,6 +369,7 @@ pub(crate) async fn run_fanout(
             "update_deliveries_received": received_upd,
             "awareness_deliveries_expected": expected_aw,
             "awareness_deliveries_received": received_aw,
+            "awareness_coalesced": coalesced_aw,
             "lost": lost,
             "drained_after_s": r3(drained_after),
             "update_latency": upd_lat.to_json(),
@@ -390,7 +393,10 @@ pub(crate) async fn run_fanout(
         );
         eprintln!("    updates: {}", upd_lat.line());
         if aw_lat.n > 0 {
-            eprintln!("    cursors: {}", aw_lat.line());
+            eprintln!(
+                "    cursors: {} ({coalesced_aw} states superseded within a tick)",
+                aw_lat.line()
+            );
         }
         if let Some(cpu) = server_cpu {
             eprintln!(
