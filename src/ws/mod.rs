@@ -153,7 +153,11 @@ impl Work {
     async fn wait(&mut self) -> Option<Flow> {
         match self {
             Work::Retry(at) => {
-                tokio::time::sleep_until(*at).await;
+                // A retry due now (a whiteboard frame resuming after the sequencer's
+                // outcome) goes on at once: the timer wheel would round it up to a tick.
+                if *at > Instant::now() {
+                    tokio::time::sleep_until(*at).await;
+                }
                 None
             }
             Work::Run(fut) => Some(fut.as_mut().await),

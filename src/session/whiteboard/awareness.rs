@@ -4,7 +4,7 @@
 
 use super::*;
 
-impl Whiteboard {
+impl Board {
     pub(super) fn awareness(&self) -> MutexGuard<'_, Awareness> {
         sync::lock(&self.awareness)
     }
