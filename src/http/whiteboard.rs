@@ -80,20 +80,19 @@ pub async fn post_whiteboard(
     }
     let body = read_body(req, &app.config.limits, &app.metrics).await?;
     let handle = app.open_session(&claims, &session).await?;
-    let metrics = app.metrics.clone();
-    blocking(
-        move || match handle.whiteboard.apply_update(None, &body, None) {
-            Ok(_) => Ok(StatusCode::NO_CONTENT),
-            Err(e @ ApplyError::Guard(crate::doc::guard::GuardError::TooLarge { .. })) => {
-                metrics.updates_rejected.inc();
-                Err(ApiError::TooLarge(e.to_string()))
-            }
-            Err(e @ (ApplyError::Decode(_) | ApplyError::Rejected(_) | ApplyError::Guard(_))) => {
-                metrics.updates_rejected.inc();
-                Err(ApiError::BadRequest(e.to_string()))
-            }
-            Err(ApplyError::Store(e)) => Err(storage(e)),
-        },
-    )
-    .await
+    let metrics = &app.metrics;
+    // Through the session's sequencer, as a WebSocket client's update goes: this task
+    // only awaits the outcome (the handle keeps the session loaded meanwhile).
+    match handle.whiteboard.submit_update(None, body, None).await {
+        Ok(_) => Ok(StatusCode::NO_CONTENT),
+        Err(e @ ApplyError::Guard(crate::doc::guard::GuardError::TooLarge { .. })) => {
+            metrics.updates_rejected.inc();
+            Err(ApiError::TooLarge(e.to_string()))
+        }
+        Err(e @ (ApplyError::Decode(_) | ApplyError::Rejected(_) | ApplyError::Guard(_))) => {
+            metrics.updates_rejected.inc();
+            Err(ApiError::BadRequest(e.to_string()))
+        }
+        Err(ApplyError::Store(e)) => Err(storage(e)),
+    }
 }

@@ -78,8 +78,8 @@ pub enum Flow {
 }
 
 /// An endpoint's handling of incoming frames. Handlers run on the reader task and must not
-/// block: they apply, store and fan out, then return; anything slow (a store read, waiting
-/// for the send queue) goes into a [`Flow::Then`].
+/// block: anything slow (a store read, waiting for the send queue, a whiteboard update's
+/// outcome from the session's sequencer) goes into a [`Flow::Then`].
 pub trait FrameHandler: Send {
     /// Runs once before the first frame is read (e.g. the tutor endpoint's history pages).
     fn on_start(&mut self) -> Flow {
@@ -191,7 +191,11 @@ impl Work {
     async fn wait(&mut self) -> Option<Flow> {
         match self {
             Work::Retry(at) => {
-                tokio::time::sleep_until(*at).await;
+                // A retry due now (a whiteboard frame resuming after the sequencer's
+                // outcome) goes on at once: the timer wheel would round it up to a tick.
+                if *at > Instant::now() {
+                    tokio::time::sleep_until(*at).await;
+                }
                 None
             }
             Work::Run(fut) => Some(fut.as_mut().await),

@@ -15,6 +15,12 @@
 //! A step 2 is encoded off the async workers (the session's `sync_step2`): the reader
 //! awaits it ([`Flow::Then`]) and then goes on with the frame after the step 1 it answers.
 //!
+//! An update from a writer is queued to the session's sequencer (which guards, applies,
+//! stores and relays it off the async workers); the reader awaits its outcome before it
+//! reads the next message ([`Flow::Then`]), so a refusal closes the connection before
+//! anything sent after the refused update is acted on, and a full queue holds the reader
+//! (and, through TCP, the client).
+//!
 //! Must not touch the document or other connections directly: the session does, and every
 //! close code comes from [`super::close`].
 
@@ -27,7 +33,7 @@ use yrs::ClientID;
 use super::close::{self, Close};
 use super::frames::{self, Kind};
 use super::outbox::Outbox;
-use super::{Flow, FrameHandler};
+use super::{Flow, FlowFuture, FrameHandler};
 use crate::limits::{Strikes, TokenBucket};
 use crate::metrics::Metrics;
 use crate::protocol::wire::{self, Inbound};
@@ -85,12 +91,19 @@ impl WhiteboardHandler {
         &self.session.whiteboard
     }
 
-    fn apply(&mut self, update: &[u8], message: Option<bytes::Bytes>) -> Result<(), Close> {
+    /// A writer's update: `Ok(Some(_))` is the sequencer's outcome to await before the next
+    /// message (it resolves to a retry of the frame, which resumes after this message, or
+    /// to the close a refusal calls for).
+    fn apply(
+        &mut self,
+        update: bytes::Bytes,
+        message: Option<bytes::Bytes>,
+    ) -> Result<Option<FlowFuture>, Close> {
         if !self.can_write {
             // A viewer's client answers the handshake with an empty step 2; only an update
             // that carries something is a write attempt worth refusing out loud.
-            match self.whiteboard().is_empty_update(update) {
-                Ok(true) => return Ok(()),
+            match self.whiteboard().is_empty_update(&update) {
+                Ok(true) => return Ok(None),
                 Ok(false) => {}
                 Err(e) => {
                     self.metrics.guard_refusals.count(&e);
@@ -103,22 +116,38 @@ impl WhiteboardHandler {
                 self.outbox
                     .send(Message::Binary(wire::permission_denied("read-only")));
             }
-            return Ok(());
+            return Ok(None);
         }
-        match self
+        let outcome = self
             .whiteboard()
-            .apply_update(Some(self.conn), update, message)
-        {
-            Ok(_) => Ok(()),
-            Err(e @ (ApplyError::Decode(_) | ApplyError::Rejected(_) | ApplyError::Guard(_))) => {
-                self.metrics.updates_rejected.inc();
-                tracing::warn!(session = %self.session.id, user = %self.user, error = %e, "update refused");
-                Err(Close::new(close::INVALID_PAYLOAD, "update rejected"))
+            .submit_update(Some(self.conn), update, message);
+        let (metrics, session, user) = (
+            self.metrics.clone(),
+            self.session.id.clone(),
+            self.user.clone(),
+        );
+        Ok(Some(Box::pin(async move {
+            match outcome.await {
+                // Back to the frame: it resumes after this message.
+                Ok(_) => Flow::RetryAfter(std::time::Duration::ZERO),
+                Err(e) => Flow::Close(refusal(e, &metrics, &session, &user)),
             }
-            Err(ApplyError::Store(e)) => {
-                tracing::error!(session = %self.session.id, error = %e, "update not stored");
-                Err(Close::new(close::INTERNAL, "storage error"))
-            }
+        })))
+    }
+}
+
+/// The close an update's refusal calls for: 1007 for what the update is, 1011 when it
+/// could not be stored.
+fn refusal(e: ApplyError, metrics: &Metrics, session: &str, user: &str) -> Close {
+    match e {
+        e @ (ApplyError::Decode(_) | ApplyError::Rejected(_) | ApplyError::Guard(_)) => {
+            metrics.updates_rejected.inc();
+            tracing::warn!(%session, %user, error = %e, "update refused");
+            Close::new(close::INVALID_PAYLOAD, "update rejected")
+        }
+        ApplyError::Store(e) => {
+            tracing::error!(%session, error = %e, "update not stored");
+            Close::new(close::INTERNAL, "storage error")
         }
     }
 }
@@ -141,7 +170,7 @@ impl WhiteboardHandler {
     /// frame, so replies keep the order of the messages they answer. The step 2 takes the
     /// send queue's one place for a large reply (see [`Outbox::send_reply`]): a board
     /// larger than the queue's limit joins whatever else is queued.
-    fn answer_step1(&self, sv: &yrs::StateVector) -> super::FlowFuture {
+    fn answer_step1(&self, sv: &yrs::StateVector) -> FlowFuture {
         let step2 = self.whiteboard().sync_step2(sv);
         let outbox = self.outbox.clone();
         Box::pin(async move {
@@ -157,9 +186,9 @@ impl WhiteboardHandler {
         })
     }
 
-    /// Handles one message (the bytes of exactly one). `Ok(Some)`: the rest of the frame
-    /// waits for this work.
-    fn handle(&mut self, bytes: &bytes::Bytes) -> Result<Option<super::FlowFuture>, Close> {
+    /// Handles one message (the bytes of exactly one); `Ok(Some(_))`: await this before the
+    /// next message.
+    fn handle(&mut self, bytes: &bytes::Bytes) -> Result<Option<FlowFuture>, Close> {
         let message = match wire::decode_frame(bytes) {
             Ok(mut m) if m.len() == 1 => m.pop(),
             Ok(_) => None,
@@ -177,25 +206,24 @@ impl WhiteboardHandler {
             return Err(Close::new(close::INVALID_PAYLOAD, "malformed message"));
         };
         match message {
-            Inbound::SyncStep1(sv) => return Ok(Some(self.answer_step1(&sv))),
-            Inbound::SyncStep2 { update } => self.apply(&update, None),
-            Inbound::Update { update, message } => self.apply(&update, Some(message)),
+            Inbound::SyncStep1(sv) => Ok(Some(self.answer_step1(&sv))),
+            Inbound::SyncStep2 { update } => self.apply(update, None),
+            Inbound::Update { update, message } => self.apply(update, Some(message)),
             Inbound::Awareness { update, .. } => {
                 let mut announced = std::mem::take(&mut self.announced);
                 self.whiteboard().apply_awareness(update, &mut announced);
                 self.announced = announced;
-                Ok(())
+                Ok(None)
             }
-            Inbound::Auth => Ok(()),
+            Inbound::Auth => Ok(None),
             Inbound::QueryAwareness => {
                 let states = self
                     .whiteboard()
                     .awareness_states()
                     .unwrap_or_else(|| bytes::Bytes::from_static(wire::KEEPALIVE));
-                self.reply(states)
+                self.reply(states).map(|()| None)
             }
         }
-        .map(|()| None)
     }
 
     /// Walks the frame from `self.resume_at`.
@@ -236,12 +264,14 @@ impl WhiteboardHandler {
                 continue;
             }
             match self.handle(&bytes.slice(pos..end)) {
-                Err(c) => return Flow::Close(c),
-                Ok(Some(work)) => {
-                    self.resume_at = Some(end);
-                    return Flow::Then(work);
-                }
                 Ok(None) => {}
+                Ok(Some(outcome)) => {
+                    // The sequencer has the update; the frame goes on after it once the
+                    // outcome is in.
+                    self.resume_at = Some(end);
+                    return Flow::Then(outcome);
+                }
+                Err(c) => return Flow::Close(c),
             }
             pos = end;
         }

@@ -176,7 +176,7 @@ impl AwarenessRelay {
     }
 }
 
-impl Whiteboard {
+impl Board {
     pub(super) fn awareness(&self) -> MutexGuard<'_, Awareness> {
         self.awareness.states()
     }

@@ -3,14 +3,14 @@
 //!
 //! Owns the held-back list's bounds (`limits.max_pending_bytes`, [`MAX_HELD_BACK`]) and
 //! letting updates in once they can be applied. Must not relay by itself: let-in updates go
-//! through `Whiteboard::integrate`, under the peer lock the caller holds.
+//! through `Board::integrate`, on the sequencer.
 
 use super::*;
 
-impl Whiteboard {
+impl Board {
     /// Holds back an update that depends on content the document does not have yet
     /// (SPEC.md 7.1: bounded by `limits.max_pending_bytes` per session, and logged like any
-    /// other so a restart has it). Called with the peer lock held.
+    /// other so a restart has it). Runs on the sequencer.
     pub(super) fn hold_back(&self, update: &[u8], waits_on: Vec<u64>) -> Result<(), ApplyError> {
         let limit = self.options.limits.max_pending_bytes;
         let mut held = self.held_back();
@@ -20,7 +20,7 @@ impl Whiteboard {
         }
         let bytes: usize = held.iter().map(|h| h.update.len()).sum::<usize>() + update.len();
         // Counted too: every update let in re-checks the ones waiting on its client, so a
-        // flood of tiny held-back updates would cost quadratic time under the peer lock.
+        // flood of tiny held-back updates would cost quadratic time on the sequencer.
         if bytes > limit || held.len() >= MAX_HELD_BACK {
             self.metrics.guard_refusals.pending.inc();
             return Err(ApplyError::Guard(GuardError::TooLarge {
@@ -39,8 +39,8 @@ impl Whiteboard {
     /// Lets in the held-back updates that an update by `clients` (just integrated) may have
     /// completed, and those they complete in turn. Only updates waiting on one of those
     /// clients (or on a client a let-in update carries) are checked again, so a full hold-back costs
-    /// nothing to the updates that cannot help it. Called with the peer lock held.
-    pub(super) fn retry_held_back(&self, peers: &mut Peers<Outbox>, mut clients: Vec<u64>) {
+    /// nothing to the updates that cannot help it. Runs on the sequencer.
+    pub(super) fn retry_held_back(&self, mut clients: Vec<u64>) {
         while !clients.is_empty() {
             let ready: Vec<HeldBack> = {
                 let mut held = self.held_back();
@@ -62,7 +62,7 @@ impl Whiteboard {
                     }),
                     Ok(checked) => {
                         let carries = checked.clients();
-                        match self.integrate(peers, None, &h.update, None, checked, false) {
+                        match self.integrate(None, &h.update, None, checked, false) {
                             Ok(_) => clients.extend(carries),
                             Err(e) => {
                                 tracing::warn!(session = %self.session, error = %e, "a held-back update was refused once it could be applied");
@@ -92,7 +92,7 @@ pub(super) struct Rebuilt {
     pub(super) skipped: usize,
 }
 
-impl Whiteboard {
+impl Board {
     /// A document from stored updates applied in order, as the live whiteboard applied them:
     /// each one passes the update guard first (a record stored before the guard existed can
     /// hold a nesting bomb), one that waits for absent content is held back and let in once

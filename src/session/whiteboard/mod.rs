@@ -2,12 +2,16 @@
 //! connection of the session.
 //!
 //! This is the only place a session's document is changed. Every change, whoever sends it
-//! (a WebSocket client, the HTTP API, later another node), goes through
-//! [`Whiteboard::apply_update`]: decode, apply in one short transaction, append to the
-//! store's log, then push the same encoded bytes to every peer's outbox. The peer list's
-//! lock is held across apply and fan-out so that a peer that joins sees every update either
-//! in its sync step 2 or in its queue, never neither. No lock here is held across an
-//! `.await`; nothing here touches a socket.
+//! (a WebSocket client, the HTTP API, a restore, later another node), is queued to the
+//! session's sequencer (`sequencer.rs`: one OS thread per session with writers, off the
+//! async workers) through [`Whiteboard::submit_update`] (or the blocking
+//! [`Whiteboard::apply_update`]), which guards, decodes, applies in one short transaction,
+//! appends to the store's log, then pushes the same encoded bytes to every peer's outbox.
+//! The sequencer is the document's only writer, so updates are applied, logged and relayed
+//! in one order. The peer lock is taken for the fan-out only, after the apply: a peer that
+//! joins (under that lock) before the fan-out joined after the apply, so its sync step 2
+//! holds the update; one that joins after it gets it in its queue; never neither. No lock
+//! here is held across an `.await`; nothing here touches a socket.
 //!
 //! Snapshots stay off that path. The relay only counts what it logged; housekeeping asks
 //! [`Whiteboard::snapshot_wanted`] and, while clients are connected, builds the state on
@@ -15,19 +19,26 @@
 //! deletes just the log entries that state includes (by seq), so updates logged meanwhile
 //! are kept and nothing needs the peer lock.
 //!
-//! Split by concern: `held_back.rs` (updates waiting for missing content, and rebuilding
+//! [`Whiteboard`] is the session's handle: the [`Board`] (state, joins, reads) and the
+//! sequencer every change goes through.
+//!
+//! Split by concern: `sequencer.rs` (the thread and its queue), `held_back.rs` (updates waiting for missing content, and rebuilding
 //! from the store), `awareness.rs` (cursors and presence and their bounds), `snapshot.rs`
 //! (when and how a snapshot is written), `step2.rs` (sync step 2, encoded off the async
-//! workers, once per document state for fresh joiners). Every file adds to the one `impl Whiteboard`;
+//! workers, once per document state for fresh joiners). Every file adds to the one
+//! `impl Board`;
 //! this one keeps the state, joining and leaving, and the update path. Must not touch
 //! sockets or the store's internals.
 
 mod awareness;
 mod held_back;
+mod sequencer;
 mod snapshot;
 mod step2;
 
 use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::ops::Deref;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Instant;
@@ -47,7 +58,10 @@ use crate::protocol::wire;
 use crate::store::{Store, StoreError};
 use crate::sync;
 use crate::ws::outbox::Outbox;
+use sequencer::{Job, Sequencer};
 use yrs::sync::awareness::AwarenessUpdateEntry;
+
+pub use sequencer::QUEUE_JOBS;
 
 /// Identifies one connection within the server.
 pub use super::peers::ConnId;
@@ -99,16 +113,34 @@ pub struct WhiteboardOptions {
     pub limits: LimitsConfig,
 }
 
+/// A session's whiteboard as the rest of the server holds it: the [`Board`] (through
+/// `Deref`: joins, reads, awareness, snapshots) and the sequencer that makes every change.
+/// Dropping it (the session unloads) ends the sequencer's thread.
 pub struct Whiteboard {
+    board: Arc<Board>,
+    sequencer: Sequencer,
+}
+
+impl Deref for Whiteboard {
+    type Target = Board;
+
+    fn deref(&self) -> &Board {
+        &self.board
+    }
+}
+
+/// A whiteboard's state: the document, its awareness, its peers and its log bookkeeping.
+/// Its document is changed only on the session's sequencer thread.
+pub struct Board {
     session: Arc<str>,
-    /// The live document. Replaced (under the peer lock) only when an update that began to
+    /// The live document. Replaced (on the sequencer) only when an update that began to
     /// integrate must be undone: it is rebuilt from the store, which never held that update.
     doc: RwLock<Doc>,
-    /// What the update guard knows of the document's nesting; changed under the peer lock.
+    /// What the update guard knows of the document's nesting; changed on the sequencer.
     nesting: Mutex<NestingIndex>,
     /// Updates that depend on content the document does not have yet, oldest first: held
-    /// here rather than left pending in yrs (see [`CheckedUpdate::waits`]). Changed under
-    /// the peer lock.
+    /// here rather than left pending in yrs (see [`CheckedUpdate::waits`]). Changed on the
+    /// sequencer.
     held_back: Mutex<Vec<HeldBack>>,
     /// The document's encoded size when last measured, with the log bytes counted then
     /// (see [`Whiteboard::fits`]).
@@ -121,8 +153,11 @@ pub struct Whiteboard {
     store: Arc<dyn Store>,
     metrics: Arc<Metrics>,
     options: WhiteboardOptions,
-    /// The seq of the last log entry written; only grows, under the peer lock.
+    /// The seq of the last log entry written; only grows, under `log_order`.
     log_seq: AtomicU64,
+    /// Held while a seq is taken and its entry appended (the sequencer's updates, a
+    /// snapshot's re-logged held-back updates), so seqs follow the log's order.
+    log_order: Mutex<()>,
     /// Updates and bytes logged since the last snapshot.
     updates_since_snapshot: AtomicU64,
     log_bytes_since_snapshot: AtomicU64,
@@ -153,6 +188,9 @@ impl Default for WhiteboardOptions {
     }
 }
 
+/// A Yjs v1 update with no structs and no deletions: zero clients, an empty delete set.
+const EMPTY_UPDATE: &[u8] = &[0, 0];
+
 /// The most updates a session holds back at once (besides `limits.max_pending_bytes`).
 const MAX_HELD_BACK: usize = 256;
 
@@ -164,8 +202,95 @@ struct HeldBack {
 }
 
 impl Whiteboard {
-    /// Rebuilds the session's document from the store.
+    /// Rebuilds the session's document from the store. The sequencer's thread starts with
+    /// the first update.
     pub fn load(
+        session: Arc<str>,
+        store: Arc<dyn Store>,
+        metrics: Arc<Metrics>,
+        options: WhiteboardOptions,
+    ) -> Result<Self, StoreError> {
+        let board = Arc::new(Board::load(session, store, metrics, options)?);
+        Ok(Self {
+            sequencer: Sequencer::new(board.clone()),
+            board,
+        })
+    }
+
+    /// Queues a Yjs v1 update from `origin` (`None`: not a connection of this node) to the
+    /// sequencer, awaiting space while its queue is full, and resolves to its outcome:
+    /// whether the document changed. `message`, when given, is the update already encoded
+    /// as a sync-update message (the bytes the client sent): it is relayed as is.
+    ///
+    /// The future owns what it needs ('static): a connection's reader awaits it.
+    pub fn submit_update(
+        &self,
+        origin: Option<ConnId>,
+        update: Bytes,
+        message: Option<Bytes>,
+    ) -> impl Future<Output = Result<bool, ApplyError>> + Send + 'static {
+        // The empty update (no structs, no deletions: what every client sends in answer
+        // to the server's sync step 1 on a board it has nothing to add to) changes
+        // nothing: answered here, it neither queues nor starts the sequencer's thread for
+        // a session only read.
+        let empty = update.as_ref() == EMPTY_UPDATE;
+        let (reply, outcome) = tokio::sync::oneshot::channel();
+        let queued = if empty {
+            let _ = reply.send(Ok(false));
+            None
+        } else {
+            Some(self.sequencer.submit(Job::Update {
+                origin,
+                update,
+                message,
+                queued: Instant::now(),
+                reply,
+            }))
+        };
+        async move {
+            if let Some(queued) = queued {
+                queued.await?;
+            }
+            outcome
+                .await
+                .map_err(|_| ApplyError::Store(sequencer::stopped()))?
+        }
+    }
+
+    /// [`Self::submit_update`], waiting on the calling thread: for blocking callers (the
+    /// CLI, tests, a blocking task), never an async worker.
+    pub fn apply_update(
+        &self,
+        origin: Option<ConnId>,
+        update: &[u8],
+        message: Option<Bytes>,
+    ) -> Result<bool, ApplyError> {
+        sequencer::block_on(self.submit_update(origin, Bytes::copy_from_slice(update), message))
+    }
+
+    /// Rolls the document back to snapshot `version` as new operations (SPEC.md 5.3):
+    /// connected clients receive them like any update and show that version without a
+    /// reload. The change set is made, logged and relayed on the sequencer; the result is
+    /// then recorded as a new snapshot version (on the calling thread, which must be a
+    /// blocking one), which is returned.
+    pub fn restore(&self, version: u64) -> Result<u64, RestoreFailure> {
+        let (reply, outcome) = tokio::sync::oneshot::channel();
+        let queued = self.sequencer.submit(Job::Restore { version, reply });
+        sequencer::block_on(async move {
+            queued.await?;
+            outcome
+                .await
+                .map_err(|_| RestoreFailure::Store(sequencer::stopped()))?
+        })?;
+        self.dirty.store(true, Ordering::Release);
+        let version = self.snapshot_if_dirty()?;
+        Ok(version.unwrap_or_default())
+    }
+}
+
+impl Board {
+    /// Rebuilds the session's document from the store.
+    fn load(
         session: Arc<str>,
         store: Arc<dyn Store>,
         metrics: Arc<Metrics>,
@@ -196,6 +321,7 @@ impl Whiteboard {
             metrics,
             options,
             log_seq: AtomicU64::new(stored.last_log_seq),
+            log_order: Mutex::new(()),
             // A log left after the snapshot (a crash, a kill) is folded into the next one.
             updates_since_snapshot: AtomicU64::new(log_len),
             log_bytes_since_snapshot: AtomicU64::new(log_bytes),
@@ -269,18 +395,16 @@ impl Whiteboard {
             .encode_state_as_update_v1(&StateVector::default())
     }
 
-    /// Applies a Yjs v1 update from `origin` (`None`: not a connection of this node).
-    ///
-    /// `message`, when given, is the update already encoded as a sync-update message (the
-    /// bytes the client sent): it is relayed as is. Returns whether the document changed.
-    pub fn apply_update(
+    /// Applies a Yjs v1 update from `origin` (`None`: not a connection of this node): guard,
+    /// apply, append, fan-out. Runs on the sequencer only (see [`Whiteboard::submit_update`]);
+    /// `queued` is when it was submitted, for the relay latency.
+    fn sequence_update(
         &self,
         origin: Option<ConnId>,
         update: &[u8],
         message: Option<Bytes>,
+        queued: Instant,
     ) -> Result<bool, ApplyError> {
-        let started = Instant::now();
-        let mut peers = self.peers();
         // The guard walks the bytes before yrs decodes them (SPEC.md 7.1): lengths, counts,
         // value depth, and the depth of every shared type against what the document holds.
         let checked = self
@@ -296,23 +420,22 @@ impl Whiteboard {
         }
         // Almost always nothing is held back: then the relay path pays nothing for it.
         let clients = (!self.held_back().is_empty()).then(|| checked.clients());
-        let changed = self.integrate(&mut peers, origin, update, message, checked, true)?;
+        let changed = self.integrate(origin, update, message, checked, true)?;
         if changed {
             if let Some(clients) = clients {
-                self.retry_held_back(&mut peers, clients);
+                self.retry_held_back(clients);
             }
             self.metrics
                 .relay_latency
-                .observe(started.elapsed().as_secs_f64());
+                .observe(queued.elapsed().as_secs_f64());
         }
         Ok(changed)
     }
 
     /// Integrates a checked update that waits for nothing, logs it (unless it was logged
-    /// when it was held back) and relays it. Called with the peer lock held (`peers`).
+    /// when it was held back) and relays it. Runs on the sequencer.
     fn integrate(
         &self,
-        peers: &mut Peers<Outbox>,
         origin: Option<ConnId>,
         update: &[u8],
         message: Option<Bytes>,
@@ -373,7 +496,8 @@ impl Whiteboard {
         } else {
             origin
         };
-        peers.broadcast(&Message::Binary(frame), except);
+        // The peer lock for the fan-out only (see the module docs).
+        self.peers().broadcast(&Message::Binary(frame), except);
         Ok(true)
     }
 
@@ -406,9 +530,9 @@ impl Whiteboard {
 
     /// Undoes an update that began to integrate and is refused after all (SPEC.md 7.1: the
     /// live document stays exactly as it was): the document is rebuilt from the store,
-    /// which holds every update that was accepted and never the refused one. Called with
-    /// the peer lock held, so no update slips in between; nothing was relayed. Returns
-    /// `why`, for the caller to hand on.
+    /// which holds every update that was accepted and never the refused one. Runs on the
+    /// sequencer, the document's only writer, so no update slips in between; nothing was
+    /// relayed. Returns `why`, for the caller to hand on.
     fn roll_back(&self, why: ApplyError) -> ApplyError {
         self.metrics.updates_rolled_back.inc();
         match self.store.load_whiteboard(&self.session) {
@@ -445,11 +569,14 @@ impl Whiteboard {
     }
 
     /// Appends to the store's log (flushing first in sync durability), before any relay.
-    /// Every caller holds the peer lock, which keeps seqs in the order of the log.
+    /// Runs on the sequencer; `log_order` keeps seqs in the order of the log.
     fn log_update(&self, update: &[u8]) -> Result<(), StoreError> {
-        let seq = self.log_seq.load(Ordering::Acquire) + 1;
-        self.store.append_update(&self.session, seq, update)?;
-        self.log_seq.store(seq, Ordering::Release);
+        {
+            let _in_order = sync::lock(&self.log_order);
+            let seq = self.log_seq.load(Ordering::Acquire) + 1;
+            self.store.append_update(&self.session, seq, update)?;
+            self.log_seq.store(seq, Ordering::Release);
+        }
         if self.options.flush_before_relay {
             self.store.flush()?;
         }
@@ -460,16 +587,14 @@ impl Whiteboard {
         Ok(())
     }
 
-    /// Rolls the document back to snapshot `version` as new operations (SPEC.md 5.3):
-    /// connected clients receive them like any update and show that version without a
-    /// reload. The result is recorded as a new snapshot version, which is returned.
-    pub fn restore(&self, version: u64) -> Result<u64, RestoreFailure> {
+    /// A restore's change set (see [`Whiteboard::restore`]): made from stored version
+    /// `version`, applied, logged and relayed. Runs on the sequencer.
+    fn sequence_restore(&self, version: u64) -> Result<(), RestoreFailure> {
         let state = self
             .store
             .get_snapshot(&self.session, version)?
             .ok_or(RestoreFailure::NoSuchVersion(version))?;
         {
-            let mut peers = self.peers();
             // A stored version passes the same guard as a client's update.
             NestingIndex::default().check(&state, self.options.limits.max_nesting)?;
             let restored = crate::doc::restore::restore_into(&self.doc(), &state);
@@ -490,11 +615,13 @@ impl Whiteboard {
             if let Ok(checked) = checked {
                 self.nesting().commit(checked);
             }
-            peers.broadcast(&Message::Binary(wire::update(update)), None);
+            // Counted before the fan-out, as on the update path: a joiner that registers
+            // after the fan-out must not be served a step 2 cached before the restore.
             self.changes.send_modify(|n| *n += 1);
+            self.peers()
+                .broadcast(&Message::Binary(wire::update(update)), None);
         }
         self.dirty.store(true, Ordering::Release);
-        let version = self.snapshot_if_dirty()?;
-        Ok(version.unwrap_or_default())
+        Ok(())
     }
 }

@@ -4,11 +4,11 @@
 
 use super::*;
 
-impl Whiteboard {
+impl Board {
     /// Appends held-back updates to the log again (without counting them as a change: a
     /// snapshot does this, and must not make itself due again).
     pub(super) fn relog_held_back(&self, held: &[Vec<u8>]) -> Result<(), StoreError> {
-        let _peers = self.peers();
+        let _in_order = sync::lock(&self.log_order);
         for update in held {
             let seq = self.log_seq.load(Ordering::Acquire) + 1;
             self.store.append_update(&self.session, seq, update)?;

@@ -18,7 +18,7 @@ use bytes::Bytes;
 use tokio::sync::watch;
 use yrs::{Doc, ReadTxn, StateVector, Transact};
 
-use super::Whiteboard;
+use super::Board;
 use crate::protocol::wire;
 use crate::sync;
 
@@ -56,7 +56,7 @@ async fn encode_off_workers(doc: Doc, sv: StateVector) -> Bytes {
     }
 }
 
-impl Whiteboard {
+impl Board {
     /// Sync step 2 for a peer whose state vector is `sv`. The returned future owns what
     /// it needs (it may outlive the borrow of `self`) and must run on a tokio runtime.
     ///

@@ -9,6 +9,7 @@ use yrs::updates::decoder::Decode;
 use yrs::{Doc, Map, ReadTxn, Text, Transact, Update};
 
 mod bad_frames;
+mod sequencer;
 
 fn auth_count(c: &WbClient) -> usize {
     c.received
