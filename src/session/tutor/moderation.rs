@@ -85,7 +85,10 @@ pub(crate) fn rfc3339(ms: u64) -> String {
 /// An RFC 3339 time (`Z` or a `±HH:MM` offset) as ms since the Unix epoch.
 pub fn parse_time(s: &str) -> Result<u64, String> {
     let bad = || format!("{s:?} is not an RFC 3339 time");
-    let (utc, offset_s): (String, i64) = match s.len().checked_sub(6).map(|i| s.split_at(i)) {
+    // `split_at_checked`: a client's string need not have a char boundary 6 bytes from
+    // its end (`split_at` would panic on one).
+    let tail_at = s.len().checked_sub(6);
+    let (utc, offset_s): (String, i64) = match tail_at.and_then(|i| s.split_at_checked(i)) {
         Some((head, tail))
             if (tail.starts_with('+') || tail.starts_with('-')) && tail.as_bytes()[3] == b':' =>
         {
@@ -465,6 +468,9 @@ mod tests {
         assert!(parse_time("").is_err());
         assert!(parse_time("1969-12-31T23:00:00Z").is_err());
         assert_eq!(parse_time(&rfc3339(1_234_567)), Ok(1_234_567));
+        // A client's string whose 6th byte from the end is inside a character.
+        assert!(parse_time("\u{20ac}\u{20ac}\u{e9}").is_err());
+        assert!(parse_time("2026-01-01T00:00:00\u{20ac}\u{20ac}\u{e9}").is_err());
     }
 
     #[test]
