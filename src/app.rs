@@ -226,6 +226,36 @@ impl AppState {
         }
         Ok(handle)
     }
+
+    /// `403` for a user removed from `session` whose ban still runs, for the session routes
+    /// that read the store without opening the session (snapshot reads, student links):
+    /// without it a removed user could still read the whiteboard, or a removed tutor mint
+    /// a student token under a fresh id and come back. Reads the moderation records from
+    /// the store, which has every record before the room does.
+    pub async fn refuse_removed(&self, claims: &Claims, session: &str) -> Result<(), ApiError> {
+        let store = self.store.clone();
+        let (id, user) = (session.to_owned(), claims.sub.clone());
+        let record = tokio::task::spawn_blocking(move || store.moderation(&id))
+            .await
+            .map_err(|e| ApiError::Internal(e.to_string()))?
+            .map_err(crate::http::storage)?
+            .into_iter()
+            .find(|r| r.user == user);
+        let now = crate::session::tutor::now_ms();
+        match record
+            .filter(|r| r.banned_at(now))
+            .and_then(|r| r.banned_until_ms)
+        {
+            Some(until) => {
+                tracing::info!(%session, user = %claims.sub, reason = "removed", "request refused");
+                Err(ApiError::Forbidden(format!(
+                    "you were removed from this session; try again after {}",
+                    crate::http::rfc3339_ms(until)
+                )))
+            }
+            None => Ok(()),
+        }
+    }
 }
 
 /// Who a token speaks for, as the tutor protocol names its users.

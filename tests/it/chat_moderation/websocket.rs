@@ -475,3 +475,41 @@ async fn remove_ban_s_is_validated_at_start() {
         };
     assert!(err.contains("tutor.remove_ban_s"), "{err}");
 }
+
+/// The session routes that read the store without opening the session refuse a removed
+/// user too: listing and reading snapshots (the whiteboard's content) and, for a removed
+/// tutor, minting a student link (a fresh identity that would walk past the ban).
+#[tokio::test]
+async fn a_removed_user_is_refused_snapshots_and_student_links() {
+    let server = TestServer::start("");
+    let s = session_id("mod-remove-routes");
+    let (mut ada, _, _) = server.tutor(&s, &token("ada", &s, "admin")).await;
+    let (mut tom, _, _) = server.tutor(&s, &token("tom", &s, "tutor")).await;
+    ada.send(&json!({"type":"remove","user":"tom"})).await;
+    assert_eq!(tom.expect_close(TIMEOUT).await, Some(4403));
+    let tom_token = token("tom", &s, "tutor");
+    for (method, path) in [
+        ("GET", format!("/api/v2/session/{s}/snapshots")),
+        ("GET", format!("/api/v2/session/{s}/snapshots/1")),
+        ("POST", format!("/api/v2/session/{s}/student-link")),
+    ] {
+        let r = server.api(method, &path, Some(&tom_token), None).await;
+        assert_refusal(
+            &r,
+            403,
+            Some("forbidden"),
+            &format!("removed tutor: {method} {path}"),
+        );
+    }
+    // Others still may.
+    let ada_token = token("ada", &s, "admin");
+    let r = server
+        .api(
+            "GET",
+            &format!("/api/v2/session/{s}/snapshots"),
+            Some(&ada_token),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 200, "admin's snapshot list");
+}
