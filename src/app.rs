@@ -218,7 +218,7 @@ impl AppState {
         self.requests.remember(&handle);
         // A user removed from the session (SPEC 4.1) is refused everything in it, on
         // both endpoints and over HTTP, until the ban ends.
-        if let Some(until) = handle.tutor.banned_until(&claims.sub) {
+        if let Some(until) = handle.tutor.banned_until(&claims.sub, claims.role) {
             tracing::info!(%session, user = %claims.sub, reason = "removed", "request refused");
             return Err(ApiError::Forbidden(format!(
                 "you were removed from this session; try again after {until}"
@@ -243,7 +243,7 @@ impl AppState {
             .find(|r| r.user == user);
         let now = crate::session::tutor::now_ms();
         match record
-            .filter(|r| r.banned_at(now))
+            .filter(|r| r.banned_for(now, claims.role == crate::auth::Role::Admin))
             .and_then(|r| r.banned_until_ms)
         {
             Some(until) => {

@@ -34,10 +34,11 @@ use crate::protocol::tutor::{ChatMessage, ServerMessage, UserInfo};
 use crate::store::{ChatEdit, ModerationRecord, Store, StoreError};
 use crate::ws::outbox::Outbox;
 
-/// Users removed from the session, with the end of their ban (ms since the Unix epoch).
-/// Every connection of the session follows this and closes with 4403 when its user is in
-/// it with a ban still running.
-pub type RemovedUsers = Arc<HashMap<String, u64>>;
+/// Users removed from the session, with the end of their ban (ms since the Unix epoch) and
+/// whether an admin removed them. Every connection of the session follows this and closes
+/// with 4403 when its user is in it with a ban still running (an admin's connection only
+/// for a ban an admin set: see [`ModerationRecord::ban_by_admin`]).
+pub type RemovedUsers = Arc<HashMap<String, (u64, bool)>>;
 
 /// Why an edit or a deletion was refused.
 #[derive(Debug, thiserror::Error)]
@@ -134,24 +135,27 @@ impl TutorRoom {
             records
                 .values()
                 .filter(|r| r.banned_at(now))
-                .filter_map(|r| Some((r.user.clone(), r.banned_until_ms?)))
+                .filter_map(|r| Some((r.user.clone(), (r.banned_until_ms?, r.ban_by_admin))))
                 .collect(),
         )
     }
 
-    /// Whether `user` is muted now.
-    pub fn is_muted(&self, user: &str) -> bool {
+    /// Whether `user`, acting with `role`, is muted now.
+    pub fn is_muted(&self, user: &str, role: Role) -> bool {
         self.inner()
             .moderation
             .get(user)
-            .is_some_and(|r| r.muted_at(now_ms()))
+            .is_some_and(|r| r.muted_for(now_ms(), role == Role::Admin))
     }
 
-    /// When `user`'s ban ends (RFC 3339), if they are banned now.
-    pub fn banned_until(&self, user: &str) -> Option<String> {
+    /// When `user`'s ban ends (RFC 3339), if they, coming with `role`, are banned now.
+    pub fn banned_until(&self, user: &str, role: Role) -> Option<String> {
         let now = now_ms();
         let inner = self.inner();
-        let r = inner.moderation.get(user).filter(|r| r.banned_at(now))?;
+        let r = inner
+            .moderation
+            .get(user)
+            .filter(|r| r.banned_for(now, role == Role::Admin))?;
         r.banned_until_ms.map(rfc3339)
     }
 
@@ -280,6 +284,7 @@ impl TutorRoom {
             } else {
                 record.muted = true;
                 record.muted_until_ms = until_ms;
+                record.mute_by_admin = role == Role::Admin;
                 ("mute", until_ms)
             }
         })
@@ -292,6 +297,7 @@ impl TutorRoom {
         let until = now_ms().saturating_add(ban_ms);
         self.moderate(by, role, user, |record| {
             record.banned_until_ms = Some(until);
+            record.ban_by_admin = role == Role::Admin;
             ("remove", Some(until))
         })
     }
@@ -332,9 +338,11 @@ impl TutorRoom {
         if !record.muted_at(now) {
             record.muted = false;
             record.muted_until_ms = None;
+            record.mute_by_admin = false;
         }
         if !record.banned_at(now) {
             record.banned_until_ms = None;
+            record.ban_by_admin = false;
         }
         let (action, until_ms) = apply(&mut record);
         self.store.set_moderation(&self.session, &record)?;
@@ -509,6 +517,7 @@ mod tests {
             muted: true,
             muted_until_ms: Some(100),
             banned_until_ms: Some(50),
+            ..Default::default()
         };
         assert!(r.muted_at(99) && !r.muted_at(100));
         assert!(r.banned_at(49) && !r.banned_at(50));
@@ -518,5 +527,14 @@ mod tests {
             ..Default::default()
         };
         assert!(forever.muted_at(u64::MAX));
+        // A tutor's mute and ban do not hold against an admin; an admin's do.
+        assert!(r.muted_for(99, false) && !r.muted_for(99, true));
+        assert!(r.banned_for(49, false) && !r.banned_for(49, true));
+        let by_admin = ModerationRecord {
+            mute_by_admin: true,
+            ban_by_admin: true,
+            ..r
+        };
+        assert!(by_admin.muted_for(99, true) && by_admin.banned_for(49, true));
     }
 }
