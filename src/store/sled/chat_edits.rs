@@ -249,6 +249,8 @@ mod tests {
             muted: true,
             muted_until_ms: None,
             banned_until_ms: Some(u64::MAX),
+            ban_by_admin: true,
+            ..Default::default()
         };
         store.set_moderation("s", &record).unwrap();
         drop(store);
