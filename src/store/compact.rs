@@ -96,13 +96,21 @@ fn move_sled_files(from: &Path, to: &Path) -> Result<(), RepairError> {
 fn swap(dir: &Path) -> Result<(), RepairError> {
     let new = dir.join(NEW_DIR);
     let old = dir.join(OLD_DIR);
-    if !new.join(INSTALLING).exists() {
+    // `SWAPPING` is written only once the copy is whole, and goes before the new files
+    // are all gone from `new` only by the removal below: with no `db` left in `new` the
+    // new database is already in `dir`, and moving `dir`'s files aside would throw it away.
+    if !new.join(INSTALLING).exists() && new.join("db").exists() {
         // Every sled file still in `dir` is the old database's.
         move_sled_files(dir, &old)?;
         write_marker(&new, INSTALLING)?;
     }
     move_sled_files(&new, dir)?;
-    // The new database is whole in `dir`: the markers go with the folder.
+    // The new database is whole in `dir`. `SWAPPING` goes first, on its own: were the
+    // folder's removal cut short after `INSTALLING` went but before `SWAPPING` did, the
+    // next run would take the installed database for the old one.
+    let swapping = new.join(SWAPPING);
+    std::fs::remove_file(&swapping).map_err(|e| io("cannot remove", &swapping, e))?;
+    sync_dir(&new)?;
     std::fs::remove_dir_all(&new).map_err(|e| io("cannot remove", &new, e))?;
     if old.exists() {
         std::fs::remove_dir_all(&old).map_err(|e| io("cannot remove", &old, e))?;
@@ -234,6 +242,23 @@ mod tests {
                 .is_some_and(|e| e.contains("easel store compact")),
             "{refused:?}"
         );
+        let report = compact(dir.path(), 8).unwrap();
+        assert!(report.resumed);
+        assert!(!interrupted(dir.path()));
+        assert_eq!(texts(dir.path()), ["line 1", "line 2", "line 3"]);
+    }
+
+    /// The state a crash inside the last folder removal could leave with the old order:
+    /// the new database installed in `dir`, `.compact-new/` holding `SWAPPING` alone. The
+    /// next run must not move the installed database aside as if it were the old one.
+    #[test]
+    fn a_swap_cut_short_while_cleaning_up_keeps_the_installed_database() {
+        let dir = tempfile::tempdir().unwrap();
+        store_with_chat(dir.path());
+        let new = dir.path().join(NEW_DIR);
+        std::fs::create_dir_all(&new).unwrap();
+        write_marker(&new, SWAPPING).unwrap();
+        assert!(interrupted(dir.path()));
         let report = compact(dir.path(), 8).unwrap();
         assert!(report.resumed);
         assert!(!interrupted(dir.path()));
