@@ -242,6 +242,18 @@ mod tests {
                 .is_some_and(|e| e.contains("easel store compact")),
             "{refused:?}"
         );
+        // `store recover` would rebuild from the half in place and set the chat aside.
+        let settings = crate::store::SledSettings {
+            flush_interval_ms: 0,
+            keep_snapshots: 20,
+            cache_mb: 8,
+            sync_durability: false,
+        };
+        let refused = super::super::repair::recover(dir.path(), &settings);
+        assert!(
+            matches!(refused, Err(RepairError::CompactInterrupted(_))),
+            "{refused:?}"
+        );
         let report = compact(dir.path(), 8).unwrap();
         assert!(report.resumed);
         assert!(!interrupted(dir.path()));
