@@ -118,8 +118,16 @@ fn swap(dir: &Path) -> Result<(), RepairError> {
     sync_dir(dir)
 }
 
-/// Copies every record of every tree of the database in `dir` into a new one in `to`.
-fn copy_database(dir: &Path, to: &Path, cache_mb: u64) -> Result<u64, RepairError> {
+/// Copies every record of every tree of the database in `dir` into a new one in `to`,
+/// then runs `while_held` before letting go of `dir`'s database: sled's lock on it is what
+/// keeps a server from starting there, so the `SWAPPING` marker (which makes `serve`
+/// refuse the directory) is written before the lock goes, never after.
+fn copy_database(
+    dir: &Path,
+    to: &Path,
+    cache_mb: u64,
+    while_held: impl FnOnce() -> Result<(), RepairError>,
+) -> Result<u64, RepairError> {
     let open = |path: &Path| {
         sled::Config::new()
             .path(path)
@@ -142,6 +150,7 @@ fn copy_database(dir: &Path, to: &Path, cache_mb: u64) -> Result<u64, RepairErro
     }
     target.flush().map_err(storage_error)?;
     drop(target);
+    while_held()?;
     drop(source);
     Ok(records)
 }
@@ -165,9 +174,10 @@ pub fn compact(dir: &Path, cache_mb: u64) -> Result<CompactReport, RepairError> 
     }
     report.bytes_before = sled_bytes(dir)?;
     std::fs::create_dir_all(&new).map_err(|e| io("cannot create", &new, e))?;
-    report.records = copy_database(dir, &new, cache_mb)?;
-    sync_dir(&new)?;
-    write_marker(&new, SWAPPING)?;
+    report.records = copy_database(dir, &new, cache_mb, || {
+        sync_dir(&new)?;
+        write_marker(&new, SWAPPING)
+    })?;
     swap(dir)?;
     report.bytes_after = sled_bytes(dir)?;
     if let Ok(entries) = std::fs::read_dir(dir) {
@@ -229,7 +239,7 @@ mod tests {
         // Interrupted after the old files moved aside, before the new ones moved in.
         let new = dir.path().join(NEW_DIR);
         std::fs::create_dir_all(&new).unwrap();
-        copy_database(dir.path(), &new, 8).unwrap();
+        copy_database(dir.path(), &new, 8, || Ok(())).unwrap();
         write_marker(&new, SWAPPING).unwrap();
         move_sled_files(dir.path(), &dir.path().join(OLD_DIR)).unwrap();
         assert!(interrupted(dir.path()));
@@ -258,6 +268,25 @@ mod tests {
         assert!(report.resumed);
         assert!(!interrupted(dir.path()));
         assert_eq!(texts(dir.path()), ["line 1", "line 2", "line 3"]);
+    }
+
+    /// No moment between the copy and the `SWAPPING` marker when a server could open the
+    /// old database (and then have its files moved from under it).
+    #[test]
+    fn the_old_database_stays_locked_until_the_swap_is_marked() {
+        let dir = tempfile::tempdir().unwrap();
+        store_with_chat(dir.path());
+        let new = dir.path().join(NEW_DIR);
+        std::fs::create_dir_all(&new).unwrap();
+        copy_database(dir.path(), &new, 8, || {
+            assert!(
+                is_locked(dir.path()),
+                "the old database was let go before the marker"
+            );
+            write_marker(&new, SWAPPING)
+        })
+        .unwrap();
+        assert!(interrupted(dir.path()));
     }
 
     /// The state a crash inside the last folder removal could leave with the old order:
