@@ -109,6 +109,11 @@ pub fn parse_time(s: &str) -> Result<u64, String> {
     u64::try_from(ms).map_err(|_| bad())
 }
 
+/// Most users with a mute or a ban in force one session keeps: each is a record in memory
+/// while the session is loaded and on disk, and ids are whatever a moderator sends, so
+/// without a cap one tutor's client could grow them without end.
+pub const MAX_MODERATED_USERS: usize = 1000;
+
 /// What an edit does to a message.
 enum Change {
     Edit(String),
@@ -121,9 +126,11 @@ impl TutorRoom {
         store: &dyn Store,
         session: &str,
     ) -> Result<HashMap<String, ModerationRecord>, StoreError> {
+        let now = now_ms();
         Ok(store
             .moderation(session)?
             .into_iter()
+            .filter(|r| !r.is_spent(now))
             .map(|r| (r.user.clone(), r))
             .collect())
     }
@@ -333,6 +340,13 @@ impl TutorRoom {
             ));
         }
         let now = now_ms();
+        // Mutes and bans that ended are forgotten here (they change nothing any more).
+        inner.moderation.retain(|_, r| !r.is_spent(now));
+        if !inner.moderation.contains_key(user) && inner.moderation.len() >= MAX_MODERATED_USERS {
+            return Err(ModerateError::BadRequest(format!(
+                "at most {MAX_MODERATED_USERS} users may be muted or removed in a session at once"
+            )));
+        }
         let mut record = inner.moderation.get(user).cloned().unwrap_or_default();
         record.user = user.to_owned();
         if !record.muted_at(now) {
@@ -508,6 +522,40 @@ mod tests {
         assert_eq!(v["type"], "chat");
         assert_eq!(v["text"], "hi");
         assert_eq!(v["edited_at"], "2026-01-01T00:00:00.000Z");
+    }
+
+    /// A moderator's client cannot grow a session's moderation records without end.
+    #[test]
+    fn moderated_users_are_capped() {
+        let store: Arc<dyn Store> = Arc::new(crate::store::MemoryStore::default());
+        let room = TutorRoom::load(
+            "s".into(),
+            store.clone(),
+            Arc::new(crate::metrics::Metrics::new()),
+            100,
+            false,
+            Duration::from_secs(600),
+        )
+        .unwrap();
+        let tutor = UserInfo {
+            id: "tina".into(),
+            name: "Tina".into(),
+            role: "tutor".into(),
+        };
+        for i in 0..MAX_MODERATED_USERS {
+            room.mute(&tutor, Role::Tutor, &format!("u{i}"), None)
+                .unwrap();
+        }
+        let over = room.remove(&tutor, Role::Tutor, "one-more");
+        assert!(
+            matches!(over, Err(ModerateError::BadRequest(_))),
+            "{over:?}"
+        );
+        assert_eq!(store.moderation("s").unwrap().len(), MAX_MODERATED_USERS);
+        // Those already moderated still may be: unmuting makes room.
+        room.mute(&tutor, Role::Tutor, "u0", Some("1970-01-01T00:00:01Z"))
+            .unwrap();
+        room.remove(&tutor, Role::Tutor, "one-more").unwrap();
     }
 
     #[test]
