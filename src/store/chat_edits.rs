@@ -111,6 +111,13 @@ mod tests {
         assert_eq!(log, [(20, 1), (30, 2)]);
         assert_eq!(store.chat_edits_after("s", (20, 1), 10).unwrap().len(), 1);
         assert_eq!(store.chat_get("s", 2).unwrap().unwrap().text, "m2!");
+        // Trimming a changed message takes its log entry too (limit 2: seq 1 goes).
+        let m3 = ChatMessage {
+            seq: 3,
+            ..Default::default()
+        };
+        store.append_chat("s", &m3, 2).unwrap();
+        assert_eq!(store.chat_edits_after("s", (0, 0), 10).unwrap().len(), 1);
 
         let record = ModerationRecord {
             user: "bob".into(),
