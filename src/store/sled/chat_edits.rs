@@ -5,9 +5,9 @@
 //!   [`ChatEdit`] as JSON. One entry per message (its latest change): an amend inserts the
 //!   new entry, then overwrites the message, then removes the previous entry, so a crash
 //!   midway leaves at worst an extra entry, which a resume answers with the message's
-//!   current state (harmless: clients apply edits idempotently). Entries of messages
-//!   trimmed since stay and are skipped by readers (the message is gone): the log holds at
-//!   most one entry (about 100 bytes) per message ever changed.
+//!   current state (harmless: clients apply edits idempotently). Trimming a message
+//!   removes its entry (`scan.rs`), so the log holds at most one entry (about 100 bytes)
+//!   per message kept; one an amend's crash left over is skipped by readers.
 //! - `moderation`: key `session \0 user id` ([`named_key`]), value `0x01` + a
 //!   [`ModerationRecord`] as JSON; a record with nothing set is deleted.
 //!
