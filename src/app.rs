@@ -220,7 +220,7 @@ impl AppState {
         // both endpoints and over HTTP, until the ban ends.
         if let Some(until) = handle.tutor.banned_until(&claims.sub, claims.role) {
             tracing::info!(%session, user = %claims.sub, reason = "removed", "request refused");
-            return Err(ApiError::Forbidden(format!(
+            return Err(ApiError::Removed(format!(
                 "you were removed from this session; try again after {until}"
             )));
         }
@@ -248,7 +248,7 @@ impl AppState {
         {
             Some(until) => {
                 tracing::info!(%session, user = %claims.sub, reason = "removed", "request refused");
-                Err(ApiError::Forbidden(format!(
+                Err(ApiError::Removed(format!(
                     "you were removed from this session; try again after {}",
                     crate::http::rfc3339_ms(until)
                 )))

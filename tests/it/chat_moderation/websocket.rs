@@ -494,12 +494,11 @@ async fn a_removed_user_is_refused_snapshots_and_student_links() {
         ("POST", format!("/api/v2/session/{s}/student-link")),
     ] {
         let r = server.api(method, &path, Some(&tom_token), None).await;
-        assert_refusal(
-            &r,
-            403,
-            Some("forbidden"),
-            &format!("removed tutor: {method} {path}"),
-        );
+        let what = format!("removed tutor: {method} {path}");
+        assert_refusal(&r, 403, Some("forbidden"), &what);
+        // A page tells "removed" from "no access" by it.
+        let body: serde_json::Value = serde_json::from_slice(&r.body).unwrap_or_default();
+        assert_eq!(body["reason"], "removed", "{what}: {body}");
     }
     // Others still may.
     let ada_token = token("ada", &s, "admin");
