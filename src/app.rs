@@ -214,13 +214,43 @@ impl AppState {
         self.requests.remember(&handle);
         // A user removed from the session (SPEC 4.1) is refused everything in it, on
         // both endpoints and over HTTP, until the ban ends.
-        if let Some(until) = handle.tutor.banned_until(&claims.sub) {
+        if let Some(until) = handle.tutor.banned_until(&claims.sub, claims.role) {
             tracing::info!(%session, user = %claims.sub, reason = "removed", "request refused");
-            return Err(ApiError::Forbidden(format!(
+            return Err(ApiError::Removed(format!(
                 "you were removed from this session; try again after {until}"
             )));
         }
         Ok(handle)
+    }
+
+    /// `403` for a user removed from `session` whose ban still runs, for the session routes
+    /// that read the store without opening the session (snapshot reads, student links):
+    /// without it a removed user could still read the whiteboard, or a removed tutor mint
+    /// a student token under a fresh id and come back. Reads the moderation records from
+    /// the store, which has every record before the room does.
+    pub async fn refuse_removed(&self, claims: &Claims, session: &str) -> Result<(), ApiError> {
+        let store = self.store.clone();
+        let (id, user) = (session.to_owned(), claims.sub.clone());
+        let record = tokio::task::spawn_blocking(move || store.moderation(&id))
+            .await
+            .map_err(|e| ApiError::Internal(e.to_string()))?
+            .map_err(crate::http::storage)?
+            .into_iter()
+            .find(|r| r.user == user);
+        let now = crate::session::tutor::now_ms();
+        match record
+            .filter(|r| r.banned_for(now, claims.role == crate::auth::Role::Admin))
+            .and_then(|r| r.banned_until_ms)
+        {
+            Some(until) => {
+                tracing::info!(%session, user = %claims.sub, reason = "removed", "request refused");
+                Err(ApiError::Removed(format!(
+                    "you were removed from this session; try again after {}",
+                    crate::http::rfc3339_ms(until)
+                )))
+            }
+            None => Ok(()),
+        }
     }
 }
 

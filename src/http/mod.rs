@@ -48,6 +48,10 @@ pub enum ApiError {
     /// `403` `forbidden` with `"reason":"muted"` (SPEC 4.1).
     #[error("{0}")]
     Muted(String),
+    /// `403` `forbidden` with `"reason":"removed"`: the user was removed from the session
+    /// and the ban still runs (SPEC 4.1), so a page can say so rather than "no access".
+    #[error("{0}")]
+    Removed(String),
     #[error("{0}")]
     NotFound(String),
     #[error("{0}")]
@@ -74,7 +78,9 @@ impl ApiError {
         match self {
             ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
             ApiError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
-            ApiError::Forbidden(_) | ApiError::Muted(_) => (StatusCode::FORBIDDEN, "forbidden"),
+            ApiError::Forbidden(_) | ApiError::Muted(_) | ApiError::Removed(_) => {
+                (StatusCode::FORBIDDEN, "forbidden")
+            }
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             ApiError::MethodNotAllowed(_) => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
             ApiError::NotImplemented(_) => (StatusCode::NOT_IMPLEMENTED, "not_implemented"),
@@ -116,8 +122,10 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, code) = self.status_and_code();
         let mut body = json!({ "error": code, "message": self.to_string() });
-        if matches!(self, ApiError::Muted(_)) {
-            body["reason"] = json!("muted");
+        match self {
+            ApiError::Muted(_) => body["reason"] = json!("muted"),
+            ApiError::Removed(_) => body["reason"] = json!("removed"),
+            _ => {}
         }
         (status, Json(body)).into_response()
     }

@@ -29,6 +29,7 @@ pub async fn student_link(
             "only tutors and admins may hand out student links".into(),
         ));
     }
+    app.refuse_removed(&claims, &session).await?;
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default()

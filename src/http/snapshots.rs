@@ -40,7 +40,8 @@ pub async fn list_snapshots(
     Query(query): Query<QueryMap>,
     headers: HeaderMap,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    app.authorize(&session, &headers, &query, None)?;
+    let claims = app.authorize(&session, &headers, &query, None)?;
+    app.refuse_removed(&claims, &session).await?;
     let store = app.store.clone();
     let versions = blocking(move || store.list_snapshots(&session).map_err(storage)).await?;
     let versions: Vec<VersionJson> = versions.into_iter().map(Into::into).collect();
@@ -67,7 +68,8 @@ pub async fn get_snapshot(
     Query(query): Query<QueryMap>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    app.authorize(&session, &headers, &query, None)?;
+    let claims = app.authorize(&session, &headers, &query, None)?;
+    app.refuse_removed(&claims, &session).await?;
     let store = app.store.clone();
     let state = blocking(move || store.get_snapshot(&session, version).map_err(storage))
         .await?

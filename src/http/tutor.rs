@@ -82,7 +82,7 @@ pub async fn post_message(
     }
     let body = read_body(req, &app.config.limits, &app.metrics).await?;
     let handle = app.open_session(&claims, &session).await?;
-    if handle.tutor.is_muted(&claims.sub) {
+    if handle.tutor.is_muted(&claims.sub, claims.role) {
         return Err(ApiError::Muted("you are muted in this session".into()));
     }
     let post: PostMessage = serde_json::from_slice(&body)

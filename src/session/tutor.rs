@@ -219,10 +219,9 @@ impl TutorRoom {
                 .or_insert_with(|| Participant {
                     user: m.user.clone(),
                     connections: 0,
-                    muted: inner
-                        .moderation
-                        .get(&m.user.id)
-                        .is_some_and(|r| r.muted_at(now)),
+                    muted: inner.moderation.get(&m.user.id).is_some_and(|r| {
+                        r.muted_for(now, m.user.role == crate::auth::Role::Admin.as_str())
+                    }),
                 })
                 .connections += 1;
         }

@@ -28,6 +28,12 @@ pub struct ModerationRecord {
     pub muted_until_ms: Option<u64>,
     /// Removed: new connections are refused until then (ms since the Unix epoch).
     pub banned_until_ms: Option<u64>,
+    /// Whether an admin set the mute, and the ban. A tutor's mute or removal never holds
+    /// against a user who comes as an admin: a tutor may not moderate an admin (SPEC 4.1),
+    /// yet cannot be refused a user id that is not present, whose role nobody knows until
+    /// it connects. Records written before these fields read as set by a tutor.
+    pub mute_by_admin: bool,
+    pub ban_by_admin: bool,
 }
 
 impl ModerationRecord {
@@ -39,6 +45,16 @@ impl ModerationRecord {
     /// Whether the user is banned at `now_ms`.
     pub fn banned_at(&self, now_ms: u64) -> bool {
         self.banned_until_ms.is_some_and(|until| until > now_ms)
+    }
+
+    /// Whether the user, coming as an admin (`admin`) or not, is muted at `now_ms`.
+    pub fn muted_for(&self, now_ms: u64, admin: bool) -> bool {
+        self.muted_at(now_ms) && (!admin || self.mute_by_admin)
+    }
+
+    /// Whether the user, coming as an admin (`admin`) or not, is banned at `now_ms`.
+    pub fn banned_for(&self, now_ms: u64, admin: bool) -> bool {
+        self.banned_at(now_ms) && (!admin || self.ban_by_admin)
     }
 
     /// Whether nothing is set at all: a store deletes such a record rather than keep it.
@@ -95,6 +111,13 @@ mod tests {
         assert_eq!(log, [(20, 1), (30, 2)]);
         assert_eq!(store.chat_edits_after("s", (20, 1), 10).unwrap().len(), 1);
         assert_eq!(store.chat_get("s", 2).unwrap().unwrap().text, "m2!");
+        // Trimming a changed message takes its log entry too (limit 2: seq 1 goes).
+        let m3 = ChatMessage {
+            seq: 3,
+            ..Default::default()
+        };
+        store.append_chat("s", &m3, 2).unwrap();
+        assert_eq!(store.chat_edits_after("s", (0, 0), 10).unwrap().len(), 1);
 
         let record = ModerationRecord {
             user: "bob".into(),

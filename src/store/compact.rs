@@ -96,13 +96,21 @@ fn move_sled_files(from: &Path, to: &Path) -> Result<(), RepairError> {
 fn swap(dir: &Path) -> Result<(), RepairError> {
     let new = dir.join(NEW_DIR);
     let old = dir.join(OLD_DIR);
-    if !new.join(INSTALLING).exists() {
+    // `SWAPPING` is written only once the copy is whole, and goes before the new files
+    // are all gone from `new` only by the removal below: with no `db` left in `new` the
+    // new database is already in `dir`, and moving `dir`'s files aside would throw it away.
+    if !new.join(INSTALLING).exists() && new.join("db").exists() {
         // Every sled file still in `dir` is the old database's.
         move_sled_files(dir, &old)?;
         write_marker(&new, INSTALLING)?;
     }
     move_sled_files(&new, dir)?;
-    // The new database is whole in `dir`: the markers go with the folder.
+    // The new database is whole in `dir`. `SWAPPING` goes first, on its own: were the
+    // folder's removal cut short after `INSTALLING` went but before `SWAPPING` did, the
+    // next run would take the installed database for the old one.
+    let swapping = new.join(SWAPPING);
+    std::fs::remove_file(&swapping).map_err(|e| io("cannot remove", &swapping, e))?;
+    sync_dir(&new)?;
     std::fs::remove_dir_all(&new).map_err(|e| io("cannot remove", &new, e))?;
     if old.exists() {
         std::fs::remove_dir_all(&old).map_err(|e| io("cannot remove", &old, e))?;
@@ -110,8 +118,16 @@ fn swap(dir: &Path) -> Result<(), RepairError> {
     sync_dir(dir)
 }
 
-/// Copies every record of every tree of the database in `dir` into a new one in `to`.
-fn copy_database(dir: &Path, to: &Path, cache_mb: u64) -> Result<u64, RepairError> {
+/// Copies every record of every tree of the database in `dir` into a new one in `to`,
+/// then runs `while_held` before letting go of `dir`'s database: sled's lock on it is what
+/// keeps a server from starting there, so the `SWAPPING` marker (which makes `serve`
+/// refuse the directory) is written before the lock goes, never after.
+fn copy_database(
+    dir: &Path,
+    to: &Path,
+    cache_mb: u64,
+    while_held: impl FnOnce() -> Result<(), RepairError>,
+) -> Result<u64, RepairError> {
     let open = |path: &Path| {
         sled::Config::new()
             .path(path)
@@ -134,6 +150,7 @@ fn copy_database(dir: &Path, to: &Path, cache_mb: u64) -> Result<u64, RepairErro
     }
     target.flush().map_err(storage_error)?;
     drop(target);
+    while_held()?;
     drop(source);
     Ok(records)
 }
@@ -157,9 +174,10 @@ pub fn compact(dir: &Path, cache_mb: u64) -> Result<CompactReport, RepairError> 
     }
     report.bytes_before = sled_bytes(dir)?;
     std::fs::create_dir_all(&new).map_err(|e| io("cannot create", &new, e))?;
-    report.records = copy_database(dir, &new, cache_mb)?;
-    sync_dir(&new)?;
-    write_marker(&new, SWAPPING)?;
+    report.records = copy_database(dir, &new, cache_mb, || {
+        sync_dir(&new)?;
+        write_marker(&new, SWAPPING)
+    })?;
     swap(dir)?;
     report.bytes_after = sled_bytes(dir)?;
     if let Ok(entries) = std::fs::read_dir(dir) {
@@ -221,7 +239,7 @@ mod tests {
         // Interrupted after the old files moved aside, before the new ones moved in.
         let new = dir.path().join(NEW_DIR);
         std::fs::create_dir_all(&new).unwrap();
-        copy_database(dir.path(), &new, 8).unwrap();
+        copy_database(dir.path(), &new, 8, || Ok(())).unwrap();
         write_marker(&new, SWAPPING).unwrap();
         move_sled_files(dir.path(), &dir.path().join(OLD_DIR)).unwrap();
         assert!(interrupted(dir.path()));
@@ -234,6 +252,54 @@ mod tests {
                 .is_some_and(|e| e.contains("easel store compact")),
             "{refused:?}"
         );
+        // `store recover` would rebuild from the half in place and set the chat aside.
+        let settings = crate::store::SledSettings {
+            flush_interval_ms: 0,
+            keep_snapshots: 20,
+            cache_mb: 8,
+            sync_durability: false,
+        };
+        let refused = super::super::repair::recover(dir.path(), &settings);
+        assert!(
+            matches!(refused, Err(RepairError::CompactInterrupted(_))),
+            "{refused:?}"
+        );
+        let report = compact(dir.path(), 8).unwrap();
+        assert!(report.resumed);
+        assert!(!interrupted(dir.path()));
+        assert_eq!(texts(dir.path()), ["line 1", "line 2", "line 3"]);
+    }
+
+    /// No moment between the copy and the `SWAPPING` marker when a server could open the
+    /// old database (and then have its files moved from under it).
+    #[test]
+    fn the_old_database_stays_locked_until_the_swap_is_marked() {
+        let dir = tempfile::tempdir().unwrap();
+        store_with_chat(dir.path());
+        let new = dir.path().join(NEW_DIR);
+        std::fs::create_dir_all(&new).unwrap();
+        copy_database(dir.path(), &new, 8, || {
+            assert!(
+                is_locked(dir.path()),
+                "the old database was let go before the marker"
+            );
+            write_marker(&new, SWAPPING)
+        })
+        .unwrap();
+        assert!(interrupted(dir.path()));
+    }
+
+    /// The state a crash inside the last folder removal could leave with the old order:
+    /// the new database installed in `dir`, `.compact-new/` holding `SWAPPING` alone. The
+    /// next run must not move the installed database aside as if it were the old one.
+    #[test]
+    fn a_swap_cut_short_while_cleaning_up_keeps_the_installed_database() {
+        let dir = tempfile::tempdir().unwrap();
+        store_with_chat(dir.path());
+        let new = dir.path().join(NEW_DIR);
+        std::fs::create_dir_all(&new).unwrap();
+        write_marker(&new, SWAPPING).unwrap();
+        assert!(interrupted(dir.path()));
         let report = compact(dir.path(), 8).unwrap();
         assert!(report.resumed);
         assert!(!interrupted(dir.path()));

@@ -148,7 +148,10 @@ impl Store for MemoryStore {
             s.chat.insert(message.seq, message.clone());
             s.last_seq = s.last_seq.max(message.seq);
             while s.chat.len() > history_limit {
-                s.chat.pop_first();
+                // The trimmed message's edit-log entry goes with it (as in the sled store).
+                if let Some((seq, _)) = s.chat.pop_first() {
+                    s.edits.retain(|&(_, edited), _| edited != seq);
+                }
             }
         });
         Ok(())

@@ -35,6 +35,10 @@ pub enum RepairError {
     NoDirectory(PathBuf),
     #[error("the data directory {0} is in use by a running server; stop it first")]
     Locked(PathBuf),
+    /// Its database is split between the folders of an interrupted `easel store compact`:
+    /// rebuilding from the half in place would report the rest lost and set it aside.
+    #[error("the data directory {0} holds an interrupted compaction; run `easel store compact` to finish it first")]
+    CompactInterrupted(PathBuf),
     /// A file operation failed: what was done (`cannot move`), on which path, and why.
     #[error("{what} {}: {source}", .path.display())]
     Io {
@@ -370,6 +374,9 @@ pub fn recover(dir: &Path, settings: &SledSettings) -> Result<RecoverReport, Rep
     }
     if is_locked(dir) {
         return Err(RepairError::Locked(dir.to_path_buf()));
+    }
+    if super::compact::interrupted(dir) {
+        return Err(RepairError::CompactInterrupted(dir.to_path_buf()));
     }
     let mut report = RecoverReport::default();
     let mut problems = Vec::new();

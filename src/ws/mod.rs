@@ -145,6 +145,8 @@ pub struct Connection {
     /// The session's removed users (SPEC 4.1): the connection closes with 4403 when its
     /// user is among them.
     pub removed: watch::Receiver<crate::session::tutor::RemovedUsers>,
+    /// Whether the user came as an admin: only an admin's removal closes it.
+    pub admin: bool,
 }
 
 /// A connection's hold on shutdown: a clone of the sender whose every copy shutdown waits
@@ -284,6 +286,7 @@ pub async fn run(socket: WebSocket, conn: Connection, mut handler: impl FrameHan
         shutdown,
         max_frame_bytes,
         mut removed,
+        admin,
         ..
     } = conn;
     let (sink, mut stream) = socket.split();
@@ -390,7 +393,7 @@ pub async fn run(socket: WebSocket, conn: Connection, mut handler: impl FrameHan
                 work = None;
                 closer.ask(Close::queue_full());
             }
-            _ = removed_from_session(&mut removed, &conn.user), if closer.asked.is_none() => {
+            _ = removed_from_session(&mut removed, &conn.user, admin), if closer.asked.is_none() => {
                 work = None;
                 closer.ask(Close::removed());
             }
@@ -491,13 +494,14 @@ pub async fn run(socket: WebSocket, conn: Connection, mut handler: impl FrameHan
 async fn removed_from_session(
     removed: &mut watch::Receiver<crate::session::tutor::RemovedUsers>,
     user: &str,
+    admin: bool,
 ) {
     loop {
         let now = crate::session::tutor::now_ms();
         if removed
             .borrow_and_update()
             .get(user)
-            .is_some_and(|&until| until > now)
+            .is_some_and(|&(until, by_admin)| until > now && (!admin || by_admin))
         {
             return;
         }

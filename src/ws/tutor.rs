@@ -117,7 +117,7 @@ impl TutorHandler {
                 if !self.role.can_write() {
                     return self.error(ErrorCode::Forbidden, "viewers may not chat", false);
                 }
-                if room.is_muted(&self.user.id) {
+                if room.is_muted(&self.user.id, self.role) {
                     return self.muted();
                 }
                 match check_text(&text, self.config.max_text_chars) {
@@ -145,7 +145,7 @@ impl TutorHandler {
             }
             // A muted user's typing is dropped quietly: others would wait for a message that
             // cannot come, and an error per keystroke helps nobody (SPEC 4.1 leaves it open).
-            ClientMessage::Typing { .. } if room.is_muted(&self.user.id) => {}
+            ClientMessage::Typing { .. } if room.is_muted(&self.user.id, self.role) => {}
             ClientMessage::Typing { active } => {
                 room.relay(
                     self.conn,
@@ -159,7 +159,7 @@ impl TutorHandler {
                 if !self.role.can_write() {
                     return self.error(ErrorCode::Forbidden, "viewers may not send events", false);
                 }
-                if room.is_muted(&self.user.id) {
+                if room.is_muted(&self.user.id, self.role) {
                     return self.muted();
                 }
                 if name.len() > self.config.max_event_name_bytes {

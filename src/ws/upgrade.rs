@@ -206,6 +206,7 @@ fn connection(
         shutdown: app.shutdown.clone(),
         max_frame_bytes: app.config.limits.max_frame_bytes,
         removed: session.tutor.removals(),
+        admin: claims.role == crate::auth::Role::Admin,
     };
     (conn, tx)
 }

@@ -150,6 +150,9 @@ function explainRefusal (status, body) {
   const said = `The server answered ${status}${body.message ? ': ' + body.message : ''}.`
   if (status === 401) {
     refuse(`This link is no longer valid (the server's secret changed or the token expired). ${askForLink()}`, said)
+  } else if (status === 403 && body.reason === 'removed') {
+    // SPEC 4.1: a tutor removed this user; the ban runs out by itself.
+    refuse('You were removed from this session.', said)
   } else if (status === 403) {
     refuse(`This link does not give access to session “${session}”. ${askForLink()}`, said)
   } else if (status === 400) {

@@ -34,10 +34,11 @@ use crate::protocol::tutor::{ChatMessage, ServerMessage, UserInfo};
 use crate::store::{ChatEdit, ModerationRecord, Store, StoreError};
 use crate::ws::outbox::Outbox;
 
-/// Users removed from the session, with the end of their ban (ms since the Unix epoch).
-/// Every connection of the session follows this and closes with 4403 when its user is in
-/// it with a ban still running.
-pub type RemovedUsers = Arc<HashMap<String, u64>>;
+/// Users removed from the session, with the end of their ban (ms since the Unix epoch) and
+/// whether an admin removed them. Every connection of the session follows this and closes
+/// with 4403 when its user is in it with a ban still running (an admin's connection only
+/// for a ban an admin set: see [`ModerationRecord::ban_by_admin`]).
+pub type RemovedUsers = Arc<HashMap<String, (u64, bool)>>;
 
 /// Why an edit or a deletion was refused.
 #[derive(Debug, thiserror::Error)]
@@ -85,7 +86,10 @@ pub(crate) fn rfc3339(ms: u64) -> String {
 /// An RFC 3339 time (`Z` or a `±HH:MM` offset) as ms since the Unix epoch.
 pub fn parse_time(s: &str) -> Result<u64, String> {
     let bad = || format!("{s:?} is not an RFC 3339 time");
-    let (utc, offset_s): (String, i64) = match s.len().checked_sub(6).map(|i| s.split_at(i)) {
+    // `split_at_checked`: a client's string need not have a char boundary 6 bytes from
+    // its end (`split_at` would panic on one).
+    let tail_at = s.len().checked_sub(6);
+    let (utc, offset_s): (String, i64) = match tail_at.and_then(|i| s.split_at_checked(i)) {
         Some((head, tail))
             if (tail.starts_with('+') || tail.starts_with('-')) && tail.as_bytes()[3] == b':' =>
         {
@@ -105,6 +109,11 @@ pub fn parse_time(s: &str) -> Result<u64, String> {
     u64::try_from(ms).map_err(|_| bad())
 }
 
+/// Most users with a mute or a ban in force one session keeps: each is a record in memory
+/// while the session is loaded and on disk, and ids are whatever a moderator sends, so
+/// without a cap one tutor's client could grow them without end.
+pub const MAX_MODERATED_USERS: usize = 1000;
+
 /// What an edit does to a message.
 enum Change {
     Edit(String),
@@ -117,9 +126,11 @@ impl TutorRoom {
         store: &dyn Store,
         session: &str,
     ) -> Result<HashMap<String, ModerationRecord>, StoreError> {
+        let now = now_ms();
         Ok(store
             .moderation(session)?
             .into_iter()
+            .filter(|r| !r.is_spent(now))
             .map(|r| (r.user.clone(), r))
             .collect())
     }
@@ -131,24 +142,27 @@ impl TutorRoom {
             records
                 .values()
                 .filter(|r| r.banned_at(now))
-                .filter_map(|r| Some((r.user.clone(), r.banned_until_ms?)))
+                .filter_map(|r| Some((r.user.clone(), (r.banned_until_ms?, r.ban_by_admin))))
                 .collect(),
         )
     }
 
-    /// Whether `user` is muted now.
-    pub fn is_muted(&self, user: &str) -> bool {
+    /// Whether `user`, acting with `role`, is muted now.
+    pub fn is_muted(&self, user: &str, role: Role) -> bool {
         self.inner()
             .moderation
             .get(user)
-            .is_some_and(|r| r.muted_at(now_ms()))
+            .is_some_and(|r| r.muted_for(now_ms(), role == Role::Admin))
     }
 
-    /// When `user`'s ban ends (RFC 3339), if they are banned now.
-    pub fn banned_until(&self, user: &str) -> Option<String> {
+    /// When `user`'s ban ends (RFC 3339), if they, coming with `role`, are banned now.
+    pub fn banned_until(&self, user: &str, role: Role) -> Option<String> {
         let now = now_ms();
         let inner = self.inner();
-        let r = inner.moderation.get(user).filter(|r| r.banned_at(now))?;
+        let r = inner
+            .moderation
+            .get(user)
+            .filter(|r| r.banned_for(now, role == Role::Admin))?;
         r.banned_until_ms.map(rfc3339)
     }
 
@@ -277,6 +291,7 @@ impl TutorRoom {
             } else {
                 record.muted = true;
                 record.muted_until_ms = until_ms;
+                record.mute_by_admin = role == Role::Admin;
                 ("mute", until_ms)
             }
         })
@@ -289,6 +304,7 @@ impl TutorRoom {
         let until = now_ms().saturating_add(ban_ms);
         self.moderate(by, role, user, |record| {
             record.banned_until_ms = Some(until);
+            record.ban_by_admin = role == Role::Admin;
             ("remove", Some(until))
         })
     }
@@ -324,14 +340,23 @@ impl TutorRoom {
             ));
         }
         let now = now_ms();
+        // Mutes and bans that ended are forgotten here (they change nothing any more).
+        inner.moderation.retain(|_, r| !r.is_spent(now));
+        if !inner.moderation.contains_key(user) && inner.moderation.len() >= MAX_MODERATED_USERS {
+            return Err(ModerateError::BadRequest(format!(
+                "at most {MAX_MODERATED_USERS} users may be muted or removed in a session at once"
+            )));
+        }
         let mut record = inner.moderation.get(user).cloned().unwrap_or_default();
         record.user = user.to_owned();
         if !record.muted_at(now) {
             record.muted = false;
             record.muted_until_ms = None;
+            record.mute_by_admin = false;
         }
         if !record.banned_at(now) {
             record.banned_until_ms = None;
+            record.ban_by_admin = false;
         }
         let (action, until_ms) = apply(&mut record);
         self.store.set_moderation(&self.session, &record)?;
@@ -465,6 +490,9 @@ mod tests {
         assert!(parse_time("").is_err());
         assert!(parse_time("1969-12-31T23:00:00Z").is_err());
         assert_eq!(parse_time(&rfc3339(1_234_567)), Ok(1_234_567));
+        // A client's string whose 6th byte from the end is inside a character.
+        assert!(parse_time("\u{20ac}\u{20ac}\u{e9}").is_err());
+        assert!(parse_time("2026-01-01T00:00:00\u{20ac}\u{20ac}\u{e9}").is_err());
     }
 
     #[test]
@@ -496,6 +524,40 @@ mod tests {
         assert_eq!(v["edited_at"], "2026-01-01T00:00:00.000Z");
     }
 
+    /// A moderator's client cannot grow a session's moderation records without end.
+    #[test]
+    fn moderated_users_are_capped() {
+        let store: Arc<dyn Store> = Arc::new(crate::store::MemoryStore::default());
+        let room = TutorRoom::load(
+            "s".into(),
+            store.clone(),
+            Arc::new(crate::metrics::Metrics::new()),
+            100,
+            false,
+            Duration::from_secs(600),
+        )
+        .unwrap();
+        let tutor = UserInfo {
+            id: "tina".into(),
+            name: "Tina".into(),
+            role: "tutor".into(),
+        };
+        for i in 0..MAX_MODERATED_USERS {
+            room.mute(&tutor, Role::Tutor, &format!("u{i}"), None)
+                .unwrap();
+        }
+        let over = room.remove(&tutor, Role::Tutor, "one-more");
+        assert!(
+            matches!(over, Err(ModerateError::BadRequest(_))),
+            "{over:?}"
+        );
+        assert_eq!(store.moderation("s").unwrap().len(), MAX_MODERATED_USERS);
+        // Those already moderated still may be: unmuting makes room.
+        room.mute(&tutor, Role::Tutor, "u0", Some("1970-01-01T00:00:01Z"))
+            .unwrap();
+        room.remove(&tutor, Role::Tutor, "one-more").unwrap();
+    }
+
     #[test]
     fn mutes_and_bans_end_on_time() {
         let r = ModerationRecord {
@@ -503,6 +565,7 @@ mod tests {
             muted: true,
             muted_until_ms: Some(100),
             banned_until_ms: Some(50),
+            ..Default::default()
         };
         assert!(r.muted_at(99) && !r.muted_at(100));
         assert!(r.banned_at(49) && !r.banned_at(50));
@@ -512,5 +575,14 @@ mod tests {
             ..Default::default()
         };
         assert!(forever.muted_at(u64::MAX));
+        // A tutor's mute and ban do not hold against an admin; an admin's do.
+        assert!(r.muted_for(99, false) && !r.muted_for(99, true));
+        assert!(r.banned_for(49, false) && !r.banned_for(49, true));
+        let by_admin = ModerationRecord {
+            mute_by_admin: true,
+            ban_by_admin: true,
+            ..r
+        };
+        assert!(by_admin.muted_for(99, true) && by_admin.banned_for(49, true));
     }
 }

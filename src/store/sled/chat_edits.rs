@@ -5,9 +5,9 @@
 //!   [`ChatEdit`] as JSON. One entry per message (its latest change): an amend inserts the
 //!   new entry, then overwrites the message, then removes the previous entry, so a crash
 //!   midway leaves at worst an extra entry, which a resume answers with the message's
-//!   current state (harmless: clients apply edits idempotently). Entries of messages
-//!   trimmed since stay and are skipped by readers (the message is gone): the log holds at
-//!   most one entry (about 100 bytes) per message ever changed.
+//!   current state (harmless: clients apply edits idempotently). Trimming a message
+//!   removes its entry (`scan.rs`), so the log holds at most one entry (about 100 bytes)
+//!   per message kept; one an amend's crash left over is skipped by readers.
 //! - `moderation`: key `session \0 user id` ([`named_key`]), value `0x01` + a
 //!   [`ModerationRecord`] as JSON; a record with nothing set is deleted.
 //!
@@ -205,7 +205,8 @@ mod tests {
         }
         let edited = ChatMessage {
             text: "m2 fixed".into(),
-            edited_at: Some("2026-01-01T00:00:01.000Z".into()),
+            // As the room stamps them: `edited_at` is the log entry's time.
+            edited_at: Some("1970-01-01T00:00:01.000Z".into()),
             ..message(2, "")
         };
         store
@@ -213,6 +214,7 @@ mod tests {
             .unwrap();
         let edited_again = ChatMessage {
             text: "m2 fixed twice".into(),
+            edited_at: Some("1970-01-01T00:00:03.000Z".into()),
             ..edited.clone()
         };
         store
@@ -220,7 +222,7 @@ mod tests {
             .unwrap();
         let deleted = ChatMessage {
             seq: 1,
-            deleted_at: Some("2026-01-01T00:00:02.000Z".into()),
+            deleted_at: Some("1970-01-01T00:00:02.000Z".into()),
             ..Default::default()
         };
         store
@@ -243,12 +245,19 @@ mod tests {
         let stub = store.chat_get("s", 1).unwrap().unwrap();
         assert!(stub.text.is_empty() && stub.deleted_at.is_some());
         assert!(store.chat_get("s", 9).unwrap().is_none());
+        // Trimming a changed message takes its edit-log entry too (limit 2: seq 1 goes).
+        store.append_chat("s", &message(3, "m3"), 2).unwrap();
+        let log = store.chat_edits_after("s", (0, 0), 10).unwrap();
+        let keys: Vec<(u64, u64)> = log.iter().map(|e| (e.at_ms, e.seq)).collect();
+        assert_eq!(keys, [(3000, 2)], "the trimmed message's entry stayed");
 
         let record = ModerationRecord {
             user: "bob".into(),
             muted: true,
             muted_until_ms: None,
             banned_until_ms: Some(u64::MAX),
+            ban_by_admin: true,
+            ..Default::default()
         };
         store.set_moderation("s", &record).unwrap();
         drop(store);
@@ -261,7 +270,8 @@ mod tests {
         };
         store.set_moderation("s", &cleared).unwrap();
         assert!(store.moderation("s").unwrap().is_empty());
-        assert_eq!(store.chat_edits_after("s", (0, 0), 10).unwrap().len(), 2);
+        // The log survived the reopen (seq 1's entry went with its trimmed message).
+        assert_eq!(store.chat_edits_after("s", (0, 0), 10).unwrap().len(), 1);
     }
 
     /// An amend reported as failed (sync durability: its flush failed) is undone to what
@@ -275,7 +285,7 @@ mod tests {
         store.flush().unwrap();
         let deleted = ChatMessage {
             seq: 1,
-            deleted_at: Some("2026-01-01T00:00:02.000Z".into()),
+            deleted_at: Some("1970-01-01T00:00:02.000Z".into()),
             ..Default::default()
         };
         store

@@ -12,8 +12,8 @@
 use sled::IVec;
 
 use super::keys::{
-    describe_key, numbered_key, session_prefix, CHAT_TREE, LAST_SNAPSHOT_VERSION, SNAPSHOTS_TREE,
-    UPDATES_TREE,
+    describe_key, edit_key, numbered_key, session_prefix, CHAT_TREE, LAST_SNAPSHOT_VERSION,
+    SNAPSHOTS_TREE, UPDATES_TREE,
 };
 use super::records::{check_yjs_update, decode_chat, decode_snapshot_entry, decode_update};
 use super::versions::VERSIONS_DIR;
@@ -162,8 +162,25 @@ impl Shared {
         // messages for the next trim.
         let dropped = session_prefix(session)..=numbered_key(session, oldest_dropped);
         for key in t.chat.range(dropped).keys() {
-            self.written(t.chat.remove(key.map_err(storage_error)?))?;
+            let key = key.map_err(storage_error)?;
+            let old = self.written(t.chat.remove(&key))?;
+            // The message's entry in the edit log goes with it: readers would skip it, but
+            // it would stay for good, one per message ever changed.
+            let changed_at = old
+                .and_then(|value| decode_chat(&value).ok())
+                .and_then(|m| Some((m.seq, m.deleted_at.or(m.edited_at)?)))
+                .and_then(|(seq, at)| Some((seq, rfc3339_ms(&at)?)));
+            if let Some((seq, at_ms)) = changed_at {
+                self.written(t.chat_edits.remove(edit_key(session, at_ms, seq)))?;
+            }
         }
         Ok(())
     }
+}
+
+/// An RFC 3339 time as this store's amends write it (`edited_at`, `deleted_at`: UTC,
+/// milliseconds), as ms since the Unix epoch.
+fn rfc3339_ms(at: &str) -> Option<u64> {
+    let t = humantime::parse_rfc3339_weak(at).ok()?;
+    u64::try_from(t.duration_since(std::time::UNIX_EPOCH).ok()?.as_millis()).ok()
 }

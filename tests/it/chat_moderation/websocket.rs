@@ -475,3 +475,85 @@ async fn remove_ban_s_is_validated_at_start() {
         };
     assert!(err.contains("tutor.remove_ban_s"), "{err}");
 }
+
+/// The session routes that read the store without opening the session refuse a removed
+/// user too: listing and reading snapshots (the whiteboard's content) and, for a removed
+/// tutor, minting a student link (a fresh identity that would walk past the ban).
+#[tokio::test]
+async fn a_removed_user_is_refused_snapshots_and_student_links() {
+    let server = TestServer::start("");
+    let s = session_id("mod-remove-routes");
+    let (mut ada, _, _) = server.tutor(&s, &token("ada", &s, "admin")).await;
+    let (mut tom, _, _) = server.tutor(&s, &token("tom", &s, "tutor")).await;
+    ada.send(&json!({"type":"remove","user":"tom"})).await;
+    assert_eq!(tom.expect_close(TIMEOUT).await, Some(4403));
+    let tom_token = token("tom", &s, "tutor");
+    for (method, path) in [
+        ("GET", format!("/api/v2/session/{s}/snapshots")),
+        ("GET", format!("/api/v2/session/{s}/snapshots/1")),
+        ("POST", format!("/api/v2/session/{s}/student-link")),
+    ] {
+        let r = server.api(method, &path, Some(&tom_token), None).await;
+        let what = format!("removed tutor: {method} {path}");
+        assert_refusal(&r, 403, Some("forbidden"), &what);
+        // A page tells "removed" from "no access" by it.
+        let body: serde_json::Value = serde_json::from_slice(&r.body).unwrap_or_default();
+        assert_eq!(body["reason"], "removed", "{what}: {body}");
+    }
+    // Others still may.
+    let ada_token = token("ada", &s, "admin");
+    let r = server
+        .api(
+            "GET",
+            &format!("/api/v2/session/{s}/snapshots"),
+            Some(&ada_token),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 200, "admin's snapshot list");
+}
+
+/// A tutor may not moderate an admin, and cannot get round that by muting or removing the
+/// admin's id while the admin is away: the admin comes in, unmuted, and stays when the
+/// removals are published again. The same id as a student is held to them.
+#[tokio::test]
+async fn a_tutor_cannot_mute_or_remove_an_absent_admin() {
+    let server = TestServer::start("");
+    let s = session_id("mod-absent-admin");
+    let (mut tina, _, _) = server.tutor(&s, &token("tina", &s, "tutor")).await;
+    let (mut bob, _, _) = server.tutor(&s, &token("bob", &s, "student")).await;
+    tina.send(&json!({"type":"mute","user":"ada","until":null}))
+        .await;
+    tina.wait_for("ada muted", |v| {
+        v["type"] == "moderation" && v["action"] == "mute"
+    })
+    .await;
+    tina.send(&json!({"type":"remove","user":"ada"})).await;
+    tina.wait_for("ada removed", |v| {
+        v["type"] == "moderation" && v["action"] == "remove"
+    })
+    .await;
+
+    let ada_token = token("ada", &s, "admin");
+    let (mut ada, welcome, _) = server.tutor(&s, &ada_token).await;
+    assert_eq!(participant(&welcome, "ada")["muted"], false, "{welcome}");
+    chat(&mut ada, "admin here").await;
+    let r = server
+        .api("GET", &messages_path(&s), Some(&ada_token), None)
+        .await;
+    assert_eq!(r.status, 200, "admin's HTTP read");
+    // Another removal publishes the removed users again: the admin stays.
+    tina.send(&json!({"type":"remove","user":"bob"})).await;
+    assert_eq!(bob.expect_close(TIMEOUT).await, Some(4403));
+    ada.wait_for("bob's removal", |v| {
+        v["type"] == "moderation" && v["user"] == "bob"
+    })
+    .await;
+    chat(&mut ada, "still here").await;
+
+    let as_student = token("ada", &s, "student");
+    let r = server
+        .api("GET", &messages_path(&s), Some(&as_student), None)
+        .await;
+    assert_refusal(&r, 403, Some("forbidden"), "the same id as a student");
+}
