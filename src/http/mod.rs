@@ -24,6 +24,7 @@ pub mod tutor;
 pub mod whiteboard;
 
 use std::collections::HashMap;
+use std::future::Future;
 
 use axum::extract::{FromRequest, Path, Request};
 use axum::http::StatusCode;
@@ -197,6 +198,22 @@ pub(crate) async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| ApiError::Internal(e.to_string()))?
+}
+
+/// Awaits a chat change queued on a tutor room's lane, holding `handle` until it is made
+/// even if the request goes first (as [`blocking`] did when the change ran there): the
+/// session stays loaded, so no second room loads and hands out the same seq.
+pub(crate) async fn on_lane<T: Send + 'static>(
+    handle: crate::session::SessionHandle,
+    change: impl Future<Output = Result<T, ApiError>> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::spawn(async move {
+        let out = change.await;
+        drop(handle);
+        out
+    })
+    .await
+    .map_err(|e| ApiError::Internal(e.to_string()))?
 }
 
 pub(crate) fn storage(e: StoreError) -> ApiError {

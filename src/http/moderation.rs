@@ -6,6 +6,8 @@
 //! ([`crate::session::tutor`]); this module maps its refusals to statuses: `404`
 //! `not_found`, `403` `forbidden` (with `"reason":"muted"` for a muted user), `400`.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use axum::extract::{Query, Request, State};
@@ -14,7 +16,7 @@ use axum::Json;
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::{blocking, read_body, storage, ApiError, ApiPath, QueryMap};
+use super::{on_lane, read_body, storage, ApiError, ApiPath, QueryMap};
 use crate::app::{user_info, AppState};
 use crate::protocol::tutor::{ChatMessage, ClientMessage};
 use crate::session::tutor::{check_text, AmendError, ChatTextError, ModerateError};
@@ -65,13 +67,8 @@ pub async fn patch_message(
     })?;
     let by = user_info(&claims);
     let role = claims.role;
-    let message = blocking(move || {
-        handle
-            .tutor
-            .edit_chat(&by, role, seq, edit.text)
-            .map_err(amend_error)
-    })
-    .await?;
+    let edited = handle.tutor.edit_chat(&by, role, seq, edit.text);
+    let message = on_lane(handle, async move { edited.await.map_err(amend_error) }).await?;
     Ok(Json(message))
 }
 
@@ -91,13 +88,8 @@ pub async fn delete_message(
     let handle = app.open_session(&claims, &session).await?;
     let by = user_info(&claims);
     let role = claims.role;
-    let message = blocking(move || {
-        handle
-            .tutor
-            .delete_chat(&by, role, seq)
-            .map_err(amend_error)
-    })
-    .await?;
+    let deleted = handle.tutor.delete_chat(&by, role, seq);
+    let message = on_lane(handle, async move { deleted.await.map_err(amend_error) }).await?;
     Ok(Json(message))
 }
 
@@ -125,16 +117,16 @@ pub async fn post_moderation(
         .map_err(|e| ApiError::BadRequest(format!("{expected}: {e}")))?;
     let by = user_info(&claims);
     let role = claims.role;
-    let announced = blocking(move || {
-        let tutor = &handle.tutor;
-        match request {
-            ClientMessage::Mute { user, until } => tutor.mute(&by, role, &user, until.as_deref()),
-            ClientMessage::Remove { user } => tutor.remove(&by, role, &user),
-            _ => return Err(ApiError::BadRequest(expected.into())),
+    // On the room's lane, off the async workers.
+    let tutor = &handle.tutor;
+    let change: Pin<Box<dyn Future<Output = _> + Send>> = match request {
+        ClientMessage::Mute { user, until } => {
+            Box::pin(tutor.mute(&by, role, &user, until.as_deref()))
         }
-        .map_err(moderate_error)
-    })
-    .await?;
+        ClientMessage::Remove { user } => Box::pin(tutor.remove(&by, role, &user)),
+        _ => return Err(ApiError::BadRequest(expected.into())),
+    };
+    let announced = on_lane(handle, async move { change.await.map_err(moderate_error) }).await?;
     let value: Value =
         serde_json::from_str(&announced).map_err(|e| ApiError::Internal(e.to_string()))?;
     Ok(Json(value))

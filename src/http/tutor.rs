@@ -9,10 +9,12 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::Json;
 use serde_json::json;
 
-use super::{blocking, number_param, read_body, storage, wait_param, ApiError, ApiPath, QueryMap};
+use super::{
+    blocking, number_param, on_lane, read_body, storage, wait_param, ApiError, ApiPath, QueryMap,
+};
 use crate::app::{user_info, AppState};
 use crate::protocol::tutor::ChatMessage;
-use crate::session::tutor::{check_text, ChatTextError};
+use crate::session::tutor::{check_text, ChatTextError, PostError};
 
 /// `GET /api/v2/session/{id}/tutor/messages?after=N&limit=M&wait=S`: chat after `after`,
 /// oldest first, with `last_seq` and (SPEC 4.1) the `changes` to messages up to `after`;
@@ -104,11 +106,15 @@ pub async fn post_message(
         )));
     }
     let from = user_info(&claims);
-    let message = blocking(move || {
-        handle
-            .tutor
-            .post_chat(from, post.text, post.client_id)
-            .map_err(storage)
+    // Stored and relayed on the room's lane, off the async workers.
+    let posted = handle
+        .tutor
+        .post_chat(from, claims.role, post.text, post.client_id);
+    let message = on_lane(handle, async move {
+        posted.await.map_err(|e| match e {
+            PostError::Muted => ApiError::Muted(e.to_string()),
+            PostError::Store(e) => storage(e),
+        })
     })
     .await?;
     Ok((StatusCode::CREATED, Json(message)))

@@ -9,6 +9,7 @@
 //! fan-out goes through [`peers::Peers::broadcast`]. Must not touch sockets or HTTP: the
 //! `ws` and `http` layers call in.
 
+pub mod lane;
 pub mod peers;
 pub mod tutor;
 pub mod whiteboard;
@@ -57,6 +58,14 @@ impl std::ops::Deref for SessionHandle {
     type Target = Session;
     fn deref(&self) -> &Session {
         &self.session
+    }
+}
+
+/// Another hold on the same session (e.g. for a chat change on the tutor room's lane, so
+/// the session stays loaded until the change is made, whoever stops waiting for it).
+impl Clone for SessionHandle {
+    fn clone(&self) -> Self {
+        Registry::handle(&self.session)
     }
 }
 

@@ -1,9 +1,11 @@
 //! A session's tutor room: who is present, and the chat with its gapless `seq`.
 //!
 //! The room owns the participant list and the next `seq`; it stores each chat message
-//! through the [`Store`] before broadcasting it, under one short lock so that every
-//! connection sees messages in `seq` order. It encodes each broadcast once and pushes the
-//! same bytes into every outbox; it never touches a socket.
+//! through the [`Store`] before broadcasting it. Every change to the chat (posts, edits,
+//! deletions, mutes, removals) runs on the room's lane (`super::lane`), off the async
+//! workers, one at a time in the order queued, so every connection sees messages in `seq`
+//! order; the room's lock is never held across a store write. It encodes each broadcast
+//! once and pushes the same bytes into every outbox; it never touches a socket.
 //!
 //! History (on connect, on an `after_seq` resume, on a `history` request) is sent in pages:
 //! at most [`Paging::messages`] messages and [`Paging::bytes`] bytes of JSON per `history`
@@ -23,6 +25,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use axum::extract::ws::{Message, Utf8Bytes};
 
+use super::lane::{Lane, LaneError};
 use super::peers::{ConnId, Peer, Peers};
 use crate::metrics::Metrics;
 use crate::protocol::tutor::{ChatMessage, Participant, PresenceEvent, ServerMessage, UserInfo};
@@ -149,7 +152,87 @@ pub struct HistoryReader {
     metrics: Arc<Metrics>,
 }
 
+/// A session's tutor room: its state ([`Room`], through `Deref`) and the lane its chat
+/// changes run on (posts, edits, deletions, mutes, removals: see [`super::lane`]). A change
+/// is made on a lane thread, never on an async worker: the store write (and, in sync
+/// durability, the flush) happens there, with the room's lock not held, and the lock is
+/// taken only to read what the change needs and, once it is stored, to relay it. The
+/// lane runs one change at a time in the order they were queued, so seqs stay gapless
+/// and connections see changes in the order they were stored.
 pub struct TutorRoom {
+    room: Arc<Room>,
+    lane: Lane,
+}
+
+impl std::ops::Deref for TutorRoom {
+    type Target = Room;
+    fn deref(&self) -> &Room {
+        &self.room
+    }
+}
+
+/// Why a chat message was not posted.
+#[derive(Debug, thiserror::Error)]
+pub enum PostError {
+    #[error("you are muted in this session")]
+    Muted,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// A lane that could not run a job: the store's error callers already handle.
+fn lane_failed(e: LaneError) -> StoreError {
+    StoreError::Unavailable(format!("the tutor room's lane: {e}"))
+}
+
+impl TutorRoom {
+    pub fn load(
+        session: Arc<str>,
+        store: Arc<dyn Store>,
+        metrics: Arc<Metrics>,
+        history_limit: usize,
+        flush_before_relay: bool,
+        remove_ban: std::time::Duration,
+    ) -> Result<Self, StoreError> {
+        Ok(Self {
+            room: Arc::new(Room::load(
+                session,
+                store,
+                metrics,
+                history_limit,
+                flush_before_relay,
+                remove_ban,
+            )?),
+            lane: Lane::default(),
+        })
+    }
+
+    /// Runs `job` on the room's lane (awaiting a place while its queue is full).
+    fn on_lane<T: Send + 'static, E: From<StoreError> + Send + 'static>(
+        &self,
+        job: impl FnOnce(&Room) -> Result<T, E> + Send + 'static,
+    ) -> impl std::future::Future<Output = Result<T, E>> + Send + 'static {
+        let room = self.room.clone();
+        let queued = self.lane.run(move || job(&room));
+        async move { queued.await.map_err(|e| E::from(lane_failed(e)))? }
+    }
+
+    /// Stores a chat message under the next `seq` and sends it to every connection, the
+    /// sender's included (its acknowledgement); refused if `from`, acting with `role`, is
+    /// muted by the time it is its turn.
+    pub fn post_chat(
+        &self,
+        from: UserInfo,
+        role: crate::auth::Role,
+        text_body: String,
+        client_id: Option<String>,
+    ) -> impl std::future::Future<Output = Result<ChatMessage, PostError>> + Send + 'static {
+        self.on_lane(move |room| room.store_chat(from, role, text_body, client_id))
+    }
+}
+
+/// The tutor room's state. Its changes run on the room's lane (see [`TutorRoom`]).
+pub struct Room {
     session: Arc<str>,
     inner: Arc<Mutex<Inner>>,
     store: Arc<dyn Store>,
@@ -171,8 +254,8 @@ fn text(json: String) -> Message {
     Message::Text(Utf8Bytes::from(json))
 }
 
-impl TutorRoom {
-    pub fn load(
+impl Room {
+    fn load(
         session: Arc<str>,
         store: Arc<dyn Store>,
         metrics: Arc<Metrics>,
@@ -352,17 +435,33 @@ impl TutorRoom {
         inner.members.broadcast(&msg, None);
     }
 
-    /// Stores a chat message under the next `seq` and sends it to every connection,
-    /// the sender's included (its acknowledgement).
-    pub fn post_chat(
+    /// Stores a chat message under the next `seq` and relays it. Runs on the room's lane
+    /// only, the one place `last_seq` changes: the lock is let go while the message is
+    /// stored (and flushed), and whoever reads `last_seq` meanwhile (a join deciding its
+    /// history) sees the previous one and gets this message by the relay.
+    fn store_chat(
         &self,
         from: UserInfo,
+        role: crate::auth::Role,
         text_body: String,
         client_id: Option<String>,
-    ) -> Result<ChatMessage, StoreError> {
-        let mut inner = self.inner();
+    ) -> Result<ChatMessage, PostError> {
+        debug_assert!(super::lane::on_lane_thread(), "a chat post off the lane");
+        let seq = {
+            let inner = self.inner();
+            let admin = role == crate::auth::Role::Admin;
+            let now = moderation::now_ms();
+            if inner
+                .moderation
+                .get(&from.id)
+                .is_some_and(|r| r.muted_for(now, admin))
+            {
+                return Err(PostError::Muted);
+            }
+            inner.last_seq + 1
+        };
         let message = ChatMessage {
-            seq: inner.last_seq + 1,
+            seq,
             client_id,
             from,
             text: text_body,
@@ -375,6 +474,7 @@ impl TutorRoom {
         if self.flush_before_relay {
             self.store.flush()?;
         }
+        let mut inner = self.inner();
         inner.last_seq = message.seq;
         inner.last_ts_ms = inner.last_ts_ms.max(parse_time(&message.ts).unwrap_or(0));
         self.seq_changes.send_replace(message.seq);

@@ -14,7 +14,9 @@
 //! Must not store or broadcast by itself: the tutor room does; close codes come from
 //! [`super::close`].
 
-use std::sync::Arc;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use axum::extract::ws::{Message, Utf8Bytes};
 
@@ -26,9 +28,10 @@ use crate::config::TutorConfig;
 use crate::limits::{Strikes, TokenBucket};
 use crate::metrics::Metrics;
 use crate::protocol::tutor::{ClientMessage, ErrorCode, ServerMessage, UserInfo};
-use crate::session::tutor::{check_text, ChatTextError, HistoryRange, Paging};
+use crate::session::tutor::{check_text, ChatTextError, HistoryRange, Paging, PostError};
 use crate::session::whiteboard::ConnId;
 use crate::session::SessionHandle;
+use crate::sync;
 
 mod moderation;
 
@@ -75,12 +78,49 @@ pub struct TutorHandler {
     pub strikes: Strikes,
     pub config: TutorConfig,
     pub metrics: Arc<Metrics>,
+    /// The rest of a change's handling once the room's lane has done it (see
+    /// [`TutorHandler::then`]).
+    pub finish: Finish,
 }
+
+/// What is left to do with a change's outcome, with the handler at hand.
+type FinishFn = Box<dyn FnOnce(&mut TutorHandler) -> Flow + Send>;
+
+/// Where a change's awaited outcome waits for the handler (`Default`: nothing).
+#[derive(Default, Clone)]
+pub struct Finish(Arc<Mutex<Option<FinishFn>>>);
 
 impl TutorHandler {
     fn send(&self, message: ServerMessage<'_>) {
         self.outbox
             .send(Message::Text(Utf8Bytes::from(message.to_json())));
+    }
+
+    /// Awaits `outcome` (a change queued on the room's lane) before the next frame is read,
+    /// then comes back to this frame to `finish` with the handler (an error reply, a
+    /// strike), like the whiteboard's resume after its sequencer's outcome.
+    fn then<T: Send + 'static>(
+        &self,
+        outcome: impl Future<Output = T> + Send + 'static,
+        finish: impl FnOnce(&mut Self, T) -> Flow + Send + 'static,
+    ) -> Flow {
+        let slot = self.finish.clone();
+        // A task of its own holding the session: should the connection go before the
+        // change is made, the session stays loaded (no second room can load and hand out
+        // the same seq) until it is.
+        let held = self.session.clone();
+        let done = tokio::spawn(async move {
+            let out = outcome.await;
+            drop(held);
+            out
+        });
+        Flow::Then(Box::pin(async move {
+            let Ok(out) = done.await else {
+                return Flow::Close(Close::new(close::INTERNAL, "storage error"));
+            };
+            *sync::lock(&slot.0) = Some(Box::new(move |h: &mut Self| finish(h, out)));
+            Flow::RetryAfter(Duration::ZERO)
+        }))
     }
 
     fn paging(&self) -> Paging {
@@ -138,10 +178,17 @@ impl TutorHandler {
                         ));
                     }
                 }
-                if let Err(e) = room.post_chat(self.user.clone(), text, client_id) {
-                    tracing::error!(session = %self.session.id, error = %e, "chat not stored");
-                    return Flow::Close(Close::new(close::INTERNAL, "storage error"));
-                }
+                // Stored and relayed on the room's lane; the next frame is read after.
+                let posted = room.post_chat(self.user.clone(), self.role, text, client_id);
+                return self.then(posted, |h, posted| match posted {
+                    Ok(_) => Flow::Continue,
+                    // Muted while the post waited its turn.
+                    Err(PostError::Muted) => h.muted(),
+                    Err(PostError::Store(e)) => {
+                        tracing::error!(session = %h.session.id, error = %e, "chat not stored");
+                        Flow::Close(Close::new(close::INTERNAL, "storage error"))
+                    }
+                });
             }
             // A muted user's typing is dropped quietly: others would wait for a message that
             // cannot come, and an error per keystroke helps nobody (SPEC 4.1 leaves it open).
@@ -236,6 +283,11 @@ impl FrameHandler for TutorHandler {
     }
 
     fn on_frame(&mut self, frame: &Message) -> Flow {
+        // Back with the frame whose change the lane has done: finish it, nothing more.
+        let finish = sync::lock(&self.finish.0).take();
+        if let Some(finish) = finish {
+            return finish(self);
+        }
         let text = match frame {
             Message::Text(t) => t.as_str(),
             Message::Binary(_) => {

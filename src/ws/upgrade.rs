@@ -264,6 +264,7 @@ async fn run_tutor(app: Arc<AppState>, socket: WebSocket, a: Admitted, after_seq
         ),
         config: cfg.tutor.clone(),
         metrics: app.metrics.clone(),
+        finish: Default::default(),
     };
     super::run(socket, conn, handler).await;
 }

@@ -14,6 +14,7 @@ mod support;
 
 mod auth;
 mod awareness;
+mod chat_lane;
 mod chat_moderation;
 mod cli;
 mod first_hour;

@@ -1,9 +1,12 @@
 //! SPEC 4.1 in the tutor room: editing and deleting chat messages, muting and removing
 //! users, and the catch-up of a resuming client on the edits it missed.
 //!
-//! Everything here runs under the room's lock, like `post_chat`: a change is stored (and,
-//! with `persist.durability = "sync"`, flushed) before any connection sees it, and every
-//! connection sees changes in the order they were stored. The rules:
+//! Every change here runs on the room's lane, like a chat post (see [`super::TutorRoom`]):
+//! a change is stored (and, with `persist.durability = "sync"`, flushed) before any
+//! connection sees it, and every connection sees changes in the order they were stored.
+//! The room's lock is taken to read what a change needs and to relay it, never across the
+//! store write; what it guards here (`moderation`, `last_ts_ms`) changes only on the lane.
+//! The rules:
 //!
 //! - Edit: the author, or a tutor or admin, any message; not a deleted one (`not_found`);
 //!   a muted author may not edit (`forbidden`, reason `muted`: an edit is a way to chat).
@@ -28,7 +31,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use super::{text, HistoryError, HistoryReader, TutorRoom};
+use super::{text, HistoryError, HistoryReader, Room, TutorRoom};
 use crate::auth::Role;
 use crate::protocol::tutor::{ChatMessage, ServerMessage, UserInfo};
 use crate::store::{ChatEdit, ModerationRecord, Store, StoreError};
@@ -121,6 +124,58 @@ enum Change {
 }
 
 impl TutorRoom {
+    /// Edits message `seq` and tells everyone (`chat_edited`). Resolves to the message as
+    /// now stored.
+    pub fn edit_chat(
+        &self,
+        by: &UserInfo,
+        role: Role,
+        seq: u64,
+        new_text: String,
+    ) -> impl std::future::Future<Output = Result<ChatMessage, AmendError>> + Send + 'static {
+        let by = by.clone();
+        self.on_lane(move |room| room.amend(&by, role, seq, Change::Edit(new_text)))
+    }
+
+    /// Deletes message `seq` (its text is gone for good) and tells everyone
+    /// (`chat_deleted`). Resolves to what is left of it.
+    pub fn delete_chat(
+        &self,
+        by: &UserInfo,
+        role: Role,
+        seq: u64,
+    ) -> impl std::future::Future<Output = Result<ChatMessage, AmendError>> + Send + 'static {
+        let by = by.clone();
+        self.on_lane(move |room| room.amend(&by, role, seq, Change::Delete))
+    }
+
+    /// Mutes `user` until `until` (RFC 3339; `None`: until unmuted); a time in the past
+    /// unmutes. Resolves to the `moderation` announcement everyone got.
+    pub fn mute(
+        &self,
+        by: &UserInfo,
+        role: Role,
+        user: &str,
+        until: Option<&str>,
+    ) -> impl std::future::Future<Output = Result<String, ModerateError>> + Send + 'static {
+        let (by, user, until) = (by.clone(), user.to_owned(), until.map(str::to_owned));
+        self.on_lane(move |room| room.mute(&by, role, &user, until.as_deref()))
+    }
+
+    /// Removes `user`: their connections on both endpoints close with 4403 and new ones
+    /// are refused (403) for `tutor.remove_ban_s`. Resolves to the announcement.
+    pub fn remove(
+        &self,
+        by: &UserInfo,
+        role: Role,
+        user: &str,
+    ) -> impl std::future::Future<Output = Result<String, ModerateError>> + Send + 'static {
+        let (by, user) = (by.clone(), user.to_owned());
+        self.on_lane(move |room| room.remove(&by, role, &user))
+    }
+}
+
+impl Room {
     /// The session's moderation records, as loaded with the room.
     pub(super) fn load_moderation(
         store: &dyn Store,
@@ -177,29 +232,6 @@ impl TutorRoom {
         self.removed.subscribe()
     }
 
-    /// Edits message `seq` and tells everyone (`chat_edited`). Returns the message as now
-    /// stored.
-    pub fn edit_chat(
-        &self,
-        by: &UserInfo,
-        role: Role,
-        seq: u64,
-        new_text: String,
-    ) -> Result<ChatMessage, AmendError> {
-        self.amend(by, role, seq, Change::Edit(new_text))
-    }
-
-    /// Deletes message `seq` (its text is gone for good) and tells everyone
-    /// (`chat_deleted`). Returns what is left of it.
-    pub fn delete_chat(
-        &self,
-        by: &UserInfo,
-        role: Role,
-        seq: u64,
-    ) -> Result<ChatMessage, AmendError> {
-        self.amend(by, role, seq, Change::Delete)
-    }
-
     fn amend(
         &self,
         by: &UserInfo,
@@ -210,7 +242,11 @@ impl TutorRoom {
         if !role.can_write() {
             return Err(AmendError::Forbidden("viewers may not change chat"));
         }
-        let mut inner = self.inner();
+        debug_assert!(
+            super::super::lane::on_lane_thread(),
+            "a chat change off the lane"
+        );
+        // On the lane, the only place messages change: read without the room's lock.
         let message = self
             .store
             .chat_get(&self.session, seq)?
@@ -222,13 +258,15 @@ impl TutorRoom {
             ));
         }
         let now = now_ms();
-        if matches!(change, Change::Edit(_))
-            && !is_moderator(role)
-            && inner
+        let (muted, last_ts_ms) = {
+            let inner = self.inner();
+            let muted = inner
                 .moderation
                 .get(&by.id)
-                .is_some_and(|r| r.muted_at(now))
-        {
+                .is_some_and(|r| r.muted_at(now));
+            (muted, inner.last_ts_ms)
+        };
+        if matches!(change, Change::Edit(_)) && !is_moderator(role) && muted {
             return Err(AmendError::Muted);
         }
         // The previous entry of this message in the edit log (the log keeps one per message).
@@ -237,7 +275,7 @@ impl TutorRoom {
             .as_deref()
             .and_then(|at| parse_time(at).ok());
         // Never before the newest message: see `Inner::last_ts_ms`.
-        let at_ms = now.max(inner.last_ts_ms);
+        let at_ms = now.max(last_ts_ms);
         let at = rfc3339(at_ms);
         let amended = match change {
             Change::Edit(new_text) => ChatMessage {
@@ -262,15 +300,14 @@ impl TutorRoom {
             self.store.flush()?;
         }
         let msg = text(change_frame(&amended, by));
-        inner.members.broadcast(&msg, None);
+        self.inner().members.broadcast(&msg, None);
         self.amends
             .send_modify(|latest| *latest = (*latest).max(at_ms));
         Ok(amended)
     }
 
-    /// Mutes `user` until `until` (RFC 3339; `None`: until unmuted); a time in the past
-    /// unmutes. Returns the `moderation` announcement everyone got.
-    pub fn mute(
+    /// See [`TutorRoom::mute`]; runs on the room's lane.
+    fn mute(
         &self,
         by: &UserInfo,
         role: Role,
@@ -297,9 +334,8 @@ impl TutorRoom {
         })
     }
 
-    /// Removes `user`: their connections on both endpoints close with 4403 and new ones
-    /// are refused (403) for `tutor.remove_ban_s`. Returns the announcement.
-    pub fn remove(&self, by: &UserInfo, role: Role, user: &str) -> Result<String, ModerateError> {
+    /// See [`TutorRoom::remove`]; runs on the room's lane.
+    fn remove(&self, by: &UserInfo, role: Role, user: &str) -> Result<String, ModerateError> {
         let ban_ms = u64::try_from(self.remove_ban.as_millis()).unwrap_or(u64::MAX);
         let until = now_ms().saturating_add(ban_ms);
         self.moderate(by, role, user, |record| {
@@ -329,6 +365,10 @@ impl TutorRoom {
         if user == by.id {
             return Err(ModerateError::Forbidden("you may not moderate yourself"));
         }
+        debug_assert!(
+            super::super::lane::on_lane_thread(),
+            "moderation off the lane"
+        );
         let mut inner = self.inner();
         let target_is_admin = inner
             .members
@@ -359,10 +399,14 @@ impl TutorRoom {
             record.ban_by_admin = false;
         }
         let (action, until_ms) = apply(&mut record);
+        // Not held across the store write: `moderation` changes only on the lane, so
+        // nothing changes it meanwhile.
+        drop(inner);
         self.store.set_moderation(&self.session, &record)?;
         if self.flush_before_relay {
             self.store.flush()?;
         }
+        let mut inner = self.inner();
         if record.is_spent(now) {
             inner.moderation.remove(user);
         } else {
@@ -525,8 +569,8 @@ mod tests {
     }
 
     /// A moderator's client cannot grow a session's moderation records without end.
-    #[test]
-    fn moderated_users_are_capped() {
+    #[tokio::test]
+    async fn moderated_users_are_capped() {
         let store: Arc<dyn Store> = Arc::new(crate::store::MemoryStore::default());
         let room = TutorRoom::load(
             "s".into(),
@@ -544,9 +588,10 @@ mod tests {
         };
         for i in 0..MAX_MODERATED_USERS {
             room.mute(&tutor, Role::Tutor, &format!("u{i}"), None)
+                .await
                 .unwrap();
         }
-        let over = room.remove(&tutor, Role::Tutor, "one-more");
+        let over = room.remove(&tutor, Role::Tutor, "one-more").await;
         assert!(
             matches!(over, Err(ModerateError::BadRequest(_))),
             "{over:?}"
@@ -554,8 +599,9 @@ mod tests {
         assert_eq!(store.moderation("s").unwrap().len(), MAX_MODERATED_USERS);
         // Those already moderated still may be: unmuting makes room.
         room.mute(&tutor, Role::Tutor, "u0", Some("1970-01-01T00:00:01Z"))
+            .await
             .unwrap();
-        room.remove(&tutor, Role::Tutor, "one-more").unwrap();
+        room.remove(&tutor, Role::Tutor, "one-more").await.unwrap();
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! The per-session `meta` counters (`last_log_seq`, `last_snapshot_version`,
-//! `last_chat_seq`, `chat_seq_reserved`, `last_activity_ms`; see [`crate::store`]): reading,
-//! compare-and-swap updates and blind writes, and the numbers read back from keys.
+//! `last_chat_seq`, `chat_seq_reserved`, `last_activity_ms`; see [`crate::store`]): reading
+//! and blind writes, and the numbers read back from keys.
 //!
 //! Owns: counter access. Must not touch: what a counter means to the store (that is in the
 //! `Store` impl of [`super`]).
@@ -31,30 +31,6 @@ impl Shared {
             Err(e) => {
                 self.report_damaged(META_TREE, key, &e);
                 None
-            }
-        }
-    }
-
-    /// Atomically replaces a `meta` counter by `next(current)` (compare-and-swap, retried
-    /// on a concurrent change). Returns the value written.
-    pub(super) fn update_counter(
-        &self,
-        t: &Trees,
-        session: &str,
-        name: &str,
-        next: impl Fn(Option<u64>) -> Result<u64, StoreError>,
-    ) -> Result<u64, StoreError> {
-        let key = named_key(session, name);
-        loop {
-            let current = t.meta.get(&key).map_err(storage_error)?;
-            let new = next(self.decode_counter_or_report(&key, current.as_deref()))?;
-            let swapped = self.written(t.meta.compare_and_swap(
-                &key,
-                current,
-                Some(&encode_counter(new)[..]),
-            ))?;
-            if swapped.is_ok() {
-                return Ok(new);
             }
         }
     }

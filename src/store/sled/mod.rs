@@ -499,11 +499,14 @@ impl Store for SledStore {
             numbered_key(session, message.seq),
             encode_chat(message)?,
         )?;
-        let newest_seq = s.update_counter(&t, session, LAST_CHAT_SEQ, |last| {
-            Ok(last.unwrap_or(0).max(message.seq))
-        })?;
+        // A blind write, not a compare-and-swap keeping the larger: a session's seqs are
+        // assigned by its one tutor room, one at a time on its lane, each above every seq
+        // the store knew at load (`last_chat_seq`), so the counter never holds more than
+        // `message.seq`. Were there a second writer, the max would not save it: the two
+        // would already hand out the same seq.
+        s.write_counter(&t, session, LAST_CHAT_SEQ, message.seq)?;
         s.write_counter(&t, session, LAST_ACTIVITY_MS, now_ms())?;
-        s.trim_chat(&t, session, newest_seq, history_limit)
+        s.trim_chat(&t, session, message.seq, history_limit)
     }
 
     fn chat_after(

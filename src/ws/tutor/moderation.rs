@@ -2,6 +2,7 @@
 //! checked here (text size) and carried out by the tutor room, and the `forbidden`
 //! (reason `muted`) answer to a muted user's chat and events.
 //!
+//! Each change runs on the tutor room's lane; the reader awaits it, then answers here.
 //! Refusals (`not_found`, `forbidden`) are answered with an error and no strike: they are
 //! well-formed requests a client may make in good faith (a message deleted meanwhile).
 
@@ -47,21 +48,16 @@ impl TutorHandler {
             }
             Err(e @ ChatTextError::TooLong { .. }) => return self.too_large(&e.to_string()),
         }
-        let result = self
+        let edited = self
             .session
             .tutor
-            .edit_chat(&self.user, self.role, seq, text)
-            .map(|_| ());
-        self.amended(result)
+            .edit_chat(&self.user, self.role, seq, text);
+        self.then(edited, |h, result| h.amended(result.map(|_| ())))
     }
 
     pub(super) fn delete(&mut self, seq: u64) -> Flow {
-        let result = self
-            .session
-            .tutor
-            .delete_chat(&self.user, self.role, seq)
-            .map(|_| ());
-        self.amended(result)
+        let deleted = self.session.tutor.delete_chat(&self.user, self.role, seq);
+        self.then(deleted, |h, result| h.amended(result.map(|_| ())))
     }
 
     fn moderated(&mut self, result: Result<String, ModerateError>) -> Flow {
@@ -78,12 +74,12 @@ impl TutorHandler {
     }
 
     pub(super) fn mute(&mut self, user: &str, until: Option<&str>) -> Flow {
-        let result = self.session.tutor.mute(&self.user, self.role, user, until);
-        self.moderated(result)
+        let muted = self.session.tutor.mute(&self.user, self.role, user, until);
+        self.then(muted, Self::moderated)
     }
 
     pub(super) fn remove(&mut self, user: &str) -> Flow {
-        let result = self.session.tutor.remove(&self.user, self.role, user);
-        self.moderated(result)
+        let removed = self.session.tutor.remove(&self.user, self.role, user);
+        self.then(removed, Self::moderated)
     }
 }

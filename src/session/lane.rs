@@ -1,0 +1,212 @@
+//! Per-session lanes on a small thread pool: serial work (a chat post, an edit, a mute)
+//! run off the async workers, in the order it was queued.
+//!
+//! The same mechanism as the whiteboard's sequencer (`whiteboard/sequencer.rs`): a pool of
+//! threads (one per core, at least two) started on first use and shared by every session,
+//! one lane per session with a bounded queue ([`QUEUE_JOBS`]), a lane run by at most one
+//! thread at a time so its jobs keep one order, a turn of [`JOBS_PER_TURN`] jobs before
+//! another lane gets the thread. Here a job is any closure; its result goes back to the
+//! awaiting submitter through a oneshot. The tutor room's lane runs on `easel-chat`
+//! threads; the whiteboard still has its own pool (`easel-seq`), to move onto this one
+//! once its sequencer is free to change.
+//!
+//! Must not touch sockets or hold a lock across a job: a job is plain blocking work (the
+//! store, an fsync) and queues what it relays into outboxes.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+
+use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
+
+use crate::sync;
+
+/// Jobs a lane's queue holds; past it a submitter awaits space (a WebSocket reader then
+/// reads no further frame, so TCP pushes back on a fast client). As the sequencer's.
+pub const QUEUE_JOBS: usize = 64;
+
+/// Jobs a lane runs before it lets another session's lane have the thread.
+const JOBS_PER_TURN: usize = 32;
+
+/// The name of the pool's threads.
+pub const THREAD_NAME: &str = "easel-chat";
+
+/// Why a job did not run to its end.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum LaneError {
+    #[error("no lane thread could start: {0}")]
+    NoThreads(String),
+    #[error("the job stopped before it finished")]
+    Stopped,
+}
+
+type Task = Box<dyn FnOnce() + Send + 'static>;
+
+/// Whether the calling thread is one of the pool's: work meant for a lane asserts it (in
+/// debug builds, so the integration tests' server checks every chat change it makes).
+pub fn on_lane_thread() -> bool {
+    std::thread::current().name() == Some(THREAD_NAME)
+}
+
+#[derive(Default)]
+struct LaneState {
+    jobs: VecDeque<(Task, OwnedSemaphorePermit)>,
+    /// On the pool's ready list or running.
+    scheduled: bool,
+}
+
+/// One session's queue. Ends with its owner once what it holds has run.
+pub struct Lane {
+    state: Arc<Mutex<LaneState>>,
+    /// Places in the queue ([`QUEUE_JOBS`]).
+    room: Arc<Semaphore>,
+}
+
+impl Default for Lane {
+    fn default() -> Self {
+        Self {
+            state: Arc::default(),
+            room: Arc::new(Semaphore::new(QUEUE_JOBS)),
+        }
+    }
+}
+
+impl Lane {
+    /// Queues `job` (awaiting a place while the queue is full) and resolves to its result.
+    /// The returned future owns what it needs; dropping it before the job is queued
+    /// queues nothing, dropping it after lets the job run all the same.
+    pub fn run<T: Send + 'static>(
+        &self,
+        job: impl FnOnce() -> T + Send + 'static,
+    ) -> impl Future<Output = Result<T, LaneError>> + Send + 'static {
+        let (state, room) = (self.state.clone(), self.room.clone());
+        async move {
+            let place = room.acquire_owned().await.map_err(|_| LaneError::Stopped)?;
+            let pool = pool()?;
+            let (tx, rx) = oneshot::channel();
+            let task: Task = Box::new(move || {
+                // A panic in one job must not take the thread down: the submitter sees
+                // its reply dropped, the next job runs.
+                if let Ok(out) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job)) {
+                    let _ = tx.send(out);
+                }
+            });
+            let schedule = {
+                let mut s = sync::lock(&state);
+                s.jobs.push_back((task, place));
+                !std::mem::replace(&mut s.scheduled, true)
+            };
+            if schedule {
+                pool.ready(state);
+            }
+            rx.await.map_err(|_| LaneError::Stopped)
+        }
+    }
+}
+
+/// The threads and the lanes waiting for one.
+struct Pool {
+    ready: Mutex<VecDeque<Arc<Mutex<LaneState>>>>,
+    wake: Condvar,
+}
+
+impl Pool {
+    fn ready(&self, lane: Arc<Mutex<LaneState>>) {
+        sync::lock(&self.ready).push_back(lane);
+        self.wake.notify_one();
+    }
+
+    /// A pool thread: runs lanes, a turn at a time, for the life of the process.
+    fn run(&self) {
+        loop {
+            let lane = {
+                let mut ready = sync::lock(&self.ready);
+                loop {
+                    match ready.pop_front() {
+                        Some(lane) => break lane,
+                        None => {
+                            ready = self
+                                .wake
+                                .wait(ready)
+                                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        }
+                    }
+                }
+            };
+            for _ in 0..JOBS_PER_TURN {
+                let next = sync::lock(&lane).jobs.pop_front();
+                // The place is given back once the job has run.
+                let Some((task, _place)) = next else { break };
+                task();
+            }
+            let more = {
+                let mut s = sync::lock(&lane);
+                s.scheduled = !s.jobs.is_empty();
+                s.scheduled
+            };
+            if more {
+                self.ready(lane);
+            }
+        }
+    }
+}
+
+/// The pool, its threads started on first use. `Err` only if not one thread could start.
+fn pool() -> Result<&'static Pool, LaneError> {
+    static POOL: OnceLock<Result<Pool, String>> = OnceLock::new();
+    let pool = POOL.get_or_init(|| {
+        let threads = std::thread::available_parallelism().map_or(2, |n| n.get().max(2));
+        let mut started = 0;
+        let mut error = String::new();
+        for _ in 0..threads {
+            let spawned = std::thread::Builder::new()
+                .name(THREAD_NAME.into())
+                .spawn(|| {
+                    // Waits until `get_or_init` has put the pool in place.
+                    if let Ok(pool) = POOL.wait() {
+                        pool.run();
+                    }
+                });
+            match spawned {
+                Ok(_) => started += 1,
+                Err(e) => error = e.to_string(),
+            }
+        }
+        if started == 0 {
+            return Err(error);
+        }
+        Ok(Pool {
+            ready: Mutex::new(VecDeque::new()),
+            wake: Condvar::new(),
+        })
+    });
+    pool.as_ref().map_err(|e| LaneError::NoThreads(e.clone()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn jobs_run_in_order_on_the_pool() {
+        let lane = Lane::default();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let mut outcomes = Vec::new();
+        for i in 0..200 {
+            let seen = seen.clone();
+            outcomes.push(tokio::spawn(lane.run(move || {
+                let name = std::thread::current().name().map(str::to_owned);
+                sync::lock(&seen).push(i);
+                name
+            })));
+        }
+        for o in outcomes {
+            let name = o.await.unwrap().unwrap();
+            assert_eq!(name.as_deref(), Some(THREAD_NAME));
+        }
+        assert_eq!(*sync::lock(&seen), (0..200).collect::<Vec<_>>());
+        let panicked = lane.run(|| panic!("boom")).await;
+        assert_eq!(panicked, Err(LaneError::Stopped));
+        assert_eq!(lane.run(|| 7).await, Ok(7));
+    }
+}
