@@ -1,6 +1,6 @@
 //! Chat changes off the async workers (issue #13 item 1): every chat post, edit, deletion
 //! and moderation, from the WebSocket or the HTTP API, runs on the tutor room's lane, an
-//! `easel-chat` thread of a small pool (one per core, at least two) started by the first
+//! `easel-lane` thread of a small pool (one per core, at least two) started by the first
 //! change; seqs stay gapless and in order, in sync durability too. Read from the real
 //! server: its thread names in /proc, and its answers (the debug build it runs asserts, in
 //! each change, that it is on a lane thread: a change made anywhere else panics there and
@@ -10,7 +10,7 @@ use serde_json::json;
 
 use crate::support::*;
 
-/// How many of the process's threads are chat lane threads (named `easel-chat`).
+/// How many of the process's threads are chat lane threads (named `easel-lane`).
 fn lane_threads(pid: u32) -> usize {
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
         return 0;
@@ -18,7 +18,7 @@ fn lane_threads(pid: u32) -> usize {
     tasks
         .filter_map(|t| t.ok())
         .filter_map(|t| std::fs::read_to_string(t.path().join("comm")).ok())
-        .filter(|comm| comm.trim() == "easel-chat")
+        .filter(|comm| comm.trim() == "easel-lane")
         .count()
 }
 

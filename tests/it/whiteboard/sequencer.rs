@@ -1,5 +1,5 @@
 //! The sequencer (issue #13 item 1): every change to a whiteboard, from a WebSocket client
-//! or the HTTP API, is applied on an `easel-seq` thread of a small pool (one per core, at
+//! or the HTTP API, is applied on an `easel-lane` thread of a small pool (one per core, at
 //! least two), started on the first update; sessions come and go without adding threads.
 //! Read from the real server's /proc entries.
 
@@ -29,11 +29,11 @@ fn thread_names(pid: u32) -> Vec<String> {
         .collect()
 }
 
-/// How many of the process's threads are sequencers (named `easel-seq`).
+/// How many of the process's threads are sequencers (named `easel-lane`).
 fn sequencer_threads(pid: u32) -> usize {
     thread_names(pid)
         .iter()
-        .filter(|n| *n == "easel-seq")
+        .filter(|n| *n == "easel-lane")
         .count()
 }
 
