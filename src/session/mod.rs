@@ -256,6 +256,8 @@ impl Registry {
         let unused = |s: &Session| {
             s.handles.load(Ordering::Acquire) == 0
                 && s.idle_since().is_some_and(|t| t.elapsed() >= idle)
+                // A job whose submitter went away still runs: not before it has.
+                && s.whiteboard.sequencer_idle()
         };
         let candidates: Vec<Arc<Session>> = self
             .map()
@@ -469,6 +471,11 @@ mod tests {
             Mutex<std::sync::mpsc::Receiver<()>>,
         )>,
         reads_empty: std::sync::atomic::AtomicBool,
+        /// A gate each update append waits at (like `gate`).
+        append_gate: Option<(
+            std::sync::mpsc::SyncSender<()>,
+            Mutex<std::sync::mpsc::Receiver<()>>,
+        )>,
         /// Whiteboard loads so far, and a gate each load waits at (like `gate`).
         loads: AtomicUsize,
         load_gate: Option<(
@@ -490,6 +497,10 @@ mod tests {
             self.inner.load_whiteboard(s)
         }
         fn append_update(&self, s: &str, seq: u64, update: &[u8]) -> Result<(), StoreError> {
+            if let Some((entered, go)) = &self.append_gate {
+                let _ = entered.send(());
+                let _ = go.lock().unwrap().recv();
+            }
             self.inner.append_update(s, seq, update)
         }
         fn write_snapshot(
@@ -570,6 +581,47 @@ mod tests {
         let mut txn = writer.transact_mut();
         map.insert(&mut txn, key, key);
         txn.encode_update_v1()
+    }
+
+    /// An update whose submitter went away (a cancelled HTTP request, a closed connection)
+    /// while it waited on the sequencer: the session stays loaded until it has run, so it
+    /// is never appended from an unloaded board (whose log seq a reloaded board would hand
+    /// out again, overwriting one of the two entries).
+    #[test]
+    fn a_session_does_not_unload_under_a_queued_update() {
+        let (entered_tx, entered) = std::sync::mpsc::sync_channel(1);
+        let (go, go_rx) = std::sync::mpsc::sync_channel(1);
+        let store = Arc::new(GatedStore {
+            append_gate: Some((entered_tx, Mutex::new(go_rx))),
+            ..Default::default()
+        });
+        let reg = registry_on(store.clone());
+        let h = reg.open("s").unwrap();
+        let writer = yrs::Doc::new();
+        let outcome = h
+            .whiteboard
+            .submit_update(None, set_key(&writer, "k").into(), None);
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let submitter = std::thread::spawn(move || runtime.block_on(outcome));
+        // The update is in the store's append; its submitter's handle goes.
+        entered.recv().unwrap();
+        drop(h);
+        assert_eq!(
+            reg.unload_idle(Duration::ZERO),
+            0,
+            "unloaded under a queued update"
+        );
+        go.send(()).unwrap();
+        assert!(submitter.join().unwrap().unwrap());
+        // Once it has run (and been snapshotted), the session unloads.
+        // (Its place in the queue is given back just after its outcome.)
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while reg.unload_idle(Duration::ZERO) == 0 {
+            assert!(Instant::now() < deadline, "never unloaded");
+            std::thread::yield_now();
+        }
     }
 
     #[test]

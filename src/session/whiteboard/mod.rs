@@ -264,6 +264,14 @@ impl Whiteboard {
         }
     }
 
+    /// Whether the sequencer has nothing queued or running. A job outlives its submitter
+    /// (a dropped request, a closed connection): a session must not unload under it, or
+    /// the job would append to the store from a board no longer loaded, with a log seq
+    /// that the session, loaded again meanwhile, hands out too.
+    pub fn sequencer_idle(&self) -> bool {
+        self.sequencer.is_idle()
+    }
+
     /// [`Self::submit_update`], waiting on the calling thread: for blocking callers (the
     /// CLI, tests, a blocking task), never an async worker.
     pub fn apply_update(

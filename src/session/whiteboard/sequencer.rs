@@ -93,6 +93,11 @@ impl Sequencer {
         }
     }
 
+    /// Whether no job is queued or running (a job gives its place back once it has run).
+    pub(super) fn is_idle(&self) -> bool {
+        self.room.available_permits() == QUEUE_JOBS
+    }
+
     /// Queues `job`, awaiting a place while the queue is full.
     pub(super) fn submit(
         &self,
