@@ -299,6 +299,9 @@ impl Registry {
         let mut failed = Vec::new();
         let mut saved = Vec::new();
         for s in sessions {
+            // Updates still queued (their connections closed without awaiting them) are
+            // stored and counted before the snapshot, not after the final flush.
+            s.whiteboard.settle();
             match s.whiteboard.snapshot_if_dirty() {
                 Ok(Some(version)) => saved.push(format!("{} v{version}", s.id)),
                 Ok(None) => {}
@@ -622,6 +625,48 @@ mod tests {
             assert!(Instant::now() < deadline, "never unloaded");
             std::thread::yield_now();
         }
+    }
+
+    /// Shutdown: a connection stops awaiting its update's outcome when it closes with 1012,
+    /// the update stays queued; the final save waits for it, so it is in the final
+    /// snapshot rather than appended after it (and after the final flush).
+    #[test]
+    fn the_final_save_waits_for_queued_updates() {
+        let (entered_tx, entered) = std::sync::mpsc::sync_channel(1);
+        let (go, go_rx) = std::sync::mpsc::sync_channel(1);
+        let store = Arc::new(GatedStore {
+            append_gate: Some((entered_tx, Mutex::new(go_rx))),
+            ..Default::default()
+        });
+        let reg = Arc::new(registry_on(store.clone()));
+        let h = reg.open("s").unwrap();
+        let writer = yrs::Doc::new();
+        let outcome = h
+            .whiteboard
+            .submit_update(None, set_key(&writer, "k").into(), None);
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let submitter = std::thread::spawn(move || runtime.block_on(outcome));
+        entered.recv().unwrap();
+        let saver = {
+            let reg = reg.clone();
+            std::thread::spawn(move || reg.snapshot_all())
+        };
+        // Either the save went ahead without the update (the bug), or it waits behind it.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !saver.is_finished() && h.whiteboard.sequencer_queued() < 2 {
+            assert!(
+                Instant::now() < deadline,
+                "the save neither waited nor finished"
+            );
+            std::thread::yield_now();
+        }
+        go.send(()).unwrap();
+        assert!(submitter.join().unwrap().unwrap());
+        assert!(saver.join().unwrap().is_empty());
+        assert!(!h.whiteboard.is_dirty(), "updated after the final save");
+        assert_eq!(store.inner.list_snapshots("s").unwrap().len(), 1);
     }
 
     #[test]

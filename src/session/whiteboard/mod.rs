@@ -272,6 +272,29 @@ impl Whiteboard {
         self.sequencer.is_idle()
     }
 
+    /// Waits (on the calling thread, a blocking one) until every job queued so far has
+    /// run: the final save at shutdown, whose connections stopped awaiting their updates'
+    /// outcomes but whose updates still go through (an update must not reach the store
+    /// after the final snapshot and flush).
+    pub fn settle(&self) {
+        if self.sequencer.is_idle() {
+            return;
+        }
+        let (reply, done) = tokio::sync::oneshot::channel();
+        let queued = self.sequencer.submit(Job::Barrier(reply));
+        sequencer::block_on(async move {
+            if queued.await.is_ok() {
+                let _ = done.await;
+            }
+        });
+    }
+
+    /// Jobs queued or running on the sequencer.
+    #[cfg(test)]
+    pub(crate) fn sequencer_queued(&self) -> usize {
+        self.sequencer.queued()
+    }
+
     /// [`Self::submit_update`], waiting on the calling thread: for blocking callers (the
     /// CLI, tests, a blocking task), never an async worker.
     pub fn apply_update(

@@ -59,6 +59,8 @@ pub(super) enum Job {
         version: u64,
         reply: oneshot::Sender<Result<(), super::RestoreFailure>>,
     },
+    /// Does nothing but answer: once it has, every job queued before it has run.
+    Barrier(oneshot::Sender<()>),
 }
 
 /// One session's queue on the pool.
@@ -96,6 +98,12 @@ impl Sequencer {
     /// Whether no job is queued or running (a job gives its place back once it has run).
     pub(super) fn is_idle(&self) -> bool {
         self.room.available_permits() == QUEUE_JOBS
+    }
+
+    /// Jobs queued or running.
+    #[cfg(test)]
+    pub(super) fn queued(&self) -> usize {
+        QUEUE_JOBS - self.room.available_permits()
     }
 
     /// Queues `job`, awaiting a place while the queue is full.
@@ -219,6 +227,9 @@ fn run_job(board: &Board, job: Job) {
         }
         Job::Restore { version, reply } => {
             let _ = reply.send(board.sequence_restore(version));
+        }
+        Job::Barrier(reply) => {
+            let _ = reply.send(());
         }
     }));
 }
