@@ -3,8 +3,8 @@
 //!
 //! This is the only place a session's document is changed. Every change, whoever sends it
 //! (a WebSocket client, the HTTP API, a restore, later another node), is queued to the
-//! session's sequencer (`sequencer.rs`: one OS thread per session with writers, off the
-//! async workers) through [`Whiteboard::submit_update`] (or the blocking
+//! session's sequencer (`sequencer.rs`: a lane per session on the small `easel-seq` thread
+//! pool, off the async workers) through [`Whiteboard::submit_update`] (or the blocking
 //! [`Whiteboard::apply_update`]), which guards, decodes, applies in one short transaction,
 //! appends to the store's log, then pushes the same encoded bytes to every peer's outbox.
 //! The sequencer is the document's only writer, so updates are applied, logged and relayed
