@@ -265,6 +265,8 @@ impl Registry {
         let unused = |s: &Session| {
             s.handles.load(Ordering::Acquire) == 0
                 && s.idle_since().is_some_and(|t| t.elapsed() >= idle)
+                // A job whose submitter went away still runs: not before it has.
+                && s.whiteboard.sequencer_idle()
         };
         let candidates: Vec<Arc<Session>> = self
             .map()
@@ -306,6 +308,9 @@ impl Registry {
         let mut failed = Vec::new();
         let mut saved = Vec::new();
         for s in sessions {
+            // Updates still queued (their connections closed without awaiting them) are
+            // stored and counted before the snapshot, not after the final flush.
+            s.whiteboard.settle();
             match s.whiteboard.snapshot_if_dirty() {
                 Ok(Some(version)) => saved.push(format!("{} v{version}", s.id)),
                 Ok(None) => {}
@@ -478,6 +483,11 @@ mod tests {
             Mutex<std::sync::mpsc::Receiver<()>>,
         )>,
         reads_empty: std::sync::atomic::AtomicBool,
+        /// A gate each update append waits at (like `gate`).
+        append_gate: Option<(
+            std::sync::mpsc::SyncSender<()>,
+            Mutex<std::sync::mpsc::Receiver<()>>,
+        )>,
         /// Whiteboard loads so far, and a gate each load waits at (like `gate`).
         loads: AtomicUsize,
         load_gate: Option<(
@@ -499,6 +509,10 @@ mod tests {
             self.inner.load_whiteboard(s)
         }
         fn append_update(&self, s: &str, seq: u64, update: &[u8]) -> Result<(), StoreError> {
+            if let Some((entered, go)) = &self.append_gate {
+                let _ = entered.send(());
+                let _ = go.lock().unwrap().recv();
+            }
             self.inner.append_update(s, seq, update)
         }
         fn write_snapshot(
@@ -579,6 +593,89 @@ mod tests {
         let mut txn = writer.transact_mut();
         map.insert(&mut txn, key, key);
         txn.encode_update_v1()
+    }
+
+    /// An update whose submitter went away (a cancelled HTTP request, a closed connection)
+    /// while it waited on the sequencer: the session stays loaded until it has run, so it
+    /// is never appended from an unloaded board (whose log seq a reloaded board would hand
+    /// out again, overwriting one of the two entries).
+    #[test]
+    fn a_session_does_not_unload_under_a_queued_update() {
+        let (entered_tx, entered) = std::sync::mpsc::sync_channel(1);
+        let (go, go_rx) = std::sync::mpsc::sync_channel(1);
+        let store = Arc::new(GatedStore {
+            append_gate: Some((entered_tx, Mutex::new(go_rx))),
+            ..Default::default()
+        });
+        let reg = registry_on(store.clone());
+        let h = reg.open("s").unwrap();
+        let writer = yrs::Doc::new();
+        let outcome = h
+            .whiteboard
+            .submit_update(None, set_key(&writer, "k").into(), None);
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let submitter = std::thread::spawn(move || runtime.block_on(outcome));
+        // The update is in the store's append; its submitter's handle goes.
+        entered.recv().unwrap();
+        drop(h);
+        assert_eq!(
+            reg.unload_idle(Duration::ZERO),
+            0,
+            "unloaded under a queued update"
+        );
+        go.send(()).unwrap();
+        assert!(submitter.join().unwrap().unwrap());
+        // Once it has run (and been snapshotted), the session unloads.
+        // (Its place in the queue is given back just after its outcome.)
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while reg.unload_idle(Duration::ZERO) == 0 {
+            assert!(Instant::now() < deadline, "never unloaded");
+            std::thread::yield_now();
+        }
+    }
+
+    /// Shutdown: a connection stops awaiting its update's outcome when it closes with 1012,
+    /// the update stays queued; the final save waits for it, so it is in the final
+    /// snapshot rather than appended after it (and after the final flush).
+    #[test]
+    fn the_final_save_waits_for_queued_updates() {
+        let (entered_tx, entered) = std::sync::mpsc::sync_channel(1);
+        let (go, go_rx) = std::sync::mpsc::sync_channel(1);
+        let store = Arc::new(GatedStore {
+            append_gate: Some((entered_tx, Mutex::new(go_rx))),
+            ..Default::default()
+        });
+        let reg = Arc::new(registry_on(store.clone()));
+        let h = reg.open("s").unwrap();
+        let writer = yrs::Doc::new();
+        let outcome = h
+            .whiteboard
+            .submit_update(None, set_key(&writer, "k").into(), None);
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let submitter = std::thread::spawn(move || runtime.block_on(outcome));
+        entered.recv().unwrap();
+        let saver = {
+            let reg = reg.clone();
+            std::thread::spawn(move || reg.snapshot_all())
+        };
+        // Either the save went ahead without the update (the bug), or it waits behind it.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !saver.is_finished() && h.whiteboard.sequencer_queued() < 2 {
+            assert!(
+                Instant::now() < deadline,
+                "the save neither waited nor finished"
+            );
+            std::thread::yield_now();
+        }
+        go.send(()).unwrap();
+        assert!(submitter.join().unwrap().unwrap());
+        assert!(saver.join().unwrap().is_empty());
+        assert!(!h.whiteboard.is_dirty(), "updated after the final save");
+        assert_eq!(store.inner.list_snapshots("s").unwrap().len(), 1);
     }
 
     #[test]

@@ -3,8 +3,8 @@
 //!
 //! This is the only place a session's document is changed. Every change, whoever sends it
 //! (a WebSocket client, the HTTP API, a restore, later another node), is queued to the
-//! session's sequencer (`sequencer.rs`: one OS thread per session with writers, off the
-//! async workers) through [`Whiteboard::submit_update`] (or the blocking
+//! session's sequencer (`sequencer.rs`: a lane per session on the small `easel-lane` thread
+//! pool, off the async workers) through [`Whiteboard::submit_update`] (or the blocking
 //! [`Whiteboard::apply_update`]), which guards, decodes, applies in one short transaction,
 //! appends to the store's log, then pushes the same encoded bytes to every peer's outbox.
 //! The sequencer is the document's only writer, so updates are applied, logged and relayed
@@ -173,6 +173,13 @@ pub struct Board {
     /// change count it was encoded at: a join storm encodes a large board once, not per
     /// joiner (see `step2.rs`).
     full_step2: step2::FullStep2Cache,
+    /// The document's state vector, refreshed on the sequencer after every change: a
+    /// joiner's sync step 1 and a long poll's check read it here rather than take the
+    /// document's lock on an async worker, where they could wait behind the sequencer's
+    /// write, itself waiting behind a large step 2 encode (yrs's lock favours writers).
+    /// Older than the document at worst, which costs a client a larger step 2, never an
+    /// update.
+    state_vector: Mutex<StateVector>,
 }
 
 impl Default for WhiteboardOptions {
@@ -257,6 +264,37 @@ impl Whiteboard {
         }
     }
 
+    /// Whether the sequencer has nothing queued or running. A job outlives its submitter
+    /// (a dropped request, a closed connection): a session must not unload under it, or
+    /// the job would append to the store from a board no longer loaded, with a log seq
+    /// that the session, loaded again meanwhile, hands out too.
+    pub fn sequencer_idle(&self) -> bool {
+        self.sequencer.is_idle()
+    }
+
+    /// Waits (on the calling thread, a blocking one) until every job queued so far has
+    /// run: the final save at shutdown, whose connections stopped awaiting their updates'
+    /// outcomes but whose updates still go through (an update must not reach the store
+    /// after the final snapshot and flush).
+    pub fn settle(&self) {
+        if self.sequencer.is_idle() {
+            return;
+        }
+        let (reply, done) = tokio::sync::oneshot::channel();
+        let queued = self.sequencer.submit(Job::Barrier(reply));
+        sequencer::block_on(async move {
+            if queued.await.is_ok() {
+                let _ = done.await;
+            }
+        });
+    }
+
+    /// Jobs queued or running on the sequencer.
+    #[cfg(test)]
+    pub(crate) fn sequencer_queued(&self) -> usize {
+        self.sequencer.queued()
+    }
+
     /// [`Self::submit_update`], waiting on the calling thread: for blocking callers (the
     /// CLI, tests, a blocking task), never an async worker.
     pub fn apply_update(
@@ -304,6 +342,7 @@ impl Board {
         let log_bytes = log.iter().map(|u| u.len() as u64).sum();
         let rebuilt = Self::doc_from_updates(&session, &stored.updates, &metrics, &options.limits);
         let peers = Arc::new(Mutex::new(Peers::default()));
+        let state_vector = Mutex::new(rebuilt.doc.transact().state_vector());
         Ok(Self {
             awareness: Arc::new(awareness::AwarenessRelay::new(
                 session.clone(),
@@ -331,6 +370,7 @@ impl Board {
             last_snapshot: Mutex::new(Instant::now()),
             changes: tokio::sync::watch::Sender::new(0),
             full_step2: Default::default(),
+            state_vector,
         })
     }
 
@@ -352,7 +392,7 @@ impl Board {
     /// vector, then every awareness state if there are any.
     pub fn join(&self, conn: ConnId, outbox: Outbox) {
         let mut peers = self.peers();
-        let sv = self.doc().transact().state_vector();
+        let sv = sync::lock(&self.state_vector).clone();
         outbox.send(Message::Binary(wire::sync_step1(sv)));
         if let Some(states) = self.awareness_states() {
             outbox.send(Message::Binary(states));
@@ -377,7 +417,7 @@ impl Board {
     /// Whether the document holds anything a peer at state vector `sv` lacks (deletions
     /// aside: they do not advance a state vector).
     pub fn is_ahead_of(&self, sv: &StateVector) -> bool {
-        let current = self.doc().transact().state_vector();
+        let current = sync::lock(&self.state_vector).clone();
         current
             .iter()
             .any(|(client, clock)| *clock > sv.get(client))
@@ -481,6 +521,7 @@ impl Board {
         if !changed {
             return Ok(false);
         }
+        self.refresh_state_vector();
         if log {
             if let Err(e) = self.log_update(update) {
                 return Err(self.roll_back(e.into()));
@@ -546,6 +587,7 @@ impl Board {
                 *sync::write(&self.doc) = rebuilt.doc;
                 *self.nesting() = rebuilt.nesting;
                 *self.held_back() = rebuilt.held_back;
+                self.refresh_state_vector();
                 // A joiner may have been served the refused update meanwhile (step 2 does
                 // not take the peer lock): the cached step 2 goes, and long polls wake.
                 self.forget_full_step2();
@@ -557,6 +599,13 @@ impl Board {
             }
         }
         why
+    }
+
+    /// Takes the document's state vector into [`Board::state_vector`]. On the sequencer,
+    /// after a change (its only writer: the read lock waits for no one).
+    fn refresh_state_vector(&self) {
+        let sv = self.doc().transact().state_vector();
+        *sync::lock(&self.state_vector) = sv;
     }
 
     /// Whether `update` changes nothing at all (no struct, no deletion): what a read-only
@@ -615,6 +664,7 @@ impl Board {
             if let Ok(checked) = checked {
                 self.nesting().commit(checked);
             }
+            self.refresh_state_vector();
             // Counted before the fan-out, as on the update path: a joiner that registers
             // after the fan-out must not be served a step 2 cached before the restore.
             self.changes.send_modify(|n| *n += 1);
@@ -623,5 +673,81 @@ impl Board {
         }
         self.dirty.store(true, Ordering::Release);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::MemoryStore;
+    use crate::ws::outbox::outbox;
+    use std::time::Duration;
+    use yrs::Text;
+
+    fn wait_until(what: &str, mut done: impl FnMut() -> bool) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !done() {
+            if Instant::now() > deadline {
+                eprintln!("timed out waiting for {what}");
+                return false;
+            }
+            std::thread::yield_now();
+        }
+        true
+    }
+
+    /// A join (run on an async worker) must not take the document's lock: while a large
+    /// step 2 encode holds the read lock on the blocking pool, the sequencer's write waits
+    /// for it, and yrs's lock then makes every new reader wait too. `join` (and a long
+    /// poll's `is_ahead_of`) used to be such a reader, parking a worker with the peer lock
+    /// held for the length of the encode.
+    #[test]
+    fn join_and_long_poll_check_do_not_wait_behind_a_writer_queued_behind_an_encode() {
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::new(20));
+        let options = WhiteboardOptions::default();
+        let wb = Arc::new(
+            Whiteboard::load("s".into(), store, Arc::new(Metrics::new()), options).unwrap(),
+        );
+        let typed = |text: &str| {
+            let doc = Doc::with_client_id(5);
+            let t = doc.get_or_insert_text("t");
+            let mut txn = doc.transact_mut();
+            t.insert(&mut txn, 0, text);
+            txn.encode_update_v1()
+        };
+        assert!(wb.apply_update(None, &typed("x"), None).unwrap());
+        let sv_after_first = wb.doc().transact().state_vector();
+
+        let doc = wb.doc();
+        // Stands for a step 2 encode holding the read lock on the blocking pool.
+        let encode = doc.transact();
+        let second = typed("xy");
+        let writer = {
+            let wb = wb.clone();
+            std::thread::spawn(move || wb.apply_update(None, &second, None))
+        };
+        // The sequencer now waits for the write lock: a new reader is refused.
+        assert!(wait_until("the sequencer to queue its write", || doc
+            .try_transact()
+            .is_err()));
+        let joiner = {
+            let wb = wb.clone();
+            std::thread::spawn(move || {
+                let (peer, mut rx) = outbox(1 << 20);
+                wb.join(1, peer);
+                let ahead = wb.is_ahead_of(&StateVector::default());
+                (rx.try_recv().is_some(), ahead)
+            })
+        };
+        let finished = wait_until("the join", || joiner.is_finished());
+        drop(encode);
+        let (greeted, ahead) = joiner.join().unwrap();
+        assert!(writer.join().unwrap().unwrap());
+        assert!(finished, "join waited for the document's lock");
+        assert!(greeted && ahead);
+        // The state vector the sequencer keeps follows the document.
+        let sv = sync::lock(&wb.state_vector).clone();
+        assert_eq!(sv, wb.doc().transact().state_vector());
+        assert_ne!(sv, sv_after_first);
     }
 }

@@ -50,6 +50,8 @@ pub(super) enum Job {
         version: u64,
         reply: oneshot::Sender<Result<(), super::RestoreFailure>>,
     },
+    /// Does nothing but answer: once it has, every job queued before it has run.
+    Barrier(oneshot::Sender<()>),
 }
 
 /// The session's side, owned by its [`Whiteboard`](super::Whiteboard).
@@ -64,6 +66,17 @@ impl Sequencer {
             board,
             lane: Lane::default(),
         }
+    }
+
+    /// Whether no job is queued or running.
+    pub(super) fn is_idle(&self) -> bool {
+        self.lane.queued() == 0
+    }
+
+    /// Jobs queued or running.
+    #[cfg(test)]
+    pub(super) fn queued(&self) -> usize {
+        self.lane.queued()
     }
 
     /// Queues `job`, awaiting a place while the queue is full; resolves once it has run
@@ -98,6 +111,9 @@ fn run_job(board: &Board, job: Job) {
         }
         Job::Restore { version, reply } => {
             let _ = reply.send(board.sequence_restore(version));
+        }
+        Job::Barrier(reply) => {
+            let _ = reply.send(());
         }
     }));
 }

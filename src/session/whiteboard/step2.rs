@@ -63,11 +63,11 @@ impl Board {
     /// Called after the peer joined: whatever the document gains after this call is
     /// relayed to the peer, and the bytes hold at least what the document held now.
     pub fn sync_step2(&self, sv: &StateVector) -> impl Future<Output = Bytes> + Send + 'static {
-        let doc = self.doc();
-        let wait = if sv.is_empty() {
-            Some(self.full_step2_flight(&doc))
+        let (doc, wait) = if sv.is_empty() {
+            let (doc, flight) = self.full_step2_flight();
+            (doc, Some(flight))
         } else {
-            None
+            (self.doc(), None)
         };
         let sv = sv.clone();
         async move {
@@ -90,16 +90,21 @@ impl Board {
     }
 
     /// The cached full-state step 2 for the current document state, or the encode that
-    /// will produce it (started here if none runs).
-    fn full_step2_flight(&self, doc: &Doc) -> watch::Receiver<Option<Bytes>> {
+    /// will produce it (started here if none runs), with the document it is of.
+    fn full_step2_flight(&self) -> (Doc, watch::Receiver<Option<Bytes>>) {
         // Read the count before encoding: the bytes then hold at least what that count
         // says, and any later change bumps the count and is relayed to the joiner.
         let version = *self.changes.borrow();
+        // The document is taken after the count, never before: a roll-back replaces the
+        // document before it bumps the count, so a handle taken earlier could be the
+        // replaced one (holding the refused update) and be cached as the new count's
+        // state, served to every joiner until the next change.
+        let doc = self.doc();
         let mut cache = sync::lock(&self.full_step2);
         let flight = match cache.as_ref() {
             Some(entry) if entry.version == version => match &entry.state {
-                Step2State::Ready(bytes) => return watch::channel(Some(bytes.clone())).1,
-                Step2State::Encoding(rx) => return rx.clone(),
+                Step2State::Ready(bytes) => return (doc, watch::channel(Some(bytes.clone())).1),
+                Step2State::Encoding(rx) => return (doc, rx.clone()),
             },
             Some(entry) => entry.flight + 1,
             None => 0,
@@ -111,8 +116,9 @@ impl Board {
             state: Step2State::Encoding(rx.clone()),
         });
         drop(cache);
-        let (doc, cache) = (doc.clone(), self.full_step2.clone());
+        let (encoded, cache) = (doc.clone(), self.full_step2.clone());
         tokio::task::spawn_blocking(move || {
+            let doc = encoded;
             let bytes = encode(&doc, &StateVector::default());
             let mut cache = sync::lock(&cache);
             if let Some(entry) = cache.as_mut() {
@@ -124,7 +130,7 @@ impl Board {
             // Waiters hold receivers; none left is fine.
             let _ = tx.send(Some(bytes));
         });
-        rx
+        (doc, rx)
     }
 
     /// Forgets the cached step 2 (the document was rebuilt: it may hold something the
