@@ -53,7 +53,7 @@ pub fn json_of(state: &[u8]) -> serde_json::Value {
     if let Err(e) = doc.transact_mut().apply_update(update) {
         panic!("the whiteboard encoded a state yrs cannot apply: {e}");
     }
-    easel::session::restore::doc_to_json(&doc)
+    easel::doc::json::doc_to_json(&doc)
 }
 
 /// Splits fuzz input as `fixtures/*.updates` are laid out: `[u32 big-endian length][bytes]`
