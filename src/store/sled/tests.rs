@@ -336,15 +336,7 @@ fn a_sled_write_failure_is_recovered_by_reopening() {
         .append_update(SESSION, failed_at + 1, &update)
         .is_err());
     std::fs::remove_file(&filler).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while store.check().is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "the store did not resume: {:?}",
-            store.check()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_until_writable(&store);
     store
         .append_update(SESSION, failed_at + 2, &text_update("after"))
         .unwrap();
@@ -582,15 +574,7 @@ fn an_acknowledged_unflushed_update_survives_the_reopen_after_a_full_disk() {
     assert!(store.check().is_err());
 
     std::fs::remove_file(&filler).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while store.check().is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "the store did not resume: {:?}",
-            store.check()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_until_writable(&store);
     let text = text_of(&store.load_whiteboard(SESSION).unwrap().updates);
     assert!(
         text.contains("flushed") && text.contains("acknowledged"),
@@ -604,4 +588,17 @@ fn an_acknowledged_unflushed_update_survives_the_reopen_after_a_full_disk() {
         text.contains("flushed") && text.contains("acknowledged"),
         "{text}"
     );
+}
+
+/// Waits (15 s at most) for the store's monitor to resume writing.
+fn wait_until_writable(store: &SledStore) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while store.check().is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "the store did not resume: {:?}",
+            store.check()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
