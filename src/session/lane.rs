@@ -76,11 +76,6 @@ impl Default for Lane {
 }
 
 impl Lane {
-    /// Jobs queued or running (a job gives its place back once it has run).
-    pub fn queued(&self) -> usize {
-        QUEUE_JOBS - self.room.available_permits()
-    }
-
     /// Queues `job` (awaiting a place while the queue is full) and resolves to its result.
     /// The returned future owns what it needs; dropping it before the job is queued
     /// queues nothing, dropping it after lets the job run all the same.

@@ -23,6 +23,7 @@
 //! writer). Must not touch sockets; the job's outcome goes back through a oneshot.
 
 use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll, Wake, Waker};
 use std::time::Instant;
@@ -58,6 +59,27 @@ pub(super) enum Job {
 pub(super) struct Sequencer {
     board: Arc<Board>,
     lane: Lane,
+    /// Jobs submitted whose outcome is not in yet (see [`Pending`]).
+    pending: Arc<AtomicUsize>,
+}
+
+/// Counts a job from its submission until its outcome is computed, and stops counting it
+/// *before* the outcome is sent: whoever has seen an outcome then also sees the session
+/// idle (an unload right after a write must not find the job still counted). Dropped
+/// unrun (the submitter gave up before the job was queued), it stops counting too.
+struct Pending(Arc<AtomicUsize>);
+
+impl Pending {
+    fn new(count: &Arc<AtomicUsize>) -> Self {
+        count.fetch_add(1, Ordering::AcqRel);
+        Self(count.clone())
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl Sequencer {
@@ -65,18 +87,18 @@ impl Sequencer {
         Self {
             board,
             lane: Lane::default(),
+            pending: Arc::default(),
         }
     }
 
     /// Whether no job is queued or running.
     pub(super) fn is_idle(&self) -> bool {
-        self.lane.queued() == 0
+        self.queued() == 0
     }
 
     /// Jobs queued or running.
-    #[cfg(test)]
     pub(super) fn queued(&self) -> usize {
-        self.lane.queued()
+        self.pending.load(Ordering::Acquire)
     }
 
     /// Queues `job`, awaiting a place while the queue is full; resolves once it has run
@@ -86,7 +108,8 @@ impl Sequencer {
         job: Job,
     ) -> impl Future<Output = Result<(), StoreError>> + Send + 'static {
         let board = self.board.clone();
-        let ran = self.lane.run(move || run_job(&board, job));
+        let pending = Pending::new(&self.pending);
+        let ran = self.lane.run(move || run_job(&board, job, pending));
         async move { ran.await.map_err(|_| stopped()) }
     }
 }
@@ -96,7 +119,7 @@ pub(super) fn stopped() -> StoreError {
 }
 
 /// Runs one job on the calling lane thread.
-fn run_job(board: &Board, job: Job) {
+fn run_job(board: &Board, job: Job, pending: Pending) {
     // A panic in one job must not take the thread down with it: the submitter sees its
     // reply dropped (an error), the next job runs.
     let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match job {
@@ -107,12 +130,17 @@ fn run_job(board: &Board, job: Job) {
             queued,
             reply,
         } => {
-            let _ = reply.send(board.sequence_update(origin, &update, message, queued));
+            let outcome = board.sequence_update(origin, &update, message, queued);
+            drop(pending);
+            let _ = reply.send(outcome);
         }
         Job::Restore { version, reply } => {
-            let _ = reply.send(board.sequence_restore(version));
+            let outcome = board.sequence_restore(version);
+            drop(pending);
+            let _ = reply.send(outcome);
         }
         Job::Barrier(reply) => {
+            drop(pending);
             let _ = reply.send(());
         }
     }));
