@@ -383,6 +383,7 @@ impl Room {
         // Mutes and bans that ended are forgotten here (they change nothing any more).
         inner.moderation.retain(|_, r| !r.is_spent(now));
         if !inner.moderation.contains_key(user) && inner.moderation.len() >= MAX_MODERATED_USERS {
+            self.metrics.limit_refused("moderated_users");
             return Err(ModerateError::BadRequest(format!(
                 "at most {MAX_MODERATED_USERS} users may be muted or removed in a session at once"
             )));
@@ -572,10 +573,11 @@ mod tests {
     #[tokio::test]
     async fn moderated_users_are_capped() {
         let store: Arc<dyn Store> = Arc::new(crate::store::MemoryStore::default());
+        let metrics = Arc::new(crate::metrics::Metrics::new());
         let room = TutorRoom::load(
             "s".into(),
             store.clone(),
-            Arc::new(crate::metrics::Metrics::new()),
+            metrics.clone(),
             100,
             false,
             Duration::from_secs(600),
@@ -597,6 +599,12 @@ mod tests {
             "{over:?}"
         );
         assert_eq!(store.moderation("s").unwrap().len(), MAX_MODERATED_USERS);
+        assert!(
+            metrics
+                .render()
+                .contains(r#"easel_limit_refusals_total{limit="moderated_users"} 1"#),
+            "the refusal is counted"
+        );
         // Those already moderated still may be: unmuting makes room.
         room.mute(&tutor, Role::Tutor, "u0", Some("1970-01-01T00:00:01Z"))
             .await
