@@ -509,19 +509,21 @@ impl Board {
                 // state vector already covered (a skip integrated earlier): judged by the
                 // state vector alone such an update was taken for a no-op, kept in the live
                 // document but neither logged nor relayed (a fuzz finding).
-                Ok(Ok(())) => Ok(txn.has_changes() || txn.before_state() != &txn.state_vector()),
+                // The state vector after it is taken from this transaction, not a second one.
+                Ok(Ok(())) => {
+                    let after = txn.state_vector();
+                    Ok((txn.has_changes() || txn.before_state() != &after, after))
+                }
                 Ok(Err(e)) => Err(ApplyError::Rejected(e.to_string())),
                 Err(_) => Err(ApplyError::Rejected("integration panicked".into())),
             }
         };
-        let changed = match integrated {
-            Ok(changed) => changed,
+        let after = match integrated {
+            Ok((true, after)) => after,
+            Ok((false, _)) => return Ok(false),
             Err(e) => return Err(self.roll_back(e)),
         };
-        if !changed {
-            return Ok(false);
-        }
-        self.refresh_state_vector();
+        *sync::lock(&self.state_vector) = after;
         if log {
             if let Err(e) = self.log_update(update) {
                 return Err(self.roll_back(e.into()));
