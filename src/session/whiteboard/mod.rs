@@ -58,7 +58,7 @@ use crate::protocol::wire;
 use crate::store::{Store, StoreError};
 use crate::sync;
 use crate::ws::outbox::Outbox;
-use sequencer::{Job, Sequencer};
+use sequencer::Sequencer;
 use yrs::sync::awareness::AwarenessUpdateEntry;
 
 pub use sequencer::QUEUE_JOBS;
@@ -241,26 +241,16 @@ impl Whiteboard {
         // nothing: answered here, it neither queues nor starts the sequencer's thread for
         // a session only read.
         let empty = update.as_ref() == EMPTY_UPDATE;
-        let (reply, outcome) = tokio::sync::oneshot::channel();
-        let queued = if empty {
-            let _ = reply.send(Ok(false));
-            None
-        } else {
-            Some(self.sequencer.submit(Job::Update {
-                origin,
-                update,
-                message,
-                queued: Instant::now(),
-                reply,
-            }))
-        };
+        let job = (!empty).then(|| {
+            let queued = Instant::now();
+            self.sequencer
+                .run(move |board| board.sequence_update(origin, &update, message, queued))
+        });
         async move {
-            if let Some(queued) = queued {
-                queued.await?;
+            match job {
+                None => Ok(false),
+                Some(job) => job.await.map_err(ApplyError::Store)?,
             }
-            outcome
-                .await
-                .map_err(|_| ApplyError::Store(sequencer::stopped()))?
         }
     }
 
@@ -280,13 +270,8 @@ impl Whiteboard {
         if self.sequencer.is_idle() {
             return;
         }
-        let (reply, done) = tokio::sync::oneshot::channel();
-        let queued = self.sequencer.submit(Job::Barrier(reply));
-        sequencer::block_on(async move {
-            if queued.await.is_ok() {
-                let _ = done.await;
-            }
-        });
+        // A job that does nothing: once it has run, every job queued before it has.
+        let _ = sequencer::block_on(self.sequencer.run(|_| ()));
     }
 
     /// Jobs queued or running on the sequencer.
@@ -312,14 +297,10 @@ impl Whiteboard {
     /// then recorded as a new snapshot version (on the calling thread, which must be a
     /// blocking one), which is returned.
     pub fn restore(&self, version: u64) -> Result<u64, RestoreFailure> {
-        let (reply, outcome) = tokio::sync::oneshot::channel();
-        let queued = self.sequencer.submit(Job::Restore { version, reply });
-        sequencer::block_on(async move {
-            queued.await?;
-            outcome
-                .await
-                .map_err(|_| RestoreFailure::Store(sequencer::stopped()))?
-        })?;
+        sequencer::block_on(
+            self.sequencer
+                .run(move |board| board.sequence_restore(version)),
+        )??;
         self.dirty.store(true, Ordering::Release);
         let version = self.snapshot_if_dirty()?;
         Ok(version.unwrap_or_default())

@@ -26,34 +26,12 @@ use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll, Wake, Waker};
-use std::time::Instant;
 
-use bytes::Bytes;
-use tokio::sync::oneshot;
-
-use super::{ApplyError, Board, ConnId};
+use super::Board;
 use crate::session::lane::Lane;
 use crate::store::StoreError;
 
 pub use crate::session::lane::QUEUE_JOBS;
-
-/// What the sequencer is asked to do.
-pub(super) enum Job {
-    Update {
-        origin: Option<ConnId>,
-        update: Bytes,
-        message: Option<Bytes>,
-        queued: Instant,
-        reply: oneshot::Sender<Result<bool, ApplyError>>,
-    },
-    /// A restore's change set (SPEC.md 5.3): applied, logged and relayed like an update.
-    Restore {
-        version: u64,
-        reply: oneshot::Sender<Result<(), super::RestoreFailure>>,
-    },
-    /// Does nothing but answer: once it has, every job queued before it has run.
-    Barrier(oneshot::Sender<()>),
-}
 
 /// The session's side, owned by its [`Whiteboard`](super::Whiteboard).
 pub(super) struct Sequencer {
@@ -101,49 +79,27 @@ impl Sequencer {
         self.pending.load(Ordering::Acquire)
     }
 
-    /// Queues `job`, awaiting a place while the queue is full; resolves once it has run
-    /// (its outcome goes back through the job's own reply).
-    pub(super) fn submit(
+    /// Queues `job` (awaiting a place while the queue is full) to run on the board on a
+    /// lane thread, and resolves to what it returns. Its outcome is the job's own return
+    /// value (one channel per job, the lane's); it stops counting as pending before the
+    /// outcome is sent. A job that panics resolves to [`stopped`].
+    pub(super) fn run<T: Send + 'static>(
         &self,
-        job: Job,
-    ) -> impl Future<Output = Result<(), StoreError>> + Send + 'static {
+        job: impl FnOnce(&Board) -> T + Send + 'static,
+    ) -> impl Future<Output = Result<T, StoreError>> + Send + 'static {
         let board = self.board.clone();
         let pending = Pending::new(&self.pending);
-        let ran = self.lane.run(move || run_job(&board, job, pending));
+        let ran = self.lane.run(move || {
+            let outcome = job(&board);
+            drop(pending);
+            outcome
+        });
         async move { ran.await.map_err(|_| stopped()) }
     }
 }
 
 pub(super) fn stopped() -> StoreError {
     StoreError::Unavailable("the session's sequencer stopped".into())
-}
-
-/// Runs one job on the calling lane thread.
-fn run_job(board: &Board, job: Job, pending: Pending) {
-    // A panic in one job must not take the thread down with it: the submitter sees its
-    // reply dropped (an error), the next job runs.
-    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match job {
-        Job::Update {
-            origin,
-            update,
-            message,
-            queued,
-            reply,
-        } => {
-            let outcome = board.sequence_update(origin, &update, message, queued);
-            drop(pending);
-            let _ = reply.send(outcome);
-        }
-        Job::Restore { version, reply } => {
-            let outcome = board.sequence_restore(version);
-            drop(pending);
-            let _ = reply.send(outcome);
-        }
-        Job::Barrier(reply) => {
-            drop(pending);
-            let _ = reply.send(());
-        }
-    }));
 }
 
 /// Runs a future to completion on the calling thread (for the blocking callers: the CLI,
