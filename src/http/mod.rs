@@ -218,7 +218,11 @@ pub(crate) async fn on_lane<T: Send + 'static>(
 
 pub(crate) fn storage(e: StoreError) -> ApiError {
     tracing::error!(error = %e, "storage error");
-    ApiError::Internal("storage error".into())
+    match e {
+        // SPEC 9: Redis down is a 503 (come back later), not the server failing.
+        StoreError::Unreachable(_) => ApiError::Unavailable("store unreachable".into()),
+        _ => ApiError::Internal("storage error".into()),
+    }
 }
 
 /// Milliseconds since the epoch as RFC 3339, UTC.

@@ -508,7 +508,7 @@ mod tests {
             }
             self.inner.load_whiteboard(s)
         }
-        fn append_update(&self, s: &str, seq: u64, update: &[u8]) -> Result<(), StoreError> {
+        fn append_update(&self, s: &str, seq: u64, update: &[u8]) -> Result<u64, StoreError> {
             if let Some((entered, go)) = &self.append_gate {
                 let _ = entered.send(());
                 let _ = go.lock().unwrap().recv();
@@ -543,7 +543,7 @@ mod tests {
             s: &str,
             m: &crate::protocol::tutor::ChatMessage,
             limit: usize,
-        ) -> Result<(), StoreError> {
+        ) -> Result<u64, StoreError> {
             self.inner.append_chat(s, m, limit)
         }
         fn chat_after(

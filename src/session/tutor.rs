@@ -460,7 +460,7 @@ impl Room {
             }
             inner.last_seq + 1
         };
-        let message = ChatMessage {
+        let mut message = ChatMessage {
             seq,
             client_id,
             from,
@@ -469,7 +469,8 @@ impl Room {
             edited_at: None,
             deleted_at: None,
         };
-        self.store
+        message.seq = self
+            .store
             .append_chat(&self.session, &message, self.history_limit)?;
         if self.flush_before_relay {
             self.store.flush()?;

@@ -76,12 +76,12 @@ impl Store for MemoryStore {
         }))
     }
 
-    fn append_update(&self, session: &str, seq: u64, update: &[u8]) -> Result<(), StoreError> {
+    fn append_update(&self, session: &str, seq: u64, update: &[u8]) -> Result<u64, StoreError> {
         self.with(session, |s| {
             s.log.push((seq, update.to_vec()));
             s.last_log_seq = s.last_log_seq.max(seq);
         });
-        Ok(())
+        Ok(seq)
     }
 
     fn write_snapshot(
@@ -143,7 +143,7 @@ impl Store for MemoryStore {
         session: &str,
         message: &ChatMessage,
         history_limit: usize,
-    ) -> Result<(), StoreError> {
+    ) -> Result<u64, StoreError> {
         self.with(session, |s| {
             s.chat.insert(message.seq, message.clone());
             s.last_seq = s.last_seq.max(message.seq);
@@ -154,7 +154,7 @@ impl Store for MemoryStore {
                 }
             }
         });
-        Ok(())
+        Ok(message.seq)
     }
 
     fn chat_after(

@@ -101,6 +101,12 @@ pub enum StoreError {
     },
     #[error("damaged data: {0}")]
     Corrupt(String),
+    /// A store shared over the network (Redis, in cluster mode) cannot be reached or did
+    /// not answer in time: nothing was written. Unlike a failing disk this is expected to
+    /// pass by itself, so writers are told to come back (close 1013), not that the server
+    /// failed (1011).
+    #[error("shared store unreachable: {0}")]
+    Unreachable(String),
 }
 
 impl StoreError {
@@ -207,11 +213,14 @@ pub trait Store: Send + Sync + 'static {
     /// The stored whiteboard of a session (empty for a new one).
     fn load_whiteboard(&self, session: &str) -> Result<StoredWhiteboard, StoreError>;
 
-    /// Appends an accepted update to the session's log as entry `seq`. The session owns
-    /// its seqs (one writer, under its own lock): each append uses a seq larger than the
-    /// last, starting after [`StoredWhiteboard::last_log_seq`]. This is one insert, with
-    /// no read: it runs on the relay path of every update.
-    fn append_update(&self, session: &str, seq: u64, update: &[u8]) -> Result<(), StoreError>;
+    /// Appends an accepted update to the session's log and returns the seq it was stored
+    /// under. A store that one process owns (sled, memory) stores it as entry `seq`: the
+    /// session owns its seqs (one writer, under its own lock), each larger than the last,
+    /// starting after [`StoredWhiteboard::last_log_seq`]. A store that several nodes share
+    /// (Redis) assigns the seq itself, atomically with the append, and ignores `seq`; the
+    /// session goes on from the one returned. This is one write, with no read: it runs on
+    /// the relay path of every update.
+    fn append_update(&self, session: &str, seq: u64, update: &[u8]) -> Result<u64, StoreError>;
 
     /// Records the whole document (`state`, a Yjs v1 update; `state_vector`, v1-encoded)
     /// as the next snapshot version, replacing the log entries it includes: those with a
@@ -237,14 +246,17 @@ pub trait Store: Send + Sync + 'static {
     /// Every session with anything stored.
     fn list_sessions(&self) -> Result<Vec<SessionInfo>, StoreError>;
 
-    /// Appends a chat message (its `seq` already assigned by the caller), trimming the
-    /// session's history to `history_limit` messages.
+    /// Appends a chat message, trimming the session's history to `history_limit` messages,
+    /// and returns the seq it was stored under: `message.seq`, assigned by the caller, in a
+    /// store one process owns; the next seq of the session, assigned atomically with the
+    /// append (gapless across nodes), in a store several nodes share (Redis), which ignores
+    /// `message.seq`.
     fn append_chat(
         &self,
         session: &str,
         message: &ChatMessage,
         history_limit: usize,
-    ) -> Result<(), StoreError>;
+    ) -> Result<u64, StoreError>;
 
     /// Up to `limit` messages with `seq > after`, oldest first.
     fn chat_after(

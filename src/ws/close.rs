@@ -6,6 +6,7 @@
 //! writer in `ws` sends what is decided here.
 
 use crate::protocol::wire::WireError;
+use crate::store::StoreError;
 
 pub const NORMAL: u16 = 1000;
 pub const GOING_AWAY: u16 = 1001;
@@ -54,6 +55,18 @@ impl Close {
     /// The close of a removed user's connections (SPEC 4.1).
     pub fn removed() -> Self {
         Self::new(REMOVED, "removed from the session")
+    }
+
+    /// The close for a write the store did not take (SPEC 5.4 and 9): 1013 while a shared
+    /// store (Redis) is unreachable, which passes by itself, so the client reconnects and
+    /// resyncs later; 1011 for a store that failed (a disk).
+    pub fn for_store(e: &StoreError) -> Self {
+        match e {
+            StoreError::Unreachable(_) => {
+                Self::new(TRY_AGAIN_LATER, "store unreachable: reconnect later")
+            }
+            _ => Self::new(INTERNAL, "storage error"),
+        }
     }
 
     /// The close every connection gets at shutdown.

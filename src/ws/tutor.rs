@@ -186,7 +186,7 @@ impl TutorHandler {
                     Err(PostError::Muted) => h.muted(),
                     Err(PostError::Store(e)) => {
                         tracing::error!(session = %h.session.id, error = %e, "chat not stored");
-                        Flow::Close(Close::new(close::INTERNAL, "storage error"))
+                        Flow::Close(Close::for_store(&e))
                     }
                 });
             }

@@ -137,7 +137,7 @@ impl WhiteboardHandler {
 }
 
 /// The close an update's refusal calls for: 1007 for what the update is, 1011 when it
-/// could not be stored.
+/// could not be stored (1013 while a shared store is unreachable).
 fn refusal(e: ApplyError, metrics: &Metrics, session: &str, user: &str) -> Close {
     match e {
         e @ (ApplyError::Decode(_) | ApplyError::Rejected(_) | ApplyError::Guard(_)) => {
@@ -147,7 +147,7 @@ fn refusal(e: ApplyError, metrics: &Metrics, session: &str, user: &str) -> Close
         }
         ApplyError::Store(e) => {
             tracing::error!(%session, error = %e, "update not stored");
-            Close::new(close::INTERNAL, "storage error")
+            Close::for_store(&e)
         }
     }
 }

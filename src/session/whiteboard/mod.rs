@@ -605,8 +605,8 @@ impl Board {
     fn log_update(&self, update: &[u8]) -> Result<(), StoreError> {
         {
             let _in_order = sync::lock(&self.log_order);
-            let seq = self.log_seq.load(Ordering::Acquire) + 1;
-            self.store.append_update(&self.session, seq, update)?;
+            let next = self.log_seq.load(Ordering::Acquire) + 1;
+            let seq = self.store.append_update(&self.session, next, update)?;
             self.log_seq.store(seq, Ordering::Release);
         }
         if self.options.flush_before_relay {

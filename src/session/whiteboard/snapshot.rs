@@ -10,8 +10,8 @@ impl Board {
     pub(super) fn relog_held_back(&self, held: &[Vec<u8>]) -> Result<(), StoreError> {
         let _in_order = sync::lock(&self.log_order);
         for update in held {
-            let seq = self.log_seq.load(Ordering::Acquire) + 1;
-            self.store.append_update(&self.session, seq, update)?;
+            let next = self.log_seq.load(Ordering::Acquire) + 1;
+            let seq = self.store.append_update(&self.session, next, update)?;
             self.log_seq.store(seq, Ordering::Release);
         }
         Ok(())

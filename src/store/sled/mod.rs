@@ -296,7 +296,7 @@ impl Store for SledStore {
         Ok(stored)
     }
 
-    fn append_update(&self, session: &str, seq: u64, update: &[u8]) -> Result<(), StoreError> {
+    fn append_update(&self, session: &str, seq: u64, update: &[u8]) -> Result<u64, StoreError> {
         check_session_id(session)?;
         let s = &self.shared;
         s.writable()?;
@@ -307,7 +307,8 @@ impl Store for SledStore {
             numbered_key(session, seq),
             encode_update(update),
         )?;
-        s.write_counter(&t, session, LAST_ACTIVITY_MS, now_ms())
+        s.write_counter(&t, session, LAST_ACTIVITY_MS, now_ms())?;
+        Ok(seq)
     }
 
     fn write_snapshot(
@@ -472,7 +473,7 @@ impl Store for SledStore {
         session: &str,
         message: &ChatMessage,
         history_limit: usize,
-    ) -> Result<(), StoreError> {
+    ) -> Result<u64, StoreError> {
         check_session_id(session)?;
         let s = &self.shared;
         s.writable()?;
@@ -506,7 +507,8 @@ impl Store for SledStore {
         // would already hand out the same seq.
         s.write_counter(&t, session, LAST_CHAT_SEQ, message.seq)?;
         s.write_counter(&t, session, LAST_ACTIVITY_MS, now_ms())?;
-        s.trim_chat(&t, session, message.seq, history_limit)
+        s.trim_chat(&t, session, message.seq, history_limit)?;
+        Ok(message.seq)
     }
 
     fn chat_after(
