@@ -9,6 +9,7 @@
 //! fan-out goes through [`peers::Peers::broadcast`]. Must not touch sockets or HTTP: the
 //! `ws` and `http` layers call in.
 
+pub mod bus;
 pub mod lane;
 pub mod peers;
 pub mod tutor;
@@ -46,6 +47,26 @@ pub struct Session {
 impl Session {
     fn idle_since(&self) -> MutexGuard<'_, Option<Instant>> {
         sync::lock(&self.idle_since)
+    }
+
+    /// Applies what another node published about this session (cluster mode).
+    pub fn hear(&self, node: &str, event: bus::Event) {
+        match event {
+            bus::Event::Awareness(update) => self.whiteboard.apply_remote_awareness(node, &update),
+            bus::Event::AwarenessQuery => self.whiteboard.publish_local_awareness(),
+            event => self.tutor.hear(node, event),
+        }
+    }
+
+    /// A node died (cluster mode): its clients' presence and awareness go.
+    pub fn node_gone(&self, node: &str) {
+        self.tutor.node_gone(node);
+        self.whiteboard.drop_node_awareness(node);
+    }
+
+    /// Whether a connection or a request holds the session now.
+    pub fn in_use(&self) -> bool {
+        self.handles.load(Ordering::Acquire) > 0
     }
 }
 
@@ -109,6 +130,8 @@ pub struct Registry {
     metrics: Arc<Metrics>,
     config: Arc<Config>,
     next_conn: AtomicU64,
+    /// Cluster mode: the other nodes, told of every session loaded and unloaded here.
+    bus: Option<Arc<dyn bus::Bus>>,
 }
 
 impl Registry {
@@ -119,6 +142,20 @@ impl Registry {
             metrics,
             config,
             next_conn: AtomicU64::new(1),
+            bus: None,
+        }
+    }
+
+    /// A registry of one node of a cluster (SPEC 9), whose store is shared with the others.
+    pub fn with_bus(
+        store: Arc<dyn Store>,
+        metrics: Arc<Metrics>,
+        config: Arc<Config>,
+        bus: Arc<dyn bus::Bus>,
+    ) -> Self {
+        Self {
+            bus: Some(bus),
+            ..Self::new(store, metrics, config)
         }
     }
 
@@ -203,9 +240,17 @@ impl Registry {
     /// registers the session (unless another caller did first: then that one is used).
     fn load_and_register(&self, id: &str) -> Result<SessionHandle, StoreError> {
         let loaded = Arc::new(self.load(id)?);
-        let mut map = self.map();
-        let handle = Self::handle(map.live.entry(loaded.id.clone()).or_insert(loaded));
-        self.metrics.sessions_loaded.set(map.live.len() as i64);
+        let (handle, ours) = {
+            let mut map = self.map();
+            let live = map.live.entry(loaded.id.clone()).or_insert(loaded.clone());
+            let ours = Arc::ptr_eq(live, &loaded);
+            let handle = Self::handle(live);
+            self.metrics.sessions_loaded.set(map.live.len() as i64);
+            (handle, ours)
+        };
+        if let (Some(bus), true) = (&self.bus, ours) {
+            bus.hold(&handle.session);
+        }
         Ok(handle)
     }
 
@@ -234,6 +279,7 @@ impl Registry {
                     flush_before_relay: self.sync_durability(),
                     snapshot_every_updates: self.config.persist.snapshot_every_updates.max(1),
                     limits: self.config.limits,
+                    shared_log: self.bus.is_some(),
                 },
             )?,
             tutor: TutorRoom::load(
@@ -295,6 +341,9 @@ impl Registry {
             };
             // Dropped here, outside the lock: freeing a large document takes a while.
             if removed.is_some() {
+                if let Some(bus) = &self.bus {
+                    bus.release(&s.id);
+                }
                 unloaded += 1;
             }
         }

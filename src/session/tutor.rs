@@ -25,6 +25,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use axum::extract::ws::{Message, Utf8Bytes};
 
+use super::bus::{Bus, Event};
 use super::lane::{Lane, LaneError};
 use super::peers::{ConnId, Peer, Peers};
 use crate::metrics::Metrics;
@@ -127,6 +128,9 @@ impl Peer for Member {
 struct Inner {
     last_seq: u64,
     members: Peers<Member>,
+    /// Cluster mode: the users connected to other nodes, by node, with their connection
+    /// counts there (as those nodes published them).
+    remote: BTreeMap<Arc<str>, BTreeMap<String, (UserInfo, usize)>>,
     /// Mutes and bans by user (SPEC 4.1), as stored.
     moderation: HashMap<String, ModerationRecord>,
     /// The newest `ts` of a message (ms): edits are stamped no earlier, so a resume's
@@ -248,6 +252,10 @@ pub struct Room {
     /// The stamp (ms) of the latest edit or deletion, for long polls waiting on `changes`
     /// (SPEC 4.1).
     amends: tokio::sync::watch::Sender<u64>,
+    /// Cluster mode: the other nodes. Then the store assigns seqs, and chat messages reach
+    /// this node's connections only in seq order through [`Room::deliver_chat`], its own
+    /// included.
+    bus: std::sync::OnceLock<Arc<dyn Bus>>,
 }
 
 fn text(json: String) -> Message {
@@ -275,6 +283,7 @@ impl Room {
             inner: Arc::new(Mutex::new(Inner {
                 last_seq,
                 members: Peers::default(),
+                remote: BTreeMap::new(),
                 moderation,
                 last_ts_ms,
             })),
@@ -286,7 +295,141 @@ impl Room {
             removed,
             remove_ban,
             amends: tokio::sync::watch::Sender::new(0),
+            bus: Default::default(),
         })
+    }
+
+    /// Connects the room to the other nodes of a cluster (right after the load), with the
+    /// users connected to them now (`(node, user, connections)`, from the shared store).
+    pub fn attach_bus(&self, bus: Arc<dyn Bus>, present: Vec<(String, UserInfo, usize)>) {
+        let mut inner = self.inner();
+        for (node, user, connections) in present {
+            if connections > 0 {
+                inner
+                    .remote
+                    .entry(Arc::from(node))
+                    .or_default()
+                    .insert(user.id.clone(), (user, connections));
+            }
+        }
+        let _ = self.bus.set(bus);
+    }
+
+    fn publish(&self, event: Event) {
+        if let Some(bus) = self.bus.get() {
+            bus.publish(&self.session, event);
+        }
+    }
+
+    /// Whether `user` has a connection on another node.
+    fn present_elsewhere(inner: &Inner, user: &str) -> bool {
+        inner.remote.values().any(|users| users.contains_key(user))
+    }
+
+    fn local_connections(inner: &Inner, user: &str) -> usize {
+        inner.members.values().filter(|m| m.user.id == user).count()
+    }
+
+    /// Tells the other nodes how many connections `user` has here now.
+    fn publish_presence(&self, inner: &Inner, user: &UserInfo) {
+        if self.bus.get().is_some() {
+            self.publish(Event::Presence {
+                user: user.clone(),
+                connections: Self::local_connections(inner, &user.id),
+            });
+        }
+    }
+
+    fn announce(inner: &mut Inner, event: PresenceEvent, user: &UserInfo, except: Option<ConnId>) {
+        let participants = Self::participants(inner);
+        let msg = text(
+            ServerMessage::Presence {
+                event,
+                user,
+                participants: &participants,
+            }
+            .to_json(),
+        );
+        inner.members.broadcast(&msg, except);
+    }
+
+    /// Applies what another node published about this session (cluster mode), relaying to
+    /// this node's connections what they must see.
+    pub fn hear(&self, node: &str, event: Event) {
+        let mut inner = self.inner();
+        match event {
+            Event::Presence { user, connections } => {
+                let was_here = Self::local_connections(&inner, &user.id) > 0
+                    || Self::present_elsewhere(&inner, &user.id);
+                let users = inner.remote.entry(Arc::from(node)).or_default();
+                if connections == 0 {
+                    users.remove(&user.id);
+                } else {
+                    users.insert(user.id.clone(), (user.clone(), connections));
+                }
+                let is_here = Self::local_connections(&inner, &user.id) > 0
+                    || Self::present_elsewhere(&inner, &user.id);
+                match (was_here, is_here) {
+                    (false, true) => Self::announce(&mut inner, PresenceEvent::Joined, &user, None),
+                    (true, false) => Self::announce(&mut inner, PresenceEvent::Left, &user, None),
+                    _ => {}
+                }
+            }
+            Event::Relay { json } => inner.members.broadcast(&text(json), None),
+            Event::Amended { at_ms } => {
+                self.amends
+                    .send_modify(|latest| *latest = (*latest).max(at_ms));
+            }
+            Event::Moderation {
+                record,
+                json,
+                removed,
+            } => {
+                if record.is_spent(moderation::now_ms()) {
+                    inner.moderation.remove(&record.user);
+                } else {
+                    inner.moderation.insert(record.user.clone(), record);
+                }
+                inner.members.broadcast(&text(json), None);
+                if removed {
+                    self.removed.send_replace(Self::bans(&inner.moderation));
+                }
+            }
+            Event::Awareness(_) | Event::AwarenessQuery => {}
+        }
+    }
+
+    /// A node died (cluster mode): its users' connections there are gone.
+    pub fn node_gone(&self, node: &str) {
+        let mut inner = self.inner();
+        let Some(users) = inner.remote.remove(node) else {
+            return;
+        };
+        for (id, (user, _)) in users {
+            if Self::local_connections(&inner, &id) == 0 && !Self::present_elsewhere(&inner, &id) {
+                Self::announce(&mut inner, PresenceEvent::Left, &user, None);
+            }
+        }
+    }
+
+    /// The nodes this room has heard of users on.
+    pub fn remote_nodes(&self) -> Vec<Arc<str>> {
+        self.inner().remote.keys().cloned().collect()
+    }
+
+    /// A chat message as the shared store holds it (cluster mode), delivered in seq order
+    /// by the stream reader, whichever node it was posted on.
+    pub fn deliver_chat(&self, message: &ChatMessage) {
+        let mut inner = self.inner();
+        if message.seq <= inner.last_seq {
+            return;
+        }
+        inner.last_seq = message.seq;
+        inner.last_ts_ms = inner.last_ts_ms.max(parse_time(&message.ts).unwrap_or(0));
+        self.seq_changes.send_replace(message.seq);
+        self.metrics.chat_messages.inc();
+        let msg = text(ServerMessage::Chat(message).to_json());
+        inner.members.broadcast(&msg, None);
     }
 
     fn inner(&self) -> MutexGuard<'_, Inner> {
@@ -307,6 +450,18 @@ impl Room {
                     }),
                 })
                 .connections += 1;
+        }
+        for (user, connections) in inner.remote.values().flat_map(|users| users.values()) {
+            by_user
+                .entry(&user.id)
+                .or_insert_with(|| Participant {
+                    user: user.clone(),
+                    connections: 0,
+                    muted: inner.moderation.get(&user.id).is_some_and(|r| {
+                        r.muted_for(now, user.role == crate::auth::Role::Admin.as_str())
+                    }),
+                })
+                .connections += connections;
         }
         by_user.into_values().collect()
     }
@@ -334,7 +489,8 @@ impl Room {
                 limit: recent,
             },
         };
-        let first = !inner.members.values().any(|m| m.user.id == user.id);
+        let first = !inner.members.values().any(|m| m.user.id == user.id)
+            && !Self::present_elsewhere(&inner, &user.id);
         inner.members.insert(
             conn,
             Member {
@@ -358,16 +514,9 @@ impl Room {
             .to_json(),
         ));
         if first {
-            let msg = text(
-                ServerMessage::Presence {
-                    event: PresenceEvent::Joined,
-                    user: &user,
-                    participants: &participants,
-                }
-                .to_json(),
-            );
-            inner.members.broadcast(&msg, Some(conn));
+            Self::announce(&mut inner, PresenceEvent::Joined, &user, Some(conn));
         }
+        self.publish_presence(&inner, &user);
         Ok(())
     }
 
@@ -420,19 +569,13 @@ impl Room {
         let Some(gone) = inner.members.remove(&conn) else {
             return;
         };
-        if inner.members.values().any(|m| m.user.id == gone.user.id) {
+        self.publish_presence(&inner, &gone.user);
+        if inner.members.values().any(|m| m.user.id == gone.user.id)
+            || Self::present_elsewhere(&inner, &gone.user.id)
+        {
             return;
         }
-        let participants = Self::participants(&inner);
-        let msg = text(
-            ServerMessage::Presence {
-                event: PresenceEvent::Left,
-                user: &gone.user,
-                participants: &participants,
-            }
-            .to_json(),
-        );
-        inner.members.broadcast(&msg, None);
+        Self::announce(&mut inner, PresenceEvent::Left, &gone.user, None);
     }
 
     /// Stores a chat message under the next `seq` and relays it. Runs on the room's lane
@@ -475,6 +618,10 @@ impl Room {
         if self.flush_before_relay {
             self.store.flush()?;
         }
+        if self.bus.get().is_some() {
+            // The stream reader delivers it, in seq order with the other nodes' messages.
+            return Ok(message);
+        }
         let mut inner = self.inner();
         inner.last_seq = message.seq;
         inner.last_ts_ms = inner.last_ts_ms.max(parse_time(&message.ts).unwrap_or(0));
@@ -487,7 +634,11 @@ impl Room {
 
     /// Sends an ephemeral message (typing, event) to every connection but the sender's.
     pub fn relay(&self, from: ConnId, message: &ServerMessage<'_>) {
-        let msg = text(message.to_json());
+        let json = message.to_json();
+        if self.bus.get().is_some() {
+            self.publish(Event::Relay { json: json.clone() });
+        }
+        let msg = text(json);
         let mut inner = self.inner();
         inner.members.broadcast(&msg, Some(from));
     }

@@ -31,7 +31,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use super::{text, HistoryError, HistoryReader, Room, TutorRoom};
+use super::{text, Event, HistoryError, HistoryReader, Room, TutorRoom};
 use crate::auth::Role;
 use crate::protocol::tutor::{ChatMessage, ServerMessage, UserInfo};
 use crate::store::{ChatEdit, ModerationRecord, Store, StoreError};
@@ -299,8 +299,10 @@ impl Room {
         if self.flush_before_relay {
             self.store.flush()?;
         }
-        let msg = text(change_frame(&amended, by));
-        self.inner().members.broadcast(&msg, None);
+        let json = change_frame(&amended, by);
+        self.publish(Event::Relay { json: json.clone() });
+        self.publish(Event::Amended { at_ms });
+        self.inner().members.broadcast(&text(json), None);
         self.amends
             .send_modify(|latest| *latest = (*latest).max(at_ms));
         Ok(amended)
@@ -408,6 +410,7 @@ impl Room {
             self.store.flush()?;
         }
         let mut inner = self.inner();
+        let published = record.clone();
         if record.is_spent(now) {
             inner.moderation.remove(user);
         } else {
@@ -421,6 +424,11 @@ impl Room {
             by,
         }
         .to_json();
+        self.publish(Event::Moderation {
+            record: published,
+            json: json.clone(),
+            removed: action == "remove",
+        });
         let msg = text(json.clone());
         inner.members.broadcast(&msg, None);
         if action == "remove" {

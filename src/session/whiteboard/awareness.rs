@@ -40,6 +40,11 @@ pub(super) struct AwarenessRelay {
     relaying: Mutex<()>,
     /// Changes within this long of the last relay wait for the tick's end.
     tick: Duration,
+    /// Cluster mode: the other nodes, told of this node's clients' changes.
+    bus: std::sync::OnceLock<Arc<dyn Bus>>,
+    /// Cluster mode: the clients whose states came from another node, by node. Relayed to
+    /// this node's connections like any, never published back.
+    remote: Mutex<HashMap<ClientID, Arc<str>>>,
 }
 
 #[derive(Default)]
@@ -76,6 +81,38 @@ impl AwarenessRelay {
             peers,
             pending: Mutex::new(Pending::default()),
             relaying: Mutex::new(()),
+            bus: Default::default(),
+            remote: Default::default(),
+        }
+    }
+
+    /// Starts publishing this node's changes, and asks the other nodes for their states.
+    pub(super) fn attach_bus(&self, session: &str, bus: Arc<dyn Bus>) {
+        bus.publish(session, Event::AwarenessQuery);
+        let _ = self.bus.set(bus);
+    }
+
+    /// The states of this node's own clients among `clients`, as an awareness update's
+    /// payload, to publish; `None` when there are none (or no bus).
+    fn local_update(&self, clients: impl IntoIterator<Item = ClientID>) -> Option<Bytes> {
+        self.bus.get()?;
+        let local: Vec<ClientID> = {
+            let remote = sync::lock(&self.remote);
+            clients
+                .into_iter()
+                .filter(|id| !remote.contains_key(id))
+                .collect()
+        };
+        if local.is_empty() {
+            return None;
+        }
+        let update = self.states().update_with_clients(local).ok()?;
+        (!update.clients.is_empty()).then(|| Bytes::from(update.encode_v1()))
+    }
+
+    fn publish(&self, update: Option<Bytes>) {
+        if let (Some(bus), Some(update)) = (self.bus.get(), update) {
+            bus.publish(&self.session, Event::Awareness(update));
         }
     }
 
@@ -153,7 +190,7 @@ impl AwarenessRelay {
         if marked.is_empty() {
             return;
         }
-        let update = {
+        let (update, known) = {
             let states = self.states();
             // Every marked client was applied, so the awareness knows it (it keeps a
             // removed client's clock); the filter only keeps `update_with_clients` total.
@@ -161,8 +198,9 @@ impl AwarenessRelay {
                 .into_iter()
                 .filter(|id| states.meta(*id).is_some())
                 .collect();
-            states.update_with_clients(known)
+            (states.update_with_clients(known.clone()), known)
         };
+        self.publish(self.local_update(known));
         match update {
             Ok(update) if !update.clients.is_empty() => {
                 let frame = Message::Binary(wire::awareness(update));
@@ -177,6 +215,50 @@ impl AwarenessRelay {
 }
 
 impl Board {
+    /// Applies awareness states another node's clients sent (cluster mode) and relays
+    /// what changed to this node's connections within a tick. Those states were checked
+    /// against SPEC 7.1's bounds by the node their client is connected to.
+    pub fn apply_remote_awareness(&self, node: &str, update: &[u8]) {
+        let update = match AwarenessUpdate::decode_v1(update) {
+            Ok(update) => update,
+            Err(e) => {
+                tracing::debug!(session = %self.session, %node, error = %e, "awareness from another node ignored");
+                return;
+            }
+        };
+        {
+            let node: Arc<str> = Arc::from(node);
+            let mut remote = sync::lock(&self.awareness.remote);
+            for id in update.clients.keys() {
+                remote.insert(*id, node.clone());
+            }
+        }
+        let summary = self.awareness().apply_update_summary(update);
+        if let Ok(Some(summary)) = summary {
+            self.awareness.changed(summary.all_changes());
+        }
+    }
+
+    /// Publishes the states of every client connected to this node (the answer to another
+    /// node's [`Event::AwarenessQuery`]).
+    pub fn publish_local_awareness(&self) {
+        let all: Vec<ClientID> = self.awareness().iter().map(|(id, _)| id).collect();
+        self.awareness.publish(self.awareness.local_update(all));
+    }
+
+    /// Removes the states of the clients of a node that died (cluster mode), as their
+    /// connections' close would have.
+    pub fn drop_node_awareness(&self, node: &str) {
+        let gone: HashSet<ClientID> = sync::lock(&self.awareness.remote)
+            .iter()
+            .filter(|(_, n)| &***n == node)
+            .map(|(id, _)| *id)
+            .collect();
+        if !gone.is_empty() {
+            self.remove_awareness_clients(&gone);
+        }
+    }
+
     pub(super) fn awareness(&self) -> MutexGuard<'_, Awareness> {
         self.awareness.states()
     }

@@ -11,7 +11,12 @@ impl Board {
     /// Holds back an update that depends on content the document does not have yet
     /// (SPEC.md 7.1: bounded by `limits.max_pending_bytes` per session, and logged like any
     /// other so a restart has it). Runs on the sequencer.
-    pub(super) fn hold_back(&self, update: &[u8], waits_on: Vec<u64>) -> Result<(), ApplyError> {
+    pub(super) fn hold_back(
+        &self,
+        update: &[u8],
+        waits_on: Vec<u64>,
+        log: bool,
+    ) -> Result<(), ApplyError> {
         let limit = self.options.limits.max_pending_bytes;
         let mut held = self.held_back();
         // A client that reconnects sends what it has again: the same bytes are held once.
@@ -28,7 +33,10 @@ impl Board {
                 limit,
             }));
         }
-        self.log_update(update)?;
+        // Another node's update is in the shared log already.
+        if log {
+            self.log_update(update)?;
+        }
         held.push(HeldBack {
             update: update.to_vec(),
             waits_on,

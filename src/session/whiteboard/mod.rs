@@ -50,6 +50,7 @@ use yrs::updates::decoder::Decode;
 use yrs::updates::encoder::Encode;
 use yrs::{ClientID, Doc, ReadTxn, StateVector, Transact, Update};
 
+use super::bus::{Bus, Event};
 use super::peers::Peers;
 use crate::config::LimitsConfig;
 use crate::doc::guard::{self, CheckedUpdate, GuardError, NestingIndex};
@@ -111,6 +112,10 @@ pub struct WhiteboardOptions {
     /// The bounds of SPEC.md 7.1 a whiteboard enforces (nesting, document size, pending
     /// bytes, awareness), as configured.
     pub limits: LimitsConfig,
+    /// The store is shared with other nodes (cluster mode): its log holds their updates
+    /// too, so how far this document includes the log is what the stream reader has fed
+    /// it ([`Whiteboard::apply_remote`]), not the seqs of this node's own appends.
+    pub shared_log: bool,
 }
 
 /// A session's whiteboard as the rest of the server holds it: the [`Board`] (through
@@ -180,6 +185,8 @@ pub struct Board {
     /// Older than the document at worst, which costs a client a larger step 2, never an
     /// update.
     state_vector: Mutex<StateVector>,
+    /// The other nodes (cluster mode), set once right after the load.
+    bus: std::sync::OnceLock<Arc<dyn Bus>>,
 }
 
 impl Default for WhiteboardOptions {
@@ -191,6 +198,7 @@ impl Default for WhiteboardOptions {
             flush_before_relay: false,
             snapshot_every_updates: 500,
             limits: LimitsConfig::default(),
+            shared_log: false,
         }
     }
 }
@@ -258,6 +266,31 @@ impl Whiteboard {
     /// (a dropped request, a closed connection): a session must not unload under it, or
     /// the job would append to the store from a board no longer loaded, with a log seq
     /// that the session, loaded again meanwhile, hands out too.
+    /// Connects the whiteboard to the other nodes of a cluster: its awareness changes are
+    /// published from now on, and it asks the others for theirs.
+    pub fn attach_bus(&self, bus: Arc<dyn Bus>) {
+        self.awareness.attach_bus(&self.session, bus.clone());
+        let _ = self.bus.set(bus);
+    }
+
+    /// Applies what other nodes appended to the shared log, in log order, and relays what
+    /// changed to this node's connections; `through` is the seq of the last entry read
+    /// (this node's own entries are in the document already and come as no update). Waits
+    /// for the sequencer: the stream reader calls it from its own thread. An update that
+    /// does not apply is logged and skipped, as on a load: it is in the log, every node
+    /// skips it alike.
+    pub fn apply_remote(&self, through: u64, updates: Vec<Vec<u8>>) {
+        let job = self.sequencer.run(move |board| {
+            for update in &updates {
+                board.sequence_remote(update);
+            }
+            board.log_seq.fetch_max(through, Ordering::AcqRel);
+        });
+        if let Err(e) = sequencer::block_on(job) {
+            tracing::warn!(session = %self.session, error = %e, "updates from other nodes not applied");
+        }
+    }
+
     pub fn sequencer_idle(&self) -> bool {
         self.sequencer.is_idle()
     }
@@ -352,6 +385,7 @@ impl Board {
             changes: tokio::sync::watch::Sender::new(0),
             full_step2: Default::default(),
             state_vector,
+            bus: Default::default(),
         })
     }
 
@@ -436,7 +470,7 @@ impl Board {
             return Ok(false);
         }
         if checked.waits {
-            self.hold_back(update, checked.waits_on)?;
+            self.hold_back(update, checked.waits_on, true)?;
             return Ok(false);
         }
         // Almost always nothing is held back: then the relay path pays nothing for it.
@@ -531,6 +565,40 @@ impl Board {
     /// only when that bound passes the limit is the document encoded to measure it, and the
     /// measurement becomes the new base. A board near the limit is measured once per
     /// limit-minus-size of logged bytes, not per update.
+    /// One update another node appended (on the sequencer): guarded, applied and relayed
+    /// like a client's, but not logged again.
+    fn sequence_remote(&self, update: &[u8]) {
+        let refused = |e: &dyn std::fmt::Display| {
+            tracing::warn!(session = %self.session, error = %e, "an update from another node was refused");
+        };
+        let checked = match self
+            .nesting()
+            .check(update, self.options.limits.max_nesting)
+        {
+            Ok(checked) => checked,
+            Err(e) => return refused(&e),
+        };
+        if checked.is_empty {
+            return;
+        }
+        if checked.waits {
+            if let Err(e) = self.hold_back(update, checked.waits_on, false) {
+                refused(&e);
+            }
+            return;
+        }
+        let clients = (!self.held_back().is_empty()).then(|| checked.clients());
+        match self.integrate(None, update, None, checked, false) {
+            Ok(true) => {
+                if let Some(clients) = clients {
+                    self.retry_held_back(clients);
+                }
+            }
+            Ok(false) => {}
+            Err(e) => refused(&e),
+        }
+    }
+
     fn fits(&self, doc: &Doc, added: usize) -> bool {
         let limit = self.options.limits.max_doc_bytes as u64;
         let logged = self.log_bytes_since_snapshot.load(Ordering::Acquire);
@@ -607,7 +675,11 @@ impl Board {
             let _in_order = sync::lock(&self.log_order);
             let next = self.log_seq.load(Ordering::Acquire) + 1;
             let seq = self.store.append_update(&self.session, next, update)?;
-            self.log_seq.store(seq, Ordering::Release);
+            // A shared log's seqs interleave other nodes' entries this document may not
+            // have yet: how far it goes is the stream reader's business (`apply_remote`).
+            if !self.options.shared_log {
+                self.log_seq.store(seq, Ordering::Release);
+            }
         }
         if self.options.flush_before_relay {
             self.store.flush()?;

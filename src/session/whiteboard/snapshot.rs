@@ -12,7 +12,9 @@ impl Board {
         for update in held {
             let next = self.log_seq.load(Ordering::Acquire) + 1;
             let seq = self.store.append_update(&self.session, next, update)?;
-            self.log_seq.store(seq, Ordering::Release);
+            if !self.options.shared_log {
+                self.log_seq.store(seq, Ordering::Release);
+            }
         }
         Ok(())
     }
