@@ -61,6 +61,97 @@ impl EndpointMetrics {
     }
 }
 
+/// What a node of a cluster measures of Redis and of the other nodes (each node exports its
+/// own: the node id is in `easel_cluster_node_info`).
+pub struct ClusterMetrics {
+    node_info: Family<Vec<(String, String)>, Gauge>,
+    /// Round trip of a Redis PING, every second.
+    pub redis_round_trip: AtomicHistogram,
+    /// Time from another node's publishing an event to this node's reading it.
+    pub stream_lag: AtomicHistogram,
+    /// Stream reads that failed (Redis unreachable).
+    pub read_failures: Counter,
+    /// Events to other nodes dropped: awareness while Redis was unreachable or the queue full.
+    pub events_dropped: Counter,
+    /// Nodes this node found dead (heartbeat gone) and cleaned up after.
+    pub nodes_gone: Counter,
+    /// Compaction leases taken over from a node that held one and died.
+    pub lease_takeovers: Counter,
+    /// 1 while Redis answers, 0 while it does not.
+    pub redis_up: Gauge,
+}
+
+impl ClusterMetrics {
+    fn register(registry: &mut Registry) -> Self {
+        let node_info = Family::<Vec<(String, String)>, Gauge>::default();
+        registry.register(
+            "cluster_node_info",
+            "This node's id in cluster mode (value 1)",
+            node_info.clone(),
+        );
+        let redis_round_trip = AtomicHistogram::new(exponential_buckets(0.000_05, 2.0, 16));
+        registry.register(
+            "redis_round_trip_seconds",
+            "Round trip of a Redis PING (cluster mode)",
+            redis_round_trip.clone(),
+        );
+        let stream_lag = AtomicHistogram::new(exponential_buckets(0.000_1, 2.0, 16));
+        registry.register(
+            "cluster_stream_lag_seconds",
+            "Time from another node's publishing an event to this node's reading it",
+            stream_lag.clone(),
+        );
+        let counter = |registry: &mut Registry, name: &str, help: &str| {
+            let c = Counter::default();
+            registry.register(name, help, c.clone());
+            c
+        };
+        let read_failures = counter(
+            registry,
+            "cluster_read_failures",
+            "Stream reads from Redis that failed",
+        );
+        let events_dropped = counter(
+            registry,
+            "cluster_events_dropped",
+            "Events to other nodes dropped (awareness while Redis was unreachable)",
+        );
+        let nodes_gone = counter(
+            registry,
+            "cluster_nodes_gone",
+            "Nodes found dead (heartbeat expired) and cleaned up after",
+        );
+        let lease_takeovers = counter(
+            registry,
+            "cluster_lease_takeovers",
+            "Compaction leases taken over from a dead node",
+        );
+        let redis_up = Gauge::default();
+        registry.register(
+            "redis_up",
+            "1 while Redis answers, 0 while it does not (cluster mode)",
+            redis_up.clone(),
+        );
+        Self {
+            node_info,
+            redis_round_trip,
+            stream_lag,
+            read_failures,
+            events_dropped,
+            nodes_gone,
+            lease_takeovers,
+            redis_up,
+        }
+    }
+
+    /// Names this node in the metrics.
+    pub fn set_node(&self, node: &str) {
+        self.node_info
+            .get_or_create(&vec![("node".to_owned(), node.to_owned())])
+            .set(1);
+    }
+}
+
 pub struct Metrics {
     registry: Registry,
     pub whiteboard: EndpointMetrics,
@@ -72,6 +163,8 @@ pub struct Metrics {
     auth_failures: Family<Labels, Counter>,
     pub relay_latency: AtomicHistogram,
     pub snapshot_duration: AtomicHistogram,
+    /// Cluster mode (SPEC 9); zero on a single node.
+    pub cluster: ClusterMetrics,
     pub store_decode_errors: Counter,
     /// 1 while the store takes writes, 0 while it refuses them (disk full, I/O error).
     pub store_writable: Gauge,
@@ -217,6 +310,7 @@ impl Metrics {
             "Time to encode and store a snapshot",
             snapshot_duration.clone(),
         );
+        let cluster = ClusterMetrics::register(&mut registry);
         let store_decode_errors = Counter::default();
         registry.register(
             "store_decode_errors",
@@ -291,6 +385,7 @@ impl Metrics {
             auth_failures,
             relay_latency,
             snapshot_duration,
+            cluster,
             store_decode_errors,
             guard_refusals,
             updates_rolled_back,

@@ -246,6 +246,14 @@ impl Board {
         self.awareness.publish(self.awareness.local_update(all));
     }
 
+    /// The nodes whose clients' awareness states this node holds.
+    pub fn awareness_nodes(&self) -> HashSet<Arc<str>> {
+        sync::lock(&self.awareness.remote)
+            .values()
+            .cloned()
+            .collect()
+    }
+
     /// Removes the states of the clients of a node that died (cluster mode), as their
     /// connections' close would have.
     pub fn drop_node_awareness(&self, node: &str) {

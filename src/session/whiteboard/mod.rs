@@ -187,6 +187,9 @@ pub struct Board {
     state_vector: Mutex<StateVector>,
     /// The other nodes (cluster mode), set once right after the load.
     bus: std::sync::OnceLock<Arc<dyn Bus>>,
+    /// Holds an update the store refused, which a rollback could not undo yet because the
+    /// store could not be read either.
+    stale: AtomicBool,
 }
 
 impl Default for WhiteboardOptions {
@@ -291,6 +294,16 @@ impl Whiteboard {
         }
     }
 
+    /// Rebuilds the document from the store if an update the store refused is still in it
+    /// (see [`Board::is_stale`]); waits for the sequencer. For the stream reader, once the
+    /// store answers again.
+    pub fn refresh_if_stale(&self) -> Result<(), StoreError> {
+        if !self.is_stale() {
+            return Ok(());
+        }
+        sequencer::block_on(self.sequencer.run(|board| board.ensure_fresh()))?
+    }
+
     pub fn sequencer_idle(&self) -> bool {
         self.sequencer.is_idle()
     }
@@ -386,6 +399,7 @@ impl Board {
             full_step2: Default::default(),
             state_vector,
             bus: Default::default(),
+            stale: AtomicBool::new(false),
         })
     }
 
@@ -425,6 +439,11 @@ impl Board {
     }
 
     /// Follows the document's changes (for long polls).
+    /// The last log seq this document includes (with a shared log: every entry up to it).
+    pub fn log_through(&self) -> u64 {
+        self.log_seq.load(Ordering::Acquire)
+    }
+
     pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
         self.changes.subscribe()
     }
@@ -460,6 +479,7 @@ impl Board {
         message: Option<Bytes>,
         queued: Instant,
     ) -> Result<bool, ApplyError> {
+        self.ensure_fresh()?;
         // The guard walks the bytes before yrs decodes them (SPEC.md 7.1): lengths, counts,
         // value depth, and the depth of every shared type against what the document holds.
         let checked = self
@@ -571,6 +591,9 @@ impl Board {
         let refused = |e: &dyn std::fmt::Display| {
             tracing::warn!(session = %self.session, error = %e, "an update from another node was refused");
         };
+        // Applied on top of a stale document all the same: the rebuild keeps it (it is in
+        // the log) and drops only what the store never took.
+        let _ = self.ensure_fresh();
         let checked = match self
             .nesting()
             .check(update, self.options.limits.max_nesting)
@@ -594,7 +617,11 @@ impl Board {
                     self.retry_held_back(clients);
                 }
             }
-            Ok(false) => {}
+            // The document had it already (it was rebuilt from the store since the entry
+            // was appended): this node's connections may not, and a duplicate is harmless.
+            Ok(false) => self
+                .peers()
+                .broadcast(&Message::Binary(wire::update(update.to_vec())), None),
             Err(e) => refused(&e),
         }
     }
@@ -627,29 +654,54 @@ impl Board {
     /// relayed. Returns `why`, for the caller to hand on.
     fn roll_back(&self, why: ApplyError) -> ApplyError {
         self.metrics.updates_rolled_back.inc();
-        match self.store.load_whiteboard(&self.session) {
-            Ok(stored) => {
-                let rebuilt = Self::doc_from_updates(
-                    &self.session,
-                    &stored.updates,
-                    &self.metrics,
-                    &self.options.limits,
-                );
-                *sync::write(&self.doc) = rebuilt.doc;
-                *self.nesting() = rebuilt.nesting;
-                *self.held_back() = rebuilt.held_back;
-                self.refresh_state_vector();
-                // A joiner may have been served the refused update meanwhile (step 2 does
-                // not take the peer lock): the cached step 2 goes, and long polls wake.
-                self.forget_full_step2();
-                self.changes.send_modify(|n| *n += 1);
+        match self.rebuild() {
+            Ok(()) => {
                 tracing::warn!(session = %self.session, error = %why, "update refused after it began to integrate; document rebuilt from the store");
             }
             Err(e) => {
-                tracing::error!(session = %self.session, error = %why, store_error = %e, "update refused after it began to integrate, and the store cannot be read to undo it");
+                // The store is unreachable too (Redis down, in cluster mode: the usual case
+                // of a failed append). The document holds what was never stored; it is
+                // rebuilt before it is changed again or joined (`Board::is_stale`).
+                self.stale.store(true, Ordering::Release);
+                tracing::error!(session = %self.session, error = %why, store_error = %e, "update refused after it began to integrate, and the store cannot be read to undo it yet");
             }
         }
         why
+    }
+
+    /// Replaces the document with the one the store holds.
+    fn rebuild(&self) -> Result<(), StoreError> {
+        let stored = self.store.load_whiteboard(&self.session)?;
+        let rebuilt = Self::doc_from_updates(
+            &self.session,
+            &stored.updates,
+            &self.metrics,
+            &self.options.limits,
+        );
+        *sync::write(&self.doc) = rebuilt.doc;
+        *self.nesting() = rebuilt.nesting;
+        *self.held_back() = rebuilt.held_back;
+        self.refresh_state_vector();
+        // A joiner may have been served the refused update meanwhile (step 2 does not take
+        // the peer lock): the cached step 2 goes, and long polls wake.
+        self.forget_full_step2();
+        self.changes.send_modify(|n| *n += 1);
+        self.stale.store(false, Ordering::Release);
+        Ok(())
+    }
+
+    /// Rebuilds a stale document (see [`Board::roll_back`]) before it is used again.
+    fn ensure_fresh(&self) -> Result<(), StoreError> {
+        if self.stale.load(Ordering::Acquire) {
+            self.rebuild()?;
+            tracing::info!(session = %self.session, "document rebuilt from the store after an update that could not be stored");
+        }
+        Ok(())
+    }
+
+    /// Whether the document may hold an update the store refused, not yet undone.
+    pub fn is_stale(&self) -> bool {
+        self.stale.load(Ordering::Acquire)
     }
 
     /// Takes the document's state vector into [`Board::state_vector`]. On the sequencer,
@@ -694,6 +746,7 @@ impl Board {
     /// A restore's change set (see [`Whiteboard::restore`]): made from stored version
     /// `version`, applied, logged and relayed. Runs on the sequencer.
     fn sequence_restore(&self, version: u64) -> Result<(), RestoreFailure> {
+        self.ensure_fresh()?;
         let state = self
             .store
             .get_snapshot(&self.session, version)?
