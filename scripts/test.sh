@@ -3,9 +3,23 @@
 # sockets), the interop suite with the real yjs / y-websocket JS client, and the demo page
 # in a headless browser. Needs only the Rust toolchain and Node; installs the JS packages
 # itself (npm ci) and, as root or with password-less sudo, Debian's chromium when it is
-# missing.
+# missing, and Debian's redis-server the same way.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+# The cluster-mode tests start their own redis-server (on a free loopback port, in a
+# temporary directory; never the system service): Debian's, installed here when missing,
+# as root or with password-less sudo like chromium below.
+echo "== redis-server (for the cluster-mode tests)"
+if ! command -v redis-server >/dev/null && [ ! -x /usr/bin/redis-server ]; then
+  if [ "$(id -u)" = 0 ]; then as_root=(); elif sudo -n true 2>/dev/null; then as_root=(sudo -n); else
+    echo "the cluster-mode tests need Debian's redis-server: sudo apt-get install redis-server" >&2
+    exit 1
+  fi
+  "${as_root[@]}" apt-get update -qq
+  # Only the binary is needed: the package's service is neither used nor required.
+  "${as_root[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-server
+fi
 
 # --workspace: the server (root package) and bench/ (load generator, baseline fan-out
 # server, the workload library's unit tests). Both land in target/debug/.

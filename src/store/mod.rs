@@ -52,6 +52,7 @@
 mod chat_edits;
 pub mod compact;
 mod memory;
+pub mod redis;
 pub mod repair;
 mod sled;
 
@@ -59,6 +60,9 @@ use std::path::PathBuf;
 use std::sync::LockResult;
 
 pub use self::memory::MemoryStore;
+pub use self::redis::{
+    Cursor, PresenceChange, PresenceEntry, RedisStore, RedisTarget, StreamEntry, StreamReader,
+};
 pub use self::sled::{remove_stale_files, SledSettings, SledStore, CHAT_SEQ_BLOCK, VERSIONS_DIR};
 
 pub use chat_edits::{ChatEdit, ModerationRecord};

@@ -28,6 +28,7 @@ mod join;
 mod lifecycle;
 mod limits;
 mod persistence;
+mod redis_store;
 mod storage_faults;
 mod tutor;
 mod whiteboard;

@@ -88,6 +88,32 @@ pub(crate) fn decode_snapshot<'a>(
     Ok((header, state))
 }
 
+/// A snapshot header stored apart from its state (the Redis store keeps the two in
+/// separate hashes, so listing versions reads no state), checked against the session and
+/// version it was stored under. `state_len` is not checked: the state is elsewhere.
+pub(crate) fn decode_snapshot_header(
+    session: &str,
+    version: u64,
+    value: &[u8],
+) -> Result<SnapshotHeader, String> {
+    let (format_version, _): (u16, usize) =
+        bincode::serde::decode_from_slice(value, bincode_config())
+            .map_err(|e| format!("snapshot header: {e}"))?;
+    if format_version != SNAPSHOT_FORMAT_V1 {
+        return Err(format!("unknown snapshot format version {format_version}"));
+    }
+    let (header, _): (SnapshotHeader, usize) =
+        bincode::serde::decode_from_slice(value, bincode_config())
+            .map_err(|e| format!("snapshot header: {e}"))?;
+    if header.session != session || header.version != version {
+        return Err(format!(
+            "header names {}/{}, stored under {session}/{version}",
+            header.session, header.version
+        ));
+    }
+    Ok(header)
+}
+
 /// [`decode_snapshot`] for an entry found by a scan (its version read from the key).
 pub(crate) fn decode_snapshot_entry<'a>(
     session: &str,

@@ -1,0 +1,339 @@
+//! [`RedisStore`]: the [`Store`] seam on Redis, for cluster mode (SPEC 9), plus what the
+//! node runtime (`src/cluster/`) needs beyond the trait: the stream reader, ephemeral
+//! events, presence across nodes, node heartbeats. Every Redis command easel sends is in
+//! this module; nothing else calls redis-rs.
+//!
+//! # Why synchronous connections
+//!
+//! The `Store` trait is synchronous and only ever called off the async workers (the
+//! `easel-lane` pool and tokio's blocking pool), and the stream reader is a dedicated
+//! thread blocked in `XREAD`. redis-rs's sync `Connection` with read/write timeouts fits
+//! that without a second runtime, and a small pool (`conn.rs`) keeps one round trip per
+//! call. Redis Cluster goes through redis-rs's sync `ClusterConnection`, which routes each
+//! command (and each script, by its first key) to the slot's node.
+//!
+//! # Key layout
+//!
+//! Every key of a session carries the hash tag `{<session>}` (one slot in a Redis
+//! Cluster, so a script over a session's keys is atomic); prefix `easel:`. Session ids
+//! match `[A-Za-z0-9_-]{1,128}` (checked on every call, as sled does).
+//!
+//! | key | type | content |
+//! |---|---|---|
+//! | `easel:{s}:wb` | stream | accepted whiteboard updates: id `0-<seq>`, fields `n` node id, `u` the Yjs v1 update |
+//! | `easel:{s}:wb:seq` | string | the last whiteboard seq handed out (never reused, survives trims) |
+//! | `easel:{s}:v` | hash | version N → the bincode snapshot header (the same `SnapshotHeader` as sled's, so listing reads no state) |
+//! | `easel:{s}:vs` | hash | version N → the Yjs v1 state of version N |
+//! | `easel:{s}:meta` | hash | `last_version` (never reused), `snap_through` (the wb seq the newest version includes), `last_activity_ms` |
+//! | `easel:{s}:lease` | string | the compaction lease: the holder's node id, `SET NX PX 30000` |
+//! | `easel:{s}:chat` | stream | chat: id `0-<seq>`, fields `n` node id, `m` the [`ChatMessage`] JSON as appended (its `seq` is read from the id) |
+//! | `easel:{s}:chat:seq` | string | the last chat seq (survives trimming) |
+//! | `easel:{s}:chat:amended` | hash | seq → the edited or deleted [`ChatMessage`] JSON (SPEC 4.1), read instead of the stream's |
+//! | `easel:{s}:edits` | zset (all scores 0, lex order) | the edit log: member `<at_ms, 20 digits>:<seq, 20 digits>:<ChatEdit JSON>`, so lex order is `(at_ms, seq)` order |
+//! | `easel:{s}:edits:seq` | hash | seq → its one `edits` member (the log holds one entry per message) |
+//! | `easel:{s}:moderation` | hash | user id → [`ModerationRecord`] JSON |
+//! | `easel:{s}:ev` | stream | ephemeral events between nodes, `XADD MAXLEN ~ 1000`: fields `n` node, `k` kind, `d` data (opaque here) |
+//! | `easel:{s}:presence` | hash | `<node id>\n<user id>` → that user's connection count on that node |
+//! | `easel:{s}:presence:info` | hash | user id → `UserInfo` JSON, while the user has a connection anywhere |
+//! | `easel:sessions` | set | every session with anything stored (added once per session per process, not per write: in a Redis Cluster it is in another slot) |
+//! | `easel:node:<node id>` | string | heartbeat: ms timestamp, `SET PX <ttl>` |
+//!
+//! # Scripts (`scripts.rs` holds their text; each touches one session's keys)
+//!
+//! - `wb_append(node, update, now)`: `n = INCR wb:seq; XADD wb 0-n n node u update;
+//!   HSET meta last_activity_ms now`; returns n. The seq and the append are one step, so
+//!   seqs are gapless and in one order whichever node appends.
+//! - `load()`: atomically the newest version (`meta.last_version`, its state in `vs`),
+//!   `snap_through`, `wb:seq`, and `XRANGE wb (0-snap_through +`.
+//! - `snapshot_write(node, N, header, state, log_through, keep, now)`: only while the
+//!   lease is ours and N is `last_version + 1`; clamps `log_through` to `wb:seq` and
+//!   refuses one below `snap_through` (those entries are trimmed: a state without them
+//!   would lose them); `HSET v N header; HSET vs N state; HSET meta last_version N
+//!   snap_through log_through; XTRIM wb MINID 0-(log_through+1)` (entries appended
+//!   meanwhile stay); drops the versions beyond `keep`.
+//! - `lease_release(node)` / `lease_takeover(holder, node, ttl)`: compare-and-delete /
+//!   compare-and-set of the lease.
+//! - `chat_append(node, json, limit, now)`: `n = INCR chat:seq; XADD chat 0-n n node m
+//!   json`; then every message with seq ≤ n − limit goes (`XTRIM MINID`), with its
+//!   `chat:amended` entry and edit-log entry; returns n.
+//! - `chat_read(after|before, seq, limit)`: `XRANGE`/`XREVRANGE` with the amended form of
+//!   each message swapped in.
+//! - `chat_amend(seq, json, member, now)`: for a message still stored, `HSET chat:amended`
+//!   and replace its `edits` member.
+//! - `presence_change(node, user, delta, info)`: `HINCRBY presence node\nuser delta` (HDEL
+//!   at ≤ 0), keeps `presence:info` while the user is anywhere; returns the user's total
+//!   after and the whole presence.
+//! - `presence_drop_node(node)`: deletes every field of that node; returns the users whose
+//!   total went to 0 and the whole presence after.
+//! - `presence_read()`: the whole presence and the infos, in one read.
+//!
+//! # Failures
+//!
+//! Every connection, I/O or timeout failure is [`StoreError::Unreachable`] (`conn.rs`:
+//! pool, timeouts, backoff; the store recovers by itself when Redis is back). A reply that
+//! does not decode is [`StoreError::Corrupt`]; a stored record that does not decode is
+//! logged and skipped, as in sled.
+//!
+//! # Files
+//!
+//! `keys.rs` key names; `conn.rs` connections; `scripts.rs` the Lua; `values.rs` reply
+//! decoding; `whiteboard.rs` updates, versions, the lease, sessions; `chat.rs` chat,
+//! edits, moderation; `presence.rs` presence and heartbeats; `streams.rs` the stream
+//! reader and events; `transfer.rs` `easel cluster import | export` (sled ↔ Redis).
+//!
+//! Must not touch: sessions, documents, sockets, or the node's behaviour (`src/cluster/`).
+
+mod chat;
+mod conn;
+mod keys;
+mod presence;
+mod scripts;
+mod streams;
+mod values;
+mod whiteboard;
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+pub use self::conn::check_redis_url;
+pub use self::presence::{PresenceChange, PresenceEntry};
+pub use self::streams::{Cursor, StreamEntry, StreamReader};
+
+use self::conn::Pool;
+use self::scripts::Scripts;
+use super::sled::keys::check_session_id;
+use super::{
+    unpoisoned, ChatEdit, ModerationRecord, SessionInfo, SnapshotInfo, Store, StoreError,
+    StoredWhiteboard,
+};
+use crate::protocol::tutor::ChatMessage;
+
+/// Where Redis is: one server, or the seed nodes of a Redis Cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RedisTarget {
+    /// `redis://host:port[/db]`.
+    Url(String),
+    /// Seed nodes of a Redis Cluster (`cluster.redis_cluster_nodes`).
+    Cluster(Vec<String>),
+}
+
+/// Sessions remembered as registered in `easel:sessions` before the memory is let go
+/// (then each is registered once more: `SADD` is idempotent).
+const REGISTERED_MAX: usize = 100_000;
+
+/// The store on Redis. See the module documentation for the layout and the scripts.
+pub struct RedisStore {
+    pool: Arc<Pool>,
+    scripts: Scripts,
+    node_id: String,
+    keep_snapshots: usize,
+    cluster: bool,
+    /// Sessions this process added to `easel:sessions`.
+    registered: Mutex<HashSet<String>>,
+    lease_takeovers: AtomicU64,
+}
+
+impl RedisStore {
+    /// A store on `target` for node `node_id` (which names its appends, presence and
+    /// leases), keeping `keep_snapshots` versions per session. Checks the URL and the node
+    /// id; connects on first use (a Redis that is down now is [`StoreError::Unreachable`]
+    /// per call until it is back, see [`RedisStore::ping`]).
+    pub fn connect(
+        target: RedisTarget,
+        node_id: String,
+        keep_snapshots: usize,
+    ) -> Result<Self, StoreError> {
+        check_node_id(&node_id)?;
+        let cluster = matches!(target, RedisTarget::Cluster(_));
+        Ok(Self {
+            pool: Arc::new(Pool::new(&target)?),
+            scripts: Scripts::new(),
+            node_id,
+            keep_snapshots: keep_snapshots.max(1),
+            cluster,
+            registered: Mutex::new(HashSet::new()),
+            lease_takeovers: AtomicU64::new(0),
+        })
+    }
+
+    /// This node's id.
+    pub fn node_id(&self) -> &str {
+        &self.node_id
+    }
+
+    /// Compaction leases this node took over from a node whose heartbeat was gone.
+    pub fn lease_takeovers(&self) -> u64 {
+        self.lease_takeovers.load(Ordering::Relaxed)
+    }
+
+    /// One round trip (`PING`): for `/readyz` and the round-trip metric.
+    pub fn ping(&self) -> Result<Duration, StoreError> {
+        let started = std::time::Instant::now();
+        self.pool
+            .run("PING", |con| redis::cmd("PING").query::<redis::Value>(con))?;
+        Ok(started.elapsed())
+    }
+
+    /// Adds `session` to `easel:sessions`, once per process.
+    fn register(&self, session: &str) -> Result<(), StoreError> {
+        if unpoisoned(self.registered.lock()).contains(session) {
+            return Ok(());
+        }
+        self.pool.run("SADD sessions", |con| {
+            redis::cmd("SADD")
+                .arg(keys::SESSIONS)
+                .arg(session)
+                .query::<redis::Value>(con)
+        })?;
+        let mut registered = unpoisoned(self.registered.lock());
+        if registered.len() >= REGISTERED_MAX {
+            registered.clear();
+        }
+        registered.insert(session.to_owned());
+        Ok(())
+    }
+}
+
+/// A node id is a name in keys, logs and metrics: 1..=128 printable characters, no
+/// whitespace (a `\n` would break the presence fields).
+fn check_node_id(node: &str) -> Result<(), StoreError> {
+    let ok = (1..=128).contains(&node.len()) && node.chars().all(|c| c.is_ascii_graphic());
+    if ok {
+        Ok(())
+    } else {
+        Err(StoreError::Unavailable(format!(
+            "invalid node id {node:?}: 1 to 128 printable ASCII characters, no spaces"
+        )))
+    }
+}
+
+pub(super) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Store for RedisStore {
+    fn load_whiteboard(&self, session: &str) -> Result<StoredWhiteboard, StoreError> {
+        check_session_id(session)?;
+        self.redis_load(session)
+    }
+
+    fn append_update(&self, session: &str, _seq: u64, update: &[u8]) -> Result<u64, StoreError> {
+        check_session_id(session)?;
+        self.redis_append_update(session, update)
+    }
+
+    fn write_snapshot(
+        &self,
+        session: &str,
+        state: &[u8],
+        state_vector: &[u8],
+        update_count: u64,
+        log_through: u64,
+    ) -> Result<u64, StoreError> {
+        check_session_id(session)?;
+        self.redis_write_snapshot(session, state, state_vector, update_count, log_through)
+    }
+
+    fn list_snapshots(&self, session: &str) -> Result<Vec<SnapshotInfo>, StoreError> {
+        check_session_id(session)?;
+        self.redis_list_snapshots(session)
+    }
+
+    fn get_snapshot(&self, session: &str, version: u64) -> Result<Option<Vec<u8>>, StoreError> {
+        check_session_id(session)?;
+        self.redis_get_snapshot(session, version)
+    }
+
+    fn list_sessions(&self) -> Result<Vec<SessionInfo>, StoreError> {
+        self.redis_list_sessions()
+    }
+
+    fn append_chat(
+        &self,
+        session: &str,
+        message: &ChatMessage,
+        history_limit: usize,
+    ) -> Result<u64, StoreError> {
+        check_session_id(session)?;
+        self.redis_append_chat(session, message, history_limit)
+    }
+
+    fn chat_after(
+        &self,
+        session: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<ChatMessage>, StoreError> {
+        check_session_id(session)?;
+        self.redis_chat_read(session, chat::Direction::After, after, limit)
+    }
+
+    fn chat_before(
+        &self,
+        session: &str,
+        before: u64,
+        limit: usize,
+    ) -> Result<Vec<ChatMessage>, StoreError> {
+        check_session_id(session)?;
+        let mut newest_first =
+            self.redis_chat_read(session, chat::Direction::Before, before, limit)?;
+        newest_first.reverse();
+        Ok(newest_first)
+    }
+
+    fn last_chat_seq(&self, session: &str) -> Result<u64, StoreError> {
+        check_session_id(session)?;
+        self.redis_last_chat_seq(session)
+    }
+
+    fn chat_get(&self, session: &str, seq: u64) -> Result<Option<ChatMessage>, StoreError> {
+        check_session_id(session)?;
+        self.redis_chat_get(session, seq)
+    }
+
+    fn chat_amend(
+        &self,
+        session: &str,
+        message: &ChatMessage,
+        edit: &ChatEdit,
+        _previous_at_ms: Option<u64>,
+    ) -> Result<(), StoreError> {
+        check_session_id(session)?;
+        self.redis_chat_amend(session, message, edit)
+    }
+
+    fn chat_edits_after(
+        &self,
+        session: &str,
+        after: (u64, u64),
+        limit: usize,
+    ) -> Result<Vec<ChatEdit>, StoreError> {
+        check_session_id(session)?;
+        self.redis_chat_edits_after(session, after, limit)
+    }
+
+    fn moderation(&self, session: &str) -> Result<Vec<ModerationRecord>, StoreError> {
+        check_session_id(session)?;
+        self.redis_moderation(session)
+    }
+
+    fn set_moderation(&self, session: &str, record: &ModerationRecord) -> Result<(), StoreError> {
+        check_session_id(session)?;
+        self.redis_set_moderation(session, record)
+    }
+
+    /// Nothing to do: an append is acknowledged by Redis, whose own `appendfsync` says
+    /// when it is on disk.
+    fn flush(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    fn check(&self) -> Result<(), StoreError> {
+        self.ping().map(|_| ())
+    }
+}

@@ -1,0 +1,312 @@
+//! Reading what other nodes appended: [`StreamReader`] (one blocking `XREAD` over the wb,
+//! chat and ev streams of many sessions), and the ephemeral events stream
+//! ([`RedisStore::publish`], [`RedisStore::events_head`]).
+//!
+//! A reader has its own connection (a blocking read must not hold a pooled one), read
+//! timeout the block time plus [`IO_TIMEOUT`]. On one Redis, one command serves every
+//! cursor. On a Redis Cluster an `XREAD` may only name keys of one slot: the cursors are
+//! grouped by slot, one group blocks as usual, several are polled without blocking every
+//! [`CLUSTER_POLL`] until something arrives or the block time is up.
+//!
+//! Entries come grouped per stream, in stream order; the caller moves each cursor to the
+//! last entry it got of that stream (`wb_after`/`chat_after` = the seq, `ev_after` = the id).
+//! Entries this node appended itself come back too (field `node`): the caller skips them.
+//!
+//! Owns: `XREAD` and the ev stream. Must not touch: anything a script writes.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use redis::Value;
+
+use super::conn::{breaks_connection, Conn, Pool, IO_TIMEOUT};
+use super::keys::{self, session_key};
+use super::values::{self, corrupt, Entry};
+use super::RedisStore;
+use crate::protocol::tutor::ChatMessage;
+use crate::store::sled::keys::check_session_id;
+use crate::store::StoreError;
+
+/// Entries read per stream per call.
+const READ_COUNT: u64 = 512;
+/// Length the ev stream is trimmed to (approximately).
+const EVENTS_MAXLEN: u64 = 1000;
+/// How often several slot groups of a Redis Cluster are polled.
+const CLUSTER_POLL: Duration = Duration::from_millis(20);
+/// How long a reader that cannot connect waits before answering its error (so a caller
+/// that retries at once does not spin while Redis is down).
+const RECONNECT_PAUSE: Duration = Duration::from_millis(500);
+
+/// Where a reader stands in one session's three streams.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cursor {
+    pub session: Arc<str>,
+    /// The last whiteboard seq applied (entries after it are read).
+    pub wb_after: u64,
+    /// The last chat seq seen.
+    pub chat_after: u64,
+    /// The last event id seen (`"0-0"`, or [`RedisStore::events_head`] to skip the past).
+    pub ev_after: String,
+}
+
+/// One entry read from a session's streams.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StreamEntry {
+    Update {
+        session: Arc<str>,
+        seq: u64,
+        node: String,
+        update: Vec<u8>,
+    },
+    Chat {
+        session: Arc<str>,
+        node: String,
+        /// As appended, its `seq` from the entry id.
+        message: ChatMessage,
+    },
+    Event {
+        session: Arc<str>,
+        id: String,
+        node: String,
+        kind: String,
+        data: Vec<u8>,
+    },
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Stream {
+    Wb,
+    Chat,
+    Ev,
+}
+
+/// A blocking reader of many sessions' streams, with its own connection.
+pub struct StreamReader {
+    pool: Arc<Pool>,
+    conn: Option<Conn>,
+    cluster: bool,
+}
+
+impl RedisStore {
+    /// A reader with its own connection (opened on its first read).
+    pub fn stream_reader(&self) -> Result<StreamReader, StoreError> {
+        Ok(StreamReader {
+            pool: self.pool.clone(),
+            conn: None,
+            cluster: self.cluster,
+        })
+    }
+
+    /// Appends an ephemeral event (awareness, presence, moderation, ...) for the other
+    /// nodes of `session`; never read back by a load.
+    pub fn publish(&self, session: &str, kind: &str, data: &[u8]) -> Result<(), StoreError> {
+        check_session_id(session)?;
+        let key = session_key(session, keys::EVENTS);
+        self.pool.run("XADD ev", |con| {
+            redis::cmd("XADD")
+                .arg(&key)
+                .arg("MAXLEN")
+                .arg("~")
+                .arg(EVENTS_MAXLEN)
+                .arg("*")
+                .arg("n")
+                .arg(&self.node_id)
+                .arg("k")
+                .arg(kind)
+                .arg("d")
+                .arg(data)
+                .query::<Value>(con)
+        })?;
+        Ok(())
+    }
+
+    /// The id a new reader of `session`'s events starts after: the newest, or `"0-0"`.
+    pub fn events_head(&self, session: &str) -> Result<String, StoreError> {
+        check_session_id(session)?;
+        let key = session_key(session, keys::EVENTS);
+        let reply: Value = self.pool.run("XREVRANGE ev", |con| {
+            redis::cmd("XREVRANGE")
+                .arg(&key)
+                .arg("+")
+                .arg("-")
+                .arg("COUNT")
+                .arg(1)
+                .query(con)
+        })?;
+        match values::items(&reply, "ev head")?.first() {
+            Some(entry) => Ok(Entry::parse(entry, "ev entry")?.id),
+            None => Ok("0-0".into()),
+        }
+    }
+}
+
+impl StreamReader {
+    /// One blocking read over every cursor's streams: returns what is new (possibly
+    /// nothing, after `block`). An error is [`StoreError::Unreachable`]; the next call
+    /// reconnects.
+    pub fn read(
+        &mut self,
+        cursors: &[Cursor],
+        block: Duration,
+    ) -> Result<Vec<StreamEntry>, StoreError> {
+        if cursors.is_empty() {
+            std::thread::sleep(block);
+            return Ok(Vec::new());
+        }
+        let block = block.max(Duration::from_millis(1));
+        if !self.cluster {
+            return self.read_group(cursors, Some(block));
+        }
+        let mut groups: HashMap<redis::cluster_routing::Slot, Vec<Cursor>> = HashMap::new();
+        for cursor in cursors {
+            let slot =
+                redis::cluster_routing::Slot::for_key(session_key(&cursor.session, keys::WB));
+            groups.entry(slot).or_default().push(cursor.clone());
+        }
+        if groups.len() == 1 {
+            return self.read_group(cursors, Some(block));
+        }
+        let deadline = Instant::now() + block;
+        loop {
+            let mut entries = Vec::new();
+            for group in groups.values() {
+                entries.extend(self.read_group(group, None)?);
+            }
+            let now = Instant::now();
+            if !entries.is_empty() || now >= deadline {
+                return Ok(entries);
+            }
+            std::thread::sleep(CLUSTER_POLL.min(deadline - now));
+        }
+    }
+
+    /// One `XREAD` over `cursors` (keys of one slot in a cluster); `block`: `BLOCK`.
+    fn read_group(
+        &mut self,
+        cursors: &[Cursor],
+        block: Option<Duration>,
+    ) -> Result<Vec<StreamEntry>, StoreError> {
+        let mut streams: HashMap<String, (Arc<str>, Stream)> = HashMap::new();
+        let mut key_args = Vec::with_capacity(cursors.len() * 3);
+        let mut id_args = Vec::with_capacity(cursors.len() * 3);
+        for cursor in cursors {
+            for (suffix, stream, after) in [
+                (keys::WB, Stream::Wb, format!("0-{}", cursor.wb_after)),
+                (keys::CHAT, Stream::Chat, format!("0-{}", cursor.chat_after)),
+                (keys::EVENTS, Stream::Ev, cursor.ev_after.clone()),
+            ] {
+                let key = session_key(&cursor.session, suffix);
+                streams.insert(key.clone(), (cursor.session.clone(), stream));
+                key_args.push(key);
+                id_args.push(after);
+            }
+        }
+        let mut cmd = redis::cmd("XREAD");
+        cmd.arg("COUNT").arg(READ_COUNT);
+        if let Some(block) = block {
+            cmd.arg("BLOCK").arg(block.as_millis() as u64);
+        }
+        cmd.arg("STREAMS").arg(&key_args).arg(&id_args);
+
+        let conn = match self.conn.as_mut() {
+            Some(conn) => conn,
+            None => match self.pool.open() {
+                Ok(conn) => self.conn.insert(conn),
+                Err(e) => {
+                    std::thread::sleep(RECONNECT_PAUSE);
+                    return Err(e);
+                }
+            },
+        };
+        let timeout = block.unwrap_or_default() + IO_TIMEOUT;
+        let reply = conn
+            .set_read_timeout(Some(timeout))
+            .and_then(|()| cmd.query::<Value>(conn.like()));
+        let reply = match reply {
+            Ok(reply) => reply,
+            Err(e) => {
+                let message = format!("Redis XREAD: {e}");
+                if breaks_connection(&e) {
+                    self.conn = None;
+                    self.pool.failed(&message);
+                }
+                return Err(StoreError::Unreachable(message));
+            }
+        };
+        parse_xread(&reply, &streams)
+    }
+}
+
+/// An `XREAD` reply (`Nil`, RESP2 `[[key, entries], ...]` or a RESP3 map).
+fn parse_xread(
+    reply: &Value,
+    streams: &HashMap<String, (Arc<str>, Stream)>,
+) -> Result<Vec<StreamEntry>, StoreError> {
+    let what = "XREAD reply";
+    let per_stream: Vec<(&Value, &Value)> = match reply {
+        Value::Nil => return Ok(Vec::new()),
+        Value::Map(map) => map.iter().map(|(k, v)| (k, v)).collect(),
+        other => values::items(other, what)?
+            .iter()
+            .map(|item| match values::items(item, what)? {
+                [key, entries] => Ok((key, entries)),
+                _ => Err(corrupt(what)),
+            })
+            .collect::<Result<_, _>>()?,
+    };
+    let mut out = Vec::new();
+    for (key, entries) in per_stream {
+        let key = values::text(key, what)?.unwrap_or_default();
+        let Some((session, stream)) = streams.get(&key) else {
+            return Err(corrupt("XREAD named a stream it was not asked for"));
+        };
+        for entry in values::items(entries, what)? {
+            let entry = Entry::parse(entry, "stream entry")?;
+            match to_stream_entry(session, *stream, &entry) {
+                Ok(e) => out.push(e),
+                Err(e) => {
+                    tracing::error!(session = %session, id = %entry.id, error = %e, "a stream entry does not decode; skipped");
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn to_stream_entry(
+    session: &Arc<str>,
+    stream: Stream,
+    entry: &Entry<'_>,
+) -> Result<StreamEntry, StoreError> {
+    let node = entry.field_text("n", "entry node")?;
+    let seq = || values::seq_of_id(&entry.id).ok_or_else(|| corrupt("stream id is not 0-<seq>"));
+    Ok(match stream {
+        Stream::Wb => StreamEntry::Update {
+            session: session.clone(),
+            seq: seq()?,
+            node,
+            update: entry.field_bytes("u", "wb update")?,
+        },
+        Stream::Chat => {
+            let json = entry.field_bytes("m", "chat message")?;
+            let message: ChatMessage = serde_json::from_slice(&json)
+                .map_err(|e| StoreError::Corrupt(format!("chat message: {e}")))?;
+            StreamEntry::Chat {
+                session: session.clone(),
+                node,
+                message: ChatMessage {
+                    seq: seq()?,
+                    ..message
+                },
+            }
+        }
+        Stream::Ev => StreamEntry::Event {
+            session: session.clone(),
+            id: entry.id.clone(),
+            node,
+            kind: entry.field_text("k", "event kind")?,
+            data: entry.field_bytes("d", "event data")?,
+        },
+    })
+}

@@ -1,0 +1,211 @@
+//! Whiteboard appends, loads, versions and the compaction lease on Redis.
+
+use std::collections::BTreeSet;
+
+use easel::store::Store;
+
+use super::*;
+
+#[test]
+fn appends_load_back_in_order_after_the_newest_version() {
+    let redis = RedisServer::start();
+    let node = store(&redis, "n1", 20);
+    let updates = text_updates("a", 6);
+    for (i, update) in updates.iter().enumerate() {
+        // The seq passed is ignored: Redis assigns the next one.
+        assert_eq!(node.append_update("s1", 999, update).unwrap(), i as u64 + 1);
+    }
+    let loaded = node.load_whiteboard("s1").unwrap();
+    assert_eq!(loaded.snapshot_version, 0);
+    assert_eq!(loaded.last_log_seq, 6);
+    assert_eq!(loaded.updates, updates);
+
+    let empty = node.load_whiteboard("never-written").unwrap();
+    assert!(empty.updates.is_empty());
+    assert_eq!((empty.snapshot_version, empty.last_log_seq), (0, 0));
+}
+
+#[test]
+fn seqs_are_gapless_across_two_nodes_appending_at_once() {
+    let redis = RedisServer::start();
+    let nodes = [store(&redis, "n1", 20), store(&redis, "n2", 20)];
+    let per_node = 150;
+    let threads: Vec<_> = nodes
+        .iter()
+        .enumerate()
+        .map(|(i, node)| {
+            let node = node.clone();
+            let updates = text_updates(&format!("n{i}-"), per_node);
+            std::thread::spawn(move || {
+                updates
+                    .iter()
+                    .map(|u| node.append_update("s", 0, u).unwrap())
+                    .collect::<Vec<u64>>()
+            })
+        })
+        .collect();
+    let mut seqs: Vec<u64> = threads
+        .into_iter()
+        .flat_map(|t| t.join().unwrap())
+        .collect();
+    seqs.sort_unstable();
+    assert_eq!(seqs, (1..=2 * per_node as u64).collect::<Vec<_>>());
+    let loaded = nodes[1].load_whiteboard("s").unwrap();
+    assert_eq!(loaded.updates.len(), 2 * per_node);
+    assert_eq!(loaded.last_log_seq, 2 * per_node as u64);
+    // Both nodes' texts are whole in the document the stream builds.
+    let text = text_of(&loaded.updates);
+    assert!(
+        text.contains("n0-149,") && text.contains("n1-149,"),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_version_trims_only_the_entries_it_includes() {
+    let redis = RedisServer::start();
+    let node = store(&redis, "n1", 20);
+    let updates = text_updates("u", 8);
+    for update in &updates[..5] {
+        node.append_update("s", 0, update).unwrap();
+    }
+    let loaded = node.load_whiteboard("s").unwrap();
+    let (state, sv) = state_of(&loaded.updates);
+    // Appended between the load and the snapshot write: must survive it.
+    for update in &updates[5..] {
+        node.append_update("s", 0, update).unwrap();
+    }
+    let version = node
+        .write_snapshot("s", &state, &sv, 5, loaded.last_log_seq)
+        .unwrap();
+    assert_eq!(version, 1);
+    let after = node.load_whiteboard("s").unwrap();
+    assert_eq!(after.snapshot_version, 1);
+    assert_eq!(after.last_log_seq, 8);
+    assert_eq!(
+        after.updates.len(),
+        1 + 3,
+        "the version, then entries 6..=8"
+    );
+    assert_eq!(after.updates[1..], updates[5..]);
+    assert_eq!(text_of(&after.updates), text_of(&updates));
+    // The next append goes on from the stream's seq, not from the version.
+    assert_eq!(node.append_update("s", 0, &updates[0]).unwrap(), 9);
+
+    let listed = node.list_snapshots("s").unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(
+        (listed[0].version, listed[0].bytes, listed[0].updates),
+        (1, state.len() as u64, 5)
+    );
+    assert_eq!(node.get_snapshot("s", 1).unwrap(), Some(state));
+    assert_eq!(node.get_snapshot("s", 2).unwrap(), None);
+}
+
+#[test]
+fn a_state_behind_the_newest_version_is_refused() {
+    let redis = RedisServer::start();
+    let node = store(&redis, "n1", 20);
+    let updates = text_updates("u", 4);
+    for update in &updates {
+        node.append_update("s", 0, update).unwrap();
+    }
+    let (state, sv) = state_of(&updates);
+    node.write_snapshot("s", &state, &sv, 4, 4).unwrap();
+    // A node that applied only up to seq 2 would lose 3 and 4 (already trimmed).
+    let (behind, behind_sv) = state_of(&updates[..2]);
+    let refused = node.write_snapshot("s", &behind, &behind_sv, 2, 2);
+    assert!(
+        matches!(refused, Err(easel::store::StoreError::Unavailable(_))),
+        "{refused:?}"
+    );
+    assert_eq!(
+        text_of(&node.load_whiteboard("s").unwrap().updates),
+        text_of(&updates)
+    );
+}
+
+#[test]
+fn versions_beyond_keep_are_pruned_and_numbers_never_reused() {
+    let redis = RedisServer::start();
+    let node = store(&redis, "n1", 3);
+    let updates = text_updates("v", 6);
+    for (i, update) in updates.iter().enumerate() {
+        let seq = node.append_update("s", 0, update).unwrap();
+        let (state, sv) = state_of(&updates[..=i]);
+        assert_eq!(
+            node.write_snapshot("s", &state, &sv, 1, seq).unwrap(),
+            i as u64 + 1
+        );
+    }
+    let kept: Vec<u64> = node
+        .list_snapshots("s")
+        .unwrap()
+        .iter()
+        .map(|v| v.version)
+        .collect();
+    assert_eq!(kept, [4, 5, 6]);
+    assert_eq!(node.get_snapshot("s", 3).unwrap(), None);
+    let loaded = node.load_whiteboard("s").unwrap();
+    assert_eq!(loaded.snapshot_version, 6);
+    assert_eq!(loaded.updates.len(), 1);
+    assert_eq!(text_of(&loaded.updates), text_of(&updates));
+}
+
+#[test]
+fn two_nodes_snapshotting_at_once_take_turns_under_the_lease() {
+    let redis = RedisServer::start();
+    let nodes = [store(&redis, "n1", 20), store(&redis, "n2", 20)];
+    let updates = text_updates("l", 3);
+    for update in &updates {
+        nodes[0].append_update("s", 0, update).unwrap();
+    }
+    let (state, sv) = state_of(&updates);
+    let rounds = 10;
+    let threads: Vec<_> = nodes
+        .iter()
+        .map(|node| {
+            let (node, state, sv) = (node.clone(), state.clone(), sv.clone());
+            std::thread::spawn(move || {
+                (0..rounds)
+                    .map(|_| node.write_snapshot("s", &state, &sv, 3, 3).unwrap())
+                    .collect::<Vec<u64>>()
+            })
+        })
+        .collect();
+    let versions: Vec<u64> = threads
+        .into_iter()
+        .flat_map(|t| t.join().unwrap())
+        .collect();
+    let distinct: BTreeSet<u64> = versions.iter().copied().collect();
+    assert_eq!(
+        distinct.len(),
+        versions.len(),
+        "a version number handed out twice: {versions:?}"
+    );
+    assert_eq!(distinct, (1..=2 * rounds).collect());
+    assert_eq!(nodes[1].lease_takeovers() + nodes[0].lease_takeovers(), 0);
+}
+
+#[test]
+fn sessions_are_listed_with_their_versions_and_activity() {
+    let redis = RedisServer::start();
+    let node = store(&redis, "n1", 20);
+    let updates = text_updates("x", 2);
+    node.append_update("b-session", 0, &updates[0]).unwrap();
+    let (state, sv) = state_of(&updates[..1]);
+    node.write_snapshot("b-session", &state, &sv, 1, 1).unwrap();
+    node.append_chat("a-session", &chat_message("hi", "ann"), 100)
+        .unwrap();
+    let sessions = node.list_sessions().unwrap();
+    let ids: Vec<&str> = sessions.iter().map(|s| s.id.as_str()).collect();
+    assert_eq!(ids, ["a-session", "b-session"]);
+    assert_eq!(sessions[1].snapshots, 1);
+    assert!(
+        sessions
+            .iter()
+            .all(|s| s.bytes > 0 && s.last_activity_ms > 0),
+        "{sessions:?}"
+    );
+    assert!(node.append_update("bad id!", 0, &updates[0]).is_err());
+}

@@ -1,0 +1,151 @@
+//! A real `redis-server` for the cluster-mode tests: started on a free loopback port with
+//! `--save '' --appendonly yes --appendfsync always --dir <tmp>` (nothing acknowledged is
+//! lost across a crash), waited on with `PING`, killed by PID on drop, and stoppable and
+//! restartable on the same port and directory (the outage tests). Never the system service.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// How long a started Redis may take to answer `PING`.
+const REDIS_START_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub struct RedisServer {
+    child: Option<Child>,
+    pub port: u16,
+    dir: tempfile::TempDir,
+}
+
+/// `redis-server` from PATH, else Debian's `/usr/bin/redis-server`.
+fn redis_server_bin() -> PathBuf {
+    let on_path = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|dir| dir.join("redis-server"))
+            .find(|bin| bin.is_file())
+    });
+    on_path.unwrap_or_else(|| PathBuf::from("/usr/bin/redis-server"))
+}
+
+/// A loopback port nothing listens on now.
+fn free_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind a free port");
+    listener.local_addr().expect("local addr").port()
+}
+
+fn spawn(port: u16, dir: &Path) -> Child {
+    Command::new(redis_server_bin())
+        .arg("--port")
+        .arg(port.to_string())
+        .arg("--bind")
+        .arg("127.0.0.1")
+        .arg("--save")
+        .arg("")
+        .arg("--appendonly")
+        .arg("yes")
+        .arg("--appendfsync")
+        .arg("always")
+        .arg("--dir")
+        .arg(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot start {}: {e} (install it: apt-get install redis-server)",
+                redis_server_bin().display()
+            )
+        })
+}
+
+/// Whether a Redis on `port` answers `PING` with `+PONG`.
+fn answers_ping(port: u16) -> bool {
+    let Ok(mut stream) = TcpStream::connect_timeout(
+        &format!("127.0.0.1:{port}").parse().expect("addr"),
+        Duration::from_millis(200),
+    ) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
+    if stream.write_all(b"PING\r\n").is_err() {
+        return false;
+    }
+    let mut reply = [0u8; 7];
+    matches!(stream.read(&mut reply), Ok(n) if reply[..n].starts_with(b"+PONG"))
+}
+
+impl RedisServer {
+    /// Starts a fresh Redis in a new temporary directory.
+    pub fn start() -> RedisServer {
+        // Another test may take the port between our probe and Redis's bind: try again.
+        for _ in 0..5 {
+            let mut server = RedisServer {
+                child: None,
+                port: free_port(),
+                dir: tempfile::Builder::new()
+                    .prefix("easel-redis-")
+                    .tempdir()
+                    .expect("tempdir"),
+            };
+            if server.try_run() {
+                return server;
+            }
+        }
+        panic!("redis-server did not start on any of 5 free ports");
+    }
+
+    /// `redis://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Runs redis-server on this port and directory until it answers `PING`; false when
+    /// it exits first (the port was taken) or never answers.
+    fn try_run(&mut self) -> bool {
+        let mut child = spawn(self.port, self.dir.path());
+        let deadline = Instant::now() + REDIS_START_TIMEOUT;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                return false;
+            }
+            if answers_ping(self.port) {
+                self.child = Some(child);
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        false
+    }
+
+    /// Kills it (SIGKILL, as a crash): what it acknowledged is in its append-only file.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again on the same port and directory (it reloads its append-only file).
+    pub fn restart(&mut self) {
+        self.stop();
+        let deadline = Instant::now() + REDIS_START_TIMEOUT;
+        while !self.try_run() {
+            assert!(
+                Instant::now() < deadline,
+                "redis-server did not restart on port {}",
+                self.port
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
