@@ -1,0 +1,108 @@
+//! The node's watch: its heartbeat, its view of Redis's health, and the sweep after nodes
+//! that died.
+//!
+//! Every second it pings Redis (the round trip is a metric; no answer makes the node
+//! unhealthy: `/readyz` and upgrades answer 503, SPEC 9). Every [`HEARTBEAT`] it renews the
+//! node's heartbeat key, which expires [`HEARTBEAT_TTL`] after the last renewal: a node
+//! killed with `kill -9` stops renewing it. Every [`SWEEP`] it looks at the nodes the held
+//! sessions know of (presence, awareness) and, for each whose heartbeat is gone, removes
+//! its presence from Redis and its users and awareness states from the sessions here: a
+//! dead node's users leave within `HEARTBEAT_TTL + SWEEP` (25 s; SPEC 9 asks 60). Must not
+//! read streams.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::Cluster;
+
+const PING: Duration = Duration::from_secs(1);
+pub(super) const HEARTBEAT: Duration = Duration::from_secs(5);
+pub(super) const HEARTBEAT_TTL: Duration = Duration::from_secs(15);
+const SWEEP: Duration = Duration::from_secs(10);
+
+pub(super) fn spawn(cluster: &Arc<Cluster>) {
+    let cluster = Arc::downgrade(cluster);
+    let started = std::thread::Builder::new()
+        .name("easel-cluster-watch".into())
+        .spawn(move || run(cluster));
+    if let Err(e) = started {
+        tracing::error!(error = %e, "the cluster watch could not start");
+    }
+}
+
+fn run(cluster: std::sync::Weak<Cluster>) {
+    let mut last_heartbeat: Option<Instant> = None;
+    let mut last_sweep = Instant::now();
+    loop {
+        let Some(node) = cluster.upgrade() else {
+            return;
+        };
+        if node.stopping() {
+            return;
+        }
+        let up = match node.store.ping() {
+            Ok(round_trip) => {
+                node.metrics
+                    .cluster
+                    .redis_round_trip
+                    .observe(round_trip.as_secs_f64());
+                true
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "Redis ping failed");
+                false
+            }
+        };
+        // Not ready while a session still holds an update Redis refused (the reader
+        // rebuilds it once Redis answers): a joiner must not be served it.
+        let stale = node
+            .held_now()
+            .iter()
+            .any(|(session, _)| session.whiteboard.is_stale());
+        node.set_healthy(up && !stale);
+        if up && last_heartbeat.is_none_or(|t| t.elapsed() >= HEARTBEAT) {
+            match node.store.heartbeat(HEARTBEAT_TTL) {
+                Ok(()) => last_heartbeat = Some(Instant::now()),
+                Err(e) => tracing::debug!(error = %e, "heartbeat not renewed"),
+            }
+        }
+        if up && last_sweep.elapsed() >= SWEEP {
+            last_sweep = Instant::now();
+            sweep(&node);
+        }
+        drop(node);
+        std::thread::sleep(PING);
+    }
+}
+
+/// Removes what the held sessions keep of nodes whose heartbeat is gone.
+fn sweep(node: &Cluster) {
+    let mut alive: HashMap<Arc<str>, bool> = HashMap::new();
+    let mut gone_counted: HashSet<Arc<str>> = HashSet::new();
+    for (session, _) in node.held_now() {
+        let mut nodes: HashSet<Arc<str>> = session.tutor.remote_nodes().into_iter().collect();
+        nodes.extend(session.whiteboard.awareness_nodes());
+        if let Ok(present) = node.store.presence(&session.id) {
+            nodes.extend(present.into_iter().map(|p| Arc::from(p.node)));
+        }
+        nodes.remove(&node.node);
+        for other in nodes {
+            let up = *alive
+                .entry(other.clone())
+                // A failed check counts as alive: Redis trouble must not look like deaths.
+                .or_insert_with(|| node.store.node_alive(&other).unwrap_or(true));
+            if up {
+                continue;
+            }
+            if gone_counted.insert(other.clone()) {
+                node.metrics.cluster.nodes_gone.inc();
+                tracing::info!(node = %other, "a node's heartbeat is gone: removing its users and awareness");
+            }
+            if let Err(e) = node.store.presence_drop_node(&session.id, &other) {
+                tracing::debug!(session = %session.id, node = %other, error = %e, "dead node's presence not dropped");
+            }
+            session.node_gone(&other);
+        }
+    }
+}
