@@ -5,6 +5,7 @@
 mod chat;
 mod outage;
 mod presence;
+mod serve;
 mod streams;
 mod whiteboard;
 
