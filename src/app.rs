@@ -22,7 +22,7 @@ use crate::limits::{ConnectionCaps, LongPollCaps, LongPollPermit, NewSessionRate
 use crate::metrics::Metrics;
 use crate::protocol::tutor::UserInfo;
 use crate::session::{valid_session_id, Registry, SessionHandle};
-use crate::store::Store;
+use crate::store::{RedisStore, Store};
 use crate::sync;
 
 /// State shared by every handler.
@@ -34,6 +34,10 @@ pub struct AppState {
     pub caps: Arc<ConnectionCaps>,
     pub requests: RequestLimits,
     pub store: Arc<dyn Store>,
+    /// Cluster mode (SPEC 9): the Redis store behind `store`, with what only it has
+    /// (stream reader, events, presence, heartbeats). Built in one place, `easel serve`
+    /// (`cli/serve.rs`, `open_cluster_store`); `None` on a single node on sled.
+    pub cluster_store: Option<Arc<RedisStore>>,
     pub shutdown: watch::Receiver<bool>,
     pub started: Instant,
     /// Refused tokens, logged once and then summarised (a stale tab retries forever).

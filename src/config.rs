@@ -53,6 +53,7 @@ pub struct Config {
     pub tutor: TutorConfig,
     pub persist: PersistConfig,
     pub sessions: SessionsConfig,
+    pub cluster: ClusterConfig,
 }
 
 impl Default for Config {
@@ -69,6 +70,7 @@ impl Default for Config {
             tutor: TutorConfig::default(),
             persist: PersistConfig::default(),
             sessions: SessionsConfig::default(),
+            cluster: ClusterConfig::default(),
         }
     }
 }
@@ -303,6 +305,48 @@ impl Default for SessionsConfig {
     }
 }
 
+/// Cluster mode (SPEC 9): several nodes sharing their state through Redis instead of each
+/// owning a sled directory. Off unless `redis_url` or `redis_cluster_nodes` is set.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// One Redis server, `redis://host:port[/db]` (env `EASEL_REDIS_URL`, flag `--redis`).
+    pub redis_url: Option<String>,
+    /// The seed nodes of a Redis Cluster, instead of `redis_url`.
+    pub redis_cluster_nodes: Vec<String>,
+    /// This node's name in logs, metrics and Redis (env `EASEL_NODE_ID`); default: the
+    /// host name and the process id.
+    pub node_id: Option<String>,
+}
+
+impl ClusterConfig {
+    /// Whether the node runs in cluster mode (on Redis, no sled).
+    pub fn enabled(&self) -> bool {
+        self.redis_url.is_some() || !self.redis_cluster_nodes.is_empty()
+    }
+
+    /// The configured node id, or `<host name>-<pid>`.
+    pub fn node_id(&self) -> String {
+        if let Some(id) = &self.node_id {
+            return id.clone();
+        }
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+            .unwrap_or_default();
+        let host: String = host
+            .trim()
+            .chars()
+            .filter(|c| c.is_ascii_graphic())
+            .collect();
+        let host = if host.is_empty() {
+            "easel".into()
+        } else {
+            host
+        };
+        format!("{host}-{}", std::process::id())
+    }
+}
+
 /// Where environment variables come from; a function so tests need not touch the process env.
 pub type EnvLookup<'a> = &'a dyn Fn(&str) -> Option<String>;
 
@@ -349,6 +393,12 @@ impl Config {
         }
         if let Some(v) = env("EASEL_LOG") {
             self.log.filter = v;
+        }
+        if let Some(v) = env("EASEL_REDIS_URL").filter(|v| !v.is_empty()) {
+            self.cluster.redis_url = Some(v);
+        }
+        if let Some(v) = env("EASEL_NODE_ID").filter(|v| !v.is_empty()) {
+            self.cluster.node_id = Some(v);
         }
         if let Some(v) = env("EASEL_LOG_FORMAT") {
             self.log.format = match v.as_str() {
@@ -569,6 +619,7 @@ impl Config {
                 });
             }
         }
+        self.validate_cluster()?;
         let a = &self.auth;
         let keys = [
             a.jwt_secret.is_some(),
@@ -604,9 +655,86 @@ impl Config {
     }
 }
 
+impl Config {
+    /// `[cluster]`: Redis URLs with their scheme, one way to reach Redis, a usable node id.
+    fn validate_cluster(&self) -> Result<(), ConfigError> {
+        let c = &self.cluster;
+        let redis_url = |key: &'static str, url: &str| {
+            if url.starts_with("redis://") || url.starts_with("rediss://") {
+                Ok(())
+            } else {
+                Err(ConfigError::Invalid {
+                    key,
+                    message: format!(
+                        "{url:?} is not a Redis URL: it must start with redis:// or rediss:// \
+                         (e.g. redis://127.0.0.1:6379)"
+                    ),
+                })
+            }
+        };
+        if let Some(url) = &c.redis_url {
+            redis_url("cluster.redis_url", url)?;
+            if !c.redis_cluster_nodes.is_empty() {
+                return Err(ConfigError::Invalid {
+                    key: "cluster",
+                    message: "set redis_url (one Redis) or redis_cluster_nodes (a Redis Cluster), not both".into(),
+                });
+            }
+        }
+        for url in &c.redis_cluster_nodes {
+            redis_url("cluster.redis_cluster_nodes", url)?;
+        }
+        if let Some(id) = &c.node_id {
+            let ok = (1..=128).contains(&id.len()) && id.chars().all(|ch| ch.is_ascii_graphic());
+            if !ok {
+                return Err(ConfigError::Invalid {
+                    key: "cluster.node_id",
+                    message: format!("{id:?}: 1 to 128 printable ASCII characters, no spaces"),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cluster_keys_env_and_validation() {
+        let mut c = Config::from_toml(
+            "[cluster]\nredis_url = \"redis://127.0.0.1:6379\"\nnode_id = \"a\"\n",
+        )
+        .unwrap();
+        assert!(c.cluster.enabled());
+        assert_eq!(c.cluster.node_id(), "a");
+        c.validate().unwrap();
+        c.apply_env(&|k| match k {
+            "EASEL_REDIS_URL" => Some("http://x".into()),
+            "EASEL_NODE_ID" => Some("b".into()),
+            _ => None,
+        })
+        .unwrap();
+        assert_eq!(c.cluster.node_id(), "b");
+        let err = c.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("cluster.redis_url") && err.contains("redis://"),
+            "{err}"
+        );
+
+        let both = Config::from_toml(
+            "[cluster]\nredis_url = \"redis://a\"\nredis_cluster_nodes = [\"redis://b\"]\n",
+        )
+        .unwrap();
+        assert!(both.validate().is_err());
+        let off = Config::default();
+        assert!(!off.cluster.enabled());
+        assert!(off
+            .cluster
+            .node_id()
+            .ends_with(&format!("-{}", std::process::id())));
+    }
 
     #[test]
     fn unknown_key_is_named() {

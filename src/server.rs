@@ -43,7 +43,7 @@ use crate::http::{self, health, moderation, sessions, snapshots, tutor, whiteboa
 use crate::limits::ConnectionCaps;
 use crate::metrics::Metrics;
 use crate::session::Registry;
-use crate::store::Store;
+use crate::store::{RedisStore, Store};
 use crate::ws;
 
 /// Why the server could not run.
@@ -131,11 +131,14 @@ pub fn router(app: Arc<AppState>) -> Router {
 }
 
 /// Runs the server on `listener` until `stop` resolves, then shuts down gracefully.
+/// `cluster_store`: in cluster mode, the same store as `store`, with the Redis-only API
+/// the node runtime uses (SPEC 9); `None` on a single node.
 pub async fn serve(
     listener: TcpListener,
     config: Arc<Config>,
     verifier: Verifier,
     store: Arc<dyn Store>,
+    cluster_store: Option<Arc<RedisStore>>,
     metrics: Arc<Metrics>,
     stop: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
@@ -159,6 +162,7 @@ pub async fn serve(
         registry: registry.clone(),
         metrics,
         store,
+        cluster_store,
         shutdown: shutdown.clone(),
         started: Instant::now(),
         refusals: crate::refusal_log::RefusalLog::new(crate::refusal_log::WINDOW),

@@ -1,12 +1,14 @@
 //! The `easel` command line: the clap types of every subcommand, and [`run`], which
 //! dispatches each to its file: `serve` ([`serve`]), `token` ([`token`]), `snapshot`
 //! ([`snapshot`]), `sessions` and the admin client both it and `snapshot` use
-//! ([`sessions`]), `store check | recover` ([`store`]). Errors are said for the person
+//! ([`sessions`]), `store check | recover` ([`store`]), `cluster import | export`
+//! ([`cluster`]). Errors are said for the person
 //! reading them: no Rust type names, no doubled OS errors, the way out named.
 //!
 //! Part of the binary, not the library: `anyhow` stops here. Must not hold server logic:
 //! everything it does goes through the `easel` library.
 
+mod cluster;
 mod config_words;
 mod dev_secret;
 mod serve;
@@ -50,6 +52,10 @@ pub struct TargetArgs {
     /// Data directory (default ./snapshots, or the config's data_dir).
     #[arg(long, global = true, conflicts_with = "server")]
     pub data_dir: Option<PathBuf>,
+    /// A cluster's Redis, redis://host:port (default: EASEL_REDIS_URL or the config's
+    /// [cluster], unless --data-dir is given).
+    #[arg(long, global = true, value_name = "URL", conflicts_with_all = ["server", "data_dir"])]
+    pub redis: Option<String>,
     /// A running server's base URL, e.g. http://127.0.0.1:8080 (needs --token).
     #[arg(long, global = true, requires = "token")]
     pub server: Option<String>,
@@ -111,9 +117,14 @@ pub enum Command {
         /// Address to listen on (default 127.0.0.1:8080).
         #[arg(long)]
         listen: Option<SocketAddr>,
-        /// Data directory (default ./snapshots).
+        /// Data directory (default ./snapshots). In cluster mode only the development
+        /// secret is kept there.
         #[arg(long)]
         data_dir: Option<PathBuf>,
+        /// Cluster mode: keep everything in this Redis (redis://host:port), shared with
+        /// the other nodes, instead of a sled data directory (or EASEL_REDIS_URL).
+        #[arg(long, value_name = "URL")]
+        redis: Option<String>,
         #[command(flatten)]
         config: ConfigArgs,
     },
@@ -153,6 +164,21 @@ pub enum Command {
         #[command(flatten)]
         target: TargetArgs,
     },
+    /// Cluster mode: move sessions between a sled data directory and Redis.
+    Cluster {
+        #[command(subcommand)]
+        command: ClusterCommand,
+        /// The sled data directory to import from or export into (required).
+        #[arg(long, global = true)]
+        data_dir: Option<PathBuf>,
+        /// The cluster's Redis, redis://host:port (default: EASEL_REDIS_URL or the
+        /// config's [cluster]).
+        #[arg(long, global = true, value_name = "URL")]
+        redis: Option<String>,
+        /// TOML configuration file.
+        #[arg(long, global = true)]
+        config: Option<PathBuf>,
+    },
     /// The data directory itself: check for damage, or recover from it.
     Store {
         #[command(subcommand)]
@@ -164,6 +190,17 @@ pub enum Command {
         #[arg(long, global = true)]
         config: Option<PathBuf>,
     },
+}
+
+#[derive(Subcommand)]
+pub enum ClusterCommand {
+    /// Copy every session of a sled data directory (not in use by a server) into Redis:
+    /// versions with their numbers, the log, chat with seqs, edits, moderation. Sessions
+    /// already in Redis are skipped. Nodes may serve meanwhile.
+    Import,
+    /// Write every session in Redis into a new sled data directory (new or empty), which
+    /// `easel serve --data-dir` then serves.
+    Export,
 }
 
 #[derive(Subcommand)]
@@ -206,8 +243,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Serve {
             listen,
             data_dir,
+            redis,
             config,
-        } => serve::serve(load_config(&config)?, listen, data_dir)
+        } => serve::serve(load_config(&config)?, listen, data_dir, redis)
             .await
             .map(ok),
         Command::Token {
@@ -234,5 +272,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             data_dir,
             config,
         } => store::store_command(command, data_dir, config),
+        Command::Cluster {
+            command,
+            data_dir,
+            redis,
+            config,
+        } => cluster::cluster_command(command, data_dir, redis, config).map(ok),
     }
 }

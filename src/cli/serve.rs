@@ -1,5 +1,6 @@
 //! `easel serve`: checks the configuration, opens the store (a locked, full or damaged
-//! data directory fails here, with the way out named), sets up logging, the signal
+//! data directory fails here, with the way out named; in cluster mode the Redis store,
+//! built in [`open_cluster_store`] and nowhere else), sets up logging, the signal
 //! handlers and the development secret, prints the "listening" line scripts wait for, and
 //! runs `easel::server::serve` until SIGINT or SIGTERM. Must not hold server logic.
 
@@ -15,7 +16,7 @@ use super::dev_secret;
 use super::sessions::locked_message;
 use easel::auth::{claims_for, Role, Verifier};
 use easel::config::{Config, LogFormat};
-use easel::store::{SledSettings, SledStore, Store, StoreError};
+use easel::store::{RedisStore, RedisTarget, SledSettings, SledStore, Store, StoreError};
 
 fn init_logging(config: &Config) -> anyhow::Result<()> {
     use std::io::IsTerminal;
@@ -65,12 +66,17 @@ pub async fn serve(
     mut config: Config,
     listen: Option<SocketAddr>,
     data_dir: Option<PathBuf>,
+    redis: Option<String>,
 ) -> anyhow::Result<()> {
     if let Some(l) = listen {
         config.listen = l;
     }
     if let Some(d) = data_dir {
         config.data_dir = d;
+    }
+    if let Some(url) = redis {
+        config.cluster.redis_url = Some(url);
+        config.cluster.redis_cluster_nodes.clear();
     }
     config.validate()?;
     init_logging(&config)?;
@@ -84,10 +90,23 @@ pub async fn serve(
     // The store first: a directory another process holds must fail before any link is
     // printed (the links would point at that other server).
     let metrics = Arc::new(easel::metrics::Metrics::new());
-    let store: Arc<dyn Store> = Arc::new(open_store(&config, metrics.clone())?);
+    let cluster_store = open_cluster_store(&config)?;
+    let store: Arc<dyn Store> = match &cluster_store {
+        Some(redis) => redis.clone(),
+        None => Arc::new(open_store(&config, metrics.clone())?),
+    };
     let (verifier, dev_secret) = match configured {
         Some(v) => (v, None),
         None => {
+            if cluster_store.is_some() {
+                // No sled to create it: the development secret is all it holds.
+                std::fs::create_dir_all(&config.data_dir).with_context(|| {
+                    format!(
+                        "cannot create the data directory {}",
+                        config.data_dir.display()
+                    )
+                })?;
+            }
             let path = dev_secret::path(&config.data_dir);
             let secret = dev_secret::load_or_create(&path)?;
             #[cfg(unix)]
@@ -107,7 +126,13 @@ pub async fn serve(
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let addr = listener.local_addr()?;
-    tracing::info!(data_dir = %config.data_dir.display(), "data directory open");
+    match &cluster_store {
+        Some(redis) => tracing::info!(
+            node = redis.node_id(),
+            "cluster mode: sessions are kept in Redis and shared with the other nodes"
+        ),
+        None => tracing::info!(data_dir = %config.data_dir.display(), "data directory open"),
+    }
     let data_dir_arg = shell_word(&config.data_dir.display().to_string());
     match &dev_secret {
         Some(path) => {
@@ -156,7 +181,16 @@ pub async fn serve(
     let stop = shutdown_signal()?;
     // The one "listening" line, on stdout: scripts (and the tests) wait for it.
     println!("easel listening on {addr}");
-    easel::server::serve(listener, Arc::new(config), verifier, store, metrics, stop).await?;
+    easel::server::serve(
+        listener,
+        Arc::new(config),
+        verifier,
+        store,
+        cluster_store,
+        metrics,
+        stop,
+    )
+    .await?;
     Ok(())
 }
 
@@ -196,4 +230,29 @@ fn open_store(config: &Config, metrics: Arc<easel::metrics::Metrics>) -> anyhow:
             dir = config.data_dir.display()
         ),
     }
+}
+
+/// Cluster mode's store, when `[cluster]` (or `--redis`, `EASEL_REDIS_URL`) names a Redis:
+/// the one place a node's `RedisStore` is built. A Redis that is down now is no reason
+/// not to start: `/readyz` answers 503 and the store reconnects by itself (SPEC 9).
+pub fn open_cluster_store(config: &Config) -> anyhow::Result<Option<Arc<RedisStore>>> {
+    let Some(target) = RedisTarget::from_config(&config.cluster) else {
+        return Ok(None);
+    };
+    let node_id = config.cluster.node_id();
+    let store = RedisStore::connect(target, node_id, config.persist.keep_snapshots)
+        .map_err(|e| anyhow::anyhow!("cluster mode: {e}"))?;
+    match store.ping() {
+        Ok(rtt) => tracing::info!(
+            node = store.node_id(),
+            round_trip_us = rtt.as_micros() as u64,
+            "Redis reached"
+        ),
+        Err(e) => tracing::error!(
+            node = store.node_id(),
+            error = %e,
+            "Redis cannot be reached now; /readyz answers 503 until it can (retrying by itself)"
+        ),
+    }
+    Ok(Some(Arc::new(store)))
 }

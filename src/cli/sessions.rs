@@ -1,8 +1,9 @@
 //! `easel sessions`, and the admin client it and `easel snapshot` use: list, export,
 //! inspect, restore and import, on a data directory or a running server.
 //!
-//! Each works on a data directory directly when no server holds it, or through a running
-//! server's HTTP API (`--server URL --token JWT`): sled locks its directory, so while a
+//! Each works on a data directory directly when no server holds it, on a cluster's Redis
+//! (`[cluster]`, `--redis URL`: nodes may be serving meanwhile, Redis is shared), or
+//! through a running server's HTTP API (`--server URL --token JWT`): sled locks its directory, so while a
 //! server runs, the API is the only way in, and the error says so. Restores and imports on
 //! a directory go through the same `Registry` and `Whiteboard` code as the server's, so an
 //! offline restore records a new version exactly like a live one. Must not print: the
@@ -21,7 +22,7 @@ use easel::http::rfc3339_ms;
 use easel::metrics::Metrics;
 use easel::session::whiteboard::RestoreFailure;
 use easel::session::Registry;
-use easel::store::{SessionInfo, SledStore, Store, StoreError};
+use easel::store::{RedisStore, RedisTarget, SessionInfo, SledStore, Store, StoreError};
 
 /// `easel sessions`: every stored session, one line each.
 pub fn sessions(admin: Admin) -> anyhow::Result<()> {
@@ -56,7 +57,8 @@ pub enum AdminError {
 
 /// Where the commands act.
 pub enum Target {
-    /// The data directory, opened directly.
+    /// The store the configuration names, opened directly: the data directory, or in
+    /// cluster mode (`[cluster]`) the Redis.
     Dir(Arc<Config>),
     /// A running server's HTTP API.
     Server { url: String, token: String },
@@ -81,6 +83,15 @@ impl Admin {
     }
 
     fn store(config: &Config) -> Result<Arc<dyn Store>, AdminError> {
+        if let Some(target) = RedisTarget::from_config(&config.cluster) {
+            let store = RedisStore::connect(
+                target,
+                config.cluster.node_id(),
+                config.persist.keep_snapshots,
+            )?;
+            store.ping()?;
+            return Ok(Arc::new(store));
+        }
         // sled would create an empty database: a mistyped path must not look like "no data".
         if !config.data_dir.is_dir() {
             return Err(AdminError::Invalid(format!(
@@ -115,10 +126,13 @@ impl Admin {
         if store.list_sessions()?.iter().any(|s| s.id == session) {
             Ok(())
         } else {
-            Err(AdminError::Invalid(format!(
-                "no session {session} in {}",
-                config.data_dir.display()
-            )))
+            Err(AdminError::Invalid(match &config.cluster.redis_url {
+                Some(url) => format!("no session {session} in the Redis at {url}"),
+                None if config.cluster.enabled() => {
+                    format!("no session {session} in the Redis Cluster")
+                }
+                None => format!("no session {session} in {}", config.data_dir.display()),
+            }))
         }
     }
 

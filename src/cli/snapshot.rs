@@ -1,6 +1,6 @@
 //! `easel snapshot list | export | inspect | restore | import`: prints what the admin
-//! client ([`super::sessions::Admin`]) answers, on a data directory or through a running
-//! server. Must not open the store itself.
+//! client ([`super::sessions::Admin`]) answers, on a data directory, on a cluster's Redis
+//! (`--redis URL`) or through a running server. Must not open the store itself.
 
 use std::io::Write;
 use std::sync::Arc;
@@ -15,9 +15,15 @@ pub fn admin(target: TargetArgs) -> anyhow::Result<Admin> {
     let mut config = load_config(&ConfigArgs {
         config: target.config,
     })?;
-    if let Some(d) = target.data_dir {
+    if let Some(url) = target.redis {
+        config.cluster.redis_url = Some(url);
+        config.cluster.redis_cluster_nodes.clear();
+    } else if let Some(d) = target.data_dir {
+        // An explicit directory wins over a Redis named by the environment or the config.
         config.data_dir = d;
+        config.cluster = Default::default();
     }
+    config.validate()?;
     Ok(Admin::new(match (target.server, target.token) {
         (Some(url), Some(token)) => Target::Server { url, token },
         _ => Target::Dir(Arc::new(config)),

@@ -545,7 +545,7 @@ fn highest_chat_seq_in(dir: &Path) -> u64 {
 }
 
 /// The v1-encoded state vector of a Yjs v1 update, `None` if it does not decode.
-fn state_vector_of(state: &[u8]) -> Option<Vec<u8>> {
+pub(super) fn state_vector_of(state: &[u8]) -> Option<Vec<u8>> {
     check_yjs_update(state).ok()?;
     let update = yrs::Update::decode_v1(state).ok()?;
     let doc = yrs::Doc::new();

@@ -149,3 +149,137 @@ impl Drop for RedisServer {
         self.stop();
     }
 }
+
+/// A Redis Cluster of `shards` primaries (no replicas) on loopback, each a real
+/// `redis-server --cluster-enabled yes` in its own temporary directory, joined with
+/// `redis-cli --cluster create`; killed by PID on drop.
+pub struct RedisClusterServer {
+    children: Vec<Child>,
+    pub ports: Vec<u16>,
+    _dirs: Vec<tempfile::TempDir>,
+}
+
+/// A port that is free, and whose cluster bus port (+10000) is free too.
+fn free_cluster_port() -> u16 {
+    for _ in 0..200 {
+        let port = 20_000 + (rand_u16() % 20_000);
+        let both = TcpListener::bind(("127.0.0.1", port))
+            .and_then(|a| TcpListener::bind(("127.0.0.1", port + 10_000)).map(|b| (a, b)));
+        if both.is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port pair for a Redis Cluster node");
+}
+
+fn rand_u16() -> u16 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(Instant::now().elapsed().as_nanos());
+    h.finish() as u16
+}
+
+impl RedisClusterServer {
+    pub fn start(shards: usize) -> RedisClusterServer {
+        let mut cluster = RedisClusterServer {
+            children: Vec::new(),
+            ports: Vec::new(),
+            _dirs: Vec::new(),
+        };
+        for _ in 0..shards {
+            let dir = tempfile::Builder::new()
+                .prefix("easel-redis-cluster-")
+                .tempdir()
+                .expect("tempdir");
+            let port = free_cluster_port();
+            let child = Command::new(redis_server_bin())
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args([
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "yes",
+                    "--appendfsync",
+                    "always",
+                ])
+                .args([
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                ])
+                .args(["--cluster-node-timeout", "5000"])
+                .arg("--dir")
+                .arg(dir.path())
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("start redis-server --cluster-enabled");
+            cluster.children.push(child);
+            cluster.ports.push(port);
+            cluster._dirs.push(dir);
+        }
+        let deadline = Instant::now() + REDIS_START_TIMEOUT;
+        for &port in &cluster.ports {
+            while !answers_ping(port) {
+                assert!(
+                    Instant::now() < deadline,
+                    "cluster node {port} did not start"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        let cli = redis_server_bin().with_file_name("redis-cli");
+        let out = Command::new(&cli)
+            .arg("--cluster")
+            .arg("create")
+            .args(cluster.ports.iter().map(|p| format!("127.0.0.1:{p}")))
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {}: {e}", cli.display()));
+        assert!(
+            out.status.success(),
+            "redis-cli --cluster create failed: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        // Every node must see every slot assigned before commands route reliably.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        for &port in &cluster.ports {
+            loop {
+                let info = Command::new(&cli)
+                    .args(["-p", &port.to_string(), "cluster", "info"])
+                    .output()
+                    .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                    .unwrap_or_default();
+                if info.contains("cluster_state:ok") {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "cluster not ok on {port}: {info}"
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        cluster
+    }
+
+    /// `redis://127.0.0.1:<port>` of every node.
+    pub fn urls(&self) -> Vec<String> {
+        self.ports
+            .iter()
+            .map(|p| format!("redis://127.0.0.1:{p}"))
+            .collect()
+    }
+}
+
+impl Drop for RedisClusterServer {
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}

@@ -29,13 +29,14 @@ const MEMBER_NUMBER: usize = 20;
 
 /// The sort prefix of an edit-log member: `<at_ms>:<seq>:`, fixed width, so lex order is
 /// `(at_ms, seq)` order.
-fn member_prefix(at_ms: u64, seq: u64) -> String {
+pub(super) fn member_prefix(at_ms: u64, seq: u64) -> String {
     format!("{at_ms:0w$}:{seq:0w$}:", w = MEMBER_NUMBER)
 }
 
-/// A limit as Redis takes it (`COUNT`), at least 1 (the callers return early on 0).
+/// A limit as Redis takes it (`COUNT`, a signed 64-bit number), at least 1 (the callers
+/// return early on 0).
 fn count(limit: usize) -> u64 {
-    (limit as u64).max(1)
+    (limit as u64).clamp(1, i64::MAX as u64)
 }
 
 impl RedisStore {

@@ -89,6 +89,7 @@ mod keys;
 mod presence;
 mod scripts;
 mod streams;
+pub mod transfer;
 mod values;
 mod whiteboard;
 
@@ -117,6 +118,17 @@ pub enum RedisTarget {
     Url(String),
     /// Seed nodes of a Redis Cluster (`cluster.redis_cluster_nodes`).
     Cluster(Vec<String>),
+}
+
+impl RedisTarget {
+    /// The Redis that `[cluster]` names; `None` when cluster mode is off.
+    pub fn from_config(cluster: &crate::config::ClusterConfig) -> Option<Self> {
+        if let Some(url) = &cluster.redis_url {
+            return Some(RedisTarget::Url(url.clone()));
+        }
+        (!cluster.redis_cluster_nodes.is_empty())
+            .then(|| RedisTarget::Cluster(cluster.redis_cluster_nodes.clone()))
+    }
 }
 
 /// Sessions remembered as registered in `easel:sessions` before the memory is let go

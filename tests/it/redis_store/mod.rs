@@ -3,8 +3,10 @@
 //! Two `RedisStore`s with different node ids stand for two nodes sharing one Redis.
 
 mod chat;
+mod cluster;
 mod outage;
 mod presence;
+mod serve;
 mod streams;
 mod whiteboard;
 
