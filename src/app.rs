@@ -22,7 +22,7 @@ use crate::limits::{ConnectionCaps, LongPollCaps, LongPollPermit, NewSessionRate
 use crate::metrics::Metrics;
 use crate::protocol::tutor::UserInfo;
 use crate::session::{valid_session_id, Registry, SessionHandle};
-use crate::store::{RedisStore, Store};
+use crate::store::Store;
 use crate::sync;
 
 /// State shared by every handler.
@@ -34,10 +34,10 @@ pub struct AppState {
     pub caps: Arc<ConnectionCaps>,
     pub requests: RequestLimits,
     pub store: Arc<dyn Store>,
-    /// Cluster mode (SPEC 9): the Redis store behind `store`, with what only it has
-    /// (stream reader, events, presence, heartbeats). Built in one place, `easel serve`
-    /// (`cli/serve.rs`, `open_cluster_store`); `None` on a single node on sled.
-    pub cluster_store: Option<Arc<RedisStore>>,
+    /// Cluster mode (SPEC 9): this node's runtime over the Redis store behind `store`
+    /// (built from `easel serve`'s one `RedisStore`, `cli/serve.rs`); `None` on a single
+    /// node on sled.
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
     pub shutdown: watch::Receiver<bool>,
     pub started: Instant,
     /// Refused tokens, logged once and then summarised (a stale tab retries forever).
@@ -116,6 +116,11 @@ impl RequestLimits {
 impl AppState {
     /// Why the store cannot take writes now, if it cannot (SPEC 5.4: `/readyz` says so).
     pub fn store_unready(&self) -> Option<String> {
+        // In cluster mode the node's watch pings Redis every second: asking here would be a
+        // network round trip on an async worker.
+        if let Some(cluster) = &self.cluster {
+            return (!cluster.is_healthy()).then(|| "Redis unreachable".to_owned());
+        }
         self.store.check().err().map(|e| e.to_string())
     }
 

@@ -38,6 +38,7 @@ use tower_http::trace::TraceLayer;
 
 use crate::app::{AppState, RequestLimits};
 use crate::auth::Verifier;
+use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::http::{self, health, moderation, sessions, snapshots, tutor, whiteboard};
 use crate::limits::ConnectionCaps;
@@ -145,11 +146,18 @@ pub async fn serve(
     let (shutdown_tx, shutdown) = watch::channel(false);
     // The one strong sender kept here; each connection holds a clone (`ws::DrainGuard`).
     let (drain_tx, mut drained_rx) = mpsc::channel::<()>(1);
-    let registry = Arc::new(Registry::new(
-        store.clone(),
-        metrics.clone(),
-        config.clone(),
-    ));
+    // Cluster mode: the node runtime (stream reader, publisher, watch) and a registry
+    // whose sessions tell the other nodes what their connections do.
+    let cluster = cluster_store.map(|redis| Cluster::start(redis, metrics.clone()));
+    let registry = Arc::new(match &cluster {
+        Some(cluster) => Registry::with_bus(
+            store.clone(),
+            metrics.clone(),
+            config.clone(),
+            cluster.clone(),
+        ),
+        None => Registry::new(store.clone(), metrics.clone(), config.clone()),
+    });
     let app = Arc::new(AppState {
         caps: Arc::new(ConnectionCaps::new(
             config.limits.max_connections,
@@ -162,7 +170,7 @@ pub async fn serve(
         registry: registry.clone(),
         metrics,
         store,
-        cluster_store,
+        cluster: cluster.clone(),
         shutdown: shutdown.clone(),
         started: Instant::now(),
         refusals: crate::refusal_log::RefusalLog::new(crate::refusal_log::WINDOW),
@@ -196,6 +204,13 @@ pub async fn serve(
     // Housekeeping stops at its next tick; a snapshot it is writing finishes under the
     // session's own lock, which the final save below waits on anyway.
     let _ = tokio::time::timeout(remaining().min(Duration::from_secs(1)), housekeeping).await;
+    if let Some(cluster) = &cluster {
+        // The other nodes hear that this node's users left (the presence the closed
+        // connections published); a node leaving hands nothing else over (SPEC 9).
+        let cluster = cluster.clone();
+        let budget = remaining().min(Duration::from_secs(2));
+        let _ = tokio::task::spawn_blocking(move || cluster.stop(budget)).await;
+    }
     // A thread of its own, not `spawn_blocking`: a save stuck in the disk must not keep
     // the runtime (and so the process) from ending.
     let (saved, save_result) = tokio::sync::oneshot::channel();

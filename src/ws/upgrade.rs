@@ -119,6 +119,12 @@ async fn admit(
 ) -> Result<(Admitted, WebSocketUpgrade), ApiError> {
     let claims = app.authorize(session, headers, query, ws.as_ref().ok())?;
     check_origin(app, headers)?;
+    // SPEC 9: no new connection while Redis does not answer (nothing could be appended).
+    if app.cluster.as_ref().is_some_and(|c| !c.is_healthy()) {
+        return Err(ApiError::Unavailable(
+            "Redis unreachable: try again later".into(),
+        ));
+    }
     let ws = ws.map_err(|e| ApiError::BadRequest(e.to_string()))?;
     let permit = acquire(app, &claims, session, endpoint)?;
     // Held from here, like the permit: shutdown also waits for an upgrade still loading

@@ -17,6 +17,7 @@ mod awareness;
 mod chat_lane;
 mod chat_moderation;
 mod cli;
+mod cluster;
 mod first_hour;
 mod fixtures_replay;
 mod hostile_corpus;

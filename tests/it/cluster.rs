@@ -1,0 +1,394 @@
+//! Cluster mode (SPEC 9): several real `easel serve` processes on one real Redis
+//! (`redis-server` started by the test on a free loopback port), clients of one session on
+//! different nodes.
+
+use std::time::Duration;
+
+use crate::support::*;
+use serde_json::{json, Value};
+
+/// Redis and `n` nodes on it.
+struct Cluster {
+    redis: RedisServer,
+    nodes: Vec<TestServer>,
+}
+
+fn node(redis: &RedisServer, name: &str) -> TestServer {
+    TestServer::start_opts(
+        "",
+        StartOpts {
+            args: vec!["--redis".into(), redis.url()],
+            env: vec![("EASEL_NODE_ID".into(), name.into())],
+            data_dir: None,
+        },
+    )
+}
+
+fn cluster(n: usize) -> Cluster {
+    let redis = RedisServer::start();
+    let nodes = (0..n).map(|i| node(&redis, &format!("node{i}"))).collect();
+    Cluster { redis, nodes }
+}
+
+const SLOW: Duration = Duration::from_secs(15);
+
+fn participant_ids(v: &Value) -> Vec<String> {
+    let mut ids: Vec<String> = v["participants"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no participants in {v}"))
+        .iter()
+        .filter_map(|p| p["id"].as_str().map(str::to_owned))
+        .collect();
+    ids.sort();
+    ids
+}
+
+#[tokio::test]
+async fn clients_on_three_nodes_converge_and_a_late_joiner_on_another_node_gets_everything() {
+    let c = cluster(3);
+    let s = session_id("cl-converge");
+    let mut a = c.nodes[0].wb_user(&s, "alice").await;
+    let mut b = c.nodes[1].wb_user(&s, "bob").await;
+    a.map_set("m", "from_a", "1").await;
+    b.map_set("m", "from_b", "2").await;
+    a.text_push("t", "hello").await;
+    b.change(|d| {
+        let arr = d.get_or_insert_array("arr");
+        let mut txn = yrs::Transact::transact_mut(d);
+        yrs::Array::push_back(&arr, &mut txn, "item");
+    })
+    .await;
+    let both = |c: &WbClient| {
+        c.map_get("m", "from_a").as_deref() == Some("1")
+            && c.map_get("m", "from_b").as_deref() == Some("2")
+            && c.text("t") == "hello"
+    };
+    a.wait_doc("a sees b's writes through Redis", both).await;
+    b.wait_doc("b sees a's writes through Redis", both).await;
+
+    // A late joiner on the third node loads the board from Redis (stream + versions).
+    let mut late = c.nodes[2].wb_user(&s, "carol").await;
+    late.wait_doc("the late joiner on node 2 has both writers' content", both)
+        .await;
+    late.map_set("m", "from_c", "3").await;
+    a.wait_doc("a sees the late joiner's write", |c| {
+        c.map_get("m", "from_c").as_deref() == Some("3")
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn chat_from_two_nodes_at_once_has_one_gapless_order_everywhere() {
+    let c = cluster(3);
+    let s = session_id("cl-chat");
+    let (mut a, _, _) = c.nodes[0].tutor(&s, &token("alice", &s, "student")).await;
+    let (mut b, _, _) = c.nodes[1].tutor(&s, &token("bob", &s, "student")).await;
+    let (mut watcher, _, _) = c.nodes[2].tutor(&s, &token("wes", &s, "student")).await;
+    const EACH: usize = 20;
+    for i in 0..EACH {
+        a.send(&json!({"type":"chat","text":format!("a{i}")})).await;
+        b.send(&json!({"type":"chat","text":format!("b{i}")})).await;
+    }
+    let mut seen = Vec::new();
+    while seen.len() < 2 * EACH {
+        let m = watcher.wait_type("chat").await;
+        seen.push((m["seq"].as_u64().unwrap_or(0), m["text"].to_string()));
+    }
+    let seqs: Vec<u64> = seen.iter().map(|(s, _)| *s).collect();
+    let expected: Vec<u64> = (1..=(2 * EACH) as u64).collect();
+    assert_eq!(
+        seqs, expected,
+        "one gapless order, delivered in order on node 2"
+    );
+
+    // Every node's history, and the HTTP route on any node, say the same.
+    for node in &c.nodes {
+        let (_c, _, history) = node
+            .tutor_q(&s, &token("hist", &s, "student"), "after_seq=0")
+            .await;
+        let texts: Vec<(u64, String)> = history["messages"]
+            .as_array()
+            .unwrap_or_else(|| panic!("history: {history}"))
+            .iter()
+            .map(|m| (m["seq"].as_u64().unwrap_or(0), m["text"].to_string()))
+            .collect();
+        assert_eq!(texts, seen, "history on {}", node.addr);
+    }
+    let r = c.nodes[1]
+        .api_json(
+            "GET",
+            &format!("/api/v2/session/{s}/tutor/messages?after_seq=0&limit=100"),
+            &token("http", &s, "student"),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let via_http: Vec<u64> = r.json()["messages"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{}", r.text()))
+        .iter()
+        .map(|m| m["seq"].as_u64().unwrap_or(0))
+        .collect();
+    assert_eq!(via_http, expected);
+    // And the sender's own node delivered its messages in the same order too.
+    let mut at_a = Vec::new();
+    while at_a.len() < 2 * EACH {
+        at_a.push(a.wait_type("chat").await["seq"].as_u64().unwrap_or(0));
+    }
+    assert_eq!(at_a, expected);
+    let _ = b.barrier().await;
+}
+
+#[tokio::test]
+async fn presence_spans_nodes_with_summed_connection_counts() {
+    let c = cluster(2);
+    let s = session_id("cl-presence");
+    let (mut a, _, _) = c.nodes[0].tutor(&s, &token("alice", &s, "tutor")).await;
+    let (b1, welcome, _) = c.nodes[1].tutor(&s, &token("bob", &s, "student")).await;
+    assert_eq!(participant_ids(&welcome), ["alice", "bob"], "{welcome}");
+    let joined = a.wait_type("presence").await;
+    assert_eq!(joined["event"], "joined");
+    assert_eq!(joined["user"]["id"], "bob");
+    // Bob's second connection, on the other node: no second `joined`, the count is 2.
+    let (b2, welcome2, _) = c.nodes[0].tutor(&s, &token("bob", &s, "student")).await;
+    let bob = welcome2["participants"]
+        .as_array()
+        .and_then(|ps| ps.iter().find(|p| p["id"] == "bob").cloned())
+        .unwrap_or_else(|| panic!("bob missing: {welcome2}"));
+    assert_eq!(bob["connections"], 2, "{welcome2}");
+    // Closing one of bob's two connections is not a `left`; closing the last one is.
+    b1.close().await;
+    b2.close().await;
+    let left = a.wait_type("presence").await;
+    assert_eq!(left["event"], "left", "{left}");
+    assert_eq!(left["user"]["id"], "bob");
+    assert_eq!(participant_ids(&left), ["alice"]);
+}
+
+#[tokio::test]
+async fn http_writes_on_one_node_reach_websocket_clients_and_long_polls_on_others() {
+    let c = cluster(3);
+    let s = session_id("cl-http");
+    let t = token("tina", &s, "tutor");
+    let mut ws = c.nodes[1].wb_user(&s, "wendy").await;
+    let (mut chat, _, _) = c.nodes[1].tutor(&s, &token("wendy", &s, "student")).await;
+    // A long poll on the third node, from the current state.
+    let poll = {
+        let path = format!("/api/v2/session/{s}/tutor/messages?after_seq=0&wait=10");
+        let t = t.clone();
+        let addr = c.nodes[2].addr;
+        tokio::spawn(async move {
+            http_request(
+                addr,
+                "GET",
+                &path,
+                &[("Authorization", format!("Bearer {t}").as_str())],
+                None,
+            )
+            .await
+        })
+    };
+    let update = {
+        use yrs::{Map, Transact};
+        let writer = yrs::Doc::new();
+        let m = writer.get_or_insert_map("m");
+        let mut txn = writer.transact_mut();
+        m.insert(&mut txn, "via_http", "yes");
+        txn.encode_update_v1()
+    };
+    let r = c.nodes[0]
+        .api(
+            "POST",
+            &format!("/api/v2/session/{s}/whiteboard"),
+            Some(&t),
+            Some(&update),
+        )
+        .await;
+    assert!(
+        r.status == 200 || r.status == 204,
+        "{} {}",
+        r.status,
+        r.text()
+    );
+    ws.wait_doc("the HTTP write on node 0 at node 1", |c| {
+        c.map_get("m", "via_http").as_deref() == Some("yes")
+    })
+    .await;
+    let r = c.nodes[0]
+        .api_json(
+            "POST",
+            &format!("/api/v2/session/{s}/tutor/messages"),
+            &t,
+            Some(json!({"text":"posted over HTTP"})),
+        )
+        .await;
+    assert!(
+        r.status == 200 || r.status == 201,
+        "{} {}",
+        r.status,
+        r.text()
+    );
+    let m = chat.wait_type("chat").await;
+    assert_eq!(m["text"], "posted over HTTP");
+    let answered = tokio::time::timeout(SLOW, poll)
+        .await
+        .unwrap_or_else(|_| panic!("the long poll on node 2 did not answer"))
+        .unwrap_or_else(|e| panic!("poll task: {e}"));
+    assert_eq!(answered.status, 200, "{}", answered.text());
+    assert!(
+        answered.text().contains("posted over HTTP"),
+        "{}",
+        answered.text()
+    );
+}
+
+#[tokio::test]
+async fn a_restore_through_one_node_reaches_clients_on_the_others() {
+    let c = cluster(2);
+    let s = session_id("cl-restore");
+    let tutor = token("tina", &s, "tutor");
+    let mut a = c.nodes[0].wb_user(&s, "alice").await;
+    let mut b = c.nodes[1].wb_user(&s, "bob").await;
+    a.map_set("m", "k", "v1").await;
+    b.wait_doc("v1 at b", |c| c.map_get("m", "k").as_deref() == Some("v1"))
+        .await;
+    let n = c.nodes[1].take_snapshot(&s, &tutor).await;
+    a.map_set("m", "k", "v2").await;
+    b.wait_doc("v2 at b", |c| c.map_get("m", "k").as_deref() == Some("v2"))
+        .await;
+    let r = c.nodes[0]
+        .api(
+            "POST",
+            &format!("/api/v2/session/{s}/snapshots/{n}/restore"),
+            Some(&tutor),
+            Some(b""),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    b.wait_doc(
+        "the restore on node 0 at node 1, without reconnecting",
+        |c| c.map_get("m", "k").as_deref() == Some("v1"),
+    )
+    .await;
+    // Both nodes list the same versions.
+    assert_eq!(
+        c.nodes[0].snapshot_versions(&s, &tutor).await,
+        c.nodes[1].snapshot_versions(&s, &tutor).await
+    );
+}
+
+#[tokio::test]
+async fn awareness_crosses_nodes_and_a_late_node_shows_it_on_connect() {
+    use yrs::sync::Message;
+    let c = cluster(3);
+    let s = session_id("cl-aware");
+    let a = c.nodes[0].wb_user(&s, "alice").await;
+    let mut a = a;
+    let mut b = c.nodes[1].wb_user(&s, "bob").await;
+    a.send_awareness(&awareness_update(4242, 1, r#"{"user":"alice"}"#))
+        .await;
+    let alice_state = |m: &Message| match m {
+        Message::Awareness(u) => awareness_entry(u, 4242).is_some_and(|e| e.json.contains("alice")),
+        _ => false,
+    };
+    b.wait_for("alice's awareness at node 1", alice_state).await;
+    // A node that loads the session now asks the others: its first client is greeted
+    // with alice's state, or gets it right after.
+    let mut late = c.nodes[2]
+        .wb_connect(&s, &token("carol", &s, "student"))
+        .await;
+    late.wait_for("alice's awareness at the late node", alice_state)
+        .await;
+    // A closed connection's awareness is removed on every node.
+    drop(a);
+    let removed = |m: &Message| match m {
+        Message::Awareness(u) => awareness_entry(u, 4242).is_some_and(|e| &*e.json == "null"),
+        _ => false,
+    };
+    b.wait_for("alice's removal at node 1", removed).await;
+    late.wait_for("alice's removal at node 2", removed).await;
+}
+
+#[tokio::test]
+async fn a_killed_node_loses_nothing_acknowledged_and_its_users_leave_presence() {
+    let mut c = cluster(2);
+    let s = session_id("cl-kill");
+    let (mut watcher, _, _) = c.nodes[0].tutor(&s, &token("wes", &s, "student")).await;
+    let (_victim_chat, _, _) = c.nodes[1].tutor(&s, &token("vic", &s, "student")).await;
+    let joined = watcher.wait_type("presence").await;
+    assert_eq!(joined["user"]["id"], "vic");
+    let mut observer = c.nodes[0].wb_user(&s, "obs").await;
+    let mut writer = c.nodes[1].wb_user(&s, "vic").await;
+    for i in 0..50 {
+        writer.map_set("m", &format!("k{i}"), "v").await;
+    }
+    observer
+        .wait_doc("the observer saw every write", |c| {
+            c.map_get("m", "k49").as_deref() == Some("v")
+        })
+        .await;
+    c.nodes[1].kill();
+    // What the observer saw is in Redis: a fresh client on the surviving node has it.
+    let fresh = c.nodes[0].wb_user(&s, "fresh").await;
+    assert!((0..50).all(|i| fresh.map_get("m", &format!("k{i}")).as_deref() == Some("v")));
+    // Its user leaves presence once its heartbeat expires (SPEC 9: within 60 s).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match watcher.next_event(left).await {
+            TutorEvent::Json(v) if v["type"] == "presence" => {
+                assert_eq!(v["event"], "left", "{v}");
+                assert_eq!(v["user"]["id"], "vic");
+                break;
+            }
+            TutorEvent::Json(_) => {}
+            other => panic!("vic never left presence within 60 s: {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_redis_outage_makes_nodes_unready_and_closes_writers_then_they_recover() {
+    let mut c = cluster(1);
+    let s = session_id("cl-outage");
+    let n = &c.nodes[0];
+    let r = n.http_get("/readyz").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let mut a = n.wb_user(&s, "alice").await;
+    let mut observer = n.wb_user(&s, "olga").await;
+    a.map_set("m", "before", "1").await;
+    // Relayed only once Redis acknowledged the append: what the observer sees is stored.
+    observer
+        .wait_doc("the write before the outage", |c| {
+            c.map_get("m", "before").as_deref() == Some("1")
+        })
+        .await;
+    c.redis.stop();
+    eventually("readyz 503 while Redis is down", SLOW, || async {
+        (n.http_get("/readyz").await.status == 503).then_some(())
+    })
+    .await;
+    // A write that cannot be appended is not relayed and closes its writer with 1013.
+    let _ = a.map_set("m", "during", "1").await;
+    assert_eq!(a.expect_close(SLOW).await, Some(1013));
+    // New upgrades are refused with 503 meanwhile.
+    let path = format!(
+        "{}?token={}",
+        TestServer::wb_path(&s),
+        token("bob", &s, "student")
+    );
+    let up = ws_upgrade_raw(n.addr, &path, &[]).await;
+    assert_eq!(up.status, 503, "{}", up.text());
+    c.redis.restart();
+    eventually("readyz 200 once Redis is back", SLOW, || async {
+        (n.http_get("/readyz").await.status == 200).then_some(())
+    })
+    .await;
+    let b = n.wb_user(&s, "bob").await;
+    assert_eq!(b.map_get("m", "before").as_deref(), Some("1"));
+    assert_eq!(
+        b.map_get("m", "during"),
+        None,
+        "nothing unappended was kept"
+    );
+}
