@@ -392,3 +392,74 @@ async fn a_redis_outage_makes_nodes_unready_and_closes_writers_then_they_recover
         "nothing unappended was kept"
     );
 }
+
+#[tokio::test]
+async fn edits_mutes_and_removals_act_on_every_node() {
+    let c = cluster(2);
+    let s = session_id("cl-moderate");
+    let (mut tina, _, _) = c.nodes[0].tutor(&s, &token("tina", &s, "tutor")).await;
+    let (mut alice, _, _) = c.nodes[1].tutor(&s, &token("alice", &s, "student")).await;
+    let mut bob_wb = c.nodes[1].wb_user(&s, "bob").await;
+    let (mut bob, _, _) = c.nodes[1].tutor(&s, &token("bob", &s, "student")).await;
+    let posted = chat(&mut alice, "frist").await;
+    let seq = posted["seq"].as_u64().unwrap_or(0);
+    tina.wait_type("chat").await;
+    alice
+        .send(&json!({"type":"edit","seq":seq,"text":"first"}))
+        .await;
+    let edited = tina.wait_type("chat_edited").await;
+    assert_eq!(edited["text"], "first", "{edited}");
+    // A mute on node 0 holds on node 1.
+    tina.send(&json!({"type":"mute","user":"alice","until":null}))
+        .await;
+    assert_eq!(alice.wait_type("moderation").await["action"], "mute");
+    alice
+        .send(&json!({"type":"chat","text":"still here?"}))
+        .await;
+    assert_eq!(alice.wait_type("error").await["reason"], "muted");
+    // A removal on node 0 closes bob's connections on node 1, both endpoints, and he
+    // cannot come back through either node.
+    tina.send(&json!({"type":"remove","user":"bob"})).await;
+    assert_eq!(bob.expect_close(SLOW).await, Some(4403));
+    assert_eq!(bob_wb.expect_close(SLOW).await, Some(4403));
+    for n in &c.nodes {
+        let path = format!(
+            "{}?token={}",
+            TestServer::tutor_path(&s),
+            token("bob", &s, "student")
+        );
+        let r = ws_upgrade_raw(n.addr, &path, &[]).await;
+        assert_refusal(&r, 403, Some("forbidden"), "banned on every node");
+    }
+}
+
+#[tokio::test]
+async fn a_node_restarted_with_sigterm_closes_with_1012_and_its_clients_come_back() {
+    let mut c = cluster(2);
+    let s = session_id("cl-restart");
+    let mut a = c.nodes[0].wb_user(&s, "alice").await;
+    let mut b = c.nodes[1].wb_user(&s, "bob").await;
+    b.map_set("m", "before", "1").await;
+    a.wait_doc("b's write at a", |c| {
+        c.map_get("m", "before").as_deref() == Some("1")
+    })
+    .await;
+    c.nodes[1].sigterm();
+    assert_eq!(b.expect_close(SLOW).await, Some(1012));
+    let exit = c.nodes[1].wait_exit(SLOW).await;
+    assert!(exit.is_some_and(|e| e.success()), "{exit:?}");
+    // The node comes back (a new process on the same Redis); its client reconnects there.
+    c.nodes[1] = node(&c.redis, "node1");
+    let mut back = c.nodes[1].wb_user(&s, "bob").await;
+    assert_eq!(back.map_get("m", "before").as_deref(), Some("1"));
+    a.map_set("m", "while_away", "2").await;
+    back.wait_doc("a's write after the restart", |c| {
+        c.map_get("m", "while_away").as_deref() == Some("2")
+    })
+    .await;
+    back.map_set("m", "after", "3").await;
+    a.wait_doc("the restarted node's client's write", |c| {
+        c.map_get("m", "after").as_deref() == Some("3")
+    })
+    .await;
+}
