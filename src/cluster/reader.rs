@@ -73,6 +73,11 @@ fn run(cluster: std::sync::Weak<Cluster>) {
         let cursors: Vec<_> = held.iter().map(|(_, c)| c.clone()).collect();
         match r.read(&cursors, READ_BLOCK) {
             Ok(entries) => {
+                tracing::trace!(
+                    sessions = cursors.len(),
+                    entries = entries.len(),
+                    "stream read"
+                );
                 backoff = Duration::from_millis(100);
                 // Redis answers again: first undo, in every session, an update it refused
                 // that a rollback could not undo while it was down.

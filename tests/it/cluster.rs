@@ -7,6 +7,11 @@ use std::time::Duration;
 use crate::support::*;
 use serde_json::{json, Value};
 
+/// The nodes of a scenario, whatever Redis is behind them.
+struct Cluster0<'a> {
+    nodes: &'a [TestServer],
+}
+
 /// Redis and `n` nodes on it.
 struct Cluster {
     redis: RedisServer,
@@ -30,6 +35,23 @@ fn cluster(n: usize) -> Cluster {
     Cluster { redis, nodes }
 }
 
+/// `n` nodes on a three-shard Redis Cluster (`cluster.redis_cluster_nodes`).
+fn on_redis_cluster(shards: &RedisClusterServer, n: usize) -> Vec<TestServer> {
+    let seeds: Vec<String> = shards.urls().iter().map(|u| format!("{u:?}")).collect();
+    let config = format!("[cluster]\nredis_cluster_nodes = [{}]\n", seeds.join(", "));
+    (0..n)
+        .map(|i| {
+            TestServer::start_opts(
+                &config,
+                StartOpts {
+                    env: vec![("EASEL_NODE_ID".into(), format!("shard-node{i}"))],
+                    ..Default::default()
+                },
+            )
+        })
+        .collect()
+}
+
 const SLOW: Duration = Duration::from_secs(15);
 
 fn participant_ids(v: &Value) -> Vec<String> {
@@ -46,7 +68,13 @@ fn participant_ids(v: &Value) -> Vec<String> {
 #[tokio::test]
 async fn clients_on_three_nodes_converge_and_a_late_joiner_on_another_node_gets_everything() {
     let c = cluster(3);
-    let s = session_id("cl-converge");
+    converge_across(&c.nodes, &session_id("cl-converge")).await;
+}
+
+/// Writers on nodes 0 and 1 converge; a late joiner on node 2 gets it all and is heard.
+async fn converge_across(nodes: &[TestServer], s: &str) {
+    let s = s.to_owned();
+    let c = Cluster0 { nodes };
     let mut a = c.nodes[0].wb_user(&s, "alice").await;
     let mut b = c.nodes[1].wb_user(&s, "bob").await;
     a.map_set("m", "from_a", "1").await;
@@ -80,7 +108,14 @@ async fn clients_on_three_nodes_converge_and_a_late_joiner_on_another_node_gets_
 #[tokio::test]
 async fn chat_from_two_nodes_at_once_has_one_gapless_order_everywhere() {
     let c = cluster(3);
-    let s = session_id("cl-chat");
+    chat_order_across(&c.nodes, &session_id("cl-chat")).await;
+}
+
+/// Senders on nodes 0 and 1 at once: one gapless order, seen in order on node 2 and at
+/// the sender's own node, and the same history from every node and the HTTP route.
+async fn chat_order_across(nodes: &[TestServer], s: &str) {
+    let s = s.to_owned();
+    let c = Cluster0 { nodes };
     let (mut a, _, _) = c.nodes[0].tutor(&s, &token("alice", &s, "student")).await;
     let (mut b, _, _) = c.nodes[1].tutor(&s, &token("bob", &s, "student")).await;
     let (mut watcher, _, _) = c.nodes[2].tutor(&s, &token("wes", &s, "student")).await;
@@ -101,18 +136,23 @@ async fn chat_from_two_nodes_at_once_has_one_gapless_order_everywhere() {
         "one gapless order, delivered in order on node 2"
     );
 
-    // Every node's history, and the HTTP route on any node, say the same.
-    for node in &c.nodes {
-        let (_c, _, history) = node
+    // Every node gives a newcomer the same messages in the same order: its history, then
+    // what that node's reader had not delivered yet when it joined, live.
+    for node in c.nodes {
+        let (mut newcomer, _, history) = node
             .tutor_q(&s, &token("hist", &s, "student"), "after_seq=0")
             .await;
-        let texts: Vec<(u64, String)> = history["messages"]
+        let mut texts: Vec<(u64, String)> = history["messages"]
             .as_array()
             .unwrap_or_else(|| panic!("history: {history}"))
             .iter()
             .map(|m| (m["seq"].as_u64().unwrap_or(0), m["text"].to_string()))
             .collect();
-        assert_eq!(texts, seen, "history on {}", node.addr);
+        while texts.len() < seen.len() {
+            let m = newcomer.wait_type("chat").await;
+            texts.push((m["seq"].as_u64().unwrap_or(0), m["text"].to_string()));
+        }
+        assert_eq!(texts, seen, "history then live on {}", node.addr);
     }
     let r = c.nodes[1]
         .api_json(
@@ -144,8 +184,17 @@ async fn presence_spans_nodes_with_summed_connection_counts() {
     let c = cluster(2);
     let s = session_id("cl-presence");
     let (mut a, _, _) = c.nodes[0].tutor(&s, &token("alice", &s, "tutor")).await;
-    let (b1, welcome, _) = c.nodes[1].tutor(&s, &token("bob", &s, "student")).await;
-    assert_eq!(participant_ids(&welcome), ["alice", "bob"], "{welcome}");
+    let (mut b1, welcome, _) = c.nodes[1].tutor(&s, &token("bob", &s, "student")).await;
+    // Node 1 knows alice from Redis when it loads the session, or hears her presence
+    // within a moment if node 0 had not published it yet.
+    if participant_ids(&welcome) != ["alice", "bob"] {
+        let heard = b1
+            .wait_for("alice's presence at node 1", |v| {
+                v["type"] == "presence" && v["user"]["id"] == "alice"
+            })
+            .await;
+        assert_eq!(participant_ids(&heard), ["alice", "bob"], "{heard}");
+    }
     let joined = a.wait_type("presence").await;
     assert_eq!(joined["event"], "joined");
     assert_eq!(joined["user"]["id"], "bob");
@@ -462,4 +511,17 @@ async fn a_node_restarted_with_sigterm_closes_with_1012_and_its_clients_come_bac
         c.map_get("m", "after").as_deref() == Some("3")
     })
     .await;
+}
+
+#[tokio::test]
+async fn on_a_three_shard_redis_cluster_boards_converge_and_chat_keeps_one_order() {
+    let shards = RedisClusterServer::start(3);
+    let nodes = on_redis_cluster(&shards, 3);
+    // Several sessions, so their hash tags land on different shards.
+    for i in 0..3 {
+        converge_across(&nodes, &session_id(&format!("rc-converge{i}"))).await;
+    }
+    for i in 0..2 {
+        chat_order_across(&nodes, &session_id(&format!("rc-chat{i}"))).await;
+    }
 }
