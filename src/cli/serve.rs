@@ -90,7 +90,7 @@ pub async fn serve(
     // The store first: a directory another process holds must fail before any link is
     // printed (the links would point at that other server).
     let metrics = Arc::new(easel::metrics::Metrics::new());
-    let cluster_store = open_cluster_store(&config)?;
+    let cluster_store = open_cluster_store(&config, metrics.clone())?;
     let store: Arc<dyn Store> = match &cluster_store {
         Some(redis) => redis.clone(),
         None => Arc::new(open_store(&config, metrics.clone())?),
@@ -235,13 +235,17 @@ fn open_store(config: &Config, metrics: Arc<easel::metrics::Metrics>) -> anyhow:
 /// Cluster mode's store, when `[cluster]` (or `--redis`, `EASEL_REDIS_URL`) names a Redis:
 /// the one place a node's `RedisStore` is built. A Redis that is down now is no reason
 /// not to start: `/readyz` answers 503 and the store reconnects by itself (SPEC 9).
-pub fn open_cluster_store(config: &Config) -> anyhow::Result<Option<Arc<RedisStore>>> {
+pub fn open_cluster_store(
+    config: &Config,
+    metrics: Arc<easel::metrics::Metrics>,
+) -> anyhow::Result<Option<Arc<RedisStore>>> {
     let Some(target) = RedisTarget::from_config(&config.cluster) else {
         return Ok(None);
     };
     let node_id = config.cluster.node_id();
     let store = RedisStore::connect(target, node_id, config.persist.keep_snapshots)
-        .map_err(|e| anyhow::anyhow!("cluster mode: {e}"))?;
+        .map_err(|e| anyhow::anyhow!("cluster mode: {e}"))?
+        .with_metrics(metrics);
     match store.ping() {
         Ok(rtt) => tracing::info!(
             node = store.node_id(),

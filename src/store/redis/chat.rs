@@ -101,9 +101,7 @@ impl RedisStore {
                 });
             match decoded {
                 Ok(message) => messages.push(message),
-                Err(e) => {
-                    tracing::error!(%session, %id, error = %e, "a stored chat message does not decode; skipped")
-                }
+                Err(e) => self.report_damaged(session, &format!("chat message {id}"), &e),
             }
         }
         Ok(messages)
@@ -190,9 +188,7 @@ impl RedisStore {
             let json = member.get(member_prefix(0, 0).len()..).unwrap_or_default();
             match serde_json::from_slice::<ChatEdit>(json) {
                 Ok(edit) => edits.push(edit),
-                Err(e) => {
-                    tracing::error!(%session, error = %e, "a stored chat edit does not decode; skipped")
-                }
+                Err(e) => self.report_damaged(session, "chat edit", &e.to_string()),
             }
         }
         Ok(edits)

@@ -109,6 +109,7 @@ use super::{
     unpoisoned, ChatEdit, ModerationRecord, SessionInfo, SnapshotInfo, Store, StoreError,
     StoredWhiteboard,
 };
+use crate::metrics::Metrics;
 use crate::protocol::tutor::ChatMessage;
 
 /// Where Redis is: one server, or the seed nodes of a Redis Cluster.
@@ -145,6 +146,8 @@ pub struct RedisStore {
     /// Sessions this process added to `easel:sessions`.
     registered: Mutex<HashSet<String>>,
     lease_takeovers: AtomicU64,
+    /// Counts records that do not decode (`easel_store_decode_errors_total`), as sled does.
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl RedisStore {
@@ -167,7 +170,22 @@ impl RedisStore {
             cluster,
             registered: Mutex::new(HashSet::new()),
             lease_takeovers: AtomicU64::new(0),
+            metrics: None,
         })
+    }
+
+    /// Counts stored records that do not decode in `metrics` (as the sled store does).
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    /// Logs and counts a stored record that does not decode; the caller skips it.
+    fn report_damaged(&self, session: &str, what: &str, error: &str) {
+        if let Some(metrics) = &self.metrics {
+            metrics.store_decode_errors.inc();
+        }
+        tracing::error!(%session, what, error, "a record stored in Redis does not decode; skipped");
     }
 
     /// This node's id.

@@ -24,6 +24,7 @@ use super::conn::{breaks_connection, Conn, Pool, IO_TIMEOUT};
 use super::keys::{self, session_key};
 use super::values::{self, corrupt, Entry};
 use super::RedisStore;
+use crate::metrics::Metrics;
 use crate::protocol::tutor::ChatMessage;
 use crate::store::sled::keys::check_session_id;
 use crate::store::StoreError;
@@ -86,6 +87,7 @@ pub struct StreamReader {
     pool: Arc<Pool>,
     conn: Option<Conn>,
     cluster: bool,
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl RedisStore {
@@ -95,6 +97,7 @@ impl RedisStore {
             pool: self.pool.clone(),
             conn: None,
             cluster: self.cluster,
+            metrics: self.metrics.clone(),
         })
     }
 
@@ -234,7 +237,7 @@ impl StreamReader {
                 return Err(StoreError::Unreachable(message));
             }
         };
-        parse_xread(&reply, &streams)
+        parse_xread(&reply, &streams, self.metrics.as_deref())
     }
 }
 
@@ -242,6 +245,7 @@ impl StreamReader {
 fn parse_xread(
     reply: &Value,
     streams: &HashMap<String, (Arc<str>, Stream)>,
+    metrics: Option<&Metrics>,
 ) -> Result<Vec<StreamEntry>, StoreError> {
     let what = "XREAD reply";
     let per_stream: Vec<(&Value, &Value)> = match reply {
@@ -266,6 +270,9 @@ fn parse_xread(
             match to_stream_entry(session, *stream, &entry) {
                 Ok(e) => out.push(e),
                 Err(e) => {
+                    if let Some(metrics) = metrics {
+                        metrics.store_decode_errors.inc();
+                    }
                     tracing::error!(session = %session, id = %entry.id, error = %e, "a stream entry does not decode; skipped");
                 }
             }

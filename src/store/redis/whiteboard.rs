@@ -71,7 +71,8 @@ impl RedisStore {
                     stored.updates.push(state);
                 }
                 Err(e) => {
-                    tracing::error!(%session, version, error = %e, "a stored version does not decode; loading an older one (changes between the two are lost)");
+                    self.report_damaged(session, &format!("version {version}"), &e);
+                    tracing::error!(%session, version, "loading an older version: the changes between the two are lost");
                     if let Some((older, state)) = self.older_loadable_version(session, version)? {
                         stored.snapshot_version = older;
                         stored.updates.push(state);
@@ -284,9 +285,7 @@ impl RedisStore {
                     bytes: header.state_len,
                     updates: header.update_count,
                 }),
-                Err(e) => {
-                    tracing::error!(%session, key = %key, error = %e, "a stored snapshot header does not decode; skipped")
-                }
+                Err(e) => self.report_damaged(session, "snapshot header", &e),
             }
         }
         versions.sort_by_key(|v| v.version);

@@ -173,3 +173,39 @@ fn edits_deletions_and_moderation_are_shared() {
         .unwrap();
     assert!(nodes[0].moderation("s").unwrap().is_empty());
 }
+
+#[test]
+fn a_stored_message_that_does_not_decode_is_skipped_not_fatal() {
+    let redis = RedisServer::start();
+    let node = store(&redis, "n1", 20);
+    node.append_chat("s", &chat_message("good", "ann"), 100)
+        .unwrap();
+    // Another writer left something that is not a message under seq 2.
+    let client = ::redis::Client::open(redis.url()).unwrap();
+    let mut con = client.get_connection().unwrap();
+    ::redis::cmd("XADD")
+        .arg("easel:{s}:chat")
+        .arg("0-2")
+        .arg("n")
+        .arg("x")
+        .arg("m")
+        .arg("{not json")
+        .query::<::redis::Value>(&mut con)
+        .unwrap();
+    ::redis::cmd("SET")
+        .arg("easel:{s}:chat:seq")
+        .arg(2)
+        .query::<::redis::Value>(&mut con)
+        .unwrap();
+    let after = node
+        .append_chat("s", &chat_message("after", "ann"), 100)
+        .unwrap();
+    assert_eq!(after, 3);
+    let texts: Vec<String> = node
+        .chat_after("s", 0, 10)
+        .unwrap()
+        .into_iter()
+        .map(|m| m.text)
+        .collect();
+    assert_eq!(texts, ["good", "after"]);
+}

@@ -285,4 +285,18 @@ async fn import_a_sled_directory_into_redis_and_export_it_back() {
     let (mut t, _, _) = served.tutor(&s, &tutor).await;
     let five = chat(&mut t, "five").await;
     assert!(five["seq"].as_u64() > four["seq"].as_u64(), "{five}");
+
+    // The restore tool works on Redis too: back to v1 (before the "!"), as a new version.
+    let out = run_cli(&redis_args(
+        &["snapshot", "restore", &s, "--version", &v1.to_string()],
+        &redis,
+    ))
+    .await;
+    out.assert_ok("snapshot restore --redis");
+    let restored = node.load_whiteboard(&s).unwrap();
+    assert_eq!(
+        board_of(&doc_from_update(&state_of(&restored.updates).0)),
+        expected_board()
+    );
+    assert!(restored.snapshot_version > *sled_versions.last().unwrap());
 }
