@@ -249,6 +249,9 @@ impl RedisStore {
                         .run("lease takeover", |con| call.invoke::<Value>(con))?;
                     if values::number(&took, "lease_takeover")? == 1 {
                         self.lease_takeovers.fetch_add(1, Ordering::Relaxed);
+                        if let Some(metrics) = &self.metrics {
+                            metrics.cluster.lease_takeovers.inc();
+                        }
                         tracing::warn!(%session, dead_node = %holder, "took over the compaction lease of a node whose heartbeat is gone");
                         return Ok(());
                     }
