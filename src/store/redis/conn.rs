@@ -4,7 +4,10 @@
 //! - A call takes an idle connection (or opens one), runs its commands, and gives it back;
 //!   a connection that failed at the connection level (I/O, timeout, dropped) is dropped,
 //!   never returned, and so are the other idle ones (after a Redis restart they are all
-//!   stale). An error Redis answered (a script's error, `LOADING`) leaves the connection
+//!   stale). Any such failure, the stream reader's included, starts a new generation:
+//!   a connection opened before it is not taken back into the pool, so a Redis that
+//!   restarted while one call held a connection does not leave a stale one for the next
+//!   writer. An error Redis answered (a script's error, `LOADING`) leaves the connection
 //!   in step and it goes back to the pool.
 //! - Connect timeout [`CONNECT_TIMEOUT`], read and write timeouts [`IO_TIMEOUT`]: a dead
 //!   Redis holds a lane thread for at most that long.
@@ -15,6 +18,7 @@
 //! Every failure becomes [`StoreError::Unreachable`]. Owns: `redis::Client` /
 //! `ClusterClient`, connections and their timeouts. Must not touch: keys, scripts, values.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -72,7 +76,10 @@ struct Backoff {
 
 pub(super) struct Pool {
     client: Client,
-    idle: Mutex<Vec<Conn>>,
+    /// Idle connections with the generation they were opened in.
+    idle: Mutex<Vec<(u64, Conn)>>,
+    /// Bumped by every connection-level failure: older connections are not reused.
+    generation: AtomicU64,
     backoff: Mutex<Backoff>,
 }
 
@@ -125,6 +132,7 @@ impl Pool {
         Ok(Self {
             client,
             idle: Mutex::new(Vec::new()),
+            generation: AtomicU64::new(0),
             backoff: Mutex::new(Backoff::default()),
         })
     }
@@ -178,38 +186,47 @@ impl Pool {
         f: impl FnOnce(&mut dyn ConnectionLike) -> RedisResult<T>,
     ) -> Result<T, StoreError> {
         let pooled = unpoisoned(self.idle.lock()).pop();
-        let mut conn = match pooled {
-            Some(conn) => conn,
-            None => self.open()?,
+        let (generation, mut conn) = match pooled {
+            Some(pooled) => pooled,
+            None => {
+                // Read before connecting: a failure while we connect makes this one old.
+                let generation = self.generation.load(Ordering::Acquire);
+                (generation, self.open()?)
+            }
         };
         match f(conn.like()) {
             Ok(value) => {
-                self.give_back(conn);
+                self.give_back(generation, conn);
                 Ok(value)
             }
             Err(e) => {
                 let message = format!("Redis {what}: {e}");
                 if breaks_connection(&e) {
-                    // The others are likely as stale (a restarted or dead Redis).
-                    unpoisoned(self.idle.lock()).clear();
                     self.failed(&message);
                 } else {
-                    self.give_back(conn);
+                    self.give_back(generation, conn);
                 }
                 Err(StoreError::Unreachable(message))
             }
         }
     }
 
-    fn give_back(&self, conn: Conn) {
+    fn give_back(&self, generation: u64, conn: Conn) {
         let mut idle = unpoisoned(self.idle.lock());
-        if idle.len() < MAX_IDLE {
-            idle.push(conn);
+        if idle.len() < MAX_IDLE && generation == self.generation.load(Ordering::Acquire) {
+            idle.push((generation, conn));
         }
     }
 
-    /// Starts (or lengthens) the fail-fast window.
+    /// A connection-level failure: the idle connections are as stale as the one that
+    /// failed (a restarted or dead Redis), so they go, and the fail-fast window starts
+    /// (or lengthens).
     pub(super) fn failed(&self, message: &str) {
+        {
+            let mut idle = unpoisoned(self.idle.lock());
+            self.generation.fetch_add(1, Ordering::AcqRel);
+            idle.clear();
+        }
         let mut backoff = unpoisoned(self.backoff.lock());
         backoff.delay = if backoff.until.is_some() {
             (backoff.delay * 2).clamp(BACKOFF_MIN, BACKOFF_MAX)
