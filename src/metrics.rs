@@ -77,6 +77,9 @@ pub struct ClusterMetrics {
     pub nodes_gone: Counter,
     /// Compaction leases taken over from a node that held one and died.
     pub lease_takeovers: Counter,
+    /// Sessions caught up from the store because the stream no longer held entries this
+    /// node had not read (another node's version trimmed them first).
+    pub catch_ups: Counter,
     /// 1 while Redis answers, 0 while it does not.
     pub redis_up: Gauge,
 }
@@ -126,6 +129,11 @@ impl ClusterMetrics {
             "cluster_lease_takeovers",
             "Compaction leases taken over from a dead node",
         );
+        let catch_ups = counter(
+            registry,
+            "cluster_catch_ups",
+            "Sessions caught up from the store after entries were trimmed before this node read them",
+        );
         let redis_up = Gauge::default();
         registry.register(
             "redis_up",
@@ -140,6 +148,7 @@ impl ClusterMetrics {
             events_dropped,
             nodes_gone,
             lease_takeovers,
+            catch_ups,
             redis_up,
         }
     }

@@ -26,7 +26,9 @@ use crate::sync;
 /// What one read brought for one session.
 #[derive(Default)]
 struct Batch {
-    /// The seq of the last whiteboard entry read, and the other nodes' updates among them.
+    /// The seq of the first and of the last whiteboard entry read, and the other nodes'
+    /// updates among them.
+    wb_first: Option<u64>,
     wb_through: Option<u64>,
     updates: Vec<Vec<u8>>,
     chats: Vec<ChatMessage>,
@@ -120,6 +122,7 @@ fn dispatch(
                 update,
             } => {
                 let batch = batches.entry(session).or_default();
+                batch.wb_first.get_or_insert(seq);
                 batch.wb_through = Some(seq);
                 if from != *node.node {
                     batch.updates.push(update);
@@ -146,12 +149,22 @@ fn dispatch(
             }
         }
     }
-    for (session, _) in held {
-        let Some(batch) = batches.remove(&session.id) else {
+    for (session, cursor) in held {
+        let Some(mut batch) = batches.remove(&session.id) else {
             continue;
         };
-        if let Some(through) = batch.wb_through {
-            if !batch.updates.is_empty() || through > session.whiteboard.log_through() {
+        if let (Some(first), Some(through)) = (batch.wb_first, batch.wb_through) {
+            // Seqs are gapless in the stream: a first entry past the next seq means the
+            // ones between were trimmed under a version before this node read them.
+            if first > cursor.wb_after + 1 {
+                node.metrics.cluster.catch_ups.inc();
+                tracing::warn!(session = %session.id, after = cursor.wb_after, first, "stream entries trimmed before this node read them: catching up from the stored version");
+                if let Err(e) = session.whiteboard.catch_up(through) {
+                    tracing::warn!(session = %session.id, error = %e, "catch-up failed; the next read tries again");
+                    // The cursor stays: the same gap is found and caught up next time.
+                    batch.wb_through = None;
+                }
+            } else if !batch.updates.is_empty() || through > session.whiteboard.log_through() {
                 session.whiteboard.apply_remote(through, batch.updates);
             }
         }

@@ -525,3 +525,54 @@ async fn on_a_three_shard_redis_cluster_boards_converge_and_chat_keeps_one_order
         chat_order_across(&nodes, &session_id(&format!("rc-chat{i}"))).await;
     }
 }
+
+/// Sends `signal` (STOP, CONT) to a node's process.
+fn signal(node: &TestServer, signal: &str) {
+    let status = std::process::Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(node.pid().to_string())
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "kill -{signal} failed");
+}
+
+#[tokio::test]
+async fn a_node_that_reads_late_catches_up_after_another_nodes_version_trimmed_the_stream() {
+    let c = cluster(2);
+    let s = session_id("cl-trimmed");
+    let tutor = token("tina", &s, "tutor");
+    let mut a = c.nodes[0].wb_user(&s, "alice").await;
+    let mut b = c.nodes[1].wb_user(&s, "bob").await;
+    a.map_set("m", "before", "1").await;
+    b.wait_doc("node 1 reads node 0's first write", |c| {
+        c.map_get("m", "before").as_deref() == Some("1")
+    })
+    .await;
+
+    // Node 1 reads nothing while node 0 writes and folds it all into a version, which
+    // trims those entries from the stream.
+    signal(&c.nodes[1], "STOP");
+    for i in 0..5 {
+        a.map_set("m", &format!("k{i}"), "v").await;
+    }
+    a.barrier().await;
+    c.nodes[0].take_snapshot(&s, &tutor).await;
+    signal(&c.nodes[1], "CONT");
+    // The next entry node 1 reads is past a gap: it catches up from the version.
+    a.map_set("m", "after", "1").await;
+    b.wait_doc(
+        "node 1's client has what the version folded in, and what came after",
+        |c| {
+            (0..5).all(|i| c.map_get("m", &format!("k{i}")).is_some())
+                && c.map_get("m", "after").is_some()
+        },
+    )
+    .await;
+    let metrics = c.nodes[1].http_get("/metrics").await.text();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("easel_cluster_catch_ups_total ") && !l.ends_with(" 0")),
+        "node 1 counts the catch-up"
+    );
+}

@@ -294,6 +294,22 @@ impl Whiteboard {
         }
     }
 
+    /// Brings the document up to what the store holds and relays what it lacked to this
+    /// node's connections, for the stream reader when entries after its cursor were
+    /// trimmed before it read them (another node's version covers them: the version is in
+    /// the store, the entries are not in the stream any more). Waits for the sequencer.
+    /// An error (the store unreadable) leaves the document as it was; the reader tries
+    /// again on its next read.
+    pub fn catch_up(&self, through: u64) -> Result<(), StoreError> {
+        sequencer::block_on(self.sequencer.run(move |board| {
+            let stored_through = board.catch_up()?;
+            board
+                .log_seq
+                .fetch_max(through.max(stored_through), Ordering::AcqRel);
+            Ok(())
+        }))?
+    }
+
     /// Rebuilds the document from the store if an update the store refused is still in it
     /// (see [`Board::is_stale`]); waits for the sequencer. For the stream reader, once the
     /// store answers again.
@@ -667,6 +683,22 @@ impl Board {
             }
         }
         why
+    }
+
+    /// Applies what the store holds and the document lacks, as one update from another
+    /// node (guarded, applied, relayed, not logged again); returns the store's last log seq.
+    fn catch_up(&self) -> Result<u64, StoreError> {
+        let stored = self.store.load_whiteboard(&self.session)?;
+        let rebuilt = Self::doc_from_updates(
+            &self.session,
+            &stored.updates,
+            &self.metrics,
+            &self.options.limits,
+        );
+        let have = self.doc().transact().state_vector();
+        let missing = rebuilt.doc.transact().encode_state_as_update_v1(&have);
+        self.sequence_remote(&missing);
+        Ok(stored.last_log_seq)
     }
 
     /// Replaces the document with the one the store holds.
