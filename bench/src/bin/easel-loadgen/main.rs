@@ -29,7 +29,7 @@ use client::Phase;
 use plan::{plan_json, Cli, Mode, Plan};
 use scenarios::{run_fanout, run_idle, run_storm, Run};
 use stats::r3;
-use target::{Kind, Target};
+use target::{Kind, RedisChoice, Target};
 
 /// Runs the plan once against `target`.
 async fn run_once(plan: &Plan, target: &mut Target) -> anyhow::Result<Value> {
@@ -58,23 +58,50 @@ async fn run_once(plan: &Plan, target: &mut Target) -> anyhow::Result<Value> {
     Ok(v)
 }
 
+/// How many nodes `--nodes` asks this tool to start (None: a list of URLs, or absent).
+fn nodes_to_start(cli: &Cli) -> anyhow::Result<Option<u32>> {
+    match cli.nodes.as_deref() {
+        Some(n) if n.chars().all(|c| c.is_ascii_digit()) => {
+            let n: u32 = n.parse().context("--nodes")?;
+            if !(1..=16).contains(&n) {
+                bail!("--nodes: 1 to 16 nodes");
+            }
+            Ok(Some(n))
+        }
+        _ => Ok(None),
+    }
+}
+
 fn start_target(
     cli: &Cli,
     plan: &Plan,
     kind: Kind,
     bin: Option<&PathBuf>,
 ) -> anyhow::Result<Target> {
-    match (bin, &cli.url) {
-        (Some(bin), _) => Target::start(
-            kind,
-            bin,
-            if kind == Kind::Easel {
-                plan.server_toml.as_deref()
-            } else {
-                None
-            },
-        ),
-        (None, Some(url)) => {
+    let urls = cli
+        .url
+        .clone()
+        .or_else(|| cli.nodes.clone().filter(|n| n.starts_with("ws://")));
+    let toml = if kind == Kind::Easel {
+        plan.server_toml.as_deref()
+    } else {
+        None
+    };
+    match (bin, urls, nodes_to_start(cli)?) {
+        (Some(bin), _, Some(nodes)) if kind == Kind::Easel => {
+            let redis = match &cli.redis_url {
+                Some(url) => RedisChoice::Url {
+                    url: url.clone(),
+                    pid: cli.redis_pid,
+                },
+                None => RedisChoice::Start {
+                    fsync: cli.redis_fsync.clone(),
+                },
+            };
+            Target::start_cluster(bin, toml, nodes, &redis)
+        }
+        (Some(bin), _, _) => Target::start(kind, bin, toml),
+        (None, Some(urls), _) => {
             let secret = match kind {
                 Kind::Easel => cli
                     .secret
@@ -82,9 +109,9 @@ fn start_target(
                     .context("--url needs --secret (or EASEL_JWT_SECRET)")?,
                 Kind::Baseline => String::new(),
             };
-            Target::external(kind, url, secret, cli.server_pid)
+            Target::external(kind, &urls, secret, cli.server_pid.clone(), cli.redis_pid)
         }
-        (None, None) => bail!("give --server-bin PATH or --url ws://127.0.0.1:PORT"),
+        (None, None, _) => bail!("give --server-bin PATH or --url ws://127.0.0.1:PORT"),
     }
 }
 
@@ -155,6 +182,13 @@ async fn main_async(cli: Cli) -> anyhow::Result<bool> {
         stats::machine()
     );
     let mut target = start_target(&cli, &plan, kind, cli.server_bin.as_ref())?;
+    if target.nodes() > 1 {
+        eprintln!(
+            "easel-loadgen: clients spread over {} nodes: {}",
+            target.nodes(),
+            target.bases.join(", ")
+        );
+    }
     let result = run_once(&plan, &mut target).await;
     if result.is_err() || !target.alive() {
         let tail = target.stderr_tail();
@@ -162,6 +196,7 @@ async fn main_async(cli: Cli) -> anyhow::Result<bool> {
             eprintln!("server stderr (last lines):\n{tail}");
         }
     }
+    let target_nodes = target.nodes();
     target.stop();
     let main = result?;
     print_summary(kind.name(), &main);
@@ -173,6 +208,20 @@ async fn main_async(cli: Cli) -> anyhow::Result<bool> {
         "plan": plan_json(&plan),
         "result": main,
     });
+    if cli.compare_single && target_nodes > 1 {
+        let bin = cli
+            .server_bin
+            .as_ref()
+            .context("--compare-single needs --server-bin")?;
+        eprintln!("easel-loadgen: the same scenario on one easel node on sled");
+        let mut single = Target::start(Kind::Easel, bin, plan.server_toml.as_deref())?;
+        let res = run_once(&plan, &mut single).await;
+        single.stop();
+        let single = res?;
+        print_summary("single node (sled)", &single);
+        ok &= single["ok"].as_bool().unwrap_or(false);
+        report["single_node"] = single;
+    }
     if plan.compare_baseline && kind == Kind::Easel {
         let bin = match &cli.baseline_bin {
             Some(b) => b.clone(),

@@ -24,15 +24,35 @@ pub(crate) struct Cli {
     /// Start this server binary (easel, or baseline-fanout with --baseline) and measure it.
     #[arg(long, conflicts_with = "url")]
     pub(crate) server_bin: Option<PathBuf>,
-    /// Target a server already running, e.g. ws://127.0.0.1:8080 (loopback only).
-    #[arg(long)]
+    /// Target a server already running, e.g. ws://127.0.0.1:8080 (loopback only); several
+    /// nodes of a cluster comma-separated (clients are spread over them).
+    #[arg(long, alias = "urls")]
     pub(crate) url: Option<String>,
     /// The JWT secret of the server at --url.
     #[arg(long, env = "EASEL_JWT_SECRET")]
     pub(crate) secret: Option<String>,
-    /// PID of the server at --url, to read its CPU time and memory from /proc.
+    /// PID of the server at --url (comma-separated for several nodes), to read CPU time
+    /// and memory from /proc.
+    #[arg(long, value_delimiter = ',')]
+    pub(crate) server_pid: Vec<u32>,
+    /// Cluster mode (SPEC 9): start this many easel nodes (with --server-bin) on one Redis
+    /// and spread the clients over them round-robin; a comma-separated list of ws:// URLs
+    /// works as --url.
     #[arg(long)]
-    pub(crate) server_pid: Option<u32>,
+    pub(crate) nodes: Option<String>,
+    /// The Redis for --nodes N (loopback); default: start redis-server here.
+    #[arg(long)]
+    pub(crate) redis_url: Option<String>,
+    /// PID of the Redis at --redis-url, to read its CPU time.
+    #[arg(long)]
+    pub(crate) redis_pid: Option<u32>,
+    /// appendfsync of the Redis this tool starts: everysec (default), always or no.
+    #[arg(long, default_value = "everysec")]
+    pub(crate) redis_fsync: String,
+    /// After a --nodes run, run the same scenario on one easel node on sled (the default
+    /// store) and print both side by side.
+    #[arg(long)]
+    pub(crate) compare_single: bool,
     /// The target is the baseline fan-out server (no auth, no CRDT).
     #[arg(long)]
     pub(crate) baseline: bool,

@@ -74,13 +74,17 @@ impl<'a> Run<'a> {
     ) -> anyhow::Result<ClientSpec> {
         let p = self.plan;
         let sid = self.session_id(session);
+        // Round-robin over the nodes, counted over the whole run: a session's clients
+        // land on different nodes.
+        let base = self
+            .target
+            .base_for(u64::from(session) * u64::from(clients_in_session) + u64::from(index));
         let url = match self.target.kind {
             Kind::Easel => format!(
-                "{}/ws/v2/session/{sid}/whiteboard?token={}",
-                self.target.base,
+                "{base}/ws/v2/session/{sid}/whiteboard?token={}",
                 token(&self.target.secret, &format!("{sid}-u{index}"), &sid)?
             ),
-            Kind::Baseline => format!("{}/ws/v2/session/{sid}/whiteboard", self.target.base),
+            Kind::Baseline => format!("{base}/ws/v2/session/{sid}/whiteboard"),
         };
         Ok(ClientSpec {
             url,
@@ -303,9 +307,11 @@ pub(crate) async fn run_fanout(
         }));
         sleep_until(measure_from).await;
         let srv0 = run.target.sample();
+        let redis0 = run.target.redis_sample();
         let me0 = self_cpu();
         sleep_until(end).await;
         let srv1 = run.target.sample();
+        let redis1 = run.target.redis_sample();
         let me1 = self_cpu();
         // Drain: every client has sent all it had to send, and every expected delivery
         // arrived; or the timeout.
@@ -355,6 +361,13 @@ pub(crate) async fn run_fanout(
             (Some(a), Some(b)) => Some(b.cpu_s - a.cpu_s),
             _ => None,
         };
+        let redis_cpu = match (redis0, redis1) {
+            (Some(a), Some(b)) => Some(b.cpu_s - a.cpu_s),
+            _ => None,
+        };
+        // Updates written in the measured window (the offered rate: every writer keeps its
+        // schedule), the denominator of the per-update costs.
+        let updates_in_window = (rate * (p.writers * p.sessions) as f64 * window).max(1.0);
         let lost =
             (expected_upd as i64 - received_upd as i64) + (expected_aw as i64 - received_aw as i64);
         all_lost += lost;
@@ -379,7 +392,10 @@ pub(crate) async fn run_fanout(
             "deliveries_per_s": r3(deliveries_in_window as f64 / window),
             "server_cpu_s": server_cpu.map(r3),
             "server_cpu_us_per_delivery": server_cpu.map(|c| r3(c * 1e6 / deliveries_in_window.max(1) as f64)),
+            "server_cpu_us_per_update": server_cpu.map(|c| r3(c * 1e6 / updates_in_window)),
             "server_rss_kib": srv1.map(|s| s.rss_kib),
+            "redis_cpu_s": redis_cpu.map(r3),
+            "redis_cpu_us_per_update": redis_cpu.map(|c| r3(c * 1e6 / updates_in_window)),
             "loadgen_cpu_s": r3(me1 - me0),
         });
         eprintln!(
@@ -400,11 +416,19 @@ pub(crate) async fn run_fanout(
         }
         if let Some(cpu) = server_cpu {
             eprintln!(
-                "    server CPU {:.2} s in {:.0} s ({:.2} µs per delivery); load generator CPU {:.2} s",
+                "    server CPU {:.2} s in {:.0} s ({:.2} µs per delivery, {:.1} µs per update); load generator CPU {:.2} s",
                 cpu,
                 window,
                 cpu * 1e6 / deliveries_in_window.max(1) as f64,
+                cpu * 1e6 / updates_in_window,
                 me1 - me0
+            );
+        }
+        if let Some(cpu) = redis_cpu {
+            eprintln!(
+                "    Redis CPU {:.2} s ({:.1} µs per update)",
+                cpu,
+                cpu * 1e6 / updates_in_window
             );
         }
         steps.push(step);

@@ -1,7 +1,10 @@
 //! The server under test: a process this tool starts (easel with a secret and a temporary
-//! data directory, or the baseline), or one already running at a URL.
+//! data directory, or the baseline), several easel nodes on one Redis (cluster mode, SPEC
+//! 9: the Redis too is started here unless `--redis-url` names one), or servers already
+//! running at URLs. Clients are spread over the nodes round-robin.
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -9,7 +12,6 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 
 use crate::stats::{proc_sample, ProcSample};
-
 /// What kind of server is on the other end.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -28,181 +30,416 @@ impl Kind {
 
 pub struct Target {
     pub kind: Kind,
-    /// `ws://127.0.0.1:PORT`
-    pub base: String,
+    /// `ws://127.0.0.1:PORT` of every node.
+    pub bases: Vec<String>,
     /// For minting tokens (easel only).
     pub secret: String,
-    pub pid: Option<u32>,
-    child: Option<Child>,
+    /// The nodes' PIDs (CPU and memory are summed over them).
+    pids: Vec<u32>,
+    /// The Redis of a cluster, for its CPU time.
+    redis_pid: Option<u32>,
+    /// Processes this tool started (nodes, then Redis); stopped in that order.
+    children: Vec<Child>,
     dir: Option<PathBuf>,
 }
 
-impl Target {
-    /// Starts `bin` and waits (at most 20 s) for its "listening on 127.0.0.1:PORT" line.
-    pub fn start(kind: Kind, bin: &Path, server_config: Option<&str>) -> anyhow::Result<Self> {
-        let dir = std::env::temp_dir().join(format!(
-            "easel-loadgen-{}-{}",
-            std::process::id(),
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos())
-                .unwrap_or(0)
-        ));
-        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        let secret = format!(
-            "easel-loadgen-secret-of-32-bytes-or-more-{}",
-            std::process::id()
-        );
-        let stderr = std::fs::File::create(dir.join("server.stderr"))?;
-        let mut cmd = Command::new(bin);
-        match kind {
-            Kind::Easel => {
-                cmd.arg("serve")
-                    .arg("--listen")
-                    .arg("127.0.0.1:0")
-                    .arg("--data-dir")
-                    .arg(dir.join("data"))
-                    .env("EASEL_JWT_SECRET", &secret)
-                    .env(
-                        "EASEL_LOG",
-                        std::env::var("EASEL_LOG").unwrap_or("warn".into()),
-                    );
-                if let Some(toml) = server_config {
-                    let path = dir.join("easel.toml");
-                    std::fs::write(&path, toml)?;
-                    cmd.arg("--config").arg(path);
+/// Where a cluster's Redis comes from.
+pub enum RedisChoice {
+    /// Start `redis-server` on a free loopback port with this `appendfsync` (everysec,
+    /// always, no) and an append-only file in the run's directory.
+    Start { fsync: String },
+    /// One already running (loopback only), with its PID if known.
+    Url { url: String, pid: Option<u32> },
+}
+
+/// A fresh directory for one run's data, logs and config.
+fn run_dir() -> anyhow::Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!(
+        "easel-loadgen-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0)
+    ));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    Ok(dir)
+}
+
+/// Spawns `cmd` with stderr to `stderr_file`, and waits (at most 20 s) for its
+/// "listening on 127.0.0.1:PORT" line; keeps draining stdout afterwards.
+fn spawn_listening(mut cmd: Command, stderr_file: &Path) -> anyhow::Result<(Child, String)> {
+    let stderr = std::fs::File::create(stderr_file)?;
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(stderr)
+        .spawn()
+        .with_context(|| format!("starting {:?}", cmd.get_program()))?;
+    let stdout = child.stdout.take().context("no stdout")?;
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        let mut tx = Some(tx);
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if let Some(addr) = line
+                .strip_prefix("easel listening on ")
+                .or_else(|| line.strip_prefix("baseline listening on "))
+            {
+                if let Some(tx) = tx.take() {
+                    let _ = tx.send(addr.trim().to_string());
                 }
-            }
-            Kind::Baseline => {
-                cmd.arg("127.0.0.1:0");
             }
         }
-        let mut child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(stderr)
-            .spawn()
-            .with_context(|| format!("starting {}", bin.display()))?;
-        let stdout = child.stdout.take().context("no stdout")?;
-        let (tx, rx) = std::sync::mpsc::channel::<String>();
-        // Reads the port, then keeps draining stdout so the server never blocks on it.
-        std::thread::spawn(move || {
-            let mut tx = Some(tx);
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if let Some(addr) = line
-                    .strip_prefix("easel listening on ")
-                    .or_else(|| line.strip_prefix("baseline listening on "))
-                {
-                    if let Some(tx) = tx.take() {
-                        let _ = tx.send(addr.trim().to_string());
-                    }
-                }
-            }
-        });
-        let mut target = Self {
-            kind,
-            base: String::new(),
-            secret,
-            pid: Some(child.id()),
-            child: Some(child),
-            dir: Some(dir),
-        };
-        let addr = match rx.recv_timeout(Duration::from_secs(20)) {
-            Ok(a) => a,
-            Err(_) => {
-                let log = target.stderr_tail();
-                target.stop();
-                bail!(
-                    "{} did not print its listening line within 20 s\n{log}",
-                    bin.display()
-                );
-            }
-        };
-        if !addr.starts_with("127.0.0.1:") {
-            target.stop();
+    });
+    let addr = match rx.recv_timeout(Duration::from_secs(20)) {
+        Ok(addr) if addr.starts_with("127.0.0.1:") => addr,
+        Ok(addr) => {
+            stop_child(child);
             bail!("server listens on {addr}, not on 127.0.0.1");
         }
-        target.base = format!("ws://{addr}");
+        Err(_) => {
+            stop_child(child);
+            bail!(
+                "{:?} did not print its listening line within 20 s\n{}",
+                cmd.get_program(),
+                tail(stderr_file)
+            );
+        }
+    };
+    Ok((child, format!("ws://{addr}")))
+}
+
+/// The command that starts one easel node in `dir`.
+fn easel_command(
+    bin: &Path,
+    dir: &Path,
+    secret: &str,
+    config: Option<&Path>,
+) -> anyhow::Result<Command> {
+    let mut cmd = Command::new(bin);
+    cmd.arg("serve")
+        .arg("--listen")
+        .arg("127.0.0.1:0")
+        .arg("--data-dir")
+        .arg(dir.join("data"))
+        .env("EASEL_JWT_SECRET", secret)
+        .env(
+            "EASEL_LOG",
+            std::env::var("EASEL_LOG").unwrap_or("warn".into()),
+        );
+    if let Some(path) = config {
+        cmd.arg("--config").arg(path);
+    }
+    Ok(cmd)
+}
+
+/// `redis-server` from PATH, else Debian's.
+fn redis_server_bin() -> PathBuf {
+    std::env::var_os("PATH")
+        .and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|dir| dir.join("redis-server"))
+                .find(|bin| bin.is_file())
+        })
+        .unwrap_or_else(|| PathBuf::from("/usr/bin/redis-server"))
+}
+
+/// Whether a Redis on `port` answers `PING`.
+fn redis_answers(port: u16) -> bool {
+    let Ok(addr) = format!("127.0.0.1:{port}").parse() else {
+        return false;
+    };
+    let Ok(mut stream) = TcpStream::connect_timeout(&addr, Duration::from_millis(200)) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
+    if stream.write_all(b"PING\r\n").is_err() {
+        return false;
+    }
+    let mut reply = [0u8; 7];
+    matches!(stream.read(&mut reply), Ok(n) if reply[..n].starts_with(b"+PONG"))
+}
+
+/// Starts `redis-server` on a free loopback port in `dir`; waits (10 s) for `PING`.
+fn start_redis(dir: &Path, fsync: &str) -> anyhow::Result<(Child, String)> {
+    let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let redis_dir = dir.join("redis");
+    std::fs::create_dir_all(&redis_dir)?;
+    let mut child = Command::new(redis_server_bin())
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+        ])
+        .args(["--appendonly", "yes", "--appendfsync", fsync])
+        .arg("--dir")
+        .arg(&redis_dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting redis-server (apt-get install redis-server)")?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if let Ok(Some(status)) = child.try_wait() {
+            bail!("redis-server exited at start ({status})");
+        }
+        if redis_answers(port) {
+            return Ok((child, format!("redis://127.0.0.1:{port}")));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    stop_child(child);
+    bail!("redis-server did not answer PING within 10 s")
+}
+
+/// The last 20 lines of a log file.
+fn tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(20)..].join("\n")
+}
+
+/// SIGTERM, then SIGKILL after 15 s.
+fn stop_child(mut child: Child) {
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .stderr(Stdio::null())
+        .status();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        match child.try_wait() {
+            Ok(Some(_)) => return,
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return;
+            }
+        }
+    }
+}
+
+fn secret() -> String {
+    format!(
+        "easel-loadgen-secret-of-32-bytes-or-more-{}",
+        std::process::id()
+    )
+}
+
+impl Target {
+    /// Starts `bin` (one easel on sled, or the baseline).
+    pub fn start(kind: Kind, bin: &Path, server_config: Option<&str>) -> anyhow::Result<Self> {
+        let dir = run_dir()?;
+        let secret = secret();
+        let cmd = match kind {
+            Kind::Easel => {
+                let config = write_config(&dir, server_config)?;
+                easel_command(bin, &dir, &secret, config.as_deref())?
+            }
+            Kind::Baseline => {
+                let mut cmd = Command::new(bin);
+                cmd.arg("127.0.0.1:0");
+                cmd
+            }
+        };
+        let mut target = Self {
+            kind,
+            bases: Vec::new(),
+            secret,
+            pids: Vec::new(),
+            redis_pid: None,
+            children: Vec::new(),
+            dir: Some(dir.clone()),
+        };
+        let (child, base) = spawn_listening(cmd, &dir.join("server.stderr"))?;
+        target.add_node(child, base);
         Ok(target)
     }
 
-    /// A server already running (on the loopback only).
+    /// Starts `nodes` easel nodes in cluster mode on one Redis (started here, or the one
+    /// at a URL), each with its own node id and data directory.
+    pub fn start_cluster(
+        bin: &Path,
+        server_config: Option<&str>,
+        nodes: u32,
+        redis: &RedisChoice,
+    ) -> anyhow::Result<Self> {
+        let dir = run_dir()?;
+        let mut target = Self {
+            kind: Kind::Easel,
+            bases: Vec::new(),
+            secret: secret(),
+            pids: Vec::new(),
+            redis_pid: None,
+            children: Vec::new(),
+            dir: Some(dir.clone()),
+        };
+        let (redis_url, redis_child) = match redis {
+            RedisChoice::Start { fsync } => {
+                let (child, url) = start_redis(&dir, fsync)?;
+                target.redis_pid = Some(child.id());
+                (url, Some(child))
+            }
+            RedisChoice::Url { url, pid } => {
+                if !url.starts_with("redis://127.0.0.1:") && !url.starts_with("redis://localhost:")
+                {
+                    bail!("--redis-url must be a loopback redis:// URL");
+                }
+                target.redis_pid = *pid;
+                (url.clone(), None)
+            }
+        };
+        let config = write_config(&dir, server_config)?;
+        for n in 0..nodes {
+            let node_dir = dir.join(format!("node{n}"));
+            std::fs::create_dir_all(&node_dir)?;
+            let mut cmd = easel_command(bin, &node_dir, &target.secret, config.as_deref())?;
+            cmd.arg("--redis")
+                .arg(&redis_url)
+                .env("EASEL_NODE_ID", format!("lg-node{n}"));
+            match spawn_listening(cmd, &dir.join(format!("node{n}.stderr"))) {
+                Ok((child, base)) => target.add_node(child, base),
+                Err(e) => {
+                    target.children.extend(redis_child);
+                    return Err(e);
+                }
+            }
+        }
+        // Last, so that `stop` ends the nodes before their Redis.
+        target.children.extend(redis_child);
+        Ok(target)
+    }
+
+    fn add_node(&mut self, child: Child, base: String) {
+        self.pids.push(child.id());
+        self.children.push(child);
+        self.bases.push(base);
+    }
+
+    /// The node client number `n` (counted over the whole run) talks to.
+    pub fn base_for(&self, n: u64) -> &str {
+        let nodes = self.bases.len().max(1) as u64;
+        self.bases
+            .get((n % nodes) as usize)
+            .map(String::as_str)
+            .unwrap_or("")
+    }
+
+    /// Servers already running (on the loopback only): one URL, or several nodes of a
+    /// cluster, comma-separated.
     pub fn external(
         kind: Kind,
-        url: &str,
+        urls: &str,
         secret: String,
-        pid: Option<u32>,
+        pids: Vec<u32>,
+        redis_pid: Option<u32>,
     ) -> anyhow::Result<Self> {
-        let base = url.trim_end_matches('/').to_string();
-        let host = base
-            .strip_prefix("ws://")
-            .context("--url must start with ws://")?;
-        if !(host.starts_with("127.0.0.1:")
-            || host.starts_with("localhost:")
-            || host.starts_with("[::1]:"))
-        {
-            bail!("--url must be a loopback address (127.0.0.1, localhost, [::1])");
+        let mut bases = Vec::new();
+        for url in urls.split(',') {
+            let base = url.trim().trim_end_matches('/').to_string();
+            let host = base
+                .strip_prefix("ws://")
+                .context("every URL must start with ws://")?;
+            if !(host.starts_with("127.0.0.1:")
+                || host.starts_with("localhost:")
+                || host.starts_with("[::1]:"))
+            {
+                bail!("only loopback addresses (127.0.0.1, localhost, [::1]): {base}");
+            }
+            bases.push(base);
         }
         Ok(Self {
             kind,
-            base,
+            bases,
             secret,
-            pid,
-            child: None,
+            pids,
+            redis_pid,
+            children: Vec::new(),
             dir: None,
         })
     }
 
+    /// CPU time and memory of the nodes, summed (None unless every node can be read).
     pub fn sample(&self) -> Option<ProcSample> {
-        proc_sample(self.pid?)
-    }
-
-    /// Whether a process we started is still alive.
-    pub fn alive(&mut self) -> bool {
-        match self.child.as_mut() {
-            Some(c) => matches!(c.try_wait(), Ok(None)),
-            None => true,
+        if self.pids.is_empty() {
+            return None;
         }
+        let mut sum = ProcSample {
+            cpu_s: 0.0,
+            rss_kib: 0,
+            hwm_kib: 0,
+        };
+        for pid in &self.pids {
+            let s = proc_sample(*pid)?;
+            sum.cpu_s += s.cpu_s;
+            sum.rss_kib += s.rss_kib;
+            sum.hwm_kib += s.hwm_kib;
+        }
+        Some(sum)
     }
 
+    /// The cluster's Redis, when its PID is known.
+    pub fn redis_sample(&self) -> Option<ProcSample> {
+        proc_sample(self.redis_pid?)
+    }
+
+    /// How many nodes the clients are spread over.
+    pub fn nodes(&self) -> usize {
+        self.bases.len()
+    }
+
+    /// Whether every process we started is still alive.
+    pub fn alive(&mut self) -> bool {
+        self.children
+            .iter_mut()
+            .all(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// The last lines of every log we keep.
     pub fn stderr_tail(&self) -> String {
         let Some(dir) = &self.dir else {
             return String::new();
         };
-        let text = std::fs::read_to_string(dir.join("server.stderr")).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        let from = lines.len().saturating_sub(20);
-        lines[from..].join("\n")
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return String::new();
+        };
+        let mut logs: Vec<PathBuf> = entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "stderr"))
+            .collect();
+        logs.sort();
+        logs.iter()
+            .map(|p| tail(p))
+            .filter(|t| !t.is_empty())
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 
-    /// SIGTERM, then SIGKILL after 15 s; removes the temporary directory.
+    /// Stops the nodes, then Redis; removes the temporary directory.
     pub fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = Command::new("kill")
-                .arg("-TERM")
-                .arg(child.id().to_string())
-                .stderr(Stdio::null())
-                .status();
-            let deadline = Instant::now() + Duration::from_secs(15);
-            loop {
-                match child.try_wait() {
-                    Ok(Some(_)) => break,
-                    Ok(None) if Instant::now() < deadline => {
-                        std::thread::sleep(Duration::from_millis(20))
-                    }
-                    _ => {
-                        let _ = child.kill();
-                        let _ = child.wait();
-                        break;
-                    }
-                }
-            }
+        for child in self.children.drain(..) {
+            stop_child(child);
         }
         if let Some(dir) = self.dir.take() {
             let _ = std::fs::remove_dir_all(dir);
         }
     }
+}
+
+/// Writes the preset's config into the run directory.
+fn write_config(dir: &Path, toml: Option<&str>) -> anyhow::Result<Option<PathBuf>> {
+    let Some(toml) = toml else {
+        return Ok(None);
+    };
+    let path = dir.join("easel.toml");
+    std::fs::write(&path, toml)?;
+    Ok(Some(path))
 }
 
 impl Drop for Target {
