@@ -576,3 +576,56 @@ async fn a_node_that_reads_late_catches_up_after_another_nodes_version_trimmed_t
         "node 1 counts the catch-up"
     );
 }
+
+#[tokio::test]
+async fn a_client_that_reconnects_through_another_node_keeps_its_cursor_on_every_node() {
+    use yrs::sync::Message;
+    let c = cluster(3);
+    let s = session_id("cl-moved");
+    let state_at = |json: &'static str| {
+        move |m: &Message| match m {
+            Message::Awareness(u) => {
+                awareness_entry(u, 5151).is_some_and(|e| e.json.contains(json))
+            }
+            _ => false,
+        }
+    };
+    let mut alice = c.nodes[0].wb_user(&s, "alice").await;
+    let mut dave = c.nodes[0].wb_user(&s, "dave").await;
+    let mut carol = c.nodes[2].wb_user(&s, "carol").await;
+    alice
+        .send_awareness(&awareness_update(5151, 1, r#"{"at":"node0"}"#))
+        .await;
+    carol
+        .wait_for("alice's cursor from node 0", state_at("node0"))
+        .await;
+    // No sticky sessions: alice's client comes back through node 1 with its clientID,
+    // then its old socket on node 0 closes.
+    let mut moved = c.nodes[1].wb_user(&s, "alice").await;
+    moved
+        .send_awareness(&awareness_update(5151, 2, r#"{"at":"node1"}"#))
+        .await;
+    carol
+        .wait_for("alice's cursor, now published by node 1", state_at("node1"))
+        .await;
+    dave.wait_for("alice's cursor at node 0 too", state_at("node1"))
+        .await;
+    drop(alice);
+    moved
+        .send_awareness(&awareness_update(5151, 3, r#"{"at":"still node1"}"#))
+        .await;
+    carol
+        .wait_for("alice's next move on node 2", state_at("still node1"))
+        .await;
+    dave.wait_for("alice's next move on node 0", state_at("still node1"))
+        .await;
+    // Node 0 keeps alice's state: its old socket's close removed nothing node 1 speaks for.
+    let mut late = c.nodes[0]
+        .wb_connect(&s, &token("erin", &s, "student"))
+        .await;
+    late.wait_for(
+        "alice's cursor greets a new client of node 0",
+        state_at("still node1"),
+    )
+    .await;
+}

@@ -110,6 +110,16 @@ impl AwarenessRelay {
         (!update.clients.is_empty()).then(|| Bytes::from(update.encode_v1()))
     }
 
+    /// The clients among `clients` that no other node speaks for.
+    pub(super) fn not_remote(&self, clients: &HashSet<ClientID>) -> HashSet<ClientID> {
+        let remote = sync::lock(&self.remote);
+        clients
+            .iter()
+            .filter(|id| !remote.contains_key(id))
+            .copied()
+            .collect()
+    }
+
     fn publish(&self, update: Option<Bytes>) {
         if let (Some(bus), Some(update)) = (self.bus.get(), update) {
             bus.publish(&self.session, Event::Awareness(update));
@@ -226,16 +236,20 @@ impl Board {
                 return;
             }
         };
-        {
-            let node: Arc<str> = Arc::from(node);
-            let mut remote = sync::lock(&self.awareness.remote);
-            for id in update.clients.keys() {
-                remote.insert(*id, node.clone());
-            }
-        }
         let summary = self.awareness().apply_update_summary(update);
         if let Ok(Some(summary)) = summary {
-            self.awareness.changed(summary.all_changes());
+            // Only what applied: a stale entry (an older clock, e.g. an answer to a query
+            // that crossed the client's move to this node) says nothing of who speaks for
+            // the client now. Marked before the relay, which publishes only unmarked ones.
+            let changes = summary.all_changes();
+            {
+                let node: Arc<str> = Arc::from(node);
+                let mut remote = sync::lock(&self.awareness.remote);
+                for id in &changes {
+                    remote.insert(*id, node.clone());
+                }
+            }
+            self.awareness.changed(changes);
         }
     }
 
@@ -246,12 +260,20 @@ impl Board {
         self.awareness.publish(self.awareness.local_update(all));
     }
 
-    /// The nodes whose clients' awareness states this node holds.
+    /// The nodes whose clients' awareness states this node holds. Marks of clients whose
+    /// state is gone (removed, not pending a relay) are forgotten here, so the map does not
+    /// grow with every client the session ever saw.
     pub fn awareness_nodes(&self) -> HashSet<Arc<str>> {
-        sync::lock(&self.awareness.remote)
-            .values()
-            .cloned()
-            .collect()
+        let pending = sync::lock(&self.awareness.pending).marked.clone();
+        let live: HashSet<ClientID> = self
+            .awareness()
+            .iter()
+            .filter(|(_, s)| s.data.is_some())
+            .map(|(id, _)| id)
+            .collect();
+        let mut remote = sync::lock(&self.awareness.remote);
+        remote.retain(|id, _| live.contains(id) || pending.contains(id));
+        remote.values().cloned().collect()
     }
 
     /// Removes the states of the clients of a node that died (cluster mode), as their
@@ -265,6 +287,8 @@ impl Board {
         if !gone.is_empty() {
             self.remove_awareness_clients(&gone);
         }
+        // Forgotten with it: the sweep asks only about nodes some state still names.
+        sync::lock(&self.awareness.remote).retain(|_, n| &**n != node);
     }
 
     pub(super) fn awareness(&self) -> MutexGuard<'_, Awareness> {
@@ -318,6 +342,14 @@ impl Board {
         }
         for id in &summary.removed {
             announced.remove(id);
+        }
+        if !summary.added.is_empty() || !summary.updated.is_empty() {
+            // A client that moved here from another node (it keeps its clientID) is this
+            // node's to publish from now on.
+            let mut remote = sync::lock(&self.awareness.remote);
+            for id in summary.added.iter().chain(&summary.updated) {
+                remote.remove(id);
+            }
         }
         // `updated` includes a renewal (same state, next clock): y-protocols clients drop a
         // peer whose clock has not moved for 30 s, so renewals must be relayed too.

@@ -449,8 +449,12 @@ impl Board {
     /// removal is relayed to the others with each client's own last clock (`awareness.rs`).
     pub fn leave(&self, conn: ConnId, awareness_clients: &HashSet<ClientID>) {
         self.peers().remove(&conn);
-        if !awareness_clients.is_empty() {
-            self.remove_awareness_clients(awareness_clients);
+        // A client that reconnected through another node (cluster mode: no sticky
+        // sessions) is that node's now: its live state is not this closing socket's to
+        // remove.
+        let ours = self.awareness.not_remote(awareness_clients);
+        if !ours.is_empty() {
+            self.remove_awareness_clients(&ours);
         }
     }
 
