@@ -20,7 +20,7 @@ use super::{Cluster, READ_BLOCK};
 use crate::protocol::tutor::ChatMessage;
 use crate::session::bus::Event;
 use crate::session::Session;
-use crate::store::redis::{StreamEntry, StreamReader};
+use crate::store::redis::{Position, StreamEntry, StreamReader};
 use crate::sync;
 
 /// What one read brought for one session.
@@ -34,6 +34,8 @@ struct Batch {
     chats: Vec<ChatMessage>,
     events: Vec<(String, String, Vec<u8>)>,
     ev_last: Option<String>,
+    /// The last chat seq among entries that did not decode.
+    chat_skipped: Option<u64>,
 }
 
 pub(super) fn spawn(cluster: &Arc<Cluster>) {
@@ -147,6 +149,18 @@ fn dispatch(
                 }
                 batch.ev_last = Some(id);
             }
+            StreamEntry::Skipped { session, at } => {
+                let batch = batches.entry(session).or_default();
+                match at {
+                    // In the log, applied by no node alike (as on a load).
+                    Position::Wb(seq) => {
+                        batch.wb_first.get_or_insert(seq);
+                        batch.wb_through = Some(seq);
+                    }
+                    Position::Chat(seq) => batch.chat_skipped = Some(seq),
+                    Position::Ev(id) => batch.ev_last = Some(id),
+                }
+            }
         }
     }
     for (session, cursor) in held {
@@ -168,7 +182,7 @@ fn dispatch(
                 session.whiteboard.apply_remote(through, batch.updates);
             }
         }
-        let chat_last = batch.chats.last().map(|m| m.seq);
+        let chat_last = batch.chats.last().map(|m| m.seq).max(batch.chat_skipped);
         for message in &batch.chats {
             session.tutor.deliver_chat(message);
         }

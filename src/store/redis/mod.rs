@@ -100,7 +100,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 pub use self::conn::check_redis_url;
 pub use self::presence::{PresenceChange, PresenceEntry};
-pub use self::streams::{Cursor, StreamEntry, StreamReader};
+pub use self::streams::{Cursor, Position, StreamEntry, StreamReader};
 
 use self::conn::Pool;
 use self::scripts::Scripts;

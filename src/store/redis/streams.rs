@@ -73,6 +73,18 @@ pub enum StreamEntry {
         kind: String,
         data: Vec<u8>,
     },
+    /// An entry that does not decode (counted in `easel_store_decode_errors_total` and
+    /// logged): the reader moves its cursor past it, or it would be read again at once,
+    /// forever.
+    Skipped { session: Arc<str>, at: Position },
+}
+
+/// Where an entry stands in its stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Position {
+    Wb(u64),
+    Chat(u64),
+    Ev(String),
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -274,6 +286,17 @@ fn parse_xread(
                         metrics.store_decode_errors.inc();
                     }
                     tracing::error!(session = %session, id = %entry.id, error = %e, "a stream entry does not decode; skipped");
+                    let at = match stream {
+                        Stream::Wb => values::seq_of_id(&entry.id).map(Position::Wb),
+                        Stream::Chat => values::seq_of_id(&entry.id).map(Position::Chat),
+                        Stream::Ev => Some(Position::Ev(entry.id.clone())),
+                    };
+                    if let Some(at) = at {
+                        out.push(StreamEntry::Skipped {
+                            session: session.clone(),
+                            at,
+                        });
+                    }
                 }
             }
         }

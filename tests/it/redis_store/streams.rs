@@ -2,6 +2,7 @@
 
 use std::time::{Duration, Instant};
 
+use easel::store::redis::Position;
 use easel::store::{Cursor, Store, StreamEntry};
 
 use super::*;
@@ -67,6 +68,7 @@ fn one_read_returns_entries_of_several_sessions_with_their_cursors() {
                 );
                 assert_eq!(data, b"\x01\x02");
             }
+            other => panic!("nothing here is damaged: {other:?}"),
         }
     }
     assert_eq!(
@@ -107,4 +109,42 @@ fn one_read_returns_entries_of_several_sessions_with_their_cursors() {
         "{woken:?}"
     );
     assert_eq!(n1.events_head("never").unwrap(), "0-0");
+}
+
+#[test]
+fn an_entry_that_does_not_decode_is_reported_skipped_so_the_reader_moves_past_it() {
+    let redis = RedisServer::start();
+    let node = store(&redis, "n1", 20);
+    // A chat entry that is not a message: written by something else than easel.
+    let client = ::redis::Client::open(redis.url()).unwrap();
+    let mut con = client.get_connection().unwrap();
+    ::redis::cmd("XADD")
+        .arg("easel:{s}:chat")
+        .arg("0-1")
+        .arg("n")
+        .arg("x")
+        .arg("m")
+        .arg("{not json")
+        .query::<::redis::Value>(&mut con)
+        .unwrap();
+    let mut cursor = Cursor {
+        session: Arc::from("s"),
+        wb_after: 0,
+        chat_after: 0,
+        ev_after: "0-0".into(),
+    };
+    let mut reader = node.stream_reader().unwrap();
+    let entries = reader
+        .read(std::slice::from_ref(&cursor), Duration::from_millis(100))
+        .unwrap();
+    assert!(
+        matches!(&entries[..], [StreamEntry::Skipped { session, at: Position::Chat(1) }] if &**session == "s"),
+        "{entries:?}"
+    );
+    // Past it, the read blocks instead of returning the same entry again and again.
+    cursor.chat_after = 1;
+    assert!(reader
+        .read(std::slice::from_ref(&cursor), Duration::from_millis(100))
+        .unwrap()
+        .is_empty());
 }
