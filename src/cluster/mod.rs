@@ -142,6 +142,19 @@ impl Bus for Cluster {
             return;
         };
         let bus: Arc<dyn Bus> = me;
+        let already = sync::lock(&self.held)
+            .get(&session.id)
+            .is_some_and(|h| std::ptr::eq(h.session.as_ptr(), Arc::as_ptr(session)));
+        if already {
+            return;
+        }
+        // Events are read from before presence is: a presence change in between is heard
+        // (it carries an absolute count: hearing it again is harmless), not missed; and
+        // the answers to this node's awareness query come after it.
+        let ev_after = self
+            .store
+            .events_head(&session.id)
+            .unwrap_or_else(|_| format!("{}-0", crate::session::tutor::now_ms()));
         // Who is connected to the other nodes now, minus the nodes that died since.
         let present = match self.store.presence(&session.id) {
             Ok(present) => present,
@@ -172,10 +185,6 @@ impl Bus for Cluster {
         }
         session.tutor.attach_bus(bus.clone(), others);
         session.whiteboard.attach_bus(bus);
-        let ev_after = self
-            .store
-            .events_head(&session.id)
-            .unwrap_or_else(|_| format!("{}-0", crate::session::tutor::now_ms()));
         let cursor = Cursor {
             session: session.id.clone(),
             wb_after: session.whiteboard.log_through(),
@@ -192,7 +201,13 @@ impl Bus for Cluster {
         self.held_changed.notify_all();
     }
 
-    fn release(&self, session: &str) {
-        sync::lock(&self.held).remove(session);
+    fn release(&self, session: &Arc<Session>) {
+        let mut held = sync::lock(&self.held);
+        let same = held
+            .get(&session.id)
+            .is_some_and(|h| std::ptr::eq(h.session.as_ptr(), Arc::as_ptr(session)));
+        if same {
+            held.remove(&session.id);
+        }
     }
 }

@@ -58,6 +58,7 @@ pub trait Bus: Send + Sync + 'static {
     /// nodes append and publish.
     fn hold(&self, session: &Arc<Session>);
 
-    /// The session was unloaded from this node.
-    fn release(&self, session: &str);
+    /// The session was unloaded from this node (or lost a race to be loaded): the bus
+    /// stops feeding it, and only it (a replica loaded again since is fed on).
+    fn release(&self, session: &Arc<Session>);
 }

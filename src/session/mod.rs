@@ -240,6 +240,12 @@ impl Registry {
     /// registers the session (unless another caller did first: then that one is used).
     fn load_and_register(&self, id: &str) -> Result<SessionHandle, StoreError> {
         let loaded = Arc::new(self.load(id)?);
+        // Attached to the other nodes before anyone can use it: a user joining or a chat
+        // posted before would not be published, or would move the chat cursor past other
+        // nodes' messages.
+        if let Some(bus) = &self.bus {
+            bus.hold(&loaded);
+        }
         let (handle, ours) = {
             let mut map = self.map();
             let live = map.live.entry(loaded.id.clone()).or_insert(loaded.clone());
@@ -248,7 +254,10 @@ impl Registry {
             self.metrics.sessions_loaded.set(map.live.len() as i64);
             (handle, ours)
         };
-        if let (Some(bus), true) = (&self.bus, ours) {
+        if let (Some(bus), false) = (&self.bus, ours) {
+            // Another caller's replica won: it is the one to feed (holding ours may have
+            // taken its place; holding it again is a no-op when it had not).
+            bus.release(&loaded);
             bus.hold(&handle.session);
         }
         Ok(handle)
@@ -342,7 +351,7 @@ impl Registry {
             // Dropped here, outside the lock: freeing a large document takes a while.
             if removed.is_some() {
                 if let Some(bus) = &self.bus {
-                    bus.release(&s.id);
+                    bus.release(&s);
                 }
                 unloaded += 1;
             }
