@@ -61,26 +61,36 @@ fn run(cluster: std::sync::Weak<Cluster>) {
             .iter()
             .any(|(session, _)| session.whiteboard.is_stale());
         node.set_healthy(up && !stale);
-        if up && last_heartbeat.is_none_or(|t| t.elapsed() >= HEARTBEAT) {
-            match node.store.heartbeat(HEARTBEAT_TTL) {
-                Ok(()) => last_heartbeat = Some(Instant::now()),
-                Err(e) => tracing::debug!(error = %e, "heartbeat not renewed"),
-            }
+        if up {
+            renew_if_due(&node, &mut last_heartbeat);
         }
         if up && last_sweep.elapsed() >= SWEEP {
             last_sweep = Instant::now();
-            sweep(&node);
+            sweep(&node, &mut last_heartbeat);
         }
         drop(node);
         std::thread::sleep(PING);
     }
 }
 
-/// Removes what the held sessions keep of nodes whose heartbeat is gone.
-fn sweep(node: &Cluster) {
+/// Renews this node's heartbeat when [`HEARTBEAT`] has passed since the last renewal.
+fn renew_if_due(node: &Cluster, last: &mut Option<Instant>) {
+    if last.is_none_or(|t| t.elapsed() >= HEARTBEAT) {
+        match node.store.heartbeat(HEARTBEAT_TTL) {
+            Ok(()) => *last = Some(Instant::now()),
+            Err(e) => tracing::debug!(error = %e, "heartbeat not renewed"),
+        }
+    }
+}
+
+/// Removes what the held sessions keep of nodes whose heartbeat is gone. Renews this
+/// node's heartbeat as it goes: a sweep over many sessions on a slow Redis can outlast
+/// the heartbeat's TTL, and the other nodes would take this one for dead.
+fn sweep(node: &Cluster, last_heartbeat: &mut Option<Instant>) {
     let mut alive: HashMap<Arc<str>, bool> = HashMap::new();
     let mut gone_counted: HashSet<Arc<str>> = HashSet::new();
     for (session, _) in node.held_now() {
+        renew_if_due(node, last_heartbeat);
         let mut nodes: HashSet<Arc<str>> = session.tutor.remote_nodes().into_iter().collect();
         nodes.extend(session.whiteboard.awareness_nodes());
         if let Ok(present) = node.store.presence(&session.id) {
