@@ -135,9 +135,9 @@ fn write(
             if let Event::Presence { user, connections } = event {
                 let key = (session.clone(), user.id.clone());
                 let before = presence.get(&key).copied().unwrap_or(0);
-                let delta = *connections as i64 - before as i64;
-                if delta != 0 {
-                    node.store.presence_change(session, user, delta)?;
+                if before != *connections {
+                    node.store
+                        .presence_change(session, user, *connections as u64)?;
                 }
                 presence.insert(key, *connections);
             }

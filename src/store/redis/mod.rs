@@ -60,9 +60,9 @@
 //!   each message swapped in.
 //! - `chat_amend(seq, json, member, now)`: for a message still stored, `HSET chat:amended`
 //!   and replace its `edits` member.
-//! - `presence_change(node, user, delta, info)`: `HINCRBY presence node\nuser delta` (HDEL
-//!   at ≤ 0), keeps `presence:info` while the user is anywhere; returns the user's total
-//!   after and the whole presence.
+//! - `presence_change(node, user, count, info)`: `HSET presence node\nuser count` (HDEL
+//!   at 0: an absolute count, so a retried write changes nothing), keeps `presence:info`
+//!   while the user is anywhere; returns the user's total after and the whole presence.
 //! - `presence_drop_node(node)`: deletes every field of that node; returns the users whose
 //!   total went to 0 and the whole presence after.
 //! - `presence_read()`: the whole presence and the infos, in one read.

@@ -30,8 +30,8 @@ pub struct PresenceEntry {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PresenceChange {
     /// The changed user's connections across every node after the change (0 for
-    /// [`RedisStore::presence_drop_node`]). With `delta` +1, a total of 1 is the user's
-    /// first connection anywhere (`joined`); with −1, 0 is its last (`left`).
+    /// [`RedisStore::presence_drop_node`]); 0 after a count of 0 is the user's last
+    /// connection anywhere gone (`left`).
     pub total: u64,
     /// Users whose total went to 0 with this change (for a drop: every user the dead node
     /// held and no other node has), sorted by id.
@@ -41,12 +41,12 @@ pub struct PresenceChange {
 }
 
 impl RedisStore {
-    /// Adds `delta` (+1 a connection opened, −1 one closed) to `user`'s count on this node.
+    /// Sets `user`'s count of connections on this node (0: none left here).
     pub fn presence_change(
         &self,
         session: &str,
         user: &UserInfo,
-        delta: i64,
+        connections: u64,
     ) -> Result<PresenceChange, StoreError> {
         check_session_id(session)?;
         let info = serde_json::to_vec(user)
@@ -56,7 +56,7 @@ impl RedisStore {
             .key(session_key(session, keys::PRESENCE_INFO))
             .arg(&self.node_id)
             .arg(&user.id)
-            .arg(delta)
+            .arg(connections)
             .arg(info);
         let reply = self
             .pool
@@ -66,7 +66,7 @@ impl RedisStore {
             return Err(corrupt(what));
         };
         let gone = match values::number(total, what)? {
-            total if total <= 0 && delta < 0 => vec![user.clone()],
+            total if total <= 0 && connections == 0 => vec![user.clone()],
             _ => Vec::new(),
         };
         Ok(PresenceChange {

@@ -164,18 +164,23 @@ local function totals(all)
 end
 "#;
 
-/// `presence_change`: KEYS presence, presence:info; ARGV node, user id, delta, user JSON.
-/// Moves the user's count on this node (deleting the field at 0), keeps its info while it
-/// has a connection anywhere. Returns {the user's total after, the presence hash, the
-/// info hash}.
+/// `presence_change`: KEYS presence, presence:info; ARGV node, user id, count, user JSON.
+/// Sets the user's count on this node (deleting the field at 0): a field belongs to one
+/// node and holds an absolute count, so writing it again (a retry after a reply that did
+/// not come) changes nothing. Keeps the user's info while it has a connection anywhere.
+/// Returns {the user's total after, the presence hash, the info hash}.
 pub(super) static PRESENCE_CHANGE: LazyLock<String> = LazyLock::new(|| {
     format!(
         "{PRESENCE_TOTALS}{}",
         r#"
 local field = ARGV[1] .. '\n' .. ARGV[2]
-local count = redis.call('HINCRBY', KEYS[1], field, ARGV[3])
-if count <= 0 then redis.call('HDEL', KEYS[1], field) end
-if tonumber(ARGV[3]) > 0 then redis.call('HSET', KEYS[2], ARGV[2], ARGV[4]) end
+local count = tonumber(ARGV[3])
+if count <= 0 then
+  redis.call('HDEL', KEYS[1], field)
+else
+  redis.call('HSET', KEYS[1], field, count)
+  redis.call('HSET', KEYS[2], ARGV[2], ARGV[4])
+end
 local all = redis.call('HGETALL', KEYS[1])
 local total = totals(all)[ARGV[2]] or 0
 if total <= 0 then redis.call('HDEL', KEYS[2], ARGV[2]) end

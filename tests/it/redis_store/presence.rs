@@ -34,7 +34,7 @@ fn connection_counts_add_up_across_nodes_and_a_dead_node_is_dropped() {
     assert_eq!(presence[0].user, ann);
 
     // ann closes her tab on n1: still there through n2.
-    let closed = n1.presence_change("s", &ann, -1).unwrap();
+    let closed = n1.presence_change("s", &ann, 0).unwrap();
     assert_eq!(closed.total, 1);
     assert!(closed.gone.is_empty());
 
@@ -49,6 +49,11 @@ fn connection_counts_add_up_across_nodes_and_a_dead_node_is_dropped() {
 
     // Last connection closed normally: gone, total 0.
     n1.presence_change("s", &bob, 1).unwrap();
-    let left = n1.presence_change("s", &bob, -1).unwrap();
+    let left = n1.presence_change("s", &bob, 0).unwrap();
     assert_eq!((left.total, left.gone.as_slice()), (0, [bob].as_slice()));
+
+    // Counts are absolute: the same write again (a retry after a lost reply) is no
+    // second connection.
+    n1.presence_change("s", &ann, 2).unwrap();
+    assert_eq!(n1.presence_change("s", &ann, 2).unwrap().total, 2);
 }
