@@ -245,11 +245,7 @@ pub fn open_cluster_store(
     // This process's id in Redis: the configured (or host-pid) id and a random
     // incarnation. A process restarted under the same id (a container's PID 1, a fixed
     // `node_id`) must not renew the dead one's heartbeat: its users would never be swept.
-    let node_id = format!(
-        "{}.{:08x}",
-        config.cluster.node_id(),
-        rand::random::<u32>()
-    );
+    let node_id = format!("{}.{:08x}", config.cluster.node_id(), rand::random::<u32>());
     let store = RedisStore::connect(target, node_id, config.persist.keep_snapshots)
         .map_err(|e| anyhow::anyhow!("cluster mode: {e}"))?
         .with_metrics(metrics);

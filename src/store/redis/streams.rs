@@ -31,8 +31,10 @@ use crate::store::StoreError;
 
 /// Entries read per stream per call.
 const READ_COUNT: u64 = 512;
-/// Length the ev stream is trimmed to (approximately).
-const EVENTS_MAXLEN: u64 = 1000;
+/// Length the ev stream is trimmed to (approximately): tens of seconds of a busy
+/// session's cursor traffic, so a reader that lags (a backoff, a backlog after an outage)
+/// still finds the presence and moderation events published meanwhile.
+const EVENTS_MAXLEN: u64 = 10_000;
 /// How often several slot groups of a Redis Cluster are polled.
 const CLUSTER_POLL: Duration = Duration::from_millis(20);
 /// How long a reader that cannot connect waits before answering its error (so a caller
@@ -116,11 +118,19 @@ impl RedisStore {
     /// Appends an ephemeral event (awareness, presence, moderation, ...) for the other
     /// nodes of `session`; never read back by a load.
     pub fn publish(&self, session: &str, kind: &str, data: &[u8]) -> Result<(), StoreError> {
-        check_session_id(session)?;
-        let key = session_key(session, keys::EVENTS);
-        self.pool.run("XADD ev", |con| {
-            redis::cmd("XADD")
-                .arg(&key)
+        self.publish_many(&[(session, kind, data.to_vec())])
+    }
+
+    /// Appends events (session, kind, data), in order, in one round trip (a pipeline). On a
+    /// Redis Cluster one command each: redis-rs's blocking cluster connection does not
+    /// pipeline.
+    pub fn publish_many(&self, events: &[(&str, &str, Vec<u8>)]) -> Result<(), StoreError> {
+        for (session, _, _) in events {
+            check_session_id(session)?;
+        }
+        let xadd = |session: &str, kind: &str, data: &[u8]| {
+            let mut cmd = redis::cmd("XADD");
+            cmd.arg(session_key(session, keys::EVENTS))
                 .arg("MAXLEN")
                 .arg("~")
                 .arg(EVENTS_MAXLEN)
@@ -130,9 +140,21 @@ impl RedisStore {
                 .arg("k")
                 .arg(kind)
                 .arg("d")
-                .arg(data)
-                .query::<Value>(con)
-        })?;
+                .arg(data);
+            cmd
+        };
+        if self.cluster {
+            for (session, kind, data) in events {
+                let cmd = xadd(session, kind, data);
+                self.pool.run("XADD ev", |con| cmd.query::<Value>(con))?;
+            }
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        for (session, kind, data) in events {
+            pipe.add_command(xadd(session, kind, data)).ignore();
+        }
+        self.pool.run("XADD ev", |con| pipe.query::<()>(con))?;
         Ok(())
     }
 
