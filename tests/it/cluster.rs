@@ -359,7 +359,8 @@ async fn awareness_crosses_nodes_and_a_late_node_shows_it_on_connect() {
 }
 
 #[tokio::test]
-async fn a_killed_node_loses_nothing_acknowledged_and_its_users_leave_presence() {
+async fn a_killed_node_loses_nothing_acknowledged_and_its_users_leave_presence_though_it_restarts_under_its_id(
+) {
     let mut c = cluster(2);
     let s = session_id("cl-kill");
     let (mut watcher, _, _) = c.nodes[0].tutor(&s, &token("wes", &s, "student")).await;
@@ -377,6 +378,9 @@ async fn a_killed_node_loses_nothing_acknowledged_and_its_users_leave_presence()
         })
         .await;
     c.nodes[1].kill();
+    // Restarted at once under the same node id (as a container's PID 1 is): the new
+    // process must not keep the dead one's users alive with its heartbeat.
+    let _restarted = node(&c.redis, "node1");
     // What the observer saw is in Redis: a fresh client on the surviving node has it.
     let fresh = c.nodes[0].wb_user(&s, "fresh").await;
     assert!((0..50).all(|i| fresh.map_get("m", &format!("k{i}")).as_deref() == Some("v")));
