@@ -121,9 +121,12 @@ impl Pool {
                     redis::cluster::ClusterClient::builder(nodes.iter().map(String::as_str))
                         .connection_timeout(CONNECT_TIMEOUT)
                         .response_timeout(IO_TIMEOUT)
-                        .retries(2)
-                        .min_retry_wait(20)
-                        .max_retry_wait(200)
+                        // No retries inside redis-rs: its blocking cluster connection
+                        // re-sends a command whose reply timed out on the same connection
+                        // (an append stored twice, and every later reply on it one off).
+                        // A failed call fails here; a redirect drops the connection
+                        // (`Pool::run`), and the next one maps the slots afresh.
+                        .retries(0)
                         .build()
                         .map_err(invalid)?;
                 Client::Cluster(client)
@@ -201,7 +204,10 @@ impl Pool {
             }
             Err(e) => {
                 let message = format!("Redis {what}: {e}");
-                if breaks_connection(&e) {
+                if e.redirect_node().is_some() {
+                    // A Redis Cluster moved the slot: this connection's slot map is
+                    // stale, not Redis down. It goes; the next one maps the slots afresh.
+                } else if breaks_connection(&e) {
                     self.failed(&message);
                 } else {
                     self.give_back(generation, conn);
