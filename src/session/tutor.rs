@@ -136,7 +136,14 @@ struct Inner {
     /// The newest `ts` of a message (ms): edits are stamped no earlier, so a resume's
     /// "changes since message N was posted" holds even if the clock steps back.
     last_ts_ms: u64,
+    /// Cluster mode: `chat_edited`/`chat_deleted` frames of messages the stream reader has
+    /// not delivered here yet, by seq; sent right after their message, never before it
+    /// (a deletion relayed first would leave the deleted text on screen).
+    early_amends: BTreeMap<u64, Vec<String>>,
 }
+
+/// Amendments held back for undelivered messages, at most; past it they are sent at once.
+const EARLY_AMENDS_MAX: usize = 1024;
 
 /// Why a history could not be sent.
 #[derive(Debug, thiserror::Error)]
@@ -286,6 +293,7 @@ impl Room {
                 remote: BTreeMap::new(),
                 moderation,
                 last_ts_ms,
+                early_amends: BTreeMap::new(),
             })),
             store,
             metrics,
@@ -313,6 +321,16 @@ impl Room {
             }
         }
         let _ = self.bus.set(bus);
+    }
+
+    /// Sends an amendment frame of this node's own (see [`Room::send_amend`]).
+    pub(super) fn relay_amend(&self, seq: u64, json: String) {
+        let mut inner = self.inner();
+        if self.bus.get().is_some() {
+            Self::send_amend(&mut inner, seq, json);
+        } else {
+            inner.members.broadcast(&text(json), None);
+        }
     }
 
     fn publish(&self, event: Event) {
@@ -375,7 +393,10 @@ impl Room {
                     _ => {}
                 }
             }
-            Event::Relay { json } => inner.members.broadcast(&text(json), None),
+            Event::Relay { json } => match amended_seq(&json) {
+                Some(seq) => Self::send_amend(&mut inner, seq, json),
+                None => inner.members.broadcast(&text(json), None),
+            },
             Event::Amended { at_ms } => {
                 self.amends
                     .send_modify(|latest| *latest = (*latest).max(at_ms));
@@ -430,6 +451,29 @@ impl Room {
         self.metrics.chat_messages.inc();
         let msg = text(ServerMessage::Chat(message).to_json());
         inner.members.broadcast(&msg, None);
+        let due: Vec<u64> = inner
+            .early_amends
+            .range(..=message.seq)
+            .map(|(seq, _)| *seq)
+            .collect();
+        for seq in due {
+            for json in inner.early_amends.remove(&seq).unwrap_or_default() {
+                inner.members.broadcast(&text(json), None);
+            }
+        }
+    }
+
+    /// Sends a `chat_edited`/`chat_deleted` frame for message `seq`, or holds it until the
+    /// message itself is delivered here (cluster mode: messages come from the stream
+    /// reader, an amendment can come first).
+    fn send_amend(inner: &mut Inner, seq: u64, json: String) {
+        let early = seq > inner.last_seq
+            && inner.early_amends.values().map(Vec::len).sum::<usize>() < EARLY_AMENDS_MAX;
+        if early {
+            inner.early_amends.entry(seq).or_default().push(json);
+        } else {
+            inner.members.broadcast(&text(json), None);
+        }
     }
 
     fn inner(&self) -> MutexGuard<'_, Inner> {
@@ -793,6 +837,15 @@ impl HistoryReader {
     }
 }
 
+/// The seq a relayed `chat_edited`/`chat_deleted` frame amends, if it is one.
+fn amended_seq(json: &str) -> Option<u64> {
+    let v: serde_json::Value = serde_json::from_str(json).ok()?;
+    match v["type"].as_str()? {
+        "chat_edited" | "chat_deleted" => v["seq"].as_u64(),
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -810,6 +863,75 @@ mod tests {
             ts: "2026-01-01T00:00:00.000Z".into(),
             ..Default::default()
         }
+    }
+
+    /// A bus that goes nowhere: cluster mode as a room sees it, without the cluster.
+    struct Nowhere;
+
+    impl Bus for Nowhere {
+        fn publish(&self, _: &str, _: Event) {}
+        fn hold(&self, _: &Arc<super::super::Session>) {}
+        fn release(&self, _: &Arc<super::super::Session>) {}
+    }
+
+    fn types_of(rx: &mut crate::ws::outbox::OutboxReceiver) -> Vec<String> {
+        std::iter::from_fn(|| rx.try_recv())
+            .filter_map(|m| match m {
+                Message::Text(t) => serde_json::from_str::<serde_json::Value>(&t).ok(),
+                _ => None,
+            })
+            .filter_map(|v| v["type"].as_str().map(str::to_owned))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn in_cluster_mode_an_amendment_heard_before_its_message_waits_for_it() {
+        let store: Arc<dyn Store> = Arc::new(crate::store::MemoryStore::default());
+        let room = TutorRoom::load(
+            "s".into(),
+            store,
+            Arc::new(Metrics::new()),
+            100,
+            false,
+            std::time::Duration::from_secs(600),
+        )
+        .unwrap();
+        room.attach_bus(Arc::new(Nowhere), Vec::new());
+        let (outbox, mut rx) = crate::ws::outbox::outbox(1 << 20);
+        room.join(1, msg(0, "").from, outbox, None, 10).unwrap();
+        let paging = Paging {
+            messages: 10,
+            bytes: 1 << 20,
+        };
+        // The history is sent as the "socket" takes it: this test is the writer.
+        let catch_up = tokio::spawn(room.catch_up(1, paging).unwrap());
+        while !catch_up.is_finished() {
+            let taken = std::iter::from_fn(|| rx.try_recv()).count();
+            rx.mark_written(taken);
+            tokio::task::yield_now().await;
+        }
+        catch_up.await.unwrap().unwrap();
+        types_of(&mut rx);
+
+        // Another node deleted message 1 before this node's reader delivered it.
+        let deleted = r#"{"type":"chat_deleted","seq":1,"deleted_at":"2026-01-01T00:00:01.000Z","by":{"id":"u","name":"U","role":"student"}}"#;
+        room.hear(
+            "other",
+            Event::Relay {
+                json: deleted.into(),
+            },
+        );
+        assert!(types_of(&mut rx).is_empty(), "held until message 1 is here");
+        room.deliver_chat(&msg(1, "oops"));
+        assert_eq!(types_of(&mut rx), ["chat", "chat_deleted"]);
+        // Once the message is here, an amendment goes out at once.
+        room.hear(
+            "other",
+            Event::Relay {
+                json: deleted.into(),
+            },
+        );
+        assert_eq!(types_of(&mut rx), ["chat_deleted"]);
     }
 
     #[test]

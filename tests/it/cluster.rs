@@ -633,3 +633,44 @@ async fn a_client_that_reconnects_through_another_node_keeps_its_cursor_on_every
     )
     .await;
 }
+
+#[tokio::test]
+async fn a_message_deleted_right_after_it_was_posted_is_never_shown_deleted_first() {
+    let c = cluster(2);
+    let s = session_id("cl-early-delete");
+    let bot = token("bot", &s, "tutor");
+    let (mut watcher, _, _) = c.nodes[0].tutor(&s, &token("wes", &s, "student")).await;
+    let (mut far, _, _) = c.nodes[1].tutor(&s, &token("fay", &s, "student")).await;
+    let path = format!("/api/v2/session/{s}/tutor/messages");
+    for round in 0..5 {
+        let r = c.nodes[0]
+            .api_json(
+                "POST",
+                &path,
+                &bot,
+                Some(json!({"text": format!("oops {round}")})),
+            )
+            .await;
+        assert!(r.status == 200 || r.status == 201, "{}", r.text());
+        let seq = r.json()["seq"].as_u64().expect("a seq");
+        let r = c.nodes[0]
+            .api_json("DELETE", &format!("{path}/{seq}"), &bot, None)
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        // On both nodes: the message, then its deletion; never the deletion first.
+        for client in [&mut watcher, &mut far] {
+            let first = client
+                .wait_for("the message or its deletion", |v| {
+                    v["seq"].as_u64() == Some(seq)
+                        && (v["type"] == "chat" || v["type"] == "chat_deleted")
+                })
+                .await;
+            assert_eq!(first["type"], "chat", "the deletion came first: {first}");
+            client
+                .wait_for("the deletion", |v| {
+                    v["type"] == "chat_deleted" && v["seq"].as_u64() == Some(seq)
+                })
+                .await;
+        }
+    }
+}

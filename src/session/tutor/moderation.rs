@@ -302,7 +302,7 @@ impl Room {
         let json = change_frame(&amended, by);
         self.publish(Event::Relay { json: json.clone() });
         self.publish(Event::Amended { at_ms });
-        self.inner().members.broadcast(&text(json), None);
+        self.relay_amend(seq, json);
         self.amends
             .send_modify(|latest| *latest = (*latest).max(at_ms));
         Ok(amended)
