@@ -58,7 +58,7 @@ pub async fn get_whiteboard(
             let _ = tokio::time::timeout(wait, changes.changed()).await;
         }
     }
-    let update = blocking(move || Ok(handle.whiteboard.diff(&sv))).await?;
+    let update = blocking(move || handle.whiteboard.diff(&sv).map_err(super::storage)).await?;
     Ok(([(header::CONTENT_TYPE, "application/octet-stream")], update).into_response())
 }
 

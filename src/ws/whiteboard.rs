@@ -171,6 +171,11 @@ impl WhiteboardHandler {
     /// send queue's one place for a large reply (see [`Outbox::send_reply`]): a board
     /// larger than the queue's limit joins whatever else is queued.
     fn answer_step1(&self, sv: &yrs::StateVector) -> FlowFuture {
+        // Cluster mode with Redis down: what the document holds may not be stored.
+        if let Err(e) = self.whiteboard().refuse_if_stale() {
+            let close = Close::for_store(&e);
+            return Box::pin(async move { Flow::Close(close) });
+        }
         let step2 = self.whiteboard().sync_step2(sv);
         let outbox = self.outbox.clone();
         Box::pin(async move {

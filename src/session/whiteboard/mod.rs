@@ -477,9 +477,22 @@ impl Board {
             .any(|(client, clock)| *clock > sv.get(client))
     }
 
-    /// What a peer at state vector `sv` is missing, as one Yjs v1 update.
-    pub fn diff(&self, sv: &StateVector) -> Vec<u8> {
-        self.doc().transact().encode_state_as_update_v1(sv)
+    /// What a peer at state vector `sv` is missing, as one Yjs v1 update; refused while
+    /// the document may hold an update the store did not take (see [`Board::is_stale`]):
+    /// nothing is served that was not stored.
+    pub fn diff(&self, sv: &StateVector) -> Result<Vec<u8>, StoreError> {
+        self.refuse_if_stale()?;
+        Ok(self.doc().transact().encode_state_as_update_v1(sv))
+    }
+
+    /// [`StoreError::Unreachable`] while the document is stale.
+    pub fn refuse_if_stale(&self) -> Result<(), StoreError> {
+        if self.is_stale() {
+            return Err(StoreError::Unreachable(
+                "the document holds an update the store did not take; it is rebuilt once the store answers".into(),
+            ));
+        }
+        Ok(())
     }
 
     /// The whole document as one Yjs v1 update.
