@@ -7,8 +7,10 @@
 //!
 //! - Import reads the directory through [`SledStore`] (it must not be in use by a server)
 //!   and writes each session that Redis does not have yet (one already there is skipped
-//!   and reported, never merged). Nodes may serve meanwhile; a session is best imported
-//!   before its users come to the cluster.
+//!   and reported, never merged). A session is written under its import keys
+//!   (`easel:{s}:import:*`, same slot) and moved into place by one script: nodes, which
+//!   may serve meanwhile, never see it half-imported; one a node wrote to meanwhile is
+//!   skipped; an import that failed midway leaves only import keys, which a rerun clears.
 //! - Export writes a new sled database and its `versions/` files into an empty directory,
 //!   record by record in the sled layout of [`crate::store`], so `easel serve --data-dir`
 //!   serves it as if it had written it.
@@ -103,6 +105,43 @@ pub fn import(dir: &Path, redis: &RedisStore) -> Result<TransferReport, Transfer
     Ok(report)
 }
 
+/// The prefix of a session's keys while it is imported.
+const IMPORTING: &str = "import:";
+
+/// The keys an import writes (events, presence and the lease are not imported).
+const IMPORTED: [&str; 11] = [
+    keys::WB,
+    keys::WB_SEQ,
+    keys::VERSIONS,
+    keys::VERSION_STATES,
+    keys::META,
+    keys::CHAT,
+    keys::CHAT_SEQ,
+    keys::CHAT_AMENDED,
+    keys::EDITS,
+    keys::EDITS_BY_SEQ,
+    keys::MODERATION,
+];
+
+/// KEYS: the session's keys, then its import keys, in the same order. Moves each import
+/// key that exists into place, unless the session got stored state meanwhile (a node
+/// wrote to it): then the import keys go and 0 is returned. 1: imported.
+const PUBLISH_IMPORT: &str = r#"
+local n = #KEYS / 2
+for i = 1, n do
+  if redis.call('EXISTS', KEYS[i]) == 1 then
+    for j = n + 1, 2 * n do redis.call('DEL', KEYS[j]) end
+    return 0
+  end
+end
+for i = 1, n do
+  if redis.call('EXISTS', KEYS[n + i]) == 1 then
+    redis.call('RENAME', KEYS[n + i], KEYS[i])
+  end
+end
+return 1
+"#;
+
 fn import_session(
     sled: &SledStore,
     redis: &RedisStore,
@@ -118,6 +157,15 @@ fn import_session(
         return Ok(report);
     }
     let run = |what: &str, cmd: &redis::Cmd| redis.pool.run(what, |con| cmd.query::<Value>(con));
+    // Everything is written under the session's import keys (same hash tag, so same slot)
+    // and moved into place by one script at the end: a node never sees a half-imported
+    // session, and an import that fails midway leaves nothing a rerun would skip.
+    let tmp = |suffix: &str| session_key(session, &format!("{IMPORTING}{suffix}"));
+    let mut clear = redis::cmd("DEL");
+    for suffix in IMPORTED {
+        clear.arg(tmp(suffix));
+    }
+    run("import: clear a failed import's keys", &clear)?;
 
     // Versions, with their numbers; the state vector is not in the listing: from the state.
     let mut last_version = 0;
@@ -142,12 +190,10 @@ fn import_session(
             &[],
         )?;
         let mut cmd = redis::cmd("HSET");
-        cmd.arg(session_key(session, keys::VERSIONS))
-            .arg(info.version)
-            .arg(header);
+        cmd.arg(tmp(keys::VERSIONS)).arg(info.version).arg(header);
         run("import version", &cmd)?;
         let mut cmd = redis::cmd("HSET");
-        cmd.arg(session_key(session, keys::VERSION_STATES))
+        cmd.arg(tmp(keys::VERSION_STATES))
             .arg(info.version)
             .arg(state);
         run("import version", &cmd)?;
@@ -168,7 +214,7 @@ fn import_session(
     let snap_through = head - log.len() as u64;
     for (i, update) in log.iter().enumerate() {
         let mut cmd = redis::cmd("XADD");
-        cmd.arg(session_key(session, keys::WB))
+        cmd.arg(tmp(keys::WB))
             .arg(format!("0-{}", snap_through + 1 + i as u64))
             .arg("n")
             .arg(IMPORT_NODE)
@@ -184,7 +230,7 @@ fn import_session(
         let json = serde_json::to_vec(message)
             .map_err(|e| StoreError::io_while("cannot encode a chat message", e))?;
         let mut cmd = redis::cmd("XADD");
-        cmd.arg(session_key(session, keys::CHAT))
+        cmd.arg(tmp(keys::CHAT))
             .arg(format!("0-{}", message.seq))
             .arg("n")
             .arg(IMPORT_NODE)
@@ -198,30 +244,33 @@ fn import_session(
             .map_err(|e| StoreError::io_while("cannot encode a chat edit", e))?;
         let member = format!("{}{json}", super::chat::member_prefix(edit.at_ms, edit.seq));
         let mut cmd = redis::cmd("ZADD");
-        cmd.arg(session_key(session, keys::EDITS))
-            .arg(0)
-            .arg(&member);
+        cmd.arg(tmp(keys::EDITS)).arg(0).arg(&member);
         run("import edit", &cmd)?;
         let mut cmd = redis::cmd("HSET");
-        cmd.arg(session_key(session, keys::EDITS_BY_SEQ))
-            .arg(edit.seq)
-            .arg(&member);
+        cmd.arg(tmp(keys::EDITS_BY_SEQ)).arg(edit.seq).arg(&member);
         run("import edit", &cmd)?;
     }
     for record in sled.moderation(session)? {
-        redis.redis_set_moderation(session, &record)?;
+        if record.is_cleared() {
+            continue;
+        }
+        let json = serde_json::to_vec(&record)
+            .map_err(|e| StoreError::io_while("cannot encode a moderation record", e))?;
+        let mut cmd = redis::cmd("HSET");
+        cmd.arg(tmp(keys::MODERATION)).arg(&record.user).arg(json);
+        run("import moderation", &cmd)?;
     }
 
-    // The counters last: a node opening the session meanwhile sees no half-set numbers.
+    // The counters, then the move into place (`PUBLISH_IMPORT`).
     let last_chat = sled.last_chat_seq(session)?;
     let mut cmd = redis::cmd("SET");
-    cmd.arg(session_key(session, keys::CHAT_SEQ)).arg(last_chat);
+    cmd.arg(tmp(keys::CHAT_SEQ)).arg(last_chat);
     run("import chat:seq", &cmd)?;
     let mut cmd = redis::cmd("SET");
-    cmd.arg(session_key(session, keys::WB_SEQ)).arg(head);
+    cmd.arg(tmp(keys::WB_SEQ)).arg(head);
     run("import wb:seq", &cmd)?;
     let mut cmd = redis::cmd("HSET");
-    cmd.arg(session_key(session, keys::META))
+    cmd.arg(tmp(keys::META))
         .arg("snap_through")
         .arg(snap_through)
         .arg("last_activity_ms")
@@ -230,6 +279,22 @@ fn import_session(
         cmd.arg("last_version").arg(last_version);
     }
     run("import meta", &cmd)?;
+
+    let script = redis::Script::new(PUBLISH_IMPORT);
+    let mut publish = script.prepare_invoke();
+    for suffix in IMPORTED {
+        publish.key(session_key(session, suffix));
+    }
+    for suffix in IMPORTED {
+        publish.key(tmp(suffix));
+    }
+    let moved = redis
+        .pool
+        .run("import: publish", |con| publish.invoke::<Value>(con))?;
+    if values::number(&moved, "import publish")? == 0 {
+        report.skipped = Some("created in Redis while it was imported".into());
+        return Ok(report);
+    }
     redis.register(session)?;
     Ok(report)
 }
