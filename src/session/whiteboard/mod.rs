@@ -705,6 +705,15 @@ impl Board {
     /// Applies what the store holds and the document lacks, as one update from another
     /// node (guarded, applied, relayed, not logged again); returns the store's last log seq.
     fn catch_up(&self) -> Result<u64, StoreError> {
+        let (rebuilt, last_log_seq) = self.load_stored()?;
+        let have = self.doc().transact().state_vector();
+        let missing = rebuilt.doc.transact().encode_state_as_update_v1(&have);
+        self.sequence_remote(&missing);
+        Ok(last_log_seq)
+    }
+
+    /// The document the store holds, and the store's last log seq.
+    fn load_stored(&self) -> Result<(held_back::Rebuilt, u64), StoreError> {
         let stored = self.store.load_whiteboard(&self.session)?;
         let rebuilt = Self::doc_from_updates(
             &self.session,
@@ -712,21 +721,12 @@ impl Board {
             &self.metrics,
             &self.options.limits,
         );
-        let have = self.doc().transact().state_vector();
-        let missing = rebuilt.doc.transact().encode_state_as_update_v1(&have);
-        self.sequence_remote(&missing);
-        Ok(stored.last_log_seq)
+        Ok((rebuilt, stored.last_log_seq))
     }
 
     /// Replaces the document with the one the store holds.
     fn rebuild(&self) -> Result<(), StoreError> {
-        let stored = self.store.load_whiteboard(&self.session)?;
-        let rebuilt = Self::doc_from_updates(
-            &self.session,
-            &stored.updates,
-            &self.metrics,
-            &self.options.limits,
-        );
+        let (rebuilt, _) = self.load_stored()?;
         *sync::write(&self.doc) = rebuilt.doc;
         *self.nesting() = rebuilt.nesting;
         *self.held_back() = rebuilt.held_back;

@@ -181,22 +181,8 @@ fn a_stored_message_that_does_not_decode_is_skipped_not_fatal() {
     node.append_chat("s", &chat_message("good", "ann"), 100)
         .unwrap();
     // Another writer left something that is not a message under seq 2.
-    let client = ::redis::Client::open(redis.url()).unwrap();
-    let mut con = client.get_connection().unwrap();
-    ::redis::cmd("XADD")
-        .arg("easel:{s}:chat")
-        .arg("0-2")
-        .arg("n")
-        .arg("x")
-        .arg("m")
-        .arg("{not json")
-        .query::<::redis::Value>(&mut con)
-        .unwrap();
-    ::redis::cmd("SET")
-        .arg("easel:{s}:chat:seq")
-        .arg(2)
-        .query::<::redis::Value>(&mut con)
-        .unwrap();
+    xadd_not_a_message(&redis, "easel:{s}:chat", "0-2");
+    raw(&redis, &["SET", "easel:{s}:chat:seq", "2"]);
     let after = node
         .append_chat("s", &chat_message("after", "ann"), 100)
         .unwrap();

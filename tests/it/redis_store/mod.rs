@@ -27,6 +27,23 @@ fn store(redis: &RedisServer, node: &str, keep: usize) -> Arc<RedisStore> {
     )
 }
 
+/// Runs one raw command on `redis`, as something else than easel would (damaged entries,
+/// leftovers of a failed run).
+fn raw(redis: &RedisServer, args: &[&str]) {
+    let client = ::redis::Client::open(redis.url()).expect("client");
+    let mut con = client.get_connection().expect("connection");
+    let mut cmd = ::redis::cmd(args[0]);
+    for arg in &args[1..] {
+        cmd.arg(*arg);
+    }
+    cmd.query::<::redis::Value>(&mut con).expect("raw command");
+}
+
+/// A chat entry that is not a message, under `id` of `key`.
+fn xadd_not_a_message(redis: &RedisServer, key: &str, id: &str) {
+    raw(redis, &["XADD", key, id, "n", "x", "m", "{not json"]);
+}
+
 /// `n` Yjs v1 updates, each inserting `"<tag><i>,"` at the end of root text `t`.
 fn text_updates(tag: &str, n: usize) -> Vec<Vec<u8>> {
     let doc = Doc::new();

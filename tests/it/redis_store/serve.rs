@@ -169,24 +169,11 @@ async fn import_a_sled_directory_into_redis_and_export_it_back() {
 
     let redis = RedisServer::start();
     // What an import that failed midway leaves: its keys, which a rerun clears first.
-    {
-        let client = ::redis::Client::open(redis.url()).unwrap();
-        let mut con = client.get_connection().unwrap();
-        ::redis::cmd("SET")
-            .arg(format!("easel:{{{s}}}:import:wb:seq"))
-            .arg(999)
-            .query::<::redis::Value>(&mut con)
-            .unwrap();
-        ::redis::cmd("XADD")
-            .arg(format!("easel:{{{s}}}:import:chat"))
-            .arg("0-77")
-            .arg("n")
-            .arg("x")
-            .arg("m")
-            .arg("{not json")
-            .query::<::redis::Value>(&mut con)
-            .unwrap();
-    }
+    raw(
+        &redis,
+        &["SET", &format!("easel:{{{s}}}:import:wb:seq"), "999"],
+    );
+    xadd_not_a_message(&redis, &format!("easel:{{{s}}}:import:chat"), "0-77");
     let out = run_cli(&redis_args(
         &[
             "cluster",

@@ -116,17 +116,7 @@ fn an_entry_that_does_not_decode_is_reported_skipped_so_the_reader_moves_past_it
     let redis = RedisServer::start();
     let node = store(&redis, "n1", 20);
     // A chat entry that is not a message: written by something else than easel.
-    let client = ::redis::Client::open(redis.url()).unwrap();
-    let mut con = client.get_connection().unwrap();
-    ::redis::cmd("XADD")
-        .arg("easel:{s}:chat")
-        .arg("0-1")
-        .arg("n")
-        .arg("x")
-        .arg("m")
-        .arg("{not json")
-        .query::<::redis::Value>(&mut con)
-        .unwrap();
+    xadd_not_a_message(&redis, "easel:{s}:chat", "0-1");
     let mut cursor = Cursor {
         session: Arc::from("s"),
         wb_after: 0,
