@@ -62,6 +62,8 @@ pub struct Cluster {
     outgoing: publisher::Queue,
     /// Whether Redis answered the last ping (and reads succeed).
     healthy: AtomicBool,
+    /// Whether Redis took this node's last heartbeat (a write): the watch's to set.
+    writes_ok: AtomicBool,
     stopping: AtomicBool,
     /// Itself, to hand sessions as their `Bus`.
     me: Weak<Cluster>,
@@ -81,6 +83,7 @@ impl Cluster {
             held_changed: Condvar::new(),
             outgoing,
             healthy: AtomicBool::new(true),
+            writes_ok: AtomicBool::new(true),
             stopping: AtomicBool::new(false),
             me: me.clone(),
         });
@@ -99,7 +102,10 @@ impl Cluster {
         self.healthy.load(Ordering::Acquire)
     }
 
+    /// Sets whether Redis answers (and nothing here is stale); healthy only if its writes
+    /// go through too (see [`Cluster::set_writes_ok`]).
     fn set_healthy(&self, up: bool) {
+        let up = up && self.writes_ok.load(Ordering::Acquire);
         if self.healthy.swap(up, Ordering::AcqRel) != up {
             if up {
                 tracing::info!(node = %self.node, "Redis answers again");
@@ -108,6 +114,13 @@ impl Cluster {
             }
         }
         self.metrics.cluster.redis_up.set(i64::from(up));
+    }
+
+    /// Whether Redis takes writes (the watch's heartbeat): a Redis that answers reads but
+    /// refuses writes (out of memory, a failed disk) makes the node unready as one that is
+    /// down.
+    fn set_writes_ok(&self, ok: bool) {
+        self.writes_ok.store(ok, Ordering::Release);
     }
 
     /// Stops the threads, after the publisher has sent what is queued (presence `0`s of the

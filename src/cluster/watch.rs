@@ -33,6 +33,7 @@ pub(super) fn spawn(cluster: &Arc<Cluster>) {
 
 fn run(cluster: std::sync::Weak<Cluster>) {
     let mut last_heartbeat: Option<Instant> = None;
+    let mut writes_ok = true;
     let mut last_sweep = Instant::now();
     loop {
         let Some(node) = cluster.upgrade() else {
@@ -54,6 +55,17 @@ fn run(cluster: std::sync::Weak<Cluster>) {
                 false
             }
         };
+        // The heartbeat is this node's write check too: a Redis that answers PING but
+        // refuses writes (out of memory, a failed disk, a replica) closes every writer with
+        // 1013, so the node must not take new clients either. While it fails it is tried
+        // every second.
+        if up {
+            if !writes_ok {
+                last_heartbeat = None;
+            }
+            writes_ok = renew_if_due(&node, &mut last_heartbeat);
+            node.set_writes_ok(writes_ok);
+        }
         // Not ready while a session still holds an update Redis refused (the reader
         // rebuilds it once Redis answers): a joiner must not be served it.
         let stale = node
@@ -61,9 +73,6 @@ fn run(cluster: std::sync::Weak<Cluster>) {
             .iter()
             .any(|(session, _)| session.whiteboard.is_stale());
         node.set_healthy(up && !stale);
-        if up {
-            renew_if_due(&node, &mut last_heartbeat);
-        }
         if up && last_sweep.elapsed() >= SWEEP {
             last_sweep = Instant::now();
             sweep(&node, &mut last_heartbeat);
@@ -73,12 +82,20 @@ fn run(cluster: std::sync::Weak<Cluster>) {
     }
 }
 
-/// Renews this node's heartbeat when [`HEARTBEAT`] has passed since the last renewal.
-fn renew_if_due(node: &Cluster, last: &mut Option<Instant>) {
-    if last.is_none_or(|t| t.elapsed() >= HEARTBEAT) {
-        match node.store.heartbeat(HEARTBEAT_TTL) {
-            Ok(()) => *last = Some(Instant::now()),
-            Err(e) => tracing::debug!(error = %e, "heartbeat not renewed"),
+/// Renews this node's heartbeat when [`HEARTBEAT`] has passed since the last renewal;
+/// false when the renewal failed.
+fn renew_if_due(node: &Cluster, last: &mut Option<Instant>) -> bool {
+    if last.is_some_and(|t| t.elapsed() < HEARTBEAT) {
+        return true;
+    }
+    match node.store.heartbeat(HEARTBEAT_TTL) {
+        Ok(()) => {
+            *last = Some(Instant::now());
+            true
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "heartbeat not renewed: Redis refuses writes");
+            false
         }
     }
 }
@@ -90,7 +107,7 @@ fn sweep(node: &Cluster, last_heartbeat: &mut Option<Instant>) {
     let mut alive: HashMap<Arc<str>, bool> = HashMap::new();
     let mut gone_counted: HashSet<Arc<str>> = HashSet::new();
     for (session, _) in node.held_now() {
-        renew_if_due(node, last_heartbeat);
+        let _ = renew_if_due(node, last_heartbeat);
         let mut nodes: HashSet<Arc<str>> = session.tutor.remote_nodes().into_iter().collect();
         nodes.extend(session.whiteboard.awareness_nodes());
         if let Ok(present) = node.store.presence(&session.id) {

@@ -674,3 +674,30 @@ async fn a_message_deleted_right_after_it_was_posted_is_never_shown_deleted_firs
         }
     }
 }
+
+#[tokio::test]
+async fn a_redis_that_answers_but_refuses_writes_makes_the_node_unready() {
+    let c = cluster(1);
+    let config = |value: &str| {
+        let client = ::redis::Client::open(c.redis.url()).expect("client");
+        let mut con = client.get_connection().expect("connection");
+        ::redis::cmd("CONFIG")
+            .arg("SET")
+            .arg("min-replicas-to-write")
+            .arg(value)
+            .query::<::redis::Value>(&mut con)
+            .expect("CONFIG SET");
+    };
+    assert_eq!(c.nodes[0].http_get("/readyz").await.status, 200);
+    // No replica exists, so Redis refuses every write (NOREPLICAS) and still answers PING.
+    config("1");
+    eventually("readyz 503 while Redis refuses writes", SLOW, || async {
+        (c.nodes[0].http_get("/readyz").await.status == 503).then_some(())
+    })
+    .await;
+    config("0");
+    eventually("readyz 200 once Redis takes writes again", SLOW, || async {
+        (c.nodes[0].http_get("/readyz").await.status == 200).then_some(())
+    })
+    .await;
+}
