@@ -60,6 +60,7 @@ impl RedisStore {
             .arg(json)
             .arg(count(history_limit))
             .arg(now_ms());
+        self.ring(&mut call, session);
         let seq = self
             .pool
             .run("chat append", |con| call.invoke::<Value>(con))?;

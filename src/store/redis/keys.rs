@@ -12,6 +12,15 @@ pub(super) fn session_key(session: &str, suffix: &str) -> String {
     format!("{PREFIX}{{{session}}}:{suffix}")
 }
 
+/// The doorbell (one Redis server only, not a Redis Cluster): every append and event
+/// names its session here too, so a node's reader blocks on this one key and then reads
+/// only the sessions named, instead of naming three keys per session held in every
+/// blocking read (whose cost in Redis grows with the keys).
+pub(super) const BELL: &str = "easel:bell";
+/// Entries the doorbell keeps (approximately); a reader further behind catches up with
+/// its periodic full read.
+pub(super) const BELL_MAXLEN: u64 = 10_000;
+
 /// The heartbeat key of a node.
 pub(super) fn node_key(node: &str) -> String {
     format!("{PREFIX}node:{node}")

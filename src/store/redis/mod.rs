@@ -32,10 +32,11 @@
 //! | `easel:{s}:edits` | zset (all scores 0, lex order) | the edit log: member `<at_ms, 20 digits>:<seq, 20 digits>:<ChatEdit JSON>`, so lex order is `(at_ms, seq)` order |
 //! | `easel:{s}:edits:seq` | hash | seq → its one `edits` member (the log holds one entry per message) |
 //! | `easel:{s}:moderation` | hash | user id → [`ModerationRecord`] JSON |
-//! | `easel:{s}:ev` | stream | ephemeral events between nodes, `XADD MAXLEN ~ 1000`: fields `n` node, `k` kind, `d` data (opaque here) |
+//! | `easel:{s}:ev` | stream | ephemeral events between nodes, `XADD MAXLEN ~ 10000`: fields `n` node, `k` kind, `d` data (opaque here) |
 //! | `easel:{s}:presence` | hash | `<node id>\n<user id>` → that user's connection count on that node |
 //! | `easel:{s}:presence:info` | hash | user id → `UserInfo` JSON, while the user has a connection anywhere |
 //! | `easel:sessions` | set | every session with anything stored (added once per session per process, not per write: in a Redis Cluster it is in another slot) |
+//! | `easel:bell` | stream | one Redis server only: `s` the session of each append (rung inside `wb_append`/`chat_append`) and of each event batch; readers block on it alone (`streams.rs`) |
 //! | `easel:node:<node id>` | string | heartbeat: ms timestamp, `SET PX <ttl>` |
 //!
 //! # Scripts (`scripts.rs` holds their text; each touches one session's keys)

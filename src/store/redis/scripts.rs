@@ -12,11 +12,13 @@ use std::sync::LazyLock;
 
 use redis::Script;
 
-/// `wb_append`: KEYS wb:seq, wb, meta; ARGV node, update, now_ms. Returns the seq.
+/// `wb_append`: KEYS wb:seq, wb, meta[, bell]; ARGV node, update, now_ms[, session,
+/// bell maxlen]. Returns the seq. With the bell (one Redis server), rings it for `session`.
 pub(super) const WB_APPEND: &str = r#"
 local n = redis.call('INCR', KEYS[1])
 redis.call('XADD', KEYS[2], string.format('0-%d', n), 'n', ARGV[1], 'u', ARGV[2])
 redis.call('HSET', KEYS[3], 'last_activity_ms', ARGV[3])
+if KEYS[4] then redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[5], '*', 's', ARGV[4]) end
 return n
 "#;
 
@@ -83,14 +85,15 @@ end
 return 0
 "#;
 
-/// `chat_append`: KEYS chat:seq, chat, chat:amended, edits, edits:seq, meta; ARGV node,
-/// message JSON, history_limit, now_ms. Assigns the seq and appends in one step (gapless,
+/// `chat_append`: KEYS chat:seq, chat, chat:amended, edits, edits:seq, meta[, bell]; ARGV
+/// node, message JSON, history_limit, now_ms[, session, bell maxlen]. Assigns the seq and appends in one step (gapless,
 /// one order across nodes), then trims the history to the newest `history_limit` seqs,
 /// taking the trimmed messages' amendments and edit-log entries with them. Returns the seq.
 pub(super) const CHAT_APPEND: &str = r#"
 local n = redis.call('INCR', KEYS[1])
 redis.call('XADD', KEYS[2], string.format('0-%d', n), 'n', ARGV[1], 'm', ARGV[2])
 redis.call('HSET', KEYS[6], 'last_activity_ms', ARGV[4])
+if KEYS[7] then redis.call('XADD', KEYS[7], 'MAXLEN', '~', ARGV[6], '*', 's', ARGV[5]) end
 local keep_from = n - tonumber(ARGV[3]) + 1
 if keep_from > 1 then
   local gone = redis.call('XRANGE', KEYS[2], '-', string.format('(0-%d', keep_from))

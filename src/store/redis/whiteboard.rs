@@ -44,6 +44,7 @@ impl RedisStore {
             .arg(&self.node_id)
             .arg(update)
             .arg(now_ms());
+        self.ring(&mut call, session);
         let seq = self.pool.run("append", |con| call.invoke::<Value>(con))?;
         values::unsigned(&seq, "wb_append seq")
     }
