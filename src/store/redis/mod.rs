@@ -42,8 +42,9 @@
 //! # Scripts (`scripts.rs` holds their text; each touches one session's keys)
 //!
 //! - `wb_append(node, update, now)`: `n = INCR wb:seq; XADD wb 0-n n node u update;
-//!   HSET meta last_activity_ms now`; returns n. The seq and the append are one step, so
-//!   seqs are gapless and in one order whichever node appends.
+//!   HSET meta last_activity_ms now` (and, on one Redis server, `XADD easel:bell s session`);
+//!   returns n. The seq and the append are one step, so seqs are gapless and in one order
+//!   whichever node appends.
 //! - `load()`: atomically the newest version (`meta.last_version`, its state in `vs`),
 //!   `snap_through`, `wb:seq`, and `XRANGE wb (0-snap_through +`.
 //! - `snapshot_write(node, N, header, state, log_through, keep, now)`: only while the
@@ -56,7 +57,8 @@
 //!   compare-and-set of the lease.
 //! - `chat_append(node, json, limit, now)`: `n = INCR chat:seq; XADD chat 0-n n node m
 //!   json`; then every message with seq ≤ n − limit goes (`XTRIM MINID`), with its
-//!   `chat:amended` entry and edit-log entry; returns n.
+//!   `chat:amended` entry and edit-log entry (and the doorbell rings, as for `wb_append`);
+//!   returns n.
 //! - `chat_read(after|before, seq, limit)`: `XRANGE`/`XREVRANGE` with the amended form of
 //!   each message swapped in.
 //! - `chat_amend(seq, json, member, now)`: for a message still stored, `HSET chat:amended`
