@@ -261,7 +261,7 @@ mod tests {
         };
         store.set_moderation("s", &record).unwrap();
         drop(store);
-        let store = SledStore::open(dir.path(), 0, 5, None).unwrap();
+        let store = super::super::tests::open_with(dir.path(), 0, 5);
         assert_eq!(store.moderation("s").unwrap(), [record]);
         assert!(store.moderation("t").unwrap().is_empty());
         let cleared = ModerationRecord {

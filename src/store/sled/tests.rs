@@ -20,9 +20,14 @@ impl SledStore {
 /// Opens `dir`, waiting out the lock of a store this test just dropped: sled's flusher
 /// thread lets go of the directory a moment after the last handle is gone.
 fn open(dir: &Path) -> SledStore {
+    open_with(dir, 10, 3)
+}
+
+/// [`open`] with a flush interval (ms) and the versions to keep.
+pub(super) fn open_with(dir: &Path, flush_ms: u64, keep: usize) -> SledStore {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     loop {
-        match SledStore::open(dir, 10, 3, None) {
+        match SledStore::open(dir, flush_ms, keep, None) {
             Ok(store) => return store,
             Err(StoreError::Locked { .. }) if std::time::Instant::now() < deadline => {
                 std::thread::sleep(std::time::Duration::from_millis(20));
