@@ -356,6 +356,10 @@ pub async fn run(
                     None => { client_closed = closer.asked.is_none(); break 'read; }
                 };
                 last_heard = Instant::now();
+                let compressed = stream.take_compressed_bytes();
+                if compressed > 0 {
+                    metrics.compressed_bytes_in.inc_by(compressed);
+                }
                 if let Message::Close(c) = frame {
                     // An answer to our Close, or the client's own: either way the reading
                     // is over. The writer echoes a client's Close.
@@ -590,6 +594,10 @@ async fn write_loop(
                 // atomic add per frame made the two cores take turns on their cache line.
                 metrics.frames_out.inc_by(n as u64);
                 metrics.bytes_out.inc_by(bytes as u64);
+                let compressed = sink.take_compressed_bytes();
+                if compressed > 0 {
+                    metrics.compressed_bytes_out.inc_by(compressed);
+                }
                 if sink.flush().await.is_err() {
                     return None;
                 }
