@@ -409,6 +409,18 @@ impl Config {
         if let Some(v) = env("EASEL_NODE_ID").filter(|v| !v.is_empty()) {
             self.cluster.node_id = Some(v);
         }
+        if let Some(v) = env("EASEL_PERMESSAGE_DEFLATE") {
+            self.limits.permessage_deflate = match v.as_str() {
+                "1" | "true" => true,
+                "0" | "false" => false,
+                _ => {
+                    return Err(ConfigError::Env {
+                        name: "EASEL_PERMESSAGE_DEFLATE",
+                        message: format!("{v:?} is neither 1/true nor 0/false"),
+                    })
+                }
+            };
+        }
         if let Some(v) = env("EASEL_LOG_FORMAT") {
             self.log.format = match v.as_str() {
                 "pretty" => LogFormat::Pretty,
