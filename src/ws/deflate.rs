@@ -290,22 +290,23 @@ impl Cache {
 /// that sends the same `Bytes`; `None` when compressing does not make it smaller.
 pub async fn compressed(raw: &Bytes, window_bits: u8) -> Option<Bytes> {
     let slot = cache().slot(raw, window_bits);
-    slot.get_or_init(|| {
-        let raw = raw.clone();
-        async move {
-            let len = raw.len();
-            let out = if len >= BLOCKING_FROM {
-                tokio::task::spawn_blocking(move || deflate(&raw, window_bits))
-                    .await
-                    .ok()?
-            } else {
-                deflate(&raw, window_bits)
-            };
-            (out.len() < len).then_some(out)
-        }
-    })
-    .await
-    .clone()
+    slot.get_or_init(|| compress(raw.clone(), window_bits))
+        .await
+        .clone()
+}
+
+/// Compresses a message no other connection sends (a reply made for one client): not
+/// cached, so it cannot push a shared message's entry out.
+pub async fn compress(raw: Bytes, window_bits: u8) -> Option<Bytes> {
+    let len = raw.len();
+    let out = if len >= BLOCKING_FROM {
+        tokio::task::spawn_blocking(move || deflate(&raw, window_bits))
+            .await
+            .ok()?
+    } else {
+        deflate(&raw, window_bits)
+    };
+    (out.len() < len).then_some(out)
 }
 
 #[cfg(test)]

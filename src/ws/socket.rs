@@ -591,18 +591,26 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
         if self.closed {
             return Err(SocketError::Io(std::io::ErrorKind::BrokenPipe.into()));
         }
-        let (opcode, payload) = match m {
-            Message::Binary(b) => (OP_BINARY, b),
-            Message::Text(t) => (OP_TEXT, Bytes::from(t.as_str().to_owned())),
-            Message::Ping(p) => (OP_PING, p),
-            Message::Pong(p) => (OP_PONG, p),
+        // A text message's bytes are copied out of axum's `Utf8Bytes` (it gives no `Bytes`),
+        // so its address is this connection's own: compressed without the shared cache.
+        let (opcode, payload, shared) = match m {
+            Message::Binary(b) => (OP_BINARY, b, true),
+            Message::Text(t) => (OP_TEXT, Bytes::from(t.as_str().to_owned()), false),
+            Message::Ping(p) => (OP_PING, p, false),
+            Message::Pong(p) => (OP_PONG, p, false),
             Message::Close(c) => return self.close(c).await,
         };
         let mut rsv1 = false;
         let mut payload = payload;
         if let Some(a) = self.deflate {
             if opcode < OP_CLOSE && payload.len() >= self.settings.deflate_threshold {
-                if let Some(c) = deflate::compressed(&payload, a.server_window_bits).await {
+                let bits = a.server_window_bits;
+                let c = if shared {
+                    deflate::compressed(&payload, bits).await
+                } else {
+                    deflate::compress(payload.clone(), bits).await
+                };
+                if let Some(c) = c {
                     self.compressed_out += c.len() as u64;
                     payload = c;
                     rsv1 = true;
