@@ -249,6 +249,11 @@ impl Metrics {
             compressed_out.clone(),
         );
         registry.register(
+            "deflate_compressions",
+            "Outgoing messages compressed (permessage-deflate); once per message, however many receive it",
+            crate::ws::deflate::compressions().clone(),
+        );
+        registry.register(
             "connections",
             "Open WebSocket connections",
             connections.clone(),

@@ -297,9 +297,17 @@ pub async fn compressed(raw: &Bytes, window_bits: u8) -> Option<Bytes> {
         .clone()
 }
 
+/// Messages compressed, process-wide (`easel_deflate_compressions_total`): against the
+/// receivers of a fan-out, it shows each message compressed once.
+pub fn compressions() -> &'static prometheus_client::metrics::counter::Counter {
+    static COUNT: OnceLock<prometheus_client::metrics::counter::Counter> = OnceLock::new();
+    COUNT.get_or_init(Default::default)
+}
+
 /// Compresses a message no other connection sends (a reply made for one client): not
 /// cached, so it cannot push a shared message's entry out.
 pub async fn compress(raw: Bytes, window_bits: u8) -> Option<Bytes> {
+    compressions().inc();
     let len = raw.len();
     let out = if len >= BLOCKING_FROM {
         tokio::task::spawn_blocking(move || deflate(&raw, window_bits))

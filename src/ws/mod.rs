@@ -27,7 +27,7 @@
 //! module must not touch session state or the store: the handlers do, on the reader task.
 
 pub mod close;
-mod deflate;
+pub(crate) mod deflate;
 mod frames;
 pub mod outbox;
 pub mod socket;

@@ -76,11 +76,17 @@ impl Raw {
     }
 
     async fn wb(server: &TestServer, session: &str, extensions: Option<&str>) -> Raw {
+        Raw::wb_as(server, session, "u1", extensions).await
+    }
+
+    /// As `user`: one user may hold only a few connections to a session.
+    async fn wb_as(server: &TestServer, session: &str, user: &str, ext: Option<&str>) -> Raw {
         let path = format!(
             "{}?token={}",
             TestServer::wb_path(session),
-            token("u1", session, "student")
+            token(user, session, "student")
         );
+        let extensions = ext;
         Raw::connect(server, &path, extensions).await
     }
 
@@ -501,4 +507,51 @@ async fn a_close_is_answered_with_the_same_code() {
         // Then the server ends the TCP connection.
         assert!(c.next().await.is_none());
     }
+}
+
+/// A join storm: 30 clients that negotiated deflate join a 1 MB board at once; the board is
+/// compressed once, not 30 times, and every joiner gets the same bytes.
+#[tokio::test]
+async fn a_join_storm_compresses_the_board_once() {
+    let server = TestServer::start("");
+    let s = session_id("defl-storm");
+    let mut a = Raw::wb(&server, &s, None).await;
+    let (msg, content) = big_update(1_000_000);
+    a.send(true, false, BINARY, &msg).await;
+    // Applied once one uncompressed joiner sees it.
+    eventually("the board applied", TIMEOUT, || async {
+        let mut b = Raw::wb(&server, &s, None).await;
+        b.send(true, false, BINARY, &[0, 0, 1, 0]).await;
+        (text_of(&step2(&mut b).await.0) == content).then_some(())
+    })
+    .await;
+    let before = server
+        .metric("easel_deflate_compressions_total")
+        .await
+        .unwrap_or(0.0);
+    let joins = (0..30).map(|i| {
+        let (server, s) = (&server, &s);
+        async move {
+            let mut c = Raw::wb_as(server, s, &format!("j{i}"), Some(OFFER)).await;
+            c.send(true, false, BINARY, &[0, 0, 1, 0]).await;
+            loop {
+                let f = c.next_data().await.expect("step 2");
+                if f.rsv1 && f.payload.len() > 1000 {
+                    return f.payload;
+                }
+            }
+        }
+    });
+    let got = futures_util::future::join_all(joins).await;
+    assert!(got.iter().all(|g| g == &got[0]));
+    assert_eq!(text_of(&inflate(&got[0])), content);
+    let after = server
+        .metric("easel_deflate_compressions_total")
+        .await
+        .unwrap_or(0.0);
+    assert!(
+        after - before <= 2.0,
+        "{} compressions for 30 joiners",
+        after - before
+    );
 }
