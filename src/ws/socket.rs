@@ -453,8 +453,8 @@ impl<R: AsyncRead + Unpin> Reader<R> {
     /// One whole frame: a message when it completes one.
     fn frame(&mut self, h: Header, payload: BytesMut) -> Result<Option<Message>, SocketError> {
         match h.opcode {
-            OP_PING => return Ok(Some(Message::Ping(payload.freeze()))),
-            OP_PONG => return Ok(Some(Message::Pong(payload.freeze()))),
+            OP_PING => return Ok(Some(Message::Ping(Bytes::copy_from_slice(&payload)))),
+            OP_PONG => return Ok(Some(Message::Pong(Bytes::copy_from_slice(&payload)))),
             OP_CLOSE => return close_frame(&payload).map(|c| Some(Message::Close(c))),
             _ => {}
         }
@@ -462,8 +462,17 @@ impl<R: AsyncRead + Unpin> Reader<R> {
         if h.opcode != OP_CONT {
             let inflater = h.rsv1.then(|| Inflater::new(max));
             if h.fin && inflater.is_none() {
-                // The usual case, one frame uncompressed: its buffer becomes the message.
-                return message(h.opcode == OP_TEXT, payload.freeze()).map(Some);
+                // The usual case, one frame uncompressed. A small one is copied out: a
+                // `Bytes` split off the read buffer would keep the whole buffer alive for
+                // as long as the session holds the message (awareness states, queued
+                // updates). A large one had the buffer grown to fit it: it becomes the
+                // message without a copy.
+                let data = if payload.len() <= self.settings.read_buffer * 4 {
+                    Bytes::copy_from_slice(&payload)
+                } else {
+                    payload.freeze()
+                };
+                return message(h.opcode == OP_TEXT, data).map(Some);
             }
             self.partial = Some(Partial {
                 text: h.opcode == OP_TEXT,
