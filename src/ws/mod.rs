@@ -13,17 +13,22 @@
 //! - A close the server decides on (1008, 1009, 1011, 1013, 4401, 1012, ...) stops the
 //!   queue taking more, writes what was queued before it, then sends the Close frame and
 //!   waits briefly for the client's answer before the TCP connection ends.
-//! - A client's Close is answered with a Close frame echoing its code. The reader reads a
-//!   frame only once the writer has written everything queued before (usually at once:
-//!   the queue is empty), because the WebSocket layer refuses data once a Close has been
-//!   read; so whatever was queued before the client's Close reaches the client first.
+//! - A client's Close is answered with a Close frame echoing its code (the writer sends it;
+//!   no data may follow it). The reader reads a frame only once the writer has written
+//!   everything queued before (usually at once: the queue is empty), so whatever was
+//!   queued before the client's Close reaches the client first.
 //!   (The wait is bounded by [`WRITER_WAIT`]: a client that reads nothing is still read.)
 //!
 //! A handler that must wait (rate-limit back-pressure, a store read, a paged reply) returns
 //! [`Flow::RetryAfter`] or [`Flow::Then`]; the reader then reads no further frame until the
 //! wait is over, but keeps watching the token's expiry, the writer and the shutdown.
 //!
-//! Admission (who may upgrade) is [`upgrade`]'s; every close code is in [`close`]. This
+//! - A frame the [`socket`] refuses closes with the code it names (1002, 1007); a message
+//!   over the size limit with 1009, and the reader reads on (skipping that message) so the
+//!   client's answer is read rather than reset. A client's Ping is answered by the writer.
+//!
+//! Admission (who may upgrade) is [`upgrade`]'s; the framing and permessage-deflate are
+//! [`socket`]'s and `deflate`'s; every close code is in [`close`]. This
 //! module must not touch session state or the store: the handlers do, on the reader task.
 
 pub mod close;
