@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Instant;
 
-use axum::extract::ws::WebSocketUpgrade;
+use crate::ws::socket::Upgrade as WebSocketUpgrade;
 use axum::http::{header, HeaderMap};
 use tokio::sync::{mpsc, watch};
 
@@ -140,13 +140,7 @@ impl AppState {
             })
             .map(str::trim);
         from_header
-            .or_else(|| {
-                ws.and_then(|ws| {
-                    bearer_from_subprotocols(
-                        ws.requested_protocols().filter_map(|p| p.to_str().ok()),
-                    )
-                })
-            })
+            .or_else(|| ws.and_then(|ws| bearer_from_subprotocols(ws.requested_protocols())))
             .or_else(|| query.get("token").map(String::as_str))
     }
 

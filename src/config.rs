@@ -189,6 +189,11 @@ pub struct LimitsConfig {
     pub max_long_polls: usize,
     /// Time allowed for a request's headers and body to arrive.
     pub http_timeout_s: u64,
+    /// Whether WebSocket clients may negotiate permessage-deflate (RFC 7692).
+    pub permessage_deflate: bool,
+    /// With permessage-deflate, messages at least this large are sent compressed; smaller
+    /// ones (most updates, cursors) stay raw, where compressing costs more than it saves.
+    pub deflate_threshold_bytes: usize,
 }
 
 impl Default for LimitsConfig {
@@ -215,6 +220,10 @@ impl Default for LimitsConfig {
             max_long_polls_per_user: 16,
             max_long_polls: 2000,
             http_timeout_s: 30,
+            permessage_deflate: true,
+            // The `ws` package's default threshold: smaller messages rarely shrink enough
+            // to pay for a deflate stream's setup.
+            deflate_threshold_bytes: 1024,
         }
     }
 }
@@ -400,6 +409,18 @@ impl Config {
         if let Some(v) = env("EASEL_NODE_ID").filter(|v| !v.is_empty()) {
             self.cluster.node_id = Some(v);
         }
+        if let Some(v) = env("EASEL_PERMESSAGE_DEFLATE") {
+            self.limits.permessage_deflate = match v.as_str() {
+                "1" | "true" => true,
+                "0" | "false" => false,
+                _ => {
+                    return Err(ConfigError::Env {
+                        name: "EASEL_PERMESSAGE_DEFLATE",
+                        message: format!("{v:?} is neither 1/true nor 0/false"),
+                    })
+                }
+            };
+        }
         if let Some(v) = env("EASEL_LOG_FORMAT") {
             self.log.format = match v.as_str() {
                 "pretty" => LogFormat::Pretty,
@@ -483,6 +504,11 @@ impl Config {
                 ms_day,
             ),
             ("limits.max_frame_bytes", l.max_frame_bytes as f64, size),
+            (
+                "limits.deflate_threshold_bytes",
+                l.deflate_threshold_bytes as f64,
+                size,
+            ),
             (
                 "limits.max_send_queue_bytes",
                 l.max_send_queue_bytes as f64,

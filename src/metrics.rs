@@ -43,6 +43,9 @@ pub struct EndpointMetrics {
     pub frames_out: Counter,
     pub bytes_in: Counter,
     pub bytes_out: Counter,
+    /// Wire bytes of permessage-deflate messages (compressed payloads).
+    pub compressed_bytes_in: Counter,
+    pub compressed_bytes_out: Counter,
     pub rate_limited: Counter,
     /// `easel_closes_total{endpoint, code}` of this endpoint: the closes the server sent.
     closes: Family<[(&'static str, String); 2], Counter>,
@@ -233,6 +236,23 @@ impl Metrics {
         let bytes_in = Family::<Labels, Counter>::default();
         let bytes_out = Family::<Labels, Counter>::default();
         let rate_limited = Family::<Labels, Counter>::default();
+        let compressed_in = Family::<Labels, Counter>::default();
+        let compressed_out = Family::<Labels, Counter>::default();
+        registry.register(
+            "compressed_bytes_in",
+            "WebSocket payload bytes received compressed (permessage-deflate), as on the wire",
+            compressed_in.clone(),
+        );
+        registry.register(
+            "compressed_bytes_out",
+            "WebSocket payload bytes sent compressed (permessage-deflate), as on the wire",
+            compressed_out.clone(),
+        );
+        registry.register(
+            "deflate_compressions",
+            "Outgoing messages compressed (permessage-deflate); once per message, however many receive it",
+            crate::ws::deflate::compressions().clone(),
+        );
         registry.register(
             "connections",
             "Open WebSocket connections",
@@ -269,6 +289,8 @@ impl Metrics {
                 frames_out: frames_out.get_or_create_owned(&l),
                 bytes_in: bytes_in.get_or_create_owned(&l),
                 bytes_out: bytes_out.get_or_create_owned(&l),
+                compressed_bytes_in: compressed_in.get_or_create_owned(&l),
+                compressed_bytes_out: compressed_out.get_or_create_owned(&l),
                 rate_limited: rate_limited.get_or_create_owned(&l),
                 closes: closes.clone(),
                 endpoint: e,

@@ -10,6 +10,8 @@ use crate::store::StoreError;
 
 pub const NORMAL: u16 = 1000;
 pub const GOING_AWAY: u16 = 1001;
+/// A frame that breaks RFC 6455 (or RFC 7692) framing rules.
+pub const PROTOCOL_ERROR: u16 = 1002;
 pub const UNSUPPORTED: u16 = 1003;
 pub const INVALID_PAYLOAD: u16 = 1007;
 pub const POLICY: u16 = 1008;

@@ -13,22 +13,29 @@
 //! - A close the server decides on (1008, 1009, 1011, 1013, 4401, 1012, ...) stops the
 //!   queue taking more, writes what was queued before it, then sends the Close frame and
 //!   waits briefly for the client's answer before the TCP connection ends.
-//! - A client's Close is answered with a Close frame echoing its code. The reader reads a
-//!   frame only once the writer has written everything queued before (usually at once:
-//!   the queue is empty), because the WebSocket layer refuses data once a Close has been
-//!   read; so whatever was queued before the client's Close reaches the client first.
+//! - A client's Close is answered with a Close frame echoing its code (the writer sends it;
+//!   no data may follow it). The reader reads a frame only once the writer has written
+//!   everything queued before (usually at once: the queue is empty), so whatever was
+//!   queued before the client's Close reaches the client first.
 //!   (The wait is bounded by [`WRITER_WAIT`]: a client that reads nothing is still read.)
 //!
 //! A handler that must wait (rate-limit back-pressure, a store read, a paged reply) returns
 //! [`Flow::RetryAfter`] or [`Flow::Then`]; the reader then reads no further frame until the
 //! wait is over, but keeps watching the token's expiry, the writer and the shutdown.
 //!
-//! Admission (who may upgrade) is [`upgrade`]'s; every close code is in [`close`]. This
+//! - A frame the [`socket`] refuses closes with the code it names (1002, 1007); a message
+//!   over the size limit with 1009, and the reader reads on (skipping that message) so the
+//!   client's answer is read rather than reset. A client's Ping is answered by the writer.
+//!
+//! Admission (who may upgrade) is [`upgrade`]'s; the framing and permessage-deflate are
+//! [`socket`]'s and `deflate`'s; every close code is in [`close`]. This
 //! module must not touch session state or the store: the handlers do, on the reader task.
 
 pub mod close;
+pub(crate) mod deflate;
 mod frames;
 pub mod outbox;
+pub mod socket;
 pub mod tutor;
 pub mod upgrade;
 pub mod whiteboard;
@@ -38,9 +45,8 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
-use futures_util::stream::SplitSink;
-use futures_util::{SinkExt, StreamExt};
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes};
+use tokio::io::{ReadHalf, WriteHalf};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
@@ -49,6 +55,11 @@ use crate::metrics::{Endpoint, EndpointMetrics};
 use crate::session::whiteboard::ConnId;
 use close::Close;
 use outbox::{OutboxReceiver, Progress};
+use socket::{Io, SocketError};
+
+/// The two halves of an upgraded connection's WebSocket.
+pub type SocketReader = socket::Reader<ReadHalf<Io>>;
+pub type SocketWriter = socket::Writer<WriteHalf<Io>>;
 
 /// Longer than any connection lives; `Instant + Duration::MAX` would overflow.
 const FAR_FUTURE: Duration = Duration::from_secs(10 * 365 * 86_400);
@@ -176,8 +187,8 @@ pub struct Timing {
 enum WriterCmd {
     /// The server closes: write what is queued, then this Close frame.
     Close(Close),
-    /// The client sent a Close: answer it (the WebSocket layer echoes its code) and stop.
-    PeerClosed,
+    /// The client sent a Close: answer it, echoing its code (RFC 6455 5.5.1), and stop.
+    PeerClosed(Option<CloseFrame>),
 }
 
 /// What the reader is waiting on instead of reading the next frame.
@@ -245,19 +256,20 @@ fn settle(
 /// Reads the next frame once everything queued before is written (see the module docs).
 /// When no frame is ready, the counts held back so far go to the shared counters first.
 async fn next_frame(
-    stream: &mut futures_util::stream::SplitStream<WebSocket>,
+    stream: &mut SocketReader,
     progress: &Progress,
     counts: &mut ReadCounts,
     metrics: &EndpointMetrics,
     handler: &mut impl FrameHandler,
-) -> Option<Result<Message, axum::Error>> {
+) -> Option<Result<Message, SocketError>> {
     if !progress.all_written() {
         // Bounded: a client that reads nothing (its writer is stuck) must not also stop
         // being read, or a client that writes before it reads would deadlock with us.
         let _ = tokio::time::timeout(WRITER_WAIT, progress.written()).await;
     }
+    let mut next = std::pin::pin!(stream.next());
     std::future::poll_fn(|cx| {
-        let polled = stream.poll_next_unpin(cx);
+        let polled = next.as_mut().poll(cx);
         if polled.is_pending() {
             counts.flush(metrics, handler);
         }
@@ -266,19 +278,12 @@ async fn next_frame(
     .await
 }
 
-/// Whether a read failed on a frame or message over the configured size: tungstenite's
-/// capacity error (axum wraps it; matched by type, not by its text).
-fn is_over_size_limit(e: &axum::Error) -> bool {
-    use std::error::Error as _;
-    use tungstenite::Error as WsError;
-    matches!(
-        e.source().and_then(|s| s.downcast_ref::<WsError>()),
-        Some(WsError::Capacity(_))
-    )
-}
-
 /// Runs a connection until either side closes it.
-pub async fn run(socket: WebSocket, conn: Connection, mut handler: impl FrameHandler) {
+pub async fn run(
+    (mut stream, sink): (SocketReader, SocketWriter),
+    conn: Connection,
+    mut handler: impl FrameHandler,
+) {
     let Connection {
         outbox,
         timing,
@@ -289,7 +294,9 @@ pub async fn run(socket: WebSocket, conn: Connection, mut handler: impl FrameHan
         admin,
         ..
     } = conn;
-    let (sink, mut stream) = socket.split();
+    // The reader hands the client's pings to the writer, which alone writes: only the
+    // latest needs an answer (RFC 6455 5.5.3).
+    let (pong_tx, pong_rx) = watch::channel(bytes::Bytes::new());
     // A oneshot, not a channel: the writer is told at most once, and an idle connection
     // should not carry a channel's preallocated block (about 1 KiB).
     let (cmd_tx, cmd_rx) = oneshot::channel::<WriterCmd>();
@@ -303,6 +310,7 @@ pub async fn run(socket: WebSocket, conn: Connection, mut handler: impl FrameHan
         sink,
         outbox,
         cmd_rx,
+        pong_rx,
         shutdown,
         timing,
         metrics.clone(),
@@ -323,6 +331,7 @@ pub async fn run(socket: WebSocket, conn: Connection, mut handler: impl FrameHan
     };
     let mut writer_result: Option<Option<Close>> = None;
     let mut client_closed = false;
+    let mut peer_close: Option<CloseFrame> = None;
     // The frame being handled when the handler asked to wait, and what it waits on.
     let mut work: Option<(Option<Message>, Work)> = None;
     let mut counts = ReadCounts::default();
@@ -334,21 +343,40 @@ pub async fn run(socket: WebSocket, conn: Connection, mut handler: impl FrameHan
                 let frame = match frame {
                     Some(Ok(f)) => f,
                     Some(Err(e)) => {
-                        if is_over_size_limit(&e) {
-                            closer.ask(Close::new(close::TOO_BIG, "frame too large"));
-                        } else {
-                            tracing::debug!(conn = conn.id, error = %e, "read error");
+                        match (&e, e.close_code()) {
+                            (SocketError::TooBig(_), _) => {
+                                // The reader skips the rest of that message: read on, so
+                                // the client's answer to our Close is read, not reset.
+                                closer.ask(Close::new(close::TOO_BIG, "frame too large"));
+                                continue;
+                            }
+                            (_, Some(code)) => {
+                                tracing::debug!(conn = conn.id, error = %e, "protocol error");
+                                closer.ask(Close::new(code, e.to_string()));
+                            }
+                            (_, None) => tracing::debug!(conn = conn.id, error = %e, "read error"),
                         }
                         break 'read;
                     }
                     None => { client_closed = closer.asked.is_none(); break 'read; }
                 };
                 last_heard = Instant::now();
-                if let Message::Close(_) = frame {
+                let compressed = stream.take_compressed_bytes();
+                if compressed > 0 {
+                    metrics.compressed_bytes_in.inc_by(compressed);
+                }
+                if let Message::Close(c) = frame {
                     // An answer to our Close, or the client's own: either way the reading
-                    // is over. The WebSocket layer has queued the echo of a client's Close.
+                    // is over. The writer echoes a client's Close.
                     client_closed = closer.asked.is_none();
+                    peer_close = c;
                     break 'read;
+                }
+                if let Message::Ping(p) = frame {
+                    if closer.asked.is_none() {
+                        pong_tx.send_replace(p);
+                    }
+                    continue;
                 }
                 if closer.asked.is_some() {
                     continue; // closing: discard what is still in flight
@@ -429,19 +457,13 @@ pub async fn run(socket: WebSocket, conn: Connection, mut handler: impl FrameHan
         Some(sent) => sent,
         None if client_closed => {
             if let Some(tx) = closer.cmd_tx.take() {
-                let _ = tx.send(WriterCmd::PeerClosed);
+                let _ = tx.send(WriterCmd::PeerClosed(peer_close.take()));
             }
             let sent = tokio::time::timeout(CLOSE_ANSWER, &mut writer)
                 .await
                 .ok()
                 .and_then(|r| r.ok())
                 .flatten();
-            // Reading on after the client's Close writes the echo if the writer could not
-            // (it stopped on an error) and then ends the stream.
-            let _ = tokio::time::timeout(CLOSE_ANSWER, async {
-                while let Some(Ok(_)) = stream.next().await {}
-            })
-            .await;
             sent
         }
         None => {
@@ -527,9 +549,10 @@ fn payload_len(m: &Message) -> usize {
 }
 
 async fn write_loop(
-    mut sink: SplitSink<WebSocket, Message>,
+    mut sink: SocketWriter,
     mut outbox: OutboxReceiver,
     mut cmd_rx: oneshot::Receiver<WriterCmd>,
+    mut pong_rx: watch::Receiver<bytes::Bytes>,
     mut shutdown: watch::Receiver<bool>,
     timing: Timing,
     metrics: EndpointMetrics,
@@ -545,10 +568,10 @@ async fn write_loop(
             // Polled only until it completes: every outcome leaves the loop.
             c = &mut cmd_rx => match c {
                 Ok(WriterCmd::Close(c)) => break c,
-                Ok(WriterCmd::PeerClosed) => {
+                Ok(WriterCmd::PeerClosed(echo)) => {
                     outbox.start_closing();
-                    // Flushes the Close frame the WebSocket layer queued as the answer.
-                    let _ = tokio::time::timeout(CLOSE_ANSWER, sink.close()).await;
+                    let echo = echo.map(|c| CloseFrame { code: c.code, reason: Utf8Bytes::from_static("") });
+                    let _ = tokio::time::timeout(CLOSE_ANSWER, sink.close(echo)).await;
                     return None;
                 }
                 Err(_) => return None,
@@ -576,6 +599,10 @@ async fn write_loop(
                 // atomic add per frame made the two cores take turns on their cache line.
                 metrics.frames_out.inc_by(n as u64);
                 metrics.bytes_out.inc_by(bytes as u64);
+                let compressed = sink.take_compressed_bytes();
+                if compressed > 0 {
+                    metrics.compressed_bytes_out.inc_by(compressed);
+                }
                 if sink.flush().await.is_err() {
                     return None;
                 }
@@ -588,6 +615,12 @@ async fn write_loop(
                 }
                 metrics.frames_out.inc();
                 last_sent = Instant::now();
+            }
+            Ok(()) = pong_rx.changed() => {
+                let p = pong_rx.borrow_and_update().clone();
+                if sink.send(Message::Pong(p)).await.is_err() {
+                    return None;
+                }
             }
             _ = ping.tick() => {
                 if sink.send(Message::Ping(bytes::Bytes::new())).await.is_err() {
@@ -613,7 +646,7 @@ async fn write_loop(
         }
         metrics.frames_out.inc_by(n);
         metrics.bytes_out.inc_by(bytes);
-        sink.send(Message::Close(Some(frame))).await
+        sink.close(Some(frame)).await
     })
     .await;
     match finished {

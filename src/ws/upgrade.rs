@@ -11,16 +11,15 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::ws::rejection::WebSocketUpgradeRejection;
-use axum::extract::ws::{WebSocket, WebSocketUpgrade};
 use axum::extract::{Query, State};
 use axum::http::{header, HeaderMap};
 use axum::response::Response;
 
 use super::outbox::{outbox, Outbox};
+use super::socket::{HandshakeError, Settings, Upgrade};
 use super::tutor::TutorHandler;
 use super::whiteboard::WhiteboardHandler;
-use super::{Connection, DrainGuard, Timing};
+use super::{Connection, DrainGuard, SocketReader, SocketWriter, Timing};
 use crate::app::{user_info, AppState};
 use crate::auth::Claims;
 use crate::http::{ApiError, ApiPath};
@@ -115,8 +114,8 @@ async fn admit(
     session: &str,
     headers: &HeaderMap,
     query: &HashMap<String, String>,
-    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
-) -> Result<(Admitted, WebSocketUpgrade), ApiError> {
+    ws: Result<Upgrade, HandshakeError>,
+) -> Result<(Admitted, Upgrade), ApiError> {
     let claims = app.authorize(session, headers, query, ws.as_ref().ok())?;
     check_origin(app, headers)?;
     // SPEC 9: no new connection while Redis does not answer (nothing could be appended).
@@ -132,16 +131,6 @@ async fn admit(
     // one is then closed with 1012 at once, like any connection still open at shutdown.
     let drain = app.drain.upgrade().map(DrainGuard::new);
     let session = app.open_session(&claims, session).await?;
-    let max = app.config.limits.max_frame_bytes;
-    let ws = ws
-        .protocols(["easel"])
-        .read_buffer_size(WS_READ_BUFFER)
-        // The writer feeds a batch of frames, then flushes once: one send per batch.
-        .write_buffer_size(WS_WRITE_BUFFER)
-        // Frames up to twice the limit are read whole and refused with 1009 and a clean
-        // close; beyond that the socket is dropped mid-frame.
-        .max_message_size(max.saturating_mul(2))
-        .max_frame_size(max.saturating_mul(2));
     let admitted = Admitted {
         claims,
         permit,
@@ -151,19 +140,36 @@ async fn admit(
     Ok((admitted, ws))
 }
 
+/// The socket's settings: a message over the size limit is skipped as it arrives (never
+/// held) and closed with 1009.
+fn settings(app: &AppState) -> Settings {
+    let l = &app.config.limits;
+    Settings {
+        max_message: l.max_frame_bytes,
+        deflate_threshold: l.deflate_threshold_bytes,
+        deflate: l.permessage_deflate,
+        read_buffer: WS_READ_BUFFER,
+        // The writer feeds a batch of frames, then flushes once: one send per batch.
+        write_buffer: WS_WRITE_BUFFER,
+    }
+}
+
 /// `GET /ws/v2/session/{session}/whiteboard`: the y-websocket endpoint (SPEC.md 3).
 pub async fn whiteboard_ws(
     State(app): State<Arc<AppState>>,
     ApiPath(session): ApiPath<String>,
     Query(query): Query<HashMap<String, String>>,
     headers: HeaderMap,
-    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+    ws: Result<Upgrade, HandshakeError>,
 ) -> Result<Response, ApiError> {
     let (a, ws) = admit(&app, Endpoint::Whiteboard, &session, &headers, &query, ws).await?;
-    Ok(ws.on_upgrade(move |socket| run_whiteboard(app, socket, a)))
+    let settings = settings(&app);
+    Ok(ws.accept("easel", settings, move |r, w| {
+        run_whiteboard(app, (r, w), a)
+    }))
 }
 
-async fn run_whiteboard(app: Arc<AppState>, socket: WebSocket, a: Admitted) {
+async fn run_whiteboard(app: Arc<AppState>, socket: (SocketReader, SocketWriter), a: Admitted) {
     let limits = &app.config.limits;
     let Admitted {
         claims,
@@ -223,7 +229,7 @@ pub async fn tutor_ws(
     ApiPath(session): ApiPath<String>,
     Query(query): Query<HashMap<String, String>>,
     headers: HeaderMap,
-    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+    ws: Result<Upgrade, HandshakeError>,
 ) -> Result<Response, ApiError> {
     // The token first: a client without one is told 401, whatever else it sent.
     let (a, ws) = admit(&app, Endpoint::Tutor, &session, &headers, &query, ws).await?;
@@ -234,10 +240,18 @@ pub async fn tutor_ws(
                 .map_err(|_| ApiError::BadRequest("after_seq must be a whole number".into()))?,
         ),
     };
-    Ok(ws.on_upgrade(move |socket| run_tutor(app, socket, a, after_seq)))
+    let settings = settings(&app);
+    Ok(ws.accept("easel", settings, move |r, w| {
+        run_tutor(app, (r, w), a, after_seq)
+    }))
 }
 
-async fn run_tutor(app: Arc<AppState>, socket: WebSocket, a: Admitted, after_seq: Option<u64>) {
+async fn run_tutor(
+    app: Arc<AppState>,
+    socket: (SocketReader, SocketWriter),
+    a: Admitted,
+    after_seq: Option<u64>,
+) {
     let cfg = &app.config;
     let Admitted {
         claims,

@@ -33,3 +33,4 @@ mod redis_store;
 mod storage_faults;
 mod tutor;
 mod whiteboard;
+mod ws_deflate;

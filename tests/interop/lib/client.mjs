@@ -2,8 +2,18 @@
 import * as Y from 'yjs'
 import { WebsocketProvider, messageAuth, messageAwareness } from 'y-websocket'
 import * as decoding from 'lib0/decoding'
-import WebSocket from 'ws'
+import NodeWebSocket from 'ws'
 import { waitFor } from './server.mjs'
+
+// `ws` offers permessage-deflate by default, as browsers do: the suite runs with it.
+// EASEL_WS_DEFLATE=0 runs it again with no offer (every frame raw).
+const WebSocket = process.env.EASEL_WS_DEFLATE === '0'
+  ? class extends NodeWebSocket {
+    constructor (url, protocols, options = {}) {
+      super(url, protocols, { ...options, perMessageDeflate: false })
+    }
+  }
+  : NodeWebSocket
 
 export { Y, WebsocketProvider, WebSocket }
 
