@@ -353,7 +353,10 @@ impl<R: AsyncRead + Unpin> Reader<R> {
             }
             let total = h.header_len + h.len as usize; // bounded: `len` <= max or <= 125
             if self.buf.len() < total {
-                self.buf.reserve(total - self.buf.len());
+                // Not reserved up front: a client that declares a large frame and sends
+                // nothing must not cost `max_frame_bytes` of memory. The buffer grows with
+                // what arrives (the read loop reserves `read_buffer` at a time; `BytesMut`
+                // doubles, so a large frame is not copied over and over).
                 return Ok(None);
             }
             self.buf.advance(h.header_len);
