@@ -701,3 +701,39 @@ async fn a_redis_that_answers_but_refuses_writes_makes_the_node_unready() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn an_awareness_event_in_redis_that_the_guard_refuses_is_counted_and_harmless() {
+    use yrs::updates::encoder::Encode;
+    let c = cluster(1);
+    let s = session_id("cl-hostile-aw");
+    let mut a = c.nodes[0].wb_user(&s, "alice").await;
+    // Something other than a node wrote a state nested 100,000 deep into the event stream.
+    let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+    let bytes = awareness_update(77, 1, &deep).encode_v1();
+    {
+        let client = ::redis::Client::open(c.redis.url()).expect("client");
+        let mut con = client.get_connection().expect("connection");
+        ::redis::cmd("XADD")
+            .arg(format!("easel:{{{s}}}:ev"))
+            .arg("*")
+            .arg("n")
+            .arg("intruder")
+            .arg("k")
+            .arg("aw")
+            .arg("d")
+            .arg(bytes)
+            .query::<::redis::Value>(&mut con)
+            .expect("XADD");
+    }
+    eventually("the refusal counted", SLOW, || async {
+        let text = c.nodes[0].http_get("/metrics").await.text();
+        let refused = metric_sample(&text, "easel_guard_refusals_total{reason=\"awareness\"}");
+        (refused >= Some(1.0)).then_some(())
+    })
+    .await;
+    // The node is up and the session works.
+    a.map_set("m", "k", "v").await;
+    a.barrier().await;
+    assert_server_alive(&c.nodes[0], &s).await;
+}

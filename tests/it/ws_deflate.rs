@@ -410,18 +410,22 @@ async fn closes_with(extensions: Option<&str>, frames: &[RawFrame], code: u16) {
     assert_eq!(c.close_code().await, code, "{frames:?}");
     // Every refusal is counted, by its close code.
     let wanted = format!("code=\"{code}\"");
-    eventually("the close counted in easel_closes_total", TIMEOUT, || async {
-        let metrics = server.http_get("/metrics").await.text();
-        metrics
-            .lines()
-            .any(|l| {
-                l.starts_with("easel_closes_total{")
-                    && l.contains(&wanted)
-                    && l.contains("whiteboard")
-                    && !l.ends_with(" 0")
-            })
-            .then_some(())
-    })
+    eventually(
+        "the close counted in easel_closes_total",
+        TIMEOUT,
+        || async {
+            let metrics = server.http_get("/metrics").await.text();
+            metrics
+                .lines()
+                .any(|l| {
+                    l.starts_with("easel_closes_total{")
+                        && l.contains(&wanted)
+                        && l.contains("whiteboard")
+                        && !l.ends_with(" 0")
+                })
+                .then_some(())
+        },
+    )
     .await;
 }
 

@@ -229,10 +229,20 @@ impl Board {
     /// what changed to this node's connections within a tick. Those states were checked
     /// against SPEC 7.1's bounds by the node their client is connected to.
     pub fn apply_remote_awareness(&self, node: &str, update: &[u8]) {
-        let update = match AwarenessUpdate::decode_v1(update) {
+        // Read from Redis: checked by the guard like a client's (structure, count, sizes,
+        // depth) before yrs decodes it, whatever the node that wrote it checked.
+        let limits = self.options.limits;
+        let decoded = guard::decode_awareness(
+            update,
+            crate::protocol::wire::MAX_AWARENESS_ENTRIES,
+            limits.max_awareness_state_bytes,
+            limits.max_nesting,
+        );
+        let update = match decoded {
             Ok(update) => update,
             Err(e) => {
-                tracing::debug!(session = %self.session, %node, error = %e, "awareness from another node ignored");
+                self.metrics.guard_refusals.awareness.inc();
+                tracing::warn!(session = %self.session, %node, error = %e, "awareness from another node refused");
                 return;
             }
         };
