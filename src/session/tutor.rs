@@ -374,6 +374,11 @@ impl Room {
     /// Applies what another node published about this session (cluster mode), relaying to
     /// this node's connections what they must see.
     pub fn hear(&self, node: &str, event: Event) {
+        // Parsed before the room's lock is taken, not under it.
+        let amends = match &event {
+            Event::Relay { json } => amended_seq(json),
+            _ => None,
+        };
         let mut inner = self.inner();
         match event {
             Event::Presence { user, connections } => {
@@ -393,7 +398,7 @@ impl Room {
                     _ => {}
                 }
             }
-            Event::Relay { json } => match amended_seq(&json) {
+            Event::Relay { json } => match amends {
                 Some(seq) => Self::send_amend(&mut inner, seq, json),
                 None => inner.members.broadcast(&text(json), None),
             },
@@ -839,11 +844,17 @@ impl HistoryReader {
 
 /// The seq a relayed `chat_edited`/`chat_deleted` frame amends, if it is one.
 fn amended_seq(json: &str) -> Option<u64> {
-    let v: serde_json::Value = serde_json::from_str(json).ok()?;
-    match v["type"].as_str()? {
-        "chat_edited" | "chat_deleted" => v["seq"].as_u64(),
-        _ => None,
+    /// Only the two fields looked at: the rest of the frame is skipped, not built.
+    #[derive(serde::Deserialize)]
+    struct Head {
+        #[serde(rename = "type")]
+        kind: String,
+        seq: Option<u64>,
     }
+    let head: Head = serde_json::from_str(json).ok()?;
+    matches!(head.kind.as_str(), "chat_edited" | "chat_deleted")
+        .then_some(head.seq)
+        .flatten()
 }
 
 #[cfg(test)]
