@@ -603,33 +603,30 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
         if self.closed {
             return Err(SocketError::Io(std::io::ErrorKind::BrokenPipe.into()));
         }
-        // A text message's bytes are copied out of axum's `Utf8Bytes` (it gives no `Bytes`),
-        // so its address is this connection's own: compressed without the shared cache.
-        let (opcode, payload, shared) = match m {
-            Message::Binary(b) => (OP_BINARY, b, true),
-            Message::Text(t) => (OP_TEXT, Bytes::from(t.as_str().to_owned()), false),
-            Message::Ping(p) => (OP_PING, p, false),
-            Message::Pong(p) => (OP_PONG, p, false),
-            Message::Close(c) => return self.close(c).await,
+        let (opcode, bytes): (u8, &[u8]) = match &m {
+            Message::Binary(b) => (OP_BINARY, b),
+            Message::Text(t) => (OP_TEXT, t.as_str().as_bytes()),
+            Message::Ping(p) => (OP_PING, p),
+            Message::Pong(p) => (OP_PONG, p),
+            Message::Close(c) => return self.close(c.clone()).await,
         };
-        let mut rsv1 = false;
-        let mut payload = payload;
         if let Some(a) = self.deflate {
-            if opcode < OP_CLOSE && payload.len() >= self.settings.deflate_threshold {
+            if opcode < OP_CLOSE && bytes.len() >= self.settings.deflate_threshold {
                 let bits = a.server_window_bits;
-                let c = if shared {
-                    deflate::compressed(&payload, bits).await
-                } else {
-                    deflate::compress(payload.clone(), bits).await
+                let compressed = match &m {
+                    // The fan-out's one `Bytes` for every receiver: compressed once for all.
+                    Message::Binary(b) => deflate::compressed(b, bits).await,
+                    // A text message's bytes are this connection's own copy (axum's
+                    // `Utf8Bytes` gives no `Bytes`): compressed without the shared cache.
+                    _ => deflate::compress(Bytes::copy_from_slice(bytes), bits).await,
                 };
-                if let Some(c) = c {
+                if let Some(c) = compressed {
                     self.compressed_out += c.len() as u64;
-                    payload = c;
-                    rsv1 = true;
+                    return self.frame(opcode, true, &c).await;
                 }
             }
         }
-        self.frame(opcode, rsv1, &payload).await
+        self.frame(opcode, false, bytes).await
     }
 
     async fn frame(&mut self, opcode: u8, rsv1: bool, payload: &[u8]) -> Result<(), SocketError> {
