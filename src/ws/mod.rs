@@ -265,7 +265,8 @@ async fn next_frame(
     if !progress.all_written() {
         // Bounded: a client that reads nothing (its writer is stuck) must not also stop
         // being read, or a client that writes before it reads would deadlock with us.
-        let _ = tokio::time::timeout(WRITER_WAIT, progress.written()).await;
+        // Boxed: only this wait needs the space, and the reader's state keeps it otherwise.
+        let _ = Box::pin(tokio::time::timeout(WRITER_WAIT, progress.written())).await;
     }
     let mut next = std::pin::pin!(stream.next());
     std::future::poll_fn(|cx| {
@@ -279,12 +280,24 @@ async fn next_frame(
 }
 
 /// Runs a connection until either side closes it.
-pub async fn run(
+///
+/// Not an `async fn`: its arguments would be kept in the connection's state for its whole
+/// life beside the copies the body moves them into (about a kilobyte of each idle
+/// connection). The set-up runs here; the returned future only ever uses what it captured
+/// in place.
+pub fn run(
     (mut stream, sink): (SocketReader, SocketWriter),
     conn: Connection,
     mut handler: impl FrameHandler,
-) {
+) -> impl Future<Output = ()> + Send {
     let Connection {
+        id,
+        endpoint,
+        session,
+        user,
+        permit,
+        drain,
+        token_expires,
         outbox,
         timing,
         metrics,
@@ -292,7 +305,6 @@ pub async fn run(
         max_frame_bytes,
         mut removed,
         admin,
-        ..
     } = conn;
     // The reader hands the client's pings to the writer, which alone writes: only the
     // latest needs an answer (RFC 6455 5.5.3).
@@ -317,198 +329,221 @@ pub async fn run(
     ));
 
     let expiry = Instant::now()
-        + conn
-            .token_expires
+        + token_expires
             .duration_since(SystemTime::now())
             .unwrap_or_default()
             .min(FAR_FUTURE);
-    let mut last_heard = Instant::now();
-    let mut written_seen = progress.written_count();
-    let mut closer = Closer {
-        cmd_tx: Some(cmd_tx),
-        asked: None,
-        deadline: Instant::now() + FAR_FUTURE,
-    };
-    let mut writer_result: Option<Option<Close>> = None;
-    let mut client_closed = false;
-    let mut peer_close: Option<CloseFrame> = None;
-    // The frame being handled when the handler asked to wait, and what it waits on.
-    let mut work: Option<(Option<Message>, Work)> = None;
-    let mut counts = ReadCounts::default();
-    settle(handler.on_start(), None, &mut work, &mut closer);
+    async move {
+        let mut last_heard = Instant::now();
+        let mut written_seen = progress.written_count();
+        let mut closer = Closer {
+            cmd_tx: Some(cmd_tx),
+            asked: None,
+            deadline: Instant::now() + FAR_FUTURE,
+        };
+        let mut writer_result: Option<Option<Close>> = None;
+        let mut client_closed = false;
+        let mut peer_close: Option<CloseFrame> = None;
+        // The frame being handled when the handler asked to wait, and what it waits on.
+        let mut work: Option<(Option<Message>, Work)> = None;
+        let mut counts = ReadCounts::default();
+        settle(handler.on_start(), None, &mut work, &mut closer);
+        // Made once, not per frame (each wait would register and unregister itself on every
+        // frame read): what makes the server close, and one timer for the reader's deadlines,
+        // moved only when it fires or a close brings its deadline nearer.
+        let signals = async {
+            tokio::select! {
+                _ = overflow.overflowed() => Close::queue_full(),
+                _ = removed_from_session(&mut removed, &user, admin) => Close::removed(),
+                _ = stopping(&mut stopping_rx) => Close::restart(),
+            }
+        };
+        tokio::pin!(signals);
+        let mut armed = expiry.min(last_heard + timing.idle_timeout);
+        let timer = tokio::time::sleep_until(armed);
+        tokio::pin!(timer);
 
-    'read: loop {
-        tokio::select! {
-            frame = next_frame(&mut stream, &progress, &mut counts, &metrics, &mut handler), if work.is_none() => {
-                let frame = match frame {
-                    Some(Ok(f)) => f,
-                    Some(Err(e)) => {
-                        match (&e, e.close_code()) {
-                            (SocketError::TooBig(_), _) => {
-                                // The reader skips the rest of that message: read on, so
-                                // the client's answer to our Close is read, not reset.
-                                closer.ask(Close::new(close::TOO_BIG, "frame too large"));
-                                continue;
+        'read: loop {
+            let due = match closer.asked {
+                Some(_) => closer.deadline,
+                None => expiry.min(last_heard + timing.idle_timeout),
+            };
+            if due < armed {
+                armed = due;
+                timer.as_mut().reset(due);
+            }
+            tokio::select! {
+                frame = next_frame(&mut stream, &progress, &mut counts, &metrics, &mut handler), if work.is_none() => {
+                    let frame = match frame {
+                        Some(Ok(f)) => f,
+                        Some(Err(e)) => {
+                            match (&e, e.close_code()) {
+                                (SocketError::TooBig(_), _) => {
+                                    // The reader skips the rest of that message: read on, so
+                                    // the client's answer to our Close is read, not reset.
+                                    closer.ask(Close::new(close::TOO_BIG, "frame too large"));
+                                    continue;
+                                }
+                                (_, Some(code)) => {
+                                    tracing::debug!(conn = id, error = %e, "protocol error");
+                                    closer.ask(Close::new(code, e.to_string()));
+                                }
+                                (_, None) => tracing::debug!(conn = id, error = %e, "read error"),
                             }
-                            (_, Some(code)) => {
-                                tracing::debug!(conn = conn.id, error = %e, "protocol error");
-                                closer.ask(Close::new(code, e.to_string()));
-                            }
-                            (_, None) => tracing::debug!(conn = conn.id, error = %e, "read error"),
+                            break 'read;
                         }
+                        None => { client_closed = closer.asked.is_none(); break 'read; }
+                    };
+                    last_heard = Instant::now();
+                    let compressed = stream.take_compressed_bytes();
+                    if compressed > 0 {
+                        metrics.compressed_bytes_in.inc_by(compressed);
+                    }
+                    if let Message::Close(c) = frame {
+                        // An answer to our Close, or the client's own: either way the reading
+                        // is over. The writer echoes a client's Close.
+                        client_closed = closer.asked.is_none();
+                        peer_close = c;
                         break 'read;
                     }
-                    None => { client_closed = closer.asked.is_none(); break 'read; }
-                };
-                last_heard = Instant::now();
-                let compressed = stream.take_compressed_bytes();
-                if compressed > 0 {
-                    metrics.compressed_bytes_in.inc_by(compressed);
+                    if let Message::Ping(p) = frame {
+                        if closer.asked.is_none() {
+                            pong_tx.send_replace(p);
+                        }
+                        continue;
+                    }
+                    if closer.asked.is_some() {
+                        continue; // closing: discard what is still in flight
+                    }
+                    let len = match &frame {
+                        Message::Binary(b) => b.len(),
+                        Message::Text(t) => t.len(),
+                        _ => continue,
+                    };
+                    if counts.add(len) {
+                        counts.flush(&metrics, &mut handler);
+                    }
+                    if len > max_frame_bytes {
+                        closer.ask(Close::new(close::TOO_BIG, "frame too large"));
+                        continue;
+                    }
+                    let flow = handler.on_frame(&frame);
+                    settle(flow, Some(frame), &mut work, &mut closer);
+                    if work.is_some() {
+                        // The reader waits now; the counts should not wait with it.
+                        counts.flush(&metrics, &mut handler);
+                    }
                 }
-                if let Message::Close(c) = frame {
-                    // An answer to our Close, or the client's own: either way the reading
-                    // is over. The writer echoes a client's Close.
-                    client_closed = closer.asked.is_none();
-                    peer_close = c;
+                outcome = async { match work.as_mut() { Some((_, w)) => w.wait().await, None => std::future::pending().await } }, if work.is_some() => {
+                    let frame = work.take().and_then(|(f, _)| f);
+                    let flow = match (outcome, &frame) {
+                        (Some(flow), _) => flow,
+                        (None, Some(f)) => handler.on_frame(f),
+                        (None, None) => Flow::Continue,
+                    };
+                    settle(flow, frame, &mut work, &mut closer);
+                    if work.is_none() {
+                        // The client was not read while it waited: do not count that as silence.
+                        last_heard = Instant::now();
+                    }
+                }
+                close = &mut signals, if closer.asked.is_none() => {
+                    work = None;
+                    closer.ask(close);
+                }
+                () = &mut timer => {
+                    let now = Instant::now();
+                    if closer.asked.is_some() {
+                        if now >= closer.deadline {
+                            break 'read;
+                        }
+                    } else if now >= expiry {
+                        work = None;
+                        closer.ask(Close::new(close::TOKEN_EXPIRED, "token expired"));
+                    } else if now >= last_heard + timing.idle_timeout {
+                        // While the handler's work is pending the client is not read: it counts
+                        // as alive as long as the writer gets something to it.
+                        let written = progress.written_count();
+                        if work.is_some() && written != written_seen {
+                            written_seen = written;
+                            last_heard = now;
+                        } else {
+                            closer.ask(Close::new(close::GOING_AWAY, "idle timeout"));
+                        }
+                    }
+                    armed = match closer.asked {
+                        Some(_) => closer.deadline,
+                        None => expiry.min(last_heard + timing.idle_timeout),
+                    };
+                    timer.as_mut().reset(armed);
+                }
+                res = &mut writer => {
+                    writer_result = Some(res.ok().flatten());
                     break 'read;
                 }
-                if let Message::Ping(p) = frame {
-                    if closer.asked.is_none() {
-                        pong_tx.send_replace(p);
-                    }
-                    continue;
-                }
-                if closer.asked.is_some() {
-                    continue; // closing: discard what is still in flight
-                }
-                let len = match &frame {
-                    Message::Binary(b) => b.len(),
-                    Message::Text(t) => t.len(),
-                    _ => continue,
-                };
-                if counts.add(len) {
-                    counts.flush(&metrics, &mut handler);
-                }
-                if len > max_frame_bytes {
-                    closer.ask(Close::new(close::TOO_BIG, "frame too large"));
-                    continue;
-                }
-                let flow = handler.on_frame(&frame);
-                settle(flow, Some(frame), &mut work, &mut closer);
-                if work.is_some() {
-                    // The reader waits now; the counts should not wait with it.
-                    counts.flush(&metrics, &mut handler);
-                }
-            }
-            outcome = async { match work.as_mut() { Some((_, w)) => w.wait().await, None => std::future::pending().await } }, if work.is_some() => {
-                let frame = work.take().and_then(|(f, _)| f);
-                let flow = match (outcome, &frame) {
-                    (Some(flow), _) => flow,
-                    (None, Some(f)) => handler.on_frame(f),
-                    (None, None) => Flow::Continue,
-                };
-                settle(flow, frame, &mut work, &mut closer);
-                if work.is_none() {
-                    // The client was not read while it waited: do not count that as silence.
-                    last_heard = Instant::now();
-                }
-            }
-            _ = tokio::time::sleep_until(expiry), if closer.asked.is_none() => {
-                work = None;
-                closer.ask(Close::new(close::TOKEN_EXPIRED, "token expired"));
-            }
-            _ = overflow.overflowed(), if closer.asked.is_none() => {
-                work = None;
-                closer.ask(Close::queue_full());
-            }
-            _ = removed_from_session(&mut removed, &conn.user, admin), if closer.asked.is_none() => {
-                work = None;
-                closer.ask(Close::removed());
-            }
-            _ = stopping(&mut stopping_rx), if closer.asked.is_none() => {
-                work = None;
-                closer.ask(Close::restart());
-            }
-            _ = tokio::time::sleep_until(last_heard + timing.idle_timeout), if closer.asked.is_none() => {
-                // While the handler's work is pending the client is not read: it counts as
-                // alive as long as the writer gets something to it.
-                let written = progress.written_count();
-                if work.is_some() && written != written_seen {
-                    written_seen = written;
-                    last_heard = Instant::now();
-                } else {
-                    closer.ask(Close::new(close::GOING_AWAY, "idle timeout"));
-                }
-            }
-            _ = tokio::time::sleep_until(closer.deadline), if closer.asked.is_some() => {
-                break 'read;
-            }
-            res = &mut writer => {
-                writer_result = Some(res.ok().flatten());
-                break 'read;
             }
         }
-    }
-    drop(work);
+        drop(work);
 
-    counts.flush(&metrics, &mut handler);
-    handler.on_close();
-    let sent = match writer_result {
-        Some(sent) => sent,
-        None if client_closed => {
-            if let Some(tx) = closer.cmd_tx.take() {
-                let _ = tx.send(WriterCmd::PeerClosed(peer_close.take()));
-            }
-            let sent = tokio::time::timeout(CLOSE_ANSWER, &mut writer)
-                .await
-                .ok()
-                .and_then(|r| r.ok())
-                .flatten();
-            sent
-        }
-        None => {
-            closer.ask(Close::new(close::GOING_AWAY, "connection ended"));
-            tokio::time::timeout(CLOSE_DRAIN, &mut writer)
-                .await
-                .ok()
-                .and_then(|r| r.ok())
-                .flatten()
-        }
-    };
-    writer.abort();
-    if !client_closed && sent.is_some() {
-        // Give the client a moment to answer our Close, so the socket is not reset under
-        // a Close frame it has not read yet.
-        let _ = tokio::time::timeout(CLOSE_ANSWER, async {
-            while let Some(Ok(m)) = stream.next().await {
-                if matches!(m, Message::Close(_)) {
-                    break;
+        counts.flush(&metrics, &mut handler);
+        handler.on_close();
+        let sent = match writer_result {
+            Some(sent) => sent,
+            None if client_closed => {
+                if let Some(tx) = closer.cmd_tx.take() {
+                    let _ = tx.send(WriterCmd::PeerClosed(peer_close.take()));
                 }
+                let sent = tokio::time::timeout(CLOSE_ANSWER, &mut writer)
+                    .await
+                    .ok()
+                    .and_then(|r| r.ok())
+                    .flatten();
+                sent
             }
-        })
-        .await;
+            None => {
+                closer.ask(Close::new(close::GOING_AWAY, "connection ended"));
+                tokio::time::timeout(CLOSE_DRAIN, &mut writer)
+                    .await
+                    .ok()
+                    .and_then(|r| r.ok())
+                    .flatten()
+            }
+        };
+        writer.abort();
+        if !client_closed && sent.is_some() {
+            // Give the client a moment to answer our Close, so the socket is not reset under
+            // a Close frame it has not read yet.
+            let _ = tokio::time::timeout(CLOSE_ANSWER, async {
+                while let Some(Ok(m)) = stream.next().await {
+                    if matches!(m, Message::Close(_)) {
+                        break;
+                    }
+                }
+            })
+            .await;
+        }
+        metrics.connections.dec();
+        let code = sent.as_ref().map(|c| c.code);
+        if let Some(code) = code {
+            metrics.closed(code);
+        }
+        let reason = sent
+            .as_ref()
+            .map(|c| c.reason.as_str())
+            .unwrap_or("client closed");
+        tracing::info!(
+            conn = id,
+            endpoint = endpoint.as_str(),
+            session = %session,
+            user = %user,
+            code,
+            reason,
+            "connection closed"
+        );
+        drop(permit);
+        // Last: once every connection's guard is gone, shutdown goes on to the final save.
+        drop(drain);
     }
-    metrics.connections.dec();
-    let code = sent.as_ref().map(|c| c.code);
-    if let Some(code) = code {
-        metrics.closed(code);
-    }
-    let reason = sent
-        .as_ref()
-        .map(|c| c.reason.as_str())
-        .unwrap_or("client closed");
-    tracing::info!(
-        conn = conn.id,
-        endpoint = conn.endpoint.as_str(),
-        session = %conn.session,
-        user = %conn.user,
-        code,
-        reason,
-        "connection closed"
-    );
-    drop(conn.permit);
-    // Last: once every connection's guard is gone, shutdown goes on to the final save.
-    drop(conn.drain);
 }
 
 /// Resolves when `user` is among the session's removed users with a ban still running.
@@ -548,7 +583,35 @@ fn payload_len(m: &Message) -> usize {
     }
 }
 
-async fn write_loop(
+/// What interrupts the writer's data path: the reader's command, an overflow, shutdown or
+/// a Ping to answer.
+enum Control {
+    Cmd(Result<WriterCmd, oneshot::error::RecvError>),
+    Overflow,
+    Stop,
+    Pong,
+}
+
+/// Waits for the first [`Control`]. The writer keeps one of these pinned while it writes
+/// batch after batch, making a new one only after it fired: made afresh for every batch,
+/// each of its waits registered and unregistered itself on every message written.
+async fn control(
+    cmd_rx: &mut oneshot::Receiver<WriterCmd>,
+    overflow: &outbox::OverflowSignal,
+    shutdown: &mut watch::Receiver<bool>,
+    pong_rx: &mut watch::Receiver<bytes::Bytes>,
+) -> Control {
+    tokio::select! {
+        biased;
+        c = cmd_rx => Control::Cmd(c),
+        _ = overflow.overflowed() => Control::Overflow,
+        _ = stopping(shutdown) => Control::Stop,
+        Ok(()) = pong_rx.changed() => Control::Pong,
+    }
+}
+
+/// The writer task. Not an `async fn`, for the reason [`run`] is not.
+fn write_loop(
     mut sink: SocketWriter,
     mut outbox: OutboxReceiver,
     mut cmd_rx: oneshot::Receiver<WriterCmd>,
@@ -556,106 +619,121 @@ async fn write_loop(
     mut shutdown: watch::Receiver<bool>,
     timing: Timing,
     metrics: EndpointMetrics,
-) -> Option<Close> {
-    let mut ping =
-        tokio::time::interval_at(Instant::now() + timing.ping_interval, timing.ping_interval);
-    let mut last_sent = Instant::now();
+) -> impl Future<Output = Option<Close>> + Send {
     let overflow = outbox.overflow_signal();
     let keepalive_after = timing.keepalive.map(|(d, _)| d).unwrap_or(FAR_FUTURE);
-    let close = loop {
-        tokio::select! {
-            biased;
-            // Polled only until it completes: every outcome leaves the loop.
-            c = &mut cmd_rx => match c {
-                Ok(WriterCmd::Close(c)) => break c,
-                Ok(WriterCmd::PeerClosed(echo)) => {
+    let mut next_ping = Instant::now() + timing.ping_interval;
+    let mut last_sent = Instant::now();
+    async move {
+        // One timer for the ping and the keep-alive, moved only when it fires (then it looks
+        // at what is due): moving it after every batch written cost a trip to the timer wheel
+        // per message.
+        let timer = tokio::time::sleep_until(next_ping.min(last_sent + keepalive_after));
+        tokio::pin!(timer);
+        let close = loop {
+            let interrupt = {
+                let interrupt = control(&mut cmd_rx, &overflow, &mut shutdown, &mut pong_rx);
+                tokio::pin!(interrupt);
+                loop {
+                    tokio::select! {
+                        biased;
+                        c = &mut interrupt => break c,
+                        m = outbox.recv() => {
+                            let mut next = Some(m?);
+                            let (mut n, mut bytes) = (0, 0);
+                            while let Some(m) = next {
+                                bytes += payload_len(&m);
+                                let fed = sink.feed(m).await;
+                                outbox.mark_written(1);
+                                if fed.is_err() {
+                                    return None;
+                                }
+                                n += 1;
+                                next = if n < timing.batch { outbox.try_recv() } else { None };
+                            }
+                            // Once per batch: these counters are shared by every connection, and an
+                            // atomic add per frame made the two cores take turns on their cache line.
+                            metrics.frames_out.inc_by(n as u64);
+                            metrics.bytes_out.inc_by(bytes as u64);
+                            let compressed = sink.take_compressed_bytes();
+                            if compressed > 0 {
+                                metrics.compressed_bytes_out.inc_by(compressed);
+                            }
+                            if sink.flush().await.is_err() {
+                                return None;
+                            }
+                            last_sent = Instant::now();
+                        }
+                        () = &mut timer => {
+                            let now = Instant::now();
+                            if let Some((_, frame)) = timing.keepalive.filter(|_| now >= last_sent + keepalive_after) {
+                                if sink.send(Message::Binary(bytes::Bytes::from_static(frame))).await.is_err() {
+                                    return None;
+                                }
+                                metrics.frames_out.inc();
+                                last_sent = now;
+                            }
+                            if now >= next_ping {
+                                if sink.send(Message::Ping(bytes::Bytes::new())).await.is_err() {
+                                    return None;
+                                }
+                                next_ping = now + timing.ping_interval;
+                            }
+                            timer.as_mut().reset(next_ping.min(last_sent + keepalive_after));
+                        }
+                    }
+                }
+            };
+            match interrupt {
+                Control::Cmd(Ok(WriterCmd::Close(c))) => break c,
+                Control::Cmd(Ok(WriterCmd::PeerClosed(echo))) => {
                     outbox.start_closing();
-                    let echo = echo.map(|c| CloseFrame { code: c.code, reason: Utf8Bytes::from_static("") });
+                    let echo = echo.map(|c| CloseFrame {
+                        code: c.code,
+                        reason: Utf8Bytes::from_static(""),
+                    });
                     let _ = tokio::time::timeout(CLOSE_ANSWER, sink.close(echo)).await;
                     return None;
                 }
-                Err(_) => return None,
-            },
-            _ = overflow.overflowed() => {
-                break Close::queue_full();
-            }
-            _ = stopping(&mut shutdown) => {
-                break Close::restart();
-            }
-            m = outbox.recv() => {
-                let mut next = Some(m?);
-                let (mut n, mut bytes) = (0, 0);
-                while let Some(m) = next {
-                    bytes += payload_len(&m);
-                    let fed = sink.feed(m).await;
-                    outbox.mark_written(1);
-                    if fed.is_err() {
+                Control::Cmd(Err(_)) => return None,
+                Control::Overflow => break Close::queue_full(),
+                Control::Stop => break Close::restart(),
+                Control::Pong => {
+                    let p = pong_rx.borrow_and_update().clone();
+                    if sink.send(Message::Pong(p)).await.is_err() {
                         return None;
                     }
-                    n += 1;
-                    next = if n < timing.batch { outbox.try_recv() } else { None };
-                }
-                // Once per batch: these counters are shared by every connection, and an
-                // atomic add per frame made the two cores take turns on their cache line.
-                metrics.frames_out.inc_by(n as u64);
-                metrics.bytes_out.inc_by(bytes as u64);
-                let compressed = sink.take_compressed_bytes();
-                if compressed > 0 {
-                    metrics.compressed_bytes_out.inc_by(compressed);
-                }
-                if sink.flush().await.is_err() {
-                    return None;
-                }
-                last_sent = Instant::now();
-            }
-            _ = tokio::time::sleep_until(last_sent + keepalive_after), if timing.keepalive.is_some() => {
-                let frame = timing.keepalive.map(|(_, f)| f).unwrap_or_default();
-                if sink.send(Message::Binary(bytes::Bytes::from_static(frame))).await.is_err() {
-                    return None;
-                }
-                metrics.frames_out.inc();
-                last_sent = Instant::now();
-            }
-            Ok(()) = pong_rx.changed() => {
-                let p = pong_rx.borrow_and_update().clone();
-                if sink.send(Message::Pong(p)).await.is_err() {
-                    return None;
                 }
             }
-            _ = ping.tick() => {
-                if sink.send(Message::Ping(bytes::Bytes::new())).await.is_err() {
-                    return None;
-                }
+        };
+        // Whatever was queued before the close goes first; nothing queued after it does.
+        outbox.start_closing();
+        let frame = CloseFrame {
+            code: close.code,
+            reason: Utf8Bytes::from(close.reason.clone()),
+        };
+        let finished = tokio::time::timeout(CLOSE_DRAIN, async {
+            let (mut n, mut bytes) = (0u64, 0u64);
+            while let Some(m) = outbox.try_recv() {
+                bytes += payload_len(&m) as u64;
+                let fed = sink.feed(m).await;
+                outbox.mark_written(1);
+                fed?;
+                n += 1;
             }
+            metrics.frames_out.inc_by(n);
+            metrics.bytes_out.inc_by(bytes);
+            sink.close(Some(frame)).await
+        })
+        .await;
+        match finished {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::debug!(code = close.code, error = %e, "close frame not sent"),
+            Err(_) => tracing::info!(
+                code = close.code,
+                "close frame not sent: the client read nothing for {CLOSE_DRAIN:?}"
+            ),
         }
-    };
-    // Whatever was queued before the close goes first; nothing queued after it does.
-    outbox.start_closing();
-    let frame = CloseFrame {
-        code: close.code,
-        reason: Utf8Bytes::from(close.reason.clone()),
-    };
-    let finished = tokio::time::timeout(CLOSE_DRAIN, async {
-        let (mut n, mut bytes) = (0u64, 0u64);
-        while let Some(m) = outbox.try_recv() {
-            bytes += payload_len(&m) as u64;
-            let fed = sink.feed(m).await;
-            outbox.mark_written(1);
-            fed?;
-            n += 1;
-        }
-        metrics.frames_out.inc_by(n);
-        metrics.bytes_out.inc_by(bytes);
-        sink.close(Some(frame)).await
-    })
-    .await;
-    match finished {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => tracing::debug!(code = close.code, error = %e, "close frame not sent"),
-        Err(_) => tracing::info!(
-            code = close.code,
-            "close frame not sent: the client read nothing for {CLOSE_DRAIN:?}"
-        ),
+        Some(close)
     }
-    Some(close)
 }

@@ -83,7 +83,8 @@ pub struct Settings {
     pub deflate_threshold: usize,
     /// Whether permessage-deflate may be agreed at all.
     pub deflate: bool,
-    /// Read buffer kept for small frames (grown for a larger one, then shrunk back).
+    /// What the read buffer grows by while a message is in progress (none is kept between
+    /// messages; it grows for a large one, then goes).
     pub read_buffer: usize,
     /// Frames are gathered up to this size before a write.
     pub write_buffer: usize,
@@ -203,7 +204,10 @@ impl Upgrade {
                     let (r, w) = tokio::io::split(TokioIo::new(upgraded));
                     let reader = Reader::new(r, settings, agreed.is_some());
                     let writer = Writer::new(w, settings, agreed.map(|(a, _)| a));
-                    run(reader, writer).await;
+                    // A task of its own rather than awaited here: this task's state keeps
+                    // what `run` captured for as long as it lives, a second copy of it
+                    // for every open connection.
+                    tokio::spawn(run(reader, writer));
                 }
                 Err(e) => tracing::debug!(error = %e, "upgrade failed"),
             }
@@ -218,6 +222,10 @@ const OP_BINARY: u8 = 2;
 const OP_CLOSE: u8 = 8;
 const OP_PING: u8 = 9;
 const OP_PONG: u8 = 10;
+
+/// Most bytes one read takes while no message is in progress (on the stack; see
+/// `Reader::read_between_messages`): a y-websocket update or a chat message fits.
+const STACK_READ: usize = 4096;
 
 /// A data message being reassembled from its frames.
 struct Partial {
@@ -247,7 +255,8 @@ pub struct Reader<R> {
     buf: BytesMut,
     settings: Settings,
     deflate: bool,
-    partial: Option<Partial>,
+    /// Boxed: most connections are between messages most of the time.
+    partial: Option<Box<Partial>>,
     /// Payload bytes of an over-size frame still to be thrown away unread.
     skip: u64,
     /// The rest of an over-size message is thrown away (its continuation frames).
@@ -300,11 +309,16 @@ impl<R: AsyncRead + Unpin> Reader<R> {
                     return Some(Err(e));
                 }
             }
-            // More bytes are needed: the only await, and `read_buf` is cancel-safe.
-            if self.buf.capacity() - self.buf.len() < self.settings.read_buffer / 2 {
-                self.buf.reserve(self.settings.read_buffer);
-            }
-            match self.io.read_buf(&mut self.buf).await {
+            // More bytes are needed: the only await (both reads are cancel-safe).
+            let read = if self.buf.is_empty() {
+                self.read_between_messages().await
+            } else {
+                if self.buf.capacity() - self.buf.len() < self.settings.read_buffer / 2 {
+                    self.buf.reserve(self.settings.read_buffer);
+                }
+                self.io.read_buf(&mut self.buf).await
+            };
+            match read {
                 Ok(0) => {
                     self.done = true;
                     return None;
@@ -316,6 +330,26 @@ impl<R: AsyncRead + Unpin> Reader<R> {
                 }
             }
         }
+    }
+
+    /// Reads with nothing buffered, which is where an idle connection waits: into the stack,
+    /// then copies what came into `buf`. A connection so holds no read buffer while it
+    /// waits (a 1 KiB one reserved ahead was an eighth of each idle connection's memory).
+    async fn read_between_messages(&mut self) -> std::io::Result<usize> {
+        self.buf = BytesMut::new();
+        std::future::poll_fn(|cx| {
+            let mut stack = [std::mem::MaybeUninit::<u8>::uninit(); STACK_READ];
+            let mut read = tokio::io::ReadBuf::uninit(&mut stack);
+            match std::pin::Pin::new(&mut self.io).poll_read(cx, &mut read) {
+                std::task::Poll::Ready(Ok(())) => {
+                    self.buf.extend_from_slice(read.filled());
+                    std::task::Poll::Ready(Ok(read.filled().len()))
+                }
+                std::task::Poll::Ready(Err(e)) => std::task::Poll::Ready(Err(e)),
+                std::task::Poll::Pending => std::task::Poll::Pending,
+            }
+        })
+        .await
     }
 
     /// Makes what progress the buffered bytes allow: a message, nothing yet, or an error.
@@ -477,12 +511,12 @@ impl<R: AsyncRead + Unpin> Reader<R> {
                 };
                 return message(h.opcode == OP_TEXT, data).map(Some);
             }
-            self.partial = Some(Partial {
+            self.partial = Some(Box::new(Partial {
                 text: h.opcode == OP_TEXT,
                 data: Vec::new(),
                 wire_len: 0,
                 inflater,
-            });
+            }));
         }
         let Some(p) = self.partial.as_mut() else {
             return Err(SocketError::Protocol(
@@ -645,6 +679,7 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
             self.write_buffered().await?;
             self.io.write_all(payload).await?;
         } else {
+            self.buf.reserve(len);
             self.buf.extend_from_slice(payload);
             if self.buf.len() >= self.settings.write_buffer {
                 self.write_buffered().await?;
@@ -656,10 +691,9 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
     async fn write_buffered(&mut self) -> Result<(), SocketError> {
         if !self.buf.is_empty() {
             self.io.write_all(&self.buf).await?;
-            self.buf.clear();
-            if self.buf.capacity() > self.settings.write_buffer * 2 {
-                self.buf = Vec::new();
-            }
+            // Not kept for the next batch: an idle connection should hold no write buffer,
+            // and an allocation per batch is little beside its write.
+            self.buf = Vec::new();
         }
         Ok(())
     }

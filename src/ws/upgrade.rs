@@ -8,12 +8,14 @@
 //! session state beyond joining.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{Query, State};
 use axum::http::{header, HeaderMap};
 use axum::response::Response;
+use futures_util::future::Either;
 
 use super::outbox::{outbox, Outbox};
 use super::socket::{HandshakeError, Settings, Upgrade};
@@ -169,7 +171,13 @@ pub async fn whiteboard_ws(
     }))
 }
 
-async fn run_whiteboard(app: Arc<AppState>, socket: (SocketReader, SocketWriter), a: Admitted) {
+/// Joins the session, then hands back the connection's future. Not an `async fn`: its
+/// arguments would be kept in the connection's state beside the copies `ws::run` holds.
+fn run_whiteboard(
+    app: Arc<AppState>,
+    socket: (SocketReader, SocketWriter),
+    a: Admitted,
+) -> impl Future<Output = ()> {
     let limits = &app.config.limits;
     let Admitted {
         claims,
@@ -189,7 +197,7 @@ async fn run_whiteboard(app: Arc<AppState>, socket: (SocketReader, SocketWriter)
         app.metrics.clone(),
         claims.sub,
     );
-    super::run(socket, conn, handler).await;
+    super::run(socket, conn, handler)
 }
 
 /// A connection's record and the sending side of its outbox: a fresh id, logged as connected.
@@ -246,12 +254,13 @@ pub async fn tutor_ws(
     }))
 }
 
-async fn run_tutor(
+/// Joins the chat, then hands back the connection's future (see [`run_whiteboard`]).
+fn run_tutor(
     app: Arc<AppState>,
     socket: (SocketReader, SocketWriter),
     a: Admitted,
     after_seq: Option<u64>,
-) {
+) -> impl Future<Output = ()> {
     let cfg = &app.config;
     let Admitted {
         claims,
@@ -269,7 +278,7 @@ async fn run_tutor(
         cfg.tutor.history_on_connect,
     ) {
         tracing::error!(session = %session.id, error = %e, "tutor join failed: history unreadable");
-        return;
+        return Either::Right(std::future::ready(()));
     }
     let handler = TutorHandler {
         conn: conn.id,
@@ -286,5 +295,5 @@ async fn run_tutor(
         metrics: app.metrics.clone(),
         finish: Default::default(),
     };
-    super::run(socket, conn, handler).await;
+    Either::Left(super::run(socket, conn, handler))
 }
