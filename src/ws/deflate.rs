@@ -30,10 +30,15 @@ pub const NAME: &str = "permessage-deflate";
 const TAIL: [u8; 4] = [0, 0, 0xff, 0xff];
 
 /// zlib's default level. A message is compressed once however many receive it, so the
-/// level's cost is paid per message, not per receiver. Measured on a 20.1 MB board of
-/// random-walk strokes (debug build, first join, encode included): level 1 sent 11.6 MB in
-/// 2.2 s, level 6 8.1 MB in 3.6 s; later joins reuse the compressed form (about 0.25 s).
+/// level's cost is paid per message, not per receiver. A lower one was measured for large
+/// messages and dropped: on a 20.0 MB board of strokes (release build, one thread) level 6
+/// gave 0.334 of the size in 647 ms, level 2 0.354 in 186 ms, but in a join storm
+/// (scenario f, 150 joiners) the joiners then spent 10.8 CPU-seconds inflating instead of
+/// 8.8, and the storm was no faster. Large messages are compressed in pieces instead.
 const LEVEL: u32 = 6;
+
+/// Pieces of at least this size are compressed on threads of their own.
+const PIECE_MIN: usize = 2 << 20;
 
 /// Messages at least this large are compressed on the blocking pool, not on an async worker
 /// (256 KiB takes a few milliseconds in a release build).
@@ -129,8 +134,48 @@ fn window_bits(v: &str) -> Option<u8> {
 }
 
 /// Compresses one message on its own (no context kept), without the sync flush's tail.
+///
+/// A large message is cut into pieces compressed at once on scoped threads (at most one
+/// per core), each by a fresh compressor ending in a sync flush: a sync flush ends on a
+/// byte boundary with an empty stored block, so the pieces laid end to end are one valid
+/// deflate stream (as pigz does); each piece only loses the window of the one before it.
 pub fn deflate(data: &[u8], window_bits: u8) -> Bytes {
-    let mut c = Compress::new_with_window_bits(Compression::new(LEVEL), false, window_bits);
+    let level = LEVEL;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let pieces = (data.len() / PIECE_MIN).clamp(1, cores.min(8));
+    let mut out = if pieces == 1 {
+        deflate_piece(data, window_bits, level)
+    } else {
+        let size = data.len().div_ceil(pieces);
+        std::thread::scope(|scope| {
+            let rest: Vec<_> = data
+                .chunks(size)
+                .skip(1)
+                .map(|piece| {
+                    let handle = scope.spawn(move || deflate_piece(piece, window_bits, level));
+                    (piece, handle)
+                })
+                .collect();
+            let mut out = deflate_piece(&data[..size], window_bits, level);
+            for (piece, handle) in rest {
+                // A thread that could not finish has its piece done here instead.
+                let part = handle
+                    .join()
+                    .unwrap_or_else(|_| deflate_piece(piece, window_bits, level));
+                out.extend_from_slice(&part);
+            }
+            out
+        })
+    };
+    if out.ends_with(&TAIL) {
+        out.truncate(out.len() - TAIL.len());
+    }
+    Bytes::from(out)
+}
+
+/// Compresses `data` with a fresh compressor, ending in a sync flush (its tail kept).
+fn deflate_piece(data: &[u8], window_bits: u8, level: u32) -> Vec<u8> {
+    let mut c = Compress::new_with_window_bits(Compression::new(level), false, window_bits);
     let mut out = Vec::with_capacity(data.len() / 4 + 64);
     loop {
         let consumed = usize::try_from(c.total_in()).unwrap_or(data.len());
@@ -153,10 +198,7 @@ pub fn deflate(data: &[u8], window_bits: u8) -> Bytes {
             break;
         }
     }
-    if out.ends_with(&TAIL) {
-        out.truncate(out.len() - TAIL.len());
-    }
-    Bytes::from(out)
+    out
 }
 
 /// Inflates one compressed message, frame by frame, into at most `max` bytes.
@@ -339,6 +381,18 @@ mod tests {
             assert!(!c.ends_with(&TAIL));
             assert_eq!(inflate(&c, data.len()).unwrap(), data);
         }
+    }
+
+    #[test]
+    fn a_message_compressed_in_pieces_inflates_whole() {
+        let data: Vec<u8> = (0..(3 * PIECE_MIN as u32 + 12_345))
+            .map(|i| (i % 251) as u8 ^ (i / 7) as u8 ^ (i / 65_536) as u8)
+            .collect();
+        assert!(data.len() / PIECE_MIN >= 2, "the data is cut into pieces");
+        let c = deflate(&data, 15);
+        assert!(c.len() < data.len() / 2);
+        assert!(!c.ends_with(&TAIL));
+        assert_eq!(inflate(&c, data.len()).unwrap(), data);
     }
 
     #[test]
