@@ -2,6 +2,10 @@
 //! y-websocket through `yrs::sync`. It syncs, then (as told by the run's phase) writes
 //! strokes and moves its cursor at the step's rates, and measures the fan-out latency of
 //! every timed update and cursor it receives.
+//!
+//! The join storm's joiners are the exception: they speak through the raw client of
+//! `raw` (permessage-deflate, wire bytes counted), and share with this one only what a
+//! joiner sends first ([`greeting`]) and how its step 2 is recorded ([`record_step2`]).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -83,7 +87,8 @@ pub struct Counters {
     /// reports once per step). Until all have, `expected_*` may still grow: a writer slowed
     /// by a busy CPU can send its last update after the step's end.
     pub senders_done: AtomicUsize,
-    /// Join storm: the first sync step 2 a joiner received; the others compare with it.
+    /// Join storm: the first sync step 2 a joiner received, or the one the server is known
+    /// to send (the trivial server's answer); every joiner's is compared with it.
     pub reference_step2: OnceLock<Bytes>,
 }
 
@@ -100,9 +105,14 @@ pub struct ClientStats {
     pub errors: Vec<String>,
     pub digest: Option<u64>,
     pub step2_len: usize,
-    /// Join storm: whether this joiner's step 2 equals the first joiner's, byte for byte.
+    /// Join storm: whether this joiner's step 2 equals the run's reference, byte for byte.
     pub step2_same: Option<bool>,
     pub seeded_bytes: usize,
+    /// Join storm: bytes read from the socket from the upgrade request's end until synced
+    /// (the 101 response and every frame, as they came: compressed or not).
+    pub wire_bytes: Option<u64>,
+    /// Join storm: whether the server agreed to permessage-deflate.
+    pub deflate: Option<bool>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -142,10 +152,13 @@ pub struct ClientSpec {
     pub apply: ApplyMode,
     /// Send an awareness state on connect, as the y-websocket client does.
     pub join_awareness: bool,
-    /// Compare the first sync step 2 with the first joiner's instead of applying it (join
-    /// storm: 150 copies of a 20 MB document would not fit in memory; one is applied and
-    /// checked against the seeder's document at the end).
+    /// A join storm's joiner: connects through `raw` (permessage-deflate, wire bytes
+    /// counted) and compares its first sync step 2 with the run's reference instead of
+    /// applying it (150 copies of a 20 MB document would not fit in memory; the reference
+    /// is checked against the seeder's document at the end).
     pub hash_step2: bool,
+    /// Join storm: offer permessage-deflate, as a browser does.
+    pub offer_deflate: bool,
     /// Seed the session with a realistic document of this many bytes after syncing.
     pub seed_bytes: usize,
     pub seed_chunk: usize,
@@ -157,7 +170,7 @@ pub struct ClientSpec {
 
 pub type Shared = Arc<Mutex<ClientStats>>;
 
-fn lock(s: &Shared) -> std::sync::MutexGuard<'_, ClientStats> {
+pub(crate) fn lock(s: &Shared) -> std::sync::MutexGuard<'_, ClientStats> {
     s.lock().unwrap_or_else(|e| e.into_inner())
 }
 
@@ -168,8 +181,12 @@ pub async fn run(
     counters: Arc<Counters>,
     phase: watch::Receiver<Phase>,
 ) {
-    let mut synced = false;
-    if let Err(e) = run_inner(&spec, &stats, &counters, phase, &mut synced).await {
+    let result = if spec.hash_step2 {
+        crate::raw::join(&spec, &stats, &counters, phase).await
+    } else {
+        run_inner(&spec, &stats, &counters, phase).await
+    };
+    if let Err(e) = result {
         lock(&stats).errors.push(format!(
             "session {} client {}: {e:#}",
             spec.session, spec.index
@@ -180,7 +197,7 @@ pub async fn run(
 }
 
 /// tungstenite zero-fills its read buffer before every read: small for many small frames,
-/// large for the join storm's 20 MB step 2.
+/// larger for the join storm's tutor, which writes the whole board.
 fn ws_config(read_buffer: usize) -> WebSocketConfig {
     WebSocketConfig::default()
         .read_buffer_size(read_buffer)
@@ -191,6 +208,45 @@ fn ws_config(read_buffer: usize) -> WebSocketConfig {
 
 fn encode(m: &Message) -> Ws {
     Ws::Binary(Bytes::from(m.encode_v1()))
+}
+
+/// What a joining client sends first, as the y-websocket client does: sync step 1 of its
+/// document (not to the baseline, which holds none), then its awareness state if the plan
+/// says so. Encoded y-websocket messages, one per WebSocket message.
+pub(crate) fn greeting(
+    spec: &ClientSpec,
+    doc: &Doc,
+    awareness: &mut Awareness,
+) -> anyhow::Result<Vec<Vec<u8>>> {
+    let mut out = Vec::new();
+    if spec.kind != Kind::Baseline {
+        let sv = doc.transact().state_vector();
+        out.push(Message::Sync(SyncMessage::SyncStep1(sv)).encode_v1());
+    }
+    if spec.join_awareness {
+        let name = format!("user-{}-{}", spec.session, spec.index);
+        awareness.set_local_state_raw(format!(
+            r##"{{"user":{{"name":"{name}","color":"#1e88e5"}}}}"##
+        ));
+        out.push(Message::Awareness(awareness.update()?).encode_v1());
+    }
+    Ok(out)
+}
+
+/// Records that a client is synced, `started` being when it began connecting.
+pub(crate) fn mark_synced(stats: &Shared, counters: &Counters, started: Instant) {
+    lock(stats).synced_us = Some(started.elapsed().as_micros() as u32);
+    counters.synced.fetch_add(1, Ordering::AcqRel);
+}
+
+/// Join storm: a joiner's first sync step 2 (the update inside it), compared byte for byte
+/// with the run's reference: the first joiner's, unless the run knew it in advance (the
+/// trivial server's answer).
+pub(crate) fn record_step2(stats: &Shared, counters: &Counters, update: Bytes) {
+    let reference = counters.reference_step2.get_or_init(|| update.clone());
+    let mut s = lock(stats);
+    s.step2_len = update.len();
+    s.step2_same = Some(*reference == update);
 }
 
 struct Schedule {
@@ -231,7 +287,6 @@ async fn run_inner(
     stats: &Shared,
     counters: &Counters,
     mut phase: watch::Receiver<Phase>,
-    synced: &mut bool,
 ) -> anyhow::Result<()> {
     let mut rng = StdRng::seed_from_u64(((spec.session as u64) << 32) ^ spec.index as u64 ^ 0x5eed);
     let doc = Doc::new();
@@ -242,7 +297,7 @@ async fn run_inner(
     let started = Instant::now();
     let connect = tokio_tungstenite::connect_async_with_config(
         spec.url.as_str(),
-        Some(ws_config(if spec.hash_step2 || spec.seed_bytes > 0 {
+        Some(ws_config(if spec.seed_bytes > 0 {
             256 << 10
         } else {
             4 << 10
@@ -255,27 +310,15 @@ async fn run_inner(
     };
     lock(stats).connect_us = Some(started.elapsed().as_micros() as u32);
 
+    for m in greeting(spec, &doc, &mut awareness)? {
+        ws.send(Ws::Binary(Bytes::from(m))).await?;
+    }
     let baseline = spec.kind == Kind::Baseline;
-    if !baseline {
-        let sv = doc.transact().state_vector();
-        ws.send(encode(&Message::Sync(SyncMessage::SyncStep1(sv))))
-            .await?;
-    }
-    if spec.join_awareness {
-        awareness.set_local_state_raw(format!(
-            r##"{{"user":{{"name":"{name}","color":"#1e88e5"}}}}"##
-        ));
-        let u = awareness.update()?;
-        ws.send(encode(&Message::Awareness(u))).await?;
-    }
-    let mark_synced = |stats: &Shared, synced: &mut bool| {
-        *synced = true;
-        lock(stats).synced_us = Some(started.elapsed().as_micros() as u32);
-        counters.synced.fetch_add(1, Ordering::AcqRel);
-    };
+    let mut synced = false;
     if baseline {
         // Nothing to sync with: the baseline holds no document.
-        mark_synced(stats, synced);
+        synced = true;
+        mark_synced(stats, counters, started);
     }
     let sync_deadline = started + spec.sync_timeout;
 
@@ -371,22 +414,7 @@ async fn run_inner(
                     _ => continue,
                 };
                 let received = now_us();
-                let mut rest = 0;
-                if spec.hash_step2 && !*synced {
-                    // Zero-copy: a step 2 frame is [0, 1, varUint(len), update].
-                    if let Some((start, len)) = step2_bounds(&bytes) {
-                        let update = bytes.slice(start..start + len);
-                        let reference = counters.reference_step2.get_or_init(|| update.clone());
-                        {
-                            let mut s = lock(stats);
-                            s.step2_len = len;
-                            s.step2_same = Some(*reference == update);
-                        }
-                        mark_synced(stats, synced);
-                        rest = start + len;
-                    }
-                }
-                let mut decoder = DecoderV1::from(&bytes[rest..]);
+                let mut decoder = DecoderV1::from(&bytes[..]);
                 let mut replies: Vec<Ws> = Vec::new();
                 for msg in MessageReader::new(&mut decoder) {
                     match msg.context("undecodable message")? {
@@ -401,8 +429,9 @@ async fn run_inner(
                                 continue;
                             }
                             apply(&doc, &u)?;
-                            if !*synced {
-                                mark_synced(stats, synced);
+                            if !synced {
+                                synced = true;
+                                mark_synced(stats, counters, started);
                                 if spec.seed_bytes > 0 {
                                     let sent = seed(&mut ws, &doc, spec, counters).await?;
                                     lock(stats).seeded_bytes = sent;
@@ -465,7 +494,7 @@ async fn run_inner(
                     ws.send(r).await?;
                 }
             }
-            _ = &mut sync_sleep, if !*synced => {
+            _ = &mut sync_sleep, if !synced => {
                 bail!("not synced within {:?}", spec.sync_timeout);
             }
             _ = &mut run_deadline => {
@@ -487,8 +516,9 @@ async fn run_inner(
     Ok(())
 }
 
-/// Where the update of a frame holding one sync step 2 starts, and its length.
-fn step2_bounds(frame: &[u8]) -> Option<(usize, usize)> {
+/// Where the update of a message starting with a sync step 2 starts, and its length: the
+/// message is [0, 1, varUint(len), update, ...], so the update is taken without a copy.
+pub(crate) fn step2_bounds(frame: &[u8]) -> Option<(usize, usize)> {
     if frame.len() < 3 || frame[0] != 0 || frame[1] != 1 {
         return None;
     }
@@ -526,6 +556,41 @@ fn apply(doc: &Doc, update: &[u8]) -> anyhow::Result<()> {
         .map_err(|e| anyhow!("update rejected: {e}"))
 }
 
+/// The join storm's board: realistic strokes from [`workload::SeedBuilder`] with a fixed
+/// seed, added in updates of about `chunk` bytes until the document's encoded state reaches
+/// `bytes`. The tutor sends these updates to easel; the trivial server's answer is built
+/// from the same sequence, so both boards are of the size asked for.
+pub(crate) struct Board {
+    builder: workload::SeedBuilder,
+    map: yrs::MapRef,
+    bytes: usize,
+    chunk: usize,
+}
+
+impl Board {
+    pub(crate) fn new(doc: &Doc, bytes: usize, chunk: usize) -> Self {
+        Self {
+            builder: workload::SeedBuilder::new(0xd0c),
+            map: doc.get_or_insert_map(STROKES),
+            bytes,
+            chunk,
+        }
+    }
+
+    /// The next update (already applied to `doc`), or `None` once the board is complete.
+    pub(crate) fn next_update(&mut self, doc: &Doc) -> Option<Vec<u8>> {
+        let size = doc
+            .transact()
+            .encode_state_as_update_v1(&StateVector::default())
+            .len();
+        if size >= self.bytes {
+            return None;
+        }
+        let want = (self.bytes - size).clamp(16 << 10, self.chunk);
+        Some(self.builder.chunk(doc, &self.map, want))
+    }
+}
+
 /// Writes a realistic document of `spec.seed_bytes` into the session, in updates of about
 /// `spec.seed_chunk` bytes. Returns the bytes sent.
 async fn seed<S>(
@@ -537,19 +602,9 @@ async fn seed<S>(
 where
     S: futures_util::Sink<Ws, Error = tokio_tungstenite::tungstenite::Error> + Unpin,
 {
-    let map = doc.get_or_insert_map(STROKES);
-    let mut builder = workload::SeedBuilder::new(0xd0c);
+    let mut board = Board::new(doc, spec.seed_bytes, spec.seed_chunk);
     let mut sent = 0usize;
-    loop {
-        let size = doc
-            .transact()
-            .encode_state_as_update_v1(&StateVector::default())
-            .len();
-        if size >= spec.seed_bytes {
-            break;
-        }
-        let want = (spec.seed_bytes - size).clamp(16 << 10, spec.seed_chunk);
-        let update = builder.chunk(doc, &map, want);
+    while let Some(update) = board.next_update(doc) {
         let frame = encode(&Message::Sync(SyncMessage::Update(update)));
         sent += frame.len();
         counters

@@ -10,10 +10,13 @@
 //!
 //! Only loopback addresses are ever targeted; every loop is bounded in count and time.
 //! Scenarios (`--scenario`): smoke, a, b, c, d (idle), e (saturation), f (join storm);
-//! see BENCHMARKS.md for the commands and results.
+//! see BENCHMARKS.md for the commands and results. A run can be repeated against other
+//! servers to compare: the baseline fan-out server (e), the trivial join server (f), one
+//! node (a cluster run).
 
 mod client;
 mod plan;
+mod raw;
 mod scenarios;
 mod stats;
 mod target;
@@ -27,7 +30,7 @@ use serde_json::{json, Value};
 
 use client::Phase;
 use plan::{plan_json, Cli, Mode, Plan};
-use scenarios::{run_fanout, run_idle, run_storm, Run};
+use scenarios::{run_fanout, run_idle, run_storm, storm_answer, storm_comparison, Run};
 use stats::r3;
 use target::{Kind, RedisChoice, Target};
 
@@ -107,11 +110,38 @@ fn start_target(
                     .secret
                     .clone()
                     .context("--url needs --secret (or EASEL_JWT_SECRET)")?,
-                Kind::Baseline => String::new(),
+                Kind::Baseline | Kind::Trivial => String::new(),
             };
             Target::external(kind, &urls, secret, cli.server_pid.clone(), cli.redis_pid)
         }
         (None, None, _) => bail!("give --server-bin PATH or --url ws://127.0.0.1:PORT"),
+    }
+}
+
+/// Runs the plan once against `target`, then stops it (printing its log's tail if the run
+/// failed or the server died) and prints the summary under `label`.
+async fn run_against(plan: &Plan, label: &str, mut target: Target) -> anyhow::Result<Value> {
+    let result = run_once(plan, &mut target).await;
+    if result.is_err() || !target.alive() {
+        let tail = target.stderr_tail();
+        if !tail.is_empty() {
+            eprintln!("server stderr (last lines):\n{tail}");
+        }
+    }
+    target.stop();
+    let v = result?;
+    print_summary(label, &v);
+    Ok(v)
+}
+
+/// `given`, else the binary `name` in this one's directory.
+fn sibling_bin(given: Option<&PathBuf>, name: &str) -> anyhow::Result<PathBuf> {
+    match given {
+        Some(bin) => Ok(bin.clone()),
+        None => Ok(std::env::current_exe()?
+            .parent()
+            .context("no directory for this binary")?
+            .join(name)),
     }
 }
 
@@ -181,25 +211,16 @@ async fn main_async(cli: Cli) -> anyhow::Result<bool> {
         kind.name(),
         stats::machine()
     );
-    let mut target = start_target(&cli, &plan, kind, cli.server_bin.as_ref())?;
-    if target.nodes() > 1 {
+    let target = start_target(&cli, &plan, kind, cli.server_bin.as_ref())?;
+    let target_nodes = target.nodes();
+    if target_nodes > 1 {
         eprintln!(
             "easel-loadgen: clients spread over {} nodes: {}",
-            target.nodes(),
+            target_nodes,
             target.bases.join(", ")
         );
     }
-    let result = run_once(&plan, &mut target).await;
-    if result.is_err() || !target.alive() {
-        let tail = target.stderr_tail();
-        if !tail.is_empty() {
-            eprintln!("server stderr (last lines):\n{tail}");
-        }
-    }
-    let target_nodes = target.nodes();
-    target.stop();
-    let main = result?;
-    print_summary(kind.name(), &main);
+    let main = run_against(&plan, kind.name(), target).await?;
     let mut ok = main["ok"].as_bool().unwrap_or(false);
     let mut report = json!({
         "date": stats::now_utc(),
@@ -214,31 +235,19 @@ async fn main_async(cli: Cli) -> anyhow::Result<bool> {
             .as_ref()
             .context("--compare-single needs --server-bin")?;
         eprintln!("easel-loadgen: the same scenario on one easel node on sled");
-        let mut single = Target::start(Kind::Easel, bin, plan.server_toml.as_deref())?;
-        let res = run_once(&plan, &mut single).await;
-        single.stop();
-        let single = res?;
-        print_summary("single node (sled)", &single);
+        let target = Target::start(Kind::Easel, bin, plan.server_toml.as_deref())?;
+        let single = run_against(&plan, "single node (sled)", target).await?;
         ok &= single["ok"].as_bool().unwrap_or(false);
         report["single_node"] = single;
     }
     if plan.compare_baseline && kind == Kind::Easel {
-        let bin = match &cli.baseline_bin {
-            Some(b) => b.clone(),
-            None => std::env::current_exe()?
-                .parent()
-                .context("no directory for this binary")?
-                .join("baseline-fanout"),
-        };
+        let bin = sibling_bin(cli.baseline_bin.as_ref(), "baseline-fanout")?;
         eprintln!(
             "easel-loadgen: the same scenario against the baseline ({})",
             bin.display()
         );
-        let mut base = Target::start(Kind::Baseline, &bin, None)?;
-        let res = run_once(&plan, &mut base).await;
-        base.stop();
-        let b = res?;
-        print_summary("baseline", &b);
+        let target = Target::start(Kind::Baseline, &bin, None)?;
+        let b = run_against(&plan, "baseline", target).await?;
         ok &= b["ok"].as_bool().unwrap_or(false);
         let pick = |v: &Value| -> Option<(f64, f64)> {
             let s = if v.get("saturation").is_some() {
@@ -266,6 +275,23 @@ async fn main_async(cli: Cli) -> anyhow::Result<bool> {
             });
         }
         report["baseline"] = b;
+    }
+    if let (true, Kind::Easel, Mode::Storm { doc_bytes, .. }) =
+        (plan.compare_trivial, kind, &plan.mode)
+    {
+        let bin = sibling_bin(cli.trivial_bin.as_ref(), "trivial-join")?;
+        eprintln!("easel-loadgen: building a {doc_bytes}-byte board for the trivial server");
+        let (message, step2) = storm_answer(*doc_bytes)?;
+        eprintln!(
+            "easel-loadgen: the same storm against the trivial server ({}), answering a {}-byte message",
+            bin.display(),
+            message.len()
+        );
+        let target = Target::start_trivial(&bin, &message, step2, plan.offer_deflate)?;
+        let t = run_against(&plan, "trivial", target).await?;
+        ok &= t["ok"].as_bool().unwrap_or(false);
+        report["trivial_comparison"] = storm_comparison(&report["result"], &t);
+        report["trivial"] = t;
     }
     report["ok"] = json!(ok);
     if let Some(path) = &cli.json {

@@ -62,6 +62,20 @@ pub(crate) struct Cli {
     /// The baseline binary for --compare-baseline (default: baseline-fanout next to this one).
     #[arg(long)]
     pub(crate) baseline_bin: Option<PathBuf>,
+    /// Join storm: after the run, run the same storm against the trivial server (one cached
+    /// answer per connection, the floor) and print both side by side. Scenario f's default.
+    #[arg(long, overrides_with = "no_compare_trivial")]
+    pub(crate) compare_trivial: bool,
+    /// Join storm: no trivial-server run.
+    #[arg(long, overrides_with = "compare_trivial")]
+    pub(crate) no_compare_trivial: bool,
+    /// The trivial server for --compare-trivial (default: trivial-join next to this one).
+    #[arg(long)]
+    pub(crate) trivial_bin: Option<PathBuf>,
+    /// Join storm: the joiners do not offer permessage-deflate (by default they offer it,
+    /// as a browser does).
+    #[arg(long)]
+    pub(crate) no_deflate: bool,
     /// A TOML config file for the easel server this tool starts.
     #[arg(long)]
     pub(crate) server_config: Option<PathBuf>,
@@ -161,6 +175,10 @@ pub(crate) struct Plan {
     /// Config the started easel gets (the preset's, unless --server-config).
     pub(crate) server_toml: Option<String>,
     pub(crate) compare_baseline: bool,
+    /// Join storm: also run the storm against the trivial server.
+    pub(crate) compare_trivial: bool,
+    /// Join storm: the joiners offer permessage-deflate.
+    pub(crate) offer_deflate: bool,
 }
 
 pub(crate) fn preset(name: &str) -> anyhow::Result<Plan> {
@@ -185,6 +203,8 @@ pub(crate) fn preset(name: &str) -> anyhow::Result<Plan> {
         join_awareness: true,
         server_toml: None,
         compare_baseline: false,
+        compare_trivial: false,
+        offer_deflate: true,
     };
     Ok(match name {
         "custom" => base,
@@ -266,6 +286,7 @@ pub(crate) fn preset(name: &str) -> anyhow::Result<Plan> {
             drain: 5.0,
             // A 20 MB sync step 2 does not fit the default 16 MiB send queue (1013).
             server_toml: Some("[limits]\nmax_send_queue_bytes = 67108864\n".into()),
+            compare_trivial: true,
             ..base
         },
         other => bail!("unknown scenario {other:?} (smoke, a, b, c, d, e, f, custom)"),
@@ -313,6 +334,15 @@ pub(crate) fn resolve(cli: &Cli) -> anyhow::Result<Plan> {
     }
     if cli.compare_baseline {
         p.compare_baseline = true;
+    }
+    if cli.compare_trivial || cli.no_compare_trivial {
+        p.compare_trivial = cli.compare_trivial;
+        if p.compare_trivial && !matches!(p.mode, Mode::Storm { .. }) {
+            bail!("--compare-trivial is for the join storm (scenario f)");
+        }
+    }
+    if cli.no_deflate {
+        p.offer_deflate = false;
     }
     if let Some(path) = &cli.server_config {
         p.server_toml = Some(
@@ -374,6 +404,8 @@ pub(crate) fn plan_json(p: &Plan) -> Value {
         "duration_s": p.duration,
         "warmup_s": p.warmup,
         "apply": format!("{:?}", p.apply),
+        "offer_deflate": p.offer_deflate,
+        "compare_trivial": p.compare_trivial,
         "server_config": p.server_toml,
     })
 }

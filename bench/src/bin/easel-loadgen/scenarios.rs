@@ -1,16 +1,22 @@
 //! How a plan runs against one server: connecting the clients, the fan-out ramp, the idle
-//! stages and the join storm, and the figures each reports (latency windows, CPU, RSS).
-//! One file of ~650 lines: the three runs share `Run` (connect, settle, finish) and its
+//! stages and the join storm, and the figures each reports (latency windows, CPU, RSS,
+//! wire bytes), with the storm's side-by-side comparison of easel and the trivial server.
+//! One file of ~850 lines: the three runs share `Run` (connect, settle, finish) and its
 //! samples, and split apart they would each need its private parts.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::bail;
+use anyhow::{bail, Context};
+use bytes::Bytes;
 use serde_json::{json, Value};
 use tokio::sync::watch;
 use tokio::time::{sleep, sleep_until, Instant};
+use yrs::sync::{Message, SyncMessage};
+use yrs::updates::decoder::Decode;
+use yrs::updates::encoder::Encode;
+use yrs::{ReadTxn, StateVector, Transact};
 
 use easel_bench::workload;
 
@@ -21,6 +27,9 @@ use crate::target::{Kind, Target};
 
 /// (send time, latency) pairs, in µs.
 pub(crate) type Samples = Vec<(u64, u32)>;
+
+/// The join storm's tutor writes the board in updates of about this size.
+const TUTOR_CHUNK: usize = 1 << 20;
 
 /// Everything one run against one server needs.
 pub(crate) struct Run<'a> {
@@ -80,7 +89,9 @@ impl<'a> Run<'a> {
             .target
             .base_for(u64::from(session) * u64::from(clients_in_session) + u64::from(index));
         let url = match self.target.kind {
-            Kind::Easel => format!(
+            // The trivial server ignores the token; it is there so that its joiners send
+            // the same upgrade request as easel's.
+            Kind::Easel | Kind::Trivial => format!(
                 "{base}/ws/v2/session/{sid}/whiteboard?token={}",
                 token(&self.target.secret, &format!("{sid}-u{index}"), &sid)?
             ),
@@ -100,8 +111,9 @@ impl<'a> Run<'a> {
             apply: p.apply,
             join_awareness: p.join_awareness,
             hash_step2: false,
+            offer_deflate: p.offer_deflate,
             seed_bytes: 0,
-            seed_chunk: 1 << 20,
+            seed_chunk: TUTOR_CHUNK,
             connect_timeout: Duration::from_secs(15),
             sync_timeout: Duration::from_secs(60),
             deadline: self.deadline,
@@ -564,12 +576,9 @@ pub(crate) async fn run_idle(run: &mut Run<'_>, stages: Vec<u32>) -> anyhow::Res
     }))
 }
 
-pub(crate) async fn run_storm(
-    run: &mut Run<'_>,
-    n: u32,
-    doc_bytes: usize,
-) -> anyhow::Result<Value> {
-    // The tutor: seeds the document and stays connected.
+/// The join storm's tutor: connects, writes the board into the session and stays
+/// connected. Returns the seconds it took.
+async fn seed_board(run: &mut Run<'_>, n: u32, doc_bytes: usize) -> anyhow::Result<f64> {
     let mut seeder = run.spec(0, 0, n + 1)?;
     seeder.writer = None;
     seeder.aware = None;
@@ -588,12 +597,51 @@ pub(crate) async fn run_storm(
         sleep(Duration::from_millis(10)).await;
     }
     let seed_s = t.elapsed().as_secs_f64();
-    let seeded_bytes = run.clients[0].1.lock().unwrap().seeded_bytes;
+    let seeded_bytes = client::lock(&run.clients[0].1).seeded_bytes;
     eprintln!(
         "  seeded {doc_bytes} bytes of strokes ({seeded_bytes} bytes of updates) in {seed_s:.1} s"
     );
+    Ok(seed_s)
+}
+
+/// The trivial server's answer to a storm of `doc_bytes`: the sync step 2 message of a
+/// board built as the tutor builds it (`client::Board`, in the tutor's chunks, so of the
+/// same size), and the update inside it, which every joiner's must equal.
+pub(crate) fn storm_answer(doc_bytes: usize) -> anyhow::Result<(Bytes, Bytes)> {
+    let doc = yrs::Doc::new();
+    let mut board = client::Board::new(&doc, doc_bytes, TUTOR_CHUNK);
+    while board.next_update(&doc).is_some() {}
+    let update = doc
+        .transact()
+        .encode_state_as_update_v1(&StateVector::default());
+    drop(doc);
+    let message = Bytes::from(Message::Sync(SyncMessage::SyncStep2(update)).encode_v1());
+    let (start, len) =
+        client::step2_bounds(&message).context("a sync step 2 message without its update")?;
+    let step2 = message.slice(start..start + len);
+    Ok((message, step2))
+}
+
+/// A join storm: `n` clients join at once a session holding a board of `doc_bytes`,
+/// written by a tutor first unless the server already holds it (the trivial server).
+pub(crate) async fn run_storm(
+    run: &mut Run<'_>,
+    n: u32,
+    doc_bytes: usize,
+) -> anyhow::Result<Value> {
+    let answer = run.target.answer.clone();
+    let seed_s = match &answer {
+        // Every joiner's step 2 is compared with the known answer, not with the first's.
+        Some(step2) => {
+            let _ = run.counters.reference_step2.set(step2.clone());
+            None
+        }
+        None => Some(seed_board(run, n, doc_bytes).await?),
+    };
     sleep(Duration::from_millis(500)).await;
     let srv0 = run.target.sample();
+    // The peak RSS of the storm alone, not of the seeding before it.
+    let peak_reset = run.target.reset_peak();
     let me0 = self_cpu();
     let mut specs = Vec::new();
     for i in 1..=n {
@@ -615,15 +663,19 @@ pub(crate) async fn run_storm(
     let srv_after = run.target.sample();
     let mut connect = Vec::new();
     let mut synced = Vec::new();
+    let mut wire = Vec::new();
+    let mut deflate_agreed = 0;
     let mut different = 0;
     let mut step2_len = 0;
     for (spec, s) in &run.clients {
         if !spec.hash_step2 {
             continue;
         }
-        let s = s.lock().unwrap();
+        let s = client::lock(s);
         connect.extend(s.connect_us);
         synced.extend(s.synced_us);
+        wire.extend(s.wire_bytes);
+        deflate_agreed += usize::from(s.deflate == Some(true));
         if s.step2_same != Some(true) {
             different += 1;
         }
@@ -632,55 +684,84 @@ pub(crate) async fn run_storm(
     let kept = run.counters.reference_step2.get().cloned();
     let connect = Summary::of_us(&mut connect);
     let synced_s = Summary::of_us(&mut synced);
+    wire.sort_unstable();
+    let wire_p50 = stats::quantile(&wire, 0.5);
+    let wire_max = wire.last().copied().unwrap_or(0);
+    let per_step2 = |b: u64| b as f64 / step2_len.max(1) as f64;
     eprintln!(
         "  {n} clients joined in {storm_s:.2} s; step 2 of {step2_len} bytes; time to synced {}",
         synced_s.line()
     );
+    eprintln!(
+        "  wire bytes per joiner p50 {wire_p50} max {wire_max} ({:.3} / {:.3} of the step 2); permessage-deflate {}, agreed by {deflate_agreed}/{n}",
+        per_step2(wire_p50),
+        per_step2(wire_max),
+        if run.plan.offer_deflate { "offered" } else { "not offered" },
+    );
     let (mut converged, sessions_checked, mut problems) = run.finish().await;
-    // Every joiner got the same document, and it is the seeder's.
-    let seeder_digest = run.clients[0].1.lock().unwrap().digest;
     if different > 0 {
         converged = false;
         problems.push(format!(
             "{different} joiners got a different (or no) sync step 2"
         ));
     }
-    if let Some(bytes) = kept {
-        let doc = yrs::Doc::new();
-        {
-            use yrs::updates::decoder::Decode;
-            use yrs::Transact;
-            let mut txn = doc.transact_mut();
-            match yrs::Update::decode_v1(&bytes) {
-                Ok(u) => {
-                    if let Err(e) = txn.apply_update(u) {
-                        problems.push(format!("joiner's step 2 rejected: {e}"));
-                    }
-                }
-                Err(e) => problems.push(format!("joiner's step 2 does not decode: {e}")),
+    match (&answer, kept) {
+        // Every joiner's equals the answer, the board built here: nothing more to check.
+        (Some(_), _) => {}
+        // The first joiner's, which every other equals: it must be the tutor's document.
+        (None, Some(bytes)) => {
+            let seeder_digest = client::lock(&run.clients[0].1).digest;
+            if let Err(problem) = same_document(&bytes, seeder_digest) {
+                converged = false;
+                problems.push(problem);
             }
         }
-        if Some(workload::digest(&doc)) != seeder_digest {
-            converged = false;
-            problems.push("a joiner's document differs from the seeder's".into());
-        }
-    } else {
-        converged = false;
+        (None, None) => converged = false,
     }
     let errors = run.errors();
     let end = run.target.sample();
+    // The peak since the reset, else the process's (which includes the seeding).
+    let storm_peak = end.map(|s| s.hwm_kib);
+    let growth = match (srv0, storm_peak) {
+        (Some(before), Some(peak)) if step2_len > 0 => {
+            Some((peak as f64 - before.rss_kib as f64) * 1024.0 / step2_len as f64)
+        }
+        _ => None,
+    };
+    eprintln!(
+        "  server RSS before the storm {} KiB, peak during it {} KiB{}: (peak - before) / board = {}",
+        srv0.map(|s| s.rss_kib.to_string()).unwrap_or("?".into()),
+        storm_peak.map(|p| p.to_string()).unwrap_or("?".into()),
+        if peak_reset { "" } else { " (the process's peak: could not reset it)" },
+        growth.map(|g| format!("{g:.2}")).unwrap_or("?".into()),
+    );
     Ok(json!({
         "clients": n,
         "doc_bytes": doc_bytes,
         "step2_bytes": step2_len,
-        "seed_s": r3(seed_s),
+        "seed_s": seed_s.map(r3),
         "storm_s": r3(storm_s),
         "connect": connect.to_json(),
         "synced": synced_s.to_json(),
+        "deflate_offered": run.plan.offer_deflate,
+        "deflate_agreed": deflate_agreed,
+        "wire_bytes": {
+            "p50": wire_p50,
+            "max": wire_max,
+            "min": wire.first().copied().unwrap_or(0),
+            "p50_per_step2": r3(per_step2(wire_p50)),
+            "max_per_step2": r3(per_step2(wire_max)),
+        },
         "server_cpu_s": match (srv0, srv1) { (Some(a), Some(b)) => Some(r3(b.cpu_s - a.cpu_s)), _ => None },
         "server_rss_kib_before": srv0.map(|s| s.rss_kib),
         "server_rss_kib_after": srv_after.map(|s| s.rss_kib),
-        "server_peak_rss_kib": end.map(|s| s.hwm_kib),
+        "server_storm_peak_rss_kib": storm_peak,
+        "storm_peak_since": if peak_reset { "storm" } else { "server start" },
+        "server_peak_rss_kib": match (srv0, storm_peak) {
+            (Some(a), Some(b)) => Some(a.hwm_kib.max(b)),
+            (_, b) => b,
+        },
+        "rss_growth_per_board": growth.map(r3),
         "loadgen_cpu_s": r3(me1 - me0),
         "converged": converged,
         "sessions_checked": sessions_checked,
@@ -689,4 +770,87 @@ pub(crate) async fn run_storm(
         "error_count": errors.len(),
         "ok": converged && errors.is_empty(),
     }))
+}
+
+/// Whether an update, applied to an empty document, gives the document of `digest`.
+fn same_document(update: &[u8], digest: Option<u64>) -> Result<(), String> {
+    let doc = yrs::Doc::new();
+    {
+        let mut txn = doc.transact_mut();
+        let u = yrs::Update::decode_v1(update)
+            .map_err(|e| format!("joiner's step 2 does not decode: {e}"))?;
+        txn.apply_update(u)
+            .map_err(|e| format!("joiner's step 2 rejected: {e}"))?;
+    }
+    if Some(workload::digest(&doc)) != digest {
+        return Err("a joiner's document differs from the seeder's".into());
+    }
+    Ok(())
+}
+
+/// Join storm: easel's figures beside the trivial server's, printed and returned as JSON.
+pub(crate) fn storm_comparison(easel: &Value, trivial: &Value) -> Value {
+    let f = |v: &Value, a: &str, b: &str| v[a][b].as_f64();
+    let mib = |v: &Value, key: &str| v[key].as_f64().map(|k| k / 1024.0);
+    let cell = |x: Option<f64>, digits: usize| {
+        x.map(|x| format!("{x:.digits$}"))
+            .unwrap_or_else(|| "?".into())
+    };
+    let ratio = match (f(easel, "synced", "p50_ms"), f(trivial, "synced", "p50_ms")) {
+        (Some(e), Some(t)) if t > 0.0 => Some(e / t),
+        _ => None,
+    };
+    eprintln!(
+        "== join storm, easel vs the trivial server ({} joiners, step 2 of {} / {} bytes):",
+        easel["clients"], easel["step2_bytes"], trivial["step2_bytes"]
+    );
+    eprintln!("   {:<34} {:>20} {:>20}", "", "easel", "trivial");
+    let row = |label: &str, of: &dyn Fn(&Value) -> String| {
+        eprintln!("   {label:<34} {:>20} {:>20}", of(easel), of(trivial));
+    };
+    row("time to synced p50 / p99 (ms)", &|v| {
+        format!(
+            "{} / {}",
+            cell(f(v, "synced", "p50_ms"), 0),
+            cell(f(v, "synced", "p99_ms"), 0)
+        )
+    });
+    row("wire bytes per joiner p50", &|v| {
+        cell(f(v, "wire_bytes", "p50"), 0)
+    });
+    row("  of the step 2", &|v| {
+        cell(f(v, "wire_bytes", "p50_per_step2"), 3)
+    });
+    row("deflate agreed", &|v| {
+        format!("{}/{}", v["deflate_agreed"], v["clients"])
+    });
+    row("server RSS before the storm (MiB)", &|v| {
+        cell(mib(v, "server_rss_kib_before"), 1)
+    });
+    row("server peak RSS in the storm (MiB)", &|v| {
+        cell(mib(v, "server_storm_peak_rss_kib"), 1)
+    });
+    eprintln!(
+        "   easel p50 / trivial p50 = {}; easel (storm peak - RSS before) / board = {} (target <= 4)",
+        cell(ratio, 2),
+        cell(easel["rss_growth_per_board"].as_f64(), 2)
+    );
+    let pick = |v: &Value| {
+        json!({
+            "synced_p50_ms": v["synced"]["p50_ms"],
+            "synced_p99_ms": v["synced"]["p99_ms"],
+            "step2_bytes": v["step2_bytes"],
+            "wire_bytes_p50": v["wire_bytes"]["p50"],
+            "wire_bytes_max": v["wire_bytes"]["max"],
+            "deflate_agreed": v["deflate_agreed"],
+            "server_rss_kib_before": v["server_rss_kib_before"],
+            "server_storm_peak_rss_kib": v["server_storm_peak_rss_kib"],
+            "rss_growth_per_board": v["rss_growth_per_board"],
+        })
+    };
+    json!({
+        "easel": pick(easel),
+        "trivial": pick(trivial),
+        "synced_p50_ratio": ratio.map(r3),
+    })
 }

@@ -1,5 +1,5 @@
-//! Exact percentiles over recorded samples, and the reading of a process's CPU time and
-//! memory from /proc.
+//! Exact percentiles over recorded samples (latencies, byte counts), and the reading of a
+//! process's CPU time and memory from /proc.
 
 use serde_json::{json, Value};
 
@@ -60,6 +60,15 @@ impl Summary {
             self.p50, self.p90, self.p99, self.p999, self.max, self.n
         )
     }
+}
+
+/// The `q` quantile of sorted counts, by the rank rule of [`Summary`]; 0 if there are none.
+pub fn quantile(sorted: &[u64], q: f64) -> u64 {
+    let n = sorted.len();
+    if n == 0 {
+        return 0;
+    }
+    sorted[((q * n as f64).ceil() as usize).clamp(1, n) - 1]
 }
 
 pub fn r3(v: f64) -> f64 {

@@ -1,5 +1,5 @@
 //! The server under test: a process this tool starts (easel with a secret and a temporary
-//! data directory, or the baseline), several easel nodes on one Redis (cluster mode, SPEC
+//! data directory, the baseline, or the trivial join server with its answer), several easel nodes on one Redis (cluster mode, SPEC
 //! 9: the Redis too is started here unless `--redis-url` names one), or servers already
 //! running at URLs. Clients are spread over the nodes round-robin.
 
@@ -10,6 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use bytes::Bytes;
 
 use crate::stats::{proc_sample, ProcSample};
 /// What kind of server is on the other end.
@@ -17,13 +18,17 @@ use crate::stats::{proc_sample, ProcSample};
 pub enum Kind {
     Easel,
     Baseline,
+    /// `trivial-join`: one cached answer to every connection (join storm only).
+    Trivial,
 }
 
 impl Kind {
+    /// Also how the server's listening line starts: "NAME listening on ADDR".
     pub fn name(self) -> &'static str {
         match self {
             Kind::Easel => "easel",
             Kind::Baseline => "baseline",
+            Kind::Trivial => "trivial",
         }
     }
 }
@@ -41,6 +46,9 @@ pub struct Target {
     /// Processes this tool started (nodes, then Redis); stopped in that order.
     children: Vec<Child>,
     dir: Option<PathBuf>,
+    /// The sync step 2 update every joiner gets, when known in advance (the trivial
+    /// server's answer): the join storm then seeds nothing and checks against it.
+    pub answer: Option<Bytes>,
 }
 
 /// Where a cluster's Redis comes from.
@@ -67,8 +75,12 @@ fn run_dir() -> anyhow::Result<PathBuf> {
 }
 
 /// Spawns `cmd` with stderr to `stderr_file`, and waits (at most 20 s) for its
-/// "listening on 127.0.0.1:PORT" line; keeps draining stdout afterwards.
-fn spawn_listening(mut cmd: Command, stderr_file: &Path) -> anyhow::Result<(Child, String)> {
+/// "KIND listening on 127.0.0.1:PORT" line; keeps draining stdout afterwards.
+fn spawn_listening(
+    mut cmd: Command,
+    kind: Kind,
+    stderr_file: &Path,
+) -> anyhow::Result<(Child, String)> {
     let stderr = std::fs::File::create(stderr_file)?;
     let mut child = cmd
         .stdin(Stdio::null())
@@ -78,14 +90,12 @@ fn spawn_listening(mut cmd: Command, stderr_file: &Path) -> anyhow::Result<(Chil
         .with_context(|| format!("starting {:?}", cmd.get_program()))?;
     let stdout = child.stdout.take().context("no stdout")?;
     let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let prefix = format!("{} listening on ", kind.name());
     std::thread::spawn(move || {
         let mut tx = Some(tx);
         for line in BufReader::new(stdout).lines() {
             let Ok(line) = line else { break };
-            if let Some(addr) = line
-                .strip_prefix("easel listening on ")
-                .or_else(|| line.strip_prefix("baseline listening on "))
-            {
+            if let Some(addr) = line.strip_prefix(prefix.as_str()) {
                 if let Some(tx) = tx.take() {
                     let _ = tx.send(addr.trim().to_string());
                 }
@@ -233,7 +243,8 @@ fn secret() -> String {
 }
 
 impl Target {
-    /// Starts `bin` (one easel on sled, or the baseline).
+    /// Starts `bin` (one easel on sled, or the baseline; the trivial server has
+    /// [`Target::start_trivial`]).
     pub fn start(kind: Kind, bin: &Path, server_config: Option<&str>) -> anyhow::Result<Self> {
         let dir = run_dir()?;
         let secret = secret();
@@ -247,7 +258,40 @@ impl Target {
                 cmd.arg("127.0.0.1:0");
                 cmd
             }
+            Kind::Trivial => {
+                let _ = std::fs::remove_dir_all(&dir);
+                bail!("the trivial server needs its answer (Target::start_trivial)");
+            }
         };
+        Self::start_one(kind, cmd, dir, secret)
+    }
+
+    /// Starts `trivial-join` answering every connection with `message` (the whole sync
+    /// step 2 message; `step2` is the update inside it), written to a file in the run's
+    /// directory; with permessage-deflate if `deflate`.
+    pub fn start_trivial(
+        bin: &Path,
+        message: &[u8],
+        step2: Bytes,
+        deflate: bool,
+    ) -> anyhow::Result<Self> {
+        let dir = run_dir()?;
+        let answer = dir.join("answer.bin");
+        std::fs::write(&answer, message)
+            .with_context(|| format!("writing {}", answer.display()))?;
+        let mut cmd = Command::new(bin);
+        cmd.args(["--listen", "127.0.0.1:0", "--answer"])
+            .arg(&answer);
+        if !deflate {
+            cmd.arg("--no-deflate");
+        }
+        let mut target = Self::start_one(Kind::Trivial, cmd, dir, secret())?;
+        target.answer = Some(step2);
+        Ok(target)
+    }
+
+    /// Runs `cmd`, one server in `dir`, and waits for its listening line.
+    fn start_one(kind: Kind, cmd: Command, dir: PathBuf, secret: String) -> anyhow::Result<Self> {
         let mut target = Self {
             kind,
             bases: Vec::new(),
@@ -256,8 +300,9 @@ impl Target {
             redis_pid: None,
             children: Vec::new(),
             dir: Some(dir.clone()),
+            answer: None,
         };
-        let (child, base) = spawn_listening(cmd, &dir.join("server.stderr"))?;
+        let (child, base) = spawn_listening(cmd, kind, &dir.join("server.stderr"))?;
         target.add_node(child, base);
         Ok(target)
     }
@@ -279,6 +324,7 @@ impl Target {
             redis_pid: None,
             children: Vec::new(),
             dir: Some(dir.clone()),
+            answer: None,
         };
         let (redis_url, redis_child) = match redis {
             RedisChoice::Start { fsync } => {
@@ -303,7 +349,7 @@ impl Target {
             cmd.arg("--redis")
                 .arg(&redis_url)
                 .env("EASEL_NODE_ID", format!("lg-node{n}"));
-            match spawn_listening(cmd, &dir.join(format!("node{n}.stderr"))) {
+            match spawn_listening(cmd, Kind::Easel, &dir.join(format!("node{n}.stderr"))) {
                 Ok((child, base)) => target.add_node(child, base),
                 Err(e) => {
                     target.children.extend(redis_child);
@@ -362,6 +408,7 @@ impl Target {
             redis_pid,
             children: Vec::new(),
             dir: None,
+            answer: None,
         })
     }
 
@@ -382,6 +429,17 @@ impl Target {
             sum.hwm_kib += s.hwm_kib;
         }
         Some(sum)
+    }
+
+    /// Restarts the nodes' peak-RSS count (VmHWM) from their current RSS (proc(5),
+    /// `clear_refs` 5), so that a later [`Target::sample`] gives the peak of what happened
+    /// since. False if any node's could not be reset (then the peak is the process's).
+    pub fn reset_peak(&self) -> bool {
+        !self.pids.is_empty()
+            && self
+                .pids
+                .iter()
+                .all(|pid| std::fs::write(format!("/proc/{pid}/clear_refs"), "5").is_ok())
     }
 
     /// The cluster's Redis, when its PID is known.
