@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use futures_util::{SinkExt, StreamExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
@@ -127,46 +127,9 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     };
-    if !addr.ip().is_loopback() {
-        eprintln!("error: the baseline listens on loopback addresses only");
-        return std::process::ExitCode::from(2);
-    }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return std::process::ExitCode::FAILURE;
-        }
-    };
-    runtime.block_on(async move {
-        let listener = match TcpListener::bind(addr).await {
-            Ok(l) => l,
-            Err(e) => {
-                eprintln!("error: cannot listen on {addr}: {e}");
-                return std::process::ExitCode::FAILURE;
-            }
-        };
-        let local = listener
-            .local_addr()
-            .map(|a| a.to_string())
-            .unwrap_or_default();
-        println!("baseline listening on {local}");
-        let rooms = Arc::new(Rooms::default());
-        let ids = AtomicU64::new(0);
-        loop {
-            tokio::select! {
-                accepted = listener.accept() => {
-                    if let Ok((stream, _)) = accepted {
-                        let id = ids.fetch_add(1, Ordering::Relaxed);
-                        tokio::spawn(connection(stream, id, rooms.clone()));
-                    }
-                }
-                _ = tokio::signal::ctrl_c() => break,
-            }
-        }
-        std::process::ExitCode::SUCCESS
+    let rooms = Arc::new(Rooms::default());
+    let ids = AtomicU64::new(0);
+    easel_bench::listen::serve_loopback("baseline", addr, |stream| {
+        connection(stream, ids.fetch_add(1, Ordering::Relaxed), rooms.clone())
     })
 }

@@ -25,7 +25,7 @@ use clap::Parser;
 use flate2::{Compress, Compression, FlushCompress};
 use sha1::{Digest, Sha1};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -265,26 +265,8 @@ async fn drain(reader: &mut BufReader<&mut TcpStream>) -> anyhow::Result<()> {
     }
 }
 
-async fn serve(listener: TcpListener, answers: Arc<Answers>) {
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => {
-                if let Ok((stream, _)) = accepted {
-                    // A connection's failure is its own: the storm's client reports it.
-                    tokio::spawn(connection(stream, answers.clone()));
-                }
-            }
-            _ = tokio::signal::ctrl_c() => break,
-        }
-    }
-}
-
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    if !cli.listen.ip().is_loopback() {
-        eprintln!("error: trivial-join listens on loopback addresses only");
-        return std::process::ExitCode::from(2);
-    }
     let answers = match std::fs::read(&cli.answer) {
         Ok(payload) => {
             let deflated = if cli.no_deflate {
@@ -316,30 +298,8 @@ fn main() -> std::process::ExitCode {
             None => "no compression".into(),
         }
     );
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return std::process::ExitCode::FAILURE;
-        }
-    };
-    runtime.block_on(async move {
-        let listener = match TcpListener::bind(cli.listen).await {
-            Ok(l) => l,
-            Err(e) => {
-                eprintln!("error: cannot listen on {}: {e}", cli.listen);
-                return std::process::ExitCode::FAILURE;
-            }
-        };
-        let local = listener
-            .local_addr()
-            .map(|a| a.to_string())
-            .unwrap_or_default();
-        println!("trivial listening on {local}");
-        serve(listener, Arc::new(answers)).await;
-        std::process::ExitCode::SUCCESS
+    let answers = Arc::new(answers);
+    easel_bench::listen::serve_loopback("trivial", cli.listen, |stream| {
+        connection(stream, answers.clone())
     })
 }
