@@ -223,6 +223,9 @@ const OP_CLOSE: u8 = 8;
 const OP_PING: u8 = 9;
 const OP_PONG: u8 = 10;
 
+/// The longest header a server frame has (no mask): 2 bytes and a 64-bit length.
+const MAX_HEADER: usize = 10;
+
 /// Most bytes one read takes while no message is in progress (on the stack; see
 /// `Reader::read_between_messages`): a y-websocket update or a chat message fits.
 const STACK_READ: usize = 4096;
@@ -665,6 +668,16 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
 
     async fn frame(&mut self, opcode: u8, rsv1: bool, payload: &[u8]) -> Result<(), SocketError> {
         let len = payload.len();
+        // The buffer starts empty for every batch (see `write_buffered`): one allocation
+        // for the header and a small payload together.
+        self.buf.reserve(
+            MAX_HEADER
+                + if len > self.settings.write_buffer {
+                    0
+                } else {
+                    len
+                },
+        );
         self.buf.push(0x80 | if rsv1 { 0x40 } else { 0 } | opcode);
         if len < 126 {
             self.buf.push(len as u8);
@@ -679,7 +692,6 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
             self.write_buffered().await?;
             self.io.write_all(payload).await?;
         } else {
-            self.buf.reserve(len);
             self.buf.extend_from_slice(payload);
             if self.buf.len() >= self.settings.write_buffer {
                 self.write_buffered().await?;
