@@ -39,6 +39,8 @@ struct Shared {
     queued_bytes: AtomicUsize,
     limit: usize,
     overflowed: AtomicBool,
+    /// Wakes every waiter: the reader and the writer both watch it, and the writer's wait
+    /// stays registered while it is stuck writing (a `notify_one` could wake only that one).
     overflow: Notify,
     /// Messages ever queued, and messages the writer has handed to the socket; the queue
     /// is FIFO, so `written >= n` means the first `n` are all written.
@@ -150,7 +152,7 @@ impl Outbox {
         if before > 0 && before + len > self.shared.limit {
             self.shared.queued_bytes.fetch_sub(len, Ordering::AcqRel);
             self.shared.overflowed.store(true, Ordering::Release);
-            self.shared.overflow.notify_one();
+            self.shared.overflow.notify_waiters();
             return false;
         }
         self.push(message, false);
@@ -200,7 +202,7 @@ impl Outbox {
     /// finds them over the limit.
     pub fn overflow(&self) {
         self.shared.overflowed.store(true, Ordering::Release);
-        self.shared.overflow.notify_one();
+        self.shared.overflow.notify_waiters();
     }
 
     /// Whether the connection still takes messages (not closing, not overflowed, not gone).
@@ -307,6 +309,7 @@ impl OverflowSignal {
     /// Resolves once a sender found the queue over its limit.
     pub async fn overflowed(&self) {
         loop {
+            // Made before the check: `notify_waiters` reaches a `Notified` from its creation.
             let notified = self.0.overflow.notified();
             if self.0.overflowed.load(Ordering::Acquire) {
                 return;
@@ -446,6 +449,29 @@ mod tests {
         tokio::time::timeout(std::time::Duration::from_secs(1), tx.written())
             .await
             .unwrap();
+    }
+
+    #[tokio::test]
+    async fn an_overflow_wakes_every_waiter_even_one_that_is_not_polled() {
+        let (tx, rx) = outbox(4);
+        let (writer_side, reader_side) = (rx.overflow_signal(), rx.overflow_signal());
+        // The writer's wait: polled once, then left registered while it is stuck writing.
+        let stuck = writer_side.overflowed();
+        tokio::pin!(stuck);
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        assert!(std::future::Future::poll(stuck.as_mut(), &mut cx).is_pending());
+        let reader = tokio::spawn(async move { reader_side.overflowed().await });
+        tokio::task::yield_now().await;
+        assert!(tx.send(Message::Binary(vec![0; 4].into())));
+        assert!(
+            !tx.send(Message::Binary(vec![0; 4].into())),
+            "over the limit"
+        );
+        tokio::time::timeout(std::time::Duration::from_secs(5), reader)
+            .await
+            .expect("the reader's wait woke although the writer's was registered first")
+            .expect("reader task");
+        assert!(std::future::Future::poll(stuck.as_mut(), &mut cx).is_ready());
     }
 
     #[tokio::test]
