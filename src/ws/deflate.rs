@@ -136,47 +136,54 @@ fn window_bits(v: &str) -> Option<u8> {
 
 /// Compresses one message on its own (no context kept), without the sync flush's tail.
 ///
-/// A large message is cut into pieces compressed at once on scoped threads (at most one
-/// per core), each by a fresh compressor ending in a sync flush: a sync flush ends on a
-/// byte boundary with an empty stored block, so the pieces laid end to end are one valid
-/// deflate stream (as pigz does); each piece only loses the window of the one before it.
+/// A large message is cut into pieces compressed at once on scoped threads, each by a fresh
+/// compressor ending in a sync flush: a sync flush ends on a byte boundary with an empty
+/// stored block, so the pieces laid end to end are one valid deflate stream (as pigz does);
+/// each piece only loses the window of the one before it. The extra threads come from one
+/// process-wide budget ([`PieceThreads`]): many large messages compressed at once (several
+/// boards joined together) take what is free and compress the rest on their own thread.
 pub fn deflate(data: &[u8], window_bits: u8) -> Bytes {
-    let level = LEVEL;
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let pieces = (data.len() / PIECE_MIN).clamp(1, cores.min(8));
-    let mut out = if pieces == 1 {
-        deflate_piece(data, window_bits, level)
-    } else {
-        let size = data.len().div_ceil(pieces);
-        std::thread::scope(|scope| {
-            let rest: Vec<_> = data
-                .chunks(size)
-                .skip(1)
-                .map(|piece| {
-                    let handle = scope.spawn(move || deflate_piece(piece, window_bits, level));
-                    (piece, handle)
-                })
-                .collect();
-            let mut out = deflate_piece(&data[..size], window_bits, level);
-            for (piece, handle) in rest {
-                // A thread that could not finish has its piece done here instead.
-                let part = handle
-                    .join()
-                    .unwrap_or_else(|_| deflate_piece(piece, window_bits, level));
-                out.extend_from_slice(&part);
-            }
-            out
-        })
-    };
+    let wanted = (data.len() / PIECE_MIN).saturating_sub(1);
+    let helpers = piece_threads().take(wanted);
+    let mut out = deflate_pieces(data, window_bits, helpers.count);
     if out.ends_with(&TAIL) {
         out.truncate(out.len() - TAIL.len());
     }
     Bytes::from(out)
 }
 
+/// `data` in `1 + helpers` pieces, all but the first on scoped threads of their own.
+fn deflate_pieces(data: &[u8], window_bits: u8, helpers: usize) -> Vec<u8> {
+    if helpers == 0 {
+        return deflate_piece(data, window_bits);
+    }
+    let size = data.len().div_ceil(helpers + 1);
+    std::thread::scope(|scope| {
+        let rest: Vec<_> = data
+            .chunks(size)
+            .skip(1)
+            .map(|piece| {
+                (
+                    piece,
+                    scope.spawn(move || deflate_piece(piece, window_bits)),
+                )
+            })
+            .collect();
+        let mut out = deflate_piece(&data[..size], window_bits);
+        for (piece, handle) in rest {
+            // A thread that could not finish has its piece done here instead.
+            let part = handle
+                .join()
+                .unwrap_or_else(|_| deflate_piece(piece, window_bits));
+            out.extend_from_slice(&part);
+        }
+        out
+    })
+}
+
 /// Compresses `data` with a fresh compressor, ending in a sync flush (its tail kept).
-fn deflate_piece(data: &[u8], window_bits: u8, level: u32) -> Vec<u8> {
-    let mut c = Compress::new_with_window_bits(Compression::new(level), false, window_bits);
+fn deflate_piece(data: &[u8], window_bits: u8) -> Vec<u8> {
+    let mut c = Compress::new_with_window_bits(Compression::new(LEVEL), false, window_bits);
     let mut out = Vec::with_capacity(data.len() / 4 + 64);
     loop {
         let consumed = usize::try_from(c.total_in()).unwrap_or(data.len());
@@ -200,6 +207,59 @@ fn deflate_piece(data: &[u8], window_bits: u8, level: u32) -> Vec<u8> {
         }
     }
     out
+}
+
+/// The threads compressing pieces besides the callers' own, process-wide: one fewer than
+/// the cores.
+struct PieceThreads {
+    free: std::sync::atomic::AtomicUsize,
+}
+
+/// Threads taken from [`PieceThreads`], given back when dropped.
+struct Helpers {
+    count: usize,
+}
+
+fn piece_threads() -> &'static PieceThreads {
+    static THREADS: OnceLock<PieceThreads> = OnceLock::new();
+    THREADS.get_or_init(|| PieceThreads {
+        free: std::sync::atomic::AtomicUsize::new(
+            std::thread::available_parallelism().map_or(1, |n| n.get()) - 1,
+        ),
+    })
+}
+
+impl PieceThreads {
+    /// Up to `wanted` threads, as many as are free.
+    fn take(&'static self, wanted: usize) -> Helpers {
+        use std::sync::atomic::Ordering;
+        let mut free = self.free.load(Ordering::Acquire);
+        loop {
+            let count = wanted.min(free);
+            if count == 0 {
+                return Helpers { count: 0 };
+            }
+            match self.free.compare_exchange_weak(
+                free,
+                free - count,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return Helpers { count },
+                Err(now) => free = now,
+            }
+        }
+    }
+}
+
+impl Drop for Helpers {
+    fn drop(&mut self) {
+        if self.count > 0 {
+            piece_threads()
+                .free
+                .fetch_add(self.count, std::sync::atomic::Ordering::AcqRel);
+        }
+    }
 }
 
 /// Inflates one compressed message, frame by frame, into at most `max` bytes.
@@ -394,6 +454,13 @@ mod tests {
         assert!(c.len() < data.len() / 2);
         assert!(!c.ends_with(&TAIL));
         assert_eq!(inflate(&c, data.len()).unwrap(), data);
+        // However many threads were free: one piece, or four laid end to end.
+        for helpers in [0, 3] {
+            let mut c = deflate_pieces(&data, 15, helpers);
+            assert!(c.ends_with(&TAIL));
+            c.truncate(c.len() - TAIL.len());
+            assert_eq!(inflate(&c, data.len()).unwrap(), data, "{helpers} helpers");
+        }
     }
 
     #[test]

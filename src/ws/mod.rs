@@ -359,7 +359,8 @@ pub fn run(
             }
         };
         tokio::pin!(signals);
-        let mut armed = expiry.min(last_heard + timing.idle_timeout);
+        // When the timer is set for; past the next deadline it is moved back to it below.
+        let mut armed = Instant::now() + FAR_FUTURE;
         let timer = tokio::time::sleep_until(armed);
         tokio::pin!(timer);
 
@@ -471,11 +472,8 @@ pub fn run(
                             closer.ask(Close::new(close::GOING_AWAY, "idle timeout"));
                         }
                     }
-                    armed = match closer.asked {
-                        Some(_) => closer.deadline,
-                        None => expiry.min(last_heard + timing.idle_timeout),
-                    };
-                    timer.as_mut().reset(armed);
+                    // Fired: set again at the top of the loop, for whatever is due next.
+                    armed = Instant::now() + FAR_FUTURE;
                 }
                 res = &mut writer => {
                     writer_result = Some(res.ok().flatten());
