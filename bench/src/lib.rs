@@ -1,9 +1,12 @@
 //! easel-bench's shared code: the whiteboard workload that both the load generator
 //! (`src/bin/easel-loadgen/`) and the criterion benches (`benches/hot_path.rs`) drive, and
-//! the accept loop of the bench's own servers (`listen`).
+//! the accept loop and WebSocket pieces of the bench's own client and servers (`listen`,
+//! `wire`).
 //!
 //! Knows nothing of the server's code: the load generator reaches easel only over
-//! sockets, so this library depends on `yrs`, `rand`, `tokio` and the standard library.
+//! sockets, so this library depends on `yrs`, `rand`, `tokio`, `sha1`, `base64` and the
+//! standard library.
 
 pub mod listen;
+pub mod wire;
 pub mod workload;

@@ -20,12 +20,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use base64::Engine;
 use clap::Parser;
 use flate2::{Compress, Compression, FlushCompress};
-use sha1::{Digest, Sha1};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
+
+use easel_bench::wire::{accept_key, frame, OP_BINARY, OP_CLOSE, TAIL};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -48,37 +48,10 @@ struct Cli {
 const MAX_REQUEST: usize = 16 << 10;
 /// The longest wait for the upgrade request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
-/// RFC 6455 1.3: what `Sec-WebSocket-Accept` hashes with the key.
-const GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
-/// The 4 bytes a sync flush ends with, which a permessage-deflate message leaves out.
-const TAIL: [u8; 4] = [0, 0, 0xff, 0xff];
-const OP_BINARY: u8 = 2;
-const OP_CLOSE: u8 = 8;
-
 /// The answer, framed: plain, and compressed unless deflate is off.
 struct Answers {
     plain: Vec<u8>,
     deflated: Option<Vec<u8>>,
-}
-
-/// One unmasked, final server frame: header and payload in one buffer.
-fn frame(opcode: u8, rsv1: bool, payload: &[u8]) -> Vec<u8> {
-    let mut f = Vec::with_capacity(payload.len() + 10);
-    let rsv1 = if rsv1 { 0x40 } else { 0 };
-    f.push(0x80 | rsv1 | opcode);
-    match payload.len() {
-        n if n < 126 => f.push(n as u8),
-        n if n <= 0xffff => {
-            f.push(126);
-            f.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-        n => {
-            f.push(127);
-            f.extend_from_slice(&(n as u64).to_be_bytes());
-        }
-    }
-    f.extend_from_slice(payload);
-    f
 }
 
 /// `data` as one permessage-deflate message: raw deflate, no context, sync-flushed, the
@@ -192,10 +165,7 @@ async fn connection(mut stream: TcpStream, answers: Arc<Answers>) -> anyhow::Res
     .context("the upgrade request timed out")??;
     // Whatever the client sent after the request stays in `reader`, read as frames below.
     let req = parse_request(std::str::from_utf8(&head)?)?;
-    let mut sha = Sha1::new();
-    sha.update(req.key.as_bytes());
-    sha.update(GUID.as_bytes());
-    let accept = base64::engine::general_purpose::STANDARD.encode(sha.finalize());
+    let accept = accept_key(&req.key);
     let mut response = format!(
         "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
          Sec-WebSocket-Accept: {accept}\r\n"
@@ -259,7 +229,9 @@ async fn drain(reader: &mut BufReader<&mut TcpStream>) -> anyhow::Result<()> {
             .take(2)
             .collect();
         let stream = reader.get_mut();
-        stream.write_all(&frame(OP_CLOSE, false, &code)).await?;
+        stream
+            .write_all(&frame(OP_CLOSE, false, None, &code))
+            .await?;
         stream.shutdown().await?;
         return Ok(());
     }
@@ -273,7 +245,7 @@ fn main() -> std::process::ExitCode {
                 None
             } else {
                 match deflate(&payload) {
-                    Ok(d) => Some(frame(OP_BINARY, true, &d)),
+                    Ok(d) => Some(frame(OP_BINARY, true, None, &d)),
                     Err(e) => {
                         eprintln!("error: {e:#}");
                         return std::process::ExitCode::FAILURE;
@@ -281,7 +253,7 @@ fn main() -> std::process::ExitCode {
                 }
             };
             Answers {
-                plain: frame(OP_BINARY, false, &payload),
+                plain: frame(OP_BINARY, false, None, &payload),
                 deflated,
             }
         }

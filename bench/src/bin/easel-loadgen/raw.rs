@@ -21,7 +21,6 @@ use bytes::{Bytes, BytesMut};
 use flate2::{Decompress, FlushDecompress, Status};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use sha1::{Digest, Sha1};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
@@ -30,6 +29,10 @@ use yrs::sync::{Awareness, Message, MessageReader, SyncMessage};
 use yrs::updates::decoder::DecoderV1;
 use yrs::updates::encoder::Encode;
 use yrs::{Doc, ReadTxn, Transact};
+
+use easel_bench::wire::{
+    accept_key, frame, OP_BINARY, OP_CLOSE, OP_CONT, OP_PING, OP_PONG, OP_TEXT, TAIL,
+};
 
 use crate::client::{self, ClientSpec, Counters, Phase, Shared};
 
@@ -42,19 +45,6 @@ const MAX_HEAD: usize = 16 << 10;
 const READ_CHUNK: usize = 256 << 10;
 /// The offer Chrome sends.
 const OFFER: &str = "permessage-deflate; client_max_window_bits";
-/// The 4 bytes a sync flush ends with: the sender removes them from each compressed
-/// message, the receiver puts them back before inflating (RFC 7692 7.2.1, 7.2.2).
-const TAIL: [u8; 4] = [0, 0, 0xff, 0xff];
-/// RFC 6455 1.3: what `Sec-WebSocket-Accept` hashes with the key.
-const GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
-
-const OP_CONT: u8 = 0;
-const OP_TEXT: u8 = 1;
-const OP_BINARY: u8 = 2;
-const OP_CLOSE: u8 = 8;
-const OP_PING: u8 = 9;
-const OP_PONG: u8 = 10;
-
 /// Runs one storm joiner to the end of the run (the `Finish` phase), or to an error.
 pub(crate) async fn join(
     spec: &ClientSpec,
@@ -420,22 +410,7 @@ impl Conn {
 
     /// Sends one masked frame (RFC 6455 5.3: a fresh random key for every frame).
     async fn send(&mut self, opcode: u8, payload: &[u8]) -> anyhow::Result<()> {
-        let mut f = Vec::with_capacity(payload.len() + 14);
-        f.push(0x80 | opcode);
-        match payload.len() {
-            n if n < 126 => f.push(0x80 | n as u8),
-            n if n <= 0xffff => {
-                f.push(0x80 | 126);
-                f.extend_from_slice(&(n as u16).to_be_bytes());
-            }
-            n => {
-                f.push(0x80 | 127);
-                f.extend_from_slice(&(n as u64).to_be_bytes());
-            }
-        }
-        let mask: [u8; 4] = self.rng.gen();
-        f.extend_from_slice(&mask);
-        f.extend(payload.iter().zip(mask.iter().cycle()).map(|(b, m)| b ^ m));
+        let f = frame(opcode, false, Some(self.rng.gen()), payload);
         self.stream.write_all(&f).await.context("sending a frame")
     }
 
@@ -464,10 +439,7 @@ fn check_response(head: &[u8], key: &str, offered: bool) -> anyhow::Result<Optio
     if status.split_whitespace().nth(1) != Some("101") {
         bail!("upgrade refused: {status}");
     }
-    let mut sha = Sha1::new();
-    sha.update(key.as_bytes());
-    sha.update(GUID.as_bytes());
-    let expected = base64::engine::general_purpose::STANDARD.encode(sha.finalize());
+    let expected = accept_key(key);
     let mut accepted = false;
     let mut inflate = None;
     for line in lines {
