@@ -76,12 +76,27 @@ impl Default for Lane {
 }
 
 impl Lane {
+    /// A handle that tells whether jobs wait in this lane's queue, for a job that would
+    /// rather leave something for the next one (a batch) when one follows.
+    pub fn backlog(&self) -> Backlog {
+        Backlog(self.state.clone())
+    }
+
     /// Queues `job` (awaiting a place while the queue is full) and resolves to its result.
     /// The returned future owns what it needs; dropping it before the job is queued
     /// queues nothing, dropping it after lets the job run all the same.
     pub fn run<T: Send + 'static>(
         &self,
         job: impl FnOnce() -> T + Send + 'static,
+    ) -> impl Future<Output = Result<T, LaneError>> + Send + 'static {
+        self.run_replying(move |reply| reply.send(job()))
+    }
+
+    /// Like [`Lane::run`], but the job hands its result to [`Reply::send`] itself and may
+    /// go on after: what it does then delays the jobs behind it, not its submitter.
+    pub fn run_replying<T: Send + 'static>(
+        &self,
+        job: impl FnOnce(Reply<T>) + Send + 'static,
     ) -> impl Future<Output = Result<T, LaneError>> + Send + 'static {
         let (state, room) = (self.state.clone(), self.room.clone());
         async move {
@@ -91,9 +106,7 @@ impl Lane {
             let task: Task = Box::new(move || {
                 // A panic in one job must not take the thread down: the submitter sees
                 // its reply dropped, the next job runs.
-                if let Ok(out) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job)) {
-                    let _ = tx.send(out);
-                }
+                let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(Reply(tx))));
             });
             let schedule = {
                 let mut s = sync::lock(&state);
@@ -105,6 +118,27 @@ impl Lane {
             }
             rx.await.map_err(|_| LaneError::Stopped)
         }
+    }
+}
+
+/// Where a job sends its result (see [`Lane::run_replying`]).
+pub struct Reply<T>(oneshot::Sender<T>);
+
+impl<T> Reply<T> {
+    /// Hands `value` to the submitter (if it still waits).
+    pub fn send(self, value: T) {
+        let _ = self.0.send(value);
+    }
+}
+
+/// Whether jobs wait in a lane's queue (see [`Lane::backlog`]).
+pub struct Backlog(Arc<Mutex<LaneState>>);
+
+impl Backlog {
+    /// Whether a job is queued behind the one running (it will run: a queued job is never
+    /// dropped unrun).
+    pub fn is_empty(&self) -> bool {
+        sync::lock(&self.0).jobs.is_empty()
     }
 }
 
@@ -209,6 +243,22 @@ mod tests {
             assert_eq!(name.as_deref(), Some(THREAD_NAME));
         }
         assert_eq!(*sync::lock(&seen), (0..200).collect::<Vec<_>>());
+
+        // A job that replies first and goes on: the reply arrives, and the job's rest runs
+        // before the next job.
+        let after = lane.run_replying({
+            let seen = seen.clone();
+            move |reply| {
+                reply.send("replied");
+                sync::lock(&seen).push(200);
+            }
+        });
+        assert_eq!(after.await, Ok("replied"));
+        let next = lane.run({
+            let seen = seen.clone();
+            move || sync::lock(&seen).last().copied()
+        });
+        assert_eq!(next.await, Ok(Some(200)));
         let panicked = lane.run(|| panic!("boom")).await;
         assert_eq!(panicked, Err(LaneError::Stopped));
         assert_eq!(lane.run(|| 7).await, Ok(7));

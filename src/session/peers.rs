@@ -24,12 +24,24 @@ pub trait Peer {
     /// connection is marked overflowed (and then closed with 1013), nothing is dropped
     /// silently.
     fn deliver(&mut self, msg: &Message);
+
+    /// Queues several messages in order, as [`Peer::deliver`] would one by one.
+    fn deliver_all<'a>(&mut self, msgs: impl Iterator<Item = &'a Message>) {
+        for msg in msgs {
+            self.deliver(msg);
+        }
+    }
 }
 
 impl Peer for Outbox {
     fn deliver(&mut self, msg: &Message) {
         // `send` marks the queue overflowed itself when `msg` does not fit.
         self.send(msg.clone());
+    }
+
+    fn deliver_all<'a>(&mut self, msgs: impl Iterator<Item = &'a Message>) {
+        // One lock and one wake-up of the writer for the lot.
+        self.send_all(msgs);
     }
 }
 
@@ -78,6 +90,18 @@ impl<P: Peer> Peers<P> {
             }
         }
     }
+
+    /// Delivers a batch of messages, each to every connection but its own `except`, in
+    /// the batch's order: each connection gets its share in one delivery.
+    pub fn broadcast_all(&mut self, batch: &[(Message, Option<ConnId>)]) {
+        for (id, peer) in self.map.iter_mut() {
+            let theirs = batch
+                .iter()
+                .filter(|(_, except)| *except != Some(*id))
+                .map(|(msg, _)| msg);
+            peer.deliver_all(theirs);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -104,5 +128,30 @@ mod tests {
         peers.broadcast(&msg, Some(2));
         assert!(!small.is_open());
         assert!(matches!(a_rx.try_recv(), Some(Message::Binary(_))));
+    }
+
+    #[test]
+    fn a_batch_reaches_each_connection_in_order_without_its_own_messages() {
+        let mut peers = Peers::default();
+        let (a, mut a_rx) = outbox(1 << 20);
+        let (b, mut b_rx) = outbox(1 << 20);
+        peers.insert(1, a);
+        peers.insert(2, b);
+        let msg = |s: &'static str| Message::Binary(bytes::Bytes::from_static(s.as_bytes()));
+        peers.broadcast_all(&[
+            (msg("from a"), Some(1)),
+            (msg("from b"), Some(2)),
+            (msg("from the API"), None),
+        ]);
+        let drain = |rx: &mut crate::ws::outbox::OutboxReceiver| {
+            std::iter::from_fn(|| rx.try_recv())
+                .map(|m| match m {
+                    Message::Binary(b) => String::from_utf8_lossy(&b).into_owned(),
+                    other => format!("{other:?}"),
+                })
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(drain(&mut a_rx), ["from b", "from the API"]);
+        assert_eq!(drain(&mut b_rx), ["from a", "from the API"]);
     }
 }

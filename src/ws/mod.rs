@@ -13,11 +13,10 @@
 //! - A close the server decides on (1008, 1009, 1011, 1013, 4401, 1012, ...) stops the
 //!   queue taking more, writes what was queued before it, then sends the Close frame and
 //!   waits briefly for the client's answer before the TCP connection ends.
-//! - A client's Close is answered with a Close frame echoing its code (the writer sends it;
-//!   no data may follow it). The reader reads a frame only once the writer has written
-//!   everything queued before (usually at once: the queue is empty), so whatever was
-//!   queued before the client's Close reaches the client first.
-//!   (The wait is bounded by [`WRITER_WAIT`]: a client that reads nothing is still read.)
+//! - A client's Close is answered with a Close frame echoing its code (the writer sends it
+//!   after whatever was queued before the reader read the Close; no data follows it).
+//!   The reader does not wait for the writer between frames: a client that writes while
+//!   its queue is still being written (every writer of a busy board) is read at once.
 //!
 //! A handler that must wait (rate-limit back-pressure, a store read, a paged reply) returns
 //! [`Flow::RetryAfter`] or [`Flow::Then`]; the reader then reads no further frame until the
@@ -54,7 +53,7 @@ use crate::limits::ConnectionPermit;
 use crate::metrics::{Endpoint, EndpointMetrics};
 use crate::session::whiteboard::ConnId;
 use close::Close;
-use outbox::{OutboxReceiver, Progress};
+use outbox::OutboxReceiver;
 use socket::{Io, SocketError};
 
 /// The two halves of an upgraded connection's WebSocket.
@@ -70,9 +69,6 @@ const CLOSE_DRAIN: Duration = Duration::from_secs(5);
 
 /// How long the client has to answer the server's Close frame before the TCP connection ends.
 const CLOSE_ANSWER: Duration = Duration::from_secs(2);
-
-/// How long the reader waits for the writer before it reads the next frame anyway.
-const WRITER_WAIT: Duration = Duration::from_secs(1);
 
 /// Work a handler hands back to the reader: awaited before the next frame is read.
 pub type FlowFuture = Pin<Box<dyn Future<Output = Flow> + Send>>;
@@ -253,21 +249,14 @@ fn settle(
     };
 }
 
-/// Reads the next frame once everything queued before is written (see the module docs).
-/// When no frame is ready, the counts held back so far go to the shared counters first.
+/// Reads the next frame. When no frame is ready, the counts held back so far go to the
+/// shared counters first.
 async fn next_frame(
     stream: &mut SocketReader,
-    progress: &Progress,
     counts: &mut ReadCounts,
     metrics: &EndpointMetrics,
     handler: &mut impl FrameHandler,
 ) -> Option<Result<Message, SocketError>> {
-    if !progress.all_written() {
-        // Bounded: a client that reads nothing (its writer is stuck) must not also stop
-        // being read, or a client that writes before it reads would deadlock with us.
-        // Boxed: only this wait needs the space, and the reader's state keeps it otherwise.
-        let _ = Box::pin(tokio::time::timeout(WRITER_WAIT, progress.written())).await;
-    }
     let mut next = std::pin::pin!(stream.next());
     std::future::poll_fn(|cx| {
         let polled = next.as_mut().poll(cx);
@@ -374,7 +363,7 @@ pub fn run(
                 timer.as_mut().reset(due);
             }
             tokio::select! {
-                frame = next_frame(&mut stream, &progress, &mut counts, &metrics, &mut handler), if work.is_none() => {
+                frame = next_frame(&mut stream, &mut counts, &metrics, &mut handler), if work.is_none() => {
                     let frame = match frame {
                         Some(Ok(f)) => f,
                         Some(Err(e)) => {
@@ -581,6 +570,26 @@ fn payload_len(m: &Message) -> usize {
     }
 }
 
+/// Writes what the queue holds, for a writer about to send its Close frame (the queue
+/// takes nothing more: `start_closing` came first).
+async fn write_queued(
+    sink: &mut SocketWriter,
+    outbox: &mut OutboxReceiver,
+    metrics: &EndpointMetrics,
+) -> Result<(), SocketError> {
+    let (mut n, mut bytes) = (0u64, 0u64);
+    while let Some(m) = outbox.try_recv() {
+        bytes += payload_len(&m) as u64;
+        let fed = sink.feed(m).await;
+        outbox.mark_written(1);
+        fed?;
+        n += 1;
+    }
+    metrics.frames_out.inc_by(n);
+    metrics.bytes_out.inc_by(bytes);
+    Ok(())
+}
+
 /// What interrupts the writer's data path: the reader's command, an overflow, shutdown or
 /// a Ping to answer.
 enum Control {
@@ -685,12 +694,17 @@ fn write_loop(
             match interrupt {
                 Control::Cmd(Ok(WriterCmd::Close(c))) => break c,
                 Control::Cmd(Ok(WriterCmd::PeerClosed(echo))) => {
+                    // What was queued before the client's Close was read goes first.
                     outbox.start_closing();
                     let echo = echo.map(|c| CloseFrame {
                         code: c.code,
                         reason: Utf8Bytes::from_static(""),
                     });
-                    let _ = tokio::time::timeout(CLOSE_ANSWER, sink.close(echo)).await;
+                    let _ = tokio::time::timeout(CLOSE_ANSWER, async {
+                        write_queued(&mut sink, &mut outbox, &metrics).await?;
+                        sink.close(echo).await
+                    })
+                    .await;
                     return None;
                 }
                 Control::Cmd(Err(_)) => return None,
@@ -711,16 +725,7 @@ fn write_loop(
             reason: Utf8Bytes::from(close.reason.clone()),
         };
         let finished = tokio::time::timeout(CLOSE_DRAIN, async {
-            let (mut n, mut bytes) = (0u64, 0u64);
-            while let Some(m) = outbox.try_recv() {
-                bytes += payload_len(&m) as u64;
-                let fed = sink.feed(m).await;
-                outbox.mark_written(1);
-                fed?;
-                n += 1;
-            }
-            metrics.frames_out.inc_by(n);
-            metrics.bytes_out.inc_by(bytes);
+            write_queued(&mut sink, &mut outbox, &metrics).await?;
             sink.close(Some(frame)).await
         })
         .await;

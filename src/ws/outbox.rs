@@ -8,11 +8,10 @@
 //! reconnects and resyncs. Nothing in this module knows about sessions or protocols.
 //!
 //! The queue also counts messages pushed and messages the writer has handed to the socket,
-//! so that others can wait until everything queued so far is written: the reader does
-//! before it reads the next frame (a client's Close then finds nothing of what was queued
-//! before it still waiting, RFC 6455 5.5.1), and paged replies (chat history) wait for
-//! their previous page instead of filling the queue. Once the writer starts closing, the
-//! queue takes nothing more, so draining it ends.
+//! so that others can wait until everything queued so far is written: paged replies (chat
+//! history) wait for their previous page instead of filling the queue, and an idle check
+//! counts a writer that makes progress as a live connection. Once the writer starts
+//! closing, the queue takes nothing more, so draining it ends.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -139,23 +138,54 @@ impl Outbox {
     /// Queues a message. Returns `false` when the connection is gone or has overflowed
     /// (its writer is closing it); the message is then not queued.
     pub fn send(&self, message: Message) -> bool {
-        if self.shared.overflowed.load(Ordering::Relaxed)
-            || self.shared.closed.load(Ordering::Acquire)
-            || self.shared.closing.load(Ordering::Acquire)
-        {
+        if !self.admit(&message) {
             return false;
         }
-        let len = payload_len(&message);
+        self.push(message, false);
+        true
+    }
+
+    /// Queues several messages in order, under one lock and with one wake-up of the
+    /// writer (a sequencer's batch of updates: the writer then finds them all and writes
+    /// them together). Stops at the first that does not fit, as [`Outbox::send`] would;
+    /// returns whether all were queued.
+    pub fn send_all<'a>(&self, messages: impl IntoIterator<Item = &'a Message>) -> bool {
+        let mut all = true;
+        let mut queued = 0;
+        {
+            let mut queue = self.shared.queue();
+            for message in messages {
+                if !self.admit(message) {
+                    all = false;
+                    break;
+                }
+                queue.push_back((message.clone(), false));
+                queued += 1;
+            }
+            // Under the lock, so the count follows the queue's order.
+            self.shared.pushed.fetch_add(queued, Ordering::AcqRel);
+        }
+        if queued > 0 {
+            self.shared.ready.notify_one();
+        }
+        all
+    }
+
+    /// Counts `message` into the queue's bytes if the queue takes it; marks the queue
+    /// overflowed (its writer then closes with 1013) if it would pass the limit.
+    fn admit(&self, message: &Message) -> bool {
+        if !self.is_open() {
+            return false;
+        }
+        let len = payload_len(message);
         let before = self.shared.queued_bytes.fetch_add(len, Ordering::AcqRel);
         // An empty queue takes any one message; a backlog cannot grow past the limit. (A
         // step 2 larger than the limit goes through `send_reply`, whatever is queued.)
         if before > 0 && before + len > self.shared.limit {
             self.shared.queued_bytes.fetch_sub(len, Ordering::AcqRel);
-            self.shared.overflowed.store(true, Ordering::Release);
-            self.shared.overflow.notify_waiters();
+            self.overflow();
             return false;
         }
-        self.push(message, false);
         true
     }
 
@@ -284,11 +314,6 @@ impl Progress {
     /// How many messages the writer has handed to the socket so far.
     pub fn written_count(&self) -> u64 {
         self.0.written.load(Ordering::Acquire)
-    }
-
-    /// Whether nothing queued is waiting for the writer (cheap; no await).
-    pub fn all_written(&self) -> bool {
-        self.0.written.load(Ordering::Acquire) >= self.0.pushed.load(Ordering::Acquire)
     }
 }
 
@@ -420,10 +445,8 @@ mod tests {
     async fn waiting_for_the_writer_ends_when_it_wrote_what_was_queued_before() {
         let (tx, mut rx) = outbox(100);
         let progress = rx.progress();
-        assert!(progress.all_written());
         assert!(tx.send(Message::Binary(vec![1].into())));
         assert!(tx.send(Message::Binary(vec![2].into())));
-        assert!(!progress.all_written());
         let waiting = tokio::spawn(async move { progress.written().await });
         rx.try_recv().unwrap();
         rx.mark_written(1);
@@ -472,6 +495,37 @@ mod tests {
             .expect("the reader's wait woke although the writer's was registered first")
             .expect("reader task");
         assert!(std::future::Future::poll(stuck.as_mut(), &mut cx).is_ready());
+    }
+
+    #[tokio::test]
+    async fn a_batch_is_queued_in_order_and_stops_at_the_limit() {
+        let (tx, mut rx) = outbox(10);
+        let batch: Vec<Message> = [3, 4, 2, 5, 1]
+            .iter()
+            .map(|n| Message::Binary(vec![0; *n].into()))
+            .collect();
+        // 3 + 4 + 2 fit; 5 would pass the limit: the queue overflows and takes no more.
+        assert!(!tx.send_all(&batch));
+        assert!(!tx.is_open());
+        let sizes: Vec<usize> = std::iter::from_fn(|| rx.try_recv())
+            .map(|m| payload_len(&m))
+            .collect();
+        assert_eq!(sizes, [3, 4, 2]);
+        let (tx, mut rx) = outbox(100);
+        assert!(tx.send_all(&batch));
+        let writer = tokio::spawn(async move {
+            let mut sizes = Vec::new();
+            while let Some(m) = rx.recv().await {
+                sizes.push(payload_len(&m));
+            }
+            sizes
+        });
+        drop(tx);
+        let sizes = tokio::time::timeout(std::time::Duration::from_secs(5), writer)
+            .await
+            .expect("the writer woke for the batch")
+            .expect("writer task");
+        assert_eq!(sizes, [3, 4, 2, 5, 1]);
     }
 
     #[tokio::test]

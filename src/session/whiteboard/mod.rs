@@ -155,6 +155,9 @@ pub struct Board {
     awareness: Arc<awareness::AwarenessRelay>,
     /// Shared with the awareness relay, which fans out from its own timer.
     peers: Arc<Mutex<Peers<Outbox>>>,
+    /// What the sequencer's jobs relay, each message with the connection it is not for,
+    /// held until the last job of a run of queued ones (see [`Board::relay_queued`]).
+    relays: Mutex<Vec<(Message, Option<ConnId>)>>,
     store: Arc<dyn Store>,
     metrics: Arc<Metrics>,
     options: WhiteboardOptions,
@@ -208,6 +211,12 @@ impl Default for WhiteboardOptions {
 
 /// A Yjs v1 update with no structs and no deletions: zero clients, an empty delete set.
 const EMPTY_UPDATE: &[u8] = &[0, 0];
+
+/// The most relays the sequencer holds for the jobs queued behind the one that made them
+/// (see [`Board::relay_queued`]): what the batch saves is one writer wake-up and one write
+/// per connection and update; what it bounds is the delay of its first relay, about this
+/// many updates' work (~25 µs each).
+const RELAY_BATCH: usize = 16;
 
 /// The most updates a session holds back at once (besides `limits.max_pending_bytes`).
 const MAX_HELD_BACK: usize = 256;
@@ -399,6 +408,7 @@ impl Board {
             held_back: Mutex::new(rebuilt.held_back),
             measured_size: Mutex::new(None),
             peers,
+            relays: Mutex::new(Vec::new()),
             store,
             metrics,
             options,
@@ -607,9 +617,35 @@ impl Board {
         } else {
             origin
         };
-        // The peer lock for the fan-out only (see the module docs).
-        self.peers().broadcast(&Message::Binary(frame), except);
+        self.relay(Message::Binary(frame), except);
         Ok(true)
+    }
+
+    /// Queues `message` for every connection but `except`, after what the sequencer
+    /// queued before it (see [`Board::relay_queued`]). On the sequencer, after the change
+    /// it carries is in the document: a connection that joins before the relay goes out
+    /// gets it both in its step 2 and as an update, which Yjs applies once.
+    fn relay(&self, message: Message, except: Option<ConnId>) {
+        sync::lock(&self.relays).push((message, except));
+    }
+
+    /// Hands the relays queued so far to the connections, unless this is not the
+    /// `last_job` (another is queued behind it, and will call this again) and fewer than
+    /// [`RELAY_BATCH`] wait. Each connection gets its share in one delivery. On the
+    /// sequencer, at the end of every job.
+    fn relay_queued(&self, last_job: bool) {
+        let batch = {
+            let mut relays = sync::lock(&self.relays);
+            if relays.is_empty() || (!last_job && relays.len() < RELAY_BATCH) {
+                return;
+            }
+            std::mem::take(&mut *relays)
+        };
+        // The peer lock for the fan-out only (see the module docs).
+        match batch.as_slice() {
+            [(message, except)] => self.peers().broadcast(message, *except),
+            batch => self.peers().broadcast_all(batch),
+        }
     }
 
     /// Whether the document, grown by an update of `added` bytes, stays within
@@ -652,9 +688,7 @@ impl Board {
             }
             // The document had it already (it was rebuilt from the store since the entry
             // was appended): this node's connections may not, and a duplicate is harmless.
-            Ok(false) => self
-                .peers()
-                .broadcast(&Message::Binary(wire::update(update.to_vec())), None),
+            Ok(false) => self.relay(Message::Binary(wire::update(update.to_vec())), None),
             Err(e) => refused(&e),
         }
     }
@@ -825,8 +859,7 @@ impl Board {
             // Counted before the fan-out, as on the update path: a joiner that registers
             // after the fan-out must not be served a step 2 cached before the restore.
             self.changes.send_modify(|n| *n += 1);
-            self.peers()
-                .broadcast(&Message::Binary(wire::update(update)), None);
+            self.relay(Message::Binary(wire::update(update)), None);
         }
         self.dirty.store(true, Ordering::Release);
         Ok(())
@@ -851,6 +884,83 @@ mod tests {
             std::thread::yield_now();
         }
         true
+    }
+
+    /// Updates queued behind one another (relayed as one batch by the last of them) reach
+    /// every connection in their order, none its own sender.
+    #[test]
+    fn updates_queued_together_are_relayed_together_in_order() {
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::new(20));
+        let wb = Whiteboard::load(
+            "s".into(),
+            store,
+            Arc::new(Metrics::new()),
+            WhiteboardOptions::default(),
+        )
+        .unwrap();
+        let (a, mut a_rx) = outbox(1 << 20);
+        let (b, mut b_rx) = outbox(1 << 20);
+        wb.join(1, a);
+        wb.join(2, b);
+        let greeting = |rx: &mut crate::ws::outbox::OutboxReceiver| {
+            std::iter::from_fn(|| rx.try_recv()).count()
+        };
+        assert_eq!((greeting(&mut a_rx), greeting(&mut b_rx)), (1, 1));
+        // Holds the lane, so the three updates queue behind it.
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        let blocker = wb.sequencer.run(move |_| {
+            let _ = held.recv();
+        });
+        let mut blocker = std::pin::pin!(blocker);
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        assert!(blocker.as_mut().poll(&mut cx).is_pending());
+        let doc = Doc::with_client_id(9);
+        let text = doc.get_or_insert_text("t");
+        let mut submitted = Vec::new();
+        for (i, origin) in [(0, Some(1)), (1, Some(2)), (2, None)] {
+            let update = {
+                let mut txn = doc.transact_mut();
+                text.insert(&mut txn, i, "x");
+                txn.encode_update_v1()
+            };
+            let mut job = Box::pin(wb.submit_update(origin, update.into(), None));
+            // Polled once: queued now, in this order.
+            assert!(job.as_mut().poll(&mut cx).is_pending());
+            submitted.push(job);
+        }
+        release.send(()).unwrap();
+        sequencer::block_on(blocker).unwrap();
+        for job in submitted {
+            assert!(sequencer::block_on(job).unwrap());
+        }
+        wb.settle();
+        let relayed = |rx: &mut crate::ws::outbox::OutboxReceiver| {
+            std::iter::from_fn(|| rx.try_recv())
+                .map(|m| match m {
+                    Message::Binary(b) => b.to_vec(),
+                    other => panic!("{other:?}"),
+                })
+                .collect::<Vec<_>>()
+        };
+        let (to_a, to_b) = (relayed(&mut a_rx), relayed(&mut b_rx));
+        assert_eq!((to_a.len(), to_b.len()), (2, 2), "none back to its sender");
+        // The API's update (third) reaches both, after the other's.
+        assert_eq!(to_a[1], to_b[1]);
+        let replica = Doc::new();
+        for frame in to_a.iter().chain(&to_b) {
+            use yrs::updates::decoder::Decode;
+            let Ok(yrs::sync::Message::Sync(yrs::sync::SyncMessage::Update(bytes))) =
+                yrs::sync::Message::decode_v1(frame)
+            else {
+                panic!("not an update: {frame:?}");
+            };
+            replica
+                .transact_mut()
+                .apply_update(Update::decode_v1(&bytes).unwrap())
+                .unwrap();
+        }
+        let t = replica.get_or_insert_text("t");
+        assert_eq!(yrs::GetString::get_string(&t, &replica.transact()), "xxx");
     }
 
     /// A join (run on an async worker) must not take the document's lock: while a large

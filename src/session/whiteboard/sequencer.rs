@@ -89,10 +89,18 @@ impl Sequencer {
     ) -> impl Future<Output = Result<T, StoreError>> + Send + 'static {
         let board = self.board.clone();
         let pending = Pending::new(&self.pending);
-        let ran = self.lane.run(move || {
+        let backlog = self.lane.backlog();
+        let ran = self.lane.run_replying(move |reply| {
             let outcome = job(&board);
             drop(pending);
-            outcome
+            // The outcome first: its submitter (a WebSocket reader) then reads its next
+            // frame while the relays below wake the session's writers, instead of being
+            // woken after them and queued behind them on the async workers.
+            reply.send(outcome);
+            // The job's relays wait for the jobs queued behind it, up to a bound: under
+            // load a batch of updates then reaches each connection in one delivery, one
+            // wake-up of its writer and one write, instead of one each per update.
+            board.relay_queued(backlog.is_empty());
         });
         async move { ran.await.map_err(|_| stopped()) }
     }
