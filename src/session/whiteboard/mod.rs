@@ -157,7 +157,7 @@ pub struct Board {
     peers: Arc<Mutex<Peers<Outbox>>>,
     /// What the sequencer's jobs relay, each message with the connection it is not for,
     /// held until the last job of a run of queued ones (see [`Board::relay_queued`]).
-    relays: Mutex<Vec<(Message, Option<ConnId>)>>,
+    relays: Mutex<HeldRelays>,
     store: Arc<dyn Store>,
     metrics: Arc<Metrics>,
     options: WhiteboardOptions,
@@ -213,10 +213,21 @@ impl Default for WhiteboardOptions {
 const EMPTY_UPDATE: &[u8] = &[0, 0];
 
 /// The most relays the sequencer holds for the jobs queued behind the one that made them
-/// (see [`Board::relay_queued`]): what the batch saves is one writer wake-up and one write
-/// per connection and update; what it bounds is the delay of its first relay, about this
-/// many updates' work (~25 µs each).
+/// (see [`Board::relay_queued`]), and the longest the first of them waits: what the batch
+/// saves is one writer wake-up and one write per connection and update; what these bound
+/// is the delay it adds (a job that flushes to disk, in sync durability, takes far longer
+/// than the ~25 µs of an update, so the time bound is the one that holds there).
 const RELAY_BATCH: usize = 16;
+const RELAY_HOLD: std::time::Duration = std::time::Duration::from_millis(1);
+
+/// Relays held for the jobs queued behind the ones that made them.
+#[derive(Default)]
+struct HeldRelays {
+    /// Each message with the connection it is not for.
+    batch: Vec<(Message, Option<ConnId>)>,
+    /// When the first of them was held.
+    since: Option<Instant>,
+}
 
 /// The most updates a session holds back at once (besides `limits.max_pending_bytes`).
 const MAX_HELD_BACK: usize = 256;
@@ -263,8 +274,16 @@ impl Whiteboard {
         let empty = update.as_ref() == EMPTY_UPDATE;
         let job = (!empty).then(|| {
             let queued = Instant::now();
-            self.sequencer
-                .run(move |board| board.sequence_update(origin, &update, message, queued))
+            // A connection's reader reads on as soon as it has the outcome; other callers
+            // (the HTTP API, the CLI) find the update relayed once it is answered.
+            let order = match origin {
+                Some(_) => sequencer::Order::ReplyFirst,
+                None => sequencer::Order::RelayFirst,
+            };
+            self.sequencer.run_ordered(
+                move |board| board.sequence_update(origin, &update, message, queued),
+                order,
+            )
         });
         async move {
             match job {
@@ -408,7 +427,7 @@ impl Board {
             held_back: Mutex::new(rebuilt.held_back),
             measured_size: Mutex::new(None),
             peers,
-            relays: Mutex::new(Vec::new()),
+            relays: Mutex::default(),
             store,
             metrics,
             options,
@@ -626,20 +645,26 @@ impl Board {
     /// it carries is in the document: a connection that joins before the relay goes out
     /// gets it both in its step 2 and as an update, which Yjs applies once.
     fn relay(&self, message: Message, except: Option<ConnId>) {
-        sync::lock(&self.relays).push((message, except));
+        let mut held = sync::lock(&self.relays);
+        held.since.get_or_insert_with(Instant::now);
+        held.batch.push((message, except));
     }
 
     /// Hands the relays queued so far to the connections, unless this is not the
-    /// `last_job` (another is queued behind it, and will call this again) and fewer than
-    /// [`RELAY_BATCH`] wait. Each connection gets its share in one delivery. On the
-    /// sequencer, at the end of every job.
+    /// `last_job` (another is queued behind it, and will call this again), fewer than
+    /// [`RELAY_BATCH`] wait and the first has waited less than [`RELAY_HOLD`]. Each
+    /// connection gets its share in one delivery. On the sequencer, at the end of every job.
     fn relay_queued(&self, last_job: bool) {
         let batch = {
-            let mut relays = sync::lock(&self.relays);
-            if relays.is_empty() || (!last_job && relays.len() < RELAY_BATCH) {
+            let mut held = sync::lock(&self.relays);
+            let hold = !last_job
+                && held.batch.len() < RELAY_BATCH
+                && held.since.is_some_and(|t| t.elapsed() < RELAY_HOLD);
+            if held.batch.is_empty() || hold {
                 return;
             }
-            std::mem::take(&mut *relays)
+            held.since = None;
+            std::mem::take(&mut held.batch)
         };
         // The peer lock for the fan-out only (see the module docs).
         match batch.as_slice() {

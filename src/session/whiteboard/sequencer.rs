@@ -82,10 +82,21 @@ impl Sequencer {
     /// Queues `job` (awaiting a place while the queue is full) to run on the board on a
     /// lane thread, and resolves to what it returns. Its outcome is the job's own return
     /// value (one channel per job, the lane's); it stops counting as pending before the
-    /// outcome is sent. A job that panics resolves to [`stopped`].
+    /// outcome is sent, and what the job relays is queued for its connections first
+    /// (unless jobs queued behind it take it on, see [`Board::relay_queued`]). A job that
+    /// panics resolves to [`stopped`].
     pub(super) fn run<T: Send + 'static>(
         &self,
         job: impl FnOnce(&Board) -> T + Send + 'static,
+    ) -> impl Future<Output = Result<T, StoreError>> + Send + 'static {
+        self.run_ordered(job, Order::RelayFirst)
+    }
+
+    /// Like [`Sequencer::run`], with the order of the outcome and the relays chosen.
+    pub(super) fn run_ordered<T: Send + 'static>(
+        &self,
+        job: impl FnOnce(&Board) -> T + Send + 'static,
+        order: Order,
     ) -> impl Future<Output = Result<T, StoreError>> + Send + 'static {
         let board = self.board.clone();
         let pending = Pending::new(&self.pending);
@@ -93,17 +104,32 @@ impl Sequencer {
         let ran = self.lane.run_replying(move |reply| {
             let outcome = job(&board);
             drop(pending);
-            // The outcome first: its submitter (a WebSocket reader) then reads its next
-            // frame while the relays below wake the session's writers, instead of being
-            // woken after them and queued behind them on the async workers.
-            reply.send(outcome);
             // The job's relays wait for the jobs queued behind it, up to a bound: under
             // load a batch of updates then reaches each connection in one delivery, one
             // wake-up of its writer and one write, instead of one each per update.
-            board.relay_queued(backlog.is_empty());
+            match order {
+                Order::RelayFirst => {
+                    board.relay_queued(backlog.is_empty());
+                    reply.send(outcome);
+                }
+                Order::ReplyFirst => {
+                    reply.send(outcome);
+                    board.relay_queued(backlog.is_empty());
+                }
+            }
         });
         async move { ran.await.map_err(|_| stopped()) }
     }
+}
+
+/// Whether a job's outcome goes to its submitter before or after its relays are queued.
+#[derive(Clone, Copy)]
+pub(super) enum Order {
+    RelayFirst,
+    /// For a WebSocket reader, which then reads its next frame while the relays wake the
+    /// session's writers, instead of being woken after them and queued behind them on the
+    /// async workers.
+    ReplyFirst,
 }
 
 pub(super) fn stopped() -> StoreError {
