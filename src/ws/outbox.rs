@@ -348,6 +348,24 @@ impl OverflowSignal {
 mod tests {
     use super::*;
 
+    /// The sizes of the messages ready now.
+    fn ready_sizes(rx: &mut OutboxReceiver) -> Vec<usize> {
+        std::iter::from_fn(|| rx.try_recv())
+            .map(|m| payload_len(&m))
+            .collect()
+    }
+
+    /// A writer that collects the sizes of what it receives until every sender is gone.
+    fn collecting_writer(mut rx: OutboxReceiver) -> tokio::task::JoinHandle<Vec<usize>> {
+        tokio::spawn(async move {
+            let mut sizes = Vec::new();
+            while let Some(m) = rx.recv().await {
+                sizes.push(payload_len(&m));
+            }
+            sizes
+        })
+    }
+
     #[tokio::test]
     async fn a_reply_larger_than_the_limit_joins_a_busy_queue() {
         let (tx, mut rx) = outbox(10);
@@ -359,10 +377,7 @@ mod tests {
         assert!(tx.is_open());
         // A second reply while the first waits is bounded as usual.
         assert!(!tx.send_reply(Message::Binary(vec![0; 25].into())));
-        let sizes: Vec<usize> = std::iter::from_fn(|| rx.try_recv())
-            .map(|m| payload_len(&m))
-            .collect();
-        assert_eq!(sizes, [6, 25, 4]);
+        assert_eq!(ready_sizes(&mut rx), [6, 25, 4]);
     }
 
     #[tokio::test]
@@ -401,18 +416,12 @@ mod tests {
 
     #[tokio::test]
     async fn the_writer_ends_once_every_sender_is_gone_and_the_queue_is_drained() {
-        let (tx, mut rx) = outbox(100);
+        let (tx, rx) = outbox(100);
         let second = tx.clone();
         assert!(tx.send(Message::Binary(vec![1].into())));
         drop(tx);
         assert!(second.send(Message::Binary(vec![2].into())));
-        let waiting = tokio::spawn(async move {
-            let mut got = Vec::new();
-            while let Some(m) = rx.recv().await {
-                got.push(payload_len(&m));
-            }
-            got
-        });
+        let waiting = collecting_writer(rx);
         drop(second);
         let got = tokio::time::timeout(std::time::Duration::from_secs(1), waiting)
             .await
@@ -507,19 +516,10 @@ mod tests {
         // 3 + 4 + 2 fit; 5 would pass the limit: the queue overflows and takes no more.
         assert!(!tx.send_all(&batch));
         assert!(!tx.is_open());
-        let sizes: Vec<usize> = std::iter::from_fn(|| rx.try_recv())
-            .map(|m| payload_len(&m))
-            .collect();
-        assert_eq!(sizes, [3, 4, 2]);
-        let (tx, mut rx) = outbox(100);
+        assert_eq!(ready_sizes(&mut rx), [3, 4, 2]);
+        let (tx, rx) = outbox(100);
         assert!(tx.send_all(&batch));
-        let writer = tokio::spawn(async move {
-            let mut sizes = Vec::new();
-            while let Some(m) = rx.recv().await {
-                sizes.push(payload_len(&m));
-            }
-            sizes
-        });
+        let writer = collecting_writer(rx);
         drop(tx);
         let sizes = tokio::time::timeout(std::time::Duration::from_secs(5), writer)
             .await
