@@ -102,23 +102,49 @@ impl Lane {
         async move {
             let place = room.acquire_owned().await.map_err(|_| LaneError::Stopped)?;
             let pool = pool()?;
-            let (tx, rx) = oneshot::channel();
-            let task: Task = Box::new(move || {
-                // A panic in one job must not take the thread down: the submitter sees
-                // its reply dropped, the next job runs.
-                let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(Reply(tx))));
-            });
-            let schedule = {
-                let mut s = sync::lock(&state);
-                s.jobs.push_back((task, place));
-                !std::mem::replace(&mut s.scheduled, true)
-            };
-            if schedule {
-                pool.ready(state);
-            }
-            rx.await.map_err(|_| LaneError::Stopped)
+            let reply = enqueue(&state, pool, place, job);
+            reply.await.map_err(|_| LaneError::Stopped)
         }
     }
+
+    /// Like [`Lane::run_replying`], but only if the queue has a place now: the job is then
+    /// queued before this returns, and the future only awaits its result. Otherwise the job
+    /// comes back, for the caller to queue with [`Lane::run_replying`] (and await a place).
+    pub fn try_run_replying<T: Send + 'static, J: FnOnce(Reply<T>) + Send + 'static>(
+        &self,
+        job: J,
+    ) -> Result<impl Future<Output = Result<T, LaneError>> + Send + 'static, J> {
+        let (Ok(place), Ok(pool)) = (self.room.clone().try_acquire_owned(), pool()) else {
+            return Err(job);
+        };
+        let reply = enqueue(&self.state, pool, place, job);
+        Ok(async move { reply.await.map_err(|_| LaneError::Stopped) })
+    }
+}
+
+/// Puts `job` in a lane's queue with its place and schedules the lane if it was idle;
+/// returns where its result will come.
+fn enqueue<T: Send + 'static>(
+    state: &Arc<Mutex<LaneState>>,
+    pool: &'static Pool,
+    place: OwnedSemaphorePermit,
+    job: impl FnOnce(Reply<T>) + Send + 'static,
+) -> oneshot::Receiver<T> {
+    let (tx, rx) = oneshot::channel();
+    let task: Task = Box::new(move || {
+        // A panic in one job must not take the thread down: the submitter sees its reply
+        // dropped, the next job runs.
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(Reply(tx))));
+    });
+    let schedule = {
+        let mut s = sync::lock(state);
+        s.jobs.push_back((task, place));
+        !std::mem::replace(&mut s.scheduled, true)
+    };
+    if schedule {
+        pool.ready(state.clone());
+    }
+    rx
 }
 
 /// Where a job sends its result (see [`Lane::run_replying`]).

@@ -93,6 +93,11 @@ pub trait FrameHandler: Send {
         Flow::Continue
     }
     fn on_frame(&mut self, frame: &Message) -> Flow;
+    /// Work the handler started without making the reader wait (the whiteboard's updates
+    /// in flight): polled with every read, `Ready` with what its outcome calls for (a close).
+    fn poll_in_flight(&mut self, _cx: &mut std::task::Context<'_>) -> std::task::Poll<Flow> {
+        std::task::Poll::Pending
+    }
     /// The connection is over; leave the session.
     fn on_close(&mut self);
     /// Adds what the handler counted locally to the shared metrics: called when the
@@ -249,21 +254,33 @@ fn settle(
     };
 }
 
-/// Reads the next frame. When no frame is ready, the counts held back so far go to the
-/// shared counters first.
+/// What the reader finds next: a frame (or the end of the stream), or what the handler's
+/// work in flight calls for.
+enum Next {
+    Frame(Option<Result<Message, SocketError>>),
+    InFlight(Flow),
+}
+
+/// Reads the next frame, watching the handler's work in flight meanwhile. When no frame is
+/// ready, the counts held back so far go to the shared counters first.
 async fn next_frame(
     stream: &mut SocketReader,
     counts: &mut ReadCounts,
     metrics: &EndpointMetrics,
     handler: &mut impl FrameHandler,
-) -> Option<Result<Message, SocketError>> {
+) -> Next {
     let mut next = std::pin::pin!(stream.next());
     std::future::poll_fn(|cx| {
-        let polled = next.as_mut().poll(cx);
-        if polled.is_pending() {
-            counts.flush(metrics, handler);
+        if let std::task::Poll::Ready(flow) = handler.poll_in_flight(cx) {
+            return std::task::Poll::Ready(Next::InFlight(flow));
         }
-        polled
+        match next.as_mut().poll(cx) {
+            std::task::Poll::Ready(frame) => std::task::Poll::Ready(Next::Frame(frame)),
+            std::task::Poll::Pending => {
+                counts.flush(metrics, handler);
+                std::task::Poll::Pending
+            }
+        }
     })
     .await
 }
@@ -363,7 +380,14 @@ pub fn run(
                 timer.as_mut().reset(due);
             }
             tokio::select! {
-                frame = next_frame(&mut stream, &mut counts, &metrics, &mut handler), if work.is_none() => {
+                next = next_frame(&mut stream, &mut counts, &metrics, &mut handler), if work.is_none() => {
+                    let frame = match next {
+                        Next::InFlight(flow) => {
+                            settle(flow, None, &mut work, &mut closer);
+                            continue;
+                        }
+                        Next::Frame(frame) => frame,
+                    };
                     let frame = match frame {
                         Some(Ok(f)) => f,
                         Some(Err(e)) => {

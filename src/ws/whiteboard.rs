@@ -16,10 +16,13 @@
 //! awaits it ([`Flow::Then`]) and then goes on with the frame after the step 1 it answers.
 //!
 //! An update from a writer is queued to the session's sequencer (which guards, applies,
-//! stores and relays it off the async workers); the reader awaits its outcome before it
-//! reads the next message ([`Flow::Then`]), so a refusal closes the connection before
-//! anything sent after the refused update is acted on, and a full queue holds the reader
-//! (and, through TCP, the client).
+//! stores and relays it off the async workers), and the reader reads on: up to
+//! [`MAX_IN_FLIGHT`] of a connection's updates are in flight, so that under load the
+//! sequencer finds several queued and relays them as one batch. It still acts as if each
+//! outcome were awaited: a step 1 is answered once the client's updates before it are in
+//! (the step 2 includes them), the first refusal closes the connection and the updates
+//! queued after it are not applied (the sequencer skips them), and a full queue holds the
+//! reader (and, through TCP, the client).
 //!
 //! Must not touch the document or other connections directly: the session does, and every
 //! close code comes from [`super::close`].
@@ -37,7 +40,7 @@ use super::{Flow, FlowFuture, FrameHandler};
 use crate::limits::{Strikes, TokenBucket};
 use crate::metrics::Metrics;
 use crate::protocol::wire::{self, Inbound};
-use crate::session::whiteboard::{ApplyError, ConnId, Whiteboard};
+use crate::session::whiteboard::{ApplyError, ConnId, Submitted, UpdateOutcome, Whiteboard};
 use crate::session::SessionHandle;
 
 pub struct WhiteboardHandler {
@@ -57,6 +60,10 @@ pub struct WhiteboardHandler {
     /// Protocol messages read and not yet added to `whiteboard_messages_in` (the reader
     /// says when: [`FrameHandler::flush_counters`]).
     messages_in: u64,
+    /// Updates queued to the sequencer whose outcome is not seen yet, oldest first.
+    in_flight: std::collections::VecDeque<UpdateOutcome>,
+    /// Set on the sequencer once one of this connection's updates is refused.
+    refused: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl WhiteboardHandler {
@@ -84,6 +91,8 @@ impl WhiteboardHandler {
             announced: HashSet::new(),
             resume_at: None,
             messages_in: 0,
+            in_flight: std::collections::VecDeque::new(),
+            refused: Arc::default(),
         }
     }
 
@@ -118,22 +127,56 @@ impl WhiteboardHandler {
             }
             return Ok(None);
         }
-        let outcome = self
+        let submitted = self
             .whiteboard()
-            .submit_update(Some(self.conn), update, message);
+            .queue_update(self.conn, &self.refused, update, message);
+        let wait_for = match submitted {
+            // The sequencer's queue is full: this one is queued only once a place is free,
+            // and nothing after it before then (back-pressure, through TCP).
+            Submitted::Waiting(outcome) => {
+                // Those in flight first: the first refusal decides the close.
+                let mut all: Vec<UpdateOutcome> = self.in_flight.drain(..).collect();
+                all.push(outcome);
+                all
+            }
+            Submitted::Queued(outcome) => {
+                self.in_flight.push_back(outcome);
+                if self.in_flight.len() <= MAX_IN_FLIGHT {
+                    return Ok(None);
+                }
+                // Too many in flight: read on once the oldest is in.
+                self.in_flight.pop_front().into_iter().collect()
+            }
+        };
+        Ok(Some(self.outcomes_then_retry(wait_for)))
+    }
+
+    /// Awaits `outcomes` in order, then goes back to the frame (where `resume_at` says),
+    /// or closes as the first refusal calls for.
+    fn outcomes_then_retry(&self, outcomes: Vec<UpdateOutcome>) -> FlowFuture {
         let (metrics, session, user) = (
             self.metrics.clone(),
             self.session.id.clone(),
             self.user.clone(),
         );
-        Ok(Some(Box::pin(async move {
-            match outcome.await {
-                // Back to the frame: it resumes after this message.
-                Ok(_) => Flow::RetryAfter(std::time::Duration::ZERO),
-                Err(e) => Flow::Close(refusal(e, &metrics, &session, &user)),
+        Box::pin(async move {
+            for outcome in outcomes {
+                if let Err(e) = outcome.await {
+                    return Flow::Close(refusal(e, &metrics, &session, &user));
+                }
             }
-        })))
+            Flow::RetryAfter(std::time::Duration::ZERO)
+        })
     }
+}
+
+/// A writer's updates queued to the sequencer whose outcome the reader has not seen yet,
+/// at most: past it the reader waits for the oldest before it reads on.
+const MAX_IN_FLIGHT: usize = 8;
+
+/// Whether the message at `pos` of `frame` is a sync step 1: `[0 (sync), 0 (step 1), ...]`.
+fn is_step1(frame: &[u8], pos: usize) -> bool {
+    frame.get(pos..pos + 2) == Some(&[0, 0][..])
 }
 
 /// The close an update's refusal calls for: 1007 for what the update is, 1011 when it
@@ -251,6 +294,13 @@ impl WhiteboardHandler {
                 Ok(m) => m,
                 Err(e) => return Flow::Close(Close::for_wire(&e)),
             };
+            if kind == Kind::Sync && !self.in_flight.is_empty() && is_step1(bytes, pos) {
+                // A step 1 is answered from the document: with the client's own updates in
+                // it, as when each was awaited. Back to this message once they are in.
+                self.resume_at = Some(pos);
+                let in_flight = self.in_flight.drain(..).collect();
+                return Flow::Then(self.outcomes_then_retry(in_flight));
+            }
             if !self.bucket.try_take() {
                 if kind == Kind::Sync {
                     // Updates are never dropped (the client would diverge): the reader
@@ -302,6 +352,29 @@ impl FrameHandler for WhiteboardHandler {
             self.resume_at = None;
         }
         flow
+    }
+
+    fn poll_in_flight(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Flow> {
+        // The sequencer answers a connection's updates in the order they were queued: the
+        // oldest is the one to watch.
+        while let Some(oldest) = self.in_flight.front_mut() {
+            match oldest.as_mut().poll(cx) {
+                std::task::Poll::Pending => return std::task::Poll::Pending,
+                std::task::Poll::Ready(Ok(_)) => {
+                    self.in_flight.pop_front();
+                }
+                std::task::Poll::Ready(Err(e)) => {
+                    self.in_flight.clear();
+                    return std::task::Poll::Ready(Flow::Close(refusal(
+                        e,
+                        &self.metrics,
+                        &self.session.id,
+                        &self.user,
+                    )));
+                }
+            }
+        }
+        std::task::Poll::Pending
     }
 
     fn on_close(&mut self) {

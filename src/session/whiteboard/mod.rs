@@ -209,6 +209,18 @@ impl Default for WhiteboardOptions {
     }
 }
 
+/// An update's outcome: whether it changed the document.
+pub type UpdateOutcome = std::pin::Pin<Box<dyn Future<Output = Result<bool, ApplyError>> + Send>>;
+
+/// An update handed to the sequencer by [`Whiteboard::queue_update`].
+pub enum Submitted {
+    /// In the queue: the future only awaits the outcome.
+    Queued(UpdateOutcome),
+    /// The queue was full: the future queues the update once a place is free, then awaits
+    /// its outcome.
+    Waiting(UpdateOutcome),
+}
+
 /// A Yjs v1 update with no structs and no deletions: zero clients, an empty delete set.
 const EMPTY_UPDATE: &[u8] = &[0, 0];
 
@@ -290,6 +302,47 @@ impl Whiteboard {
                 None => Ok(false),
                 Some(job) => job.await.map_err(ApplyError::Store)?,
             }
+        }
+    }
+
+    /// Queues an update from connection `origin` to the sequencer without waiting, when its
+    /// queue has a place: the reader then reads on while the update is applied, with
+    /// several of its updates in flight. Otherwise (a full queue) the outcome future queues
+    /// it once a place is free, and the reader must await it before it queues anything
+    /// else. `refused` is the connection's mark: once one of its updates is refused, the
+    /// ones it queued after it are not applied (they fail too, and the first refusal
+    /// closes the connection), as if the reader had waited for each outcome.
+    pub fn queue_update(
+        &self,
+        origin: ConnId,
+        refused: &Arc<AtomicBool>,
+        update: Bytes,
+        message: Option<Bytes>,
+    ) -> Submitted {
+        if update.as_ref() == EMPTY_UPDATE {
+            return Submitted::Queued(Box::pin(std::future::ready(Ok(false))));
+        }
+        let queued = Instant::now();
+        let refused = refused.clone();
+        let job = move |board: &Board| {
+            if refused.load(Ordering::Acquire) {
+                return Err(ApplyError::Rejected("sent after a refused update".into()));
+            }
+            let outcome = board.sequence_update(Some(origin), &update, message, queued);
+            if outcome.is_err() {
+                refused.store(true, Ordering::Release);
+            }
+            outcome
+        };
+        let outcome = |ran: Result<Result<bool, ApplyError>, StoreError>| {
+            ran.map_err(ApplyError::Store).and_then(|outcome| outcome)
+        };
+        match self
+            .sequencer
+            .try_run_ordered(job, sequencer::Order::ReplyFirst)
+        {
+            Ok(queued) => Submitted::Queued(Box::pin(async move { outcome(queued.await) })),
+            Err(waiting) => Submitted::Waiting(Box::pin(async move { outcome(waiting.await) })),
         }
     }
 
@@ -986,6 +1039,45 @@ mod tests {
         }
         let t = replica.get_or_insert_text("t");
         assert_eq!(yrs::GetString::get_string(&t, &replica.transact()), "xxx");
+    }
+
+    /// A connection's updates queued behind one that is refused are not applied: the
+    /// reader that keeps several in flight acts as if it had awaited each outcome.
+    #[test]
+    fn updates_queued_after_a_refused_one_are_not_applied() {
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::new(20));
+        let wb = Whiteboard::load(
+            "s".into(),
+            store,
+            Arc::new(Metrics::new()),
+            WhiteboardOptions::default(),
+        )
+        .unwrap();
+        let doc = Doc::with_client_id(9);
+        let text = doc.get_or_insert_text("t");
+        let typed = |at: u32| {
+            let mut txn = doc.transact_mut();
+            text.insert(&mut txn, at, "x");
+            txn.encode_update_v1()
+        };
+        let (first, second) = (typed(0), typed(1));
+        let refused = Arc::default();
+        let queue = |update: Vec<u8>| match wb.queue_update(1, &refused, update.into(), None) {
+            Submitted::Queued(outcome) | Submitted::Waiting(outcome) => outcome,
+        };
+        let outcomes = [queue(first), queue(vec![0xff, 0xff, 0xff]), queue(second)];
+        let [first, garbage, second] = outcomes.map(sequencer::block_on);
+        assert!(matches!(first, Ok(true)));
+        assert!(garbage.is_err());
+        assert!(matches!(second, Err(ApplyError::Rejected(_))), "{second:?}");
+        let state = wb.encode_state();
+        let replica = Doc::new();
+        replica
+            .transact_mut()
+            .apply_update(Update::decode_v1(&state).unwrap())
+            .unwrap();
+        let t = replica.get_or_insert_text("t");
+        assert_eq!(yrs::GetString::get_string(&t, &replica.transact()), "x");
     }
 
     /// A join (run on an async worker) must not take the document's lock: while a large

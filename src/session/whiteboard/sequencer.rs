@@ -28,7 +28,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll, Wake, Waker};
 
 use super::Board;
-use crate::session::lane::Lane;
+use crate::session::lane::{Lane, Reply};
 use crate::store::StoreError;
 
 pub use crate::session::lane::QUEUE_JOBS;
@@ -98,10 +98,41 @@ impl Sequencer {
         job: impl FnOnce(&Board) -> T + Send + 'static,
         order: Order,
     ) -> impl Future<Output = Result<T, StoreError>> + Send + 'static {
+        let ran = self.lane.run_replying(self.wrap(job, order));
+        async move { ran.await.map_err(|_| stopped()) }
+    }
+
+    /// Like [`Sequencer::run_ordered`], but queues `job` at once if the queue has a place
+    /// (`Ok`: the future only awaits the outcome); if not, `Err` holds the future that
+    /// queues it once a place is free, and must be awaited before anything else is queued.
+    #[allow(clippy::type_complexity)]
+    pub(super) fn try_run_ordered<T: Send + 'static>(
+        &self,
+        job: impl FnOnce(&Board) -> T + Send + 'static,
+        order: Order,
+    ) -> Result<
+        impl Future<Output = Result<T, StoreError>> + Send + 'static,
+        impl Future<Output = Result<T, StoreError>> + Send + 'static,
+    > {
+        match self.lane.try_run_replying(self.wrap(job, order)) {
+            Ok(queued) => Ok(async move { queued.await.map_err(|_| stopped()) }),
+            Err(job) => {
+                let ran = self.lane.run_replying(job);
+                Err(async move { ran.await.map_err(|_| stopped()) })
+            }
+        }
+    }
+
+    /// The lane's job for `job`: run it on the board, then reply and relay in `order`.
+    fn wrap<T: Send + 'static>(
+        &self,
+        job: impl FnOnce(&Board) -> T + Send + 'static,
+        order: Order,
+    ) -> impl FnOnce(Reply<T>) + Send + 'static {
         let board = self.board.clone();
         let pending = Pending::new(&self.pending);
         let backlog = self.lane.backlog();
-        let ran = self.lane.run_replying(move |reply| {
+        move |reply| {
             let outcome = job(&board);
             drop(pending);
             // The job's relays wait for the jobs queued behind it, up to a bound: under
@@ -117,8 +148,7 @@ impl Sequencer {
                     board.relay_queued(backlog.is_empty());
                 }
             }
-        });
-        async move { ran.await.map_err(|_| stopped()) }
+        }
     }
 }
 
