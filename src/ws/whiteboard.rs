@@ -17,7 +17,7 @@
 //!
 //! An update from a writer is queued to the session's sequencer (which guards, applies,
 //! stores and relays it off the async workers), and the reader reads on: up to
-//! [`MAX_IN_FLIGHT`] of a connection's updates are in flight, so that under load the
+//! `MAX_IN_FLIGHT` (8) of a connection's updates are in flight, so that under load the
 //! sequencer finds several queued and relays them as one batch. It still acts as if each
 //! outcome were awaited: a step 1 is answered once the client's updates before it are in
 //! (the step 2 includes them), the first refusal closes the connection and the updates
