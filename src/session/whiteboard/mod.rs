@@ -964,18 +964,37 @@ mod tests {
         true
     }
 
-    /// Updates queued behind one another (relayed as one batch by the last of them) reach
-    /// every connection in their order, none its own sender.
-    #[test]
-    fn updates_queued_together_are_relayed_together_in_order() {
+    /// A whiteboard on a memory store with the default options.
+    fn board() -> Whiteboard {
         let store: Arc<dyn Store> = Arc::new(MemoryStore::new(20));
-        let wb = Whiteboard::load(
+        Whiteboard::load(
             "s".into(),
             store,
             Arc::new(Metrics::new()),
             WhiteboardOptions::default(),
         )
-        .unwrap();
+        .unwrap()
+    }
+
+    /// The text "t" of a document made of `updates`.
+    fn text_of<'a>(updates: impl IntoIterator<Item = &'a [u8]>) -> String {
+        let replica = Doc::new();
+        for update in updates {
+            replica
+                .transact_mut()
+                .apply_update(Update::decode_v1(update).unwrap())
+                .unwrap();
+        }
+        let t = replica.get_or_insert_text("t");
+        let txn = replica.transact();
+        yrs::GetString::get_string(&t, &txn)
+    }
+
+    /// Updates queued behind one another (relayed as one batch by the last of them) reach
+    /// every connection in their order, none its own sender.
+    #[test]
+    fn updates_queued_together_are_relayed_together_in_order() {
+        let wb = board();
         let (a, mut a_rx) = outbox(1 << 20);
         let (b, mut b_rx) = outbox(1 << 20);
         wb.join(1, a);
@@ -1024,35 +1043,22 @@ mod tests {
         assert_eq!((to_a.len(), to_b.len()), (2, 2), "none back to its sender");
         // The API's update (third) reaches both, after the other's.
         assert_eq!(to_a[1], to_b[1]);
-        let replica = Doc::new();
-        for frame in to_a.iter().chain(&to_b) {
-            use yrs::updates::decoder::Decode;
-            let Ok(yrs::sync::Message::Sync(yrs::sync::SyncMessage::Update(bytes))) =
-                yrs::sync::Message::decode_v1(frame)
-            else {
-                panic!("not an update: {frame:?}");
-            };
-            replica
-                .transact_mut()
-                .apply_update(Update::decode_v1(&bytes).unwrap())
-                .unwrap();
-        }
-        let t = replica.get_or_insert_text("t");
-        assert_eq!(yrs::GetString::get_string(&t, &replica.transact()), "xxx");
+        let updates: Vec<Vec<u8>> = to_a
+            .iter()
+            .chain(&to_b)
+            .map(|frame| match yrs::sync::Message::decode_v1(frame) {
+                Ok(yrs::sync::Message::Sync(yrs::sync::SyncMessage::Update(bytes))) => bytes,
+                other => panic!("not an update: {other:?}"),
+            })
+            .collect();
+        assert_eq!(text_of(updates.iter().map(Vec::as_slice)), "xxx");
     }
 
     /// A connection's updates queued behind one that is refused are not applied: the
     /// reader that keeps several in flight acts as if it had awaited each outcome.
     #[test]
     fn updates_queued_after_a_refused_one_are_not_applied() {
-        let store: Arc<dyn Store> = Arc::new(MemoryStore::new(20));
-        let wb = Whiteboard::load(
-            "s".into(),
-            store,
-            Arc::new(Metrics::new()),
-            WhiteboardOptions::default(),
-        )
-        .unwrap();
+        let wb = board();
         let doc = Doc::with_client_id(9);
         let text = doc.get_or_insert_text("t");
         let typed = |at: u32| {
@@ -1070,14 +1076,7 @@ mod tests {
         assert!(matches!(first, Ok(true)));
         assert!(garbage.is_err());
         assert!(matches!(second, Err(ApplyError::Rejected(_))), "{second:?}");
-        let state = wb.encode_state();
-        let replica = Doc::new();
-        replica
-            .transact_mut()
-            .apply_update(Update::decode_v1(&state).unwrap())
-            .unwrap();
-        let t = replica.get_or_insert_text("t");
-        assert_eq!(yrs::GetString::get_string(&t, &replica.transact()), "x");
+        assert_eq!(text_of([wb.encode_state().as_slice()]), "x");
     }
 
     /// A join (run on an async worker) must not take the document's lock: while a large
