@@ -13,8 +13,10 @@ use crate::protocol::wire::WireError;
 /// The kind of a message, from its first byte (lib0 `varUint(type)`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
-    /// Sync step 1, step 2 or update: never dropped (the client would diverge).
+    /// Sync step 2 or update: never dropped (the client would diverge).
     Sync,
+    /// Sync step 1: never dropped either, and answered from the document.
+    SyncStep1,
     Awareness,
     Auth,
     QueryAwareness,
@@ -64,9 +66,13 @@ pub fn next_message(frame: &[u8], start: usize) -> Result<(Kind, usize), WireErr
     let kind = read_var_uint(frame, &mut pos)?;
     let kind = match kind {
         0 => {
-            read_var_uint(frame, &mut pos)?;
+            let step = read_var_uint(frame, &mut pos)?;
             skip_var_buf(frame, &mut pos)?;
-            Kind::Sync
+            if step == 0 {
+                Kind::SyncStep1
+            } else {
+                Kind::Sync
+            }
         }
         1 => {
             skip_var_buf(frame, &mut pos)?;
@@ -136,7 +142,7 @@ mod tests {
             kinds,
             [
                 Kind::Sync,
-                Kind::Sync,
+                Kind::SyncStep1,
                 Kind::Awareness,
                 Kind::Auth,
                 Kind::QueryAwareness

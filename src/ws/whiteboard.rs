@@ -174,11 +174,6 @@ impl WhiteboardHandler {
 /// at most: past it the reader waits for the oldest before it reads on.
 const MAX_IN_FLIGHT: usize = 8;
 
-/// Whether the message at `pos` of `frame` is a sync step 1: `[0 (sync), 0 (step 1), ...]`.
-fn is_step1(frame: &[u8], pos: usize) -> bool {
-    frame.get(pos..pos + 2) == Some(&[0, 0][..])
-}
-
 /// The close an update's refusal calls for: 1007 for what the update is, 1011 when it
 /// could not be stored (1013 while a shared store is unreachable).
 fn refusal(e: ApplyError, metrics: &Metrics, session: &str, user: &str) -> Close {
@@ -294,7 +289,7 @@ impl WhiteboardHandler {
                 Ok(m) => m,
                 Err(e) => return Flow::Close(Close::for_wire(&e)),
             };
-            if kind == Kind::Sync && !self.in_flight.is_empty() && is_step1(bytes, pos) {
+            if kind == Kind::SyncStep1 && !self.in_flight.is_empty() {
                 // A step 1 is answered from the document: with the client's own updates in
                 // it, as when each was awaited. Back to this message once they are in.
                 self.resume_at = Some(pos);
@@ -302,7 +297,7 @@ impl WhiteboardHandler {
                 return Flow::Then(self.outcomes_then_retry(in_flight));
             }
             if !self.bucket.try_take() {
-                if kind == Kind::Sync {
+                if matches!(kind, Kind::Sync | Kind::SyncStep1) {
                     // Updates are never dropped (the client would diverge): the reader
                     // waits for a token instead, which back-pressures the client through
                     // TCP, and comes back to this message.

@@ -286,16 +286,10 @@ impl Whiteboard {
         let empty = update.as_ref() == EMPTY_UPDATE;
         let job = (!empty).then(|| {
             let queued = Instant::now();
-            // A connection's reader reads on as soon as it has the outcome; other callers
-            // (the HTTP API, the CLI) find the update relayed once it is answered.
-            let order = match origin {
-                Some(_) => sequencer::Order::ReplyFirst,
-                None => sequencer::Order::RelayFirst,
-            };
-            self.sequencer.run_ordered(
-                move |board| board.sequence_update(origin, &update, message, queued),
-                order,
-            )
+            // Answered once relayed (the HTTP API, the CLI): a connection's reader uses
+            // `queue_update`, which answers first.
+            self.sequencer
+                .run(move |board| board.sequence_update(origin, &update, message, queued))
         });
         async move {
             match job {
@@ -337,10 +331,7 @@ impl Whiteboard {
         let outcome = |ran: Result<Result<bool, ApplyError>, StoreError>| {
             ran.map_err(ApplyError::Store).and_then(|outcome| outcome)
         };
-        match self
-            .sequencer
-            .try_run_ordered(job, sequencer::Order::ReplyFirst)
-        {
+        match self.sequencer.try_run_reply_first(job) {
             Ok(queued) => Submitted::Queued(Box::pin(async move { outcome(queued.await) })),
             Err(waiting) => Submitted::Waiting(Box::pin(async move { outcome(waiting.await) })),
         }
@@ -720,10 +711,7 @@ impl Board {
             std::mem::take(&mut held.batch)
         };
         // The peer lock for the fan-out only (see the module docs).
-        match batch.as_slice() {
-            [(message, except)] => self.peers().broadcast(message, *except),
-            batch => self.peers().broadcast_all(batch),
-        }
+        self.peers().broadcast_all(&batch);
     }
 
     /// Whether the document, grown by an update of `added` bytes, stays within

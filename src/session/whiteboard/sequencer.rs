@@ -89,32 +89,26 @@ impl Sequencer {
         &self,
         job: impl FnOnce(&Board) -> T + Send + 'static,
     ) -> impl Future<Output = Result<T, StoreError>> + Send + 'static {
-        self.run_ordered(job, Order::RelayFirst)
-    }
-
-    /// Like [`Sequencer::run`], with the order of the outcome and the relays chosen.
-    pub(super) fn run_ordered<T: Send + 'static>(
-        &self,
-        job: impl FnOnce(&Board) -> T + Send + 'static,
-        order: Order,
-    ) -> impl Future<Output = Result<T, StoreError>> + Send + 'static {
-        let ran = self.lane.run_replying(self.wrap(job, order));
+        let ran = self.lane.run_replying(self.wrap(job, Order::RelayFirst));
         async move { ran.await.map_err(|_| stopped()) }
     }
 
-    /// Like [`Sequencer::run_ordered`], but queues `job` at once if the queue has a place
-    /// (`Ok`: the future only awaits the outcome); if not, `Err` holds the future that
-    /// queues it once a place is free, and must be awaited before anything else is queued.
+    /// For a WebSocket reader: queues `job` at once if the queue has a place (`Ok`: the
+    /// future only awaits the outcome); if not, `Err` holds the future that queues it once a
+    /// place is free, and must be awaited before anything else is queued. The outcome is
+    /// sent before the job's relays are queued ([`Order::ReplyFirst`]).
     #[allow(clippy::type_complexity)]
-    pub(super) fn try_run_ordered<T: Send + 'static>(
+    pub(super) fn try_run_reply_first<T: Send + 'static>(
         &self,
         job: impl FnOnce(&Board) -> T + Send + 'static,
-        order: Order,
     ) -> Result<
         impl Future<Output = Result<T, StoreError>> + Send + 'static,
         impl Future<Output = Result<T, StoreError>> + Send + 'static,
     > {
-        match self.lane.try_run_replying(self.wrap(job, order)) {
+        match self
+            .lane
+            .try_run_replying(self.wrap(job, Order::ReplyFirst))
+        {
             Ok(queued) => Ok(async move { queued.await.map_err(|_| stopped()) }),
             Err(job) => {
                 let ran = self.lane.run_replying(job);
@@ -154,7 +148,7 @@ impl Sequencer {
 
 /// Whether a job's outcome goes to its submitter before or after its relays are queued.
 #[derive(Clone, Copy)]
-pub(super) enum Order {
+enum Order {
     RelayFirst,
     /// For a WebSocket reader, which then reads its next frame while the relays wake the
     /// session's writers, instead of being woken after them and queued behind them on the
