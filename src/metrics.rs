@@ -192,6 +192,25 @@ pub struct Metrics {
     /// Whiteboard input refused by the update guard (SPEC.md 7.1), by reason.
     pub guard_refusals: GuardRefusals,
     pub updates_rolled_back: Counter,
+    /// Times a whiteboard reader stopped reading to wait for the sequencer, by reason.
+    pub reader_waits: ReaderWaits,
+    /// Relays handed to the connections in one batch (see `Board::relay_queued`), and the
+    /// messages they held: their ratio is the mean batch, which grows with the load.
+    pub relay_batches: Counter,
+    pub relay_batch_messages: Counter,
+}
+
+/// `easel_whiteboard_reader_waits_total{reason}`, resolved once: why a whiteboard reader
+/// stopped reading its client for a while. None of these refuses anything; a count that
+/// grows with the load says the sequencer is the bottleneck.
+#[derive(Clone)]
+pub struct ReaderWaits {
+    /// The connection had its most updates in flight (`MAX_IN_FLIGHT`).
+    pub in_flight: Counter,
+    /// The session's sequencer queue was full.
+    pub queue_full: Counter,
+    /// A sync step 1 waited for the client's updates before it (its step 2 holds them).
+    pub step1: Counter,
 }
 
 /// `easel_guard_refusals_total{reason}`, resolved once.
@@ -362,6 +381,30 @@ impl Metrics {
             pending: reason("pending"),
             awareness: reason("awareness"),
         };
+        let waits = Family::<Labels, Counter>::default();
+        registry.register(
+            "whiteboard_reader_waits",
+            "Times a whiteboard reader stopped reading to wait for the session's sequencer, by reason",
+            waits.clone(),
+        );
+        let reason = |r: &'static str| waits.get_or_create_owned(&[("reason", r)]);
+        let reader_waits = ReaderWaits {
+            in_flight: reason("in_flight"),
+            queue_full: reason("queue_full"),
+            step1: reason("step1"),
+        };
+        let relay_batches = Counter::default();
+        registry.register(
+            "relay_batches",
+            "Batches of relays handed to a session's connections (one queue lock and one wake-up each)",
+            relay_batches.clone(),
+        );
+        let relay_batch_messages = Counter::default();
+        registry.register(
+            "relay_batch_messages",
+            "Messages relayed in those batches",
+            relay_batch_messages.clone(),
+        );
         let updates_rolled_back = Counter::default();
         registry.register(
             "updates_rolled_back",
@@ -420,6 +463,9 @@ impl Metrics {
             store_decode_errors,
             guard_refusals,
             updates_rolled_back,
+            reader_waits,
+            relay_batches,
+            relay_batch_messages,
             whiteboard_messages_in,
             tutor_too_large,
             history_pages,

@@ -134,6 +134,7 @@ impl WhiteboardHandler {
             // The sequencer's queue is full: this one is queued only once a place is free,
             // and nothing after it before then (back-pressure, through TCP).
             Submitted::Waiting(outcome) => {
+                self.metrics.reader_waits.queue_full.inc();
                 // Those in flight first: the first refusal decides the close.
                 let mut all: Vec<UpdateOutcome> = self.in_flight.drain(..).collect();
                 all.push(outcome);
@@ -145,6 +146,7 @@ impl WhiteboardHandler {
                     return Ok(None);
                 }
                 // Too many in flight: read on once the oldest is in.
+                self.metrics.reader_waits.in_flight.inc();
                 self.in_flight.pop_front().into_iter().collect()
             }
         };
@@ -293,6 +295,7 @@ impl WhiteboardHandler {
                 // A step 1 is answered from the document: with the client's own updates in
                 // it, as when each was awaited. Back to this message once they are in.
                 self.resume_at = Some(pos);
+                self.metrics.reader_waits.step1.inc();
                 let in_flight = self.in_flight.drain(..).collect();
                 return Flow::Then(self.outcomes_then_retry(in_flight));
             }
@@ -382,5 +385,104 @@ impl FrameHandler for WhiteboardHandler {
                 .whiteboard_messages_in
                 .inc_by(std::mem::take(&mut self.messages_in));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use yrs::updates::decoder::Decode;
+    use yrs::{GetString, Text, Transact};
+
+    use super::*;
+    use crate::config::Config;
+    use crate::session::Registry;
+    use crate::store::{MemoryStore, Store};
+    use crate::ws::outbox::outbox;
+
+    /// `n` updates of one client, each typing one more character of "t".
+    fn typed(n: u32) -> Vec<Vec<u8>> {
+        let doc = yrs::Doc::with_client_id(7);
+        let text = doc.get_or_insert_text("t");
+        (0..n)
+            .map(|i| {
+                let mut txn = doc.transact_mut();
+                text.insert(&mut txn, i, "x");
+                txn.encode_update_v1()
+            })
+            .collect()
+    }
+
+    /// One binary frame holding each update as a y-websocket message.
+    fn frame(updates: &[Vec<u8>]) -> Message {
+        let bytes: Vec<u8> = updates
+            .iter()
+            .flat_map(|u| wire::update(u.clone()).to_vec())
+            .collect();
+        Message::Binary(bytes.into())
+    }
+
+    /// A writer's reader keeps at most `MAX_IN_FLIGHT` updates at the sequencer: the one
+    /// after makes it wait for the oldest (counted as a wait), and once that is in it reads
+    /// on; every update is applied, in order.
+    #[test]
+    fn a_reader_waits_once_its_updates_in_flight_reach_the_bound() {
+        let metrics = Arc::new(Metrics::new());
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::default());
+        let registry = Registry::new(store, metrics.clone(), Arc::new(Config::default()));
+        let session = registry.open("s").unwrap();
+        let whiteboard = session.clone();
+        let release = whiteboard.whiteboard.hold_sequencer();
+        let (tx, _rx) = outbox(1 << 20);
+        let mut handler = WhiteboardHandler::new(
+            1,
+            session,
+            tx,
+            true,
+            TokenBucket::new(1e6, 1_000_000),
+            Strikes::new(10, Duration::from_secs(60)),
+            metrics.clone(),
+            "u".into(),
+        );
+        let updates = typed(MAX_IN_FLIGHT as u32 + 1);
+        let (bound, next) = updates.split_at(MAX_IN_FLIGHT);
+        assert!(matches!(handler.on_frame(&frame(bound)), Flow::Continue));
+        assert_eq!(handler.in_flight.len(), MAX_IN_FLIGHT);
+        assert_eq!(metrics.reader_waits.in_flight.get(), 0);
+
+        let next = frame(next);
+        let Flow::Then(mut wait) = handler.on_frame(&next) else {
+            panic!("the update past the bound did not make the reader wait");
+        };
+        assert_eq!(metrics.reader_waits.in_flight.get(), 1);
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        assert!(
+            wait.as_mut().poll(&mut cx).is_pending(),
+            "the sequencer is held"
+        );
+
+        drop(release);
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let flow = runtime.block_on(wait);
+        assert!(matches!(flow, Flow::RetryAfter(d) if d.is_zero()));
+        // Back to the frame after the update it queued: nothing more in it.
+        assert!(matches!(handler.on_frame(&next), Flow::Continue));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !handler.in_flight.is_empty() {
+            assert!(Instant::now() < deadline, "updates still in flight");
+            assert!(handler.poll_in_flight(&mut cx).is_pending(), "a refusal");
+            std::thread::yield_now();
+        }
+        let doc = yrs::Doc::new();
+        let state = whiteboard.whiteboard.encode_state();
+        doc.transact_mut()
+            .apply_update(yrs::Update::decode_v1(&state).unwrap())
+            .unwrap();
+        let text = doc.get_or_insert_text("t");
+        assert_eq!(text.get_string(&doc.transact()), "x".repeat(updates.len()));
     }
 }

@@ -337,10 +337,6 @@ impl Whiteboard {
         }
     }
 
-    /// Whether the sequencer has nothing queued or running. A job outlives its submitter
-    /// (a dropped request, a closed connection): a session must not unload under it, or
-    /// the job would append to the store from a board no longer loaded, with a log seq
-    /// that the session, loaded again meanwhile, hands out too.
     /// Connects the whiteboard to the other nodes of a cluster: its awareness changes are
     /// published from now on, and it asks the others for theirs.
     pub fn attach_bus(&self, bus: Arc<dyn Bus>) {
@@ -392,6 +388,10 @@ impl Whiteboard {
         sequencer::block_on(self.sequencer.run(|board| board.ensure_fresh()))?
     }
 
+    /// Whether the sequencer has nothing queued or running. A job outlives its submitter
+    /// (a dropped request, a closed connection): a session must not unload under it, or
+    /// the job would append to the store from a board no longer loaded, with a log seq
+    /// that the session, loaded again meanwhile, hands out too.
     pub fn sequencer_idle(&self) -> bool {
         self.sequencer.is_idle()
     }
@@ -412,6 +412,20 @@ impl Whiteboard {
     #[cfg(test)]
     pub(crate) fn sequencer_queued(&self) -> usize {
         self.sequencer.queued()
+    }
+
+    /// Holds the sequencer (a job that waits) until the returned sender sends or is
+    /// dropped: jobs queued meanwhile wait behind it, in order.
+    #[cfg(test)]
+    pub(crate) fn hold_sequencer(&self) -> std::sync::mpsc::Sender<()> {
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        let hold = self.sequencer.run(move |_| {
+            let _ = held.recv();
+        });
+        // Polled once, the job is queued; it then runs whether or not its outcome is awaited.
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        let _ = std::pin::pin!(hold).poll(&mut cx);
+        release
     }
 
     /// [`Self::submit_update`], waiting on the calling thread: for blocking callers (the
@@ -710,16 +724,12 @@ impl Board {
             held.since = None;
             std::mem::take(&mut held.batch)
         };
+        self.metrics.relay_batches.inc();
+        self.metrics.relay_batch_messages.inc_by(batch.len() as u64);
         // The peer lock for the fan-out only (see the module docs).
         self.peers().broadcast_all(&batch);
     }
 
-    /// Whether the document, grown by an update of `added` bytes, stays within
-    /// `limits.max_doc_bytes`. The document's size is bounded from above by its last known
-    /// size (the last snapshot's, or the last measurement's) plus the bytes logged since;
-    /// only when that bound passes the limit is the document encoded to measure it, and the
-    /// measurement becomes the new base. A board near the limit is measured once per
-    /// limit-minus-size of logged bytes, not per update.
     /// One update another node appended (on the sequencer): guarded, applied and relayed
     /// like a client's, but not logged again.
     fn sequence_remote(&self, update: &[u8]) {
@@ -759,6 +769,12 @@ impl Board {
         }
     }
 
+    /// Whether the document, grown by an update of `added` bytes, stays within
+    /// `limits.max_doc_bytes`. The document's size is bounded from above by its last known
+    /// size (the last snapshot's, or the last measurement's) plus the bytes logged since;
+    /// only when that bound passes the limit is the document encoded to measure it, and the
+    /// measurement becomes the new base. A board near the limit is measured once per
+    /// limit-minus-size of logged bytes, not per update.
     fn fits(&self, doc: &Doc, added: usize) -> bool {
         let limit = self.options.limits.max_doc_bytes as u64;
         let logged = self.log_bytes_since_snapshot.load(Ordering::Acquire);
@@ -992,13 +1008,8 @@ mod tests {
         };
         assert_eq!((greeting(&mut a_rx), greeting(&mut b_rx)), (1, 1));
         // Holds the lane, so the three updates queue behind it.
-        let (release, held) = std::sync::mpsc::channel::<()>();
-        let blocker = wb.sequencer.run(move |_| {
-            let _ = held.recv();
-        });
-        let mut blocker = std::pin::pin!(blocker);
+        let release = wb.hold_sequencer();
         let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-        assert!(blocker.as_mut().poll(&mut cx).is_pending());
         let doc = Doc::with_client_id(9);
         let text = doc.get_or_insert_text("t");
         let mut submitted = Vec::new();
@@ -1013,8 +1024,7 @@ mod tests {
             assert!(job.as_mut().poll(&mut cx).is_pending());
             submitted.push(job);
         }
-        release.send(()).unwrap();
-        sequencer::block_on(blocker).unwrap();
+        drop(release);
         for job in submitted {
             assert!(sequencer::block_on(job).unwrap());
         }
@@ -1040,6 +1050,9 @@ mod tests {
             })
             .collect();
         assert_eq!(text_of(updates.iter().map(Vec::as_slice)), "xxx");
+        // Counted as relayed in batches (one, unless the 1 ms hold ran out between jobs).
+        assert_eq!(wb.metrics.relay_batch_messages.get(), 3);
+        assert!((1..=3).contains(&wb.metrics.relay_batches.get()));
     }
 
     /// A connection's updates queued behind one that is refused are not applied: the
