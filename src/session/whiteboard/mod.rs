@@ -60,6 +60,7 @@ use crate::store::{Store, StoreError};
 use crate::sync;
 use crate::ws::outbox::Outbox;
 use sequencer::Sequencer;
+use snapshot::LastSnapshot;
 use yrs::sync::awareness::AwarenessUpdateEntry;
 
 pub use sequencer::QUEUE_JOBS;
@@ -174,7 +175,7 @@ pub struct Board {
     /// One snapshot at a time: two racing could store an older state as the newer version.
     snapshotting: Mutex<()>,
     dirty: AtomicBool,
-    last_snapshot: Mutex<Instant>,
+    last_snapshot: Mutex<LastSnapshot>,
     /// Counts changes, for long polls waiting on the document.
     changes: tokio::sync::watch::Sender<u64>,
     /// The sync step 2 for an empty state vector (a joiner with a fresh document), by the
@@ -497,7 +498,10 @@ impl Board {
             snapshot_bytes: AtomicU64::new(snapshot_bytes),
             snapshotting: Mutex::new(()),
             dirty: AtomicBool::new(log_len > 0),
-            last_snapshot: Mutex::new(Instant::now()),
+            last_snapshot: Mutex::new(LastSnapshot {
+                at: Instant::now(),
+                took: std::time::Duration::ZERO,
+            }),
             changes: tokio::sync::watch::Sender::new(0),
             full_step2: Default::default(),
             state_vector,
@@ -1078,6 +1082,59 @@ mod tests {
         assert!(garbage.is_err());
         assert!(matches!(second, Err(ApplyError::Rejected(_))), "{second:?}");
         assert_eq!(text_of([wb.encode_state().as_slice()]), "x");
+    }
+
+    /// The update-count trigger waits for the log to be as large as the last snapshot and
+    /// for ten times the last snapshot's duration to pass since it, at most five seconds.
+    #[test]
+    fn a_snapshot_is_wanted_after_the_log_grew_and_ten_snapshot_durations_passed() {
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::new(20));
+        let options = WhiteboardOptions {
+            snapshot_every_updates: 1,
+            ..WhiteboardOptions::default()
+        };
+        let wb = Whiteboard::load("s".into(), store, Arc::new(Metrics::new()), options).unwrap();
+        let doc = Doc::with_client_id(9);
+        let text = doc.get_or_insert_text("t");
+        let type_some = |what: &str| {
+            let update = {
+                let mut txn = doc.transact_mut();
+                text.push(&mut txn, what);
+                txn.encode_update_v1()
+            };
+            assert!(wb.apply_update(None, &update, None).unwrap());
+        };
+        assert!(!wb.snapshot_wanted(), "nothing logged yet");
+        type_some("x");
+        assert!(wb.snapshot_wanted(), "no snapshot yet: nothing to wait for");
+        assert!(wb.snapshot_if_dirty().unwrap().is_some());
+        let snapshot = wb.snapshot_bytes.load(Ordering::Acquire) as usize;
+        type_some("y");
+        assert!(
+            !wb.snapshot_wanted(),
+            "the log is smaller than the snapshot"
+        );
+        type_some(&"z".repeat(snapshot));
+        // As if the last snapshot had taken no time (it took some, and this runs at once).
+        sync::lock(&wb.last_snapshot).took = std::time::Duration::ZERO;
+        assert!(wb.snapshot_wanted());
+        let last_snapshot = |took_ms: u64, ago_ms: u64| {
+            *sync::lock(&wb.last_snapshot) = LastSnapshot {
+                at: Instant::now() - std::time::Duration::from_millis(ago_ms),
+                took: std::time::Duration::from_millis(took_ms),
+            };
+        };
+        last_snapshot(100, 500);
+        assert!(!wb.snapshot_wanted(), "took 0.1 s, 0.5 s ago");
+        last_snapshot(100, 1100);
+        assert!(wb.snapshot_wanted(), "took 0.1 s, 1.1 s ago");
+        last_snapshot(2000, 4000);
+        assert!(!wb.snapshot_wanted(), "took 2 s, 4 s ago");
+        last_snapshot(2000, 5100);
+        assert!(
+            wb.snapshot_wanted(),
+            "took 2 s, 5.1 s ago: never more than 5 s"
+        );
     }
 
     /// A join (run on an async worker) must not take the document's lock: while a large

@@ -4,6 +4,25 @@
 
 use super::*;
 
+/// When the last snapshot was taken, and how long it took.
+pub(super) struct LastSnapshot {
+    pub(super) at: Instant,
+    pub(super) took: std::time::Duration,
+}
+
+/// The update-count trigger waits this many times the last snapshot's duration after it:
+/// a busy board spends at most a tenth of the time being snapshotted. Measured (BENCHMARKS.md,
+/// issue 13, fifth round): 5 writers at 1,680 updates/s each on a 2.5 MB board made the log
+/// as large as the snapshot every second, and a snapshot (rebuilt from the store, ~0.5 s
+/// on the saturated machine) every second took 15 % of the server's CPU and quadrupled the
+/// relay's p99.
+const SNAPSHOT_DUTY: u32 = 10;
+
+/// The most the duty rule waits. A snapshot's duration grows with the log it folds in, and
+/// the log with the wait: without a bound, a sustained fast writer would push the waits (and
+/// a restart's replay) out to the interval trigger.
+const SNAPSHOT_WAIT_MAX: std::time::Duration = std::time::Duration::from_secs(5);
+
 impl Board {
     /// Appends held-back updates to the log again (without counting them as a change: a
     /// snapshot does this, and must not make itself due again).
@@ -20,15 +39,24 @@ impl Board {
     }
 
     /// Whether the log since the last snapshot is long enough to fold into a new one:
-    /// `snapshot_every_updates` entries, and as many bytes as the last snapshot. A snapshot
-    /// builds the whole document: taking one every N updates of a 20 MB board would spend
-    /// the server's CPU on it. The size rule keeps that cost proportional to the bytes
-    /// logged (one build per snapshot-size of log), and a restart's replay at most the
-    /// snapshot's load again.
+    /// `snapshot_every_updates` entries, and as many bytes as the last snapshot, and
+    /// [`SNAPSHOT_DUTY`] times the last snapshot's duration since it (at most
+    /// [`SNAPSHOT_WAIT_MAX`]). A snapshot builds the
+    /// whole document: taking one every N updates of a 20 MB board would spend the server's
+    /// CPU on it. The size rule keeps that cost proportional to the bytes logged (one build
+    /// per snapshot-size of log), and a restart's replay at most the snapshot's load again;
+    /// the duty rule bounds it in time when updates come fast (a restart then replays at
+    /// most that many snapshot-durations of updates more).
     pub fn snapshot_wanted(&self) -> bool {
-        self.updates_since_snapshot.load(Ordering::Acquire) >= self.options.snapshot_every_updates
+        let logged = self.updates_since_snapshot.load(Ordering::Acquire)
+            >= self.options.snapshot_every_updates
             && self.log_bytes_since_snapshot.load(Ordering::Acquire)
-                >= self.snapshot_bytes.load(Ordering::Acquire)
+                >= self.snapshot_bytes.load(Ordering::Acquire);
+        logged && {
+            let last = sync::lock(&self.last_snapshot);
+            let wait = last.took.saturating_mul(SNAPSHOT_DUTY);
+            last.at.elapsed() >= wait.min(SNAPSHOT_WAIT_MAX)
+        }
     }
 
     /// The session's stored state (newest snapshot, then the log) folded into one Yjs v1
@@ -70,7 +98,7 @@ impl Board {
 
     /// Time since the last snapshot was taken.
     pub fn snapshot_age(&self) -> std::time::Duration {
-        sync::lock(&self.last_snapshot).elapsed()
+        sync::lock(&self.last_snapshot).at.elapsed()
     }
 
     pub fn is_dirty(&self) -> bool {
@@ -155,10 +183,12 @@ impl Board {
             .fetch_sub(bytes, Ordering::AcqRel);
         self.snapshot_bytes
             .store(state.len() as u64, Ordering::Release);
-        *sync::lock(&self.last_snapshot) = Instant::now();
-        self.metrics
-            .snapshot_duration
-            .observe(started.elapsed().as_secs_f64());
+        let took = started.elapsed();
+        *sync::lock(&self.last_snapshot) = LastSnapshot {
+            at: Instant::now(),
+            took,
+        };
+        self.metrics.snapshot_duration.observe(took.as_secs_f64());
         tracing::debug!(
             session = %self.session,
             version,

@@ -149,6 +149,8 @@ pub struct ClientSpec {
     pub n_writers: u32,
     pub n_aware: u32,
     pub points: usize,
+    /// A writer erases its stroke from this many updates before (0: never).
+    pub keep_strokes: u32,
     pub apply: ApplyMode,
     /// Send an awareness state on connect, as the y-websocket client does.
     pub join_awareness: bool,
@@ -377,6 +379,9 @@ async fn run_inner(
                 let update = {
                     let mut txn = doc.transact_mut();
                     strokes.insert(&mut txn, key.as_str(), value);
+                    if spec.keep_strokes > 0 && upd_seq >= spec.keep_strokes {
+                        strokes.remove(&mut txn, &format!("w{w}.{}", upd_seq - spec.keep_strokes));
+                    }
                     txn.encode_update_v1()
                 };
                 upd_seq += 1;

@@ -94,6 +94,10 @@ pub(crate) struct Cli {
     /// Approximate bytes of one stroke update (P).
     #[arg(long)]
     pub(crate) payload: Option<usize>,
+    /// Each writer erases its stroke from this many updates before in the same update, so
+    /// the board stays at about writers × N strokes however long the run (0: never erase).
+    #[arg(long)]
+    pub(crate) keep_strokes: Option<u32>,
     /// Cursor (awareness) updates per second per cursor sender.
     #[arg(long)]
     pub(crate) awareness_rate: Option<f64>,
@@ -164,6 +168,8 @@ pub(crate) struct Plan {
     pub(crate) writers: u32,
     pub(crate) rate: f64,
     pub(crate) payload: usize,
+    /// See `Cli::keep_strokes` (0: the board only grows).
+    pub(crate) keep_strokes: u32,
     pub(crate) aw_rate: f64,
     pub(crate) aw_clients: u32,
     pub(crate) duration: f64,
@@ -193,6 +199,7 @@ pub(crate) fn preset(name: &str) -> anyhow::Result<Plan> {
         writers: 2,
         rate: 20.0,
         payload: 500,
+        keep_strokes: 0,
         aw_rate: 10.0,
         aw_clients: u32::MAX,
         duration: 20.0,
@@ -263,6 +270,11 @@ pub(crate) fn preset(name: &str) -> anyhow::Result<Plan> {
             duration: 5.0,
             warmup: 1.0,
             drain: 20.0,
+            // A board that only grew passed `limits.max_doc_bytes` (64 MiB) at 1,200 updates/s
+            // per writer, where easel refused the writers (1007) as it must: the ramp then
+            // measured the limit, not the relay. A live board erases as it is drawn on:
+            // 1,000 strokes per writer keep it at about 2.5 MB.
+            keep_strokes: 1000,
             // Writers and one receiver integrate updates between steps, so that the load
             // generator's CRDT work does not compete with the server for the two cores while
             // measuring; the other receivers check and drop them (memory: see ApplyMode).
@@ -315,6 +327,7 @@ pub(crate) fn resolve(cli: &Cli) -> anyhow::Result<Plan> {
     set!(writers, cli.writers);
     set!(rate, cli.rate);
     set!(payload, cli.payload);
+    set!(keep_strokes, cli.keep_strokes);
     set!(aw_rate, cli.awareness_rate);
     set!(aw_clients, cli.awareness_clients);
     set!(duration, cli.duration);
@@ -398,6 +411,7 @@ pub(crate) fn plan_json(p: &Plan) -> Value {
         "writers_per_session": p.writers,
         "rate_per_writer": p.rate,
         "payload_bytes": p.payload,
+        "keep_strokes_per_writer": p.keep_strokes,
         "points_per_stroke": workload::points_for_payload(p.payload),
         "cursor_senders_per_session": p.aw_clients,
         "cursor_rate": p.aw_rate,

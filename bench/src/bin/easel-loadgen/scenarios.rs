@@ -108,6 +108,7 @@ impl<'a> Run<'a> {
             n_writers: p.writers,
             n_aware: p.aw_clients,
             points: workload::points_for_payload(p.payload),
+            keep_strokes: p.keep_strokes,
             apply: p.apply,
             join_awareness: p.join_awareness,
             hash_step2: false,
