@@ -246,6 +246,14 @@ impl Default for Metrics {
     }
 }
 
+/// Registers a counter family labelled `reason` and returns what resolves one of its
+/// counters (once, at start-up: the hot path then holds the counter itself).
+fn by_reason(registry: &mut Registry, name: &str, help: &str) -> impl Fn(&'static str) -> Counter {
+    let family = Family::<Labels, Counter>::default();
+    registry.register(name, help, family.clone());
+    move |r| family.get_or_create_owned(&[("reason", r)])
+}
+
 impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("easel");
@@ -367,13 +375,11 @@ impl Metrics {
             "Stored records that did not decode and were skipped",
             store_decode_errors.clone(),
         );
-        let guard = Family::<Labels, Counter>::default();
-        registry.register(
+        let reason = by_reason(
+            &mut registry,
             "guard_refusals",
             "Whiteboard input refused by the update guard, by reason",
-            guard.clone(),
         );
-        let reason = |r: &'static str| guard.get_or_create_owned(&[("reason", r)]);
         let guard_refusals = GuardRefusals {
             malformed: reason("malformed"),
             too_deep: reason("too_deep"),
@@ -381,13 +387,11 @@ impl Metrics {
             pending: reason("pending"),
             awareness: reason("awareness"),
         };
-        let waits = Family::<Labels, Counter>::default();
-        registry.register(
+        let reason = by_reason(
+            &mut registry,
             "whiteboard_reader_waits",
             "Times a whiteboard reader stopped reading to wait for the session's sequencer, by reason",
-            waits.clone(),
         );
-        let reason = |r: &'static str| waits.get_or_create_owned(&[("reason", r)]);
         let reader_waits = ReaderWaits {
             in_flight: reason("in_flight"),
             queue_full: reason("queue_full"),

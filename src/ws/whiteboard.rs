@@ -432,8 +432,9 @@ mod tests {
         let store: Arc<dyn Store> = Arc::new(MemoryStore::default());
         let registry = Registry::new(store, metrics.clone(), Arc::new(Config::default()));
         let session = registry.open("s").unwrap();
-        let whiteboard = session.clone();
-        let release = whiteboard.whiteboard.hold_sequencer();
+        // The handler takes one handle; the test keeps another to look at the board.
+        let ours = session.clone();
+        let release = ours.whiteboard.hold_sequencer();
         let (tx, _rx) = outbox(1 << 20);
         let mut handler = WhiteboardHandler::new(
             1,
@@ -478,7 +479,7 @@ mod tests {
             std::thread::yield_now();
         }
         let doc = yrs::Doc::new();
-        let state = whiteboard.whiteboard.encode_state();
+        let state = ours.whiteboard.encode_state();
         doc.transact_mut()
             .apply_update(yrs::Update::decode_v1(&state).unwrap())
             .unwrap();

@@ -41,12 +41,12 @@ impl Board {
     /// Whether the log since the last snapshot is long enough to fold into a new one:
     /// `snapshot_every_updates` entries, and as many bytes as the last snapshot, and
     /// [`SNAPSHOT_DUTY`] times the last snapshot's duration since it (at most
-    /// [`SNAPSHOT_WAIT_MAX`]). A snapshot builds the
-    /// whole document: taking one every N updates of a 20 MB board would spend the server's
-    /// CPU on it. The size rule keeps that cost proportional to the bytes logged (one build
-    /// per snapshot-size of log), and a restart's replay at most the snapshot's load again;
-    /// the duty rule bounds it in time when updates come fast (a restart then replays at
-    /// most that many snapshot-durations of updates more).
+    /// [`SNAPSHOT_WAIT_MAX`]). A snapshot builds the whole document: taking one every N
+    /// updates of a 20 MB board would spend the server's CPU on it. The size rule keeps that
+    /// cost proportional to the bytes logged (one build per snapshot-size of log), and a
+    /// restart's replay at most the snapshot's load again; the duty rule bounds it in time
+    /// when updates come fast (a restart then replays at most `SNAPSHOT_WAIT_MAX` of updates
+    /// more).
     pub fn snapshot_wanted(&self) -> bool {
         let logged = self.updates_since_snapshot.load(Ordering::Acquire)
             >= self.options.snapshot_every_updates
