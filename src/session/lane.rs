@@ -5,7 +5,7 @@
 //! A pool of `easel-lane` threads (one per core, at least two) started on first use and
 //! shared by every session, like tokio's blocking pool; one lane per session and kind of
 //! work, with a bounded queue ([`QUEUE_JOBS`]); a lane run by at most one thread at a time
-//! so its jobs keep one order, a turn of [`JOBS_PER_TURN`] jobs before another lane gets
+//! so its jobs keep one order, a turn of `JOBS_PER_TURN` jobs before another lane gets
 //! the thread. A job is any closure; its result goes back to the awaiting submitter through
 //! a oneshot.
 //!

@@ -389,7 +389,7 @@ impl Registry {
 
     /// Snapshots changed sessions whose last snapshot is older than
     /// `persist.snapshot_interval_s`, whose last client left, or whose log has grown enough
-    /// ([`Whiteboard::snapshot_wanted`]). Returns how many it wrote.
+    /// ([`Board::snapshot_wanted`](crate::session::whiteboard::Board::snapshot_wanted)). Returns how many it wrote.
     pub fn snapshot_due(&self) -> usize {
         if self.store.check().is_err() {
             // The store refuses writes (and says why in /readyz): trying every session

@@ -96,7 +96,7 @@ struct Member {
     outbox: Outbox,
     /// `Some` until the member's history has been sent.
     held: Option<Held>,
-    /// Taken by [`TutorRoom::catch_up`].
+    /// Taken by [`Room::catch_up`].
     catch_up: Option<CatchUp>,
 }
 
@@ -518,7 +518,7 @@ impl Room {
     /// Adds a connection and queues its `welcome`; others hear `presence joined` when this
     /// is the user's first connection. The history (every message after `after_seq` when
     /// given, else the last `recent`) is decided here, under the room's lock, and sent by
-    /// [`TutorRoom::catch_up`]; until then what the room broadcasts to this connection is
+    /// [`Room::catch_up`]; until then what the room broadcasts to this connection is
     /// held back, so no chat message falls between the history and the live stream.
     /// Reads nothing from the store (the caller is on an async worker).
     pub fn join(

@@ -79,7 +79,7 @@ pub struct TutorHandler {
     pub config: TutorConfig,
     pub metrics: Arc<Metrics>,
     /// The rest of a change's handling once the room's lane has done it (see
-    /// [`TutorHandler::then`]).
+    /// `TutorHandler::then`).
     pub finish: Finish,
 }
 

@@ -468,7 +468,7 @@ const CHANGES_PAGE: usize = 200;
 impl HistoryReader {
     /// The latest change of every message `<= after` changed at or after message `after`
     /// was posted, as `chat_edited`/`chat_deleted` frames, oldest change first. One page
-    /// (up to [`CHANGES_PAGE`] log entries) from `cursor` on; the cursor to go on from,
+    /// (up to `CHANGES_PAGE` log entries) from `cursor` on; the cursor to go on from,
     /// `None` at the end.
     pub fn changes_page(
         &self,

@@ -14,7 +14,7 @@
 //! here is held across an `.await`; nothing here touches a socket.
 //!
 //! Snapshots stay off that path. The relay only counts what it logged; housekeeping asks
-//! [`Whiteboard::snapshot_wanted`] and, while clients are connected, builds the state on
+//! [`Board::snapshot_wanted`] and, while clients are connected, builds the state on
 //! its own thread from the store (a fresh document: the live one is not locked). The store
 //! deletes just the log entries that state includes (by seq), so updates logged meanwhile
 //! are kept and nothing needs the peer lock.
@@ -108,7 +108,7 @@ pub struct WhiteboardOptions {
     /// Flush the store before relaying (`persist.durability = "sync"`).
     pub flush_before_relay: bool,
     /// Snapshot after this many logged updates (`persist.snapshot_every_updates`), once
-    /// the log has also grown to the last snapshot's size (see [`Whiteboard::log_update`]).
+    /// the log has also grown to the last snapshot's size (see [`Board::snapshot_wanted`]).
     pub snapshot_every_updates: u64,
     /// The bounds of SPEC.md 7.1 a whiteboard enforces (nesting, document size, pending
     /// bytes, awareness), as configured.

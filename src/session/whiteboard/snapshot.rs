@@ -40,8 +40,8 @@ impl Board {
 
     /// Whether the log since the last snapshot is long enough to fold into a new one:
     /// `snapshot_every_updates` entries, and as many bytes as the last snapshot, and
-    /// [`SNAPSHOT_DUTY`] times the last snapshot's duration since it (at most
-    /// [`SNAPSHOT_WAIT_MAX`]). A snapshot builds the whole document: taking one every N
+    /// `SNAPSHOT_DUTY` (10) times the last snapshot's duration since it (at most
+    /// `SNAPSHOT_WAIT_MAX`, 5 s). A snapshot builds the whole document: taking one every N
     /// updates of a 20 MB board would spend the server's CPU on it. The size rule keeps that
     /// cost proportional to the bytes logged (one build per snapshot-size of log), and a
     /// restart's replay at most the snapshot's load again; the duty rule bounds it in time
@@ -114,7 +114,7 @@ impl Board {
     /// Writes a snapshot if anything changed since the last one. It encodes a whole
     /// document: call it on a blocking thread. While clients are connected the state is
     /// rebuilt from the store, so the live document is not locked (see
-    /// [`Self::compact_stored`]); with none (last client gone, unload, shutdown) there is no
+    /// `Board::compact_stored`); with none (last client gone, unload, shutdown) there is no
     /// relay to stall, and encoding the live document costs a third as much.
     pub fn snapshot_if_dirty(&self) -> Result<Option<u64>, StoreError> {
         let _one_at_a_time = sync::lock(&self.snapshotting);
