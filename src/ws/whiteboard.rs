@@ -390,6 +390,7 @@ impl FrameHandler for WhiteboardHandler {
 
 #[cfg(test)]
 mod tests {
+    use std::future::Future;
     use std::time::{Duration, Instant};
 
     use yrs::updates::decoder::Decode;
@@ -397,6 +398,7 @@ mod tests {
 
     use super::*;
     use crate::config::Config;
+    use crate::session::whiteboard::QUEUE_JOBS;
     use crate::session::Registry;
     use crate::store::{MemoryStore, Store};
     use crate::ws::outbox::outbox;
@@ -423,20 +425,16 @@ mod tests {
         Message::Binary(bytes.into())
     }
 
-    /// A writer's reader keeps at most `MAX_IN_FLIGHT` updates at the sequencer: the one
-    /// after makes it wait for the oldest (counted as a wait), and once that is in it reads
-    /// on; every update is applied, in order.
-    #[test]
-    fn a_reader_waits_once_its_updates_in_flight_reach_the_bound() {
+    /// A writer's handler on session "s" of a fresh registry (rate limit out of the way),
+    /// another handle on that session for the test, and the metrics.
+    fn writer() -> (WhiteboardHandler, SessionHandle, Arc<Metrics>) {
         let metrics = Arc::new(Metrics::new());
         let store: Arc<dyn Store> = Arc::new(MemoryStore::default());
         let registry = Registry::new(store, metrics.clone(), Arc::new(Config::default()));
         let session = registry.open("s").unwrap();
-        // The handler takes one handle; the test keeps another to look at the board.
         let ours = session.clone();
-        let release = ours.whiteboard.hold_sequencer();
         let (tx, _rx) = outbox(1 << 20);
-        let mut handler = WhiteboardHandler::new(
+        let handler = WhiteboardHandler::new(
             1,
             session,
             tx,
@@ -446,6 +444,37 @@ mod tests {
             metrics.clone(),
             "u".into(),
         );
+        (handler, ours, metrics)
+    }
+
+    /// Awaits a flow the handler returned, on a runtime of its own.
+    fn finish(flow: FlowFuture) -> Flow {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(flow)
+    }
+
+    /// The text "t" of the session's board.
+    fn board_text(session: &SessionHandle) -> String {
+        let doc = yrs::Doc::new();
+        let state = session.whiteboard.encode_state();
+        doc.transact_mut()
+            .apply_update(yrs::Update::decode_v1(&state).unwrap())
+            .unwrap();
+        let text = doc.get_or_insert_text("t");
+        let got = text.get_string(&doc.transact());
+        got
+    }
+
+    /// A writer's reader keeps at most `MAX_IN_FLIGHT` updates at the sequencer: the one
+    /// after makes it wait for the oldest (counted as a wait), and once that is in it reads
+    /// on; every update is applied, in order.
+    #[test]
+    fn a_reader_waits_once_its_updates_in_flight_reach_the_bound() {
+        let (mut handler, ours, metrics) = writer();
+        let release = ours.whiteboard.hold_sequencer();
         let updates = typed(MAX_IN_FLIGHT as u32 + 1);
         let (bound, next) = updates.split_at(MAX_IN_FLIGHT);
         assert!(matches!(handler.on_frame(&frame(bound)), Flow::Continue));
@@ -464,12 +493,7 @@ mod tests {
         );
 
         drop(release);
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        let flow = runtime.block_on(wait);
-        assert!(matches!(flow, Flow::RetryAfter(d) if d.is_zero()));
+        assert!(matches!(finish(wait), Flow::RetryAfter(d) if d.is_zero()));
         // Back to the frame after the update it queued: nothing more in it.
         assert!(matches!(handler.on_frame(&next), Flow::Continue));
         let deadline = Instant::now() + Duration::from_secs(5);
@@ -478,12 +502,49 @@ mod tests {
             assert!(handler.poll_in_flight(&mut cx).is_pending(), "a refusal");
             std::thread::yield_now();
         }
-        let doc = yrs::Doc::new();
-        let state = ours.whiteboard.encode_state();
-        doc.transact_mut()
-            .apply_update(yrs::Update::decode_v1(&state).unwrap())
-            .unwrap();
-        let text = doc.get_or_insert_text("t");
-        assert_eq!(text.get_string(&doc.transact()), "x".repeat(updates.len()));
+        assert_eq!(board_text(&ours), "x".repeat(updates.len()));
+    }
+
+    /// With the session's sequencer queue full, a writer's update makes its reader wait
+    /// (counted as a wait) until the update has a place and its outcome is in: the client is
+    /// slowed through TCP, nothing is dropped.
+    #[test]
+    fn a_reader_waits_while_the_sessions_queue_is_full() {
+        let (mut handler, ours, metrics) = writer();
+        let release = ours.whiteboard.hold_sequencer();
+        // Another writer's updates fill the queue behind the held job.
+        let theirs = {
+            let doc = yrs::Doc::with_client_id(8);
+            let text = doc.get_or_insert_text("u");
+            (0..QUEUE_JOBS)
+                .map(|_| {
+                    let mut txn = doc.transact_mut();
+                    text.push(&mut txn, "y");
+                    txn.encode_update_v1()
+                })
+                .collect::<Vec<_>>()
+        };
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        let mut queued = Vec::new();
+        for update in theirs {
+            let mut job = Box::pin(ours.whiteboard.submit_update(None, update.into(), None));
+            let _ = job.as_mut().poll(&mut cx);
+            queued.push(job);
+        }
+        assert!(ours.whiteboard.sequencer_queued() > QUEUE_JOBS);
+        let mine = typed(1);
+        let Flow::Then(mut wait) = handler.on_frame(&frame(&mine)) else {
+            panic!("the update found no place and the reader did not wait");
+        };
+        assert_eq!(metrics.reader_waits.queue_full.get(), 1);
+        assert!(handler.in_flight.is_empty(), "nothing left in flight");
+        assert!(
+            wait.as_mut().poll(&mut cx).is_pending(),
+            "the queue is full"
+        );
+        drop(release);
+        assert!(matches!(finish(wait), Flow::RetryAfter(d) if d.is_zero()));
+        assert_eq!(board_text(&ours), "x");
+        drop(queued);
     }
 }

@@ -1059,6 +1059,42 @@ mod tests {
         assert!((1..=3).contains(&wb.metrics.relay_batches.get()));
     }
 
+    /// A run of queued updates longer than `RELAY_BATCH` is relayed in batches of at most
+    /// that many: the first relays of a long run do not wait for its end.
+    #[test]
+    fn a_long_run_of_queued_updates_is_relayed_in_bounded_batches() {
+        let wb = board();
+        let (peer, mut rx) = outbox(1 << 20);
+        wb.join(1, peer);
+        let greeting = std::iter::from_fn(|| rx.try_recv()).count();
+        let release = wb.hold_sequencer();
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        let doc = Doc::with_client_id(9);
+        let text = doc.get_or_insert_text("t");
+        let runs = 2 * RELAY_BATCH + 1;
+        let mut submitted = Vec::new();
+        for _ in 0..runs {
+            let update = {
+                let mut txn = doc.transact_mut();
+                text.push(&mut txn, "x");
+                txn.encode_update_v1()
+            };
+            let mut job = Box::pin(wb.submit_update(None, update.into(), None));
+            assert!(job.as_mut().poll(&mut cx).is_pending());
+            submitted.push(job);
+        }
+        drop(release);
+        for job in submitted {
+            assert!(sequencer::block_on(job).unwrap());
+        }
+        wb.settle();
+        assert_eq!(greeting, 1);
+        assert_eq!(std::iter::from_fn(|| rx.try_recv()).count(), runs);
+        assert_eq!(wb.metrics.relay_batch_messages.get(), runs as u64);
+        // At most RELAY_BATCH each: three batches at least (more if the 1 ms hold ran out).
+        assert!(wb.metrics.relay_batches.get() >= 3);
+    }
+
     /// A connection's updates queued behind one that is refused are not applied: the
     /// reader that keeps several in flight acts as if it had awaited each outcome.
     #[test]
