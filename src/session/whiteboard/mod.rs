@@ -998,6 +998,33 @@ mod tests {
         yrs::GetString::get_string(&t, &txn)
     }
 
+    /// Queues one update per origin (each typing one more "x" into "t") behind a held
+    /// sequencer, in that order, then lets them run and waits until every one is in and
+    /// relayed.
+    fn queued_behind_a_hold(wb: &Whiteboard, origins: impl IntoIterator<Item = Option<ConnId>>) {
+        let release = wb.hold_sequencer();
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        let doc = Doc::with_client_id(9);
+        let text = doc.get_or_insert_text("t");
+        let mut submitted = Vec::new();
+        for origin in origins {
+            let update = {
+                let mut txn = doc.transact_mut();
+                text.push(&mut txn, "x");
+                txn.encode_update_v1()
+            };
+            let mut job = Box::pin(wb.submit_update(origin, update.into(), None));
+            // Polled once: queued now, in this order.
+            assert!(job.as_mut().poll(&mut cx).is_pending());
+            submitted.push(job);
+        }
+        drop(release);
+        for job in submitted {
+            assert!(sequencer::block_on(job).unwrap());
+        }
+        wb.settle();
+    }
+
     /// Updates queued behind one another (relayed as one batch by the last of them) reach
     /// every connection in their order, none its own sender.
     #[test]
@@ -1012,27 +1039,7 @@ mod tests {
         };
         assert_eq!((greeting(&mut a_rx), greeting(&mut b_rx)), (1, 1));
         // Holds the lane, so the three updates queue behind it.
-        let release = wb.hold_sequencer();
-        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-        let doc = Doc::with_client_id(9);
-        let text = doc.get_or_insert_text("t");
-        let mut submitted = Vec::new();
-        for (i, origin) in [(0, Some(1)), (1, Some(2)), (2, None)] {
-            let update = {
-                let mut txn = doc.transact_mut();
-                text.insert(&mut txn, i, "x");
-                txn.encode_update_v1()
-            };
-            let mut job = Box::pin(wb.submit_update(origin, update.into(), None));
-            // Polled once: queued now, in this order.
-            assert!(job.as_mut().poll(&mut cx).is_pending());
-            submitted.push(job);
-        }
-        drop(release);
-        for job in submitted {
-            assert!(sequencer::block_on(job).unwrap());
-        }
-        wb.settle();
+        queued_behind_a_hold(&wb, [Some(1), Some(2), None]);
         let relayed = |rx: &mut crate::ws::outbox::OutboxReceiver| {
             std::iter::from_fn(|| rx.try_recv())
                 .map(|m| match m {
@@ -1067,27 +1074,8 @@ mod tests {
         let (peer, mut rx) = outbox(1 << 20);
         wb.join(1, peer);
         let greeting = std::iter::from_fn(|| rx.try_recv()).count();
-        let release = wb.hold_sequencer();
-        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-        let doc = Doc::with_client_id(9);
-        let text = doc.get_or_insert_text("t");
         let runs = 2 * RELAY_BATCH + 1;
-        let mut submitted = Vec::new();
-        for _ in 0..runs {
-            let update = {
-                let mut txn = doc.transact_mut();
-                text.push(&mut txn, "x");
-                txn.encode_update_v1()
-            };
-            let mut job = Box::pin(wb.submit_update(None, update.into(), None));
-            assert!(job.as_mut().poll(&mut cx).is_pending());
-            submitted.push(job);
-        }
-        drop(release);
-        for job in submitted {
-            assert!(sequencer::block_on(job).unwrap());
-        }
-        wb.settle();
+        queued_behind_a_hold(&wb, std::iter::repeat_n(None, runs));
         assert_eq!(greeting, 1);
         assert_eq!(std::iter::from_fn(|| rx.try_recv()).count(), runs);
         assert_eq!(wb.metrics.relay_batch_messages.get(), runs as u64);
