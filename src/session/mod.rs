@@ -546,6 +546,10 @@ mod tests {
             std::sync::mpsc::SyncSender<()>,
             Mutex<std::sync::mpsc::Receiver<()>>,
         )>,
+        /// The length of each run of updates appended as one (`append_updates`).
+        runs: Mutex<Vec<usize>>,
+        /// Every update append fails while set (as a full disk makes sled's).
+        appends_fail: std::sync::atomic::AtomicBool,
         /// Whiteboard loads so far, and a gate each load waits at (like `gate`).
         loads: AtomicUsize,
         load_gate: Option<(
@@ -571,7 +575,23 @@ mod tests {
                 let _ = entered.send(());
                 let _ = go.lock().unwrap().recv();
             }
+            if self.appends_fail.load(Ordering::Acquire) {
+                return Err(StoreError::Unavailable("the test's disk is full".into()));
+            }
             self.inner.append_update(s, seq, update)
+        }
+        fn append_updates(
+            &self,
+            s: &str,
+            first_seq: u64,
+            updates: &[&[u8]],
+        ) -> Result<u64, StoreError> {
+            self.runs.lock().unwrap().push(updates.len());
+            let mut last = first_seq - 1;
+            for (seq, update) in (first_seq..).zip(updates) {
+                last = self.append_update(s, seq, update)?;
+            }
+            Ok(last)
         }
         fn write_snapshot(
             &self,
@@ -692,6 +712,155 @@ mod tests {
             assert!(Instant::now() < deadline, "never unloaded");
             std::thread::yield_now();
         }
+    }
+
+    /// Queues each of `updates` from connection `conn` as its reader does (several in
+    /// flight), behind a held sequencer, then lets them run; their outcomes in order.
+    fn queued_by_a_reader(
+        wb: &Whiteboard,
+        conn: ConnId,
+        refused: &Arc<std::sync::atomic::AtomicBool>,
+        updates: Vec<Vec<u8>>,
+    ) -> Vec<Result<bool, whiteboard::ApplyError>> {
+        let release = wb.hold_sequencer();
+        let outcomes: Vec<_> = updates
+            .into_iter()
+            .map(|u| match wb.queue_update(conn, refused, u.into(), None) {
+                whiteboard::Submitted::Queued(o) | whiteboard::Submitted::Waiting(o) => o,
+            })
+            .collect();
+        drop(release);
+        outcomes.into_iter().map(block_on).collect()
+    }
+
+    /// Runs an outcome to its end on this thread.
+    fn block_on<T>(outcome: impl std::future::Future<Output = T>) -> T {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(outcome)
+    }
+
+    /// A reader's updates queued together are appended to the log together (one store
+    /// write for the batch, not one per update), each answered once that write is done;
+    /// an unload right after the last answer finds them stored.
+    #[test]
+    fn a_readers_queued_updates_are_stored_in_one_append_before_they_are_answered() {
+        let store = Arc::new(GatedStore::default());
+        let reg = registry_on(store.clone());
+        let h = reg.open("s").unwrap();
+        let mut peer = connect_peer(&h);
+        let writer = yrs::Doc::new();
+        let updates: Vec<Vec<u8>> = (0..16)
+            .map(|i| set_key(&writer, &format!("k{i}")))
+            .collect();
+        let outcomes = queued_by_a_reader(&h.whiteboard, 2, &Arc::default(), updates);
+        assert!(
+            outcomes.iter().all(|o| matches!(o, Ok(true))),
+            "{outcomes:?}"
+        );
+        let runs = store.runs.lock().unwrap().clone();
+        assert_eq!(
+            runs.iter().sum::<usize>(),
+            16,
+            "every update appended once: {runs:?}"
+        );
+        // One run of 16 (more only if the 1 ms hold ran out between two jobs).
+        assert!(
+            runs.len() <= 4,
+            "appended in batches, not one by one: {runs:?}"
+        );
+        let relayed = std::iter::from_fn(|| peer.try_recv()).count();
+        assert_eq!(relayed, 1 + 16, "the greeting, then every update");
+        drop(h);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while reg.unload_idle(Duration::ZERO) == 0 {
+            assert!(Instant::now() < deadline, "never unloaded");
+            std::thread::yield_now();
+        }
+        let stored = store.inner.load_whiteboard("s").unwrap();
+        let replica = yrs::Doc::new();
+        for update in &stored.updates {
+            use yrs::updates::decoder::Decode;
+            use yrs::Transact;
+            replica
+                .transact_mut()
+                .apply_update(yrs::Update::decode_v1(update).unwrap())
+                .unwrap();
+        }
+        use yrs::{Map, Transact};
+        let m = replica.get_or_insert_map("m");
+        assert_eq!(m.len(&replica.transact()), 16);
+    }
+
+    /// When the append of a batch fails, every update in it is refused (SPEC.md 7.1: the
+    /// live document stays as it was, nothing is relayed): the document is rebuilt from the
+    /// store, each reader is answered with the error and marked refused (what it queued
+    /// after is not applied), and the session goes on once the store takes writes again.
+    #[test]
+    fn a_failed_batch_append_refuses_every_update_in_it_and_relays_none() {
+        let store = Arc::new(GatedStore::default());
+        let reg = registry_on(store.clone());
+        let h = reg.open("s").unwrap();
+        let mut peer = connect_peer(&h);
+        let writer = yrs::Doc::new();
+        let wb = &h.whiteboard;
+        assert!(wb
+            .apply_update(None, &set_key(&writer, "kept"), None)
+            .unwrap());
+        assert_eq!(std::iter::from_fn(|| peer.try_recv()).count(), 2);
+        store.appends_fail.store(true, Ordering::Release);
+        let (a, b) = (Arc::default(), Arc::default());
+        // Made in the order queued: none waits for another (held back).
+        let (a1, b1, a2) = (
+            set_key(&writer, "a1"),
+            set_key(&writer, "b1"),
+            set_key(&writer, "a2"),
+        );
+        let release = wb.hold_sequencer();
+        let queue = |conn, refused: &Arc<std::sync::atomic::AtomicBool>, u: &Vec<u8>| match wb
+            .queue_update(conn, refused, u.clone().into(), None)
+        {
+            whiteboard::Submitted::Queued(o) | whiteboard::Submitted::Waiting(o) => o,
+        };
+        let outcomes = vec![queue(2, &a, &a1), queue(3, &b, &b1), queue(2, &a, &a2)];
+        drop(release);
+        for outcome in outcomes.into_iter().map(block_on) {
+            assert!(
+                matches!(outcome, Err(whiteboard::ApplyError::Store(_))),
+                "{outcome:?}"
+            );
+        }
+        assert!(
+            a.load(Ordering::Acquire) && b.load(Ordering::Acquire),
+            "both marked refused"
+        );
+        assert_eq!(
+            std::iter::from_fn(|| peer.try_recv()).count(),
+            0,
+            "nothing relayed"
+        );
+        let keys = |wb: &Whiteboard| {
+            use yrs::updates::decoder::Decode;
+            use yrs::{Map, Transact};
+            let replica = yrs::Doc::new();
+            replica
+                .transact_mut()
+                .apply_update(yrs::Update::decode_v1(&wb.encode_state()).unwrap())
+                .unwrap();
+            let m = replica.get_or_insert_map("m");
+            let txn = replica.transact();
+            let mut keys: Vec<String> = m.keys(&txn).map(String::from).collect();
+            keys.sort();
+            keys
+        };
+        assert_eq!(keys(wb), ["kept"], "the document is as before the batch");
+        store.appends_fail.store(false, Ordering::Release);
+        let later = yrs::Doc::new();
+        let outcomes = queued_by_a_reader(wb, 4, &Arc::default(), vec![set_key(&later, "c")]);
+        assert!(matches!(outcomes[..], [Ok(true)]), "{outcomes:?}");
+        assert_eq!(keys(wb), ["c", "kept"]);
+        assert_eq!(std::iter::from_fn(|| peer.try_recv()).count(), 1);
     }
 
     /// Shutdown: a connection stops awaiting its update's outcome when it closes with 1012,

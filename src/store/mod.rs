@@ -16,7 +16,7 @@
 //!
 //! | tree        | key                         | value |
 //! |-------------|-----------------------------|-------|
-//! | `updates`   | `session \0 seq` (u64 BE)   | `0x01`, then one accepted Yjs v1 update |
+//! | `updates`   | `session \0 seq` (u64 BE)   | `0x01`, then one accepted Yjs v1 update; or `0x02`, then a run of updates appended together ([`Store::append_updates`]), each after its u32 BE length, under the seq of the last (the others' seqs are the ones before it) |
 //! | `snapshots` | `session \0 version` (u64 BE) | a bincode-2 `SnapshotHeader` (`format_version: u16 = 1`, session, version, `created_at_ms`, `update_count`, `state_len`, `state_vector`), then the whole document as a Yjs v1 update (`state_len` bytes) |
 //! | `chat`      | `session \0 seq` (u64 BE)   | `0x01`, then the [`ChatMessage`] as JSON (the object clients receive, so fields can be added with serde defaults) |
 //! | `meta`      | `session \0 name` (ASCII)   | `0x01`, then a u64 BE |
@@ -211,6 +211,25 @@ pub struct SessionInfo {
     pub snapshots: usize,
 }
 
+impl StoreError {
+    /// The same failure once more, for a second party to be told (the error holds a source
+    /// that cannot be cloned): its kind where it has no source, its text otherwise.
+    pub fn again(&self) -> StoreError {
+        match self {
+            StoreError::Locked { dir } => StoreError::Locked { dir: dir.clone() },
+            StoreError::InvalidSession => StoreError::InvalidSession,
+            StoreError::Unavailable(why) => StoreError::Unavailable(why.clone()),
+            StoreError::Corrupt(why) => StoreError::Corrupt(why.clone()),
+            other => StoreError::Unavailable(
+                other
+                    .to_string()
+                    .trim_start_matches("storage I/O: ")
+                    .to_string(),
+            ),
+        }
+    }
+}
+
 /// Durable per-session state. Methods are synchronous and may touch the disk: async
 /// callers run them on a blocking thread, or accept a short in-memory write (`append_*`).
 pub trait Store: Send + Sync + 'static {
@@ -225,6 +244,26 @@ pub trait Store: Send + Sync + 'static {
     /// session goes on from the one returned. This is one write, with no read: it runs on
     /// the relay path of every update.
     fn append_update(&self, session: &str, seq: u64, update: &[u8]) -> Result<u64, StoreError>;
+
+    /// Appends several accepted updates, in order, as seqs `first_seq`, `first_seq + 1`, …
+    /// (the rules of [`Store::append_update`]), and returns the last seq stored. All or
+    /// none: a store that writes them as one entry makes them durable together; this
+    /// default writes them one by one, and a failure part way leaves the first ones stored,
+    /// which is safe (a stored update the document no longer holds is applied again on the
+    /// next load, and a Yjs update applies once). The sequencer hands a run of updates it
+    /// applied together here (`session::whiteboard`): one write per run instead of per update.
+    fn append_updates(
+        &self,
+        session: &str,
+        first_seq: u64,
+        updates: &[&[u8]],
+    ) -> Result<u64, StoreError> {
+        let mut last = first_seq.saturating_sub(1);
+        for (seq, update) in (first_seq..).zip(updates) {
+            last = self.append_update(session, seq, update)?;
+        }
+        Ok(last)
+    }
 
     /// Records the whole document (`state`, a Yjs v1 update; `state_vector`, v1-encoded)
     /// as the next snapshot version, replacing the log entries it includes: those with a

@@ -21,7 +21,7 @@ use super::sled::keys::{
 };
 use super::sled::records::{
     check_yjs_update, decode_chat, decode_chat_edit, decode_counter, decode_moderation,
-    decode_snapshot_entry, decode_update, encode_counter, encode_snapshot, SnapshotHeader,
+    decode_snapshot_entry, decode_updates, encode_counter, encode_snapshot, SnapshotHeader,
 };
 use super::sled::{
     now_ms, quiet_catch_unwind, storage_error, version_files_in, SledSettings, VERSIONS_DIR,
@@ -270,7 +270,7 @@ fn salvage(dir: &Path, without_derived: bool, problems: &mut Vec<String>) -> Sal
 fn record_ok(tree: &str, key: &[u8], value: &[u8]) -> Result<(), String> {
     let (session, _) = split_key(key).ok_or("key is not `session \\0 ...`")?;
     match tree {
-        UPDATES_TREE => decode_update(value).map(|_| ()),
+        UPDATES_TREE => decode_updates(value).map(|_| ()),
         CHAT_TREE => decode_chat(value).map(|_| ()),
         META_TREE => decode_counter(value).map(|_| ()),
         CHAT_EDITS_TREE => decode_chat_edit(value).map(|_| ()),

@@ -18,6 +18,9 @@ impl Board {
         log: bool,
     ) -> Result<(), ApplyError> {
         let limit = self.options.limits.max_pending_bytes;
+        // The log keeps the order updates came in: what the batch holds goes first (and
+        // is undone alone if that fails, before this lock is taken, which undoing takes).
+        self.store_held()?;
         let mut held = self.held_back();
         // A client that reconnects sends what it has again: the same bytes are held once.
         if held.iter().any(|h| h.update == update) {
@@ -35,7 +38,7 @@ impl Board {
         }
         // Another node's update is in the shared log already.
         if log {
-            self.log_update(update)?;
+            self.append(&[update])?;
         }
         held.push(HeldBack {
             update: update.to_vec(),

@@ -8,10 +8,14 @@
 //! [`Whiteboard::apply_update`]), which guards, decodes, applies in one short transaction,
 //! appends to the store's log, then pushes the same encoded bytes to every peer's outbox.
 //! The sequencer is the document's only writer, so updates are applied, logged and relayed
-//! in one order. The peer lock is taken for the fan-out only, after the apply: a peer that
-//! joins (under that lock) before the fan-out joined after the apply, so its sync step 2
-//! holds the update; one that joins after it gets it in its queue; never neither. No lock
-//! here is held across an `.await`; nothing here touches a socket.
+//! in one order. Updates queued behind one another form a batch ([`Board::end_batch`]):
+//! each is applied in turn, then the batch is appended as one store entry, then its
+//! outcomes and relays go; if that append fails, the whole batch is undone and refused,
+//! as one update whose append fails is. The peer lock is taken for the fan-out only, after
+//! the apply: a peer that joins (under that lock) before the fan-out joined after the
+//! apply, so its sync step 2 holds the update; one that joins after it gets it in its
+//! queue; never neither. No lock here is held across an `.await`; nothing here touches a
+//! socket.
 //!
 //! Snapshots stay off that path. The relay only counts what it logged; housekeeping asks
 //! [`Board::snapshot_wanted`] and, while clients are connected, builds the state on
@@ -156,14 +160,19 @@ pub struct Board {
     awareness: Arc<awareness::AwarenessRelay>,
     /// Shared with the awareness relay, which fans out from its own timer.
     peers: Arc<Mutex<Peers<Outbox>>>,
-    /// What the sequencer's jobs relay, each message with the connection it is not for,
-    /// held until the last job of a run of queued ones (see [`Board::relay_queued`]).
-    relays: Mutex<HeldRelays>,
+    /// What the sequencer's jobs hold until their batch ends (see [`Board::end_batch`]):
+    /// the updates for the log, the outcomes waiting for them, and the relays.
+    held: Mutex<HeldBatch>,
     store: Arc<dyn Store>,
     metrics: Arc<Metrics>,
     options: WhiteboardOptions,
     /// The seq of the last log entry written; only grows, under `log_order`.
     log_seq: AtomicU64,
+    /// The document's state vector as of the last append (and of the load, or a rebuild):
+    /// what the store holds through `log_seq`, besides held-back updates. Set under
+    /// `log_order`, for a snapshot to read with `log_seq` (the live document may hold
+    /// updates applied and not yet appended: see [`HeldBatch::log`]).
+    stored_sv: Mutex<StateVector>,
     /// Held while a seq is taken and its entry appended (the sequencer's updates, a
     /// snapshot's re-logged held-back updates), so seqs follow the log's order.
     log_order: Mutex<()>,
@@ -225,21 +234,45 @@ pub enum Submitted {
 /// A Yjs v1 update with no structs and no deletions: zero clients, an empty delete set.
 const EMPTY_UPDATE: &[u8] = &[0, 0];
 
-/// The most relays the sequencer holds for the jobs queued behind the one that made them
-/// (see [`Board::relay_queued`]), and the longest the first of them waits: what the batch
-/// saves is one writer wake-up and one write per connection and update; what these bound
-/// is the delay it adds (a job that flushes to disk, in sync durability, takes far longer
+/// The most relays (and updates for the log) the sequencer holds for the jobs queued
+/// behind the one that made them (see [`Board::end_batch`]), and the longest the first of
+/// them waits: what the batch saves is one store write per batch instead of per update,
+/// and one writer wake-up and one write per connection and update; what these bound is
+/// the delay it adds (a job that flushes to disk, in sync durability, takes far longer
 /// than the ~25 µs of an update, so the time bound is the one that holds there).
 const RELAY_BATCH: usize = 16;
 const RELAY_HOLD: std::time::Duration = std::time::Duration::from_millis(1);
+/// A batch whose updates for the log reach this many bytes ends with the job that made
+/// them: one store entry stays well under sled's large-value threshold.
+const HELD_LOG_BYTES: usize = 64 * 1024;
 
-/// Relays held for the jobs queued behind the ones that made them.
+/// What the sequencer's jobs hold until their batch ends: the updates they applied, which
+/// are appended to the log together (one store entry); the outcomes that wait for that
+/// append (a WebSocket reader's: see [`HeldOutcome`]); and the relays, which go after it.
 #[derive(Default)]
-struct HeldRelays {
+struct HeldBatch {
+    /// Applied, not yet appended, in the order applied.
+    log: Vec<Vec<u8>>,
+    log_bytes: usize,
     /// Each message with the connection it is not for.
-    batch: Vec<(Message, Option<ConnId>)>,
+    relays: Vec<(Message, Option<ConnId>)>,
+    outcomes: Vec<HeldOutcome>,
+    /// How many of `relays` and `outcomes` were held before the first of `log`: they are
+    /// backed by entries already stored, and go even if appending `log` fails.
+    relays_stored: usize,
+    outcomes_stored: usize,
     /// When the first of them was held.
     since: Option<Instant>,
+}
+
+/// A job's outcome waiting for its batch's append: told the error if the append failed
+/// (its update is then undone with the whole batch's, and it must say so).
+pub(super) type HeldOutcome = Box<dyn FnOnce(Option<&StoreError>) + Send>;
+
+/// What a batch hands on when it ends: the outcomes, then the relays.
+pub(super) struct Released {
+    outcomes: Vec<HeldOutcome>,
+    relays: Vec<(Message, Option<ConnId>)>,
 }
 
 /// The most updates a session holds back at once (besides `limits.max_pending_bytes`).
@@ -287,10 +320,13 @@ impl Whiteboard {
         let empty = update.as_ref() == EMPTY_UPDATE;
         let job = (!empty).then(|| {
             let queued = Instant::now();
-            // Answered once relayed (the HTTP API, the CLI): a connection's reader uses
-            // `queue_update`, which answers first.
-            self.sequencer
-                .run(move |board| board.sequence_update(origin, &update, message, queued))
+            // Answered once stored and relayed (the HTTP API, the CLI): a connection's
+            // reader uses `queue_update`, which answers first.
+            self.sequencer.run(move |board| {
+                let changed = board.sequence_update(origin, &update, message, queued)?;
+                board.store_held()?;
+                Ok(changed)
+            })
         });
         async move {
             match job {
@@ -319,6 +355,13 @@ impl Whiteboard {
         }
         let queued = Instant::now();
         let refused = refused.clone();
+        let marked = refused.clone();
+        // The batch's append failed after the job ran: the update is undone, and counts as
+        // refused like one the job refused itself.
+        let store_failed = move |e: &StoreError| {
+            marked.store(true, Ordering::Release);
+            Err(ApplyError::Store(StoreError::again(e)))
+        };
         let job = move |board: &Board| {
             if refused.load(Ordering::Acquire) {
                 return Err(ApplyError::Rejected("sent after a refused update".into()));
@@ -332,7 +375,7 @@ impl Whiteboard {
         let outcome = |ran: Result<Result<bool, ApplyError>, StoreError>| {
             ran.map_err(ApplyError::Store).and_then(|outcome| outcome)
         };
-        match self.sequencer.try_run_reply_first(job) {
+        match self.sequencer.try_run_reply_first(job, store_failed) {
             Ok(queued) => Submitted::Queued(Box::pin(async move { outcome(queued.await) })),
             Err(waiting) => Submitted::Waiting(Box::pin(async move { outcome(waiting.await) })),
         }
@@ -472,7 +515,9 @@ impl Board {
         let log_bytes = log.iter().map(|u| u.len() as u64).sum();
         let rebuilt = Self::doc_from_updates(&session, &stored.updates, &metrics, &options.limits);
         let peers = Arc::new(Mutex::new(Peers::default()));
-        let state_vector = Mutex::new(rebuilt.doc.transact().state_vector());
+        let sv = rebuilt.doc.transact().state_vector();
+        let stored_sv = Mutex::new(sv.clone());
+        let state_vector = Mutex::new(sv);
         Ok(Self {
             awareness: Arc::new(awareness::AwarenessRelay::new(
                 session.clone(),
@@ -486,11 +531,12 @@ impl Board {
             held_back: Mutex::new(rebuilt.held_back),
             measured_size: Mutex::new(None),
             peers,
-            relays: Mutex::default(),
+            held: Mutex::default(),
             store,
             metrics,
             options,
             log_seq: AtomicU64::new(stored.last_log_seq),
+            stored_sv,
             log_order: Mutex::new(()),
             // A log left after the snapshot (a crash, a kill) is folded into the next one.
             updates_since_snapshot: AtomicU64::new(log_len),
@@ -622,6 +668,9 @@ impl Board {
         let changed = self.integrate(origin, update, message, checked, true)?;
         if changed {
             if let Some(clients) = clients {
+                // Stored first: held-back updates are let in stored already, and a failed
+                // append must refuse this update, not the ones it lets in.
+                self.store_held()?;
                 self.retry_held_back(clients);
             }
             self.metrics
@@ -642,6 +691,10 @@ impl Board {
         log: bool,
     ) -> Result<bool, ApplyError> {
         let limits = self.options.limits;
+        if !log {
+            // Stored before: what the batch holds must not be undone with it (or after it).
+            self.store_held()?;
+        }
         let decoded = Update::decode_v1(update).map_err(|e| ApplyError::Decode(e.to_string()))?;
         let doc = self.doc();
         // Checked before integrating, so a refusal needs no undoing: the update's size
@@ -683,14 +736,20 @@ impl Board {
             Err(e) => return Err(self.roll_back(e)),
         };
         *sync::lock(&self.state_vector) = after;
-        if log {
-            if let Err(e) = self.log_update(update) {
-                return Err(self.roll_back(e.into()));
-            }
-        }
         self.nesting().commit(checked);
         self.metrics.updates_applied.inc();
-        self.changes.send_modify(|n| *n += 1);
+        if log {
+            self.hold_for_log(update);
+            // A shared log orders the nodes' updates as it takes them: appended at once.
+            if self.options.shared_log {
+                self.store_held()?;
+            }
+        } else {
+            // Stored already (a held-back update, another node's): the stored state moves
+            // with it, and nothing held may come before it (see `store_held`).
+            *sync::lock(&self.stored_sv) = sync::lock(&self.state_vector).clone();
+            self.changes.send_modify(|n| *n += 1);
+        }
         // What the client sent is exactly what the others need.
         let frame = message.unwrap_or_else(|| wire::update(update.to_vec()));
         let except = if self.options.echo_updates {
@@ -707,31 +766,111 @@ impl Board {
     /// it carries is in the document: a connection that joins before the relay goes out
     /// gets it both in its step 2 and as an update, which Yjs applies once.
     fn relay(&self, message: Message, except: Option<ConnId>) {
-        let mut held = sync::lock(&self.relays);
+        let mut held = sync::lock(&self.held);
         held.since.get_or_insert_with(Instant::now);
-        held.batch.push((message, except));
+        held.relays.push((message, except));
     }
 
-    /// Hands the relays queued so far to the connections, unless this is not the
-    /// `last_job` (another is queued behind it, and will call this again), fewer than
-    /// [`RELAY_BATCH`] wait and the first has waited less than [`RELAY_HOLD`]. Each
-    /// connection gets its share in one delivery. On the sequencer, at the end of every job.
-    fn relay_queued(&self, last_job: bool) {
-        let batch = {
-            let mut held = sync::lock(&self.relays);
+    /// Holds an applied update for the batch's append (see [`Board::store_held`]).
+    fn hold_for_log(&self, update: &[u8]) {
+        let mut held = sync::lock(&self.held);
+        if held.log.is_empty() {
+            held.relays_stored = held.relays.len();
+            held.outcomes_stored = held.outcomes.len();
+        }
+        held.since.get_or_insert_with(Instant::now);
+        held.log_bytes += update.len();
+        held.log.push(update.to_vec());
+    }
+
+    /// Holds a job's outcome until its batch's updates are stored (see [`HeldOutcome`]).
+    pub(super) fn hold_outcome(&self, outcome: HeldOutcome) {
+        let mut held = sync::lock(&self.held);
+        held.since.get_or_insert_with(Instant::now);
+        held.outcomes.push(outcome);
+    }
+
+    /// Ends the batch unless this is not the `last_job` (another is queued behind it, and
+    /// will call this again), it holds fewer than [`RELAY_BATCH`] relays and updates and
+    /// [`HELD_LOG_BYTES`] of them, and the first has waited less than [`RELAY_HOLD`].
+    /// Ending it appends its updates to the log as one entry ([`Board::store_held`]) and
+    /// returns its outcomes and relays for [`Board::release`]: the caller first stops
+    /// counting its job as pending, so that whoever sees an outcome sees the sequencer
+    /// idle, and an unload never finds applied updates not yet stored. On the sequencer,
+    /// at the end of every job.
+    pub(super) fn end_batch(&self, last_job: bool) -> Option<Released> {
+        {
+            let held = sync::lock(&self.held);
             let hold = !last_job
-                && held.batch.len() < RELAY_BATCH
+                && held.relays.len().max(held.log.len()) < RELAY_BATCH
+                && held.log_bytes < HELD_LOG_BYTES
                 && held.since.is_some_and(|t| t.elapsed() < RELAY_HOLD);
-            if held.batch.is_empty() || hold {
-                return;
+            if hold || held.since.is_none() {
+                return None;
             }
-            held.since = None;
-            std::mem::take(&mut held.batch)
-        };
+        }
+        // A failure has undone the batch's updates, answered its outcomes and dropped its
+        // relays: what is left is backed by the store.
+        let _ = self.store_held();
+        let mut held = sync::lock(&self.held);
+        held.since = None;
+        Some(Released {
+            outcomes: std::mem::take(&mut held.outcomes),
+            relays: std::mem::take(&mut held.relays),
+        })
+    }
+
+    /// Answers the outcomes of an ended batch, then hands its relays to the connections,
+    /// each connection its share in one delivery.
+    pub(super) fn release(&self, released: Released) {
+        for outcome in released.outcomes {
+            outcome(None);
+        }
+        let relays = released.relays;
+        if relays.is_empty() {
+            return;
+        }
         self.metrics.relay_batches.inc();
-        self.metrics.relay_batch_messages.inc_by(batch.len() as u64);
+        self.metrics
+            .relay_batch_messages
+            .inc_by(relays.len() as u64);
         // The peer lock for the fan-out only (see the module docs).
-        self.peers().broadcast_all(&batch);
+        self.peers().broadcast_all(&relays);
+    }
+
+    /// Appends the updates the batch holds to the log, as one entry (the store's
+    /// [`Store::append_updates`]), before any of their relays or outcomes goes. If that
+    /// fails, the document is rebuilt from the store (it never held them: SPEC.md 7.1's
+    /// "the live document stays as it was"), their relays are dropped and their outcomes
+    /// answered with the error; what was held before them is backed by the store and stays.
+    /// On the sequencer; also before anything is appended or applied outside a batch (a
+    /// held-back update, a restore, another node's update), which keeps the log in order.
+    fn store_held(&self) -> Result<(), StoreError> {
+        let log = {
+            let mut held = sync::lock(&self.held);
+            held.log_bytes = 0;
+            std::mem::take(&mut held.log)
+        };
+        if log.is_empty() {
+            return Ok(());
+        }
+        let run: Vec<&[u8]> = log.iter().map(Vec::as_slice).collect();
+        let Err(e) = self.append(&run) else {
+            self.changes.send_modify(|n| *n += 1);
+            return Ok(());
+        };
+        let failed = {
+            let mut held = sync::lock(&self.held);
+            let keep = held.relays_stored;
+            held.relays.truncate(keep);
+            let keep = held.outcomes_stored;
+            held.outcomes.split_off(keep)
+        };
+        self.undo(&e);
+        for outcome in failed {
+            outcome(Some(&e));
+        }
+        Err(e)
     }
 
     /// One update another node appended (on the sequencer): guarded, applied and relayed
@@ -781,7 +920,10 @@ impl Board {
     /// limit-minus-size of logged bytes, not per update.
     fn fits(&self, doc: &Doc, added: usize) -> bool {
         let limit = self.options.limits.max_doc_bytes as u64;
-        let logged = self.log_bytes_since_snapshot.load(Ordering::Acquire);
+        // With what the batch holds for the log (on the sequencer, as `store_held`, which
+        // moves those bytes into the log's count).
+        let logged = self.log_bytes_since_snapshot.load(Ordering::Acquire)
+            + sync::lock(&self.held).log_bytes as u64;
         let mut measured = sync::lock(&self.measured_size);
         let bound = match *measured {
             // Logged bytes only shrink when a snapshot folds them in; then the snapshot's
@@ -806,6 +948,12 @@ impl Board {
     /// sequencer, the document's only writer, so no update slips in between; nothing was
     /// relayed. Returns `why`, for the caller to hand on.
     fn roll_back(&self, why: ApplyError) -> ApplyError {
+        self.undo(&why);
+        why
+    }
+
+    /// [`Board::roll_back`]'s work: the document rebuilt from the store, `why` logged.
+    fn undo(&self, why: &dyn std::fmt::Display) {
         self.metrics.updates_rolled_back.inc();
         match self.rebuild() {
             Ok(()) => {
@@ -819,7 +967,6 @@ impl Board {
                 tracing::error!(session = %self.session, error = %why, store_error = %e, "update refused after it began to integrate, and the store cannot be read to undo it yet");
             }
         }
-        why
     }
 
     /// Applies what the store holds and the document lacks, as one update from another
@@ -847,6 +994,7 @@ impl Board {
     /// Replaces the document with the one the store holds.
     fn rebuild(&self) -> Result<(), StoreError> {
         let (rebuilt, _) = self.load_stored()?;
+        *sync::lock(&self.stored_sv) = rebuilt.doc.transact().state_vector();
         *sync::write(&self.doc) = rebuilt.doc;
         *self.nesting() = rebuilt.nesting;
         *self.held_back() = rebuilt.held_back;
@@ -889,25 +1037,31 @@ impl Board {
             .is_empty)
     }
 
-    /// Appends to the store's log (flushing first in sync durability), before any relay.
-    /// Runs on the sequencer; `log_order` keeps seqs in the order of the log.
-    fn log_update(&self, update: &[u8]) -> Result<(), StoreError> {
+    /// Appends `run` to the store's log as one entry (flushing after it in sync
+    /// durability), before any relay. Runs on the sequencer, after what the batch held
+    /// (`store_held`); `log_order` keeps seqs in the order of the log.
+    fn append(&self, run: &[&[u8]]) -> Result<(), StoreError> {
         {
             let _in_order = sync::lock(&self.log_order);
             let next = self.log_seq.load(Ordering::Acquire) + 1;
-            let seq = self.store.append_update(&self.session, next, update)?;
+            let seq = self.store.append_updates(&self.session, next, run)?;
             // A shared log's seqs interleave other nodes' entries this document may not
             // have yet: how far it goes is the stream reader's business (`apply_remote`).
             if !self.options.shared_log {
                 self.log_seq.store(seq, Ordering::Release);
             }
+            // Everything applied is stored now, but held-back updates (stored, not
+            // applied) and an update being held back (stored, not applied either).
+            *sync::lock(&self.stored_sv) = sync::lock(&self.state_vector).clone();
         }
         if self.options.flush_before_relay {
             self.store.flush()?;
         }
-        self.updates_since_snapshot.fetch_add(1, Ordering::AcqRel);
+        let bytes: usize = run.iter().map(|u| u.len()).sum();
+        self.updates_since_snapshot
+            .fetch_add(run.len() as u64, Ordering::AcqRel);
         self.log_bytes_since_snapshot
-            .fetch_add(update.len() as u64, Ordering::AcqRel);
+            .fetch_add(bytes as u64, Ordering::AcqRel);
         self.dirty.store(true, Ordering::Release);
         Ok(())
     }
@@ -916,6 +1070,7 @@ impl Board {
     /// `version`, applied, logged and relayed. Runs on the sequencer.
     fn sequence_restore(&self, version: u64) -> Result<(), RestoreFailure> {
         self.ensure_fresh()?;
+        self.store_held()?;
         let state = self
             .store
             .get_snapshot(&self.session, version)?
@@ -934,7 +1089,7 @@ impl Board {
             let checked = self
                 .nesting()
                 .check(&update, self.options.limits.max_nesting);
-            if let Err(e) = self.log_update(&update) {
+            if let Err(e) = self.append(&[&update]) {
                 self.roll_back(ApplyError::Rejected(e.to_string()));
                 return Err(e.into());
             }

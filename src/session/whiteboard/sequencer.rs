@@ -4,7 +4,9 @@
 //! Every update, whoever sends it (a WebSocket client, the HTTP API, a restore, later
 //! another node), is queued to its session's lane and handled on a sequencer thread, in
 //! arrival order: guard → apply → append to the store (and fsync in sync durability) →
-//! fan-out. The async workers only queue a job and await its outcome; they never wait on
+//! fan-out; updates queued behind one another are appended, answered and relayed together
+//! once the last of them is applied (at most 16, the first held at most 1 ms: see
+//! [`Board::end_batch`]). The async workers only queue a job and await its outcome; they never wait on
 //! sled, an fsync or the document's lock for an update.
 //!
 //! Threads: the sessions' shared lane pool ([`crate::session::lane`], one thread per core,
@@ -83,31 +85,36 @@ impl Sequencer {
     /// lane thread, and resolves to what it returns. Its outcome is the job's own return
     /// value (one channel per job, the lane's); it stops counting as pending before the
     /// outcome is sent, and what the job relays is queued for its connections first
-    /// (unless jobs queued behind it take it on, see [`Board::relay_queued`]). A job that
-    /// panics resolves to [`stopped`].
+    /// (unless jobs queued behind it take it on, see [`Board::end_batch`]). A job that
+    /// applies an update must store it itself before it returns ([`Board::store_held`]):
+    /// its outcome does not wait for the batch. A job that panics resolves to [`stopped`].
     pub(super) fn run<T: Send + 'static>(
         &self,
         job: impl FnOnce(&Board) -> T + Send + 'static,
     ) -> impl Future<Output = Result<T, StoreError>> + Send + 'static {
-        let ran = self.lane.run_replying(self.wrap(job, Order::RelayFirst));
+        let ran = self
+            .lane
+            .run_replying(self.wrap(job, Order::<fn(&StoreError) -> T>::RelayFirst));
         async move { ran.await.map_err(|_| stopped()) }
     }
 
     /// For a WebSocket reader: queues `job` at once if the queue has a place (`Ok`: the
     /// future only awaits the outcome); if not, `Err` holds the future that queues it once a
-    /// place is free, and must be awaited before anything else is queued. The outcome is
-    /// sent before the job's relays are queued ([`Order::ReplyFirst`]).
+    /// place is free, and must be awaited before anything else is queued. The outcome waits
+    /// for the batch's updates to be stored, and is sent before its relays are queued
+    /// ([`Order::ReplyFirst`]); if that append fails, it is `store_failed`'s.
     #[allow(clippy::type_complexity)]
     pub(super) fn try_run_reply_first<T: Send + 'static>(
         &self,
         job: impl FnOnce(&Board) -> T + Send + 'static,
+        store_failed: impl FnOnce(&StoreError) -> T + Send + 'static,
     ) -> Result<
         impl Future<Output = Result<T, StoreError>> + Send + 'static,
         impl Future<Output = Result<T, StoreError>> + Send + 'static,
     > {
         match self
             .lane
-            .try_run_replying(self.wrap(job, Order::ReplyFirst))
+            .try_run_replying(self.wrap(job, Order::ReplyFirst(store_failed)))
         {
             Ok(queued) => Ok(async move { queued.await.map_err(|_| stopped()) }),
             Err(job) => {
@@ -117,43 +124,60 @@ impl Sequencer {
         }
     }
 
-    /// The lane's job for `job`: run it on the board, then reply and relay in `order`.
-    fn wrap<T: Send + 'static>(
+    /// The lane's job for `job`: run it on the board, end the batch if it is the last, then
+    /// reply and relay in `order`.
+    fn wrap<T: Send + 'static, F: FnOnce(&StoreError) -> T + Send + 'static>(
         &self,
         job: impl FnOnce(&Board) -> T + Send + 'static,
-        order: Order,
+        order: Order<F>,
     ) -> impl FnOnce(Reply<T>) + Send + 'static {
         let board = self.board.clone();
         let pending = Pending::new(&self.pending);
         let backlog = self.lane.backlog();
         move |reply| {
             let outcome = job(&board);
-            drop(pending);
-            // The job's relays wait for the jobs queued behind it, up to a bound: under
-            // load a batch of updates then reaches each connection in one delivery, one
-            // wake-up of its writer and one write, instead of one each per update.
-            match order {
-                Order::RelayFirst => {
-                    board.relay_queued(backlog.is_empty());
-                    reply.send(outcome);
+            // The job's updates, outcome and relays wait for the jobs queued behind it, up
+            // to a bound: under load a batch of updates is then stored in one write, and
+            // reaches each connection in one delivery, one wake-up of its writer and one
+            // write, instead of one each per update.
+            let own = match order {
+                Order::RelayFirst => Some(outcome),
+                Order::ReplyFirst(store_failed) => {
+                    board.hold_outcome(Box::new(move |failed| {
+                        reply.send(match failed {
+                            None => outcome,
+                            Some(e) => store_failed(e),
+                        })
+                    }));
+                    return finish(&board, backlog.is_empty(), pending);
                 }
-                Order::ReplyFirst => {
-                    reply.send(outcome);
-                    board.relay_queued(backlog.is_empty());
-                }
+            };
+            finish(&board, backlog.is_empty(), pending);
+            if let Some(outcome) = own {
+                reply.send(outcome);
             }
         }
     }
 }
 
-/// Whether a job's outcome goes to its submitter before or after its relays are queued.
-#[derive(Clone, Copy)]
-enum Order {
+/// The end of a job on the lane: the batch ends (stored) if it is the last, the job stops
+/// counting as pending, then the batch's outcomes and relays go.
+fn finish(board: &Board, last_job: bool, pending: Pending) {
+    let released = board.end_batch(last_job);
+    drop(pending);
+    if let Some(released) = released {
+        board.release(released);
+    }
+}
+
+/// Whether a job's outcome goes to its submitter after its relays are queued, or waits for
+/// its batch's append and goes before them.
+enum Order<F> {
     RelayFirst,
     /// For a WebSocket reader, which then reads its next frame while the relays wake the
     /// session's writers, instead of being woken after them and queued behind them on the
-    /// async workers.
-    ReplyFirst,
+    /// async workers. The function answers if the batch's append fails.
+    ReplyFirst(F),
 }
 
 pub(super) fn stopped() -> StoreError {

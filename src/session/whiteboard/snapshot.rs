@@ -60,7 +60,7 @@ impl Board {
     }
 
     /// The session's stored state (newest snapshot, then the log) folded into one Yjs v1
-    /// update, with its state vector; `None` if that state lacks anything `live_sv` has.
+    /// update, with its state vector; `None` if that state lacks anything `stored_sv` has.
     ///
     /// This is how a snapshot is made without locking the live document: encoding a
     /// document holds its read lock, which every update waits behind (75 ms for a 7 MB
@@ -68,7 +68,7 @@ impl Board {
     /// thread's alone. It costs about three encodes of CPU instead of one, off the relay
     /// path. Built by integrating, it is garbage-collected like the live document (merging
     /// the updates without a document would keep every erased stroke's content).
-    pub(super) fn compact_stored(&self, live_sv: &StateVector) -> Option<(Vec<u8>, Vec<u8>)> {
+    pub(super) fn compact_stored(&self, stored_sv: &StateVector) -> Option<(Vec<u8>, Vec<u8>)> {
         let stored = match self.store.load_whiteboard(&self.session) {
             Ok(stored) => stored,
             Err(e) => {
@@ -85,7 +85,7 @@ impl Board {
         let txn = rebuilt.doc.transact();
         let sv = txn.state_vector();
         let complete = rebuilt.skipped == 0
-            && live_sv
+            && stored_sv
                 .iter()
                 .all(|(client, clock)| sv.get(client) >= *clock);
         complete.then(|| {
@@ -122,17 +122,17 @@ impl Board {
             return Ok(None);
         }
         let started = Instant::now();
-        let (live_sv, held, log_through, count, bytes) = {
-            // An update is applied before it is logged, and none is applied while this
-            // read transaction is open: every log entry up to `log_through` is stored and
-            // counted in `live_sv`, except the held-back ones, copied here under their lock
-            // (which holding back logs under): the snapshot logs them again below, even if
-            // they are let in meanwhile, so its deletions take none of them along.
-            let doc = self.doc();
-            let txn = doc.transact();
+        let (stored_sv, held, log_through, count, bytes) = {
+            // Read under the log's lock, which every append takes: every log entry up to
+            // `log_through` is counted in `stored_sv` (the live document may hold more:
+            // updates applied, not yet appended), except the held-back ones, copied here
+            // under their lock (which holding back logs under): the snapshot logs them
+            // again below, even if they are let in meanwhile, so its deletions take none
+            // of them along.
             let held_back = self.held_back();
+            let _in_order = sync::lock(&self.log_order);
             (
-                txn.state_vector(),
+                sync::lock(&self.stored_sv).clone(),
                 held_back
                     .iter()
                     .map(|h| h.update.clone())
@@ -143,7 +143,7 @@ impl Board {
             )
         };
         let in_use = !self.peers().is_empty();
-        let compacted = in_use.then(|| self.compact_stored(&live_sv)).flatten();
+        let compacted = in_use.then(|| self.compact_stored(&stored_sv)).flatten();
         let (state, sv) = match compacted {
             Some(compacted) => compacted,
             None => {

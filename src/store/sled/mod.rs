@@ -102,7 +102,7 @@ use self::keys::{
 use self::open::open_sled;
 use self::records::{
     decode_snapshot, decode_snapshot_entry, encode_chat, encode_snapshot, encode_update,
-    SnapshotHeader, SNAPSHOT_FORMAT_V1,
+    encode_updates, SnapshotHeader, SNAPSHOT_FORMAT_V1,
 };
 use super::{
     unpoisoned, ChatEdit, ModerationRecord, SessionInfo, SnapshotInfo, Store, StoreError,
@@ -309,6 +309,32 @@ impl Store for SledStore {
         )?;
         s.write_counter(&t, session, LAST_ACTIVITY_MS, now_ms())?;
         Ok(seq)
+    }
+
+    /// One entry for the run, under the last one's seq: one sled insert (and one
+    /// last-activity write) instead of one each, and the run is durable together.
+    fn append_updates(
+        &self,
+        session: &str,
+        first_seq: u64,
+        updates: &[&[u8]],
+    ) -> Result<u64, StoreError> {
+        check_session_id(session)?;
+        let Some(count) = (updates.len() as u64).checked_sub(1) else {
+            return Ok(first_seq.saturating_sub(1));
+        };
+        let last = first_seq + count;
+        let s = &self.shared;
+        s.writable()?;
+        let t = s.trees()?;
+        s.insert_entry(
+            &t,
+            TreeId::Updates,
+            numbered_key(session, last),
+            encode_updates(updates),
+        )?;
+        s.write_counter(&t, session, LAST_ACTIVITY_MS, now_ms())?;
+        Ok(last)
     }
 
     fn write_snapshot(

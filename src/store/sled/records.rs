@@ -1,7 +1,8 @@
 //! Value encoding of the sled layout (the tables in [`crate::store`]): every record's bytes.
 //!
 //! The first byte of every `updates`, `chat`, `meta`, `chat_edits` and `moderation` value
-//! is its format version (1 today), then the body: a Yjs v1 update, a [`ChatMessage`] as
+//! is its format version (1, or 2 for an `updates` value holding a run of updates: see
+//! [`encode_updates`]), then the body: a Yjs v1 update, a [`ChatMessage`] as
 //! JSON (the object clients receive, so fields can be added with serde defaults), a u64
 //! BE, a [`ChatEdit`] or a [`ModerationRecord`] as JSON. A `snapshots` value
 //! is a bincode-2 [`SnapshotHeader`] whose first field is its format version, then the
@@ -20,6 +21,8 @@ use crate::store::{ChatEdit, ModerationRecord, StoreError};
 
 /// Format version byte of every value but a snapshot's.
 const RECORD_FORMAT_V1: u8 = 1;
+/// Format of an `updates` value holding a run of updates ([`encode_updates`]).
+const RECORD_FORMAT_UPDATES: u8 = 2;
 /// Format version of the snapshot header.
 pub(crate) const SNAPSHOT_FORMAT_V1: u16 = 1;
 /// The largest snapshot header decoded: bounds what a damaged length prefix can allocate.
@@ -159,6 +162,53 @@ fn v1_body<'a>(kind: &str, value: &'a [u8]) -> Result<&'a [u8], String> {
 
 pub(crate) fn encode_update(update: &[u8]) -> Vec<u8> {
     versioned(RECORD_FORMAT_V1, update)
+}
+
+/// Several updates in one `updates` value, in their log order: format 2, then for each a
+/// u32 BE length and the update. Stored under the seq of the last one (see
+/// [`crate::store::Store::append_updates`]); the others' seqs are implied. One update stays
+/// format 1, which every earlier version reads.
+pub(crate) fn encode_updates(updates: &[&[u8]]) -> Vec<u8> {
+    if let [one] = updates {
+        return encode_update(one);
+    }
+    let len = updates.iter().map(|u| 4 + u.len()).sum::<usize>();
+    let mut record = Vec::with_capacity(1 + len);
+    record.push(RECORD_FORMAT_UPDATES);
+    for update in updates {
+        // An update is far below 4 GiB (`limits.max_message_bytes`): the cast holds.
+        record.extend_from_slice(&(update.len() as u32).to_be_bytes());
+        record.extend_from_slice(update);
+    }
+    record
+}
+
+/// The update(s) of an `updates` value: one for format 1, the run for format 2. A length
+/// that runs past the value's end, or a run of none, is damage.
+pub(crate) fn decode_updates(value: &[u8]) -> Result<Vec<&[u8]>, String> {
+    let Some((&RECORD_FORMAT_UPDATES, mut body)) = value.split_first() else {
+        return decode_update(value).map(|update| vec![update]);
+    };
+    let mut updates = Vec::new();
+    while !body.is_empty() {
+        let (len, rest) = body
+            .split_first_chunk::<4>()
+            .ok_or("update run: a length is cut short")?;
+        let len = u32::from_be_bytes(*len) as usize;
+        if len > rest.len() {
+            return Err(format!(
+                "update run: an update of {len} bytes where {} remain",
+                rest.len()
+            ));
+        }
+        let (update, rest) = rest.split_at(len);
+        updates.push(update);
+        body = rest;
+    }
+    if updates.is_empty() {
+        return Err("update run: no update".into());
+    }
+    Ok(updates)
 }
 
 pub(crate) fn decode_update(value: &[u8]) -> Result<&[u8], String> {

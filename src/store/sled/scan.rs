@@ -15,7 +15,7 @@ use super::keys::{
     describe_key, edit_key, numbered_key, session_prefix, CHAT_TREE, LAST_SNAPSHOT_VERSION,
     SNAPSHOTS_TREE, UPDATES_TREE,
 };
-use super::records::{check_yjs_update, decode_chat, decode_snapshot_entry, decode_update};
+use super::records::{check_yjs_update, decode_chat, decode_snapshot_entry, decode_updates};
 use super::versions::VERSIONS_DIR;
 use super::{storage_error, Shared, Trees};
 use crate::protocol::tutor::ChatMessage;
@@ -110,8 +110,8 @@ impl Shared {
                     break;
                 }
             };
-            match decode_update(&value) {
-                Ok(update) => updates.push(update.to_vec()),
+            match decode_updates(&value) {
+                Ok(run) => updates.extend(run.into_iter().map(<[u8]>::to_vec)),
                 Err(e) => self.report_damaged(UPDATES_TREE, &key, &e),
             }
         }

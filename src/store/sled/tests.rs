@@ -3,7 +3,9 @@
 //! (not one per module): they share fixtures and each exercises several modules at once.
 
 use super::keys::{describe_key, named_key, LAST_CHAT_SEQ};
-use super::records::{decode_chat, decode_counter, decode_update, encode_counter};
+use super::records::{
+    decode_chat, decode_counter, decode_update, decode_updates, encode_counter, encode_updates,
+};
 use super::*;
 use crate::protocol::tutor::UserInfo;
 use std::time::Duration;
@@ -128,6 +130,43 @@ fn log_and_snapshot_survive_reopen() {
     assert_eq!(info[0].updates, 1);
     assert_eq!(info[0].bytes, loaded.updates[0].len() as u64);
     assert!(info[0].created_at_ms > 0);
+}
+
+/// A run of updates appended as one is one entry under the last one's seq: it loads back
+/// as its updates in order, between the entries before and after it, survives a reopen,
+/// and a snapshot through its seq replaces it whole.
+#[test]
+fn a_run_of_updates_is_one_entry_that_loads_as_its_updates() {
+    let dir = tempfile::tempdir().unwrap();
+    let updates: Vec<Vec<u8>> = ["a", "b", "c", "d", "e"].map(text_update).to_vec();
+    {
+        let store = open(dir.path());
+        store.append_update(SESSION, 1, &updates[0]).unwrap();
+        let run: Vec<&[u8]> = updates[1..4].iter().map(Vec::as_slice).collect();
+        assert_eq!(store.append_updates(SESSION, 2, &run).unwrap(), 4);
+        assert_eq!(
+            store.append_updates(SESSION, 5, &[]).unwrap(),
+            4,
+            "nothing to append"
+        );
+        store.append_updates(SESSION, 5, &[&updates[4]]).unwrap();
+        assert_eq!(
+            session_keys(&store.t().updates, SESSION).unwrap().len(),
+            3,
+            "one entry for the run"
+        );
+        store.flush().unwrap();
+    }
+    let store = open(dir.path());
+    let loaded = store.load_whiteboard(SESSION).unwrap();
+    assert_eq!(
+        (loaded.updates.clone(), loaded.last_log_seq),
+        (updates.clone(), 5)
+    );
+    let (state, sv) = merged_state(&updates[..4]);
+    store.write_snapshot(SESSION, &state, &sv, 4, 4).unwrap();
+    let loaded = store.load_whiteboard(SESSION).unwrap();
+    assert_eq!(loaded.updates, vec![state, updates[4].clone()]);
 }
 
 #[test]
@@ -497,6 +536,23 @@ fn records_round_trip_and_reject_unknown_formats() {
     assert!(decode_counter(&[1, 0]).is_err());
     assert_eq!(decode_update(&encode_update(b"abc")), Ok(&b"abc"[..]));
     assert!(decode_update(&[]).is_err());
+    // A run: format 2, each update after its u32 BE length; one update stays format 1.
+    let run = encode_updates(&[b"ab", b"", b"cde"]);
+    assert_eq!(
+        run,
+        [&[2, 0, 0, 0, 2][..], b"ab", &[0; 4], &[0, 0, 0, 3], b"cde"].concat()
+    );
+    assert_eq!(decode_updates(&run), Ok(vec![&b"ab"[..], b"", b"cde"]));
+    assert_eq!(encode_updates(&[b"abc"]), encode_update(b"abc"));
+    assert_eq!(
+        decode_updates(&encode_update(b"abc")),
+        Ok(vec![&b"abc"[..]])
+    );
+    // Damage: a length past the end, a length cut short, an empty run, an unknown format.
+    assert!(decode_updates(&[2, 0, 0, 0, 9, 1, 2]).is_err());
+    assert!(decode_updates(&[2, 0, 0, 0, 1, 7, 0, 0]).is_err());
+    assert!(decode_updates(&[2]).is_err());
+    assert!(decode_updates(&[3, 1, 2]).is_err());
     assert_eq!(decode_chat(&encode_chat(&chat(7)).unwrap()), Ok(chat(7)));
     assert_eq!(versions_to_prune(&[1, 2, 3], 4, 3), vec![1]);
     assert_eq!(versions_to_prune(&[], 1, 3), Vec::<u64>::new());
