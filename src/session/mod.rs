@@ -741,15 +741,32 @@ mod tests {
             .block_on(outcome)
     }
 
+    /// A session open on a fresh [`GatedStore`], with a peer connected (see
+    /// [`connect_peer`]) whose greeting is read already.
+    fn open_with_peer() -> (
+        Arc<GatedStore>,
+        Registry,
+        SessionHandle,
+        crate::ws::outbox::OutboxReceiver,
+    ) {
+        let store = Arc::new(GatedStore::default());
+        let reg = registry_on(store.clone());
+        let h = reg.open("s").unwrap();
+        let mut peer = connect_peer(&h);
+        assert_eq!(
+            std::iter::from_fn(|| peer.try_recv()).count(),
+            1,
+            "the greeting"
+        );
+        (store, reg, h, peer)
+    }
+
     /// A reader's updates queued together are appended to the log together (one store
     /// write for the batch, not one per update), each answered once that write is done;
     /// an unload right after the last answer finds them stored.
     #[test]
     fn a_readers_queued_updates_are_stored_in_one_append_before_they_are_answered() {
-        let store = Arc::new(GatedStore::default());
-        let reg = registry_on(store.clone());
-        let h = reg.open("s").unwrap();
-        let mut peer = connect_peer(&h);
+        let (store, reg, h, mut peer) = open_with_peer();
         let writer = yrs::Doc::new();
         let updates: Vec<Vec<u8>> = (0..16)
             .map(|i| set_key(&writer, &format!("k{i}")))
@@ -771,7 +788,7 @@ mod tests {
             "appended in batches, not one by one: {runs:?}"
         );
         let relayed = std::iter::from_fn(|| peer.try_recv()).count();
-        assert_eq!(relayed, 1 + 16, "the greeting, then every update");
+        assert_eq!(relayed, 16, "every update");
         drop(h);
         let deadline = Instant::now() + Duration::from_secs(5);
         while reg.unload_idle(Duration::ZERO) == 0 {
@@ -793,22 +810,41 @@ mod tests {
         assert_eq!(m.len(&replica.transact()), 16);
     }
 
+    /// A run of a reader's queued updates longer than a batch is stored in several appends
+    /// of at most `RELAY_BATCH` (16) each: the first updates of a long run do not wait for
+    /// its end, and one store entry stays small.
+    #[test]
+    fn a_long_run_of_a_readers_updates_is_stored_in_batches_of_at_most_sixteen() {
+        let (store, _reg, h, _peer) = open_with_peer();
+        let writer = yrs::Doc::new();
+        let n = 2 * whiteboard::RELAY_BATCH + 1;
+        let updates: Vec<Vec<u8>> = (0..n).map(|i| set_key(&writer, &format!("k{i}"))).collect();
+        let outcomes = queued_by_a_reader(&h.whiteboard, 2, &Arc::default(), updates);
+        assert!(
+            outcomes.iter().all(|o| matches!(o, Ok(true))),
+            "{outcomes:?}"
+        );
+        let runs = store.runs.lock().unwrap().clone();
+        assert_eq!(runs.iter().sum::<usize>(), n, "{runs:?}");
+        assert!(
+            runs.iter().all(|&run| run <= whiteboard::RELAY_BATCH),
+            "no append of more than a batch: {runs:?}"
+        );
+    }
+
     /// When the append of a batch fails, every update in it is refused (SPEC.md 7.1: the
     /// live document stays as it was, nothing is relayed): the document is rebuilt from the
     /// store, each reader is answered with the error and marked refused (what it queued
     /// after is not applied), and the session goes on once the store takes writes again.
     #[test]
     fn a_failed_batch_append_refuses_every_update_in_it_and_relays_none() {
-        let store = Arc::new(GatedStore::default());
-        let reg = registry_on(store.clone());
-        let h = reg.open("s").unwrap();
-        let mut peer = connect_peer(&h);
+        let (store, _reg, h, mut peer) = open_with_peer();
         let writer = yrs::Doc::new();
         let wb = &h.whiteboard;
         assert!(wb
             .apply_update(None, &set_key(&writer, "kept"), None)
             .unwrap());
-        assert_eq!(std::iter::from_fn(|| peer.try_recv()).count(), 2);
+        assert_eq!(std::iter::from_fn(|| peer.try_recv()).count(), 1);
         store.appends_fail.store(true, Ordering::Release);
         let (a, b) = (Arc::default(), Arc::default());
         // Made in the order queued: none waits for another (held back).

@@ -8,7 +8,7 @@
 //! [`Whiteboard::apply_update`]), which guards, decodes, applies in one short transaction,
 //! appends to the store's log, then pushes the same encoded bytes to every peer's outbox.
 //! The sequencer is the document's only writer, so updates are applied, logged and relayed
-//! in one order. Updates queued behind one another form a batch ([`Board::end_batch`]):
+//! in one order. Updates queued behind one another form a batch (`Board::end_batch`):
 //! each is applied in turn, then the batch is appended as one store entry, then its
 //! outcomes and relays go; if that append fails, the whole batch is undone and refused,
 //! as one update whose append fails is. The peer lock is taken for the fan-out only, after
@@ -240,7 +240,7 @@ const EMPTY_UPDATE: &[u8] = &[0, 0];
 /// and one writer wake-up and one write per connection and update; what these bound is
 /// the delay it adds (a job that flushes to disk, in sync durability, takes far longer
 /// than the ~25 µs of an update, so the time bound is the one that holds there).
-const RELAY_BATCH: usize = 16;
+pub(in crate::session) const RELAY_BATCH: usize = 16;
 const RELAY_HOLD: std::time::Duration = std::time::Duration::from_millis(1);
 /// A batch whose updates for the log reach this many bytes ends with the job that made
 /// them: one store entry stays well under sled's large-value threshold.

@@ -101,8 +101,8 @@ use self::keys::{
 };
 use self::open::open_sled;
 use self::records::{
-    decode_snapshot, decode_snapshot_entry, encode_chat, encode_snapshot, encode_update,
-    encode_updates, SnapshotHeader, SNAPSHOT_FORMAT_V1,
+    decode_snapshot, decode_snapshot_entry, encode_chat, encode_snapshot, encode_updates,
+    SnapshotHeader, SNAPSHOT_FORMAT_V1,
 };
 use super::{
     unpoisoned, ChatEdit, ModerationRecord, SessionInfo, SnapshotInfo, Store, StoreError,
@@ -297,22 +297,12 @@ impl Store for SledStore {
     }
 
     fn append_update(&self, session: &str, seq: u64, update: &[u8]) -> Result<u64, StoreError> {
-        check_session_id(session)?;
-        let s = &self.shared;
-        s.writable()?;
-        let t = s.trees()?;
-        s.insert_entry(
-            &t,
-            TreeId::Updates,
-            numbered_key(session, seq),
-            encode_update(update),
-        )?;
-        s.write_counter(&t, session, LAST_ACTIVITY_MS, now_ms())?;
-        Ok(seq)
+        self.append_updates(session, seq, &[update])
     }
 
     /// One entry for the run, under the last one's seq: one sled insert (and one
-    /// last-activity write) instead of one each, and the run is durable together.
+    /// last-activity write) instead of one each, and the run is durable together. A run of
+    /// one is a format-1 entry, as every earlier version wrote.
     fn append_updates(
         &self,
         session: &str,

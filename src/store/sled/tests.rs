@@ -4,7 +4,8 @@
 
 use super::keys::{describe_key, named_key, LAST_CHAT_SEQ};
 use super::records::{
-    decode_chat, decode_counter, decode_update, decode_updates, encode_counter, encode_updates,
+    decode_chat, decode_counter, decode_update, decode_updates, encode_counter, encode_update,
+    encode_updates,
 };
 use super::*;
 use crate::protocol::tutor::UserInfo;
