@@ -135,13 +135,22 @@ impl Sequencer {
         let pending = Pending::new(&self.pending);
         let backlog = self.lane.backlog();
         move |reply| {
-            let outcome = job(&board);
+            let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(&board)));
+            let Ok(outcome) = ran else {
+                // What the batch holds still ends (an idle session must hold nothing
+                // unstored); the job's submitter sees its reply dropped ([`stopped`]).
+                finish(&board, backlog.is_empty(), pending);
+                return;
+            };
             // The job's updates, outcome and relays wait for the jobs queued behind it, up
             // to a bound: under load a batch of updates is then stored in one write, and
             // reaches each connection in one delivery, one wake-up of its writer and one
             // write, instead of one each per update.
-            let own = match order {
-                Order::RelayFirst => Some(outcome),
+            match order {
+                Order::RelayFirst => {
+                    finish(&board, backlog.is_empty(), pending);
+                    reply.send(outcome);
+                }
                 Order::ReplyFirst(store_failed) => {
                     board.hold_outcome(Box::new(move |failed| {
                         reply.send(match failed {
@@ -149,12 +158,8 @@ impl Sequencer {
                             Some(e) => store_failed(e),
                         })
                     }));
-                    return finish(&board, backlog.is_empty(), pending);
+                    finish(&board, backlog.is_empty(), pending);
                 }
-            };
-            finish(&board, backlog.is_empty(), pending);
-            if let Some(outcome) = own {
-                reply.send(outcome);
             }
         }
     }
