@@ -1238,6 +1238,56 @@ mod tests {
         assert!(wb.metrics.relay_batches.get() >= 3);
     }
 
+    /// A job that panics (a bug) still ends the batch it closes: the reader's update queued
+    /// before it is stored, answered and relayed, so an idle session holds nothing unstored.
+    #[test]
+    fn a_job_that_panics_still_ends_its_batch() {
+        let wb = board();
+        let (peer, mut rx) = outbox(1 << 20);
+        wb.join(1, peer);
+        assert_eq!(
+            std::iter::from_fn(|| rx.try_recv()).count(),
+            1,
+            "the greeting"
+        );
+        let doc = Doc::with_client_id(9);
+        let text = doc.get_or_insert_text("t");
+        let update = {
+            let mut txn = doc.transact_mut();
+            text.push(&mut txn, "x");
+            txn.encode_update_v1()
+        };
+        let release = wb.hold_sequencer();
+        let outcome = match wb.queue_update(2, &Arc::default(), update.into(), None) {
+            Submitted::Queued(o) | Submitted::Waiting(o) => o,
+        };
+        let mut panics = Box::pin(wb.sequencer.run(|_| panic!("a bug in a job")));
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        assert!(
+            panics.as_mut().poll(&mut cx).is_pending(),
+            "queued behind the update"
+        );
+        drop(release);
+        // Polled until ready or 5 s: without the batch ending, the answer would never come.
+        let mut outcome = outcome;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let answer = loop {
+            if let std::task::Poll::Ready(answer) = outcome.as_mut().poll(&mut cx) {
+                break answer;
+            }
+            assert!(Instant::now() < deadline, "the update was never answered");
+            std::thread::yield_now();
+        };
+        assert!(matches!(answer, Ok(true)), "{answer:?}");
+        assert!(
+            sequencer::block_on(panics).is_err(),
+            "the job's own reply is dropped"
+        );
+        assert!(wait_until("the relay", || rx.try_recv().is_some()));
+        let stored = wb.store.load_whiteboard("s").unwrap();
+        assert_eq!(text_of(stored.updates.iter().map(Vec::as_slice)), "x");
+    }
+
     /// A connection's updates queued behind one that is refused are not applied: the
     /// reader that keeps several in flight acts as if it had awaited each outcome.
     #[test]
