@@ -194,10 +194,14 @@ pub struct Metrics {
     pub updates_rolled_back: Counter,
     /// Times a whiteboard reader stopped reading to wait for the sequencer, by reason.
     pub reader_waits: ReaderWaits,
-    /// Relays handed to the connections in one batch (see `Board::relay_queued`), and the
+    /// Relays handed to the connections in one batch (see `Board::end_batch`), and the
     /// messages they held: their ratio is the mean batch, which grows with the load.
     pub relay_batches: Counter,
     pub relay_batch_messages: Counter,
+    /// Whiteboard log appends (one store entry each, see `Board::append`), and the updates
+    /// they held: a batch ends at 16 updates or 64 KiB of them.
+    pub log_appends: Counter,
+    pub log_appended_updates: Counter,
 }
 
 /// `easel_whiteboard_reader_waits_total{reason}`, resolved once: why a whiteboard reader
@@ -409,6 +413,18 @@ impl Metrics {
             "Messages relayed in those batches",
             relay_batch_messages.clone(),
         );
+        let log_appends = Counter::default();
+        registry.register(
+            "whiteboard_log_appends",
+            "Appends to whiteboard logs (one store entry each: a batch of updates)",
+            log_appends.clone(),
+        );
+        let log_appended_updates = Counter::default();
+        registry.register(
+            "whiteboard_log_appended_updates",
+            "Updates in those appends",
+            log_appended_updates.clone(),
+        );
         let updates_rolled_back = Counter::default();
         registry.register(
             "updates_rolled_back",
@@ -470,6 +486,8 @@ impl Metrics {
             reader_waits,
             relay_batches,
             relay_batch_messages,
+            log_appends,
+            log_appended_updates,
             whiteboard_messages_in,
             tutor_too_large,
             history_pages,

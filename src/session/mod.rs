@@ -571,14 +571,7 @@ mod tests {
             self.inner.load_whiteboard(s)
         }
         fn append_update(&self, s: &str, seq: u64, update: &[u8]) -> Result<u64, StoreError> {
-            if let Some((entered, go)) = &self.append_gate {
-                let _ = entered.send(());
-                let _ = go.lock().unwrap().recv();
-            }
-            if self.appends_fail.load(Ordering::Acquire) {
-                return Err(StoreError::Unavailable("the test's disk is full".into()));
-            }
-            self.inner.append_update(s, seq, update)
+            self.append_updates(s, seq, &[update])
         }
         fn append_updates(
             &self,
@@ -586,12 +579,15 @@ mod tests {
             first_seq: u64,
             updates: &[&[u8]],
         ) -> Result<u64, StoreError> {
-            self.runs.lock().unwrap().push(updates.len());
-            let mut last = first_seq - 1;
-            for (seq, update) in (first_seq..).zip(updates) {
-                last = self.append_update(s, seq, update)?;
+            if let Some((entered, go)) = &self.append_gate {
+                let _ = entered.send(());
+                let _ = go.lock().unwrap().recv();
             }
-            Ok(last)
+            if self.appends_fail.load(Ordering::Acquire) {
+                return Err(StoreError::Unavailable("the test's disk is full".into()));
+            }
+            self.runs.lock().unwrap().push(updates.len());
+            self.inner.append_updates(s, first_seq, updates)
         }
         fn write_snapshot(
             &self,
@@ -775,22 +771,30 @@ mod tests {
         n + std::iter::from_fn(|| peer.try_recv()).count()
     }
 
+    /// Queues one update per key (each setting it in map "m") as connection 2's reader does,
+    /// checks that each changed the document, and returns the store's appends, their lengths.
+    fn stored_runs(
+        store: &GatedStore,
+        h: &SessionHandle,
+        keys: impl Iterator<Item = String>,
+    ) -> Vec<usize> {
+        let writer = yrs::Doc::new();
+        let updates = keys.map(|key| set_key(&writer, &key)).collect();
+        let outcomes = queued_by_a_reader(&h.whiteboard, 2, &Arc::default(), updates);
+        assert!(
+            outcomes.iter().all(|o| matches!(o, Ok(true))),
+            "{outcomes:?}"
+        );
+        store.runs.lock().unwrap().clone()
+    }
+
     /// A reader's updates queued together are appended to the log together (one store
     /// write for the batch, not one per update), each answered once that write is done;
     /// an unload right after the last answer finds them stored.
     #[test]
     fn a_readers_queued_updates_are_stored_in_one_append_before_they_are_answered() {
         let (store, reg, h, mut peer) = open_with_peer();
-        let writer = yrs::Doc::new();
-        let updates: Vec<Vec<u8>> = (0..16)
-            .map(|i| set_key(&writer, &format!("k{i}")))
-            .collect();
-        let outcomes = queued_by_a_reader(&h.whiteboard, 2, &Arc::default(), updates);
-        assert!(
-            outcomes.iter().all(|o| matches!(o, Ok(true))),
-            "{outcomes:?}"
-        );
-        let runs = store.runs.lock().unwrap().clone();
+        let runs = stored_runs(&store, &h, (0..16).map(|i| format!("k{i}")));
         assert_eq!(
             runs.iter().sum::<usize>(),
             16,
@@ -829,20 +833,30 @@ mod tests {
     #[test]
     fn a_long_run_of_a_readers_updates_is_stored_in_batches_of_at_most_sixteen() {
         let (store, _reg, h, _peer) = open_with_peer();
-        let writer = yrs::Doc::new();
         let n = 2 * whiteboard::RELAY_BATCH + 1;
-        let updates: Vec<Vec<u8>> = (0..n).map(|i| set_key(&writer, &format!("k{i}"))).collect();
-        let outcomes = queued_by_a_reader(&h.whiteboard, 2, &Arc::default(), updates);
-        assert!(
-            outcomes.iter().all(|o| matches!(o, Ok(true))),
-            "{outcomes:?}"
-        );
-        let runs = store.runs.lock().unwrap().clone();
+        let runs = stored_runs(&store, &h, (0..n).map(|i| format!("k{i}")));
         assert_eq!(runs.iter().sum::<usize>(), n, "{runs:?}");
         assert!(
             runs.iter().all(|&run| run <= whiteboard::RELAY_BATCH),
             "no append of more than a batch: {runs:?}"
         );
+    }
+
+    /// A batch also ends once the updates it holds for the log reach `HELD_LOG_BYTES`
+    /// (64 KiB): queued updates of ~40 KiB are appended two at most, and counted in the
+    /// appends' metrics.
+    #[test]
+    fn a_batch_of_large_updates_ends_at_sixty_four_kib() {
+        let (store, reg, h, _peer) = open_with_peer();
+        let large = "x".repeat(40 * 1024);
+        let runs = stored_runs(&store, &h, (0..8).map(|i| format!("{i}{large}")));
+        assert_eq!(runs.iter().sum::<usize>(), 8, "{runs:?}");
+        assert!(
+            runs.iter().all(|&run| run <= 2),
+            "64 KiB ends a batch: {runs:?}"
+        );
+        assert_eq!(reg.metrics.log_appends.get(), runs.len() as u64);
+        assert_eq!(reg.metrics.log_appended_updates.get(), 8);
     }
 
     /// When the append of a batch fails, every update in it is refused (SPEC.md 7.1: the

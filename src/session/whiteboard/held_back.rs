@@ -73,7 +73,7 @@ impl Board {
                     }),
                     Ok(checked) => {
                         let carries = checked.clients();
-                        match self.integrate(None, &h.update, None, checked, false) {
+                        match self.integrate(None, &h.update, None, checked, None) {
                             Ok(_) => clients.extend(carries),
                             Err(e) => {
                                 tracing::warn!(session = %self.session, error = %e, "a held-back update was refused once it could be applied");

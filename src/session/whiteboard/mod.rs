@@ -251,8 +251,9 @@ const HELD_LOG_BYTES: usize = 64 * 1024;
 /// append (a WebSocket reader's: see [`HeldOutcome`]); and the relays, which go after it.
 #[derive(Default)]
 struct HeldBatch {
-    /// Applied, not yet appended, in the order applied.
-    log: Vec<Vec<u8>>,
+    /// Applied, not yet appended, in the order applied (the bytes the client sent, shared,
+    /// not copied).
+    log: Vec<Bytes>,
     log_bytes: usize,
     /// Each message with the connection it is not for.
     relays: Vec<(Message, Option<ConnId>)>,
@@ -645,7 +646,7 @@ impl Board {
     fn sequence_update(
         &self,
         origin: Option<ConnId>,
-        update: &[u8],
+        update: &Bytes,
         message: Option<Bytes>,
         queued: Instant,
     ) -> Result<bool, ApplyError> {
@@ -665,7 +666,7 @@ impl Board {
         }
         // Almost always nothing is held back: then the relay path pays nothing for it.
         let clients = (!self.held_back().is_empty()).then(|| checked.clients());
-        let changed = self.integrate(origin, update, message, checked, true)?;
+        let changed = self.integrate(origin, update, message, checked, Some(update))?;
         if changed {
             if let Some(clients) = clients {
                 // Stored first: held-back updates are let in stored already, and a failed
@@ -680,18 +681,19 @@ impl Board {
         Ok(changed)
     }
 
-    /// Integrates a checked update that waits for nothing, logs it (unless it was logged
-    /// when it was held back) and relays it. Runs on the sequencer.
+    /// Integrates a checked update that waits for nothing, holds it for the batch's append
+    /// (`log`: the same bytes, shared; `None` for one stored already: a held-back update,
+    /// another node's) and relays it. Runs on the sequencer.
     fn integrate(
         &self,
         origin: Option<ConnId>,
         update: &[u8],
         message: Option<Bytes>,
         checked: CheckedUpdate,
-        log: bool,
+        log: Option<&Bytes>,
     ) -> Result<bool, ApplyError> {
         let limits = self.options.limits;
-        if !log {
+        if log.is_none() {
             // Stored before: what the batch holds must not be undone with it (or after it).
             self.store_held()?;
         }
@@ -738,8 +740,8 @@ impl Board {
         *sync::lock(&self.state_vector) = after;
         self.nesting().commit(checked);
         self.metrics.updates_applied.inc();
-        if log {
-            self.hold_for_log(update);
+        if let Some(update) = log {
+            self.hold_for_log(update.clone());
             // A shared log orders the nodes' updates as it takes them: appended at once.
             if self.options.shared_log {
                 self.store_held()?;
@@ -762,7 +764,7 @@ impl Board {
     }
 
     /// Queues `message` for every connection but `except`, after what the sequencer
-    /// queued before it (see [`Board::relay_queued`]). On the sequencer, after the change
+    /// queued before it (see [`Board::end_batch`]). On the sequencer, after the change
     /// it carries is in the document: a connection that joins before the relay goes out
     /// gets it both in its step 2 and as an update, which Yjs applies once.
     fn relay(&self, message: Message, except: Option<ConnId>) {
@@ -772,7 +774,7 @@ impl Board {
     }
 
     /// Holds an applied update for the batch's append (see [`Board::store_held`]).
-    fn hold_for_log(&self, update: &[u8]) {
+    fn hold_for_log(&self, update: Bytes) {
         let mut held = sync::lock(&self.held);
         if held.log.is_empty() {
             held.relays_stored = held.relays.len();
@@ -780,7 +782,7 @@ impl Board {
         }
         held.since.get_or_insert_with(Instant::now);
         held.log_bytes += update.len();
-        held.log.push(update.to_vec());
+        held.log.push(update);
     }
 
     /// Holds a job's outcome until its batch's updates are stored (see [`HeldOutcome`]).
@@ -854,7 +856,7 @@ impl Board {
         if log.is_empty() {
             return Ok(());
         }
-        let run: Vec<&[u8]> = log.iter().map(Vec::as_slice).collect();
+        let run: Vec<&[u8]> = log.iter().map(Bytes::as_ref).collect();
         let Err(e) = self.append(&run) else {
             self.changes.send_modify(|n| *n += 1);
             return Ok(());
@@ -899,7 +901,7 @@ impl Board {
             return;
         }
         let clients = (!self.held_back().is_empty()).then(|| checked.clients());
-        match self.integrate(None, update, None, checked, false) {
+        match self.integrate(None, update, None, checked, None) {
             Ok(true) => {
                 if let Some(clients) = clients {
                     self.retry_held_back(clients);
@@ -1057,6 +1059,8 @@ impl Board {
         if self.options.flush_before_relay {
             self.store.flush()?;
         }
+        self.metrics.log_appends.inc();
+        self.metrics.log_appended_updates.inc_by(run.len() as u64);
         let bytes: usize = run.iter().map(|u| u.len()).sum();
         self.updates_since_snapshot
             .fetch_add(run.len() as u64, Ordering::AcqRel);

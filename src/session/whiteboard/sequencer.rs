@@ -6,8 +6,8 @@
 //! arrival order: guard → apply → append to the store (and fsync in sync durability) →
 //! fan-out; updates queued behind one another are appended, answered and relayed together
 //! once the last of them is applied (at most 16, the first held at most 1 ms: see
-//! [`Board::end_batch`]). The async workers only queue a job and await its outcome; they never wait on
-//! sled, an fsync or the document's lock for an update.
+//! [`Board::end_batch`]). The async workers only queue a job and await its outcome; they
+//! never wait on sled, an fsync or the document's lock for an update.
 //!
 //! Threads: the sessions' shared lane pool ([`crate::session::lane`], one thread per core,
 //! at least two, started on first use; the tutor room's changes run on it too); a session's
