@@ -202,6 +202,9 @@ pub struct Metrics {
     /// they held: a batch ends at 16 updates or 64 KiB of them.
     pub log_appends: Counter,
     pub log_appended_updates: Counter,
+    /// Join answers (full sync step 2s) prepared ahead of a join storm on boards at rest
+    /// (`session::prepare`).
+    pub join_answers_prepared: Counter,
 }
 
 /// `easel_whiteboard_reader_waits_total{reason}`, resolved once: why a whiteboard reader
@@ -425,6 +428,12 @@ impl Metrics {
             "Updates in those appends",
             log_appended_updates.clone(),
         );
+        let join_answers_prepared = Counter::default();
+        registry.register(
+            "whiteboard_join_answers_prepared",
+            "Join answers of large boards at rest encoded and compressed ahead of their joiners",
+            join_answers_prepared.clone(),
+        );
         let updates_rolled_back = Counter::default();
         registry.register(
             "updates_rolled_back",
@@ -488,6 +497,7 @@ impl Metrics {
             relay_batch_messages,
             log_appends,
             log_appended_updates,
+            join_answers_prepared,
             whiteboard_messages_in,
             tutor_too_large,
             history_pages,

@@ -12,6 +12,7 @@
 pub mod bus;
 pub mod lane;
 pub mod peers;
+pub mod prepare;
 pub mod tutor;
 pub mod whiteboard;
 
@@ -359,10 +360,26 @@ impl Registry {
         unloaded
     }
 
+    /// Every loaded session (a copy of the list: the registry's lock is not held after).
+    pub fn live_sessions(&self) -> Vec<Arc<Session>> {
+        self.sessions_where(|_| true)
+    }
+
+    /// The loaded sessions `wanted` says yes to; it is asked under the registry's lock, so
+    /// it must only read a few counters.
+    pub fn sessions_where(&self, wanted: impl Fn(&Session) -> bool) -> Vec<Arc<Session>> {
+        self.map()
+            .live
+            .values()
+            .filter(|s| wanted(s))
+            .cloned()
+            .collect()
+    }
+
     /// Snapshots every changed session (shutdown). Returns the sessions it could not
     /// save, with the reason (each is logged too).
     pub fn snapshot_all(&self) -> Vec<(Arc<str>, String)> {
-        let sessions: Vec<_> = self.map().live.values().cloned().collect();
+        let sessions = self.live_sessions();
         let mut failed = Vec::new();
         let mut saved = Vec::new();
         for s in sessions {
@@ -397,7 +414,7 @@ impl Registry {
             return 0;
         }
         let interval = Duration::from_secs(self.config.persist.snapshot_interval_s);
-        let sessions: Vec<_> = self.map().live.values().cloned().collect();
+        let sessions = self.live_sessions();
         let mut written = 0;
         for s in sessions {
             let age = s.whiteboard.snapshot_age();
@@ -415,9 +432,10 @@ impl Registry {
     }
 
     /// Runs the housekeeping until `shutdown` fires: due snapshots, then idle unloads, once
-    /// a second, on a thread of its own.
+    /// a second, on a thread of its own; and, with permessage-deflate on, the join answers
+    /// of large boards at rest prepared ahead ([`prepare`]), on another.
     ///
-    /// That thread runs at a lower CPU priority (nice 10): a snapshot builds and encodes a
+    /// Those threads run at a lower CPU priority (nice 10): a snapshot builds and encodes a
     /// whole document, seconds of CPU for a large board, and on a saturated machine it must
     /// take what the relay leaves rather than compete with it (measured: at the relay's
     /// saturation point, a snapshot at equal priority pushed fan-out p99 past 50 ms).
@@ -442,10 +460,24 @@ impl Registry {
             tracing::error!(error = %e, "cannot start the housekeeping thread: no snapshots until shutdown, no unloads");
             return;
         }
+        // Passes of the preparer: a tick is skipped while it is still busy with the last.
+        let passes = self
+            .config
+            .limits
+            .permessage_deflate
+            .then(|| self.clone().start_preparer())
+            .flatten();
+        let mut pass_every = tokio::time::interval(prepare::PASS_EVERY);
+        pass_every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut interval = tokio::time::interval(Duration::from_secs(1));
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
+                _ = pass_every.tick(), if passes.is_some() => {
+                    if let Some(passes) = &passes {
+                        let _ = passes.try_send(());
+                    }
+                }
                 _ = interval.tick() => {
                     let (done, result) = tokio::sync::oneshot::channel();
                     if ticks.send(done).is_err() {
@@ -458,6 +490,36 @@ impl Registry {
                     }
                 }
                 _ = shutdown.changed() => return,
+            }
+        }
+    }
+}
+
+impl Registry {
+    /// Starts the thread that prepares join answers ahead ([`prepare::Preparer`]), one pass
+    /// per message on the returned channel; it ends when the channel is dropped. `None` if
+    /// the thread could not start (logged: joins then compress when asked, as without it).
+    fn start_preparer(self: Arc<Self>) -> Option<std::sync::mpsc::SyncSender<()>> {
+        let (passes, passed) = std::sync::mpsc::sync_channel::<()>(1);
+        let handle = tokio::runtime::Handle::current();
+        let started = std::thread::Builder::new()
+            .name("easel-prepare".into())
+            .spawn(move || {
+                lower_this_threads_priority();
+                let mut preparer = prepare::Preparer::default();
+                while passed.recv().is_ok() {
+                    if let Some((session, answer, took)) =
+                        preparer.pass(&self, &handle, Instant::now())
+                    {
+                        tracing::debug!(%session, ?answer, ?took, "join answer prepared ahead");
+                    }
+                }
+            });
+        match started {
+            Ok(_) => Some(passes),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot start the thread preparing join answers: joins compress when asked");
+                None
             }
         }
     }

@@ -10,7 +10,7 @@ use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use yrs::updates::decoder::Decode;
-use yrs::{Doc, GetString, Text, Transact, Update};
+use yrs::{Doc, GetString, ReadTxn, Text, Transact, Update};
 
 struct Raw {
     tcp: TcpStream,
@@ -573,4 +573,96 @@ async fn a_join_storm_compresses_the_board_once() {
         "{} compressions for 30 joiners",
         after - before
     );
+}
+
+/// A y-websocket update message holding `update`.
+fn update_message(update: &[u8]) -> Vec<u8> {
+    let mut msg = vec![0, 2];
+    write_var_buf(&mut msg, update);
+    msg
+}
+
+/// A board over 1 MiB that comes to rest has its join answer encoded and compressed ahead
+/// (`session::prepare`): joiners then get that form (nobody compresses at their join), all
+/// the same bytes, inflating with a fresh inflater to the board. Once the board changes, the
+/// answer prepared for the old state is not served: a later joiner gets the change too.
+#[tokio::test]
+async fn a_board_at_rest_has_its_join_answer_compressed_ahead() {
+    let server = TestServer::start("");
+    let s = session_id("defl-ahead");
+    let mut writer = Raw::wb(&server, &s, None).await;
+    let doc = Doc::new();
+    let text = doc.get_or_insert_text("t");
+    let content: String = (0..1_200_000)
+        .map(|i| (b'a' + (i % 23) as u8) as char)
+        .collect();
+    let first = {
+        let mut txn = doc.transact_mut();
+        text.insert(&mut txn, 0, &content);
+        txn.encode_update_v1()
+    };
+    writer
+        .send(true, false, BINARY, &update_message(&first))
+        .await;
+    eventually("the join answer prepared", TIMEOUT, || async {
+        let n = server
+            .metric("easel_whiteboard_join_answers_prepared_total")
+            .await?;
+        (n >= 1.0).then_some(())
+    })
+    .await;
+    let before = server
+        .metric("easel_deflate_compressions_total")
+        .await
+        .expect("the compressions metric");
+    let joins = (0..8).map(|i| {
+        let (server, s) = (&server, &s);
+        async move {
+            let mut c = Raw::wb_as(server, s, &format!("j{i}"), Some(OFFER)).await;
+            c.send(true, false, BINARY, &[0, 0, 1, 0]).await;
+            loop {
+                let f = c.next_data().await.expect("step 2");
+                if f.rsv1 && f.payload.len() > 1000 {
+                    return f.payload;
+                }
+            }
+        }
+    });
+    let got = futures_util::future::join_all(joins).await;
+    assert!(
+        got.iter().all(|g| g == &got[0]),
+        "one form for every joiner"
+    );
+    assert_eq!(text_of(&inflate(&got[0])), content);
+    let after = server
+        .metric("easel_deflate_compressions_total")
+        .await
+        .expect("the compressions metric");
+    assert_eq!(
+        after, before,
+        "no joiner's answer was compressed at its join"
+    );
+
+    // A change: the answer prepared for the state before it is not what joiners get.
+    let sv = doc.transact().state_vector();
+    let second = {
+        let mut txn = doc.transact_mut();
+        text.insert(&mut txn, content.len() as u32, "and then some");
+        drop(txn);
+        doc.transact().encode_state_as_update_v1(&sv)
+    };
+    writer
+        .send(true, false, BINARY, &update_message(&second))
+        .await;
+    let changed = format!("{content}and then some");
+    eventually(
+        "a joiner gets the board with its change",
+        TIMEOUT,
+        || async {
+            let mut c = Raw::wb_as(&server, &s, "late", Some(OFFER)).await;
+            c.send(true, false, BINARY, &[0, 0, 1, 0]).await;
+            (text_of(&step2(&mut c).await.0) == changed).then_some(())
+        },
+    )
+    .await;
 }

@@ -68,6 +68,7 @@ use snapshot::LastSnapshot;
 use yrs::sync::awareness::AwarenessUpdateEntry;
 
 pub use sequencer::QUEUE_JOBS;
+pub use step2::Preparation;
 
 /// Identifies one connection within the server.
 pub use super::peers::ConnId;
