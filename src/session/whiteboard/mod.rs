@@ -1243,6 +1243,47 @@ mod tests {
         assert!(wb.metrics.relay_batches.get() >= 3);
     }
 
+    /// A batch with jobs queued behind it is held for more, but its first update waits at
+    /// most `RELAY_HOLD` (1 ms): then it ends, stored and relayed, however many are queued.
+    #[test]
+    fn a_batch_holds_its_first_update_at_most_one_millisecond() {
+        let wb = board();
+        let (peer, mut rx) = outbox(1 << 20);
+        wb.join(1, peer);
+        assert_eq!(
+            std::iter::from_fn(|| rx.try_recv()).count(),
+            1,
+            "the greeting"
+        );
+        let doc = Doc::with_client_id(9);
+        let text = doc.get_or_insert_text("t");
+        let update = {
+            let mut txn = doc.transact_mut();
+            text.push(&mut txn, "x");
+            txn.encode_update_v1()
+        };
+        // What a job does on the sequencer, which then asks `end_batch`. The batch's clock
+        // starts between `before` and `after`.
+        let before = Instant::now();
+        let applied = wb.sequence_update(Some(2), &Bytes::from(update), None, before);
+        let after = Instant::now();
+        assert!(matches!(applied, Ok(true)), "{applied:?}");
+        // Not the last job, one update held, within the hold: the batch waits for more.
+        if before.elapsed() < RELAY_HOLD {
+            assert!(wb.end_batch(false).is_none(), "held for the next job");
+            assert!(rx.try_recv().is_none(), "nothing relayed while held");
+        }
+        // Once the first update has waited RELAY_HOLD, the next job's end ends the batch.
+        while after.elapsed() < RELAY_HOLD {
+            std::thread::yield_now();
+        }
+        let released = wb.end_batch(false).expect("ended after RELAY_HOLD");
+        wb.release(released);
+        assert!(rx.try_recv().is_some(), "relayed");
+        let stored = wb.store.load_whiteboard("s").unwrap();
+        assert_eq!(text_of(stored.updates.iter().map(Vec::as_slice)), "x");
+    }
+
     /// A job that panics (a bug) still ends the batch it closes: the reader's update queued
     /// before it is stored, answered and relayed, so an idle session holds nothing unstored.
     #[test]
