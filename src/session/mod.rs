@@ -493,9 +493,7 @@ impl Registry {
             }
         }
     }
-}
 
-impl Registry {
     /// Starts the thread that prepares join answers ahead ([`prepare::Preparer`]), one pass
     /// per message on the returned channel; it ends when the channel is dropped. `None` if
     /// the thread could not start (logged: joins then compress when asked, as without it).

@@ -528,6 +528,22 @@ async fn a_close_is_answered_with_the_same_code() {
     }
 }
 
+/// `n` clients that offer deflate join `session` at once; each one's compressed step 2
+/// payload (the first compressed frame over 1,000 bytes).
+async fn compressed_joins(server: &TestServer, session: &str, n: usize) -> Vec<Vec<u8>> {
+    let joins = (0..n).map(|i| async move {
+        let mut c = Raw::wb_as(server, session, &format!("j{i}"), Some(OFFER)).await;
+        c.send(true, false, BINARY, &[0, 0, 1, 0]).await;
+        loop {
+            let f = c.next_data().await.expect("step 2");
+            if f.rsv1 && f.payload.len() > 1000 {
+                return f.payload;
+            }
+        }
+    });
+    futures_util::future::join_all(joins).await
+}
+
 /// A join storm: 30 clients that negotiated deflate join a 1 MB board at once; the board is
 /// compressed once, not 30 times, and every joiner gets the same bytes.
 #[tokio::test]
@@ -548,20 +564,7 @@ async fn a_join_storm_compresses_the_board_once() {
         .metric("easel_deflate_compressions_total")
         .await
         .unwrap_or(0.0);
-    let joins = (0..30).map(|i| {
-        let (server, s) = (&server, &s);
-        async move {
-            let mut c = Raw::wb_as(server, s, &format!("j{i}"), Some(OFFER)).await;
-            c.send(true, false, BINARY, &[0, 0, 1, 0]).await;
-            loop {
-                let f = c.next_data().await.expect("step 2");
-                if f.rsv1 && f.payload.len() > 1000 {
-                    return f.payload;
-                }
-            }
-        }
-    });
-    let got = futures_util::future::join_all(joins).await;
+    let got = compressed_joins(&server, &s, 30).await;
     assert!(got.iter().all(|g| g == &got[0]));
     assert_eq!(text_of(&inflate(&got[0])), content);
     let after = server
@@ -615,20 +618,7 @@ async fn a_board_at_rest_has_its_join_answer_compressed_ahead() {
         .metric("easel_deflate_compressions_total")
         .await
         .expect("the compressions metric");
-    let joins = (0..8).map(|i| {
-        let (server, s) = (&server, &s);
-        async move {
-            let mut c = Raw::wb_as(server, s, &format!("j{i}"), Some(OFFER)).await;
-            c.send(true, false, BINARY, &[0, 0, 1, 0]).await;
-            loop {
-                let f = c.next_data().await.expect("step 2");
-                if f.rsv1 && f.payload.len() > 1000 {
-                    return f.payload;
-                }
-            }
-        }
-    });
-    let got = futures_util::future::join_all(joins).await;
+    let got = compressed_joins(&server, &s, 8).await;
     assert!(
         got.iter().all(|g| g == &got[0]),
         "one form for every joiner"

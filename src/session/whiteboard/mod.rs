@@ -1243,10 +1243,9 @@ mod tests {
         assert!(wb.metrics.relay_batches.get() >= 3);
     }
 
-    /// A batch with jobs queued behind it is held for more, but its first update waits at
-    /// most `RELAY_HOLD` (1 ms): then it ends, stored and relayed, however many are queued.
-    #[test]
-    fn a_batch_holds_its_first_update_at_most_one_millisecond() {
+    /// A board with one peer (connection 1, its greeting taken off its queue) and an
+    /// update that types "x".
+    fn joined_with_an_update() -> (Whiteboard, crate::ws::outbox::OutboxReceiver, Vec<u8>) {
         let wb = board();
         let (peer, mut rx) = outbox(1 << 20);
         wb.join(1, peer);
@@ -1262,6 +1261,14 @@ mod tests {
             text.push(&mut txn, "x");
             txn.encode_update_v1()
         };
+        (wb, rx, update)
+    }
+
+    /// A batch with jobs queued behind it is held for more, but its first update waits at
+    /// most `RELAY_HOLD` (1 ms): then it ends, stored and relayed, however many are queued.
+    #[test]
+    fn a_batch_holds_its_first_update_at_most_one_millisecond() {
+        let (wb, mut rx, update) = joined_with_an_update();
         // What a job does on the sequencer, which then asks `end_batch`. The batch's clock
         // starts between `before` and `after`.
         let before = Instant::now();
@@ -1288,21 +1295,7 @@ mod tests {
     /// before it is stored, answered and relayed, so an idle session holds nothing unstored.
     #[test]
     fn a_job_that_panics_still_ends_its_batch() {
-        let wb = board();
-        let (peer, mut rx) = outbox(1 << 20);
-        wb.join(1, peer);
-        assert_eq!(
-            std::iter::from_fn(|| rx.try_recv()).count(),
-            1,
-            "the greeting"
-        );
-        let doc = Doc::with_client_id(9);
-        let text = doc.get_or_insert_text("t");
-        let update = {
-            let mut txn = doc.transact_mut();
-            text.push(&mut txn, "x");
-            txn.encode_update_v1()
-        };
+        let (wb, mut rx, update) = joined_with_an_update();
         let release = wb.hold_sequencer();
         let outcome = match wb.queue_update(2, &Arc::default(), update.into(), None) {
             Submitted::Queued(o) | Submitted::Waiting(o) => o,
