@@ -641,6 +641,74 @@ async fn control(
     }
 }
 
+/// Polls a future only when it woke its task itself, or on the first poll.
+///
+/// The writer waits on its messages and on its rare [`Control`]s together, and `select!`
+/// polls every branch whenever the task wakes: each poll of the control future would take
+/// the locks of three `Notify`s (one of them shared by every connection: the shutdown
+/// signal's), once per batch written to every receiver of a busy board. Here the control
+/// future gets a waker of its own that records that it fired, and is polled only then.
+struct WhenWoken<F> {
+    inner: Pin<Box<F>>,
+    flag: Arc<WokeFlag>,
+    waker: std::task::Waker,
+}
+
+/// Set by the inner future's waker; the task to wake with it.
+struct WokeFlag {
+    woke: std::sync::atomic::AtomicBool,
+    task: futures_util::task::AtomicWaker,
+}
+
+impl std::task::Wake for WokeFlag {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woke.store(true, std::sync::atomic::Ordering::Release);
+        self.task.wake();
+    }
+}
+
+impl<F: Future> WhenWoken<F> {
+    fn new(inner: F) -> Self {
+        let flag = Arc::new(WokeFlag {
+            // The first poll registers the inner future's waits.
+            woke: std::sync::atomic::AtomicBool::new(true),
+            task: futures_util::task::AtomicWaker::new(),
+        });
+        Self {
+            inner: Box::pin(inner),
+            waker: std::task::Waker::from(flag.clone()),
+            flag,
+        }
+    }
+}
+
+impl<F: Future> Future for WhenWoken<F> {
+    type Output = F::Output;
+
+    fn poll(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<F::Output> {
+        // Registered before the flag is read: a wake between the two is not lost.
+        self.flag.task.register(cx.waker());
+        if !self
+            .flag
+            .woke
+            .swap(false, std::sync::atomic::Ordering::AcqRel)
+        {
+            return std::task::Poll::Pending;
+        }
+        let this = &mut *self;
+        this.inner
+            .as_mut()
+            .poll(&mut std::task::Context::from_waker(&this.waker))
+    }
+}
+
 /// The writer task. Not an `async fn`, for the reason [`run`] is not.
 fn write_loop(
     mut sink: SocketWriter,
@@ -663,8 +731,8 @@ fn write_loop(
         tokio::pin!(timer);
         let close = loop {
             let interrupt = {
-                let interrupt = control(&mut cmd_rx, &overflow, &mut shutdown, &mut pong_rx);
-                tokio::pin!(interrupt);
+                let mut interrupt =
+                    WhenWoken::new(control(&mut cmd_rx, &overflow, &mut shutdown, &mut pong_rx));
                 loop {
                     tokio::select! {
                         biased;
@@ -675,13 +743,16 @@ fn write_loop(
                             while let Some(m) = next {
                                 bytes += payload_len(&m);
                                 let fed = sink.feed(m).await;
-                                outbox.mark_written(1);
+                                n += 1;
                                 if fed.is_err() {
+                                    outbox.mark_written(n);
                                     return None;
                                 }
-                                n += 1;
                                 next = if n < timing.batch { outbox.try_recv() } else { None };
                             }
+                            // Once per batch, like the counters below: each mark takes the
+                            // progress signal's lock.
+                            outbox.mark_written(n);
                             // Once per batch: these counters are shared by every connection, and an
                             // atomic add per frame made the two cores take turns on their cache line.
                             metrics.frames_out.inc_by(n as u64);
@@ -762,5 +833,65 @@ fn write_loop(
             ),
         }
         Some(close)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Mutex;
+    use std::task::{Context, Poll, Waker};
+
+    /// A waker that counts its wakes.
+    struct Count(AtomicUsize);
+
+    impl std::task::Wake for Count {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+
+    #[test]
+    fn a_future_polled_when_woken_is_polled_only_after_its_own_wake() {
+        let polls = Arc::new(AtomicUsize::new(0));
+        let ready = Arc::new(AtomicBool::new(false));
+        let inner_waker: Arc<Mutex<Option<Waker>>> = Arc::default();
+        let inner = {
+            let (polls, ready, inner_waker) = (polls.clone(), ready.clone(), inner_waker.clone());
+            std::future::poll_fn(move |cx| {
+                polls.fetch_add(1, Ordering::AcqRel);
+                *inner_waker.lock().unwrap() = Some(cx.waker().clone());
+                if ready.load(Ordering::Acquire) {
+                    Poll::Ready(7)
+                } else {
+                    Poll::Pending
+                }
+            })
+        };
+        let mut guarded = WhenWoken::new(inner);
+        let task = Arc::new(Count(AtomicUsize::new(0)));
+        let task_waker = Waker::from(task.clone());
+        let mut cx = Context::from_waker(&task_waker);
+
+        // The first poll reaches the inner future, so that it registers its waits.
+        assert!(Pin::new(&mut guarded).poll(&mut cx).is_pending());
+        assert_eq!(polls.load(Ordering::Acquire), 1);
+        // Polls for other reasons (the task woken by its messages) do not.
+        for _ in 0..5 {
+            assert!(Pin::new(&mut guarded).poll(&mut cx).is_pending());
+        }
+        assert_eq!(polls.load(Ordering::Acquire), 1);
+        // The inner future's own wake wakes the task, and the next poll reaches it.
+        ready.store(true, Ordering::Release);
+        inner_waker
+            .lock()
+            .unwrap()
+            .take()
+            .expect("registered")
+            .wake();
+        assert_eq!(task.0.load(Ordering::Acquire), 1, "the task was woken");
+        assert_eq!(Pin::new(&mut guarded).poll(&mut cx), Poll::Ready(7));
+        assert_eq!(polls.load(Ordering::Acquire), 2);
     }
 }
