@@ -357,14 +357,14 @@ pub fn run(
         // Made once, not per frame (each wait would register and unregister itself on every
         // frame read): what makes the server close, and one timer for the reader's deadlines,
         // moved only when it fires or a close brings its deadline nearer.
-        let signals = async {
+        // Polled only when one of them fired (see `WhenWoken`), not on every frame read.
+        let mut signals = WhenWoken::new(async {
             tokio::select! {
                 _ = overflow.overflowed() => Close::queue_full(),
                 _ = removed_from_session(&mut removed, &user, admin) => Close::removed(),
                 _ = stopping(&mut stopping_rx) => Close::restart(),
             }
-        };
-        tokio::pin!(signals);
+        });
         // When the timer is set for; past the next deadline it is moved back to it below.
         let mut armed = Instant::now() + FAR_FUTURE;
         let timer = tokio::time::sleep_until(armed);
@@ -643,11 +643,12 @@ async fn control(
 
 /// Polls a future only when it woke its task itself, or on the first poll.
 ///
-/// The writer waits on its messages and on its rare [`Control`]s together, and `select!`
-/// polls every branch whenever the task wakes: each poll of the control future would take
-/// the locks of three `Notify`s (one of them shared by every connection: the shutdown
-/// signal's), once per batch written to every receiver of a busy board. Here the control
-/// future gets a waker of its own that records that it fired, and is polled only then.
+/// The writer waits on its messages and on its rare [`Control`]s together (the reader on its
+/// frames and on the signals that close the connection), and `select!` polls every branch
+/// whenever the task wakes: each poll of the control future would take the locks of three
+/// `Notify`s (one of them shared by every connection: the shutdown signal's), once per batch
+/// written to every receiver of a busy board. Here the rare future gets a waker of its own
+/// that records that it fired, and is polled only then.
 struct WhenWoken<F> {
     inner: Pin<Box<F>>,
     flag: Arc<WokeFlag>,
