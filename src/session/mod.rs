@@ -435,7 +435,7 @@ impl Registry {
     /// a second, on a thread of its own; and, with permessage-deflate on, the join answers
     /// of large boards at rest prepared ahead ([`prepare`]), on another.
     ///
-    /// Those threads run at a lower CPU priority (nice 10): a snapshot builds and encodes a
+    /// The housekeeping thread runs at a lower CPU priority (nice 10): a snapshot builds and encodes a
     /// whole document, seconds of CPU for a large board, and on a saturated machine it must
     /// take what the relay leaves rather than compete with it (measured: at the relay's
     /// saturation point, a snapshot at equal priority pushed fan-out p99 past 50 ms).
@@ -503,7 +503,10 @@ impl Registry {
         let started = std::thread::Builder::new()
             .name("easel-prepare".into())
             .spawn(move || {
-                lower_this_threads_priority();
+                // At normal priority, unlike the housekeeping: a join storm that comes while
+                // an answer is being prepared waits for it, and at nice 10 on a machine the
+                // storm keeps busy that took more than twice as long (scenario f: p50 2.2 ×
+                // the trivial server's in such a run). The duty rule bounds its CPU instead.
                 let mut preparer = prepare::Preparer::default();
                 while passed.recv().is_ok() {
                     if let Some((session, answer, took)) =

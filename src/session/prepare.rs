@@ -7,9 +7,9 @@
 //! board is prepared once it is at least [`PREPARE_FROM`] large, has clients, and has not
 //! changed for [`AT_REST`]; the answer is kept until its next change. Work done ahead may
 //! be wasted (the board changes, nobody joins), so it is bounded: one board at a time, on
-//! a background thread at low priority, and after a preparation that took `t` the next
-//! waits `DUTY × t` (a tenth of that thread's time at most, like snapshots'
-//! `SNAPSHOT_DUTY`).
+//! a background thread, and after a preparation that took `t` the next waits `DUTY × t` (a
+//! tenth of that thread's time at most, like snapshots' `SNAPSHOT_DUTY`). That thread keeps
+//! the normal priority: joiners that come while an answer is being prepared wait for it.
 //!
 //! Owns only its bookkeeping of which boards are at rest; the answer itself lives in the
 //! board's step 2 cache (`whiteboard::step2`). Must not change a document.

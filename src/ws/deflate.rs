@@ -411,6 +411,37 @@ impl Cache {
         entry
     }
 
+    /// The entry for `raw` to keep: the kept one, or a recent one (a connection's send
+    /// compressed it already, or is compressing it), or a new one, which is not added to the
+    /// recent entries: a kept form goes as soon as its holder lets go of it (a board's answer,
+    /// replaced by a change), not 30 s later with the recent ones. Registered as kept before
+    /// it is compressed, so that a send meanwhile awaits this compression.
+    fn keep(&self, raw: &Bytes, bits: u8) -> Arc<Entry> {
+        let mut kept = crate::sync::lock(&self.kept);
+        kept.retain(|e| e.strong_count() > 0);
+        if let Some(e) = kept
+            .iter()
+            .filter_map(std::sync::Weak::upgrade)
+            .find(|e| e.is_of(raw, bits))
+        {
+            return e;
+        }
+        let recent = crate::sync::lock(&self.entries)
+            .iter()
+            .find(|e| e.is_of(raw, bits))
+            .cloned();
+        let entry = recent.unwrap_or_else(|| {
+            Arc::new(Entry {
+                raw: raw.clone(),
+                bits,
+                made: Instant::now(),
+                form: tokio::sync::OnceCell::new(),
+            })
+        });
+        kept.push(Arc::downgrade(&entry));
+        entry
+    }
+
     /// The kept entry for `raw`, if any; forgets the entries no one keeps any more.
     fn kept(&self, raw: &Bytes, bits: u8) -> Option<Arc<Entry>> {
         let mut kept = crate::sync::lock(&self.kept);
@@ -449,7 +480,7 @@ impl Prepared {
 /// returned [`Prepared`] lives. Meant for a thread of background work, run in
 /// `Handle::block_on`: the compressing itself does not yield.
 pub async fn prepare(raw: &Bytes, window_bits: u8) -> Prepared {
-    let entry = cache().slot(raw, window_bits);
+    let entry = cache().keep(raw, window_bits);
     entry
         .form
         .get_or_init(|| async {
@@ -458,13 +489,6 @@ pub async fn prepare(raw: &Bytes, window_bits: u8) -> Prepared {
             (out.len() < raw.len()).then_some(out)
         })
         .await;
-    let mut kept = crate::sync::lock(&cache().kept);
-    if !kept
-        .iter()
-        .any(|e| std::ptr::eq(e.as_ptr(), Arc::as_ptr(&entry)))
-    {
-        kept.push(Arc::downgrade(&entry));
-    }
     Prepared(entry)
 }
 
@@ -550,6 +574,12 @@ mod tests {
                 .collect::<Vec<u8>>(),
         );
         let prepared = prepare(&raw, 15).await;
+        assert!(
+            !crate::sync::lock(&cache().entries)
+                .iter()
+                .any(|e| e.is_of(&raw, 15)),
+            "kept apart from the recent entries: it goes when its holder lets go"
+        );
         let form = compressed(&raw, 15).await.expect("compresses");
         assert_eq!(prepared.compressed_len(), Some(form.len()));
         assert_eq!(inflate(&form, raw.len()).unwrap(), raw.as_ref());
