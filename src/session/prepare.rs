@@ -43,11 +43,10 @@ const DUTY: u32 = 10;
 /// asked for a smaller window gets its form compressed at its send, as before.
 const WINDOW_BITS: u8 = 15;
 
-/// A board's change count when first seen at it, and whether its answer is prepared.
+/// A board's change count, and when it was first seen at it.
 struct AtRest {
     count: u64,
     since: Instant,
-    prepared: bool,
 }
 
 /// What the preparing thread remembers between passes.
@@ -83,9 +82,6 @@ impl Preparer {
                 .whiteboard
                 .prepare_join_answer(handle, WINDOW_BITS, prepare_from(registry));
         let took = started.elapsed();
-        if let Some(rest) = self.boards.get_mut(&session.id) {
-            rest.prepared = outcome != Preparation::Busy;
-        }
         match outcome {
             Preparation::Answer { .. } => {
                 registry.metrics.join_answers_prepared.inc();
@@ -97,7 +93,7 @@ impl Preparer {
     }
 
     /// Updates what is known of each board (large and in use: the others are forgotten) and
-    /// returns one at rest and not yet prepared.
+    /// returns one at rest whose answer is not prepared.
     fn note(&mut self, sessions: &[Arc<Session>], now: Instant) -> Option<Arc<Session>> {
         let mut chosen = None;
         let mut seen = HashMap::with_capacity(self.boards.len());
@@ -105,13 +101,14 @@ impl Preparer {
             let count = s.whiteboard.change_count();
             let rest = match self.boards.remove(&s.id) {
                 Some(rest) if rest.count == count => rest,
-                _ => AtRest {
-                    count,
-                    since: now,
-                    prepared: false,
-                },
+                _ => AtRest { count, since: now },
             };
-            if chosen.is_none() && !rest.prepared && now.duration_since(rest.since) >= AT_REST {
+            // The board knows whether its answer is prepared (and forgets it when it
+            // changes): asked only of a board at rest, the one lock a pass takes per board.
+            if chosen.is_none()
+                && now.duration_since(rest.since) >= AT_REST
+                && !s.whiteboard.join_answer_prepared()
+            {
                 chosen = Some(s.clone());
             }
             seen.insert(s.id.clone(), rest);

@@ -217,10 +217,7 @@ impl Board {
         window_bits: u8,
         compress_from: usize,
     ) -> Preparation {
-        if sync::lock(&self.full_step2)
-            .as_ref()
-            .is_some_and(|e| e.version == *self.changes.borrow() && e.ahead.is_some())
-        {
+        if self.join_answer_prepared() {
             return Preparation::Already;
         }
         let (version, flight, bytes) = match self.full_step2_lookup() {
@@ -241,6 +238,14 @@ impl Board {
             bytes: len,
             compressed,
         }
+    }
+
+    /// Whether the join answer of the document as it is now was prepared ahead
+    /// ([`Board::prepare_join_answer`]).
+    pub fn join_answer_prepared(&self) -> bool {
+        sync::lock(&self.full_step2)
+            .as_ref()
+            .is_some_and(|e| e.version == *self.changes.borrow() && e.ahead.is_some())
     }
 
     /// The document's change count: it moves with every change (see `changes`).
