@@ -989,6 +989,33 @@ mod tests {
         assert_eq!(relays_reaching(&mut peer, 1), 1);
     }
 
+    /// The HTTP/CLI path: its outcome is given once what the batch holds is stored (by the
+    /// sequencer, for every job, not by the job itself); a failed append is an error, the
+    /// update is undone and not relayed.
+    #[test]
+    fn an_update_submitted_over_http_is_refused_when_its_append_fails() {
+        let (store, _reg, h, mut peer) = open_with_peer();
+        let writer = yrs::Doc::new();
+        let wb = &h.whiteboard;
+        assert!(wb
+            .apply_update(None, &set_key(&writer, "kept"), None)
+            .unwrap());
+        assert_eq!(std::iter::from_fn(|| peer.try_recv()).count(), 1);
+        let before = wb.encode_state();
+        store.appends_fail.store(true, Ordering::Release);
+        let refused = wb.apply_update(None, &set_key(&writer, "lost"), None);
+        assert!(
+            matches!(refused, Err(whiteboard::ApplyError::Store(_))),
+            "{refused:?}"
+        );
+        assert_eq!(
+            std::iter::from_fn(|| peer.try_recv()).count(),
+            0,
+            "not relayed"
+        );
+        assert_eq!(wb.encode_state(), before, "undone");
+    }
+
     /// Shutdown: a connection stops awaiting its update's outcome when it closes with 1012,
     /// the update stays queued; the final save waits for it, so it is in the final
     /// snapshot rather than appended after it (and after the final flush).

@@ -324,11 +324,8 @@ impl Whiteboard {
             let queued = Instant::now();
             // Answered once stored and relayed (the HTTP API, the CLI): a connection's
             // reader uses `queue_update`, which answers first.
-            self.sequencer.run(move |board| {
-                let changed = board.sequence_update(origin, &update, message, queued)?;
-                board.store_held()?;
-                Ok(changed)
-            })
+            self.sequencer
+                .run(move |board| board.sequence_update(origin, &update, message, queued))
         });
         async move {
             match job {

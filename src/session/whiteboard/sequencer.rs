@@ -83,11 +83,12 @@ impl Sequencer {
 
     /// Queues `job` (awaiting a place while the queue is full) to run on the board on a
     /// lane thread, and resolves to what it returns. Its outcome is the job's own return
-    /// value (one channel per job, the lane's); it stops counting as pending before the
+    /// value (one channel per job, the lane's), given once what the batch holds for the log
+    /// (the job's updates and those before it) is stored, or the store's error if that
+    /// append failed (the updates are then undone); it stops counting as pending before the
     /// outcome is sent, and what the job relays is queued for its connections first
     /// (unless jobs queued behind it take it on, see [`Board::end_batch`]). A job that
-    /// applies an update must store it itself before it returns ([`Board::store_held`]):
-    /// its outcome does not wait for the batch. A job that panics resolves to [`stopped`].
+    /// panics resolves to [`stopped`].
     pub(super) fn run<T: Send + 'static>(
         &self,
         job: impl FnOnce(&Board) -> T + Send + 'static,
@@ -95,7 +96,7 @@ impl Sequencer {
         let ran = self
             .lane
             .run_replying(self.wrap(job, Order::<fn(&StoreError) -> T>::RelayFirst));
-        async move { ran.await.map_err(|_| stopped()) }
+        async move { ran.await.map_err(|_| stopped()).and_then(|stored| stored) }
     }
 
     /// For a WebSocket reader: queues `job` at once if the queue has a place (`Ok`: the
@@ -116,10 +117,10 @@ impl Sequencer {
             .lane
             .try_run_replying(self.wrap(job, Order::ReplyFirst(store_failed)))
         {
-            Ok(queued) => Ok(async move { queued.await.map_err(|_| stopped()) }),
+            Ok(queued) => Ok(async move { queued.await.map_err(|_| stopped()).and_then(|r| r) }),
             Err(job) => {
                 let ran = self.lane.run_replying(job);
-                Err(async move { ran.await.map_err(|_| stopped()) })
+                Err(async move { ran.await.map_err(|_| stopped()).and_then(|r| r) })
             }
         }
     }
@@ -130,7 +131,7 @@ impl Sequencer {
         &self,
         job: impl FnOnce(&Board) -> T + Send + 'static,
         order: Order<F>,
-    ) -> impl FnOnce(Reply<T>) + Send + 'static {
+    ) -> impl FnOnce(Reply<Result<T, StoreError>>) + Send + 'static {
         let board = self.board.clone();
         let pending = Pending::new(&self.pending);
         let backlog = self.lane.backlog();
@@ -148,15 +149,18 @@ impl Sequencer {
             // write, instead of one each per update.
             match order {
                 Order::RelayFirst => {
+                    // An outcome means stored: what the batch holds goes to the log now (a
+                    // failed append undoes it), not at the batch's end.
+                    let stored = board.store_held();
                     finish(&board, backlog.is_empty(), pending);
-                    reply.send(outcome);
+                    reply.send(stored.map(|()| outcome));
                 }
                 Order::ReplyFirst(store_failed) => {
                     board.hold_outcome(Box::new(move |failed| {
-                        reply.send(match failed {
+                        reply.send(Ok(match failed {
                             None => outcome,
                             Some(e) => store_failed(e),
-                        })
+                        }))
                     }));
                     finish(&board, backlog.is_empty(), pending);
                 }
@@ -175,8 +179,8 @@ fn finish(board: &Board, last_job: bool, pending: Pending) {
     }
 }
 
-/// Whether a job's outcome goes to its submitter after its relays are queued, or waits for
-/// its batch's append and goes before them.
+/// Whether a job's outcome goes to its submitter after its relays are queued (what the batch
+/// holds is stored first), or waits for its batch's append and goes before them.
 enum Order<F> {
     RelayFirst,
     /// For a WebSocket reader, which then reads its next frame while the relays wake the
