@@ -382,14 +382,25 @@ fn cache() -> &'static Cache {
 
 impl Cache {
     fn slot(&self, raw: &Bytes, bits: u8) -> Arc<Entry> {
+        let now = Instant::now();
+        let recent =
+            |entries: &VecDeque<Arc<Entry>>| entries.iter().find(|e| e.is_of(raw, bits)).cloned();
+        {
+            let mut entries = crate::sync::lock(&self.entries);
+            entries.retain(|e| now.duration_since(e.made) < CACHE_AGE);
+            if let Some(e) = recent(&entries) {
+                return e;
+            }
+        }
+        // Looked for only when the message is not a recent one: a fan-out takes this lock
+        // once per message (its first receiver), not once per receiver.
         if let Some(kept) = self.kept(raw, bits) {
             return kept;
         }
         let mut entries = crate::sync::lock(&self.entries);
-        let now = Instant::now();
-        entries.retain(|e| now.duration_since(e.made) < CACHE_AGE);
-        if let Some(e) = entries.iter().find(|e| e.is_of(raw, bits)) {
-            return e.clone();
+        // Another receiver may have made it meanwhile.
+        if let Some(e) = recent(&entries) {
+            return e;
         }
         let entry = Arc::new(Entry {
             raw: raw.clone(),
