@@ -922,19 +922,33 @@ mod tests {
         assert_eq!(reg.metrics.log_appended_updates.get(), 8);
     }
 
+    /// [`open_with_peer`], then key "kept" set by `writer` (the doc returned), stored and
+    /// relayed to the peer.
+    fn open_with_a_kept_key() -> (
+        Arc<GatedStore>,
+        Registry,
+        SessionHandle,
+        crate::ws::outbox::OutboxReceiver,
+        yrs::Doc,
+    ) {
+        let (store, reg, h, mut peer) = open_with_peer();
+        let writer = yrs::Doc::new();
+        assert!(h
+            .whiteboard
+            .apply_update(None, &set_key(&writer, "kept"), None)
+            .unwrap());
+        assert_eq!(std::iter::from_fn(|| peer.try_recv()).count(), 1);
+        (store, reg, h, peer, writer)
+    }
+
     /// When the append of a batch fails, every update in it is refused (SPEC.md 7.1: the
     /// live document stays as it was, nothing is relayed): the document is rebuilt from the
     /// store, each reader is answered with the error and marked refused (what it queued
     /// after is not applied), and the session goes on once the store takes writes again.
     #[test]
     fn a_failed_batch_append_refuses_every_update_in_it_and_relays_none() {
-        let (store, _reg, h, mut peer) = open_with_peer();
-        let writer = yrs::Doc::new();
+        let (store, _reg, h, mut peer, writer) = open_with_a_kept_key();
         let wb = &h.whiteboard;
-        assert!(wb
-            .apply_update(None, &set_key(&writer, "kept"), None)
-            .unwrap());
-        assert_eq!(std::iter::from_fn(|| peer.try_recv()).count(), 1);
         store.appends_fail.store(true, Ordering::Release);
         let (a, b) = (Arc::default(), Arc::default());
         // Made in the order queued: none waits for another (held back).
@@ -994,13 +1008,8 @@ mod tests {
     /// update is undone and not relayed.
     #[test]
     fn an_update_submitted_over_http_is_refused_when_its_append_fails() {
-        let (store, _reg, h, mut peer) = open_with_peer();
-        let writer = yrs::Doc::new();
+        let (store, _reg, h, mut peer, writer) = open_with_a_kept_key();
         let wb = &h.whiteboard;
-        assert!(wb
-            .apply_update(None, &set_key(&writer, "kept"), None)
-            .unwrap());
-        assert_eq!(std::iter::from_fn(|| peer.try_recv()).count(), 1);
         let before = wb.encode_state();
         store.appends_fail.store(true, Ordering::Release);
         let refused = wb.apply_update(None, &set_key(&writer, "lost"), None);
