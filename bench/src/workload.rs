@@ -83,15 +83,10 @@ pub fn awareness_marker(sender: u32, seq: u32, send_us: u64) -> String {
 
 /// Finds `mark` in `bytes` and reads the three numbers after it: (who, seq, send_us).
 pub fn find_marker(bytes: &[u8], mark: &[u8]) -> Option<(u32, u32, u64)> {
-    let first = *mark.first()?;
-    let mut from = 0;
-    let at = loop {
-        let i = from + bytes.get(from..)?.iter().position(|b| *b == first)?;
-        if bytes.get(i..i + mark.len())? == mark {
-            break i;
-        }
-        from = i + 1;
-    };
+    if mark.is_empty() {
+        return None;
+    }
+    let at = memchr::memmem::find(bytes, mark)?;
     let mut rest = &bytes[at + mark.len()..];
     let mut nums = [0u64; 3];
     for n in nums.iter_mut() {

@@ -26,6 +26,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::Parser;
+use easel_bench::pin;
 use serde_json::{json, Value};
 
 use client::Phase;
@@ -80,6 +81,7 @@ fn start_target(
     plan: &Plan,
     kind: Kind,
     bin: Option<&PathBuf>,
+    server_cpus: Option<&[usize]>,
 ) -> anyhow::Result<Target> {
     let urls = cli
         .url
@@ -103,7 +105,7 @@ fn start_target(
             };
             Target::start_cluster(bin, toml, nodes, &redis)
         }
-        (Some(bin), _, _) => Target::start(kind, bin, toml),
+        (Some(bin), _, _) => Target::start(kind, bin, toml, server_cpus),
         (None, Some(urls), _) => {
             let secret = match kind {
                 Kind::Easel => cli
@@ -198,20 +200,25 @@ fn print_summary(label: &str, v: &Value) {
     }
 }
 
-async fn main_async(cli: Cli) -> anyhow::Result<bool> {
-    let plan = plan::resolve(&cli)?;
+/// `machine` describes the machine (taken before this process pinned itself) and the split.
+async fn main_async(
+    cli: Cli,
+    plan: Plan,
+    split: Option<pin::Split>,
+    machine: String,
+) -> anyhow::Result<bool> {
     let kind = if cli.baseline {
         Kind::Baseline
     } else {
         Kind::Easel
     };
+    let server_cpus = split.as_ref().map(|s| s.server.as_slice());
     eprintln!(
-        "easel-loadgen: scenario {} against {} ({})",
+        "easel-loadgen: scenario {} against {} ({machine})",
         plan.name,
         kind.name(),
-        stats::machine()
     );
-    let target = start_target(&cli, &plan, kind, cli.server_bin.as_ref())?;
+    let target = start_target(&cli, &plan, kind, cli.server_bin.as_ref(), server_cpus)?;
     let target_nodes = target.nodes();
     if target_nodes > 1 {
         eprintln!(
@@ -224,7 +231,7 @@ async fn main_async(cli: Cli) -> anyhow::Result<bool> {
     let mut ok = main["ok"].as_bool().unwrap_or(false);
     let mut report = json!({
         "date": stats::now_utc(),
-        "machine": stats::machine(),
+        "machine": machine,
         "command": std::env::args().collect::<Vec<_>>().join(" "),
         "plan": plan_json(&plan),
         "result": main,
@@ -235,7 +242,7 @@ async fn main_async(cli: Cli) -> anyhow::Result<bool> {
             .as_ref()
             .context("--compare-single needs --server-bin")?;
         eprintln!("easel-loadgen: the same scenario on one easel node on sled");
-        let target = Target::start(Kind::Easel, bin, plan.server_toml.as_deref())?;
+        let target = Target::start(Kind::Easel, bin, plan.server_toml.as_deref(), server_cpus)?;
         let single = run_against(&plan, "single node (sled)", target).await?;
         ok &= single["ok"].as_bool().unwrap_or(false);
         report["single_node"] = single;
@@ -246,7 +253,7 @@ async fn main_async(cli: Cli) -> anyhow::Result<bool> {
             "easel-loadgen: the same scenario against the baseline ({})",
             bin.display()
         );
-        let target = Target::start(Kind::Baseline, &bin, None)?;
+        let target = Target::start(Kind::Baseline, &bin, None, server_cpus)?;
         let b = run_against(&plan, "baseline", target).await?;
         ok &= b["ok"].as_bool().unwrap_or(false);
         let pick = |v: &Value| -> Option<(f64, f64)> {
@@ -262,8 +269,17 @@ async fn main_async(cli: Cli) -> anyhow::Result<bool> {
         };
         if let (Some((e_dps, e_cpu)), Some((b_dps, b_cpu))) = (pick(&report["result"]), pick(&b)) {
             let ratio = e_dps / b_dps.max(1e-9);
+            // A knee where this tool was saturated may be its own limit: say so.
+            let loadgen_knee = |v: &Value| v["saturation"]["knee_loadgen_saturated"] == json!(true);
+            let (e_lg, b_lg) = (loadgen_knee(&report["result"]), loadgen_knee(&b));
+            let caveat = match (e_lg, b_lg) {
+                (false, false) => String::new(),
+                (true, false) => " (easel's knee: the load generator saturated)".into(),
+                (false, true) => " (the baseline's knee: the load generator saturated)".into(),
+                (true, true) => " (both knees: the load generator saturated)".into(),
+            };
             eprintln!(
-                "== easel / baseline: {:.0} / {:.0} deliveries/s = {:.2}; CPU per delivery {:.2} / {:.2} µs",
+                "== easel / baseline: {:.0} / {:.0} deliveries/s = {:.2}; CPU per delivery {:.2} / {:.2} µs{caveat}",
                 e_dps, b_dps, ratio, e_cpu, b_cpu
             );
             report["comparison"] = json!({
@@ -272,6 +288,8 @@ async fn main_async(cli: Cli) -> anyhow::Result<bool> {
                 "ratio": r3(ratio),
                 "easel_cpu_us_per_delivery": e_cpu,
                 "baseline_cpu_us_per_delivery": b_cpu,
+                "easel_knee_loadgen_saturated": e_lg,
+                "baseline_knee_loadgen_saturated": b_lg,
             });
         }
         report["baseline"] = b;
@@ -305,6 +323,31 @@ async fn main_async(cli: Cli) -> anyhow::Result<bool> {
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     client::now_us();
+    let plan = match plan::resolve(&cli) {
+        Ok(plan) => plan,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    // Before the runtime starts: its threads inherit this thread's CPUs.
+    let split = match plan.pin.then(pin::Split::of_allowed).transpose() {
+        Ok(split) => split.flatten(),
+        Err(e) => {
+            eprintln!("error: cannot read this process's CPUs: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    let machine = match &split {
+        Some(split) => format!("{}; {}", stats::machine(), split.describe()),
+        None => stats::machine(),
+    };
+    if let Some(split) = &split {
+        if let Err(e) = pin::pin_current_thread(&split.loadgen) {
+            eprintln!("error: cannot pin the load generator: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -315,7 +358,7 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     };
-    match runtime.block_on(main_async(cli)) {
+    match runtime.block_on(main_async(cli, plan, split, machine)) {
         Ok(true) => std::process::ExitCode::SUCCESS,
         Ok(false) => std::process::ExitCode::FAILURE,
         Err(e) => {

@@ -69,6 +69,13 @@ pub(crate) struct Cli {
     /// Join storm: no trivial-server run.
     #[arg(long, overrides_with = "compare_trivial")]
     pub(crate) no_compare_trivial: bool,
+    /// Run the server this tool starts on one CPU and this tool on the others (scenario e's
+    /// default; see pin.rs). Not with --url or --nodes.
+    #[arg(long, overrides_with = "no_pin")]
+    pub(crate) pin: bool,
+    /// The server and this tool share every core.
+    #[arg(long, overrides_with = "pin")]
+    pub(crate) no_pin: bool,
     /// The trivial server for --compare-trivial (default: trivial-join next to this one).
     #[arg(long)]
     pub(crate) trivial_bin: Option<PathBuf>,
@@ -185,6 +192,8 @@ pub(crate) struct Plan {
     pub(crate) compare_trivial: bool,
     /// Join storm: the joiners offer permessage-deflate.
     pub(crate) offer_deflate: bool,
+    /// The started server on one CPU, this tool on the others (see pin.rs).
+    pub(crate) pin: bool,
 }
 
 pub(crate) fn preset(name: &str) -> anyhow::Result<Plan> {
@@ -210,6 +219,7 @@ pub(crate) fn preset(name: &str) -> anyhow::Result<Plan> {
         join_awareness: true,
         server_toml: None,
         compare_baseline: false,
+        pin: false,
         compare_trivial: false,
         offer_deflate: true,
     };
@@ -294,6 +304,9 @@ pub(crate) fn preset(name: &str) -> anyhow::Result<Plan> {
                 "[limits]\nwhiteboard_rate = 1000000.0\nwhiteboard_burst = 1000000\n".into(),
             ),
             compare_baseline: true,
+            // As the issue that set e's target measured it: one core for the server, one for
+            // the load generator (see pin.rs).
+            pin: true,
             ..base
         },
         "f" => Plan {
@@ -366,6 +379,16 @@ pub(crate) fn resolve(cli: &Cli) -> anyhow::Result<Plan> {
     if cli.no_deflate {
         p.offer_deflate = false;
     }
+    if cli.pin || cli.no_pin {
+        p.pin = cli.pin;
+    }
+    if cli.url.is_some() || cli.nodes.is_some() {
+        // A server this tool does not start alone is not pinned by it.
+        if cli.pin {
+            bail!("--pin is for one server this tool starts (not with --url or --nodes)");
+        }
+        p.pin = false;
+    }
     if let Some(path) = &cli.server_config {
         p.server_toml = Some(
             std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?,
@@ -429,6 +452,7 @@ pub(crate) fn plan_json(p: &Plan) -> Value {
         "apply": format!("{:?}", p.apply),
         "offer_deflate": p.offer_deflate,
         "compare_trivial": p.compare_trivial,
+        "pin": p.pin,
         "server_config": p.server_toml,
     })
 }

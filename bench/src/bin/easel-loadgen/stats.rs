@@ -117,10 +117,15 @@ pub fn nofile_limit() -> Option<u64> {
 }
 
 /// "2 cores, MODEL" from /proc/cpuinfo.
-pub fn machine() -> String {
-    let cores = std::thread::available_parallelism()
+/// The CPUs this process may run on (after pinning, its share).
+pub fn usable_cpus() -> usize {
+    std::thread::available_parallelism()
         .map(|n| n.get())
-        .unwrap_or(0);
+        .unwrap_or(1)
+}
+
+pub fn machine() -> String {
+    let cores = usable_cpus();
     let model = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|c| {

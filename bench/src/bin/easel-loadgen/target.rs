@@ -245,10 +245,16 @@ fn secret() -> String {
 impl Target {
     /// Starts `bin` (one easel on sled, or the baseline; the trivial server has
     /// [`Target::start_trivial`]).
-    pub fn start(kind: Kind, bin: &Path, server_config: Option<&str>) -> anyhow::Result<Self> {
+    /// With `cpus`, the server runs on those CPUs only (see pin.rs).
+    pub fn start(
+        kind: Kind,
+        bin: &Path,
+        server_config: Option<&str>,
+        cpus: Option<&[usize]>,
+    ) -> anyhow::Result<Self> {
         let dir = run_dir()?;
         let secret = secret();
-        let cmd = match kind {
+        let mut cmd = match kind {
             Kind::Easel => {
                 let config = write_config(&dir, server_config)?;
                 easel_command(bin, &dir, &secret, config.as_deref())?
@@ -263,6 +269,9 @@ impl Target {
                 bail!("the trivial server needs its answer (Target::start_trivial)");
             }
         };
+        if let Some(cpus) = cpus {
+            easel_bench::pin::pin_child(&mut cmd, cpus);
+        }
         Self::start_one(kind, cmd, dir, secret)
     }
 
