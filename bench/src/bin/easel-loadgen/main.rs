@@ -340,6 +340,7 @@ fn main() -> std::process::ExitCode {
     };
     let machine = match &split {
         Some(split) => format!("{}; {}", stats::machine(), split.describe()),
+        None if plan.pin => format!("{}; one CPU: nothing pinned", stats::machine()),
         None => stats::machine(),
     };
     if let Some(split) = &split {
