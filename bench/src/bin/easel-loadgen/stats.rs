@@ -116,7 +116,6 @@ pub fn nofile_limit() -> Option<u64> {
     line.split_whitespace().nth(3)?.parse().ok()
 }
 
-/// "2 cores, MODEL" from /proc/cpuinfo.
 /// The CPUs this process may run on (after pinning, its share).
 pub fn usable_cpus() -> usize {
     std::thread::available_parallelism()
@@ -124,6 +123,8 @@ pub fn usable_cpus() -> usize {
         .unwrap_or(1)
 }
 
+/// "2 cores, MODEL" from /proc/cpuinfo (the cores this process may use: call it before
+/// pinning).
 pub fn machine() -> String {
     let cores = usable_cpus();
     let model = std::fs::read_to_string("/proc/cpuinfo")
