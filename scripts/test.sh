@@ -9,16 +9,20 @@ cd "$(dirname "$0")/.."
 
 # The cluster-mode tests start their own redis-server (on a free loopback port, in a
 # temporary directory; never the system service): Debian's, installed here when missing,
-# as root or with password-less sudo like chromium below.
-echo "== redis-server (for the cluster-mode tests)"
-if ! command -v redis-server >/dev/null && [ ! -x /usr/bin/redis-server ]; then
+# as root or with password-less sudo like chromium below. The `rediss://` test makes its
+# certificates with the openssl command, installed the same way.
+echo "== redis-server and openssl (for the cluster-mode tests)"
+missing=()
+if ! command -v redis-server >/dev/null && [ ! -x /usr/bin/redis-server ]; then missing+=(redis-server); fi
+if ! command -v openssl >/dev/null; then missing+=(openssl); fi
+if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then as_root=(); elif sudo -n true 2>/dev/null; then as_root=(sudo -n); else
-    echo "the cluster-mode tests need Debian's redis-server: sudo apt-get install redis-server" >&2
+    echo "the cluster-mode tests need Debian's ${missing[*]}: sudo apt-get install ${missing[*]}" >&2
     exit 1
   fi
   "${as_root[@]}" apt-get update -qq
-  # Only the binary is needed: the package's service is neither used nor required.
-  "${as_root[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-server
+  # Only the binaries are needed: the package's service is neither used nor required.
+  "${as_root[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
 
 # --workspace: the server (root package) and bench/ (load generator, baseline fan-out

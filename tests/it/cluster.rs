@@ -105,6 +105,53 @@ async fn converge_across(nodes: &[TestServer], s: &str) {
     .await;
 }
 
+/// `rediss://` (SPEC 9): nodes reach Redis over TLS, trusting its CA through the system's
+/// trust store (`SSL_CERT_FILE`), and boards converge across them as over `redis://`.
+#[tokio::test]
+async fn nodes_on_a_tls_redis_converge() {
+    let redis = TlsRedisServer::start();
+    let ca = redis.ca_file().display().to_string();
+    let nodes: Vec<TestServer> = (0..3)
+        .map(|i| {
+            TestServer::start_opts(
+                "",
+                StartOpts {
+                    args: vec!["--redis".into(), redis.url()],
+                    env: vec![
+                        ("EASEL_NODE_ID".into(), format!("tls-node{i}")),
+                        ("SSL_CERT_FILE".into(), ca.clone()),
+                    ],
+                    data_dir: None,
+                },
+            )
+        })
+        .collect();
+    converge_across(&nodes, &session_id("cl-tls")).await;
+}
+
+/// Without the CA, a node cannot verify Redis's certificate: it does not become ready.
+#[tokio::test]
+async fn a_node_that_does_not_trust_the_redis_certificate_is_not_ready() {
+    let redis = TlsRedisServer::start();
+    let node = TestServer::start_opts(
+        "",
+        StartOpts {
+            args: vec!["--redis".into(), redis.url()],
+            env: vec![("EASEL_NODE_ID".into(), "untrusting".into())],
+            data_dir: None,
+        },
+    );
+    let ready = node.http_get("/readyz").await;
+    assert_eq!(ready.status, 503, "{}", ready.text());
+    // "invalid peer certificate: UnknownIssuer" (or, on a machine with no trust store at
+    // all, the error loading it).
+    eventually("the node says why: Redis's certificate", SLOW, || async {
+        let log = node.stderr_text().to_lowercase();
+        (log.contains("redis cannot be reached") && log.contains("cert")).then_some(())
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn chat_from_two_nodes_at_once_has_one_gapless_order_everywhere() {
     let c = cluster(3);

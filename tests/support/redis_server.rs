@@ -1,7 +1,8 @@
 //! A real `redis-server` for the cluster-mode tests: started on a free loopback port with
 //! `--save '' --appendonly yes --appendfsync always --dir <tmp>` (nothing acknowledged is
 //! lost across a crash), waited on with `PING`, killed by PID on drop, and stoppable and
-//! restartable on the same port and directory (the outage tests). Never the system service.
+//! restartable on the same port and directory (the outage tests); and one that speaks TLS
+//! only ([`TlsRedisServer`], certificates made with `openssl`). Never the system service.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -281,5 +282,162 @@ impl Drop for RedisClusterServer {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+}
+
+/// A Redis that speaks TLS only (`rediss://`), with a certificate for 127.0.0.1 signed by a
+/// CA of its own, both made with the `openssl` command in its temporary directory. A client
+/// trusts it through [`TlsRedisServer::ca_file`] (easel: `SSL_CERT_FILE`). Killed by PID on
+/// drop.
+pub struct TlsRedisServer {
+    child: Child,
+    pub port: u16,
+    dir: tempfile::TempDir,
+}
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("cannot run openssl: {e} (install it: apt-get install openssl)")
+        });
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl TlsRedisServer {
+    pub fn start() -> TlsRedisServer {
+        let dir = tempfile::Builder::new()
+            .prefix("easel-redis-tls-")
+            .tempdir()
+            .expect("tempdir");
+        let d = dir.path();
+        openssl(
+            d,
+            &[
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.crt",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=easel test CA",
+            ],
+        );
+        openssl(
+            d,
+            &[
+                "req",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-keyout",
+                "server.key",
+                "-out",
+                "server.csr",
+                "-subj",
+                "/CN=127.0.0.1",
+            ],
+        );
+        std::fs::write(
+            d.join("ext.cnf"),
+            "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
+        )
+        .expect("write ext.cnf");
+        openssl(
+            d,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                "server.csr",
+                "-CA",
+                "ca.crt",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                "server.crt",
+                "-days",
+                "2",
+                "-extfile",
+                "ext.cnf",
+            ],
+        );
+        for _ in 0..5 {
+            let port = free_port();
+            let log = d.join(format!("redis-{port}.log"));
+            let mut child = Command::new(redis_server_bin())
+                .args([
+                    "--port",
+                    "0",
+                    "--tls-port",
+                    &port.to_string(),
+                    "--bind",
+                    "127.0.0.1",
+                ])
+                .args([
+                    "--tls-cert-file",
+                    "server.crt",
+                    "--tls-key-file",
+                    "server.key",
+                ])
+                .args(["--tls-ca-cert-file", "ca.crt", "--tls-auth-clients", "no"])
+                .args(["--save", "", "--appendonly", "no", "--dir"])
+                .arg(d)
+                .arg("--logfile")
+                .arg(&log)
+                .current_dir(d)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("start redis-server with TLS");
+            // No plain PING on a TLS port: its log says when it listens.
+            let deadline = Instant::now() + REDIS_START_TIMEOUT;
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break;
+                }
+                let ready = std::fs::read_to_string(&log)
+                    .is_ok_and(|l| l.contains("Ready to accept connections"));
+                if ready {
+                    return TlsRedisServer { child, port, dir };
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        panic!("redis-server with TLS did not start on any of 5 free ports");
+    }
+
+    /// `rediss://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("rediss://127.0.0.1:{}", self.port)
+    }
+
+    /// The CA certificate a client must trust.
+    pub fn ca_file(&self) -> PathBuf {
+        self.dir.path().join("ca.crt")
+    }
+}
+
+impl Drop for TlsRedisServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }

@@ -91,12 +91,16 @@ pub fn check_redis_url(url: &str) -> Result<(), StoreError> {
             "{url:?} is not a Redis URL: it must start with redis:// or rediss:// (e.g. redis://127.0.0.1:6379)"
         )));
     }
-    if url.starts_with("rediss://") {
-        return Err(StoreError::Unreachable(format!(
-            "{url:?}: this build of easel has no TLS client for Redis; use redis:// (on a private network or through a TLS tunnel)"
-        )));
-    }
     Ok(())
+}
+
+/// Before the first `rediss://` connection: rustls picks its crypto provider from crate
+/// features unless one is installed, and panics if it cannot tell; install ring, the one
+/// built in (a second install is refused, harmlessly).
+fn install_tls_provider(url: &str) {
+    if url.starts_with("rediss://") {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    }
 }
 
 impl Pool {
@@ -106,6 +110,7 @@ impl Pool {
         let client = match target {
             RedisTarget::Url(url) => {
                 check_redis_url(url)?;
+                install_tls_provider(url);
                 Client::Single(redis::Client::open(url.as_str()).map_err(invalid)?)
             }
             RedisTarget::Cluster(nodes) => {
@@ -116,6 +121,7 @@ impl Pool {
                 }
                 for url in nodes {
                     check_redis_url(url)?;
+                    install_tls_provider(url);
                 }
                 let client =
                     redis::cluster::ClusterClient::builder(nodes.iter().map(String::as_str))
@@ -270,7 +276,7 @@ mod tests {
         assert!(check_redis_url("redis://127.0.0.1:6379").is_ok());
         let wrong = check_redis_url("http://127.0.0.1:6379").unwrap_err();
         assert!(wrong.to_string().contains("redis://"), "{wrong}");
-        assert!(check_redis_url("rediss://host:6380").is_err());
+        assert!(check_redis_url("rediss://host:6380").is_ok());
     }
 
     #[test]
