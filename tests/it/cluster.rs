@@ -18,12 +18,17 @@ struct Cluster {
     nodes: Vec<TestServer>,
 }
 
+/// A node on `redis`, trusting its CA if it speaks TLS.
 fn node(redis: &RedisServer, name: &str) -> TestServer {
+    let mut env = vec![("EASEL_NODE_ID".into(), name.into())];
+    if let Some(ca) = redis.ca_file() {
+        env.push(("SSL_CERT_FILE".into(), ca.display().to_string()));
+    }
     TestServer::start_opts(
         "",
         StartOpts {
             args: vec!["--redis".into(), redis.url()],
-            env: vec![("EASEL_NODE_ID".into(), name.into())],
+            env,
             data_dir: None,
         },
     )
@@ -109,22 +114,9 @@ async fn converge_across(nodes: &[TestServer], s: &str) {
 /// trust store (`SSL_CERT_FILE`), and boards converge across them as over `redis://`.
 #[tokio::test]
 async fn nodes_on_a_tls_redis_converge() {
-    let redis = TlsRedisServer::start();
-    let ca = redis.ca_file().display().to_string();
+    let redis = RedisServer::start_tls();
     let nodes: Vec<TestServer> = (0..3)
-        .map(|i| {
-            TestServer::start_opts(
-                "",
-                StartOpts {
-                    args: vec!["--redis".into(), redis.url()],
-                    env: vec![
-                        ("EASEL_NODE_ID".into(), format!("tls-node{i}")),
-                        ("SSL_CERT_FILE".into(), ca.clone()),
-                    ],
-                    data_dir: None,
-                },
-            )
-        })
+        .map(|i| node(&redis, &format!("tls-node{i}")))
         .collect();
     converge_across(&nodes, &session_id("cl-tls")).await;
 }
@@ -132,7 +124,7 @@ async fn nodes_on_a_tls_redis_converge() {
 /// Without the CA, a node cannot verify Redis's certificate: it does not become ready.
 #[tokio::test]
 async fn a_node_that_does_not_trust_the_redis_certificate_is_not_ready() {
-    let redis = TlsRedisServer::start();
+    let redis = RedisServer::start_tls();
     let node = TestServer::start_opts(
         "",
         StartOpts {

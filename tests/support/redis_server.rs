@@ -1,8 +1,8 @@
 //! A real `redis-server` for the cluster-mode tests: started on a free loopback port with
 //! `--save '' --appendonly yes --appendfsync always --dir <tmp>` (nothing acknowledged is
 //! lost across a crash), waited on with `PING`, killed by PID on drop, and stoppable and
-//! restartable on the same port and directory (the outage tests); and one that speaks TLS
-//! only ([`TlsRedisServer`], certificates made with `openssl`). Never the system service.
+//! restartable on the same port and directory (the outage tests); or speaking TLS only
+//! ([`RedisServer::start_tls`], certificates made with `openssl`). Never the system service.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -17,6 +17,9 @@ pub struct RedisServer {
     child: Option<Child>,
     pub port: u16,
     dir: tempfile::TempDir,
+    /// TLS only (`rediss://`): its certificate and key, and the CA that signed them, are in
+    /// `dir` ([`make_certificates`]).
+    tls: bool,
 }
 
 /// `redis-server` from PATH, else Debian's `/usr/bin/redis-server`.
@@ -35,11 +38,25 @@ fn free_port() -> u16 {
     listener.local_addr().expect("local addr").port()
 }
 
-fn spawn(port: u16, dir: &Path) -> Child {
-    Command::new(redis_server_bin())
-        .arg("--port")
-        .arg(port.to_string())
-        .arg("--bind")
+fn spawn(port: u16, dir: &Path, tls: bool) -> Child {
+    let mut cmd = Command::new(redis_server_bin());
+    if tls {
+        let port = port.to_string();
+        cmd.args(["--port", "0", "--tls-port", &port])
+            .args([
+                "--tls-cert-file",
+                "server.crt",
+                "--tls-key-file",
+                "server.key",
+            ])
+            .args(["--tls-ca-cert-file", "ca.crt", "--tls-auth-clients", "no"])
+            .arg("--logfile")
+            .arg(dir.join(LOG_FILE))
+            .current_dir(dir);
+    } else {
+        cmd.arg("--port").arg(port.to_string());
+    }
+    cmd.arg("--bind")
         .arg("127.0.0.1")
         .arg("--save")
         .arg("")
@@ -61,6 +78,37 @@ fn spawn(port: u16, dir: &Path) -> Child {
         })
 }
 
+/// A TLS Redis's log (no plain `PING` on a TLS port: its log says when it listens).
+const LOG_FILE: &str = "redis.log";
+
+/// A CA and a certificate for 127.0.0.1 signed by it, in `dir` (`ca.crt`, `server.crt`,
+/// `server.key`), made with the `openssl` command.
+fn make_certificates(dir: &Path) {
+    let openssl = |args: &str| {
+        let out = Command::new("openssl")
+            .args(args.split(' '))
+            .current_dir(dir)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap_or_else(|e| {
+                panic!("cannot run openssl: {e} (install it: apt-get install openssl)")
+            });
+        assert!(
+            out.status.success(),
+            "openssl {args}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    openssl("req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.crt -days 2 -subj /CN=easel-test-CA");
+    openssl("req -newkey rsa:2048 -nodes -keyout server.key -out server.csr -subj /CN=127.0.0.1");
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
+    )
+    .expect("write ext.cnf");
+    openssl("x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial -out server.crt -days 2 -extfile ext.cnf");
+}
+
 /// Whether a Redis on `port` answers `PING` with `+PONG`.
 fn answers_ping(port: u16) -> bool {
     let Ok(mut stream) = TcpStream::connect_timeout(
@@ -80,6 +128,17 @@ fn answers_ping(port: u16) -> bool {
 impl RedisServer {
     /// Starts a fresh Redis in a new temporary directory.
     pub fn start() -> RedisServer {
+        Self::start_with(false)
+    }
+
+    /// Starts a fresh Redis that speaks TLS only, with a certificate for 127.0.0.1 signed by
+    /// a CA of its own; a client trusts it through [`RedisServer::ca_file`] (easel:
+    /// `SSL_CERT_FILE`).
+    pub fn start_tls() -> RedisServer {
+        Self::start_with(true)
+    }
+
+    fn start_with(tls: bool) -> RedisServer {
         // Another test may take the port between our probe and Redis's bind: try again.
         for _ in 0..5 {
             let mut server = RedisServer {
@@ -89,7 +148,11 @@ impl RedisServer {
                     .prefix("easel-redis-")
                     .tempdir()
                     .expect("tempdir"),
+                tls,
             };
+            if tls {
+                make_certificates(server.dir.path());
+            }
             if server.try_run() {
                 return server;
             }
@@ -97,21 +160,41 @@ impl RedisServer {
         panic!("redis-server did not start on any of 5 free ports");
     }
 
-    /// `redis://127.0.0.1:<port>`.
+    /// `redis://127.0.0.1:<port>`, or `rediss://` for a TLS Redis.
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        let scheme = if self.tls { "rediss" } else { "redis" };
+        format!("{scheme}://127.0.0.1:{}", self.port)
+    }
+
+    /// A TLS Redis's CA certificate, which a client must trust.
+    pub fn ca_file(&self) -> Option<PathBuf> {
+        self.tls.then(|| self.dir.path().join("ca.crt"))
+    }
+
+    /// Whether it accepts connections: a `PING`, or for a TLS Redis its log.
+    fn is_ready(&self) -> bool {
+        if self.tls {
+            std::fs::read_to_string(self.dir.path().join(LOG_FILE))
+                .is_ok_and(|log| log.contains("Ready to accept connections"))
+        } else {
+            answers_ping(self.port)
+        }
     }
 
     /// Runs redis-server on this port and directory until it answers `PING`; false when
     /// it exits first (the port was taken) or never answers.
     fn try_run(&mut self) -> bool {
-        let mut child = spawn(self.port, self.dir.path());
+        if self.tls {
+            // A restart must not find the last run's "ready" line.
+            let _ = std::fs::remove_file(self.dir.path().join(LOG_FILE));
+        }
+        let mut child = spawn(self.port, self.dir.path(), self.tls);
         let deadline = Instant::now() + REDIS_START_TIMEOUT;
         while Instant::now() < deadline {
             if let Ok(Some(_)) = child.try_wait() {
                 return false;
             }
-            if answers_ping(self.port) {
+            if self.is_ready() {
                 self.child = Some(child);
                 return true;
             }
@@ -282,162 +365,5 @@ impl Drop for RedisClusterServer {
             let _ = child.kill();
             let _ = child.wait();
         }
-    }
-}
-
-/// A Redis that speaks TLS only (`rediss://`), with a certificate for 127.0.0.1 signed by a
-/// CA of its own, both made with the `openssl` command in its temporary directory. A client
-/// trusts it through [`TlsRedisServer::ca_file`] (easel: `SSL_CERT_FILE`). Killed by PID on
-/// drop.
-pub struct TlsRedisServer {
-    child: Child,
-    pub port: u16,
-    dir: tempfile::TempDir,
-}
-
-fn openssl(dir: &Path, args: &[&str]) {
-    let out = Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| {
-            panic!("cannot run openssl: {e} (install it: apt-get install openssl)")
-        });
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-impl TlsRedisServer {
-    pub fn start() -> TlsRedisServer {
-        let dir = tempfile::Builder::new()
-            .prefix("easel-redis-tls-")
-            .tempdir()
-            .expect("tempdir");
-        let d = dir.path();
-        openssl(
-            d,
-            &[
-                "req",
-                "-x509",
-                "-newkey",
-                "rsa:2048",
-                "-nodes",
-                "-keyout",
-                "ca.key",
-                "-out",
-                "ca.crt",
-                "-days",
-                "2",
-                "-subj",
-                "/CN=easel test CA",
-            ],
-        );
-        openssl(
-            d,
-            &[
-                "req",
-                "-newkey",
-                "rsa:2048",
-                "-nodes",
-                "-keyout",
-                "server.key",
-                "-out",
-                "server.csr",
-                "-subj",
-                "/CN=127.0.0.1",
-            ],
-        );
-        std::fs::write(
-            d.join("ext.cnf"),
-            "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
-        )
-        .expect("write ext.cnf");
-        openssl(
-            d,
-            &[
-                "x509",
-                "-req",
-                "-in",
-                "server.csr",
-                "-CA",
-                "ca.crt",
-                "-CAkey",
-                "ca.key",
-                "-CAcreateserial",
-                "-out",
-                "server.crt",
-                "-days",
-                "2",
-                "-extfile",
-                "ext.cnf",
-            ],
-        );
-        for _ in 0..5 {
-            let port = free_port();
-            let log = d.join(format!("redis-{port}.log"));
-            let mut child = Command::new(redis_server_bin())
-                .args([
-                    "--port",
-                    "0",
-                    "--tls-port",
-                    &port.to_string(),
-                    "--bind",
-                    "127.0.0.1",
-                ])
-                .args([
-                    "--tls-cert-file",
-                    "server.crt",
-                    "--tls-key-file",
-                    "server.key",
-                ])
-                .args(["--tls-ca-cert-file", "ca.crt", "--tls-auth-clients", "no"])
-                .args(["--save", "", "--appendonly", "no", "--dir"])
-                .arg(d)
-                .arg("--logfile")
-                .arg(&log)
-                .current_dir(d)
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("start redis-server with TLS");
-            // No plain PING on a TLS port: its log says when it listens.
-            let deadline = Instant::now() + REDIS_START_TIMEOUT;
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = child.try_wait() {
-                    break;
-                }
-                let ready = std::fs::read_to_string(&log)
-                    .is_ok_and(|l| l.contains("Ready to accept connections"));
-                if ready {
-                    return TlsRedisServer { child, port, dir };
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        panic!("redis-server with TLS did not start on any of 5 free ports");
-    }
-
-    /// `rediss://127.0.0.1:<port>`.
-    pub fn url(&self) -> String {
-        format!("rediss://127.0.0.1:{}", self.port)
-    }
-
-    /// The CA certificate a client must trust.
-    pub fn ca_file(&self) -> PathBuf {
-        self.dir.path().join("ca.crt")
-    }
-}
-
-impl Drop for TlsRedisServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
