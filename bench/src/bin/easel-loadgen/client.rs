@@ -418,7 +418,7 @@ async fn run_inner(
                 // select's futures (the phase watch, the writer's timer) per frame cost the
                 // load generator more CPU than the frames did.
                 let mut frame = frame;
-                for _ in 0..DRAIN_FRAMES {
+                for handled in 1..=DRAIN_FRAMES {
                     let bytes = match frame {
                         Some(Ok(Ws::Binary(b))) => Some(b),
                         Some(Ok(Ws::Close(c))) => bail!("closed by the server: {c:?}"),
@@ -507,6 +507,9 @@ async fn run_inner(
                         for r in replies {
                             ws.send(r).await?;
                         }
+                    }
+                    if handled == DRAIN_FRAMES {
+                        break;
                     }
                     match ws.next().now_or_never() {
                         Some(next) => frame = next,
