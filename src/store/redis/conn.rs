@@ -94,9 +94,10 @@ pub fn check_redis_url(url: &str) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// Before the first `rediss://` connection: rustls picks its crypto provider from crate
-/// features unless one is installed, and panics if it cannot tell; install ring, the one
-/// built in (a second install is refused, harmlessly).
+/// Before the first `rediss://` connection: install ring as rustls's crypto provider. Today
+/// ring is the only provider in the tree and rustls would pick it by itself; were another
+/// crate ever to enable aws-lc-rs too, rustls could no longer tell which to use and would
+/// panic at the first TLS connection. A second install is refused, harmlessly.
 fn install_tls_provider(url: &str) {
     if url.starts_with("rediss://") {
         let _ = rustls::crypto::ring::default_provider().install_default();
