@@ -416,104 +416,99 @@ async fn run_inner(
                 // Every frame already read is handled before the select is built again: a
                 // fan-out client receives thousands of frames a second, and building the
                 // select's futures (the phase watch, the writer's timer) per frame cost the
-                // load generator more CPU than the frames did.
-                let mut frame = frame;
-                for handled in 1..=DRAIN_FRAMES {
+                // load generator more CPU than the frames did. The next frame is taken at
+                // the loop's top, so skipping one (`continue`) cannot lose the one after it.
+                let mut first = Some(frame);
+                for _ in 0..DRAIN_FRAMES {
+                    let Some(frame) = first.take().or_else(|| ws.next().now_or_never()) else {
+                        break;
+                    };
                     let bytes = match frame {
-                        Some(Ok(Ws::Binary(b))) => Some(b),
+                        Some(Ok(Ws::Binary(b))) => b,
                         Some(Ok(Ws::Close(c))) => bail!("closed by the server: {c:?}"),
-                        Some(Ok(_)) => None,
+                        Some(Ok(_)) => continue,
                         Some(Err(e)) => bail!("read: {e}"),
                         None => bail!("connection ended by the server"),
                     };
-                    if let Some(bytes) = bytes {
-                        let received = now_us();
-                        let mut decoder = DecoderV1::from(&bytes[..]);
-                        let mut replies: Vec<Ws> = Vec::new();
-                        for msg in MessageReader::new(&mut decoder) {
-                            match msg.context("undecodable message")? {
-                                Message::Sync(SyncMessage::SyncStep1(sv)) => {
-                                    let diff = doc.transact().encode_state_as_update_v1(&sv);
-                                    replies.push(encode(&Message::Sync(SyncMessage::SyncStep2(diff))));
+                    let received = now_us();
+                    let mut decoder = DecoderV1::from(&bytes[..]);
+                    let mut replies: Vec<Ws> = Vec::new();
+                    for msg in MessageReader::new(&mut decoder) {
+                        match msg.context("undecodable message")? {
+                            Message::Sync(SyncMessage::SyncStep1(sv)) => {
+                                let diff = doc.transact().encode_state_as_update_v1(&sv);
+                                replies.push(encode(&Message::Sync(SyncMessage::SyncStep2(diff))));
+                            }
+                            Message::Sync(SyncMessage::SyncStep2(u)) => {
+                                if seeding_ack_pending {
+                                    seeding_ack_pending = false;
+                                    counters.seeded.store(true, Ordering::Release);
+                                    continue;
                                 }
-                                Message::Sync(SyncMessage::SyncStep2(u)) => {
-                                    if seeding_ack_pending {
-                                        seeding_ack_pending = false;
-                                        counters.seeded.store(true, Ordering::Release);
-                                        continue;
-                                    }
-                                    apply(&doc, &u)?;
-                                    if !synced {
-                                        synced = true;
-                                        mark_synced(stats, counters, started);
-                                        if spec.seed_bytes > 0 {
-                                            let sent = seed(&mut ws, &doc, spec, counters).await?;
-                                            lock(stats).seeded_bytes = sent;
-                                            let sv = doc.transact().state_vector();
-                                            ws.send(encode(&Message::Sync(SyncMessage::SyncStep1(sv)))).await?;
-                                            seeding_ack_pending = true;
-                                        }
+                                apply(&doc, &u)?;
+                                if !synced {
+                                    synced = true;
+                                    mark_synced(stats, counters, started);
+                                    if spec.seed_bytes > 0 {
+                                        let sent = seed(&mut ws, &doc, spec, counters).await?;
+                                        lock(stats).seeded_bytes = sent;
+                                        let sv = doc.transact().state_vector();
+                                        ws.send(encode(&Message::Sync(SyncMessage::SyncStep1(sv)))).await?;
+                                        seeding_ack_pending = true;
                                     }
                                 }
-                                Message::Sync(SyncMessage::Update(u)) => {
-                                    if let Some((w, seq, sent)) = workload::find_marker(&u, UPDATE_MARK) {
-                                        counters.received_upd.fetch_add(1, Ordering::AcqRel);
+                            }
+                            Message::Sync(SyncMessage::Update(u)) => {
+                                if let Some((w, seq, sent)) = workload::find_marker(&u, UPDATE_MARK) {
+                                    counters.received_upd.fetch_add(1, Ordering::AcqRel);
+                                    let mut s = lock(stats);
+                                    s.upd.push((sent, received.saturating_sub(sent) as u32));
+                                    if let Some(n) = next_writer.get_mut(w as usize) {
+                                        if *n != seq { s.out_of_order += 1; }
+                                        *n = seq + 1;
+                                    }
+                                }
+                                match spec.apply {
+                                    ApplyMode::Live => apply(&doc, &u)?,
+                                    ApplyMode::Defer => deferred.push(u),
+                                    ApplyMode::Sample if keeps_document => deferred.push(u),
+                                    // Counted and checked above; not kept.
+                                    ApplyMode::Sample => {}
+                                }
+                            }
+                            Message::Awareness(u) => {
+                                for entry in u.clients.values() {
+                                    if let Some((a, seq, sent)) = workload::find_marker(entry.json.as_bytes(), AWARENESS_MARK) {
                                         let mut s = lock(stats);
-                                        s.upd.push((sent, received.saturating_sub(sent) as u32));
-                                        if let Some(n) = next_writer.get_mut(w as usize) {
-                                            if *n != seq { s.out_of_order += 1; }
-                                            *n = seq + 1;
-                                        }
-                                    }
-                                    match spec.apply {
-                                        ApplyMode::Live => apply(&doc, &u)?,
-                                        ApplyMode::Defer => deferred.push(u),
-                                        ApplyMode::Sample if keeps_document => deferred.push(u),
-                                        // Counted and checked above; not kept.
-                                        ApplyMode::Sample => {}
-                                    }
-                                }
-                                Message::Awareness(u) => {
-                                    for entry in u.clients.values() {
-                                        if let Some((a, seq, sent)) = workload::find_marker(entry.json.as_bytes(), AWARENESS_MARK) {
-                                            let mut s = lock(stats);
-                                            s.aw.push((sent, received.saturating_sub(sent) as u32));
-                                            match next_aware.get_mut(a as usize) {
-                                                // An older state after a newer one: a real reordering.
-                                                Some(n) if seq < *n => s.out_of_order += 1,
-                                                Some(n) => {
-                                                    // The states in between were superseded within a
-                                                    // tick: this one stands for them.
-                                                    let covered = u64::from(seq - *n) + 1;
-                                                    counters.received_aw.fetch_add(covered, Ordering::AcqRel);
-                                                    counters.coalesced_aw.fetch_add(covered - 1, Ordering::AcqRel);
-                                                    *n = seq + 1;
-                                                }
-                                                None => {
-                                                    counters.received_aw.fetch_add(1, Ordering::AcqRel);
-                                                }
+                                        s.aw.push((sent, received.saturating_sub(sent) as u32));
+                                        match next_aware.get_mut(a as usize) {
+                                            // An older state after a newer one: a real reordering.
+                                            Some(n) if seq < *n => s.out_of_order += 1,
+                                            Some(n) => {
+                                                // The states in between were superseded within a
+                                                // tick: this one stands for them.
+                                                let covered = u64::from(seq - *n) + 1;
+                                                counters.received_aw.fetch_add(covered, Ordering::AcqRel);
+                                                counters.coalesced_aw.fetch_add(covered - 1, Ordering::AcqRel);
+                                                *n = seq + 1;
+                                            }
+                                            None => {
+                                                counters.received_aw.fetch_add(1, Ordering::AcqRel);
                                             }
                                         }
                                     }
-                                    awareness.apply_update(u)?;
                                 }
-                                Message::Auth(reason) => bail!("auth message from the server: {reason:?}"),
-                                Message::AwarenessQuery => {
-                                    replies.push(encode(&Message::Awareness(awareness.update()?)));
-                                }
-                                Message::Custom(tag, _) => bail!("unknown message type {tag}"),
+                                awareness.apply_update(u)?;
                             }
-                        }
-                        for r in replies {
-                            ws.send(r).await?;
+                            Message::Auth(reason) => bail!("auth message from the server: {reason:?}"),
+                            Message::AwarenessQuery => {
+                                replies.push(encode(&Message::Awareness(awareness.update()?)));
+                            }
+                            Message::Custom(tag, _) => bail!("unknown message type {tag}"),
                         }
                     }
-                    if handled == DRAIN_FRAMES {
-                        break;
-                    }
-                    match ws.next().now_or_never() {
-                        Some(next) => frame = next,
-                        None => break,
+                    for r in replies {
+                        ws.send(r).await?;
                     }
                 }
             }
