@@ -224,7 +224,7 @@ impl Admin {
 
     /// Merges a Yjs v1 update into the session's whiteboard.
     pub fn import(&self, session: &str, update: &[u8]) -> Result<(), AdminError> {
-        decode_checked(update)?;
+        decode_checked(update, Purpose::Import)?;
         match &self.target {
             Target::Dir(config) => {
                 let (registry, store) = Self::registry(config)?;
@@ -318,7 +318,7 @@ fn read_response(
 
 /// The content of a Yjs v1 update as JSON.
 pub fn inspect(update: &[u8]) -> Result<serde_json::Value, AdminError> {
-    let decoded = decode_checked(update)?;
+    let decoded = decode_checked(update, Purpose::Inspect)?;
     let doc = Doc::new();
     doc.transact_mut()
         .apply_update(decoded)
@@ -326,13 +326,27 @@ pub fn inspect(update: &[u8]) -> Result<serde_json::Value, AdminError> {
     Ok(doc_to_json(&doc))
 }
 
+/// What a file's update is read for.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Purpose {
+    /// Merged into a session: checked as a client's update.
+    Import,
+    /// Shown (a file or a stored snapshot): checked as a stored record, so that text a
+    /// board already holds in the wrong kind of type is shown rather than refused.
+    Inspect,
+}
+
 /// A file's bytes as a Yjs v1 update, through the update guard first: a file is input like
 /// a client's, and a nesting bomb would overflow the stack inside yrs's decoder. The
 /// session a file is imported into applies its configured `limits.max_nesting` too.
-fn decode_checked(update: &[u8]) -> Result<Update, AdminError> {
-    easel::doc::guard::NestingIndex::default()
-        .check(update, easel::doc::guard::SAFE_NESTING)
-        .map_err(|e| AdminError::Invalid(format!("not a usable Yjs v1 update: {e}")))?;
+fn decode_checked(update: &[u8], purpose: Purpose) -> Result<Update, AdminError> {
+    let index = easel::doc::guard::NestingIndex::default();
+    let limit = easel::doc::guard::SAFE_NESTING;
+    match purpose {
+        Purpose::Import => index.check(update, limit),
+        Purpose::Inspect => index.check_stored(update, limit),
+    }
+    .map_err(|e| AdminError::Invalid(format!("not a usable Yjs v1 update: {e}")))?;
     Update::decode_v1(update).map_err(|e| AdminError::Invalid(format!("not a Yjs v1 update: {e}")))
 }
 

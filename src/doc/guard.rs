@@ -268,8 +268,40 @@ enum ParentRef {
     Type(Id),
     /// The parent of this neighbour (the item's origin or right origin).
     SameAs(Id),
-    /// Already known to be at this depth (the tail of an item the document has).
-    Known(u16),
+    /// Already known (the tail of an item the document has).
+    Known(Place),
+}
+
+/// Where an item sits: the depth of its parent, and whether that parent is a shared type
+/// that cannot hold text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Place {
+    depth: u16,
+    /// The parent is an array, a map or an XML element or fragment: string, embed and
+    /// format content belong in a text, and yrs 0.28.1's array iterator never ends on a
+    /// string it finds in an array (a fuzz finding, `fixtures/hostile`). No Yjs or yrs
+    /// client writes such an item; a root's kind is not declared, so a root's items never
+    /// count as misplaced.
+    no_text: bool,
+}
+
+impl Place {
+    const ROOT: Place = Place {
+        depth: 1,
+        no_text: false,
+    };
+    const UNKNOWN: Place = Place {
+        depth: UNKNOWN,
+        no_text: false,
+    };
+
+    /// The place of the children of a type created by an item at this place.
+    fn inside(self, no_text: bool) -> Place {
+        Place {
+            depth: add_depth(self.depth, 1),
+            no_text,
+        }
+    }
 }
 
 /// One struct of an update, as far as nesting is concerned.
@@ -281,6 +313,10 @@ struct Struct {
     parent: Option<ParentRef>,
     /// Whether the item creates a shared type (its children are one level deeper).
     is_type: bool,
+    /// Whether that type cannot hold text (see [`Place::no_text`]).
+    is_no_text_type: bool,
+    /// Whether the item holds text: string, embed or format content.
+    is_text: bool,
     /// A skip range: content that is not in this update.
     is_skip: bool,
     /// The right neighbour, when the parent comes from the left one: yrs needs both.
@@ -305,9 +341,26 @@ const HAS_ORIGIN: u8 = 0x80;
 const HAS_RIGHT_ORIGIN: u8 = 0x40;
 const HAS_PARENT_SUB: u8 = 0x20;
 
-/// Reads one item's content and returns its length in clock units (0: `yrs` drops it).
-fn read_content(cursor: &mut Cursor<'_>, info: u8, limit: usize) -> Result<u32, GuardError> {
-    Ok(match info & 0b1111 {
+/// Type refs, as `yrs` numbers the shared types an item can create.
+mod type_ref {
+    pub const TEXT: u8 = 2;
+    pub const XML_TEXT: u8 = 6;
+    pub const DOC: u8 = 9;
+    pub const UNDEFINED: u8 = 15;
+}
+
+/// What one item's content is, as far as the guard cares.
+struct Content {
+    /// Its length in clock units (0: `yrs` drops it).
+    len: u32,
+    /// The shared type it creates, if it creates one.
+    type_ref: Option<u8>,
+}
+
+/// Reads one item's content.
+fn read_content(cursor: &mut Cursor<'_>, info: u8, limit: usize) -> Result<Content, GuardError> {
+    let mut type_ref = None;
+    let len = match info & 0b1111 {
         content::DELETED => cursor.read_var::<u32>().map_err(malformed)?,
         content::JSON => {
             // Legacy content (Yjs 13 reads it, never writes it) that yrs 0.28.1 cannot
@@ -336,7 +389,8 @@ fn read_content(cursor: &mut Cursor<'_>, info: u8, limit: usize) -> Result<u32, 
             1
         }
         content::TYPE => {
-            match cursor.read_u8().map_err(malformed)? {
+            let created = cursor.read_u8().map_err(malformed)?;
+            match created {
                 // XmlElement carries its tag name.
                 3 => {
                     cursor.read_string().map_err(malformed)?;
@@ -348,6 +402,7 @@ fn read_content(cursor: &mut Cursor<'_>, info: u8, limit: usize) -> Result<u32, 
                     )))
                 }
             }
+            type_ref = Some(created);
             1
         }
         content::ANY => {
@@ -363,7 +418,8 @@ fn read_content(cursor: &mut Cursor<'_>, info: u8, limit: usize) -> Result<u32, 
             1
         }
         other => return Err(GuardError::Malformed(format!("unknown content {other}"))),
-    })
+    };
+    Ok(Content { len, type_ref })
 }
 
 /// Walks a Yjs v1 update the way `yrs::Update::decode_v1` does, checking every count and
@@ -392,13 +448,13 @@ fn read_structs(bytes: &[u8], limit: usize) -> Result<(Vec<Struct>, Vec<Deleted>
         let mut clock = cursor.read_var::<u32>().map_err(malformed)?;
         for _ in 0..count {
             let info = cursor.read_u8().map_err(malformed)?;
-            let (len, parent, is_type, is_skip, right) = match info {
+            let (len, parent, type_ref, is_skip, right) = match info {
                 INFO_SKIP | INFO_GC => {
                     let len = cursor.read_var::<u32>().map_err(malformed)?;
                     if len == 0 {
                         return Err(malformed("an empty block"));
                     }
-                    (len, None, false, info == INFO_SKIP, None)
+                    (len, None, None, info == INFO_SKIP, None)
                 }
                 _ => {
                     let origin = (info & HAS_ORIGIN != 0)
@@ -422,10 +478,9 @@ fn read_structs(bytes: &[u8], limit: usize) -> Result<(Vec<Struct>, Vec<Deleted>
                             parent
                         }
                     };
-                    let len = read_content(&mut cursor, info, limit)?;
-                    let is_type = info & 0b1111 == content::TYPE;
+                    let content = read_content(&mut cursor, info, limit)?;
                     let right = origin.and(right_origin);
-                    (len, Some(parent), is_type, false, right)
+                    (content.len, Some(parent), content.type_ref, false, right)
                 }
             };
             if len == 0 {
@@ -435,7 +490,19 @@ fn read_structs(bytes: &[u8], limit: usize) -> Result<(Vec<Struct>, Vec<Deleted>
                 id: (client, clock),
                 len,
                 parent,
-                is_type,
+                is_type: type_ref.is_some(),
+                // Texts hold text; a subdocument or an undefined type is not iterated as
+                // an array, so it is given the benefit of the doubt.
+                is_no_text_type: type_ref.is_some_and(|t| {
+                    !matches!(
+                        t,
+                        type_ref::TEXT | type_ref::XML_TEXT | type_ref::DOC | type_ref::UNDEFINED
+                    )
+                }),
+                is_text: matches!(
+                    info & 0b1111,
+                    content::STRING | content::EMBED | content::FORMAT
+                ),
                 is_skip,
                 right,
             });
@@ -474,18 +541,25 @@ const UNKNOWN: u16 = u16::MAX;
 /// over thousands of updates, so the depth of a new type can only be known from what came
 /// before. Items at the root level are not stored: an id the index has seen but holds no
 /// run for has a root type as its parent.
+///
+/// It also remembers which shared types cannot hold text (arrays, maps, XML elements and
+/// fragments: one id per such type), so that string content placed in one is refused
+/// wherever the update names the type from (see [`Place::no_text`]).
 #[derive(Debug, Default, Clone)]
 pub struct NestingIndex {
-    /// client → start clock → (end clock, exclusive; depth of the items' parent).
-    runs: std::collections::HashMap<u64, std::collections::BTreeMap<u32, (u32, u16)>>,
+    /// client → start clock → (end clock, exclusive; where the items sit).
+    runs: std::collections::HashMap<u64, std::collections::BTreeMap<u32, (u32, Place)>>,
     /// client → the clock after the last item seen.
     seen: std::collections::HashMap<u64, u32>,
+    /// client → clocks of the items that created a type that cannot hold text.
+    no_text_types: std::collections::HashMap<u64, std::collections::HashSet<u32>>,
 }
 
 /// What a checked update will add to a [`NestingIndex`] once it is integrated.
 #[derive(Debug, Default)]
 pub struct CheckedUpdate {
-    runs: Vec<(u64, u32, u32, u16)>,
+    runs: Vec<(u64, u32, u32, Place)>,
+    no_text_types: Vec<Id>,
     /// Whether the update carries nothing: no struct, no deleted range. A viewer's client
     /// sends such an update on connect; it is not a write.
     pub is_empty: bool,
@@ -510,24 +584,55 @@ impl CheckedUpdate {
 }
 
 impl NestingIndex {
-    /// Depth of the parent of item `id`, if the index knows it.
-    fn parent_depth(&self, (client, clock): Id) -> Option<u16> {
-        if let Some((_, (end, depth))) = self
+    /// Where item `id` sits, if the index knows it.
+    fn place(&self, (client, clock): Id) -> Option<Place> {
+        if let Some((_, (end, place))) = self
             .runs
             .get(&client)
             .and_then(|runs| runs.range(..=clock).next_back())
         {
             if clock < *end {
-                return Some(*depth);
+                return Some(*place);
             }
         }
-        (clock < self.seen.get(&client).copied().unwrap_or(0)).then_some(1)
+        (clock < self.seen.get(&client).copied().unwrap_or(0)).then_some(Place::ROOT)
     }
 
-    /// Checks a Yjs v1 update against the document this index describes: lengths, counts,
-    /// `Any` and JSON depth, and the depth of every shared type it creates (at most `limit`).
-    /// Nothing is recorded until [`NestingIndex::commit`].
+    /// Depth of the parent of item `id`, if the index knows it.
+    #[cfg(test)]
+    fn parent_depth(&self, id: Id) -> Option<u16> {
+        self.place(id).map(|p| p.depth)
+    }
+
+    /// Whether item `id` created a type that cannot hold text.
+    fn is_no_text_type(&self, (client, clock): Id) -> bool {
+        self.no_text_types
+            .get(&client)
+            .is_some_and(|clocks| clocks.contains(&clock))
+    }
+
+    /// Checks a Yjs v1 update from a client (or a file) against the document this index
+    /// describes: lengths, counts, `Any` and JSON depth, the depth of every shared type it
+    /// creates (at most `limit`), and that text content sits only where text can (see
+    /// [`Place::no_text`]). Nothing is recorded until [`NestingIndex::commit`].
     pub fn check(&self, update: &[u8], limit: usize) -> Result<CheckedUpdate, GuardError> {
+        self.check_with(update, limit, true)
+    }
+
+    /// [`NestingIndex::check`] for a record the store already holds: text content in a
+    /// type that cannot hold text is let through. Such a record was accepted before the
+    /// guard refused it, and skipping it (a snapshot, say) would lose the board; the
+    /// server's own paths never iterate it as an array (`doc_to_json` reads it as text).
+    pub fn check_stored(&self, update: &[u8], limit: usize) -> Result<CheckedUpdate, GuardError> {
+        self.check_with(update, limit, false)
+    }
+
+    fn check_with(
+        &self,
+        update: &[u8],
+        limit: usize,
+        refuse_misplaced_text: bool,
+    ) -> Result<CheckedUpdate, GuardError> {
         let (read, deletes) = read_structs(update, limit)?;
         let is_empty = read.is_empty() && deletes.is_empty();
         let seen = |client: u64| self.seen.get(&client).copied().unwrap_or(0);
@@ -545,12 +650,12 @@ impl NestingIndex {
                 s.len -= known - s.id.1;
                 s.id.1 = known;
                 if s.parent.is_some() {
-                    s.parent = Some(ParentRef::Known(self.parent_depth(head).unwrap_or(UNKNOWN)));
+                    s.parent = Some(ParentRef::Known(self.place(head).unwrap_or(Place::UNKNOWN)));
                 }
             }
             structs.push(s);
         }
-        let (depths, mut waits_on) = resolve_depths(self, &structs)?;
+        let (places, mut waits_on) = resolve_places(self, &structs)?;
         // A deletion of content neither the document nor this update has waits for it.
         // (Indexed only when there are deletions: most updates carry none.)
         if !deletes.is_empty() {
@@ -583,26 +688,37 @@ impl NestingIndex {
         waits_on.sort_unstable();
         waits_on.dedup();
         let mut waits = !waits_on.is_empty();
-        for (s, depth) in structs.iter().zip(depths) {
+        let mut no_text_types = Vec::new();
+        for (s, place) in structs.iter().zip(places) {
+            let depth = place.depth;
             if s.is_type && depth != UNKNOWN && usize::from(depth) + 1 > limit {
                 return Err(GuardError::TooDeep { limit });
+            }
+            if refuse_misplaced_text && s.is_text && place.no_text {
+                return Err(malformed(
+                    "text content in a shared type that is not a text (an array, a map or XML)",
+                ));
+            }
+            if s.is_no_text_type {
+                no_text_types.push(s.id);
             }
             // Its place (and, for a type, its depth) is known only once the content it
             // depends on arrives.
             waits |= depth == UNKNOWN;
             let end = s.id.1 + s.len;
             match runs.last_mut() {
-                Some((client, _, last_end, last_depth))
-                    if *client == s.id.0 && *last_end == s.id.1 && *last_depth == depth =>
+                Some((client, _, last_end, last_place))
+                    if *client == s.id.0 && *last_end == s.id.1 && *last_place == place =>
                 {
                     *last_end = end
                 }
-                _ => runs.push((s.id.0, s.id.1, end, depth)),
+                _ => runs.push((s.id.0, s.id.1, end, place)),
             }
         }
         Ok(CheckedUpdate {
             is_empty,
             runs,
+            no_text_types,
             waits,
             waits_on,
         })
@@ -610,7 +726,10 @@ impl NestingIndex {
 
     /// Records an integrated update's items.
     pub fn commit(&mut self, checked: CheckedUpdate) {
-        for (client, start, end, depth) in checked.runs {
+        for (client, clock) in checked.no_text_types {
+            self.no_text_types.entry(client).or_default().insert(clock);
+        }
+        for (client, start, end, place) in checked.runs {
             let seen = self.seen.entry(client).or_default();
             *seen = (*seen).max(end);
             let runs = self.runs.entry(client).or_default();
@@ -623,17 +742,18 @@ impl NestingIndex {
                 .map(|(s, _)| *s)
                 .collect();
             for s in overlapping {
-                if let Some((run_end, run_depth)) = runs.remove(&s) {
+                if let Some((run_end, run_place)) = runs.remove(&s) {
                     if s < start {
-                        runs.insert(s, (start, run_depth));
+                        runs.insert(s, (start, run_place));
                     }
                     if run_end > end {
-                        runs.insert(end, (run_end, run_depth));
+                        runs.insert(end, (run_end, run_place));
                     }
                 }
             }
-            if depth > 1 {
-                runs.insert(start, (end, depth));
+            // A root's items are not stored (see the type's documentation).
+            if place != Place::ROOT {
+                runs.insert(start, (end, place));
             }
             if runs.is_empty() {
                 self.runs.remove(&client);
@@ -642,13 +762,13 @@ impl NestingIndex {
     }
 }
 
-/// The depth of each struct's parent (`UNKNOWN` where it depends on absent content), by
+/// The place of each struct (its depth `UNKNOWN` where it depends on absent content), by
 /// following parents and neighbours through this update and the index. Iterative with
 /// memoisation: a chain of a million items costs a million steps, not a stack frame each.
-fn resolve_depths(
+fn resolve_places(
     index: &NestingIndex,
     structs: &[Struct],
-) -> Result<(Vec<u16>, Vec<u64>), GuardError> {
+) -> Result<(Vec<Place>, Vec<u64>), GuardError> {
     // Clients whose absent content some struct depends on.
     let mut missing = Vec::new();
     // Items of this update by client, sorted by clock, to find the one holding an id.
@@ -668,60 +788,68 @@ fn resolve_depths(
     };
     const PENDING: u16 = 0;
     const VISITING: u16 = u16::MAX - 1;
-    let mut depth = vec![PENDING; structs.len()];
+    let mut place = vec![
+        Place {
+            depth: PENDING,
+            no_text: false
+        };
+        structs.len()
+    ];
     for start in 0..structs.len() {
-        if depth[start] != PENDING {
+        if place[start].depth != PENDING {
             continue;
         }
         // Follow the chain of dependencies from `start`, then fill it in backwards.
         let mut chain = vec![start];
-        depth[start] = VISITING;
+        place[start].depth = VISITING;
         let resolved = loop {
             let Some(&current) = chain.last() else {
-                break UNKNOWN;
+                break Place::UNKNOWN;
             };
             let s = &structs[current];
-            // The dependency: an item whose depth gives ours (`plus` for a type's children).
-            let (target, plus) = match s.parent {
+            // The dependency: the item whose place gives ours (inside it, for a type).
+            let (target, inside) = match s.parent {
                 None if s.is_skip => {
                     missing.push(s.id.0);
-                    break UNKNOWN;
+                    break Place::UNKNOWN;
                 }
-                None | Some(ParentRef::Root) => break 1,
-                Some(ParentRef::Known(depth)) => {
-                    if depth == UNKNOWN {
+                None | Some(ParentRef::Root) => break Place::ROOT,
+                Some(ParentRef::Known(known)) => {
+                    if known.depth == UNKNOWN {
                         missing.push(s.id.0);
                     }
-                    break depth;
+                    break known;
                 }
-                Some(ParentRef::SameAs(id)) => (id, 0),
-                Some(ParentRef::Type(id)) => (id, 1),
+                Some(ParentRef::SameAs(id)) => (id, false),
+                Some(ParentRef::Type(id)) => (id, true),
             };
             match find(target) {
-                Some(dep) if depth[dep] == VISITING => {
+                Some(dep) if place[dep].depth == VISITING => {
                     return Err(malformed("items that are their own parents"))
                 }
-                Some(dep) if depth[dep] == PENDING => {
-                    depth[dep] = VISITING;
+                Some(dep) if place[dep].depth == PENDING => {
+                    place[dep].depth = VISITING;
                     chain.push(dep);
                 }
-                Some(dep) => break add_depth(depth[dep], plus),
-                None => match index.parent_depth(target) {
-                    Some(d) => break add_depth(d, plus),
+                Some(dep) if inside => break place[dep].inside(structs[dep].is_no_text_type),
+                Some(dep) => break place[dep],
+                None => match index.place(target) {
+                    Some(p) if inside => break p.inside(index.is_no_text_type(target)),
+                    Some(p) => break p,
                     None => {
                         missing.push(target.0);
-                        break UNKNOWN;
+                        break Place::UNKNOWN;
                     }
                 },
             }
         };
-        // Unwind: each link's depth is its dependency's, plus one across a type.
+        // Unwind: each link sits where its dependency does, or inside it across a type.
         let mut below = resolved;
         while let Some(current) = chain.pop() {
-            depth[current] = below;
+            place[current] = below;
             if let Some(&parent) = chain.last() {
                 if matches!(structs[parent].parent, Some(ParentRef::Type(_))) {
-                    below = add_depth(below, 1);
+                    below = below.inside(structs[current].is_no_text_type);
                 }
             }
         }
@@ -729,12 +857,12 @@ fn resolve_depths(
     // yrs needs the right neighbour too, where the parent came from the left one.
     for s in structs {
         if let Some(right) = s.right {
-            if find(right).is_none() && index.parent_depth(right).is_none() {
+            if find(right).is_none() && index.place(right).is_none() {
                 missing.push(right.0);
             }
         }
     }
-    Ok((depth, missing))
+    Ok((place, missing))
 }
 
 fn add_depth(depth: u16, plus: u16) -> u16 {
@@ -751,7 +879,10 @@ mod tests {
     use yrs::updates::encoder::Encode;
 
     use yrs::types::ToJson;
-    use yrs::{Any, Array, ArrayPrelim, Doc, Map, MapPrelim, MapRef, ReadTxn, Transact, Update};
+    use yrs::{
+        Any, Array, ArrayPrelim, Doc, Map, MapPrelim, MapRef, ReadTxn, Text, TextPrelim, Transact,
+        Update,
+    };
 
     /// An update setting key "k" of root map "m" to an `Any` array nested `depth` deep.
     fn deep_any_update(depth: usize) -> Vec<u8> {
@@ -905,6 +1036,67 @@ mod tests {
         let checked = index.check(&attack, 64).unwrap();
         index.commit(checked);
         assert_eq!(index.parent_depth((1, 9)), Some(10));
+    }
+
+    #[test]
+    fn text_content_is_refused_in_a_type_that_cannot_hold_text() {
+        // The fuzz finding: m.k an array, a string placed in it by naming it as the parent.
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/fixtures/hostile/update.refuse.fuzz-string-in-nested-array.bin"
+        );
+        let finding = std::fs::read(path).unwrap();
+        Update::decode_v1(&finding).expect("yrs decodes it");
+        let index = NestingIndex::default();
+        assert!(matches!(
+            index.check(&finding, 64),
+            Err(GuardError::Malformed(_))
+        ));
+        // What the store already holds still loads.
+        assert!(index.check_stored(&finding, 64).is_ok());
+
+        // The same split over updates: the array (item (1, 0)) and a number in it (1, 1)
+        // first, then a string naming the array as its parent, or the number as its origin.
+        let doc = Doc::with_client_id(1);
+        let root = doc.get_or_insert_map("m");
+        let mut txn = doc.transact_mut();
+        let array = root.insert(&mut txn, "k", ArrayPrelim::default());
+        array.push_back(&mut txn, 1);
+        let first = txn.encode_update_v1();
+        drop(txn);
+        let mut index = NestingIndex::default();
+        let checked = index.check(&first, 64).unwrap();
+        index.commit(checked);
+        let named_parent = [1, 1, 2, 0, 0x04, 0, 1, 0, 1, b'x', 0];
+        let after_the_number = [1, 1, 3, 0, 0x84, 1, 1, 1, b'y', 0];
+        for attack in [&named_parent[..], &after_the_number[..]] {
+            Update::decode_v1(attack).expect("yrs decodes the attack");
+            assert!(matches!(
+                index.check(attack, 64),
+                Err(GuardError::Malformed(_))
+            ));
+        }
+
+        // Texts take text wherever they sit: a root text, and a text nested in a map, typed
+        // in one update after another (each placed after the previous character).
+        let doc = Doc::with_client_id(4);
+        let root = doc.get_or_insert_map("m");
+        let top = doc.get_or_insert_text("t");
+        let nested = root.insert(&mut doc.transact_mut(), "k", TextPrelim::new(""));
+        let mut index = NestingIndex::default();
+        for i in 0..3 {
+            let mut txn = doc.transact_mut();
+            nested.push(&mut txn, "ab");
+            top.insert(&mut txn, i, "c");
+            let update = txn.encode_update_v1();
+            drop(txn);
+            let checked = index.check(&update, 64).unwrap();
+            index.commit(checked);
+        }
+        let state = doc
+            .transact()
+            .encode_state_as_update_v1(&StateVector::default());
+        NestingIndex::default().check(&state, 64).unwrap();
     }
 
     #[test]

@@ -10,7 +10,7 @@ use yrs::{
     XmlElementRef, XmlFragmentRef,
 };
 
-use super::roots::{branch_of, has_entries, has_sequence, root_kind, RootKind};
+use super::roots::{branch_of, has_entries, has_sequence, holds_text, root_kind, RootKind};
 
 /// The document's content as JSON, for `easel snapshot inspect`: an object with one key per
 /// root type (maps become objects, arrays arrays, texts their plain string, XML its string
@@ -54,12 +54,16 @@ fn out_to_json<T: ReadTxn>(value: &Out, txn: &T) -> Value {
                 .map(|(key, item)| (key.to_string(), out_to_json(&item, txn)))
                 .collect(),
         ),
-        Out::YArray(array) => Value::Array(
-            array
-                .iter(txn)
-                .map(|item| out_to_json(&item, txn))
-                .collect(),
-        ),
+        // An array holding string content (see `holds_text`) reads as the text it holds.
+        Out::YArray(array) => match branch_of(value).filter(|b| holds_text(*b, txn)) {
+            Some(branch) => Value::String(TextRef::from(branch).get_string(txn)),
+            None => Value::Array(
+                array
+                    .iter(txn)
+                    .map(|item| out_to_json(&item, txn))
+                    .collect(),
+            ),
+        },
         Out::YText(text) => Value::String(text.get_string(txn)),
         Out::YXmlElement(element) => Value::String(xml_element_string(element, txn)),
         Out::YXmlFragment(fragment) => Value::String(fragment.get_string(txn)),
@@ -178,5 +182,23 @@ mod tests {
         );
         // A relay's untyped copy reads the same.
         assert_eq!(doc_to_json(&replica(&full_state(&doc))), doc_to_json(&doc));
+    }
+
+    #[test]
+    fn an_array_holding_text_reads_as_that_text() {
+        // The fuzz finding the guard now refuses from clients (a board stored before may
+        // hold it): m.k an array holding the string "😀x". yrs's array iterator never ends
+        // on it, so the conversion runs on a thread that must answer within the timeout.
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/fixtures/hostile/update.refuse.fuzz-string-in-nested-array.bin"
+        );
+        let doc = replica(&std::fs::read(path).unwrap());
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || tx.send(doc_to_json(&doc)));
+        let json = rx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("doc_to_json returns");
+        assert_eq!(json, serde_json::json!({"m": {"k": "😀x"}}));
     }
 }

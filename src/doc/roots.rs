@@ -72,15 +72,22 @@ pub(crate) fn has_sequence(branch: BranchPtr) -> bool {
     branch.len() > 0
 }
 
-/// Text, array or XML fragment, for a branch with sequence content.
-fn sequence_kind<T: ReadTxn>(branch: BranchPtr, txn: &T) -> RootKind {
+/// Whether a branch holds string content (or primitive embeds): what only a text holds.
+/// A branch typed as an array can hold it too, if a client wrote it there (the guard
+/// refuses that now; a board stored before may have it), and yrs's array iterator never
+/// ends on it, so such a branch must be read as a text.
+pub(crate) fn holds_text<T: ReadTxn>(branch: BranchPtr, txn: &T) -> bool {
     // A text diff shows string content (and primitive embeds) as `Out::Any` chunks; an array's
     // primitive items never show up in it, and shared types show in both.
-    let chunks = TextRef::from(branch).diff(txn, YChange::identity);
-    if chunks
+    TextRef::from(branch)
+        .diff(txn, YChange::identity)
         .iter()
         .any(|chunk| matches!(chunk.insert, Out::Any(_)))
-    {
+}
+
+/// Text, array or XML fragment, for a branch with sequence content.
+fn sequence_kind<T: ReadTxn>(branch: BranchPtr, txn: &T) -> RootKind {
+    if holds_text(branch, txn) {
         return RootKind::Text;
     }
     let all_xml = ArrayRef::from(branch)

@@ -115,7 +115,7 @@ fn decode_snapshot(state: &[u8]) -> Result<Doc, RestoreError> {
     // Every caller's bytes passed the guard already; checked again here because this is
     // where yrs decodes them, and a nesting bomb overflows the stack inside its decoder.
     crate::doc::guard::NestingIndex::default()
-        .check(state, crate::doc::guard::SAFE_NESTING)
+        .check_stored(state, crate::doc::guard::SAFE_NESTING)
         .map_err(|e| bad(&e))?;
     let update = Update::decode_v1(state).map_err(|e| bad(&e))?;
     let doc = Doc::new();

@@ -141,7 +141,7 @@ impl Board {
                 // This update, then whatever held-back ones it lets in, and so on.
                 let mut next = vec![bytes.clone()];
                 while let Some(update) = next.pop() {
-                    let checked = match nesting.check(&update, limits.max_nesting) {
+                    let checked = match nesting.check_stored(&update, limits.max_nesting) {
                         Ok(checked) => checked,
                         Err(e) => {
                             skip("is refused by the guard", e.to_string());

@@ -1078,8 +1078,9 @@ impl Board {
             .get_snapshot(&self.session, version)?
             .ok_or(RestoreFailure::NoSuchVersion(version))?;
         {
-            // A stored version passes the same guard as a client's update.
-            NestingIndex::default().check(&state, self.options.limits.max_nesting)?;
+            // A stored version passes the same guard as a client's update (as a stored
+            // record: what the store took is not refused now).
+            NestingIndex::default().check_stored(&state, self.options.limits.max_nesting)?;
             let restored = crate::doc::restore::restore_into(&self.doc(), &state);
             let update = match restored {
                 Ok(update) => update,
@@ -1090,7 +1091,7 @@ impl Board {
             };
             let checked = self
                 .nesting()
-                .check(&update, self.options.limits.max_nesting);
+                .check_stored(&update, self.options.limits.max_nesting);
             if let Err(e) = self.append(&[&update]) {
                 self.roll_back(ApplyError::Rejected(e.to_string()));
                 return Err(e.into());

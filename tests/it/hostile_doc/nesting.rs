@@ -283,3 +283,57 @@ async fn a_poison_pill_stored_before_the_guard_is_skipped_and_counted() {
     assert_server_alive(&server, &s).await;
     drop(tmp);
 }
+
+/// Text content in an array (a fuzz finding that hangs yrs's array iterator) is refused from
+/// clients (the corpus replays it over the wire), but a board that holds it from before the
+/// guard refused it still loads whole: the record is not skipped as a poison pill.
+#[tokio::test]
+async fn a_stored_string_in_an_array_still_loads_with_the_board() {
+    let finding = std::fs::read(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/fixtures/hostile/update.refuse.fuzz-string-in-nested-array.bin"
+    ))
+    .unwrap();
+    let mut server = TestServer::start("");
+    let s = session_id("misplaced-text");
+    let mut a = server.wb_user(&s, "a").await;
+    a.map_set("board", "before", "kept").await;
+    a.close().await;
+    server.stop_graceful().await;
+    let tmp = server.take_tempdir();
+    let data_dir = server.data_dir.clone();
+    {
+        use easel::store::{SledStore, Store};
+        let store = SledStore::open(&data_dir, 0, 20, None).expect("open the store");
+        let last = store.load_whiteboard(&s).expect("load").last_log_seq;
+        store.append_update(&s, last + 1, &finding).unwrap();
+        store
+            .append_update(
+                &s,
+                last + 2,
+                &map_set_update(31, "board", "after", "kept too"),
+            )
+            .unwrap();
+        store.flush().unwrap();
+    }
+
+    let server = TestServer::start_in(&data_dir, "");
+    let b = server.wb_user(&s, "b").await;
+    assert_eq!(b.map_get("board", "before").as_deref(), Some("kept"));
+    assert_eq!(b.map_get("board", "after").as_deref(), Some("kept too"));
+    // Client 1's array item and its three UTF-16 units of text reached the joiner.
+    assert_eq!(
+        b.doc
+            .transact()
+            .state_vector()
+            .get(&yrs::block::ClientID::new(1)),
+        4
+    );
+    let skipped = server
+        .metric("easel_store_decode_errors_total")
+        .await
+        .unwrap_or(0.0);
+    assert_eq!(skipped, 0.0, "the stored record was skipped");
+    assert_server_alive(&server, &s).await;
+    drop(tmp);
+}
