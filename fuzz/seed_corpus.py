@@ -51,7 +51,12 @@ def read(path):
 
 recorded = sorted(n for n in os.listdir(FIX) if n.endswith(".updates"))
 states = sorted(n for n in os.listdir(FIX) if n.endswith(".state.bin"))
-hostile = sorted(n for n in os.listdir(HOSTILE) if n != "README.md")
+# Files only: open/ and regressions/ hold findings, replayed by their own tests.
+hostile = sorted(
+    n
+    for n in os.listdir(HOSTILE)
+    if n != "README.md" and os.path.isfile(os.path.join(HOSTILE, n))
+)
 
 updates = []
 for n in recorded:
