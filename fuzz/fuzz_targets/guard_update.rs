@@ -3,6 +3,9 @@
 //!
 //! Strict on purpose: a panic in yrs's integration is a finding here even though the
 //! whiteboard catches it (and rolls back); a stack overflow or abort would kill the server.
+//! An update that waits for content the document lacks is skipped, as the whiteboard holds
+//! it back instead of giving it to yrs (`whiteboard_restore` drives such updates in order):
+//! applied alone, every one of them re-found yrs's `find_index` panic (`fixtures/hostile/open`).
 #![no_main]
 
 use easel::doc::guard::NestingIndex;
@@ -11,11 +14,9 @@ use yrs::updates::decoder::Decode;
 use yrs::{Doc, Transact, Update};
 
 fuzz_target!(|data: &[u8]| {
-    if NestingIndex::default()
-        .check(data, easel_fuzz::limits().max_nesting)
-        .is_err()
-    {
-        return;
+    match NestingIndex::default().check(data, easel_fuzz::limits().max_nesting) {
+        Ok(checked) if !checked.waits => {}
+        _ => return,
     }
     let Ok(update) = Update::decode_v1(data) else {
         return;
