@@ -233,43 +233,46 @@ async fn snapshot_import_and_inspect_refuse_a_deep_any_file_without_crashing() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_poison_pill_stored_before_the_guard_is_skipped_and_counted() {
+/// A board restarted on a log that holds `records` as a server without today's guard would
+/// have logged them: a client sets board.before, the server stops, `records` and then an
+/// edit setting board.after are appended to the session's log, and the server starts again
+/// on the same data. Returns the new server, the session, a client synced to it (both edits
+/// checked: the records did not cost the board anything) and the data directory's owner.
+async fn restarted_with_records_logged(
+    name: &str,
+    records: &[Vec<u8>],
+) -> (TestServer, String, WbClient, Option<tempfile::TempDir>) {
     let mut server = TestServer::start("");
-    let s = session_id("poison");
+    let s = session_id(name);
     let mut a = server.wb_user(&s, "a").await;
     a.map_set("board", "before", "kept").await;
     a.close().await;
     server.stop_graceful().await;
     let tmp = server.take_tempdir();
     let data_dir = server.data_dir.clone();
-
-    // What a server without the guard would have logged: an Any bomb, a 20,000-deep chain,
-    // then an ordinary edit.
     {
         use easel::store::{SledStore, Store};
         let store = SledStore::open(&data_dir, 0, 20, None).expect("open the store");
-        let last = store.load_whiteboard(&s).expect("load").last_log_seq;
-        store
-            .append_update(&s, last + 1, &deep_any_update(7_000))
-            .unwrap();
-        store
-            .append_update(&s, last + 2, &map_chain_update(9_002, 20_000))
-            .unwrap();
-        store
-            .append_update(
-                &s,
-                last + 3,
-                &map_set_update(31, "board", "after", "kept too"),
-            )
-            .unwrap();
+        let mut seq = store.load_whiteboard(&s).expect("load").last_log_seq;
+        let edit = map_set_update(31, "board", "after", "kept too");
+        for record in records.iter().chain([&edit]) {
+            seq += 1;
+            store.append_update(&s, seq, record).unwrap();
+        }
         store.flush().unwrap();
     }
-
     let server = TestServer::start_in(&data_dir, "");
     let b = server.wb_user(&s, "b").await;
     assert_eq!(b.map_get("board", "before").as_deref(), Some("kept"));
     assert_eq!(b.map_get("board", "after").as_deref(), Some("kept too"));
+    (server, s, b, tmp)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poison_pill_stored_before_the_guard_is_skipped_and_counted() {
+    // An Any bomb and a 20,000-deep chain.
+    let pills = [deep_any_update(7_000), map_chain_update(9_002, 20_000)];
+    let (server, s, b, tmp) = restarted_with_records_logged("poison", &pills).await;
     assert!(!has_bomb_key(&b.doc));
     assert_eq!(healthz(&server).await, 200);
     let skipped = server
@@ -294,33 +297,7 @@ async fn a_stored_string_in_an_array_still_loads_with_the_board() {
         "/fixtures/hostile/update.refuse.fuzz-string-in-nested-array.bin"
     ))
     .unwrap();
-    let mut server = TestServer::start("");
-    let s = session_id("misplaced-text");
-    let mut a = server.wb_user(&s, "a").await;
-    a.map_set("board", "before", "kept").await;
-    a.close().await;
-    server.stop_graceful().await;
-    let tmp = server.take_tempdir();
-    let data_dir = server.data_dir.clone();
-    {
-        use easel::store::{SledStore, Store};
-        let store = SledStore::open(&data_dir, 0, 20, None).expect("open the store");
-        let last = store.load_whiteboard(&s).expect("load").last_log_seq;
-        store.append_update(&s, last + 1, &finding).unwrap();
-        store
-            .append_update(
-                &s,
-                last + 2,
-                &map_set_update(31, "board", "after", "kept too"),
-            )
-            .unwrap();
-        store.flush().unwrap();
-    }
-
-    let server = TestServer::start_in(&data_dir, "");
-    let b = server.wb_user(&s, "b").await;
-    assert_eq!(b.map_get("board", "before").as_deref(), Some("kept"));
-    assert_eq!(b.map_get("board", "after").as_deref(), Some("kept too"));
+    let (server, s, b, tmp) = restarted_with_records_logged("misplaced-text", &[finding]).await;
     // Client 1's array item and its three UTF-16 units of text reached the joiner.
     assert_eq!(
         b.doc
