@@ -51,7 +51,8 @@ def read(path):
 
 recorded = sorted(n for n in os.listdir(FIX) if n.endswith(".updates"))
 states = sorted(n for n in os.listdir(FIX) if n.endswith(".state.bin"))
-# Files only: open/ and regressions/ hold findings, replayed by their own tests.
+# Files only: open/ (findings not fixed, not replayed) and regressions/ (replayed by its own
+# test) are directories.
 hostile = sorted(
     n
     for n in os.listdir(HOSTILE)

@@ -611,12 +611,6 @@ impl NestingIndex {
         (clock < self.seen.get(&client).copied().unwrap_or(0)).then_some(Place::ROOT)
     }
 
-    /// Depth of the parent of item `id`, if the index knows it.
-    #[cfg(test)]
-    fn parent_depth(&self, id: Id) -> Option<u16> {
-        self.place(id).map(|p| p.depth)
-    }
-
     /// Whether item `id` created a type that cannot hold text.
     fn is_no_text_type(&self, (client, clock): Id) -> bool {
         self.no_text_types
@@ -632,10 +626,12 @@ impl NestingIndex {
         self.check_with(update, limit, true)
     }
 
-    /// [`NestingIndex::check`] for a record the store already holds: text content in a
-    /// type that cannot hold text is let through. Such a record was accepted before the
-    /// guard refused it, and skipping it (a snapshot, say) would lose the board; the
-    /// server's own paths never iterate it as an array (`doc_to_json` reads it as text).
+    /// [`NestingIndex::check`] for a document state the server wrote itself (a stored
+    /// snapshot, or a restore's change set made from one): text content in a type that
+    /// cannot hold text is let through. A board that held such text before the guard
+    /// refused it would otherwise lose its whole snapshot; the server's own paths never
+    /// iterate it as an array (`doc_to_json` reads it as text). Log entries are the
+    /// clients' updates and go through [`NestingIndex::check`].
     pub fn check_stored(&self, update: &[u8], limit: usize) -> Result<CheckedUpdate, GuardError> {
         self.check_with(update, limit, false)
     }
@@ -1067,7 +1063,7 @@ mod tests {
         // And what the index knows of (1, 9) is not overwritten by the false claim.
         let checked = index.check(&attack, 64).unwrap();
         index.commit(checked);
-        assert_eq!(index.parent_depth((1, 9)), Some(10));
+        assert_eq!(index.place((1, 9)).map(|p| p.depth), Some(10));
     }
 
     #[test]

@@ -188,6 +188,21 @@ pub struct StoredWhiteboard {
     pub last_log_seq: u64,
 }
 
+impl StoredWhiteboard {
+    /// The snapshot the updates start from, if there is one.
+    pub fn snapshot(&self) -> Option<&[u8]> {
+        self.updates
+            .first()
+            .filter(|_| self.snapshot_version > 0)
+            .map(Vec::as_slice)
+    }
+
+    /// The log entries written after the snapshot (all of them without one).
+    pub fn log(&self) -> &[Vec<u8>] {
+        &self.updates[usize::from(self.snapshot().is_some())..]
+    }
+}
+
 /// One stored snapshot version, as `easel snapshot list` and the HTTP API show it.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct SnapshotInfo {

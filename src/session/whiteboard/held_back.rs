@@ -110,14 +110,20 @@ pub(super) struct Rebuilt {
 const UPDATES_PER_TRANSACTION: usize = 256;
 
 impl Board {
-    /// A document from stored updates applied in order, as the live whiteboard applied them:
-    /// each one passes the update guard first (a record stored before the guard existed can
-    /// hold a nesting bomb), one that waits for absent content is held back and let in once
-    /// that content is there, and each one that does not pass, decode or apply is logged,
-    /// counted and skipped, and the rest still load.
-    pub(super) fn doc_from_updates(
+    /// A document from the stored snapshot and log applied in order, as the live whiteboard
+    /// applied them: each one passes the update guard first (a record stored before the
+    /// guard existed can hold a nesting bomb), one that waits for absent content is held back
+    /// and let in once that content is there, and each one that does not pass, decode or
+    /// apply is logged, counted and skipped, and the rest still load.
+    ///
+    /// Log entries are checked as the client's update they were; only the snapshot is
+    /// checked as a stored record ([`NestingIndex::check_stored`]). A held-back update the
+    /// live whiteboard refuses once its content arrives is in the log already, and loading
+    /// it here must refuse it too; a snapshot written before the guard refused misplaced
+    /// text still loads, or the board would be lost.
+    pub(super) fn doc_from_stored(
         session: &str,
-        updates: &[Vec<u8>],
+        stored: &StoredWhiteboard,
         metrics: &Metrics,
         limits: &LimitsConfig,
     ) -> Rebuilt {
@@ -132,16 +138,23 @@ impl Board {
         };
         {
             let mut txn = doc.transact_mut();
-            for (i, bytes) in updates.iter().enumerate() {
+            let records = (stored.snapshot().into_iter().map(|s| (s, true)))
+                .chain(stored.log().iter().map(|u| (u.as_slice(), false)));
+            for (i, (bytes, is_snapshot)) in records.enumerate() {
                 if i > 0 && i % UPDATES_PER_TRANSACTION == 0 {
                     // Commit, so what these updates erased is freed now (see the constant).
                     drop(txn);
                     txn = doc.transact_mut();
                 }
                 // This update, then whatever held-back ones it lets in, and so on.
-                let mut next = vec![bytes.clone()];
-                while let Some(update) = next.pop() {
-                    let checked = match nesting.check_stored(&update, limits.max_nesting) {
+                let mut next = vec![(bytes.to_vec(), is_snapshot)];
+                while let Some((update, is_snapshot)) = next.pop() {
+                    let checked = if is_snapshot {
+                        nesting.check_stored(&update, limits.max_nesting)
+                    } else {
+                        nesting.check(&update, limits.max_nesting)
+                    };
+                    let checked = match checked {
                         Ok(checked) => checked,
                         Err(e) => {
                             skip("is refused by the guard", e.to_string());
@@ -175,7 +188,9 @@ impl Board {
                                 .into_iter()
                                 .partition(|h| h.waits_on.iter().any(|c| clients.contains(c)));
                             held_back = waiting;
-                            next.extend(ready.into_iter().map(|h: HeldBack| h.update).rev());
+                            next.extend(
+                                ready.into_iter().map(|h: HeldBack| (h.update, false)).rev(),
+                            );
                         }
                         Err((why, error)) => skip(why, error),
                     }
@@ -245,7 +260,11 @@ mod tests {
         stored.extend_from_slice(&typed[first_at + 1..]);
         assert_eq!(stored.len(), typed.len());
 
-        let rebuilt = Board::doc_from_updates(
+        let stored = StoredWhiteboard {
+            updates: stored,
+            ..Default::default()
+        };
+        let rebuilt = Board::doc_from_stored(
             "s",
             &stored,
             &Metrics::new(),

@@ -60,7 +60,7 @@ use crate::config::LimitsConfig;
 use crate::doc::guard::{self, CheckedUpdate, GuardError, NestingIndex};
 use crate::metrics::Metrics;
 use crate::protocol::wire;
-use crate::store::{Store, StoreError};
+use crate::store::{Store, StoreError, StoredWhiteboard};
 use crate::sync;
 use crate::ws::outbox::Outbox;
 use sequencer::Sequencer;
@@ -507,12 +507,10 @@ impl Board {
         options: WhiteboardOptions,
     ) -> Result<Self, StoreError> {
         let stored = store.load_whiteboard(&session)?;
-        let has_snapshot = stored.snapshot_version > 0 && !stored.updates.is_empty();
-        let (snapshot, log) = stored.updates.split_at(usize::from(has_snapshot));
-        let snapshot_bytes = snapshot.first().map_or(0, |s| s.len() as u64);
-        let log_len = log.len() as u64;
-        let log_bytes = log.iter().map(|u| u.len() as u64).sum();
-        let rebuilt = Self::doc_from_updates(&session, &stored.updates, &metrics, &options.limits);
+        let snapshot_bytes = stored.snapshot().map_or(0, |s| s.len() as u64);
+        let log_len = stored.log().len() as u64;
+        let log_bytes = stored.log().iter().map(|u| u.len() as u64).sum();
+        let rebuilt = Self::doc_from_stored(&session, &stored, &metrics, &options.limits);
         let peers = Arc::new(Mutex::new(Peers::default()));
         let sv = rebuilt.doc.transact().state_vector();
         let stored_sv = Mutex::new(sv.clone());
@@ -982,12 +980,8 @@ impl Board {
     /// The document the store holds, and the store's last log seq.
     fn load_stored(&self) -> Result<(held_back::Rebuilt, u64), StoreError> {
         let stored = self.store.load_whiteboard(&self.session)?;
-        let rebuilt = Self::doc_from_updates(
-            &self.session,
-            &stored.updates,
-            &self.metrics,
-            &self.options.limits,
-        );
+        let rebuilt =
+            Self::doc_from_stored(&self.session, &stored, &self.metrics, &self.options.limits);
         Ok((rebuilt, stored.last_log_seq))
     }
 

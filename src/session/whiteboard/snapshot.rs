@@ -76,12 +76,8 @@ impl Board {
                 return None;
             }
         };
-        let rebuilt = Self::doc_from_updates(
-            &self.session,
-            &stored.updates,
-            &self.metrics,
-            &self.options.limits,
-        );
+        let rebuilt =
+            Self::doc_from_stored(&self.session, &stored, &self.metrics, &self.options.limits);
         let txn = rebuilt.doc.transact();
         let sv = txn.state_vector();
         let complete = rebuilt.skipped == 0

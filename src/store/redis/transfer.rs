@@ -205,11 +205,7 @@ fn import_session(
     // are not read back, only their order: they take the seqs just below `last_log_seq`,
     // so the next seq is the one sled would have used.
     let stored = sled.load_whiteboard(session)?;
-    let log = if stored.snapshot_version > 0 {
-        stored.updates.get(1..).unwrap_or_default()
-    } else {
-        &stored.updates[..]
-    };
+    let log = stored.log();
     let head = stored.last_log_seq.max(log.len() as u64);
     let snap_through = head - log.len() as u64;
     for (i, update) in log.iter().enumerate() {

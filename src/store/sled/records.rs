@@ -132,9 +132,11 @@ pub(crate) fn check_yjs_update(state: &[u8]) -> Result<(), String> {
     use crate::doc::guard::{NestingIndex, SAFE_NESTING};
     use yrs::updates::decoder::Decode;
     // The guard first: a record written before it existed may hold a nesting bomb, which
-    // overflows the stack inside yrs's decoder (no catch_unwind catches that).
+    // overflows the stack inside yrs's decoder (no catch_unwind catches that). Checked as
+    // the stored state it is: text a board held in an array before the guard refused that
+    // decodes safely, and refusing it here would lose the whole snapshot.
     NestingIndex::default()
-        .check(state, SAFE_NESTING)
+        .check_stored(state, SAFE_NESTING)
         .map_err(|e| format!("state refused by the update guard: {e}"))?;
     match std::panic::catch_unwind(|| yrs::Update::decode_v1(state)) {
         Ok(Ok(_)) => Ok(()),

@@ -233,14 +233,16 @@ async fn snapshot_import_and_inspect_refuse_a_deep_any_file_without_crashing() {
     }
 }
 
-/// A board restarted on a log that holds `records` as a server without today's guard would
-/// have logged them: a client sets board.before, the server stops, `records` and then an
-/// edit setting board.after are appended to the session's log, and the server starts again
-/// on the same data. Returns the new server, the session, a client synced to it (both edits
-/// checked: the records did not cost the board anything) and the data directory's owner.
-async fn restarted_with_records_logged(
+/// A board restarted on a store that holds records as a server without today's guard would
+/// have stored them: a client sets board.before, the server stops, `in_snapshot` is folded
+/// into a new snapshot of the board, `in_log` and then an edit setting board.after are
+/// appended to its log, and the server starts again on the same data. Returns the new
+/// server, the session, a client synced to it (both edits checked: the records did not cost
+/// the board anything) and the data directory's owner.
+async fn restarted_with_records_stored(
     name: &str,
-    records: &[Vec<u8>],
+    in_snapshot: &[Vec<u8>],
+    in_log: &[Vec<u8>],
 ) -> (TestServer, String, WbClient, Option<tempfile::TempDir>) {
     let mut server = TestServer::start("");
     let s = session_id(name);
@@ -252,10 +254,26 @@ async fn restarted_with_records_logged(
     let data_dir = server.data_dir.clone();
     {
         use easel::store::{SledStore, Store};
+        use yrs::updates::decoder::Decode;
+        use yrs::updates::encoder::Encode;
         let store = SledStore::open(&data_dir, 0, 20, None).expect("open the store");
-        let mut seq = store.load_whiteboard(&s).expect("load").last_log_seq;
+        let stored = store.load_whiteboard(&s).expect("load");
+        let mut seq = stored.last_log_seq;
+        if !in_snapshot.is_empty() {
+            let doc = Doc::new();
+            let mut txn = doc.transact_mut();
+            for update in stored.updates.iter().chain(in_snapshot) {
+                txn.apply_update(yrs::Update::decode_v1(update).unwrap())
+                    .unwrap();
+            }
+            drop(txn);
+            let txn = doc.transact();
+            let state = txn.encode_state_as_update_v1(&yrs::StateVector::default());
+            let sv = txn.state_vector().encode_v1();
+            store.write_snapshot(&s, &state, &sv, 1, seq).unwrap();
+        }
         let edit = map_set_update(31, "board", "after", "kept too");
-        for record in records.iter().chain([&edit]) {
+        for record in in_log.iter().chain([&edit]) {
             seq += 1;
             store.append_update(&s, seq, record).unwrap();
         }
@@ -272,7 +290,7 @@ async fn restarted_with_records_logged(
 async fn a_poison_pill_stored_before_the_guard_is_skipped_and_counted() {
     // An Any bomb and a 20,000-deep chain.
     let pills = [deep_any_update(7_000), map_chain_update(9_002, 20_000)];
-    let (server, s, b, tmp) = restarted_with_records_logged("poison", &pills).await;
+    let (server, s, b, tmp) = restarted_with_records_stored("poison", &[], &pills).await;
     assert!(!has_bomb_key(&b.doc));
     assert_eq!(healthz(&server).await, 200);
     let skipped = server
@@ -288,29 +306,34 @@ async fn a_poison_pill_stored_before_the_guard_is_skipped_and_counted() {
 }
 
 /// Text content in an array (a fuzz finding that hangs yrs's array iterator) is refused from
-/// clients (the corpus replays it over the wire), but a board that holds it from before the
-/// guard refused it still loads whole: the record is not skipped as a poison pill.
+/// clients (the corpus replays it over the wire). A snapshot that holds it from before the
+/// guard refused it still loads whole; a log entry holding it is what a client sent (a
+/// held-back update the live board refused once its parent arrived, say) and is skipped
+/// and counted, as the live board would have refused it.
 #[tokio::test]
-async fn a_stored_string_in_an_array_still_loads_with_the_board() {
+async fn a_stored_string_in_an_array_loads_from_a_snapshot_not_from_the_log() {
     let finding = std::fs::read(concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/fixtures/hostile/update.refuse.fuzz-string-in-nested-array.bin"
     ))
     .unwrap();
-    let (server, s, b, tmp) = restarted_with_records_logged("misplaced-text", &[finding]).await;
+    // The same by client 5: its id, and the id of the array its string names as parent.
+    let mut by_client_5 = finding.clone();
+    assert_eq!((by_client_5[2], by_client_5[13]), (1, 1));
+    by_client_5[2] = 5;
+    by_client_5[13] = 5;
+    let (server, s, b, tmp) =
+        restarted_with_records_stored("misplaced-text", &[finding], &[by_client_5]).await;
+    let sv = b.doc.transact().state_vector();
     // Client 1's array item and its three UTF-16 units of text reached the joiner.
-    assert_eq!(
-        b.doc
-            .transact()
-            .state_vector()
-            .get(&yrs::block::ClientID::new(1)),
-        4
-    );
+    assert_eq!(sv.get(&yrs::block::ClientID::new(1)), 4);
+    // Client 5's did not.
+    assert_eq!(sv.get(&yrs::block::ClientID::new(5)), 0);
     let skipped = server
         .metric("easel_store_decode_errors_total")
         .await
         .unwrap_or(0.0);
-    assert_eq!(skipped, 0.0, "the stored record was skipped");
+    assert_eq!(skipped, 1.0, "only the log entry is skipped");
     assert_server_alive(&server, &s).await;
     drop(tmp);
 }
