@@ -453,7 +453,12 @@ impl Registry {
                 lower_this_threads_priority();
                 // Ends when the async side below drops `ticks`.
                 while let Ok(done) = ticked.recv() {
-                    let _ = done.send((registry.snapshot_due(), registry.unload_idle(idle)));
+                    let written = registry.snapshot_due();
+                    let unloaded = registry.unload_idle(idle);
+                    if written + unloaded > 0 {
+                        return_freed_memory();
+                    }
+                    let _ = done.send((written, unloaded));
                 }
             });
         if let Err(e) = worker {
@@ -523,6 +528,30 @@ impl Registry {
                 None
             }
         }
+    }
+}
+
+/// Hands the memory the allocator holds free back to the system, after a snapshot or an
+/// unload freed a whole document (or two: a snapshot rebuilds one beside the live one).
+///
+/// glibc keeps freed memory for reuse and returns only what lies at the top of a heap; a
+/// busy board's rebuilds free hundreds of MB of small blocks between live ones, so without
+/// this the process kept its highest peak for good: a board erased as it is drawn on (e's
+/// writers, 960 updates/s each) held 647 MB of RSS after 60 s, 245 MB with it
+/// (BENCHMARKS.md, issue 13, fourteenth round). `malloc_trim` gives back every free page,
+/// not only the top (glibc ≥ 2.8). It runs here, on the housekeeping thread at nice 10, at
+/// most once a second; what it costs the relay is measured there too.
+fn return_freed_memory() {
+    #[cfg(target_env = "gnu")]
+    {
+        let started = Instant::now();
+        // SAFETY: glibc's own call, on its own state; no pointer is passed.
+        let released = unsafe { libc::malloc_trim(0) } != 0;
+        tracing::debug!(
+            released,
+            took_ms = started.elapsed().as_secs_f64() * 1e3,
+            "freed memory returned to the system"
+        );
     }
 }
 
