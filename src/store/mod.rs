@@ -176,6 +176,15 @@ pub(crate) fn unpoisoned<G>(result: LockResult<G>) -> G {
     result.unwrap_or_else(|e| e.into_inner())
 }
 
+/// One record of a stored whiteboard, as [`Store::scan_whiteboard`] reads it.
+#[derive(Debug, Clone, Copy)]
+pub enum StoredRecord<'a> {
+    /// The newest snapshot that decodes (a Yjs v1 state), before any update.
+    Snapshot(&'a [u8]),
+    /// An update logged after it, as the client sent it.
+    Update(&'a [u8]),
+}
+
 /// What a session needs to rebuild its document: updates to apply in order (the latest
 /// snapshot that decodes first, then the log written after it).
 #[derive(Debug, Default)]
@@ -250,6 +259,27 @@ impl StoreError {
 pub trait Store: Send + Sync + 'static {
     /// The stored whiteboard of a session (empty for a new one).
     fn load_whiteboard(&self, session: &str) -> Result<StoredWhiteboard, StoreError>;
+
+    /// The same records as [`Store::load_whiteboard`], in the same order, handed to `each`
+    /// as they are read and kept by none; returns [`StoredWhiteboard::last_log_seq`]. A
+    /// snapshot's rebuild reads the whole log since the last one, and read whole first that
+    /// log was the largest single thing a busy board held in memory (90 MB of a 317 MB heap
+    /// peak; BENCHMARKS.md, issue 13, fourteenth round). A store that reads everything at
+    /// once anyway keeps this default.
+    fn scan_whiteboard(
+        &self,
+        session: &str,
+        each: &mut dyn FnMut(StoredRecord<'_>),
+    ) -> Result<u64, StoreError> {
+        let stored = self.load_whiteboard(session)?;
+        if let Some(state) = stored.snapshot() {
+            each(StoredRecord::Snapshot(state));
+        }
+        for update in stored.log() {
+            each(StoredRecord::Update(update));
+        }
+        Ok(stored.last_log_seq)
+    }
 
     /// Appends an accepted update to the session's log and returns the seq it was stored
     /// under. A store that one process owns (sled, memory) stores it as entry `seq`: the

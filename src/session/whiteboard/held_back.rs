@@ -101,20 +101,150 @@ pub(super) struct Rebuilt {
     pub(super) held_back: Vec<HeldBack>,
     /// Updates skipped because they did not decode, did not pass the guard or were rejected.
     pub(super) skipped: usize,
+    /// The size of the snapshot it started from (0: none).
+    pub(super) snapshot_bytes: u64,
+    /// Log entries read after the snapshot, and their bytes.
+    pub(super) log_updates: u64,
+    pub(super) log_bytes: u64,
 }
 
 /// Stored updates a rebuild applies in one transaction. yrs frees an erased value's content
 /// when the transaction that erased it commits: one transaction over a whole log kept every
 /// stroke ever erased in memory until its end (a snapshot of scenario e's board after
 /// ~216,000 updates peaked at 208 MB in this rebuild, the live document being 48 MB; heaptrack).
+/// It is also all a rebuild holds of the log at once.
 const UPDATES_PER_TRANSACTION: usize = 256;
 
+/// Builds a document from stored records handed to it in order (see
+/// [`Board::doc_from_stored`]), holding at most [`UPDATES_PER_TRANSACTION`] of them.
+pub(super) struct Rebuilder<'a> {
+    session: &'a str,
+    metrics: &'a Metrics,
+    limits: &'a LimitsConfig,
+    rebuilt: Rebuilt,
+    /// Records read and not yet applied, each marked whether it is the snapshot.
+    unapplied: Vec<(Vec<u8>, bool)>,
+}
+
+impl<'a> Rebuilder<'a> {
+    pub(super) fn new(session: &'a str, metrics: &'a Metrics, limits: &'a LimitsConfig) -> Self {
+        Self {
+            session,
+            metrics,
+            limits,
+            rebuilt: Rebuilt {
+                doc: Doc::new(),
+                nesting: NestingIndex::default(),
+                held_back: Vec::new(),
+                skipped: 0,
+                snapshot_bytes: 0,
+                log_updates: 0,
+                log_bytes: 0,
+            },
+            unapplied: Vec::with_capacity(UPDATES_PER_TRANSACTION),
+        }
+    }
+
+    /// Takes the next stored record; applies what it holds once it holds enough.
+    pub(super) fn push(&mut self, record: StoredRecord<'_>) {
+        let (bytes, is_snapshot) = match record {
+            StoredRecord::Snapshot(state) => {
+                self.rebuilt.snapshot_bytes = state.len() as u64;
+                (state, true)
+            }
+            StoredRecord::Update(update) => {
+                self.rebuilt.log_updates += 1;
+                self.rebuilt.log_bytes += update.len() as u64;
+                (update, false)
+            }
+        };
+        self.unapplied.push((bytes.to_vec(), is_snapshot));
+        if self.unapplied.len() >= UPDATES_PER_TRANSACTION {
+            self.apply_unapplied();
+        }
+    }
+
+    /// The document, once every record was pushed.
+    pub(super) fn finish(mut self) -> Rebuilt {
+        self.apply_unapplied();
+        self.rebuilt
+    }
+
+    /// Applies the records held, in one transaction.
+    fn apply_unapplied(&mut self) {
+        let Rebuilt {
+            doc,
+            nesting,
+            held_back,
+            skipped,
+            ..
+        } = &mut self.rebuilt;
+        let (session, metrics, limits) = (self.session, self.metrics, self.limits);
+        let mut skip = |why: &str, error: String| {
+            *skipped += 1;
+            metrics.store_decode_errors.inc();
+            tracing::warn!(%session, error, "stored update {why}; skipped");
+        };
+        let mut txn = doc.transact_mut();
+        for record in self.unapplied.drain(..) {
+            // This update, then whatever held-back ones it lets in, and so on.
+            let mut next = vec![record];
+            while let Some((update, is_snapshot)) = next.pop() {
+                let checked = if is_snapshot {
+                    nesting.check_stored(&update, limits.max_nesting)
+                } else {
+                    nesting.check(&update, limits.max_nesting)
+                };
+                let checked = match checked {
+                    Ok(checked) => checked,
+                    Err(e) => {
+                        skip("is refused by the guard", e.to_string());
+                        continue;
+                    }
+                };
+                if checked.waits {
+                    held_back.push(HeldBack {
+                        update,
+                        waits_on: checked.waits_on,
+                    });
+                    continue;
+                }
+                let clients = checked.clients();
+                let applied = Update::decode_v1(&update)
+                    .map_err(|e| ("does not decode", e.to_string()))
+                    .and_then(|u| {
+                        // yrs panics on some input the guard lets through (an index out of
+                        // bounds found by fuzzing): a stored one must not make the session
+                        // unloadable.
+                        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                            txn.apply_update(u)
+                        }))
+                        .map_err(|_| ("made yrs panic", String::new()))?
+                        .map_err(|e| ("is rejected", e.to_string()))
+                    });
+                match applied {
+                    Ok(()) => {
+                        nesting.commit(checked);
+                        let (ready, waiting) = std::mem::take(held_back)
+                            .into_iter()
+                            .partition(|h| h.waits_on.iter().any(|c| clients.contains(c)));
+                        *held_back = waiting;
+                        next.extend(ready.into_iter().map(|h: HeldBack| (h.update, false)).rev());
+                    }
+                    Err((why, error)) => skip(why, error),
+                }
+            }
+        }
+    }
+}
+
 impl Board {
-    /// A document from the stored snapshot and log applied in order, as the live whiteboard
-    /// applied them: each one passes the update guard first (a record stored before the
-    /// guard existed can hold a nesting bomb), one that waits for absent content is held back
-    /// and let in once that content is there, and each one that does not pass, decode or
-    /// apply is logged, counted and skipped, and the rest still load.
+    /// The session's document rebuilt from the store (see [`Rebuilder`]), and the store's
+    /// last log seq: the stored snapshot and log applied in order, as the live whiteboard
+    /// applied them, read as they are applied. Each one passes the update guard first (a
+    /// record stored before the guard existed can hold a nesting bomb), one that waits for
+    /// absent content is held back and let in once that content is there, and each one that
+    /// does not pass, decode or apply is logged, counted and skipped, and the rest still load.
     ///
     /// Log entries are checked as the client's update they were; only the snapshot is
     /// checked as a stored record ([`NestingIndex::check_stored`]). A held-back update the
@@ -123,86 +253,13 @@ impl Board {
     /// text still loads, or the board would be lost.
     pub(super) fn doc_from_stored(
         session: &str,
-        stored: &StoredWhiteboard,
+        store: &dyn Store,
         metrics: &Metrics,
         limits: &LimitsConfig,
-    ) -> Rebuilt {
-        let doc = Doc::new();
-        let mut nesting = NestingIndex::default();
-        let mut skipped = 0;
-        let mut held_back: Vec<HeldBack> = Vec::new();
-        let mut skip = |why: &str, error: String| {
-            skipped += 1;
-            metrics.store_decode_errors.inc();
-            tracing::warn!(%session, error, "stored update {why}; skipped");
-        };
-        {
-            let mut txn = doc.transact_mut();
-            let records = (stored.snapshot().into_iter().map(|s| (s, true)))
-                .chain(stored.log().iter().map(|u| (u.as_slice(), false)));
-            for (i, (bytes, is_snapshot)) in records.enumerate() {
-                if i > 0 && i % UPDATES_PER_TRANSACTION == 0 {
-                    // Commit, so what these updates erased is freed now (see the constant).
-                    drop(txn);
-                    txn = doc.transact_mut();
-                }
-                // This update, then whatever held-back ones it lets in, and so on.
-                let mut next = vec![(bytes.to_vec(), is_snapshot)];
-                while let Some((update, is_snapshot)) = next.pop() {
-                    let checked = if is_snapshot {
-                        nesting.check_stored(&update, limits.max_nesting)
-                    } else {
-                        nesting.check(&update, limits.max_nesting)
-                    };
-                    let checked = match checked {
-                        Ok(checked) => checked,
-                        Err(e) => {
-                            skip("is refused by the guard", e.to_string());
-                            continue;
-                        }
-                    };
-                    if checked.waits {
-                        held_back.push(HeldBack {
-                            update,
-                            waits_on: checked.waits_on,
-                        });
-                        continue;
-                    }
-                    let clients = checked.clients();
-                    let applied = Update::decode_v1(&update)
-                        .map_err(|e| ("does not decode", e.to_string()))
-                        .and_then(|u| {
-                            // yrs panics on some input the guard lets through (an index out of
-                            // bounds found by fuzzing): a stored one must not make the session
-                            // unloadable.
-                            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                                txn.apply_update(u)
-                            }))
-                            .map_err(|_| ("made yrs panic", String::new()))?
-                            .map_err(|e| ("is rejected", e.to_string()))
-                        });
-                    match applied {
-                        Ok(()) => {
-                            nesting.commit(checked);
-                            let (ready, waiting) = std::mem::take(&mut held_back)
-                                .into_iter()
-                                .partition(|h| h.waits_on.iter().any(|c| clients.contains(c)));
-                            held_back = waiting;
-                            next.extend(
-                                ready.into_iter().map(|h: HeldBack| (h.update, false)).rev(),
-                            );
-                        }
-                        Err((why, error)) => skip(why, error),
-                    }
-                }
-            }
-        }
-        Rebuilt {
-            doc,
-            nesting,
-            held_back,
-            skipped,
-        }
+    ) -> Result<(Rebuilt, u64), StoreError> {
+        let mut rebuilder = Rebuilder::new(session, metrics, limits);
+        let last_log_seq = store.scan_whiteboard(session, &mut |r| rebuilder.push(r))?;
+        Ok((rebuilder.finish(), last_log_seq))
     }
 }
 
@@ -260,16 +317,12 @@ mod tests {
         stored.extend_from_slice(&typed[first_at + 1..]);
         assert_eq!(stored.len(), typed.len());
 
-        let stored = StoredWhiteboard {
-            updates: stored,
-            ..Default::default()
-        };
-        let rebuilt = Board::doc_from_stored(
-            "s",
-            &stored,
-            &Metrics::new(),
-            &WhiteboardOptions::default().limits,
-        );
+        let (metrics, limits) = (Metrics::new(), WhiteboardOptions::default().limits);
+        let mut rebuilder = Rebuilder::new("s", &metrics, &limits);
+        for update in &stored {
+            rebuilder.push(StoredRecord::Update(update));
+        }
+        let rebuilt = rebuilder.finish();
         assert_eq!(rebuilt.skipped, 0);
         assert!(rebuilt.held_back.is_empty());
         let state = rebuilt

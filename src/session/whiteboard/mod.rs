@@ -60,7 +60,7 @@ use crate::config::LimitsConfig;
 use crate::doc::guard::{self, CheckedUpdate, GuardError, NestingIndex};
 use crate::metrics::Metrics;
 use crate::protocol::wire;
-use crate::store::{Store, StoreError, StoredWhiteboard};
+use crate::store::{Store, StoreError, StoredRecord};
 use crate::sync;
 use crate::ws::outbox::Outbox;
 use sequencer::Sequencer;
@@ -506,11 +506,9 @@ impl Board {
         metrics: Arc<Metrics>,
         options: WhiteboardOptions,
     ) -> Result<Self, StoreError> {
-        let stored = store.load_whiteboard(&session)?;
-        let snapshot_bytes = stored.snapshot().map_or(0, |s| s.len() as u64);
-        let log_len = stored.log().len() as u64;
-        let log_bytes = stored.log().iter().map(|u| u.len() as u64).sum();
-        let rebuilt = Self::doc_from_stored(&session, &stored, &metrics, &options.limits);
+        let (rebuilt, last_log_seq) =
+            Self::doc_from_stored(&session, &*store, &metrics, &options.limits)?;
+        let (snapshot_bytes, log_len) = (rebuilt.snapshot_bytes, rebuilt.log_updates);
         let peers = Arc::new(Mutex::new(Peers::default()));
         let sv = rebuilt.doc.transact().state_vector();
         let stored_sv = Mutex::new(sv.clone());
@@ -532,12 +530,12 @@ impl Board {
             store,
             metrics,
             options,
-            log_seq: AtomicU64::new(stored.last_log_seq),
+            log_seq: AtomicU64::new(last_log_seq),
             stored_sv,
             log_order: Mutex::new(()),
             // A log left after the snapshot (a crash, a kill) is folded into the next one.
             updates_since_snapshot: AtomicU64::new(log_len),
-            log_bytes_since_snapshot: AtomicU64::new(log_bytes),
+            log_bytes_since_snapshot: AtomicU64::new(rebuilt.log_bytes),
             snapshot_bytes: AtomicU64::new(snapshot_bytes),
             snapshotting: Mutex::new(()),
             dirty: AtomicBool::new(log_len > 0),
@@ -979,10 +977,12 @@ impl Board {
 
     /// The document the store holds, and the store's last log seq.
     fn load_stored(&self) -> Result<(held_back::Rebuilt, u64), StoreError> {
-        let stored = self.store.load_whiteboard(&self.session)?;
-        let rebuilt =
-            Self::doc_from_stored(&self.session, &stored, &self.metrics, &self.options.limits);
-        Ok((rebuilt, stored.last_log_seq))
+        Self::doc_from_stored(
+            &self.session,
+            &*self.store,
+            &self.metrics,
+            &self.options.limits,
+        )
     }
 
     /// Replaces the document with the one the store holds.

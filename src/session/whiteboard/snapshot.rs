@@ -69,15 +69,19 @@ impl Board {
     /// path. Built by integrating, it is garbage-collected like the live document (merging
     /// the updates without a document would keep every erased stroke's content).
     pub(super) fn compact_stored(&self, stored_sv: &StateVector) -> Option<(Vec<u8>, Vec<u8>)> {
-        let stored = match self.store.load_whiteboard(&self.session) {
-            Ok(stored) => stored,
+        let stored = Self::doc_from_stored(
+            &self.session,
+            &*self.store,
+            &self.metrics,
+            &self.options.limits,
+        );
+        let rebuilt = match stored {
+            Ok((rebuilt, _)) => rebuilt,
             Err(e) => {
                 tracing::warn!(session = %self.session, error = %e, "snapshot: store not readable; encoding the live document");
                 return None;
             }
         };
-        let rebuilt =
-            Self::doc_from_stored(&self.session, &stored, &self.metrics, &self.options.limits);
         let txn = rebuilt.doc.transact();
         let sv = txn.state_vector();
         let complete = rebuilt.skipped == 0

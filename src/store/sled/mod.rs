@@ -106,7 +106,7 @@ use self::records::{
 };
 use super::{
     unpoisoned, ChatEdit, ModerationRecord, SessionInfo, SnapshotInfo, Store, StoreError,
-    StoredWhiteboard,
+    StoredRecord, StoredWhiteboard,
 };
 use crate::metrics::Metrics;
 use crate::protocol::tutor::ChatMessage;
@@ -272,6 +272,28 @@ impl SledStore {
 }
 
 impl Shared {
+    /// The session's newest loadable snapshot (its version into `snapshot_version`), then
+    /// its log, handed to `each`; returns the last log seq.
+    fn scan(
+        &self,
+        session: &str,
+        snapshot_version: &mut u64,
+        each: &mut dyn FnMut(StoredRecord<'_>),
+    ) -> Result<u64, StoreError> {
+        check_session_id(session)?;
+        let t = self.trees()?;
+        if let Some((version, state)) = self.newest_loadable_snapshot(&t, session)? {
+            *snapshot_version = version;
+            each(StoredRecord::Snapshot(&state));
+        }
+        self.for_each_logged(&t, session, &mut |update| {
+            each(StoredRecord::Update(update))
+        })?;
+        let counted = self.read_counter(&t, session, LAST_LOG_SEQ)?;
+        let logged = self.last_number(&t.updates, session)?;
+        Ok(counted.max(logged).unwrap_or(0))
+    }
+
     fn trees(&self) -> Result<Arc<Trees>, StoreError> {
         unpoisoned(self.trees.read()).clone().ok_or_else(|| {
             StoreError::Unavailable("the store is reopening after a write failure".into())
@@ -281,19 +303,23 @@ impl Shared {
 
 impl Store for SledStore {
     fn load_whiteboard(&self, session: &str) -> Result<StoredWhiteboard, StoreError> {
-        check_session_id(session)?;
-        let s = &self.shared;
-        let t = s.trees()?;
         let mut stored = StoredWhiteboard::default();
-        if let Some((version, state)) = s.newest_loadable_snapshot(&t, session)? {
-            stored.snapshot_version = version;
-            stored.updates.push(state);
-        }
-        stored.updates.extend(s.log_entries(&t, session)?);
-        let counted = s.read_counter(&t, session, LAST_LOG_SEQ)?;
-        let logged = s.last_number(&t.updates, session)?;
-        stored.last_log_seq = counted.max(logged).unwrap_or(0);
+        let mut snapshot_version = 0;
+        stored.last_log_seq = self.shared.scan(session, &mut snapshot_version, &mut |r| {
+            let (StoredRecord::Snapshot(bytes) | StoredRecord::Update(bytes)) = r;
+            stored.updates.push(bytes.to_vec());
+        })?;
+        stored.snapshot_version = snapshot_version;
         Ok(stored)
+    }
+
+    /// Reads the log one entry (a run of up to 16 updates) at a time.
+    fn scan_whiteboard(
+        &self,
+        session: &str,
+        each: &mut dyn FnMut(StoredRecord<'_>),
+    ) -> Result<u64, StoreError> {
+        self.shared.scan(session, &mut 0, each)
     }
 
     fn append_update(&self, session: &str, seq: u64, update: &[u8]) -> Result<u64, StoreError> {

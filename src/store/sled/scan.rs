@@ -99,9 +99,14 @@ impl Shared {
         Ok(found)
     }
 
-    /// The session's log entries that decode, oldest first.
-    pub(super) fn log_entries(&self, t: &Trees, session: &str) -> Result<Vec<Vec<u8>>, StoreError> {
-        let mut updates = Vec::new();
+    /// The updates of the session's log entries that decode, oldest first, handed to
+    /// `each` one entry at a time.
+    pub(super) fn for_each_logged(
+        &self,
+        t: &Trees,
+        session: &str,
+        each: &mut dyn FnMut(&[u8]),
+    ) -> Result<(), StoreError> {
         for entry in t.updates.scan_prefix(session_prefix(session)) {
             let (key, value) = match entry {
                 Ok(kv) => kv,
@@ -111,11 +116,11 @@ impl Shared {
                 }
             };
             match decode_updates(&value) {
-                Ok(run) => updates.extend(run.into_iter().map(<[u8]>::to_vec)),
+                Ok(run) => run.into_iter().for_each(&mut *each),
                 Err(e) => self.report_damaged(UPDATES_TREE, &key, &e),
             }
         }
-        Ok(updates)
+        Ok(())
     }
 
     /// Decodes chat entries in the order `entries` gives them, skipping (and reporting)

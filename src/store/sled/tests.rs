@@ -133,9 +133,9 @@ fn log_and_snapshot_survive_reopen() {
     assert!(info[0].created_at_ms > 0);
 }
 
-/// A run of updates appended as one is one entry under the last one's seq: it loads back
-/// as its updates in order, between the entries before and after it, survives a reopen,
-/// and a snapshot through its seq replaces it whole.
+/// A run of updates appended as one is one entry under the last one's seq: it loads (and
+/// scans) back as its updates in order, between the entries before and after it, survives a
+/// reopen, and a snapshot through its seq replaces it whole.
 #[test]
 fn a_run_of_updates_is_one_entry_that_loads_as_its_updates() {
     let dir = tempfile::tempdir().unwrap();
@@ -164,10 +164,28 @@ fn a_run_of_updates_is_one_entry_that_loads_as_its_updates() {
         (loaded.updates.clone(), loaded.last_log_seq),
         (updates.clone(), 5)
     );
+    assert_eq!(scanned(&store), (updates.clone(), 0, 5));
     let (state, sv) = merged_state(&updates[..4]);
     store.write_snapshot(SESSION, &state, &sv, 4, 4).unwrap();
     let loaded = store.load_whiteboard(SESSION).unwrap();
-    assert_eq!(loaded.updates, vec![state, updates[4].clone()]);
+    assert_eq!(loaded.updates, vec![state.clone(), updates[4].clone()]);
+    assert_eq!(scanned(&store), (vec![state, updates[4].clone()], 1, 5));
+}
+
+/// What `scan_whiteboard` hands over, in order: the records, which of them is the
+/// snapshot (1: the first; 0: none), and the last log seq it returns.
+fn scanned(store: &SledStore) -> (Vec<Vec<u8>>, usize, u64) {
+    let (mut records, mut snapshot_at) = (Vec::new(), 0);
+    let last = store
+        .scan_whiteboard(SESSION, &mut |record| match record {
+            StoredRecord::Snapshot(state) => {
+                records.push(state.to_vec());
+                snapshot_at = records.len();
+            }
+            StoredRecord::Update(update) => records.push(update.to_vec()),
+        })
+        .unwrap();
+    (records, snapshot_at, last)
 }
 
 #[test]
