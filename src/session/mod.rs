@@ -455,7 +455,7 @@ impl Registry {
                 while let Ok(done) = ticked.recv() {
                     let written = registry.snapshot_due();
                     let unloaded = registry.unload_idle(idle);
-                    if written + unloaded > 0 {
+                    if unloaded > 0 {
                         return_freed_memory();
                     }
                     let _ = done.send((written, unloaded));
@@ -531,17 +531,18 @@ impl Registry {
     }
 }
 
-/// Hands the memory the allocator holds free back to the system, after a snapshot or an
-/// unload freed a whole document (or two: a snapshot rebuilds one beside the live one).
+/// Hands the memory the allocator holds free back to the system, once a whole document was
+/// freed: after an unload, and after a snapshot rebuilt one beside the live one.
 ///
 /// glibc keeps freed memory for reuse and returns only what lies at the top of a heap; a
 /// busy board's rebuilds free hundreds of MB of small blocks between live ones, so without
 /// this the process kept its highest peak for good: a board erased as it is drawn on (e's
 /// writers, 960 updates/s each) held 647 MB of RSS after 60 s, 245 MB with it
 /// (BENCHMARKS.md, issue 13, fourteenth round). `malloc_trim` gives back every free page,
-/// not only the top (glibc ≥ 2.8). It runs here, on the housekeeping thread at nice 10, at
-/// most once a second; what it costs the relay is measured there too.
-fn return_freed_memory() {
+/// not only the top (glibc ≥ 2.8); it took 1–52 ms there, off the relay. Not after every
+/// snapshot: one that encodes the live document frees little but its state, which a large
+/// board's is mapped on its own and returned when freed anyway.
+pub(crate) fn return_freed_memory() {
     #[cfg(target_env = "gnu")]
     {
         let started = Instant::now();

@@ -183,6 +183,7 @@ pub struct Board {
     /// Size of the last snapshot's state.
     snapshot_bytes: AtomicU64,
     /// One snapshot at a time: two racing could store an older state as the newer version.
+    /// A rebuild takes it too, so that no snapshot deletes log entries it has yet to read.
     snapshotting: Mutex<()>,
     dirty: AtomicBool,
     last_snapshot: Mutex<LastSnapshot>,
@@ -987,7 +988,14 @@ impl Board {
 
     /// Replaces the document with the one the store holds.
     fn rebuild(&self) -> Result<(), StoreError> {
-        let (rebuilt, _) = self.load_stored()?;
+        let (rebuilt, _) = {
+            // The store's log is read as it is applied, for seconds on a long one; a
+            // snapshot written meanwhile would delete entries not read yet from behind the
+            // snapshot this started from. Rebuilds are rare (an update yrs refused midway, an
+            // append that failed): they wait for a snapshot under way instead.
+            let _no_snapshot_meanwhile = sync::lock(&self.snapshotting);
+            self.load_stored()?
+        };
         *sync::lock(&self.stored_sv) = rebuilt.doc.transact().state_vector();
         *sync::write(&self.doc) = rebuilt.doc;
         *self.nesting() = rebuilt.nesting;

@@ -144,6 +144,8 @@ impl Board {
         };
         let in_use = !self.peers().is_empty();
         let compacted = in_use.then(|| self.compact_stored(&stored_sv)).flatten();
+        // A whole document was built and dropped: its memory goes back to the system.
+        let rebuilt = compacted.is_some();
         let (state, sv) = match compacted {
             Some(compacted) => compacted,
             None => {
@@ -189,6 +191,9 @@ impl Board {
             took,
         };
         self.metrics.snapshot_duration.observe(took.as_secs_f64());
+        if rebuilt {
+            crate::session::return_freed_memory();
+        }
         tracing::debug!(
             session = %self.session,
             version,
