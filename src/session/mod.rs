@@ -622,13 +622,13 @@ mod tests {
             .unwrap());
     }
 
-    /// A [`MemoryStore`](crate::store::MemoryStore) whose `write_snapshot` can wait for a
-    /// go signal (so a test can apply an update after a snapshot's state was built and
-    /// before it is written), and whose stored whiteboards can be made to read back empty
-    /// (as if damaged).
+    /// A store (a [`MemoryStore`](crate::store::MemoryStore) unless a test gives another)
+    /// whose `write_snapshot` can wait for a go signal (so a test can apply an update after
+    /// a snapshot's state was built and before it is written), and whose stored whiteboards
+    /// can be made to read back empty (as if damaged).
     #[derive(Default)]
     struct GatedStore {
-        inner: crate::store::MemoryStore,
+        inner: InnerStore,
         gate: Option<(
             std::sync::mpsc::SyncSender<()>,
             Mutex<std::sync::mpsc::Receiver<()>>,
@@ -649,6 +649,29 @@ mod tests {
             std::sync::mpsc::SyncSender<()>,
             Mutex<std::sync::mpsc::Receiver<()>>,
         )>,
+        /// A gate the next scan of a whiteboard waits at once it handed over the snapshot
+        /// (like `gate`; only while `scan_gate_armed`, which that scan clears).
+        scan_gate: Option<(
+            std::sync::mpsc::SyncSender<()>,
+            Mutex<std::sync::mpsc::Receiver<()>>,
+        )>,
+        scan_gate_armed: std::sync::atomic::AtomicBool,
+    }
+
+    /// The store a [`GatedStore`] passes calls on to.
+    struct InnerStore(Box<dyn Store>);
+
+    impl Default for InnerStore {
+        fn default() -> Self {
+            Self(Box::new(crate::store::MemoryStore::default()))
+        }
+    }
+
+    impl std::ops::Deref for InnerStore {
+        type Target = dyn Store;
+        fn deref(&self) -> &Self::Target {
+            &*self.0
+        }
     }
 
     impl Store for GatedStore {
@@ -662,6 +685,28 @@ mod tests {
                 return Ok(Default::default());
             }
             self.inner.load_whiteboard(s)
+        }
+        fn scan_whiteboard(
+            &self,
+            s: &str,
+            each: &mut dyn FnMut(crate::store::StoredRecord<'_>),
+        ) -> Result<u64, StoreError> {
+            let Some((entered, go)) = self
+                .scan_gate
+                .as_ref()
+                .filter(|_| self.scan_gate_armed.swap(false, Ordering::AcqRel))
+            else {
+                // What the other gates and `reads_empty` act on, as the default scan.
+                return Ok(self.load_whiteboard(s)?.hand_over(each));
+            };
+            self.inner.scan_whiteboard(s, &mut |record| {
+                let snapshot = matches!(record, crate::store::StoredRecord::Snapshot(_));
+                each(record);
+                if snapshot {
+                    let _ = entered.send(());
+                    let _ = go.lock().unwrap().recv_timeout(Duration::from_secs(10));
+                }
+            })
         }
         fn append_update(&self, s: &str, seq: u64, update: &[u8]) -> Result<u64, StoreError> {
             self.append_updates(s, seq, &[update])
@@ -838,7 +883,19 @@ mod tests {
         SessionHandle,
         crate::ws::outbox::OutboxReceiver,
     ) {
-        let store = Arc::new(GatedStore::default());
+        open_with_peer_on(GatedStore::default())
+    }
+
+    /// [`open_with_peer`] on `store`.
+    fn open_with_peer_on(
+        store: GatedStore,
+    ) -> (
+        Arc<GatedStore>,
+        Registry,
+        SessionHandle,
+        crate::ws::outbox::OutboxReceiver,
+    ) {
+        let store = Arc::new(store);
         let reg = registry_on(store.clone());
         let h = reg.open("s").unwrap();
         let mut peer = connect_peer(&h);
@@ -1010,27 +1067,89 @@ mod tests {
             0,
             "nothing relayed"
         );
-        let keys = |wb: &Whiteboard| {
-            use yrs::updates::decoder::Decode;
-            use yrs::{Map, Transact};
-            let replica = yrs::Doc::new();
-            replica
-                .transact_mut()
-                .apply_update(yrs::Update::decode_v1(&wb.encode_state()).unwrap())
-                .unwrap();
-            let m = replica.get_or_insert_map("m");
-            let txn = replica.transact();
-            let mut keys: Vec<String> = m.keys(&txn).map(String::from).collect();
-            keys.sort();
-            keys
-        };
-        assert_eq!(keys(wb), ["kept"], "the document is as before the batch");
+        assert_eq!(keys_of(wb), ["kept"], "the document is as before the batch");
         store.appends_fail.store(false, Ordering::Release);
         let later = yrs::Doc::new();
         let outcomes = queued_by_a_reader(wb, 4, &Arc::default(), vec![set_key(&later, "c")]);
         assert!(matches!(outcomes[..], [Ok(true)]), "{outcomes:?}");
-        assert_eq!(keys(wb), ["c", "kept"]);
+        assert_eq!(keys_of(wb), ["c", "kept"]);
         assert_eq!(relays_reaching(&mut peer, 1), 1);
+    }
+
+    /// The keys of map "m" in the whiteboard's document, sorted.
+    fn keys_of(wb: &Whiteboard) -> Vec<String> {
+        use yrs::updates::decoder::Decode;
+        use yrs::{Map, Transact};
+        let replica = yrs::Doc::new();
+        replica
+            .transact_mut()
+            .apply_update(yrs::Update::decode_v1(&wb.encode_state()).unwrap())
+            .unwrap();
+        let m = replica.get_or_insert_map("m");
+        let txn = replica.transact();
+        let mut keys: Vec<String> = m.keys(&txn).map(String::from).collect();
+        keys.sort();
+        keys
+    }
+
+    /// A rebuild reads the stored log as it applies it (sled hands it over entry by
+    /// entry), and a snapshot deletes the log entries it folds in: written meanwhile, it
+    /// would delete entries the rebuild has not read yet, from behind the older snapshot the
+    /// rebuild started from. The snapshot waits for the rebuild instead, which loses nothing.
+    #[test]
+    fn a_snapshot_waits_for_a_rebuild_reading_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let sled = crate::store::SledStore::open(dir.path(), 10, 3, None).unwrap();
+        let (entered_tx, entered) = std::sync::mpsc::sync_channel(1);
+        let (go, go_rx) = std::sync::mpsc::sync_channel(1);
+        // With a client connected, a snapshot is built from the store too.
+        let (store, _reg, h, _peer) = open_with_peer_on(GatedStore {
+            inner: InnerStore(Box::new(sled)),
+            scan_gate: Some((entered_tx, Mutex::new(go_rx))),
+            ..Default::default()
+        });
+        let writer = yrs::Doc::new();
+        let wb = &h.whiteboard;
+        assert!(wb.apply_update(None, &set_key(&writer, "a"), None).unwrap());
+        wb.snapshot_now().unwrap();
+        for key in ["b", "c"] {
+            assert!(wb.apply_update(None, &set_key(&writer, key), None).unwrap());
+        }
+        // An append fails: the update is undone by rebuilding the document from the store,
+        // whose scan stops once it has handed over the snapshot (which holds only "a").
+        store.appends_fail.store(true, Ordering::Release);
+        store.scan_gate_armed.store(true, Ordering::Release);
+        let lost = set_key(&writer, "lost");
+        let refused = std::thread::spawn({
+            let h = h.clone();
+            move || h.whiteboard.apply_update(None, &lost, None)
+        });
+        entered
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the rebuild's scan reaches the gate");
+        let snapshot = std::thread::spawn({
+            let h = h.clone();
+            move || h.whiteboard.snapshot_now()
+        });
+        // Time enough for a snapshot that does not wait to fold "b" and "c" in and delete
+        // their log entries; one that waits is still waiting when it runs out.
+        let deadline = Instant::now() + Duration::from_millis(500);
+        while !snapshot.is_finished() && Instant::now() < deadline {
+            std::thread::yield_now();
+        }
+        let snapshot_went_first = snapshot.is_finished();
+        go.send(()).unwrap();
+        let refused = refused.join().unwrap();
+        assert!(
+            matches!(refused, Err(whiteboard::ApplyError::Store(_))),
+            "{refused:?}"
+        );
+        snapshot.join().unwrap().unwrap();
+        assert_eq!(keys_of(wb), ["a", "b", "c"], "the rebuild lost nothing");
+        assert!(
+            !snapshot_went_first,
+            "the snapshot was written while the rebuild read the log"
+        );
     }
 
     /// The HTTP/CLI path: its outcome is given once what the batch holds is stored (by the

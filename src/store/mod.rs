@@ -198,6 +198,18 @@ pub struct StoredWhiteboard {
 }
 
 impl StoredWhiteboard {
+    /// Hands the records to `each` in order, as [`Store::scan_whiteboard`] does; returns
+    /// the last log seq.
+    pub fn hand_over(&self, each: &mut dyn FnMut(StoredRecord<'_>)) -> u64 {
+        if let Some(state) = self.snapshot() {
+            each(StoredRecord::Snapshot(state));
+        }
+        for update in self.log() {
+            each(StoredRecord::Update(update));
+        }
+        self.last_log_seq
+    }
+
     /// The snapshot the updates start from, if there is one.
     pub fn snapshot(&self) -> Option<&[u8]> {
         self.updates
@@ -271,14 +283,7 @@ pub trait Store: Send + Sync + 'static {
         session: &str,
         each: &mut dyn FnMut(StoredRecord<'_>),
     ) -> Result<u64, StoreError> {
-        let stored = self.load_whiteboard(session)?;
-        if let Some(state) = stored.snapshot() {
-            each(StoredRecord::Snapshot(state));
-        }
-        for update in stored.log() {
-            each(StoredRecord::Update(update));
-        }
-        Ok(stored.last_log_seq)
+        Ok(self.load_whiteboard(session)?.hand_over(each))
     }
 
     /// Appends an accepted update to the session's log and returns the seq it was stored
