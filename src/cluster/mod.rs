@@ -87,6 +87,11 @@ impl Cluster {
             stopping: AtomicBool::new(false),
             me: me.clone(),
         });
+        // Ready only once Redis has answered. Left to the watch's first ping, a `/readyz`
+        // just after the listener opened could say ready before Redis was ever reached (a
+        // node that does not trust Redis's certificate answered 200 under load). At start,
+        // before anything is served: at most the connect and I/O timeouts (1 + 2 s).
+        cluster.set_healthy(cluster.store.ping().is_ok());
         reader::spawn(&cluster);
         publisher::spawn(&cluster, receiver);
         watch::spawn(&cluster);
