@@ -700,7 +700,7 @@ mod tests {
                 return Ok(self.load_whiteboard(s)?.hand_over(each));
             };
             self.inner.scan_whiteboard(s, &mut |record| {
-                let snapshot = matches!(record, crate::store::StoredRecord::Snapshot(_));
+                let snapshot = matches!(record, crate::store::StoredRecord::Snapshot { .. });
                 each(record);
                 if snapshot {
                     let _ = entered.send(());

@@ -179,8 +179,9 @@ pub(crate) fn unpoisoned<G>(result: LockResult<G>) -> G {
 /// One record of a stored whiteboard, as [`Store::scan_whiteboard`] reads it.
 #[derive(Debug, Clone, Copy)]
 pub enum StoredRecord<'a> {
-    /// The newest snapshot that decodes (a Yjs v1 state), before any update.
-    Snapshot(&'a [u8]),
+    /// The newest snapshot that decodes (a Yjs v1 state, and its version), before any
+    /// update.
+    Snapshot { version: u64, state: &'a [u8] },
     /// An update logged after it, as the client sent it.
     Update(&'a [u8]),
 }
@@ -202,7 +203,10 @@ impl StoredWhiteboard {
     /// the last log seq.
     pub fn hand_over(&self, each: &mut dyn FnMut(StoredRecord<'_>)) -> u64 {
         if let Some(state) = self.snapshot() {
-            each(StoredRecord::Snapshot(state));
+            each(StoredRecord::Snapshot {
+                version: self.snapshot_version,
+                state,
+            });
         }
         for update in self.log() {
             each(StoredRecord::Update(update));

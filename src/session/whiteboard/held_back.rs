@@ -5,6 +5,8 @@
 //! letting updates in once they can be applied. Must not relay by itself: let-in updates go
 //! through `Board::integrate`, on the sequencer.
 
+use std::borrow::Cow;
+
 use super::*;
 
 impl Board {
@@ -122,8 +124,8 @@ pub(super) struct Rebuilder<'a> {
     metrics: &'a Metrics,
     limits: &'a LimitsConfig,
     rebuilt: Rebuilt,
-    /// Records read and not yet applied, each marked whether it is the snapshot.
-    unapplied: Vec<(Vec<u8>, bool)>,
+    /// Log entries read and not yet applied.
+    unapplied: Vec<Vec<u8>>,
 }
 
 impl<'a> Rebuilder<'a> {
@@ -147,20 +149,21 @@ impl<'a> Rebuilder<'a> {
 
     /// Takes the next stored record; applies what it holds once it holds enough.
     pub(super) fn push(&mut self, record: StoredRecord<'_>) {
-        let (bytes, is_snapshot) = match record {
-            StoredRecord::Snapshot(state) => {
+        match record {
+            StoredRecord::Snapshot { state, .. } => {
                 self.rebuilt.snapshot_bytes = state.len() as u64;
-                (state, true)
+                // Applied from the store's buffer, not copied: it is the whole board.
+                self.apply_unapplied();
+                self.apply([(Cow::Borrowed(state), true)]);
             }
             StoredRecord::Update(update) => {
                 self.rebuilt.log_updates += 1;
                 self.rebuilt.log_bytes += update.len() as u64;
-                (update, false)
+                self.unapplied.push(update.to_vec());
+                if self.unapplied.len() >= UPDATES_PER_TRANSACTION {
+                    self.apply_unapplied();
+                }
             }
-        };
-        self.unapplied.push((bytes.to_vec(), is_snapshot));
-        if self.unapplied.len() >= UPDATES_PER_TRANSACTION {
-            self.apply_unapplied();
         }
     }
 
@@ -170,8 +173,19 @@ impl<'a> Rebuilder<'a> {
         self.rebuilt
     }
 
-    /// Applies the records held, in one transaction.
+    /// Applies the log entries held, in one transaction.
     fn apply_unapplied(&mut self) {
+        let mut unapplied = std::mem::take(&mut self.unapplied);
+        self.apply(
+            unapplied
+                .drain(..)
+                .map(|update| (Cow::Owned(update), false)),
+        );
+        self.unapplied = unapplied;
+    }
+
+    /// Applies `records` (each marked whether it is the snapshot) in one transaction.
+    fn apply<'r>(&mut self, records: impl IntoIterator<Item = (Cow<'r, [u8]>, bool)>) {
         let Rebuilt {
             doc,
             nesting,
@@ -186,7 +200,7 @@ impl<'a> Rebuilder<'a> {
             tracing::warn!(%session, error, "stored update {why}; skipped");
         };
         let mut txn = doc.transact_mut();
-        for record in self.unapplied.drain(..) {
+        for record in records {
             // This update, then whatever held-back ones it lets in, and so on.
             let mut next = vec![record];
             while let Some((update, is_snapshot)) = next.pop() {
@@ -204,7 +218,7 @@ impl<'a> Rebuilder<'a> {
                 };
                 if checked.waits {
                     held_back.push(HeldBack {
-                        update,
+                        update: update.into_owned(),
                         waits_on: checked.waits_on,
                     });
                     continue;
@@ -229,7 +243,12 @@ impl<'a> Rebuilder<'a> {
                             .into_iter()
                             .partition(|h| h.waits_on.iter().any(|c| clients.contains(c)));
                         *held_back = waiting;
-                        next.extend(ready.into_iter().map(|h: HeldBack| (h.update, false)).rev());
+                        next.extend(
+                            ready
+                                .into_iter()
+                                .map(|h: HeldBack| (Cow::Owned(h.update), false))
+                                .rev(),
+                        );
                     }
                     Err((why, error)) => skip(why, error),
                 }

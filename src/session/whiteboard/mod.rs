@@ -509,7 +509,6 @@ impl Board {
     ) -> Result<Self, StoreError> {
         let (rebuilt, last_log_seq) =
             Self::doc_from_stored(&session, &*store, &metrics, &options.limits)?;
-        let (snapshot_bytes, log_len) = (rebuilt.snapshot_bytes, rebuilt.log_updates);
         let peers = Arc::new(Mutex::new(Peers::default()));
         let sv = rebuilt.doc.transact().state_vector();
         let stored_sv = Mutex::new(sv.clone());
@@ -535,11 +534,11 @@ impl Board {
             stored_sv,
             log_order: Mutex::new(()),
             // A log left after the snapshot (a crash, a kill) is folded into the next one.
-            updates_since_snapshot: AtomicU64::new(log_len),
+            updates_since_snapshot: AtomicU64::new(rebuilt.log_updates),
             log_bytes_since_snapshot: AtomicU64::new(rebuilt.log_bytes),
-            snapshot_bytes: AtomicU64::new(snapshot_bytes),
+            snapshot_bytes: AtomicU64::new(rebuilt.snapshot_bytes),
             snapshotting: Mutex::new(()),
-            dirty: AtomicBool::new(log_len > 0),
+            dirty: AtomicBool::new(rebuilt.log_updates > 0),
             last_snapshot: Mutex::new(LastSnapshot {
                 at: Instant::now(),
                 took: std::time::Duration::ZERO,

@@ -69,13 +69,7 @@ impl Board {
     /// path. Built by integrating, it is garbage-collected like the live document (merging
     /// the updates without a document would keep every erased stroke's content).
     pub(super) fn compact_stored(&self, stored_sv: &StateVector) -> Option<(Vec<u8>, Vec<u8>)> {
-        let stored = Self::doc_from_stored(
-            &self.session,
-            &*self.store,
-            &self.metrics,
-            &self.options.limits,
-        );
-        let rebuilt = match stored {
+        let rebuilt = match self.load_stored() {
             Ok((rebuilt, _)) => rebuilt,
             Err(e) => {
                 tracing::warn!(session = %self.session, error = %e, "snapshot: store not readable; encoding the live document");
@@ -117,7 +111,7 @@ impl Board {
     /// `Board::compact_stored`); with none (last client gone, unload, shutdown) there is no
     /// relay to stall, and encoding the live document costs a third as much.
     pub fn snapshot_if_dirty(&self) -> Result<Option<u64>, StoreError> {
-        let _one_at_a_time = sync::lock(&self.snapshotting);
+        let one_at_a_time = sync::lock(&self.snapshotting);
         if !self.dirty.swap(false, Ordering::AcqRel) {
             return Ok(None);
         }
@@ -191,6 +185,8 @@ impl Board {
             took,
         };
         self.metrics.snapshot_duration.observe(took.as_secs_f64());
+        // Not under the lock: a rebuild on the sequencer may be waiting for it.
+        drop(one_at_a_time);
         if rebuilt {
             crate::session::return_freed_memory();
         }

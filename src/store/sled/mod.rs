@@ -272,19 +272,20 @@ impl SledStore {
 }
 
 impl Shared {
-    /// The session's newest loadable snapshot (its version into `snapshot_version`), then
-    /// its log, handed to `each`; returns the last log seq.
+    /// The session's newest loadable snapshot, then its log, handed to `each`; returns the
+    /// last log seq.
     fn scan(
         &self,
         session: &str,
-        snapshot_version: &mut u64,
         each: &mut dyn FnMut(StoredRecord<'_>),
     ) -> Result<u64, StoreError> {
         check_session_id(session)?;
         let t = self.trees()?;
         if let Some((version, state)) = self.newest_loadable_snapshot(&t, session)? {
-            *snapshot_version = version;
-            each(StoredRecord::Snapshot(&state));
+            each(StoredRecord::Snapshot {
+                version,
+                state: &state,
+            });
         }
         self.for_each_logged(&t, session, &mut |update| {
             each(StoredRecord::Update(update))
@@ -304,12 +305,13 @@ impl Shared {
 impl Store for SledStore {
     fn load_whiteboard(&self, session: &str) -> Result<StoredWhiteboard, StoreError> {
         let mut stored = StoredWhiteboard::default();
-        let mut snapshot_version = 0;
-        stored.last_log_seq = self.shared.scan(session, &mut snapshot_version, &mut |r| {
-            let (StoredRecord::Snapshot(bytes) | StoredRecord::Update(bytes)) = r;
-            stored.updates.push(bytes.to_vec());
+        stored.last_log_seq = self.shared.scan(session, &mut |record| match record {
+            StoredRecord::Snapshot { version, state } => {
+                stored.snapshot_version = version;
+                stored.updates.push(state.to_vec());
+            }
+            StoredRecord::Update(update) => stored.updates.push(update.to_vec()),
         })?;
-        stored.snapshot_version = snapshot_version;
         Ok(stored)
     }
 
@@ -319,7 +321,7 @@ impl Store for SledStore {
         session: &str,
         each: &mut dyn FnMut(StoredRecord<'_>),
     ) -> Result<u64, StoreError> {
-        self.shared.scan(session, &mut 0, each)
+        self.shared.scan(session, each)
     }
 
     fn append_update(&self, session: &str, seq: u64, update: &[u8]) -> Result<u64, StoreError> {

@@ -178,7 +178,7 @@ fn scanned(store: &SledStore) -> (Vec<Vec<u8>>, usize, u64) {
     let (mut records, mut snapshot_at) = (Vec::new(), 0);
     let last = store
         .scan_whiteboard(SESSION, &mut |record| match record {
-            StoredRecord::Snapshot(state) => {
+            StoredRecord::Snapshot { state, .. } => {
                 records.push(state.to_vec());
                 snapshot_at = records.len();
             }
