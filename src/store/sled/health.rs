@@ -199,6 +199,28 @@ impl Shared {
         self.track(result, Tracked { tree, key, before })
     }
 
+    /// Reports an entry sled took as failed after all, because a later write of the same
+    /// operation failed (an append's last-activity counter, a chat message's counters): the
+    /// caller is told the operation failed, so the entry is undone before writing resumes
+    /// instead of being carried over a reopen as acknowledged (SPEC 5.4: what was reported
+    /// as failed is never replayed).
+    pub(super) fn report_failed(&self, tree: TreeId, key: &[u8]) {
+        let mut health = unpoisoned(self.health.lock());
+        let write = match health
+            .unflushed
+            .iter()
+            .rposition(|w| w.tree == tree && w.key == key)
+        {
+            Some(i) => health.unflushed.remove(i),
+            None => Tracked {
+                tree,
+                key: key.to_vec(),
+                before: None,
+            },
+        };
+        health.poisoned.push(write);
+    }
+
     /// Remembers an acknowledged write until it is flushed, or a failed one for undoing.
     fn track(&self, result: sled::Result<Option<IVec>>, write: Tracked) -> Result<(), StoreError> {
         match result {

@@ -351,7 +351,10 @@ impl Store for SledStore {
             numbered_key(session, last),
             encode_updates(updates),
         )?;
-        s.write_counter(&t, session, LAST_ACTIVITY_MS, now_ms())?;
+        if let Err(e) = s.write_counter(&t, session, LAST_ACTIVITY_MS, now_ms()) {
+            s.report_failed(TreeId::Updates, &numbered_key(session, last));
+            return Err(e);
+        }
         Ok(last)
     }
 
@@ -549,9 +552,14 @@ impl Store for SledStore {
         // the store knew at load (`last_chat_seq`), so the counter never holds more than
         // `message.seq`. Were there a second writer, the max would not save it: the two
         // would already hand out the same seq.
-        s.write_counter(&t, session, LAST_CHAT_SEQ, message.seq)?;
-        s.write_counter(&t, session, LAST_ACTIVITY_MS, now_ms())?;
-        s.trim_chat(&t, session, message.seq, history_limit)?;
+        let counted = s
+            .write_counter(&t, session, LAST_CHAT_SEQ, message.seq)
+            .and_then(|()| s.write_counter(&t, session, LAST_ACTIVITY_MS, now_ms()))
+            .and_then(|()| s.trim_chat(&t, session, message.seq, history_limit));
+        if let Err(e) = counted {
+            s.report_failed(TreeId::Chat, &numbered_key(session, message.seq));
+            return Err(e);
+        }
         Ok(message.seq)
     }
 
