@@ -255,20 +255,47 @@ mod tests {
     async fn jobs_run_in_order_on_the_pool() {
         let lane = Lane::default();
         let seen = Arc::new(Mutex::new(Vec::new()));
-        let mut outcomes = Vec::new();
-        for i in 0..200 {
+        let job = |i: usize| {
             let seen = seen.clone();
-            outcomes.push(tokio::spawn(lane.run(move || {
-                let name = std::thread::current().name().map(str::to_owned);
+            move |reply: Reply<Option<String>>| {
                 sync::lock(&seen).push(i);
-                name
-            })));
+                reply.send(std::thread::current().name().map(str::to_owned));
+            }
+        };
+        // Queued from one task in a known order (`try_run_replying` queues before it
+        // returns; on a full queue, the oldest job is awaited first): they run in it.
+        let mut queued = VecDeque::new();
+        for i in 0..200 {
+            let mut next = job(i);
+            loop {
+                match lane.try_run_replying(next) {
+                    Ok(outcome) => break queued.push_back(outcome),
+                    Err(back) => {
+                        next = back;
+                        let oldest = queued.pop_front().expect("a full queue holds a job");
+                        assert_eq!(oldest.await.unwrap().as_deref(), Some(THREAD_NAME));
+                    }
+                }
+            }
         }
-        for o in outcomes {
-            let name = o.await.unwrap().unwrap();
-            assert_eq!(name.as_deref(), Some(THREAD_NAME));
+        for outcome in queued {
+            assert_eq!(outcome.await.unwrap().as_deref(), Some(THREAD_NAME));
         }
         assert_eq!(*sync::lock(&seen), (0..200).collect::<Vec<_>>());
+
+        // Submitters on tasks of their own, more than the queue holds: each awaits a place
+        // and gets its job's result (the order in which the runtime polls the tasks is
+        // its own, so only that every job ran is checked).
+        sync::lock(&seen).clear();
+        let outcomes: Vec<_> = (0..200)
+            .map(|i| tokio::spawn(lane.run_replying(job(i))))
+            .collect();
+        for o in outcomes {
+            assert_eq!(o.await.unwrap().unwrap().as_deref(), Some(THREAD_NAME));
+        }
+        let mut ran = sync::lock(&seen).clone();
+        ran.sort_unstable();
+        assert_eq!(ran, (0..200).collect::<Vec<_>>());
 
         // A job that replies first and goes on: the reply arrives, and the job's rest runs
         // before the next job.
