@@ -180,7 +180,9 @@ pub(crate) fn unpoisoned<G>(result: LockResult<G>) -> G {
 #[derive(Debug, Clone, Copy)]
 pub enum StoredRecord<'a> {
     /// The newest snapshot that decodes (a Yjs v1 state, and its version), before any
-    /// update.
+    /// update. A scan that reads the log in pages ([`RedisStore`](crate::store::RedisStore))
+    /// may hand over a second one after some updates: a snapshot written while it read,
+    /// which includes everything handed over before it.
     Snapshot { version: u64, state: &'a [u8] },
     /// An update logged after it, as the client sent it.
     Update(&'a [u8]),
@@ -280,8 +282,9 @@ pub trait Store: Send + Sync + 'static {
     /// as they are read and kept by none; returns [`StoredWhiteboard::last_log_seq`]. A
     /// snapshot's rebuild reads the whole log since the last one, and read whole first that
     /// log was the largest single thing a busy board held in memory (90 MB of a 317 MB heap
-    /// peak; BENCHMARKS.md, issue 13, fourteenth round). A store that reads everything at
-    /// once anyway keeps this default.
+    /// peak; BENCHMARKS.md, issue 13, fourteenth round). sled streams its entries, Redis
+    /// reads pages of 256; the memory store, which holds everything anyway, keeps this
+    /// default.
     fn scan_whiteboard(
         &self,
         session: &str,

@@ -105,7 +105,7 @@ pub(super) struct Rebuilt {
     pub(super) skipped: usize,
     /// The size of the snapshot it started from (0: none).
     pub(super) snapshot_bytes: u64,
-    /// Log entries read after the snapshot, and their bytes.
+    /// Log entries read after the (last) snapshot, and their bytes.
     pub(super) log_updates: u64,
     pub(super) log_bytes: u64,
 }
@@ -151,7 +151,11 @@ impl<'a> Rebuilder<'a> {
     pub(super) fn push(&mut self, record: StoredRecord<'_>) {
         match record {
             StoredRecord::Snapshot { state, .. } => {
+                // A later snapshot (one written while a Redis scan read the log) includes
+                // every entry before it: the counts are of the entries after the last one.
                 self.rebuilt.snapshot_bytes = state.len() as u64;
+                self.rebuilt.log_updates = 0;
+                self.rebuilt.log_bytes = 0;
                 // Applied from the store's buffer, not copied: it is the whole board.
                 self.apply_unapplied();
                 self.apply([(Cow::Borrowed(state), true)]);

@@ -45,8 +45,11 @@
 //!   HSET meta last_activity_ms now` (and, on one Redis server, `XADD easel:bell s session`);
 //!   returns n. The seq and the append are one step, so seqs are gapless and in one order
 //!   whichever node appends.
-//! - `load()`: atomically the newest version (`meta.last_version`, its state in `vs`),
-//!   `snap_through`, `wb:seq`, and `XRANGE wb (0-snap_through +`.
+//! - `load([after, count])`: atomically the newest version (`meta.last_version`, its state
+//!   in `vs`), `snap_through`, `wb:seq`, and `XRANGE wb (0-snap_through + [COUNT count]`.
+//!   A scan reads the log a page at a time: a later page passes the last seq it read as
+//!   `after` and gets `XRANGE wb (0-after +`, with no state, unless a snapshot written
+//!   since has trimmed past `after` (then as a first page).
 //! - `snapshot_write(node, N, header, state, log_through, keep, now)`: only while the
 //!   lease is ours and N is `last_version + 1`; clamps `log_through` to `wb:seq` and
 //!   refuses one below `snap_through` (those entries are trimmed: a state without them
@@ -110,7 +113,7 @@ use self::scripts::Scripts;
 use super::sled::keys::check_session_id;
 use super::{
     unpoisoned, ChatEdit, ModerationRecord, SessionInfo, SnapshotInfo, Store, StoreError,
-    StoredWhiteboard,
+    StoredRecord, StoredWhiteboard,
 };
 use crate::metrics::Metrics;
 use crate::protocol::tutor::ChatMessage;
@@ -253,6 +256,15 @@ impl Store for RedisStore {
     fn load_whiteboard(&self, session: &str) -> Result<StoredWhiteboard, StoreError> {
         check_session_id(session)?;
         self.redis_load(session)
+    }
+
+    fn scan_whiteboard(
+        &self,
+        session: &str,
+        each: &mut dyn FnMut(StoredRecord<'_>),
+    ) -> Result<u64, StoreError> {
+        check_session_id(session)?;
+        self.redis_scan(session, each)
     }
 
     fn append_update(&self, session: &str, _seq: u64, update: &[u8]) -> Result<u64, StoreError> {

@@ -22,16 +22,32 @@ if KEYS[4] then redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[5], '*', 's', AR
 return n
 "#;
 
-/// `load`: KEYS meta, vs, wb, wb:seq. Returns {newest version or '0', its state or nil,
-/// snap_through, wb:seq, the wb entries after snap_through}, read atomically.
+/// `load`: KEYS meta, vs, wb, wb:seq; ARGV [after, count]. Returns {newest version or
+/// '0', its state or false, from, wb:seq, the wb entries after `from`}, read atomically.
+/// Without `after` (or with it empty), `from` is snap_through and the state comes with the entries (a whole
+/// load, or a scan's first page). With it (a scan's next page), `from` is `after`, unless
+/// a snapshot written since the last page trimmed entries past it: then the state comes
+/// again and `from` is its snap_through. `count` caps the entries (a page).
 pub(super) const LOAD: &str = r#"
 local version = redis.call('HGET', KEYS[1], 'last_version')
-local state = false
-if version then state = redis.call('HGET', KEYS[2], version) end
 local through = redis.call('HGET', KEYS[1], 'snap_through') or '0'
 local head = redis.call('GET', KEYS[4]) or '0'
-local entries = redis.call('XRANGE', KEYS[3], '(0-' .. through, '+')
-return {version or '0', state, through, head, entries}
+local from = through
+local state = false
+local after = ARGV[1]
+if after == '' then after = nil end
+if after and tonumber(through) <= tonumber(after) then
+  from = after
+elseif version then
+  state = redis.call('HGET', KEYS[2], version)
+end
+local entries
+if ARGV[2] then
+  entries = redis.call('XRANGE', KEYS[3], '(0-' .. from, '+', 'COUNT', ARGV[2])
+else
+  entries = redis.call('XRANGE', KEYS[3], '(0-' .. from, '+')
+end
+return {version or '0', state, from, head, entries}
 "#;
 
 /// `snapshot_write`: KEYS lease, meta, v, vs, wb, wb:seq; ARGV node, version, header,

@@ -22,13 +22,34 @@ use super::{now_ms, RedisStore};
 use crate::store::sled::records::{
     check_yjs_update, decode_snapshot_header, encode_snapshot, SnapshotHeader, SNAPSHOT_FORMAT_V1,
 };
-use crate::store::{SessionInfo, SnapshotInfo, StoreError, StoredWhiteboard};
+use crate::store::{SessionInfo, SnapshotInfo, StoreError, StoredRecord, StoredWhiteboard};
 
 /// How long a lease lives unless released (a node that dies while holding it).
 pub(super) const LEASE_TTL: Duration = Duration::from_secs(30);
 /// How long a snapshot write waits for another node's lease.
 pub(super) const LEASE_WAIT: Duration = Duration::from_secs(5);
 const LEASE_POLL: Duration = Duration::from_millis(25);
+/// Log entries a scan reads per script call: the most a rebuild holds of a Redis log at
+/// once (one update each), and as many as the rebuild applies in one transaction.
+const SCAN_PAGE_ENTRIES: usize = 256;
+
+/// What one call of the `load` script read.
+struct LoadedPage {
+    version: u64,
+    /// The version's state, when the page brings it.
+    state: Option<Vec<u8>>,
+    /// The seq the entries follow.
+    from: u64,
+    /// `wb:seq`: the last seq handed out.
+    head: u64,
+    entries: Vec<LoadedEntry>,
+}
+
+/// A whiteboard stream entry: its seq, and its update unless it has none (skipped).
+struct LoadedEntry {
+    seq: u64,
+    update: Option<Vec<u8>>,
+}
 
 impl RedisStore {
     pub(super) fn redis_append_update(
@@ -50,51 +71,135 @@ impl RedisStore {
     }
 
     pub(super) fn redis_load(&self, session: &str) -> Result<StoredWhiteboard, StoreError> {
+        let mut page = self.load_page(session, None, None)?;
+        let mut stored = StoredWhiteboard {
+            last_log_seq: page.head,
+            ..Default::default()
+        };
+        if let Some((version, state)) = self.loadable_state(session, &mut page, None)? {
+            stored.snapshot_version = version;
+            stored.updates.push(state);
+        }
+        for entry in page.entries {
+            if let Some(update) = entry.update {
+                stored.updates.push(update);
+            }
+        }
+        Ok(stored)
+    }
+
+    /// [`Store::scan_whiteboard`](crate::store::Store::scan_whiteboard) a page of
+    /// [`SCAN_PAGE_ENTRIES`] at a time: each page is one script, so the version, the state
+    /// and the entries it hands over belong together. Between two pages another node (or
+    /// this one) may write a snapshot and trim entries not read yet; the next page then
+    /// brings that snapshot, handed over as a second `Snapshot` record, and the scan goes
+    /// on after what it includes. Whatever was handed over before it is in it, so the
+    /// records still build the stored document. Returns the seq the last page saw, when
+    /// no entry was left to read.
+    pub(super) fn redis_scan(
+        &self,
+        session: &str,
+        each: &mut dyn FnMut(StoredRecord<'_>),
+    ) -> Result<u64, StoreError> {
+        let mut after = None;
+        loop {
+            let mut page = self.load_page(session, after, Some(SCAN_PAGE_ENTRIES))?;
+            if let Some((version, state)) = self.loadable_state(session, &mut page, after)? {
+                each(StoredRecord::Snapshot {
+                    version,
+                    state: &state,
+                });
+            }
+            let mut last = page.from;
+            for entry in &page.entries {
+                last = entry.seq;
+                if let Some(update) = &entry.update {
+                    each(StoredRecord::Update(update));
+                }
+            }
+            if page.entries.len() < SCAN_PAGE_ENTRIES {
+                return Ok(page.head);
+            }
+            after = Some(last);
+        }
+    }
+
+    /// One call of the `load` script: everything after `after` (`None`: from the newest
+    /// version), at most `count` entries.
+    fn load_page(
+        &self,
+        session: &str,
+        after: Option<u64>,
+        count: Option<usize>,
+    ) -> Result<LoadedPage, StoreError> {
         let mut call = self.scripts.load.prepare_invoke();
         call.key(session_key(session, keys::META))
             .key(session_key(session, keys::VERSION_STATES))
             .key(session_key(session, keys::WB))
             .key(session_key(session, keys::WB_SEQ));
+        if after.is_some() || count.is_some() {
+            // Empty: no cursor yet.
+            call.arg(after.map(|a| a.to_string()).unwrap_or_default());
+        }
+        if let Some(count) = count {
+            call.arg(count);
+        }
         let reply = self.pool.run("load", |con| call.invoke::<Value>(con))?;
         let what = "load reply";
-        let [version, state, _through, head, entries] = values::items(&reply, what)? else {
+        let [version, state, from, head, entries] = values::items(&reply, what)? else {
             return Err(corrupt(what));
         };
-        let mut stored = StoredWhiteboard {
-            last_log_seq: values::unsigned(head, what)?,
-            ..Default::default()
+        let mut page = LoadedPage {
+            version: values::unsigned(version, what)?,
+            state: values::bytes(state, what)?,
+            from: values::unsigned(from, what)?,
+            head: values::unsigned(head, what)?,
+            entries: Vec::new(),
         };
-        let version = values::unsigned(version, what)?;
-        match values::bytes(state, what)? {
-            Some(state) => match check_yjs_update(&state) {
-                Ok(()) => {
-                    stored.snapshot_version = version;
-                    stored.updates.push(state);
+        for entry in values::items(entries, what)? {
+            let entry = Entry::parse(entry, "wb entry")?;
+            // The cursor of the next page: every id easel writes is `0-<seq>`.
+            let seq = values::seq_of_id(&entry.id).ok_or_else(|| corrupt("wb entry id"))?;
+            let update = match entry.field("u").map(|u| values::bytes(u, "wb update")) {
+                Some(Ok(Some(update))) => Some(update),
+                _ => {
+                    tracing::error!(%session, id = %entry.id, "a whiteboard stream entry has no update; skipped");
+                    None
                 }
+            };
+            page.entries.push(LoadedEntry { seq, update });
+        }
+        Ok(page)
+    }
+
+    /// The page's snapshot, or the newest older version that decodes when it does not (the
+    /// changes between the two are lost), or nothing. `after` is the cursor the page was
+    /// read from: the state comes on a first page, and on a later one only when a new
+    /// snapshot trimmed entries past the cursor.
+    fn loadable_state(
+        &self,
+        session: &str,
+        page: &mut LoadedPage,
+        after: Option<u64>,
+    ) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
+        let version = page.version;
+        match page.state.take() {
+            Some(state) => match check_yjs_update(&state) {
+                Ok(()) => Ok(Some((version, state))),
                 Err(e) => {
                     self.report_damaged(session, &format!("version {version}"), &e);
                     tracing::error!(%session, version, "loading an older version: the changes between the two are lost");
-                    if let Some((older, state)) = self.older_loadable_version(session, version)? {
-                        stored.snapshot_version = older;
-                        stored.updates.push(state);
-                    }
+                    self.older_loadable_version(session, version)
                 }
             },
-            None if version > 0 => {
-                tracing::error!(%session, version, "the newest version's state is missing");
-            }
-            None => {}
-        }
-        for entry in values::items(entries, what)? {
-            let entry = Entry::parse(entry, "wb entry")?;
-            match entry.field("u").map(|u| values::bytes(u, "wb update")) {
-                Some(Ok(Some(update))) => stored.updates.push(update),
-                _ => {
-                    tracing::error!(%session, id = %entry.id, "a whiteboard stream entry has no update; skipped")
+            None => {
+                let expected = after.is_none_or(|after| page.from != after);
+                if version > 0 && expected {
+                    tracing::error!(%session, version, "the newest version's state is missing");
                 }
+                Ok(None)
             }
         }
-        Ok(stored)
     }
 
     /// The newest version below `version` whose state decodes.

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeSet;
 
-use easel::store::Store;
+use easel::store::{RedisStore, Store, StoredRecord};
 
 use super::*;
 
@@ -100,6 +100,80 @@ fn a_version_trims_only_the_entries_it_includes() {
     );
     assert_eq!(node.get_snapshot("s", 1).unwrap(), Some(state));
     assert_eq!(node.get_snapshot("s", 2).unwrap(), None);
+}
+
+/// What `scan_whiteboard` hands over, owned: (snapshot version, bytes); version 0 marks
+/// a log entry. And the seq it returns.
+fn scan(
+    node: &RedisStore,
+    session: &str,
+    mut also: impl FnMut(usize),
+) -> (Vec<(u64, Vec<u8>)>, u64) {
+    let mut records = Vec::new();
+    let last = node
+        .scan_whiteboard(session, &mut |record| {
+            records.push(match record {
+                StoredRecord::Snapshot { version, state } => (version, state.to_vec()),
+                StoredRecord::Update(update) => (0, update.to_vec()),
+            });
+            also(records.len());
+        })
+        .unwrap();
+    (records, last)
+}
+
+#[test]
+fn a_scan_reads_what_a_load_reads_a_page_at_a_time() {
+    let redis = RedisServer::start();
+    let node = store(&redis, "n1", 20);
+    assert_eq!(scan(&node, "empty", |_| {}), (Vec::new(), 0));
+    // A version through 100, then two full pages of 256 entries: the last page is empty.
+    let updates = text_updates("p", 100 + 512);
+    for update in &updates {
+        node.append_update("s", 0, update).unwrap();
+    }
+    let (state, sv) = state_of(&updates[..100]);
+    assert_eq!(node.write_snapshot("s", &state, &sv, 100, 100).unwrap(), 1);
+    let loaded = node.load_whiteboard("s").unwrap();
+    let (records, last) = scan(&node, "s", |_| {});
+    assert_eq!(last, loaded.last_log_seq);
+    assert_eq!(last, 612);
+    assert_eq!(records[0], (1, state));
+    assert!(records[1..].iter().all(|(version, _)| *version == 0));
+    let scanned: Vec<Vec<u8>> = records.into_iter().map(|(_, bytes)| bytes).collect();
+    assert_eq!(scanned, loaded.updates);
+}
+
+#[test]
+fn a_snapshot_written_during_a_scan_is_handed_over_and_the_scan_goes_on() {
+    let redis = RedisServer::start();
+    let (node, other) = (store(&redis, "n1", 20), store(&redis, "n2", 20));
+    let updates = text_updates("c", 610);
+    for update in &updates[..600] {
+        node.append_update("s", 0, update).unwrap();
+    }
+    // While the scan hands over its first page (seqs 1..=256), another node snapshots
+    // through 400, trimming 257..=400 before the scan read them, and 10 more are appended.
+    let (state, sv) = state_of(&updates[..400]);
+    let (records, last) = scan(&node, "s", |handed| {
+        if handed == 10 {
+            assert_eq!(other.write_snapshot("s", &state, &sv, 400, 400).unwrap(), 1);
+            for update in &updates[600..] {
+                other.append_update("s", 0, update).unwrap();
+            }
+        }
+    });
+    assert_eq!(last, 610);
+    let snapshots: Vec<usize> = (0..records.len()).filter(|&i| records[i].0 > 0).collect();
+    assert_eq!(
+        snapshots,
+        [256],
+        "the version, handed over after the first page"
+    );
+    assert_eq!(records[256], (1, state));
+    assert_eq!(records.len(), 256 + 1 + 210);
+    let scanned: Vec<Vec<u8>> = records.into_iter().map(|(_, bytes)| bytes).collect();
+    assert_eq!(text_of(&scanned), text_of(&updates));
 }
 
 #[test]
