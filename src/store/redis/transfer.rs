@@ -37,10 +37,13 @@ use crate::store::sled::records::{
     encode_snapshot, encode_update, SnapshotHeader, SNAPSHOT_FORMAT_V1,
 };
 use crate::store::sled::{storage_error, SledSettings};
-use crate::store::{SledStore, Store, StoreError, VERSIONS_DIR};
+use crate::store::{SledStore, Store, StoreError, StoredRecord, VERSIONS_DIR};
 
 /// The node id written into imported stream entries.
 const IMPORT_NODE: &str = "import";
+
+/// Stream entries an export reads per `XRANGE`.
+const EXPORT_PAGE_ENTRIES: usize = 256;
 
 /// Why an import or export could not run.
 #[derive(Debug, thiserror::Error)]
@@ -203,22 +206,44 @@ fn import_session(
 
     // The log after the newest version, as the stream's newest entries. Their sled seqs
     // are not read back, only their order: they take the seqs just below `last_log_seq`,
-    // so the next seq is the one sled would have used.
-    let stored = sled.load_whiteboard(session)?;
-    let log = stored.log();
-    let head = stored.last_log_seq.max(log.len() as u64);
-    let snap_through = head - log.len() as u64;
-    for (i, update) in log.iter().enumerate() {
+    // so the next seq is the one sled would have used. Two scans, neither holding the log
+    // (as a rebuild does not): one counts the entries, the other copies them.
+    let mut entries = 0u64;
+    let last_log_seq = sled.scan_whiteboard(session, &mut |record| {
+        entries += u64::from(matches!(record, StoredRecord::Update(_)));
+    })?;
+    let head = last_log_seq.max(entries);
+    let snap_through = head - entries;
+    let (mut seen, mut failed) = (0u64, None);
+    sled.scan_whiteboard(session, &mut |record| {
+        let StoredRecord::Update(update) = record else {
+            return;
+        };
+        seen += 1;
+        if failed.is_some() || seen > entries {
+            return;
+        }
         let mut cmd = redis::cmd("XADD");
         cmd.arg(tmp(keys::WB))
-            .arg(format!("0-{}", snap_through + 1 + i as u64))
+            .arg(format!("0-{}", snap_through + seen))
             .arg("n")
             .arg(IMPORT_NODE)
             .arg("u")
-            .arg(update.as_slice());
-        run("import update", &cmd)?;
+            .arg(update);
+        if let Err(e) = run("import update", &cmd) {
+            failed = Some(e);
+        }
+    })?;
+    if let Some(e) = failed {
+        return Err(e.into());
     }
-    report.log_entries = log.len();
+    if seen != entries {
+        return Err(StoreError::Unavailable(format!(
+            "the log of {session} changed while it was imported: is a server using the directory?"
+        ))
+        .into());
+    }
+    report.log_entries = entries as usize;
 
     // Chat, each message as it stands (edited text, deleted without text), under its seq.
     let messages = sled.chat_after(session, 0, usize::MAX)?;
@@ -420,25 +445,36 @@ fn export_session(
         report.versions += 1;
     }
 
-    // The stream after the newest version, as log entries under their seqs.
+    // The stream after the newest version, as log entries under their seqs, a page at a
+    // time (a log can be much larger than the board).
     let wb_key = session_key(session, keys::WB);
-    let entries: Value = redis.pool.run("XRANGE wb", |con| {
-        redis::cmd("XRANGE")
-            .arg(&wb_key)
-            .arg(format!("(0-{snap_through}"))
-            .arg("+")
-            .query(con)
-    })?;
-    for entry in values::items(&entries, "wb entries")? {
-        let entry = Entry::parse(entry, "wb entry")?;
-        let seq = values::seq_of_id(&entry.id).ok_or_else(|| corrupt("wb entry id"))?;
-        let update = entry.field_bytes("u", "wb update")?;
-        insert(
-            &trees.updates,
-            numbered_key(session, seq),
-            encode_update(&update),
-        )?;
-        report.log_entries += 1;
+    let mut after = snap_through;
+    loop {
+        let page: Value = redis.pool.run("XRANGE wb", |con| {
+            redis::cmd("XRANGE")
+                .arg(&wb_key)
+                .arg(format!("(0-{after}"))
+                .arg("+")
+                .arg("COUNT")
+                .arg(EXPORT_PAGE_ENTRIES)
+                .query(con)
+        })?;
+        let page = values::items(&page, "wb entries")?;
+        for entry in page {
+            let entry = Entry::parse(entry, "wb entry")?;
+            let seq = values::seq_of_id(&entry.id).ok_or_else(|| corrupt("wb entry id"))?;
+            let update = entry.field_bytes("u", "wb update")?;
+            insert(
+                &trees.updates,
+                numbered_key(session, seq),
+                encode_update(&update),
+            )?;
+            report.log_entries += 1;
+            after = seq;
+        }
+        if page.len() < EXPORT_PAGE_ENTRIES {
+            break;
+        }
     }
     let wb_seq = redis_counter(redis, session, keys::WB_SEQ)?;
 

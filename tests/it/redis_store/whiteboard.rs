@@ -2,7 +2,10 @@
 
 use std::collections::BTreeSet;
 
-use easel::store::{RedisStore, Store, StoredRecord};
+use std::time::{Duration, Instant};
+
+use easel::store::redis::transfer::TransferError;
+use easel::store::{RedisStore, Store, StoreError, StoredRecord};
 
 use super::*;
 
@@ -282,4 +285,60 @@ fn sessions_are_listed_with_their_versions_and_activity() {
         "{sessions:?}"
     );
     assert!(node.append_update("bad id!", 0, &updates[0]).is_err());
+}
+
+#[test]
+fn import_and_export_copy_a_log_longer_than_a_page() {
+    // A sled directory with a version through 100 and 600 entries after it (sled keeps runs
+    // of up to 16 updates per entry; import and export read them a page at a time).
+    let dir = tempfile::tempdir().unwrap();
+    let updates = text_updates("x", 700);
+    {
+        let sled = when_unlocked(|| easel::store::SledStore::open(dir.path(), 0, 20, None));
+        for (i, update) in updates[..100].iter().enumerate() {
+            sled.append_update("s", i as u64 + 1, update).unwrap();
+        }
+        let (state, sv) = state_of(&updates[..100]);
+        sled.write_snapshot("s", &state, &sv, 100, 100).unwrap();
+        for (i, update) in updates[100..].iter().enumerate() {
+            sled.append_update("s", 101 + i as u64, update).unwrap();
+        }
+        sled.flush().unwrap();
+    }
+    let redis = RedisServer::start();
+    let node = store(&redis, "n1", 20);
+    let report = when_unlocked(|| {
+        easel::store::redis::transfer::import(dir.path(), &node).map_err(|e| match e {
+            TransferError::Store(e) => e,
+            other => panic!("import: {other}"),
+        })
+    });
+    assert_eq!(report.sessions[0].log_entries, 600);
+    let loaded = node.load_whiteboard("s").unwrap();
+    assert_eq!((loaded.snapshot_version, loaded.last_log_seq), (1, 700));
+    assert_eq!(loaded.updates.len(), 1 + 600);
+    assert_eq!(text_of(&loaded.updates), text_of(&updates));
+
+    let back = tempfile::tempdir().unwrap();
+    let exported = back.path().join("exported");
+    let report = easel::store::redis::transfer::export(&node, &exported).unwrap();
+    assert_eq!(report.sessions[0].log_entries, 600);
+    let sled = when_unlocked(|| easel::store::SledStore::open(&exported, 0, 20, None));
+    let reloaded = sled.load_whiteboard("s").unwrap();
+    assert_eq!(reloaded.last_log_seq, 700);
+    assert_eq!(reloaded.updates, loaded.updates);
+}
+
+/// `open` once sled has let go of the directory: it releases a dropped database's lock only
+/// when its I/O threads are done with it, so a reopen right after may find it still held.
+fn when_unlocked<T>(mut open: impl FnMut() -> Result<T, StoreError>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match open() {
+            Err(StoreError::Locked { .. }) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(20))
+            }
+            other => return other.unwrap(),
+        }
+    }
 }
