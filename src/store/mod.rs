@@ -297,8 +297,9 @@ pub trait Store: Send + Sync + 'static {
     /// under. A store that one process owns (sled, memory) stores it as entry `seq`: the
     /// session owns its seqs (one writer, under its own lock), each larger than the last,
     /// starting after [`StoredWhiteboard::last_log_seq`]. A store that several nodes share
-    /// (Redis) assigns the seq itself, atomically with the append, and ignores `seq`; the
-    /// session goes on from the one returned. This is one write, with no read: it runs on
+    /// (Redis) assigns the seq itself, atomically with the append, and takes `seq` only as a
+    /// floor (one past the last the session has seen: a Redis that lost writes must not
+    /// hand out again a seq that was seen); the session goes on from the one returned. This is one write, with no read: it runs on
     /// the relay path of every update.
     fn append_update(&self, session: &str, seq: u64, update: &[u8]) -> Result<u64, StoreError>;
 
@@ -349,8 +350,8 @@ pub trait Store: Send + Sync + 'static {
     /// Appends a chat message, trimming the session's history to `history_limit` messages,
     /// and returns the seq it was stored under: `message.seq`, assigned by the caller, in a
     /// store one process owns; the next seq of the session, assigned atomically with the
-    /// append (gapless across nodes), in a store several nodes share (Redis), which ignores
-    /// `message.seq`.
+    /// append (gapless across nodes), in a store several nodes share (Redis), which takes
+    /// `message.seq` only as a floor, as [`Store::append_update`] takes `seq`.
     fn append_chat(
         &self,
         session: &str,

@@ -59,7 +59,9 @@ impl RedisStore {
             .arg(&self.node_id)
             .arg(json)
             .arg(count(history_limit))
-            .arg(now_ms());
+            .arg(now_ms())
+            // The room numbers a message one past the last seq it has seen.
+            .arg(message.seq.saturating_sub(1));
         self.ring(&mut call, session);
         let seq = self
             .pool

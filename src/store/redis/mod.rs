@@ -41,10 +41,13 @@
 //!
 //! # Scripts (`scripts.rs` holds their text; each touches one session's keys)
 //!
-//! - `wb_append(node, update, now)`: `n = INCR wb:seq; XADD wb 0-n n node u update;
-//!   HSET meta last_activity_ms now` (and, on one Redis server, `XADD easel:bell s session`);
-//!   returns n. The seq and the append are one step, so seqs are gapless and in one order
-//!   whichever node appends.
+//! - `wb_append(node, update, now, seen)`: `n = INCR wb:seq` (raised to `seen + 1` if not
+//!   above it); `XADD wb 0-n n node u update; HSET meta last_activity_ms now` (and, on one
+//!   Redis server, `XADD easel:bell s session`); returns n. The seq and the append are one
+//!   step, so seqs are gapless and in one order whichever node appends. `seen` is the
+//!   highest seq the appending node has seen: only a Redis that lost acknowledged writes
+//!   (a crash under `appendfsync everysec`) has a counter below it, and then the seqs it
+//!   lost are skipped, not handed out again (SPEC 5.1).
 //! - `load([after, count])`: atomically the newest version (`meta.last_version`, its state
 //!   in `vs`), `snap_through`, `wb:seq`, and `XRANGE wb (0-snap_through + [COUNT count]`.
 //!   A scan reads the log a page at a time: a later page passes the last seq it read as
@@ -58,8 +61,8 @@
 //!   meanwhile stay); drops the versions beyond `keep`.
 //! - `lease_release(node)` / `lease_takeover(holder, node, ttl)`: compare-and-delete /
 //!   compare-and-set of the lease.
-//! - `chat_append(node, json, limit, now)`: `n = INCR chat:seq; XADD chat 0-n n node m
-//!   json`; then every message with seq ≤ n − limit goes (`XTRIM MINID`), with its
+//! - `chat_append(node, json, limit, now, seen)`: `n = INCR chat:seq` (above `seen`, as
+//!   for `wb_append`); `XADD chat 0-n n node m json`; then every message with seq ≤ n − limit goes (`XTRIM MINID`), with its
 //!   `chat:amended` entry and edit-log entry (and the doorbell rings, as for `wb_append`);
 //!   returns n.
 //! - `chat_read(after|before, seq, limit)`: `XRANGE`/`XREVRANGE` with the amended form of
@@ -267,9 +270,10 @@ impl Store for RedisStore {
         self.redis_scan(session, each)
     }
 
-    fn append_update(&self, session: &str, _seq: u64, update: &[u8]) -> Result<u64, StoreError> {
+    fn append_update(&self, session: &str, seq: u64, update: &[u8]) -> Result<u64, StoreError> {
         check_session_id(session)?;
-        self.redis_append_update(session, update)
+        // `seq` is one past the last the session has seen: Redis's seq goes above that.
+        self.redis_append_update(session, seq.saturating_sub(1), update)
     }
 
     fn write_snapshot(

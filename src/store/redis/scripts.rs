@@ -12,15 +12,37 @@ use std::sync::LazyLock;
 
 use redis::Script;
 
-/// `wb_append`: KEYS wb:seq, wb, meta[, bell]; ARGV node, update, now_ms[, session,
+/// `wb_append`: KEYS wb:seq, wb, meta[, bell]; ARGV node, update, now_ms, seen[, session,
 /// bell maxlen]. Returns the seq. With the bell (one Redis server), rings it for `session`.
-pub(super) const WB_APPEND: &str = r#"
-local n = redis.call('INCR', KEYS[1])
+/// `seen` is the highest seq the node has seen (its floor, see [`NEXT_SEQ`]).
+pub(super) static WB_APPEND: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        r#"{NEXT_SEQ}
+local n = next_seq(KEYS[1], ARGV[4])
 redis.call('XADD', KEYS[2], string.format('0-%d', n), 'n', ARGV[1], 'u', ARGV[2])
 redis.call('HSET', KEYS[3], 'last_activity_ms', ARGV[3])
-if KEYS[4] then redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[5], '*', 's', ARGV[4]) end
+if KEYS[4] then redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[6], '*', 's', ARGV[5]) end
 return n
-"#;
+"#
+    )
+});
+
+/// The next seq of counter `key`, above `seen`, the highest seq the appending node has
+/// seen. The counter is always above it, unless Redis lost its last writes (a crash under
+/// `appendfsync everysec`): then the counter jumps past `seen`, so no seq a client was
+/// shown is handed out again (SPEC 5.1), and no node, its cursor past the lost seqs,
+/// skips the entries that would have reused them. The lost seqs stay a gap: what they
+/// numbered is gone.
+const NEXT_SEQ: &str = r#"
+local function next_seq(key, seen)
+  local n = redis.call('INCR', key)
+  local floor = tonumber(seen)
+  if n <= floor then
+    n = floor + 1
+    redis.call('SET', key, string.format('%d', n))
+  end
+  return n
+end"#;
 
 /// `load`: KEYS meta, vs, wb, wb:seq; ARGV [after, count]. Returns {newest version or
 /// '0', its state or false, from, wb:seq, the wb entries after `from`}, read atomically.
@@ -102,14 +124,17 @@ return 0
 "#;
 
 /// `chat_append`: KEYS chat:seq, chat, chat:amended, edits, edits:seq, meta[, bell]; ARGV
-/// node, message JSON, history_limit, now_ms[, session, bell maxlen]. Assigns the seq and appends in one step (gapless,
-/// one order across nodes), then trims the history to the newest `history_limit` seqs,
-/// taking the trimmed messages' amendments and edit-log entries with them. Returns the seq.
-pub(super) const CHAT_APPEND: &str = r#"
-local n = redis.call('INCR', KEYS[1])
+/// node, message JSON, history_limit, now_ms, seen[, session, bell maxlen]. Assigns the
+/// seq (above `seen`, see [`NEXT_SEQ`]) and appends in one step (gapless, one order across
+/// nodes), then trims the history to the newest `history_limit` seqs, taking the trimmed
+/// messages' amendments and edit-log entries with them. Returns the seq.
+pub(super) static CHAT_APPEND: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        r#"{NEXT_SEQ}
+local n = next_seq(KEYS[1], ARGV[5])
 redis.call('XADD', KEYS[2], string.format('0-%d', n), 'n', ARGV[1], 'm', ARGV[2])
 redis.call('HSET', KEYS[6], 'last_activity_ms', ARGV[4])
-if KEYS[7] then redis.call('XADD', KEYS[7], 'MAXLEN', '~', ARGV[6], '*', 's', ARGV[5]) end
+if KEYS[7] then redis.call('XADD', KEYS[7], 'MAXLEN', '~', ARGV[7], '*', 's', ARGV[6]) end
 local keep_from = n - tonumber(ARGV[3]) + 1
 if keep_from > 1 then
   local gone = redis.call('XRANGE', KEYS[2], '-', string.format('(0-%d', keep_from))
@@ -127,7 +152,9 @@ if keep_from > 1 then
   end
 end
 return n
-"#;
+"#
+    )
+});
 
 /// `chat_read`: KEYS chat, chat:amended; ARGV 'after' | 'before', seq, limit. Up to
 /// `limit` messages after (oldest first) or before (newest first) `seq`, each as its
@@ -262,12 +289,12 @@ pub(super) struct Scripts {
 impl Scripts {
     pub(super) fn new() -> Self {
         Self {
-            wb_append: Script::new(WB_APPEND),
+            wb_append: Script::new(&WB_APPEND),
             load: Script::new(LOAD),
             snapshot_write: Script::new(SNAPSHOT_WRITE),
             lease_release: Script::new(LEASE_RELEASE),
             lease_takeover: Script::new(LEASE_TAKEOVER),
-            chat_append: Script::new(CHAT_APPEND),
+            chat_append: Script::new(&CHAT_APPEND),
             chat_read: Script::new(CHAT_READ),
             chat_amend: Script::new(CHAT_AMEND),
             presence_change: Script::new(&PRESENCE_CHANGE),

@@ -52,9 +52,12 @@ struct LoadedEntry {
 }
 
 impl RedisStore {
+    /// Appends `update` under the next seq; `seen` is the highest seq this node has seen
+    /// for the session (the seq is above it, even after Redis lost writes).
     pub(super) fn redis_append_update(
         &self,
         session: &str,
+        seen: u64,
         update: &[u8],
     ) -> Result<u64, StoreError> {
         self.register(session)?;
@@ -64,7 +67,8 @@ impl RedisStore {
             .key(session_key(session, keys::META))
             .arg(&self.node_id)
             .arg(update)
-            .arg(now_ms());
+            .arg(now_ms())
+            .arg(seen);
         self.ring(&mut call, session);
         let seq = self.pool.run("append", |con| call.invoke::<Value>(con))?;
         values::unsigned(&seq, "wb_append seq")

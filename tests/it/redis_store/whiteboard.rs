@@ -15,8 +15,8 @@ fn appends_load_back_in_order_after_the_newest_version() {
     let node = store(&redis, "n1", 20);
     let updates = text_updates("a", 6);
     for (i, update) in updates.iter().enumerate() {
-        // The seq passed is ignored: Redis assigns the next one.
-        assert_eq!(node.append_update("s1", 999, update).unwrap(), i as u64 + 1);
+        // Redis assigns the next seq; the one passed is only a floor (0: none seen).
+        assert_eq!(node.append_update("s1", 0, update).unwrap(), i as u64 + 1);
     }
     let loaded = node.load_whiteboard("s1").unwrap();
     assert_eq!(loaded.snapshot_version, 0);
@@ -26,6 +26,57 @@ fn appends_load_back_in_order_after_the_newest_version() {
     let empty = node.load_whiteboard("never-written").unwrap();
     assert!(empty.updates.is_empty());
     assert_eq!((empty.snapshot_version, empty.last_log_seq), (0, 0));
+}
+
+/// SPEC 5.1, "numbers are never handed out twice": a Redis that lost its last writes (a
+/// crash under `appendfsync everysec`, made here by hand) has its counters behind seqs the
+/// nodes have seen. The next append goes above what the appending node has seen.
+#[test]
+fn a_redis_that_lost_writes_does_not_hand_out_a_seen_seq_again() {
+    let redis = RedisServer::start();
+    let node = store(&redis, "n1", 20);
+    let updates = text_updates("w", 7);
+    for (i, update) in updates[..6].iter().enumerate() {
+        assert_eq!(
+            node.append_update("s", i as u64 + 1, update).unwrap(),
+            i as u64 + 1
+        );
+    }
+    for i in 1..=5 {
+        node.append_chat(
+            "s",
+            &ChatMessage {
+                seq: i,
+                ..chat_message(&format!("m{i}"), "ann")
+            },
+            100,
+        )
+        .unwrap();
+    }
+    // Lost: whiteboard seqs 4..=6, chat seqs 3..=5, counters and entries alike.
+    raw(&redis, &["SET", "easel:{s}:wb:seq", "3"]);
+    raw(&redis, &["XDEL", "easel:{s}:wb", "0-4", "0-5", "0-6"]);
+    raw(&redis, &["SET", "easel:{s}:chat:seq", "2"]);
+    raw(&redis, &["XDEL", "easel:{s}:chat", "0-3", "0-4", "0-5"]);
+    // The node saw 6 and 5: the next seqs are 7 and 6, not 4 and 3.
+    assert_eq!(node.append_update("s", 7, &updates[6]).unwrap(), 7);
+    let message = ChatMessage {
+        seq: 6,
+        ..chat_message("m6", "ann")
+    };
+    assert_eq!(node.append_chat("s", &message, 100).unwrap(), 6);
+    // And on from there, gapless again.
+    assert_eq!(node.append_update("s", 8, &updates[0]).unwrap(), 8);
+    let loaded = node.load_whiteboard("s").unwrap();
+    assert_eq!(loaded.last_log_seq, 8);
+    assert_eq!(loaded.updates.len(), 3 + 2);
+    let seqs: Vec<u64> = node
+        .chat_after("s", 0, 100)
+        .unwrap()
+        .iter()
+        .map(|m| m.seq)
+        .collect();
+    assert_eq!(seqs, [1, 2, 6]);
 }
 
 #[test]
