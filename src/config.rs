@@ -326,6 +326,11 @@ pub struct ClusterConfig {
     /// This node's name in logs, metrics and Redis (env `EASEL_NODE_ID`); default: the
     /// host name and the process id.
     pub node_id: Option<String>,
+    /// A client certificate (PEM, the chain) and its private key (PEM) for a Redis that
+    /// asks for one (`tls-auth-clients yes`): `rediss://` only, both or neither (env
+    /// `EASEL_REDIS_TLS_CERT`, `EASEL_REDIS_TLS_KEY`).
+    pub redis_tls_cert: Option<PathBuf>,
+    pub redis_tls_key: Option<PathBuf>,
 }
 
 impl ClusterConfig {
@@ -408,6 +413,12 @@ impl Config {
         }
         if let Some(v) = env("EASEL_NODE_ID").filter(|v| !v.is_empty()) {
             self.cluster.node_id = Some(v);
+        }
+        if let Some(v) = env("EASEL_REDIS_TLS_CERT").filter(|v| !v.is_empty()) {
+            self.cluster.redis_tls_cert = Some(PathBuf::from(v));
+        }
+        if let Some(v) = env("EASEL_REDIS_TLS_KEY").filter(|v| !v.is_empty()) {
+            self.cluster.redis_tls_key = Some(PathBuf::from(v));
         }
         if let Some(v) = env("EASEL_PERMESSAGE_DEFLATE") {
             self.limits.permessage_deflate = match v.as_str() {
@@ -710,6 +721,28 @@ impl Config {
         for url in &c.redis_cluster_nodes {
             redis_url("cluster.redis_cluster_nodes", url)?;
         }
+        match (&c.redis_tls_cert, &c.redis_tls_key) {
+            (None, None) => {}
+            (Some(_), Some(_)) => {
+                let plain = c
+                    .redis_url
+                    .iter()
+                    .chain(&c.redis_cluster_nodes)
+                    .any(|url| !url.starts_with("rediss://"));
+                if plain || !self.cluster.enabled() {
+                    return Err(ConfigError::Invalid {
+                        key: "cluster.redis_tls_cert",
+                        message: "a client certificate is for rediss:// only: name Redis with rediss:// URLs".into(),
+                    });
+                }
+            }
+            _ => return Err(ConfigError::Invalid {
+                key: "cluster.redis_tls_cert",
+                message:
+                    "set redis_tls_cert and redis_tls_key together (the certificate and its key)"
+                        .into(),
+            }),
+        }
         if let Some(id) = &c.node_id {
             let ok = (1..=128).contains(&id.len()) && id.chars().all(|ch| ch.is_ascii_graphic());
             if !ok {
@@ -760,6 +793,39 @@ mod tests {
             .cluster
             .node_id()
             .ends_with(&format!("-{}", std::process::id())));
+    }
+
+    #[test]
+    fn a_redis_client_certificate_needs_its_key_and_rediss() {
+        let tls = "[cluster]\nredis_url = \"rediss://127.0.0.1:6380\"\n";
+        let mut c = Config::from_toml(tls).unwrap();
+        c.apply_env(&|k| match k {
+            "EASEL_REDIS_TLS_CERT" => Some("/etc/easel/node.crt".into()),
+            _ => None,
+        })
+        .unwrap();
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("together"), "{err}");
+        c.apply_env(&|k| match k {
+            "EASEL_REDIS_TLS_KEY" => Some("/etc/easel/node.key".into()),
+            _ => None,
+        })
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(
+            c.cluster.redis_tls_key.as_deref(),
+            Some(Path::new("/etc/easel/node.key"))
+        );
+
+        let plain = "[cluster]\nredis_url = \"redis://127.0.0.1:6379\"\nredis_tls_cert = \"a.crt\"\nredis_tls_key = \"a.key\"\n";
+        let err = Config::from_toml(plain)
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("rediss://"), "{err}");
+        let off = "[cluster]\nredis_tls_cert = \"a.crt\"\nredis_tls_key = \"a.key\"\n";
+        assert!(Config::from_toml(off).unwrap().validate().is_err());
     }
 
     #[test]

@@ -10,7 +10,7 @@ use anyhow::{bail, Context};
 
 use super::{load_config, ClusterCommand, ConfigArgs};
 use easel::store::redis::transfer::{self, TransferReport};
-use easel::store::{RedisStore, RedisTarget};
+use easel::store::{ClientIdentity, RedisStore, RedisTarget};
 
 pub fn cluster_command(
     command: ClusterCommand,
@@ -30,8 +30,9 @@ pub fn cluster_command(
     let Some(target) = RedisTarget::from_config(&config.cluster) else {
         bail!("no Redis named: pass --redis redis://HOST:PORT (or set EASEL_REDIS_URL, or [cluster] redis_url)");
     };
-    let store = RedisStore::connect(
+    let store = RedisStore::connect_as(
         target,
+        ClientIdentity::from_config(&config.cluster)?,
         config.cluster.node_id(),
         config.persist.keep_snapshots,
     )?;

@@ -16,7 +16,9 @@ use super::dev_secret;
 use super::sessions::locked_message;
 use easel::auth::{claims_for, Role, Verifier};
 use easel::config::{Config, LogFormat};
-use easel::store::{RedisStore, RedisTarget, SledSettings, SledStore, Store, StoreError};
+use easel::store::{
+    ClientIdentity, RedisStore, RedisTarget, SledSettings, SledStore, Store, StoreError,
+};
 
 fn init_logging(config: &Config) -> anyhow::Result<()> {
     use std::io::IsTerminal;
@@ -246,7 +248,9 @@ pub fn open_cluster_store(
     // incarnation. A process restarted under the same id (a container's PID 1, a fixed
     // `node_id`) must not renew the dead one's heartbeat: its users would never be swept.
     let node_id = format!("{}.{:08x}", config.cluster.node_id(), rand::random::<u32>());
-    let store = RedisStore::connect(target, node_id, config.persist.keep_snapshots)
+    let identity = ClientIdentity::from_config(&config.cluster)
+        .map_err(|e| anyhow::anyhow!("cluster mode: {e}"))?;
+    let store = RedisStore::connect_as(target, identity, node_id, config.persist.keep_snapshots)
         .map_err(|e| anyhow::anyhow!("cluster mode: {e}"))?
         .with_metrics(metrics);
     match store.ping() {

@@ -22,7 +22,9 @@ use easel::http::rfc3339_ms;
 use easel::metrics::Metrics;
 use easel::session::whiteboard::RestoreFailure;
 use easel::session::Registry;
-use easel::store::{RedisStore, RedisTarget, SessionInfo, SledStore, Store, StoreError};
+use easel::store::{
+    ClientIdentity, RedisStore, RedisTarget, SessionInfo, SledStore, Store, StoreError,
+};
 
 /// `easel sessions`: every stored session, one line each.
 pub fn sessions(admin: Admin) -> anyhow::Result<()> {
@@ -84,8 +86,9 @@ impl Admin {
 
     fn store(config: &Config) -> Result<Arc<dyn Store>, AdminError> {
         if let Some(target) = RedisTarget::from_config(&config.cluster) {
-            let store = RedisStore::connect(
+            let store = RedisStore::connect_as(
                 target,
+                ClientIdentity::from_config(&config.cluster)?,
                 config.cluster.node_id(),
                 config.persist.keep_snapshots,
             )?;

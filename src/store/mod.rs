@@ -61,7 +61,8 @@ use std::sync::LockResult;
 
 pub use self::memory::MemoryStore;
 pub use self::redis::{
-    Cursor, PresenceChange, PresenceEntry, RedisStore, RedisTarget, StreamEntry, StreamReader,
+    ClientIdentity, Cursor, PresenceChange, PresenceEntry, RedisStore, RedisTarget, StreamEntry,
+    StreamReader,
 };
 pub use self::sled::{remove_stale_files, SledSettings, SledStore, CHAT_SEQ_BLOCK, VERSIONS_DIR};
 

@@ -20,10 +20,16 @@ struct Cluster {
 
 /// A node on `redis`, trusting its CA if it speaks TLS.
 fn node(redis: &RedisServer, name: &str) -> TestServer {
+    node_with(redis, name, Vec::new())
+}
+
+/// [`node`] with more environment.
+fn node_with(redis: &RedisServer, name: &str, more: Vec<(String, String)>) -> TestServer {
     let mut env = vec![("EASEL_NODE_ID".into(), name.into())];
     if let Some(ca) = redis.ca_file() {
         env.push(("SSL_CERT_FILE".into(), ca.display().to_string()));
     }
+    env.extend(more);
     TestServer::start_opts(
         "",
         StartOpts {
@@ -140,6 +146,39 @@ async fn a_node_that_does_not_trust_the_redis_certificate_is_not_ready() {
     eventually("the node says why: Redis's certificate", SLOW, || async {
         let log = node.stderr_text().to_lowercase();
         (log.contains("redis cannot be reached") && log.contains("cert")).then_some(())
+    })
+    .await;
+}
+
+/// A Redis that asks for client certificates (`tls-auth-clients yes`): nodes that show one
+/// (`EASEL_REDIS_TLS_CERT`, `EASEL_REDIS_TLS_KEY`) are ready and converge; a node that
+/// shows none is refused by Redis's handshake and stays unready.
+#[tokio::test]
+async fn nodes_show_a_client_certificate_to_a_redis_that_asks_for_one() {
+    let redis = RedisServer::start_tls_client_auth();
+    let (cert, key) = redis.client_certificate().expect("a TLS Redis");
+    let identity = vec![
+        (
+            "EASEL_REDIS_TLS_CERT".to_string(),
+            cert.display().to_string(),
+        ),
+        ("EASEL_REDIS_TLS_KEY".to_string(), key.display().to_string()),
+    ];
+    let nodes: Vec<TestServer> = (0..3)
+        .map(|i| node_with(&redis, &format!("mtls-node{i}"), identity.clone()))
+        .collect();
+    for node in &nodes {
+        let ready = node.http_get("/readyz").await;
+        assert_eq!(ready.status, 200, "{}", ready.text());
+    }
+    converge_across(&nodes, &session_id("cl-mtls")).await;
+
+    let anonymous = node(&redis, "anonymous");
+    let ready = anonymous.http_get("/readyz").await;
+    assert_eq!(ready.status, 503, "{}", ready.text());
+    eventually("the node says Redis cannot be reached", SLOW, || async {
+        let log = anonymous.stderr_text().to_lowercase();
+        log.contains("redis cannot be reached").then_some(())
     })
     .await;
 }

@@ -20,6 +20,9 @@ pub struct RedisServer {
     /// TLS only (`rediss://`): its certificate and key, and the CA that signed them, are in
     /// `dir` ([`make_certificates`]).
     tls: bool,
+    /// TLS, and a client must show a certificate the CA signed (`tls-auth-clients yes`):
+    /// [`RedisServer::client_certificate`].
+    client_auth: bool,
 }
 
 /// `redis-server` from PATH, else Debian's `/usr/bin/redis-server`.
@@ -38,7 +41,7 @@ fn free_port() -> u16 {
     listener.local_addr().expect("local addr").port()
 }
 
-fn spawn(port: u16, dir: &Path, tls: bool) -> Child {
+fn spawn(port: u16, dir: &Path, tls: bool, client_auth: bool) -> Child {
     let mut cmd = Command::new(redis_server_bin());
     if tls {
         let port = port.to_string();
@@ -49,7 +52,8 @@ fn spawn(port: u16, dir: &Path, tls: bool) -> Child {
                 "--tls-key-file",
                 "server.key",
             ])
-            .args(["--tls-ca-cert-file", "ca.crt", "--tls-auth-clients", "no"])
+            .args(["--tls-ca-cert-file", "ca.crt", "--tls-auth-clients"])
+            .arg(if client_auth { "yes" } else { "no" })
             .arg("--logfile")
             .arg(dir.join(LOG_FILE))
             .current_dir(dir);
@@ -107,6 +111,14 @@ fn make_certificates(dir: &Path) {
     )
     .expect("write ext.cnf");
     openssl("x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial -out server.crt -days 2 -extfile ext.cnf");
+    // A client's, for a Redis that asks for one.
+    openssl("req -newkey rsa:2048 -nodes -keyout client.key -out client.csr -subj /CN=easel-node");
+    std::fs::write(
+        dir.join("client.cnf"),
+        "basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n",
+    )
+    .expect("write client.cnf");
+    openssl("x509 -req -in client.csr -CA ca.crt -CAkey ca.key -CAcreateserial -out client.crt -days 2 -extfile client.cnf");
 }
 
 /// Whether a Redis on `port` answers `PING` with `+PONG`.
@@ -128,17 +140,23 @@ fn answers_ping(port: u16) -> bool {
 impl RedisServer {
     /// Starts a fresh Redis in a new temporary directory.
     pub fn start() -> RedisServer {
-        Self::start_with(false)
+        Self::start_with(false, false)
     }
 
     /// Starts a fresh Redis that speaks TLS only, with a certificate for 127.0.0.1 signed by
     /// a CA of its own; a client trusts it through [`RedisServer::ca_file`] (easel:
     /// `SSL_CERT_FILE`).
     pub fn start_tls() -> RedisServer {
-        Self::start_with(true)
+        Self::start_with(true, false)
     }
 
-    fn start_with(tls: bool) -> RedisServer {
+    /// [`RedisServer::start_tls`], and a client must show a certificate signed by the same
+    /// CA ([`RedisServer::client_certificate`]).
+    pub fn start_tls_client_auth() -> RedisServer {
+        Self::start_with(true, true)
+    }
+
+    fn start_with(tls: bool, client_auth: bool) -> RedisServer {
         // Another test may take the port between our probe and Redis's bind: try again.
         for _ in 0..5 {
             let mut server = RedisServer {
@@ -149,6 +167,7 @@ impl RedisServer {
                     .tempdir()
                     .expect("tempdir"),
                 tls,
+                client_auth,
             };
             if tls {
                 make_certificates(server.dir.path());
@@ -164,6 +183,13 @@ impl RedisServer {
     pub fn url(&self) -> String {
         let scheme = if self.tls { "rediss" } else { "redis" };
         format!("{scheme}://127.0.0.1:{}", self.port)
+    }
+
+    /// A TLS Redis's client certificate and its key (PEM files), signed by its CA.
+    pub fn client_certificate(&self) -> Option<(PathBuf, PathBuf)> {
+        let dir = self.dir.path();
+        self.tls
+            .then(|| (dir.join("client.crt"), dir.join("client.key")))
     }
 
     /// A TLS Redis's CA certificate, which a client must trust.
@@ -188,7 +214,7 @@ impl RedisServer {
             // A restart must not find the last run's "ready" line.
             let _ = std::fs::remove_file(self.dir.path().join(LOG_FILE));
         }
-        let mut child = spawn(self.port, self.dir.path(), self.tls);
+        let mut child = spawn(self.port, self.dir.path(), self.tls, self.client_auth);
         let deadline = Instant::now() + REDIS_START_TIMEOUT;
         while Instant::now() < deadline {
             if let Ok(Some(_)) = child.try_wait() {

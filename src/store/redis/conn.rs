@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use redis::{ConnectionLike, ErrorKind, RedisError, RedisResult};
 
-use super::RedisTarget;
+use super::{ClientIdentity, RedisTarget};
 use crate::store::{unpoisoned, StoreError};
 
 /// How long opening a connection may take.
@@ -106,13 +106,27 @@ fn install_tls_provider(url: &str) {
 
 impl Pool {
     /// Parses the target; connects nothing yet (the first call does).
-    pub(super) fn new(target: &RedisTarget) -> Result<Self, StoreError> {
+    pub(super) fn new(
+        target: &RedisTarget,
+        identity: Option<&ClientIdentity>,
+    ) -> Result<Self, StoreError> {
         let invalid = |e: RedisError| StoreError::Unreachable(format!("invalid Redis URL: {e}"));
         let client = match target {
             RedisTarget::Url(url) => {
                 check_redis_url(url)?;
                 install_tls_provider(url);
-                Client::Single(redis::Client::open(url.as_str()).map_err(invalid)?)
+                let client = match identity {
+                    Some(identity) => {
+                        redis::Client::build_with_tls(url.as_str(), identity.certificates())
+                            .map_err(|e| {
+                                StoreError::Unreachable(format!(
+                                    "the Redis client certificate or key: {e}"
+                                ))
+                            })?
+                    }
+                    None => redis::Client::open(url.as_str()).map_err(invalid)?,
+                };
+                Client::Single(client)
             }
             RedisTarget::Cluster(nodes) => {
                 if nodes.is_empty() {
@@ -124,18 +138,22 @@ impl Pool {
                     check_redis_url(url)?;
                     install_tls_provider(url);
                 }
-                let client =
-                    redis::cluster::ClusterClient::builder(nodes.iter().map(String::as_str))
-                        .connection_timeout(CONNECT_TIMEOUT)
-                        .response_timeout(IO_TIMEOUT)
-                        // No retries inside redis-rs: its blocking cluster connection
-                        // re-sends a command whose reply timed out on the same connection
-                        // (an append stored twice, and every later reply on it one off).
-                        // A failed call fails here; a redirect drops the connection
-                        // (`Pool::run`), and the next one maps the slots afresh.
-                        .retries(0)
-                        .build()
-                        .map_err(invalid)?;
+                let mut builder =
+                    redis::cluster::ClusterClient::builder(nodes.iter().map(String::as_str));
+                if let Some(identity) = identity {
+                    builder = builder.certs(identity.certificates());
+                }
+                let client = builder
+                    .connection_timeout(CONNECT_TIMEOUT)
+                    .response_timeout(IO_TIMEOUT)
+                    // No retries inside redis-rs: its blocking cluster connection
+                    // re-sends a command whose reply timed out on the same connection
+                    // (an append stored twice, and every later reply on it one off).
+                    // A failed call fails here; a redirect drops the connection
+                    // (`Pool::run`), and the next one maps the slots afresh.
+                    .retries(0)
+                    .build()
+                    .map_err(invalid)?;
                 Client::Cluster(client)
             }
         };
@@ -283,7 +301,7 @@ mod tests {
     #[test]
     fn a_refused_connect_fails_fast_then_tries_again() {
         // Port 1 on loopback: nothing listens there.
-        let pool = Pool::new(&RedisTarget::Url("redis://127.0.0.1:1".into())).unwrap();
+        let pool = Pool::new(&RedisTarget::Url("redis://127.0.0.1:1".into()), None).unwrap();
         let first = pool.open().err().unwrap().to_string();
         assert!(first.contains("cannot connect"), "{first}");
         let fast = pool.open().err().unwrap().to_string();

@@ -141,6 +141,54 @@ impl RedisTarget {
     }
 }
 
+/// The certificate a node shows a Redis that asks for one (`tls-auth-clients yes`): its
+/// chain and private key, PEM, read from `cluster.redis_tls_cert` / `redis_tls_key`.
+#[derive(Clone)]
+pub struct ClientIdentity {
+    cert_pem: Vec<u8>,
+    key_pem: Vec<u8>,
+}
+
+impl std::fmt::Debug for ClientIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the key.
+        f.write_str("ClientIdentity(..)")
+    }
+}
+
+impl ClientIdentity {
+    /// The identity `[cluster]` names (files read now: a missing one is a clear error at
+    /// start, not a failed handshake later); `None` when it names none.
+    pub fn from_config(cluster: &crate::config::ClusterConfig) -> Result<Option<Self>, StoreError> {
+        let (Some(cert), Some(key)) = (&cluster.redis_tls_cert, &cluster.redis_tls_key) else {
+            return Ok(None);
+        };
+        let read = |what: &str, path: &std::path::Path| {
+            std::fs::read(path).map_err(|e| {
+                StoreError::Unreachable(format!(
+                    "cannot read the Redis client {what} {}: {e}",
+                    path.display()
+                ))
+            })
+        };
+        Ok(Some(Self {
+            cert_pem: read("certificate", cert)?,
+            key_pem: read("key", key)?,
+        }))
+    }
+
+    fn certificates(&self) -> redis::TlsCertificates {
+        redis::TlsCertificates {
+            client_tls: Some(redis::ClientTlsConfig {
+                client_cert: self.cert_pem.clone(),
+                client_key: self.key_pem.clone(),
+            }),
+            // The system's trust store, as without a client certificate (`SSL_CERT_FILE`).
+            root_cert: None,
+        }
+    }
+}
+
 /// Sessions remembered as registered in `easel:sessions` before the memory is let go
 /// (then each is registered once more: `SADD` is idempotent).
 const REGISTERED_MAX: usize = 100_000;
@@ -169,10 +217,21 @@ impl RedisStore {
         node_id: String,
         keep_snapshots: usize,
     ) -> Result<Self, StoreError> {
+        Self::connect_as(target, None, node_id, keep_snapshots)
+    }
+
+    /// [`RedisStore::connect`], showing `identity` to a Redis that asks for a client
+    /// certificate.
+    pub fn connect_as(
+        target: RedisTarget,
+        identity: Option<ClientIdentity>,
+        node_id: String,
+        keep_snapshots: usize,
+    ) -> Result<Self, StoreError> {
         check_node_id(&node_id)?;
         let cluster = matches!(target, RedisTarget::Cluster(_));
         Ok(Self {
-            pool: Arc::new(Pool::new(&target)?),
+            pool: Arc::new(Pool::new(&target, identity.as_ref())?),
             scripts: Scripts::new(),
             node_id,
             keep_snapshots: keep_snapshots.max(1),
