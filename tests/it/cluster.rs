@@ -47,15 +47,23 @@ fn cluster(n: usize) -> Cluster {
 }
 
 /// `n` nodes on a three-shard Redis Cluster (`cluster.redis_cluster_nodes`).
+/// Over TLS, each node trusts the cluster's CA and shows its client certificate.
 fn on_redis_cluster(shards: &RedisClusterServer, n: usize) -> Vec<TestServer> {
     let seeds: Vec<String> = shards.urls().iter().map(|u| format!("{u:?}")).collect();
-    let config = format!("[cluster]\nredis_cluster_nodes = [{}]\n", seeds.join(", "));
+    let mut config = format!("[cluster]\nredis_cluster_nodes = [{}]\n", seeds.join(", "));
+    if let Some((cert, key)) = shards.client_certificate() {
+        config += &format!("redis_tls_cert = {:?}\nredis_tls_key = {:?}\n", cert, key);
+    }
     (0..n)
         .map(|i| {
+            let mut env = vec![("EASEL_NODE_ID".into(), format!("shard-node{i}"))];
+            if let Some(ca) = shards.ca_file() {
+                env.push(("SSL_CERT_FILE".into(), ca.display().to_string()));
+            }
             TestServer::start_opts(
                 &config,
                 StartOpts {
-                    env: vec![("EASEL_NODE_ID".into(), format!("shard-node{i}"))],
+                    env,
                     ..Default::default()
                 },
             )
@@ -606,6 +614,17 @@ async fn on_a_three_shard_redis_cluster_boards_converge_and_chat_keeps_one_order
     for i in 0..2 {
         chat_order_across(&nodes, &session_id(&format!("rc-chat{i}"))).await;
     }
+}
+
+/// `rediss://` seeds of a Redis Cluster that speaks TLS only (its bus too) and asks for
+/// client certificates: boards converge and chat keeps one order, as on plain TCP.
+#[tokio::test]
+async fn on_a_tls_redis_cluster_with_client_certificates_boards_converge_and_chat_keeps_one_order()
+{
+    let shards = RedisClusterServer::start_tls(3);
+    let nodes = on_redis_cluster(&shards, 3);
+    converge_across(&nodes, &session_id("rc-tls-converge")).await;
+    chat_order_across(&nodes, &session_id("rc-tls-chat")).await;
 }
 
 /// Sends `signal` (STOP, CONT) to a node's process.

@@ -267,6 +267,9 @@ pub struct RedisClusterServer {
     children: Vec<Child>,
     pub ports: Vec<u16>,
     _dirs: Vec<tempfile::TempDir>,
+    /// TLS only, clients and the cluster bus alike, with client certificates asked for:
+    /// the certificates of [`make_certificates`], shared by every node, are here.
+    tls: Option<tempfile::TempDir>,
 }
 
 /// A port that is free, and whose cluster bus port (+10000) is free too.
@@ -291,10 +294,29 @@ fn rand_u16() -> u16 {
 
 impl RedisClusterServer {
     pub fn start(shards: usize) -> RedisClusterServer {
+        Self::start_with(shards, false)
+    }
+
+    /// [`RedisClusterServer::start`] speaking TLS only, on the bus too, and asking clients
+    /// for a certificate: [`RedisClusterServer::ca_file`],
+    /// [`RedisClusterServer::client_certificate`].
+    pub fn start_tls(shards: usize) -> RedisClusterServer {
+        Self::start_with(shards, true)
+    }
+
+    fn start_with(shards: usize, tls: bool) -> RedisClusterServer {
         let mut cluster = RedisClusterServer {
             children: Vec::new(),
             ports: Vec::new(),
             _dirs: Vec::new(),
+            tls: tls.then(|| {
+                let certs = tempfile::Builder::new()
+                    .prefix("easel-redis-cluster-tls-")
+                    .tempdir()
+                    .expect("tempdir");
+                make_certificates(certs.path());
+                certs
+            }),
         };
         for _ in 0..shards {
             let dir = tempfile::Builder::new()
@@ -302,8 +324,23 @@ impl RedisClusterServer {
                 .tempdir()
                 .expect("tempdir");
             let port = free_cluster_port();
-            let child = Command::new(redis_server_bin())
-                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            let mut cmd = Command::new(redis_server_bin());
+            match &cluster.tls {
+                Some(certs) => {
+                    let file = |name: &str| certs.path().join(name).display().to_string();
+                    cmd.args(["--port", "0", "--tls-port", &port.to_string()])
+                        .args(["--tls-cluster", "yes", "--tls-auth-clients", "yes"])
+                        .args(["--tls-cert-file", &file("server.crt")])
+                        .args(["--tls-key-file", &file("server.key")])
+                        .args(["--tls-ca-cert-file", &file("ca.crt")])
+                        // The bus connects as a client: it shows the server's certificate.
+                        .args(["--tls-client-cert-file", &file("server.crt")])
+                        .args(["--tls-client-key-file", &file("server.key")])
+                }
+                None => cmd.args(["--port", &port.to_string()]),
+            };
+            let child = cmd
+                .args(["--bind", "127.0.0.1"])
                 .args([
                     "--save",
                     "",
@@ -332,7 +369,7 @@ impl RedisClusterServer {
         }
         let deadline = Instant::now() + REDIS_START_TIMEOUT;
         for &port in &cluster.ports {
-            while !answers_ping(port) {
+            while !cluster.answers_ping(port) {
                 assert!(
                     Instant::now() < deadline,
                     "cluster node {port} did not start"
@@ -340,15 +377,14 @@ impl RedisClusterServer {
                 std::thread::sleep(Duration::from_millis(20));
             }
         }
-        let cli = redis_server_bin().with_file_name("redis-cli");
-        let out = Command::new(&cli)
+        let out = cluster
+            .cli()
             .arg("--cluster")
             .arg("create")
             .args(cluster.ports.iter().map(|p| format!("127.0.0.1:{p}")))
             .args(["--cluster-replicas", "0", "--cluster-yes"])
-            .stdin(Stdio::null())
             .output()
-            .unwrap_or_else(|e| panic!("cannot run {}: {e}", cli.display()));
+            .unwrap_or_else(|e| panic!("cannot run redis-cli: {e}"));
         assert!(
             out.status.success(),
             "redis-cli --cluster create failed: {}",
@@ -358,7 +394,8 @@ impl RedisClusterServer {
         let deadline = Instant::now() + Duration::from_secs(20);
         for &port in &cluster.ports {
             loop {
-                let info = Command::new(&cli)
+                let info = cluster
+                    .cli()
                     .args(["-p", &port.to_string(), "cluster", "info"])
                     .output()
                     .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
@@ -376,12 +413,58 @@ impl RedisClusterServer {
         cluster
     }
 
-    /// `redis://127.0.0.1:<port>` of every node.
+    /// `redis://127.0.0.1:<port>` (`rediss://` over TLS) of every node.
     pub fn urls(&self) -> Vec<String> {
+        let scheme = if self.tls.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
         self.ports
             .iter()
-            .map(|p| format!("redis://127.0.0.1:{p}"))
+            .map(|p| format!("{scheme}://127.0.0.1:{p}"))
             .collect()
+    }
+
+    /// Over TLS: the CA certificate that signed the nodes' certificates.
+    pub fn ca_file(&self) -> Option<PathBuf> {
+        self.tls.as_ref().map(|certs| certs.path().join("ca.crt"))
+    }
+
+    /// Over TLS: a client certificate and its key (PEM files) the nodes accept.
+    pub fn client_certificate(&self) -> Option<(PathBuf, PathBuf)> {
+        self.tls.as_ref().map(|certs| {
+            let dir = certs.path();
+            (dir.join("client.crt"), dir.join("client.key"))
+        })
+    }
+
+    /// `redis-cli`, speaking TLS with the client certificate when the cluster does.
+    fn cli(&self) -> Command {
+        let mut cli = Command::new(redis_server_bin().with_file_name("redis-cli"));
+        if let Some(certs) = &self.tls {
+            let dir = certs.path();
+            cli.arg("--tls")
+                .arg("--cacert")
+                .arg(dir.join("ca.crt"))
+                .arg("--cert")
+                .arg(dir.join("client.crt"))
+                .arg("--key")
+                .arg(dir.join("client.key"));
+        }
+        cli.stdin(Stdio::null());
+        cli
+    }
+
+    /// Whether the node on `port` answers `PING`.
+    fn answers_ping(&self, port: u16) -> bool {
+        if self.tls.is_none() {
+            return answers_ping(port);
+        }
+        self.cli()
+            .args(["-p", &port.to_string(), "ping"])
+            .output()
+            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("PONG"))
     }
 }
 
