@@ -47,7 +47,8 @@ struct LoadedPage {
 
 /// A whiteboard stream entry: its seq, and its update unless it has none (skipped).
 struct LoadedEntry {
-    seq: u64,
+    /// `None`: an id easel never writes (not `0-<seq>`); skipped.
+    seq: Option<u64>,
     update: Option<Vec<u8>>,
 }
 
@@ -116,12 +117,14 @@ impl RedisStore {
             }
             let mut last = page.from;
             for entry in &page.entries {
-                last = entry.seq;
+                last = entry.seq.unwrap_or(last);
                 if let Some(update) = &entry.update {
                     each(StoredRecord::Update(update));
                 }
             }
-            if page.entries.len() < SCAN_PAGE_ENTRIES {
+            // A full page of ids that are not `0-<seq>` (written by hand: they sort after
+            // every id easel writes) would be read again and again: the log ends there.
+            if page.entries.len() < SCAN_PAGE_ENTRIES || after == Some(last) {
                 return Ok(page.head);
             }
             after = Some(last);
@@ -163,11 +166,11 @@ impl RedisStore {
         for entry in values::items(entries, what)? {
             let entry = Entry::parse(entry, "wb entry")?;
             // The cursor of the next page: every id easel writes is `0-<seq>`.
-            let seq = values::seq_of_id(&entry.id).ok_or_else(|| corrupt("wb entry id"))?;
+            let seq = values::seq_of_id(&entry.id);
             let update = match entry.field("u").map(|u| values::bytes(u, "wb update")) {
-                Some(Ok(Some(update))) => Some(update),
+                Some(Ok(Some(update))) if seq.is_some() => Some(update),
                 _ => {
-                    tracing::error!(%session, id = %entry.id, "a whiteboard stream entry has no update; skipped");
+                    tracing::error!(%session, id = %entry.id, "a whiteboard stream entry that easel did not write, or with no update; skipped");
                     None
                 }
             };

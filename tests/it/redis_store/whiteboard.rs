@@ -198,6 +198,34 @@ fn a_scan_reads_what_a_load_reads_a_page_at_a_time() {
     assert_eq!(scanned, loaded.updates);
 }
 
+/// Entries easel never writes (an id that is not `0-<seq>`, no update), put there by hand:
+/// skipped by a load and a scan alike, which still end.
+#[test]
+fn a_scan_skips_stream_entries_easel_did_not_write() {
+    let redis = RedisServer::start();
+    let node = store(&redis, "n1", 20);
+    let updates = text_updates("h", 300);
+    for update in &updates {
+        node.append_update("s", 0, update).unwrap();
+    }
+    raw(&redis, &["XADD", "easel:{s}:wb", "0-301", "n", "x"]);
+    for _ in 0..SCAN_PAGE {
+        raw(
+            &redis,
+            &["XADD", "easel:{s}:wb", "*", "n", "x", "u", "junk"],
+        );
+    }
+    let loaded = node.load_whiteboard("s").unwrap();
+    assert_eq!(loaded.updates, updates);
+    let (records, last) = scan(&node, "s", |_| {});
+    assert_eq!(last, 300);
+    let scanned: Vec<Vec<u8>> = records.into_iter().map(|(_, bytes)| bytes).collect();
+    assert_eq!(scanned, updates);
+}
+
+/// A scan's page (`SCAN_PAGE_ENTRIES` in the Redis store).
+const SCAN_PAGE: usize = 256;
+
 #[test]
 fn a_snapshot_written_during_a_scan_is_handed_over_and_the_scan_goes_on() {
     let redis = RedisServer::start();
