@@ -7,8 +7,15 @@
 //! killed with `kill -9` stops renewing it. Every [`SWEEP`] it looks at the nodes the held
 //! sessions know of (presence, awareness) and, for each whose heartbeat is gone, removes
 //! its presence from Redis and its users and awareness states from the sessions here: a
-//! dead node's users leave within `HEARTBEAT_TTL + SWEEP` (25 s; SPEC 9 asks 60). Must not
-//! read streams.
+//! dead node's users leave within `HEARTBEAT_TTL + SWEEP` (25 s; SPEC 9 asks 60).
+//!
+//! A Redis that lost its last writes (a crash under `appendfsync everysec`, a failover to a
+//! replica that lagged) has counters behind the seqs clients were shown. When Redis's
+//! `run_id` changes, and on every sweep, the watch raises each held session's counters to
+//! what this node has read ([`RedisStore::raise_seqs`]), so no seq is handed out again,
+//! even by a node that loaded the session after the loss (SPEC 5.1). Must not read streams.
+//!
+//! [`RedisStore::raise_seqs`]: crate::store::redis::RedisStore::raise_seqs
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -35,6 +42,7 @@ fn run(cluster: std::sync::Weak<Cluster>) {
     let mut last_heartbeat: Option<Instant> = None;
     let mut writes_ok = true;
     let mut last_sweep = Instant::now();
+    let mut last_run_id: Option<String> = None;
     loop {
         let Some(node) = cluster.upgrade() else {
             return;
@@ -73,12 +81,42 @@ fn run(cluster: std::sync::Weak<Cluster>) {
             .iter()
             .any(|(session, _)| session.whiteboard.is_stale());
         node.set_healthy(up && !stale);
+        if up {
+            if let Ok(Some(run_id)) = node.store.run_id() {
+                if last_run_id.as_ref().is_some_and(|last| *last != run_id) {
+                    tracing::warn!(%run_id, "Redis restarted or failed over: raising the held sessions' seqs to what this node has seen");
+                    raise_seen_seqs(&node);
+                }
+                last_run_id = Some(run_id);
+            }
+        }
         if up && last_sweep.elapsed() >= SWEEP {
             last_sweep = Instant::now();
             sweep(&node, &mut last_heartbeat);
+            raise_seen_seqs(&node);
         }
         drop(node);
         std::thread::sleep(PING);
+    }
+}
+
+/// Raises every held session's counters to the seqs this node has read (a no-op unless
+/// Redis lost writes).
+fn raise_seen_seqs(node: &Cluster) {
+    for (session, cursor) in node.held_now() {
+        match node
+            .store
+            .raise_seqs(&session.id, cursor.wb_after, cursor.chat_after)
+        {
+            Ok(true) => tracing::error!(
+                session = %session.id,
+                whiteboard_seq = cursor.wb_after,
+                chat_seq = cursor.chat_after,
+                "Redis had lost seqs this node had seen: its counters are raised past them (what it lost is gone)"
+            ),
+            Ok(false) => {}
+            Err(e) => tracing::debug!(session = %session.id, error = %e, "seqs not checked"),
+        }
     }
 }
 

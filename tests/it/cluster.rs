@@ -905,3 +905,49 @@ async fn after_redis_lost_writes_no_seen_seq_is_reused_and_nodes_still_converge(
         .await;
     assert_eq!(at_node0["seq"], 4);
 }
+
+/// The same loss as above, all of Redis's data this time (a restart that lost it), and the
+/// first write after it made by a node that loads the session afresh: it has seen no seq,
+/// so only the other node's watch, raising the counters when Redis's `run_id` changed, keeps
+/// it from handing out seqs that node 0's clients saw.
+#[tokio::test]
+async fn after_redis_restarts_empty_a_node_that_loads_afresh_still_goes_past_the_seen_seqs() {
+    let mut c = cluster(1);
+    let s = session_id("cl-empty");
+    let mut a = c.nodes[0].wb_user(&s, "alice").await;
+    for i in 0..3 {
+        a.map_set("m", &format!("k{i}"), "v").await;
+    }
+    let (mut t0, _, _) = c.nodes[0].tutor(&s, &token("tina", &s, "student")).await;
+    for text in ["one", "two"] {
+        chat(&mut t0, text).await;
+    }
+    let wb_seq_key = format!("easel:{{{s}}}:wb:seq");
+    let counter = |redis: &RedisServer, key: &str| match redis_cmd(redis, &["GET", key]) {
+        ::redis::Value::BulkString(b) => String::from_utf8(b).unwrap().parse::<u64>().unwrap(),
+        ::redis::Value::Nil => 0,
+        other => panic!("{key}: {other:?}"),
+    };
+    let seen = counter(&c.redis, &wb_seq_key);
+    assert!(seen >= 3, "{seen}");
+
+    c.redis.restart_empty();
+    // Node 0 notices the new run_id and raises the counters to what it had read.
+    eventually("node 0 raised the whiteboard counter", SLOW, || async {
+        (counter(&c.redis, &wb_seq_key) >= seen).then_some(())
+    })
+    .await;
+    assert!(counter(&c.redis, &format!("easel:{{{s}}}:chat:seq")) >= 2);
+
+    // A node started now loads the session from the emptied Redis and writes first.
+    let late = node(&c.redis, "late");
+    let mut b = late.wb_user(&s, "bob").await;
+    b.map_set("m", "after", "v").await;
+    a.wait_doc("node 0's client sees the late node's write", |c| {
+        c.map_get("m", "after").is_some()
+    })
+    .await;
+    let (mut t1, _, _) = late.tutor(&s, &token("tom", &s, "student")).await;
+    let after = chat(&mut t1, "after the loss").await;
+    assert_eq!(after["seq"], 3, "seqs 1 and 2 were seen: {after}");
+}

@@ -239,6 +239,16 @@ impl RedisServer {
         }
     }
 
+    /// Kills it and starts it again with nothing it had written: what a crash under
+    /// `appendfsync everysec` does to its last second, for all of it.
+    pub fn restart_empty(&mut self) {
+        self.stop();
+        let dir = self.dir.path();
+        let _ = std::fs::remove_dir_all(dir.join("appendonlydir"));
+        let _ = std::fs::remove_file(dir.join("dump.rdb"));
+        self.restart();
+    }
+
     /// Starts it again on the same port and directory (it reloads its append-only file).
     pub fn restart(&mut self) {
         self.stop();

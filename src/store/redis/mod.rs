@@ -65,6 +65,10 @@
 //!   for `wb_append`); `XADD chat 0-n n node m json`; then every message with seq ≤ n − limit goes (`XTRIM MINID`), with its
 //!   `chat:amended` entry and edit-log entry (and the doorbell rings, as for `wb_append`);
 //!   returns n.
+//! - `raise_seqs(wb seen, chat seen)`: `SET` each counter that is below what a node has
+//!   seen to it. The watch runs it for every held session when Redis's `run_id` changes
+//!   (a restart, a failover) and on every sweep, so that after a loss even a node that
+//!   loaded the session afresh appends past the seqs the others saw.
 //! - `chat_read(after|before, seq, limit)`: `XRANGE`/`XREVRANGE` with the amended form of
 //!   each message swapped in.
 //! - `chat_amend(seq, json, member, now)`: for a message still stored, `HSET chat:amended`
@@ -112,6 +116,7 @@ pub use self::presence::{PresenceChange, PresenceEntry};
 pub use self::streams::{Cursor, Position, StreamEntry, StreamReader};
 
 use self::conn::Pool;
+use self::keys::session_key;
 use self::scripts::Scripts;
 use super::sled::keys::check_session_id;
 use super::{
@@ -120,6 +125,7 @@ use super::{
 };
 use crate::metrics::Metrics;
 use crate::protocol::tutor::ChatMessage;
+use redis::Value;
 
 /// Where Redis is: one server, or the seed nodes of a Redis Cluster.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -272,6 +278,43 @@ impl RedisStore {
         self.pool
             .run("PING", |con| redis::cmd("PING").query::<redis::Value>(con))?;
         Ok(started.elapsed())
+    }
+
+    /// The id of the Redis process this node talks to (`INFO server`'s `run_id`): it changes
+    /// when Redis restarts or a replica takes over, which may have lost the last writes.
+    /// `None` on a Redis Cluster, whose shards each have their own.
+    pub fn run_id(&self) -> Result<Option<String>, StoreError> {
+        if self.cluster {
+            return Ok(None);
+        }
+        let info: Value = self.pool.run("INFO server", |con| {
+            redis::cmd("INFO").arg("server").query(con)
+        })?;
+        let info = values::text(&info, "INFO server")?.unwrap_or_default();
+        Ok(info
+            .lines()
+            .find_map(|line| line.strip_prefix("run_id:"))
+            .map(|id| id.trim().to_owned()))
+    }
+
+    /// Raises the session's whiteboard and chat counters to the seqs this node has seen
+    /// (`raise_seqs`), for a Redis that lost its last writes; true when one was behind.
+    pub fn raise_seqs(
+        &self,
+        session: &str,
+        wb_seen: u64,
+        chat_seen: u64,
+    ) -> Result<bool, StoreError> {
+        check_session_id(session)?;
+        let mut call = self.scripts.raise_seqs.prepare_invoke();
+        call.key(session_key(session, keys::WB_SEQ))
+            .key(session_key(session, keys::CHAT_SEQ))
+            .arg(wb_seen)
+            .arg(chat_seen);
+        let reply = self
+            .pool
+            .run("raise seqs", |con| call.invoke::<Value>(con))?;
+        Ok(values::number(&reply, "raise_seqs")? == 1)
     }
 
     /// Adds `session` to `easel:sessions`, once per process.

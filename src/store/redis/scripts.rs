@@ -27,6 +27,22 @@ return n
     )
 });
 
+/// `raise_seqs`: KEYS wb:seq, chat:seq; ARGV wb seen, chat seen. Raises each counter that
+/// is below what the node has seen to it (only a Redis that lost writes has one), so the
+/// next append of any node, even one that loaded the session after the loss, goes past
+/// every seq this node has seen. Returns 1 when it raised one.
+pub(super) const RAISE_SEQS: &str = r#"
+local raised = 0
+for i = 1, 2 do
+  local floor = tonumber(ARGV[i])
+  if tonumber(redis.call('GET', KEYS[i]) or '0') < floor then
+    redis.call('SET', KEYS[i], string.format('%d', floor))
+    raised = 1
+  end
+end
+return raised
+"#;
+
 /// The next seq of counter `key`, above `seen`, the highest seq the appending node has
 /// seen. The counter is always above it, unless Redis lost its last writes (a crash under
 /// `appendfsync everysec`): then the counter jumps past `seen`, so no seq a client was
@@ -279,6 +295,7 @@ pub(super) struct Scripts {
     pub(super) lease_release: Script,
     pub(super) lease_takeover: Script,
     pub(super) chat_append: Script,
+    pub(super) raise_seqs: Script,
     pub(super) chat_read: Script,
     pub(super) chat_amend: Script,
     pub(super) presence_change: Script,
@@ -295,6 +312,7 @@ impl Scripts {
             lease_release: Script::new(LEASE_RELEASE),
             lease_takeover: Script::new(LEASE_TAKEOVER),
             chat_append: Script::new(&CHAT_APPEND),
+            raise_seqs: Script::new(RAISE_SEQS),
             chat_read: Script::new(CHAT_READ),
             chat_amend: Script::new(CHAT_AMEND),
             presence_change: Script::new(&PRESENCE_CHANGE),
