@@ -85,6 +85,7 @@ fn run(cluster: std::sync::Weak<Cluster>) {
             if let Ok(Some(run_id)) = node.store.run_id() {
                 if last_run_id.as_ref().is_some_and(|last| *last != run_id) {
                     tracing::warn!(%run_id, "Redis restarted or failed over: raising the held sessions' seqs to what this node has seen");
+                    node.store.forget_registered();
                     raise_seen_seqs(&node);
                 }
                 last_run_id = Some(run_id);

@@ -938,6 +938,13 @@ async fn after_redis_restarts_empty_a_node_that_loads_afresh_still_goes_past_the
     })
     .await;
     assert!(counter(&c.redis, &format!("easel:{{{s}}}:chat:seq")) >= 2);
+    // Node 0's next write lists the session again (`easel:sessions` was lost too).
+    a.map_set("m", "k3", "v").await;
+    eventually("easel:sessions lists the session again", SLOW, || async {
+        (redis_cmd(&c.redis, &["SISMEMBER", "easel:sessions", &s]) == ::redis::Value::Int(1))
+            .then_some(())
+    })
+    .await;
 
     // A node started now loads the session from the emptied Redis and writes first.
     let late = node(&c.redis, "late");

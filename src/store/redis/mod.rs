@@ -297,6 +297,12 @@ impl RedisStore {
             .map(|id| id.trim().to_owned()))
     }
 
+    /// Forgets which sessions this process added to `easel:sessions`, for a Redis that may
+    /// have lost that set's last members: each is added again on its next write.
+    pub fn forget_registered(&self) {
+        unpoisoned(self.registered.lock()).clear();
+    }
+
     /// Raises the session's whiteboard and chat counters to the seqs this node has seen
     /// (`raise_seqs`), for a Redis that lost its last writes; true when one was behind.
     pub fn raise_seqs(
