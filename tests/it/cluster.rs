@@ -176,8 +176,12 @@ async fn nodes_show_a_client_certificate_to_a_redis_that_asks_for_one() {
         .map(|i| node_with(&redis, &format!("mtls-node{i}"), identity.clone()))
         .collect();
     for node in &nodes {
-        let ready = node.http_get("/readyz").await;
-        assert_eq!(ready.status, 200, "{}", ready.text());
+        eventually(
+            "a node with a client certificate is ready",
+            SLOW,
+            || async { (node.http_get("/readyz").await.status == 200).then_some(()) },
+        )
+        .await;
     }
     converge_across(&nodes, &session_id("cl-mtls")).await;
 
