@@ -300,8 +300,8 @@ pub trait Store: Send + Sync + 'static {
     /// starting after [`StoredWhiteboard::last_log_seq`]. A store that several nodes share
     /// (Redis) assigns the seq itself, atomically with the append, and takes `seq` only as a
     /// floor (one past the last the session has seen: a Redis that lost writes must not
-    /// hand out again a seq that was seen); the session goes on from the one returned. This is one write, with no read: it runs on
-    /// the relay path of every update.
+    /// hand out again a seq that was seen); the session goes on from the one returned.
+    /// This is one write, with no read: it runs on the relay path of every update.
     fn append_update(&self, session: &str, seq: u64, update: &[u8]) -> Result<u64, StoreError>;
 
     /// Appends several accepted updates, in order, as seqs `first_seq`, `first_seq + 1`, …

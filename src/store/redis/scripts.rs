@@ -62,10 +62,10 @@ end"#;
 
 /// `load`: KEYS meta, vs, wb, wb:seq; ARGV [after, count]. Returns {newest version or
 /// '0', its state or false, from, wb:seq, the wb entries after `from`}, read atomically.
-/// Without `after` (or with it empty), `from` is snap_through and the state comes with the entries (a whole
-/// load, or a scan's first page). With it (a scan's next page), `from` is `after`, unless
-/// a snapshot written since the last page trimmed entries past it: then the state comes
-/// again and `from` is its snap_through. `count` caps the entries (a page).
+/// Without `after` (or with it empty), `from` is snap_through and the state comes with the
+/// entries (a whole load, or a scan's first page). With it (a scan's next page), `from` is
+/// `after`, unless a snapshot written since the last page trimmed entries past it: then
+/// the state comes again and `from` is its snap_through. `count` caps the entries (a page).
 pub(super) const LOAD: &str = r#"
 local version = redis.call('HGET', KEYS[1], 'last_version')
 local through = redis.call('HGET', KEYS[1], 'snap_through') or '0'
