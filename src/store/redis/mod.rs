@@ -195,6 +195,21 @@ impl ClientIdentity {
     }
 }
 
+/// The `run_id` lines of an `INFO server` reply: one text, or a map of node → text.
+fn collect_run_ids(info: &Value, ids: &mut Vec<String>) {
+    if let Value::Map(nodes) = info {
+        for (_, info) in nodes {
+            collect_run_ids(info, ids);
+        }
+    } else if let Ok(Some(text)) = values::text(info, "INFO server") {
+        ids.extend(
+            text.lines()
+                .filter_map(|line| line.strip_prefix("run_id:"))
+                .map(|id| id.trim().to_owned()),
+        );
+    }
+}
+
 /// Sessions remembered as registered in `easel:sessions` before the memory is let go
 /// (then each is registered once more: `SADD` is idempotent).
 const REGISTERED_MAX: usize = 100_000;
@@ -280,21 +295,18 @@ impl RedisStore {
         Ok(started.elapsed())
     }
 
-    /// The id of the Redis process this node talks to (`INFO server`'s `run_id`): it changes
-    /// when Redis restarts or a replica takes over, which may have lost the last writes.
-    /// `None` on a Redis Cluster, whose shards each have their own.
+    /// The id of the Redis process this node talks to (`INFO server`'s `run_id`; on a Redis
+    /// Cluster, where INFO goes to every node, their ids sorted and joined): it changes when
+    /// Redis restarts or a replica takes over, which may have lost the last writes. `None`
+    /// when INFO says none.
     pub fn run_id(&self) -> Result<Option<String>, StoreError> {
-        if self.cluster {
-            return Ok(None);
-        }
         let info: Value = self.pool.run("INFO server", |con| {
             redis::cmd("INFO").arg("server").query(con)
         })?;
-        let info = values::text(&info, "INFO server")?.unwrap_or_default();
-        Ok(info
-            .lines()
-            .find_map(|line| line.strip_prefix("run_id:"))
-            .map(|id| id.trim().to_owned()))
+        let mut ids = Vec::new();
+        collect_run_ids(&info, &mut ids);
+        ids.sort_unstable();
+        Ok((!ids.is_empty()).then(|| ids.join(",")))
     }
 
     /// Forgets which sessions this process added to `easel:sessions`, for a Redis that may

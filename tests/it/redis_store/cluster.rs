@@ -20,6 +20,10 @@ fn cluster_store(cluster: &RedisClusterServer, node: &str) -> Arc<RedisStore> {
 fn sessions_spread_over_a_three_shard_cluster() {
     let cluster = RedisClusterServer::start(3);
     let (n1, n2) = (cluster_store(&cluster, "n1"), cluster_store(&cluster, "n2"));
+    // Every shard's run_id (the watch raises the counters when one changes), in one order.
+    let run_id = n1.run_id().unwrap().expect("a run_id");
+    assert_eq!(run_id.split(',').count(), 3, "{run_id}");
+    assert_eq!(n2.run_id().unwrap(), Some(run_id));
     let sessions: Vec<String> = (0..12).map(|i| format!("spread-{i}")).collect();
     let updates = text_updates("c", 4);
     for (i, s) in sessions.iter().enumerate() {
