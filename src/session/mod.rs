@@ -1135,7 +1135,7 @@ mod tests {
         // their log entries; one that waits is still waiting when it runs out.
         let deadline = Instant::now() + Duration::from_millis(500);
         while !snapshot.is_finished() && Instant::now() < deadline {
-            std::thread::yield_now();
+            std::thread::sleep(Duration::from_millis(5));
         }
         let snapshot_went_first = snapshot.is_finished();
         go.send(()).unwrap();

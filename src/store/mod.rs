@@ -202,6 +202,20 @@ pub struct StoredWhiteboard {
 }
 
 impl StoredWhiteboard {
+    /// Takes the next record of a [`Store::scan_whiteboard`]: how a store that streams its
+    /// records builds its [`Store::load_whiteboard`]. A snapshot replaces whatever came
+    /// before it (a second one, written while the scan read, includes it).
+    pub fn take(&mut self, record: StoredRecord<'_>) {
+        match record {
+            StoredRecord::Snapshot { version, state } => {
+                self.updates.clear();
+                self.updates.push(state.to_vec());
+                self.snapshot_version = version;
+            }
+            StoredRecord::Update(update) => self.updates.push(update.to_vec()),
+        }
+    }
+
     /// Hands the records to `each` in order, as [`Store::scan_whiteboard`] does; returns
     /// the last log seq.
     pub fn hand_over(&self, each: &mut dyn FnMut(StoredRecord<'_>)) -> u64 {

@@ -138,8 +138,6 @@ impl Board {
         };
         let in_use = !self.peers().is_empty();
         let compacted = in_use.then(|| self.compact_stored(&stored_sv)).flatten();
-        // A whole document was built and dropped: its memory goes back to the system.
-        let rebuilt = compacted.is_some();
         let (state, sv) = match compacted {
             Some(compacted) => compacted,
             None => {
@@ -187,7 +185,9 @@ impl Board {
         self.metrics.snapshot_duration.observe(took.as_secs_f64());
         // Not under the lock: a rebuild on the sequencer may be waiting for it.
         drop(one_at_a_time);
-        if rebuilt {
+        // With a client connected, a whole document was rebuilt from the store beside the
+        // live one (whether used or not): its memory goes back to the system.
+        if in_use {
             crate::session::return_freed_memory();
         }
         tracing::debug!(

@@ -48,11 +48,12 @@
 //!   highest seq the appending node has seen: only a Redis that lost acknowledged writes
 //!   (a crash under `appendfsync everysec`) has a counter below it, and then the seqs it
 //!   lost are skipped, not handed out again (SPEC 5.1).
-//! - `load([after, count])`: atomically the newest version (`meta.last_version`, its state
-//!   in `vs`), `snap_through`, `wb:seq`, and `XRANGE wb (0-snap_through + [COUNT count]`.
-//!   A scan reads the log a page at a time: a later page passes the last seq it read as
-//!   `after` and gets `XRANGE wb (0-after +`, with no state, unless a snapshot written
-//!   since has trimmed past `after` (then as a first page).
+//! - `load(after, count)`: one page of a whiteboard's scan (a load is a whole scan).
+//!   The first (`after` empty): atomically the newest version (`meta.last_version`, its
+//!   state in `vs`), `snap_through`, `wb:seq`, and `XRANGE wb (0-snap_through + COUNT
+//!   count`. A later page passes the last seq it read as `after` and gets `XRANGE wb
+//!   (0-after + COUNT count`, with no state, unless a snapshot written since has trimmed
+//!   past `after` (then as a first page).
 //! - `snapshot_write(node, N, header, state, log_through, keep, now)`: only while the
 //!   lease is ours and N is `last_version + 1`; clamps `log_through` to `wb:seq` and
 //!   refuses one below `snap_through` (those entries are trimmed: a state without them
@@ -378,7 +379,9 @@ pub(super) fn now_ms() -> u64 {
 impl Store for RedisStore {
     fn load_whiteboard(&self, session: &str) -> Result<StoredWhiteboard, StoreError> {
         check_session_id(session)?;
-        self.redis_load(session)
+        let mut stored = StoredWhiteboard::default();
+        stored.last_log_seq = self.redis_scan(session, &mut |record| stored.take(record))?;
+        Ok(stored)
     }
 
     fn scan_whiteboard(

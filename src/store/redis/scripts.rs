@@ -60,12 +60,12 @@ local function next_seq(key, seen)
   return n
 end"#;
 
-/// `load`: KEYS meta, vs, wb, wb:seq; ARGV [after, count]. Returns {newest version or
-/// '0', its state or false, from, wb:seq, the wb entries after `from`}, read atomically.
-/// Without `after` (or with it empty), `from` is snap_through and the state comes with the
-/// entries (a whole load, or a scan's first page). With it (a scan's next page), `from` is
-/// `after`, unless a snapshot written since the last page trimmed entries past it: then
-/// the state comes again and `from` is its snap_through. `count` caps the entries (a page).
+/// `load`: KEYS meta, vs, wb, wb:seq; ARGV after, count. Returns {newest version or '0',
+/// its state or false, from, wb:seq, up to `count` wb entries after `from`}, read
+/// atomically: a page of a scan. With `after` empty (the first page), `from` is
+/// snap_through and the state comes with the entries. Otherwise `from` is `after`, unless a
+/// snapshot written since the last page trimmed entries past it: then the state comes again
+/// and `from` is its snap_through.
 pub(super) const LOAD: &str = r#"
 local version = redis.call('HGET', KEYS[1], 'last_version')
 local through = redis.call('HGET', KEYS[1], 'snap_through') or '0'
@@ -79,12 +79,7 @@ if after and tonumber(through) <= tonumber(after) then
 elseif version then
   state = redis.call('HGET', KEYS[2], version)
 end
-local entries
-if ARGV[2] then
-  entries = redis.call('XRANGE', KEYS[3], '(0-' .. from, '+', 'COUNT', ARGV[2])
-else
-  entries = redis.call('XRANGE', KEYS[3], '(0-' .. from, '+')
-end
+local entries = redis.call('XRANGE', KEYS[3], '(0-' .. from, '+', 'COUNT', ARGV[2])
 return {version or '0', state, from, head, entries}
 "#;
 

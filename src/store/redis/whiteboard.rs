@@ -22,7 +22,7 @@ use super::{now_ms, RedisStore};
 use crate::store::sled::records::{
     check_yjs_update, decode_snapshot_header, encode_snapshot, SnapshotHeader, SNAPSHOT_FORMAT_V1,
 };
-use crate::store::{SessionInfo, SnapshotInfo, StoreError, StoredRecord, StoredWhiteboard};
+use crate::store::{SessionInfo, SnapshotInfo, StoreError, StoredRecord};
 
 /// How long a lease lives unless released (a node that dies while holding it).
 pub(super) const LEASE_TTL: Duration = Duration::from_secs(30);
@@ -75,24 +75,6 @@ impl RedisStore {
         values::unsigned(&seq, "wb_append seq")
     }
 
-    pub(super) fn redis_load(&self, session: &str) -> Result<StoredWhiteboard, StoreError> {
-        let mut page = self.load_page(session, None, None)?;
-        let mut stored = StoredWhiteboard {
-            last_log_seq: page.head,
-            ..Default::default()
-        };
-        if let Some((version, state)) = self.loadable_state(session, &mut page, None)? {
-            stored.snapshot_version = version;
-            stored.updates.push(state);
-        }
-        for entry in page.entries {
-            if let Some(update) = entry.update {
-                stored.updates.push(update);
-            }
-        }
-        Ok(stored)
-    }
-
     /// [`Store::scan_whiteboard`](crate::store::Store::scan_whiteboard) a page of
     /// [`SCAN_PAGE_ENTRIES`] at a time: each page is one script, so the version, the state
     /// and the entries it hands over belong together. Between two pages another node (or
@@ -108,7 +90,7 @@ impl RedisStore {
     ) -> Result<u64, StoreError> {
         let mut after = None;
         loop {
-            let mut page = self.load_page(session, after, Some(SCAN_PAGE_ENTRIES))?;
+            let mut page = self.load_page(session, after)?;
             if let Some((version, state)) = self.loadable_state(session, &mut page, after)? {
                 each(StoredRecord::Snapshot {
                     version,
@@ -131,26 +113,17 @@ impl RedisStore {
         }
     }
 
-    /// One call of the `load` script: everything after `after` (`None`: from the newest
-    /// version), at most `count` entries.
-    fn load_page(
-        &self,
-        session: &str,
-        after: Option<u64>,
-        count: Option<usize>,
-    ) -> Result<LoadedPage, StoreError> {
+    /// One call of the `load` script: up to [`SCAN_PAGE_ENTRIES`] entries after `after`
+    /// (`None`: from the newest version, which comes with them).
+    fn load_page(&self, session: &str, after: Option<u64>) -> Result<LoadedPage, StoreError> {
         let mut call = self.scripts.load.prepare_invoke();
         call.key(session_key(session, keys::META))
             .key(session_key(session, keys::VERSION_STATES))
             .key(session_key(session, keys::WB))
             .key(session_key(session, keys::WB_SEQ));
-        if after.is_some() || count.is_some() {
-            // Empty: no cursor yet.
-            call.arg(after.map(|a| a.to_string()).unwrap_or_default());
-        }
-        if let Some(count) = count {
-            call.arg(count);
-        }
+        // Empty: no cursor yet.
+        call.arg(after.map(|a| a.to_string()).unwrap_or_default())
+            .arg(SCAN_PAGE_ENTRIES);
         let reply = self.pool.run("load", |con| call.invoke::<Value>(con))?;
         let what = "load reply";
         let [version, state, from, head, entries] = values::items(&reply, what)? else {

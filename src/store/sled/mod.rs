@@ -305,13 +305,9 @@ impl Shared {
 impl Store for SledStore {
     fn load_whiteboard(&self, session: &str) -> Result<StoredWhiteboard, StoreError> {
         let mut stored = StoredWhiteboard::default();
-        stored.last_log_seq = self.shared.scan(session, &mut |record| match record {
-            StoredRecord::Snapshot { version, state } => {
-                stored.snapshot_version = version;
-                stored.updates.push(state.to_vec());
-            }
-            StoredRecord::Update(update) => stored.updates.push(update.to_vec()),
-        })?;
+        stored.last_log_seq = self
+            .shared
+            .scan(session, &mut |record| stored.take(record))?;
         Ok(stored)
     }
 
