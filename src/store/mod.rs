@@ -202,10 +202,20 @@ pub struct StoredWhiteboard {
 }
 
 impl StoredWhiteboard {
-    /// Takes the next record of a [`Store::scan_whiteboard`]: how a store that streams its
-    /// records builds its [`Store::load_whiteboard`]. A snapshot replaces whatever came
-    /// before it (a second one, written while the scan read, includes it).
-    pub fn take(&mut self, record: StoredRecord<'_>) {
+    /// What `scan` hands over (a [`Store::scan_whiteboard`]), kept: how a store that
+    /// streams its records builds its [`Store::load_whiteboard`].
+    pub fn collect(
+        scan: impl FnOnce(&mut dyn FnMut(StoredRecord<'_>)) -> Result<u64, StoreError>,
+    ) -> Result<Self, StoreError> {
+        let mut stored = Self::default();
+        let last_log_seq = scan(&mut |record| stored.take(record))?;
+        stored.last_log_seq = last_log_seq;
+        Ok(stored)
+    }
+
+    /// Keeps the next record of a scan. A snapshot replaces whatever came before it (a
+    /// second one, written while the scan read, includes it).
+    fn take(&mut self, record: StoredRecord<'_>) {
         match record {
             StoredRecord::Snapshot { version, state } => {
                 self.updates.clear();

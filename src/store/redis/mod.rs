@@ -379,9 +379,7 @@ pub(super) fn now_ms() -> u64 {
 impl Store for RedisStore {
     fn load_whiteboard(&self, session: &str) -> Result<StoredWhiteboard, StoreError> {
         check_session_id(session)?;
-        let mut stored = StoredWhiteboard::default();
-        stored.last_log_seq = self.redis_scan(session, &mut |record| stored.take(record))?;
-        Ok(stored)
+        StoredWhiteboard::collect(|each| self.redis_scan(session, each))
     }
 
     fn scan_whiteboard(

@@ -304,11 +304,7 @@ impl Shared {
 
 impl Store for SledStore {
     fn load_whiteboard(&self, session: &str) -> Result<StoredWhiteboard, StoreError> {
-        let mut stored = StoredWhiteboard::default();
-        stored.last_log_seq = self
-            .shared
-            .scan(session, &mut |record| stored.take(record))?;
-        Ok(stored)
+        StoredWhiteboard::collect(|each| self.shared.scan(session, each))
     }
 
     /// Reads the log one entry (a run of up to 16 updates) at a time.
