@@ -6,6 +6,7 @@ Run from anywhere: python3 fuzz/seed_corpus.py. libFuzzer then grows each corpus
 import hashlib
 import os
 import struct
+import zlib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIX = os.path.join(ROOT, "fixtures")
@@ -105,4 +106,41 @@ for n in hostile:
         put("awareness", data)
     elif kind == "frame":
         put("wire_frame", data)
+
+# ws_reader: [settings][read size] then a client's frames (masked, as RFC 6455 requires).
+def ws_frame(opcode, payload, fin=True, rsv1=False, mask=b"\x11\x22\x33\x44"):
+    head = bytes([(0x80 if fin else 0) | (0x40 if rsv1 else 0) | opcode])
+    n = len(payload)
+    if n < 126:
+        head += bytes([0x80 | n])
+    elif n < 65536:
+        head += bytes([0x80 | 126]) + struct.pack(">H", n)
+    else:
+        head += bytes([0x80 | 127]) + struct.pack(">Q", n)
+    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+def deflated(data):
+    c = zlib.compressobj(9, zlib.DEFLATED, -15)
+    out = c.compress(data) + c.flush(zlib.Z_SYNC_FLUSH)
+    return out[:-4]  # RFC 7692 7.2.1: the empty block's 00 00 ff ff is left off
+
+
+sync_step1 = b"\x00\x00" + var_buf(var(0))
+big = b"stroke " * 400
+streams = [
+    ws_frame(0x2, sync_step1) + ws_frame(0x9, b"hi") + ws_frame(0x8, struct.pack(">H", 1000)),
+    ws_frame(0x1, b'{"type":"chat","text":"hello"}') + ws_frame(0x1, "héllo".encode()),
+    ws_frame(0x2, big[:1000], fin=False) + ws_frame(0xA, b"") + ws_frame(0x0, big[1000:]),
+    ws_frame(0x2, deflated(big), rsv1=True) + ws_frame(0x1, deflated(b'{"type":"ping"}'), rsv1=True),
+    ws_frame(0x2, deflated(big)[:20], fin=False, rsv1=True) + ws_frame(0x0, deflated(big)[20:]),
+    ws_frame(0x2, big) + ws_frame(0x2, b"\x00\x01\x02"),
+    ws_frame(0x8, struct.pack(">H", 1001) + b"going"),
+]
+for stream in streams:
+    for settings in (0, 1, 5, 7):
+        for piece in (0, 6, 255):
+            put("ws_reader", bytes([settings, piece]) + stream)
+for n in updates[:20]:
+    put("ws_reader", b"\x05\xff" + ws_frame(0x2, b"\x00\x02" + var_buf(n)))
 print("seeded", {t: len(os.listdir(os.path.join(CORPUS, t))) for t in sorted(os.listdir(CORPUS))})
