@@ -366,7 +366,7 @@ impl Metrics {
         let relay_latency = AtomicHistogram::new(exponential_buckets(0.000_05, 2.0, 16));
         registry.register(
             "relay_latency_seconds",
-            "Time from a reader queueing an update on its session's sequencer to its integration into the document (the batch's append and fan-out follow)",
+            "Time from an update's arrival on its session's sequencer queue to its relay being queued for every receiver (after the batch's append)",
             relay_latency.clone(),
         );
         let snapshot_duration = AtomicHistogram::new(exponential_buckets(0.001, 2.0, 14));

@@ -1034,8 +1034,9 @@ mod tests {
     /// after is not applied), and the session goes on once the store takes writes again.
     #[test]
     fn a_failed_batch_append_refuses_every_update_in_it_and_relays_none() {
-        let (store, _reg, h, mut peer, writer) = open_with_a_kept_key();
+        let (store, reg, h, mut peer, writer) = open_with_a_kept_key();
         let wb = &h.whiteboard;
+        assert_eq!(relays_timed(&reg, 1), 1, "the kept key's relay");
         store.appends_fail.store(true, Ordering::Release);
         let (a, b) = (Arc::default(), Arc::default());
         // Made in the order queued: none waits for another (held back).
@@ -1068,12 +1069,37 @@ mod tests {
             "nothing relayed"
         );
         assert_eq!(keys_of(wb), ["kept"], "the document is as before the batch");
+        assert_eq!(
+            relays_timed(&reg, 1),
+            1,
+            "no relay latency for a refused batch"
+        );
         store.appends_fail.store(false, Ordering::Release);
         let later = yrs::Doc::new();
         let outcomes = queued_by_a_reader(wb, 4, &Arc::default(), vec![set_key(&later, "c")]);
         assert!(matches!(outcomes[..], [Ok(true)]), "{outcomes:?}");
         assert_eq!(keys_of(wb), ["c", "kept"]);
         assert_eq!(relays_reaching(&mut peer, 1), 1);
+        assert_eq!(relays_timed(&reg, 2), 2);
+    }
+
+    /// `easel_relay_latency_seconds_count`: relays timed so far, once it reaches `expected`
+    /// or 5 s pass (a relay is timed just after it is handed to the connections).
+    fn relays_timed(reg: &Registry, expected: u64) -> u64 {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let count = reg
+                .metrics
+                .render()
+                .lines()
+                .find_map(|l| l.strip_prefix("easel_relay_latency_seconds_count "))
+                .and_then(|n| n.trim().parse().ok())
+                .unwrap_or(0);
+            if count >= expected || Instant::now() >= deadline {
+                return count;
+            }
+            std::thread::yield_now();
+        }
     }
 
     /// The keys of map "m" in the whiteboard's document, sorted.

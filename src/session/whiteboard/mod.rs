@@ -259,9 +259,12 @@ struct HeldBatch {
     log_bytes: usize,
     /// Each message with the connection it is not for.
     relays: Vec<(Message, Option<ConnId>)>,
+    /// For each of `relays`, when the update it carries was queued on the sequencer, if a
+    /// job submitted it (see [`Board::relay`]).
+    queued: Vec<Option<Instant>>,
     outcomes: Vec<HeldOutcome>,
-    /// How many of `relays` and `outcomes` were held before the first of `log`: they are
-    /// backed by entries already stored, and go even if appending `log` fails.
+    /// How many of `relays` (and `queued`) and `outcomes` were held before the first of
+    /// `log`: they are backed by entries already stored, and go even if appending `log` fails.
     relays_stored: usize,
     outcomes_stored: usize,
     /// When the first of them was held.
@@ -276,6 +279,7 @@ pub(super) type HeldOutcome = Box<dyn FnOnce(Option<&StoreError>) + Send>;
 pub(super) struct Released {
     outcomes: Vec<HeldOutcome>,
     relays: Vec<(Message, Option<ConnId>)>,
+    queued: Vec<Option<Instant>>,
 }
 
 /// The most updates a session holds back at once (besides `limits.max_pending_bytes`).
@@ -660,7 +664,7 @@ impl Board {
         }
         // Almost always nothing is held back: then the relay path pays nothing for it.
         let clients = (!self.held_back().is_empty()).then(|| checked.clients());
-        let changed = self.integrate(origin, update, message, checked, Some(update))?;
+        let changed = self.integrate(origin, update, message, checked, Some((update, queued)))?;
         if changed {
             if let Some(clients) = clients {
                 // Stored first: held-back updates are let in stored already, and a failed
@@ -668,23 +672,21 @@ impl Board {
                 self.store_held()?;
                 self.retry_held_back(clients);
             }
-            self.metrics
-                .relay_latency
-                .observe(queued.elapsed().as_secs_f64());
         }
         Ok(changed)
     }
 
     /// Integrates a checked update that waits for nothing, holds it for the batch's append
-    /// (`log`: the same bytes, shared; `None` for one stored already: a held-back update,
-    /// another node's) and relays it. Runs on the sequencer.
+    /// (`log`: the same bytes, shared, and when they were queued on the sequencer; `None`
+    /// for one stored already: a held-back update, another node's) and relays it. Runs on
+    /// the sequencer.
     fn integrate(
         &self,
         origin: Option<ConnId>,
         update: &[u8],
         message: Option<Bytes>,
         checked: CheckedUpdate,
-        log: Option<&Bytes>,
+        log: Option<(&Bytes, Instant)>,
     ) -> Result<bool, ApplyError> {
         let limits = self.options.limits;
         if log.is_none() {
@@ -734,7 +736,7 @@ impl Board {
         *sync::lock(&self.state_vector) = after;
         self.nesting().commit(checked);
         self.metrics.updates_applied.inc();
-        if let Some(update) = log {
+        if let Some((update, _)) = log {
             self.hold_for_log(update.clone());
             // A shared log orders the nodes' updates as it takes them: appended at once.
             if self.options.shared_log {
@@ -753,7 +755,11 @@ impl Board {
         } else {
             origin
         };
-        self.relay(Message::Binary(frame), except);
+        self.relay(
+            Message::Binary(frame),
+            except,
+            log.map(|(_, queued)| queued),
+        );
         Ok(true)
     }
 
@@ -761,10 +767,14 @@ impl Board {
     /// queued before it (see [`Board::end_batch`]). On the sequencer, after the change
     /// it carries is in the document: a connection that joins before the relay goes out
     /// gets it both in its step 2 and as an update, which Yjs applies once.
-    fn relay(&self, message: Message, except: Option<ConnId>) {
+    ///
+    /// `queued`: when the update it carries was queued on the sequencer, for the relay
+    /// latency, observed once the batch's relays are handed over ([`Board::release`]).
+    fn relay(&self, message: Message, except: Option<ConnId>, queued: Option<Instant>) {
         let mut held = sync::lock(&self.held);
         held.since.get_or_insert_with(Instant::now);
         held.relays.push((message, except));
+        held.queued.push(queued);
     }
 
     /// Holds an applied update for the batch's append (see [`Board::store_held`]).
@@ -813,6 +823,7 @@ impl Board {
         Some(Released {
             outcomes: std::mem::take(&mut held.outcomes),
             relays: std::mem::take(&mut held.relays),
+            queued: std::mem::take(&mut held.queued),
         })
     }
 
@@ -832,6 +843,11 @@ impl Board {
             .inc_by(relays.len() as u64);
         // The peer lock for the fan-out only (see the module docs).
         self.peers().broadcast_all(&relays);
+        for queued in released.queued.into_iter().flatten() {
+            self.metrics
+                .relay_latency
+                .observe(queued.elapsed().as_secs_f64());
+        }
     }
 
     /// Appends the updates the batch holds to the log, as one entry (the store's
@@ -859,6 +875,7 @@ impl Board {
             let mut held = sync::lock(&self.held);
             let keep = held.relays_stored;
             held.relays.truncate(keep);
+            held.queued.truncate(keep);
             let keep = held.outcomes_stored;
             held.outcomes.split_off(keep)
         };
@@ -903,7 +920,7 @@ impl Board {
             }
             // The document had it already (it was rebuilt from the store since the entry
             // was appended): this node's connections may not, and a duplicate is harmless.
-            Ok(false) => self.relay(Message::Binary(wire::update(update.to_vec())), None),
+            Ok(false) => self.relay(Message::Binary(wire::update(update.to_vec())), None, None),
             Err(e) => refused(&e),
         }
     }
@@ -1104,7 +1121,7 @@ impl Board {
             // Counted before the fan-out, as on the update path: a joiner that registers
             // after the fan-out must not be served a step 2 cached before the restore.
             self.changes.send_modify(|n| *n += 1);
-            self.relay(Message::Binary(wire::update(update)), None);
+            self.relay(Message::Binary(wire::update(update)), None, None);
         }
         self.dirty.store(true, Ordering::Release);
         Ok(())
