@@ -331,6 +331,11 @@ impl Inflater {
     }
 
     /// The whole message, once its last frame was pushed.
+    /// What was inflated so far.
+    pub fn output(&self) -> &[u8] {
+        &self.out
+    }
+
     pub fn finish(mut self) -> Result<Vec<u8>, DeflateError> {
         if !self.ended {
             self.push(&TAIL)?;

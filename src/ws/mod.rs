@@ -312,9 +312,8 @@ pub fn run(
         mut removed,
         admin,
     } = conn;
-    // The reader hands the client's pings to the writer, which alone writes: only the
-    // latest needs an answer (RFC 6455 5.5.3).
-    let (pong_tx, pong_rx) = watch::channel(bytes::Bytes::new());
+    // The reader hands the client's pings to the writer, which alone writes.
+    let (pong_tx, pong_rx) = watch::channel(Pings::default());
     // A oneshot, not a channel: the writer is told at most once, and an idle connection
     // should not carry a channel's preallocated block (about 1 KiB).
     let (cmd_tx, cmd_rx) = oneshot::channel::<WriterCmd>();
@@ -422,7 +421,7 @@ pub fn run(
                     }
                     if let Message::Ping(p) = frame {
                         if closer.asked.is_none() {
-                            pong_tx.send_replace(p);
+                            pong_tx.send_modify(|pings| pings.push(p));
                         }
                         continue;
                     }
@@ -630,7 +629,7 @@ async fn control(
     cmd_rx: &mut oneshot::Receiver<WriterCmd>,
     overflow: &outbox::OverflowSignal,
     shutdown: &mut watch::Receiver<bool>,
-    pong_rx: &mut watch::Receiver<bytes::Bytes>,
+    pong_rx: &mut watch::Receiver<Pings>,
 ) -> Control {
     tokio::select! {
         biased;
@@ -710,12 +709,46 @@ impl<F: Future> Future for WhenWoken<F> {
     }
 }
 
+/// Most pings held for the writer to answer. RFC 6455 5.5.3 lets a server answer only the
+/// latest of the pings it has not answered yet; clients (and the Autobahn testsuite's case
+/// 2.10) expect a pong for each, so the latest few are kept. Bounded: a client that sends
+/// pings and reads nothing holds at most this many payloads (125 bytes each) here.
+const PINGS_HELD: usize = 16;
+
+/// The client's latest pings, from the reader to the writer (through a `watch`, which the
+/// writer already polls: no channel's preallocated block on every idle connection). Empty
+/// until the client's first ping; answered ones stay until newer ones push them out.
+#[derive(Default)]
+struct Pings {
+    /// Pings read so far.
+    read: u64,
+    /// The payloads of the latest ones (at most [`PINGS_HELD`]), oldest first.
+    latest: std::collections::VecDeque<bytes::Bytes>,
+}
+
+impl Pings {
+    fn push(&mut self, payload: bytes::Bytes) {
+        if self.latest.len() == PINGS_HELD {
+            self.latest.pop_front();
+        }
+        self.latest.push_back(payload);
+        self.read += 1;
+    }
+
+    /// The payloads of the pings read after the first `answered` that are still held.
+    fn after(&self, answered: u64) -> impl Iterator<Item = &bytes::Bytes> {
+        let held = self.latest.len();
+        let new = usize::try_from(self.read.saturating_sub(answered)).map_or(held, |n| n.min(held));
+        self.latest.iter().skip(held - new)
+    }
+}
+
 /// The writer task. Not an `async fn`, for the reason [`run`] is not.
 fn write_loop(
     mut sink: SocketWriter,
     mut outbox: OutboxReceiver,
     mut cmd_rx: oneshot::Receiver<WriterCmd>,
-    mut pong_rx: watch::Receiver<bytes::Bytes>,
+    mut pong_rx: watch::Receiver<Pings>,
     mut shutdown: watch::Receiver<bool>,
     timing: Timing,
     metrics: EndpointMetrics,
@@ -724,6 +757,8 @@ fn write_loop(
     let keepalive_after = timing.keepalive.map(|(d, _)| d).unwrap_or(FAR_FUTURE);
     let mut next_ping = Instant::now() + timing.ping_interval;
     let mut last_sent = Instant::now();
+    // Pings answered so far (see `Pings`).
+    let mut answered = 0;
     async move {
         // One timer for the ping and the keep-alive, moved only when it fires (then it looks
         // at what is due): moving it after every batch written cost a trip to the timer wheel
@@ -807,8 +842,18 @@ fn write_loop(
                 Control::Overflow => break Close::queue_full(),
                 Control::Stop => break Close::restart(),
                 Control::Pong => {
-                    let p = pong_rx.borrow_and_update().clone();
-                    if sink.send(Message::Pong(p)).await.is_err() {
+                    let pongs: Vec<_> = {
+                        let pings = pong_rx.borrow_and_update();
+                        let unanswered = pings.after(answered).cloned().collect();
+                        answered = pings.read;
+                        unanswered
+                    };
+                    for p in pongs {
+                        if sink.feed(Message::Pong(p)).await.is_err() {
+                            return None;
+                        }
+                    }
+                    if sink.flush().await.is_err() {
                         return None;
                     }
                 }

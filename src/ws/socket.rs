@@ -239,6 +239,10 @@ struct Partial {
     wire_len: usize,
     /// Set for a compressed message (RSV1 on its first frame).
     inflater: Option<Inflater>,
+    /// A text message's bytes so far that are known to be UTF-8: each fragment is checked
+    /// as it arrives, from here on, so a message that cannot become text fails at its first
+    /// bad fragment (RFC 6455 8.1 "fail fast") rather than after its last.
+    checked_utf8: usize,
 }
 
 /// What the next frame header says (the payload not yet read).
@@ -519,6 +523,7 @@ impl<R: AsyncRead + Unpin> Reader<R> {
                 data: Vec::new(),
                 wire_len: 0,
                 inflater,
+                checked_utf8: 0,
             }));
         }
         let Some(p) = self.partial.as_mut() else {
@@ -533,6 +538,13 @@ impl<R: AsyncRead + Unpin> Reader<R> {
                 inf.push(&payload).map_err(inflate_error)?;
             }
             None => p.data.extend_from_slice(&payload),
+        }
+        if p.text {
+            let so_far = match &p.inflater {
+                Some(inf) => inf.output(),
+                None => &p.data,
+            };
+            p.checked_utf8 = check_utf8_prefix(so_far, p.checked_utf8)?;
         }
         if !h.fin {
             return Ok(None);
@@ -552,6 +564,17 @@ fn inflate_error(e: DeflateError) -> SocketError {
     match e {
         DeflateError::TooBig(n) => SocketError::TooBig(n),
         DeflateError::Invalid => SocketError::Invalid("compressed data that does not inflate"),
+    }
+}
+
+/// Checks `data[from..]` as the start of UTF-8 text (a character cut at the end may be
+/// completed by the next fragment); returns how far it is whole characters.
+fn check_utf8_prefix(data: &[u8], from: usize) -> Result<usize, SocketError> {
+    let rest = data.get(from..).unwrap_or_default();
+    match std::str::from_utf8(rest) {
+        Ok(_) => Ok(data.len()),
+        Err(e) if e.error_len().is_none() => Ok(from + e.valid_up_to()),
+        Err(_) => Err(SocketError::Invalid("a text message that is not UTF-8")),
     }
 }
 

@@ -24,6 +24,7 @@ use super::whiteboard::WhiteboardHandler;
 use super::{Connection, DrainGuard, SocketReader, SocketWriter, Timing};
 use crate::app::{user_info, AppState};
 use crate::auth::Claims;
+use crate::config::LimitsConfig;
 use crate::http::{ApiError, ApiPath};
 use crate::limits::{CapError, ConnectionPermit, Strikes, TokenBucket};
 use crate::metrics::Endpoint;
@@ -86,16 +87,27 @@ fn acquire(
 }
 
 fn timing(app: &AppState, keepalive: bool) -> Timing {
-    let l = &app.config.limits;
-    Timing {
-        ping_interval: Duration::from_secs(l.ping_interval_s),
-        idle_timeout: Duration::from_secs(l.idle_timeout_s),
-        keepalive: keepalive.then(|| {
+    connection_timing(
+        &app.config.limits,
+        keepalive.then(|| {
             (
                 Duration::from_secs(app.config.whiteboard.keepalive_s),
                 wire::KEEPALIVE,
             )
         }),
+    )
+}
+
+/// A connection's timing under `limits`, with the whiteboard's keep-alive or none. Public
+/// for `examples/ws_echo.rs`, which runs the Autobahn testsuite against the same settings.
+pub fn connection_timing(
+    limits: &LimitsConfig,
+    keepalive: Option<(Duration, &'static [u8])>,
+) -> Timing {
+    Timing {
+        ping_interval: Duration::from_secs(limits.ping_interval_s),
+        idle_timeout: Duration::from_secs(limits.idle_timeout_s),
+        keepalive,
         batch: WRITE_BATCH,
     }
 }
@@ -142,10 +154,13 @@ async fn admit(
     Ok((admitted, ws))
 }
 
-/// The socket's settings: a message over the size limit is skipped as it arrives (never
-/// held) and closed with 1009.
 fn settings(app: &AppState) -> Settings {
-    let l = &app.config.limits;
+    socket_settings(&app.config.limits)
+}
+
+/// The socket's settings under `limits`: a message over the size limit is skipped as it
+/// arrives (never held) and closed with 1009. Public for `examples/ws_echo.rs`.
+pub fn socket_settings(l: &LimitsConfig) -> Settings {
     Settings {
         max_message: l.max_frame_bytes,
         deflate_threshold: l.deflate_threshold_bytes,

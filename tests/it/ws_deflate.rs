@@ -496,6 +496,54 @@ async fn invalid_data_closes_1007() {
 }
 
 #[tokio::test]
+async fn a_text_message_fails_at_its_first_fragment_that_is_not_utf8() {
+    // RFC 6455 8.1 ("fail fast"), Autobahn 6.4.1/6.4.2: the message's last fragment is never
+    // sent, so only a check of each fragment as it arrives can close the connection.
+    let server = TestServer::start("");
+    let s = session_id("defl-failfast");
+    let path = format!(
+        "{}?token={}",
+        TestServer::tutor_path(&s),
+        token("u1", &s, "student")
+    );
+    // A character cut between two fragments is not an error; one that cannot be is.
+    let valid = "{\"type\":\"ping\",\"x\":\"κ".as_bytes();
+    let (cut, rest) = valid.split_at(valid.len() - 1);
+    let mut c = Raw::connect(&server, &path, None).await;
+    c.send(false, false, TEXT, cut).await;
+    c.send(false, false, 0, rest).await;
+    c.send(false, false, 0, &[0xf4, 0x90, 0x80, 0x80]).await; // past U+10FFFF
+    assert_eq!(c.close_code().await, 1007);
+    // The same inside a compressed message: checked as it inflates.
+    let mut c = Raw::connect(&server, &path, Some(OFFER)).await;
+    c.send(false, true, TEXT, &deflate(&[b'{', 0xc0, 0xaf], 15))
+        .await;
+    assert_eq!(c.close_code().await, 1007);
+}
+
+#[tokio::test]
+async fn every_ping_gets_its_pong_in_order() {
+    let server = TestServer::start("");
+    let s = session_id("defl-pings");
+    let mut c = Raw::wb(&server, &s, None).await;
+    // Back to back, as Autobahn 2.10 sends them: one pong for each.
+    for i in 0..10 {
+        c.send(true, false, PING, format!("p{i}").as_bytes()).await;
+    }
+    let mut pongs = Vec::new();
+    while pongs.len() < 10 {
+        let f = c.next_data().await.expect("a pong for each ping");
+        if f.opcode == PONG {
+            pongs.push(String::from_utf8(f.payload).expect("the ping's payload"));
+        }
+    }
+    let sent: Vec<String> = (0..10).map(|i| format!("p{i}")).collect();
+    assert_eq!(pongs, sent);
+    c.send(true, false, CLOSE, &1000u16.to_be_bytes()).await;
+    assert_eq!(c.close_code().await, 1000);
+}
+
+#[tokio::test]
 async fn over_size_and_zip_bombs_close_1009() {
     // Raw and over the limit.
     closes_with(None, &[(0x80 | BINARY, vec![0; 150_000], true)], 1009).await;
