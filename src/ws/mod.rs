@@ -885,6 +885,22 @@ fn write_loop(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pings_keep_the_latest_sixteen_and_hand_out_only_new_ones() {
+        let mut pings = Pings::default();
+        let payload = |i: usize| bytes::Bytes::from(format!("p{i}"));
+        for i in 0..20 {
+            pings.push(payload(i));
+        }
+        // A writer that answered none: the oldest four are gone, the rest come in order.
+        let held: Vec<_> = pings.after(0).cloned().collect();
+        assert_eq!(held, (4..20).map(payload).collect::<Vec<_>>());
+        // One that answered 18: only the last two.
+        let new: Vec<_> = pings.after(18).cloned().collect();
+        assert_eq!(new, vec![payload(18), payload(19)]);
+        assert_eq!(pings.after(20).count(), 0);
+    }
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
     use std::sync::Mutex;
     use std::task::{Context, Poll, Waker};

@@ -539,7 +539,8 @@ impl<R: AsyncRead + Unpin> Reader<R> {
             }
             None => p.data.extend_from_slice(&payload),
         }
-        if p.text {
+        // The last fragment is checked with the whole message, below.
+        if p.text && !h.fin {
             let so_far = match &p.inflater {
                 Some(inf) => inf.output(),
                 None => &p.data,

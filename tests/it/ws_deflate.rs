@@ -397,6 +397,15 @@ async fn no_context_takeover_each_message_inflates_alone() {
     assert_eq!(seen[0], seen[1]);
 }
 
+/// The tutor endpoint's path for `session`, with a student token of `user`.
+fn tutor_path_for(session: &str, user: &str) -> String {
+    format!(
+        "{}?token={}",
+        TestServer::tutor_path(session),
+        token(user, session, "student")
+    )
+}
+
 /// A frame as the raw client writes it: first byte (FIN, RSV, opcode), payload, masked.
 type RawFrame = (u8, Vec<u8>, bool);
 
@@ -478,11 +487,7 @@ async fn invalid_data_closes_1007() {
     // A text frame that is not UTF-8 on the tutor endpoint.
     let server = TestServer::start("");
     let s = session_id("defl-utf8");
-    let path = format!(
-        "{}?token={}",
-        TestServer::tutor_path(&s),
-        token("u1", &s, "student")
-    );
+    let path = tutor_path_for(&s, "u1");
     let mut c = Raw::connect(&server, &path, None).await;
     c.send(true, false, TEXT, &[b'{', 0xc0, 0xaf, b'}']).await;
     assert_eq!(c.close_code().await, 1007);
@@ -501,11 +506,7 @@ async fn a_text_message_fails_at_its_first_fragment_that_is_not_utf8() {
     // sent, so only a check of each fragment as it arrives can close the connection.
     let server = TestServer::start("");
     let s = session_id("defl-failfast");
-    let path = format!(
-        "{}?token={}",
-        TestServer::tutor_path(&s),
-        token("u1", &s, "student")
-    );
+    let path = tutor_path_for(&s, "u1");
     // A character cut between two fragments is not an error; one that cannot be is.
     let valid = "{\"type\":\"ping\",\"x\":\"κ".as_bytes();
     let (cut, rest) = valid.split_at(valid.len() - 1);
