@@ -62,6 +62,32 @@ pub enum ServerError {
     Unsaved(String),
 }
 
+/// Connections the kernel completes and holds until they are accepted (the listen
+/// backlog). A class that opens one link together is a burst of a few hundred handshakes
+/// at once; `TcpListener::bind` asks for 128 (read with `ss -ltn`), and in scenario f's
+/// storm of 150 joiners the kernel dropped the SYNs past it (`TcpExtListenOverflows`), each
+/// dropped client retrying only after 1 s, then 3 s (BENCHMARKS.md, nineteenth round).
+/// Linux caps it at `net.core.somaxconn` (4096 by default since 5.4); Node's and nginx's
+/// default is 511.
+pub const LISTEN_BACKLOG: u32 = 1024;
+
+/// Listens on `addr` with [`LISTEN_BACKLOG`] (and `SO_REUSEADDR`, as `TcpListener::bind`
+/// sets it, so that a restarted server gets its port back while old sockets linger).
+/// Must be called within a tokio runtime.
+pub fn bind(addr: SocketAddr) -> Result<TcpListener, ServerError> {
+    let listen = || {
+        let socket = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        socket.listen(LISTEN_BACKLOG)
+    };
+    listen().map_err(|source| ServerError::Bind { addr, source })
+}
+
 /// Cross-origin access to the HTTP API: only from `http.allowed_origins`; with none set,
 /// no cross-origin browser access at all (the demo page is served from the same origin).
 fn cors(allowed: &[String]) -> CorsLayer {
@@ -383,4 +409,56 @@ async fn serve_http(
     let _ = stop_tx.send(true);
     drop(done_rx);
     done_tx.closed().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A burst of handshakes larger than the 128 that `TcpListener::bind` asks for all
+    /// complete while nothing accepts: the kernel holds them for `accept`, none waits for
+    /// a SYN retransmitted a second later.
+    #[tokio::test]
+    async fn a_burst_past_128_handshakes_completes_before_any_accept() {
+        let listener = bind(SocketAddr::from(([127, 0, 0, 1], 0))).expect("bind on loopback");
+        let addr = listener.local_addr().expect("a bound address");
+        let burst = 300;
+        let mut connects = tokio::task::JoinSet::new();
+        for _ in 0..burst {
+            connects.spawn(tokio::time::timeout(
+                Duration::from_millis(900),
+                tokio::net::TcpStream::connect(addr),
+            ));
+        }
+        let mut streams = Vec::new();
+        let mut late = 0;
+        while let Some(joined) = connects.join_next().await {
+            match joined.expect("a connect task") {
+                Ok(Ok(stream)) => streams.push(stream),
+                Ok(Err(e)) => panic!("connect failed: {e}"),
+                Err(_) => late += 1,
+            }
+        }
+        assert_eq!(late, 0, "handshakes not completed within 0.9 s");
+        assert_eq!(streams.len(), burst);
+        // Every one of them is there to accept.
+        for _ in 0..burst {
+            tokio::time::timeout(Duration::from_secs(5), listener.accept())
+                .await
+                .expect("a queued connection")
+                .expect("accept");
+        }
+    }
+
+    #[tokio::test]
+    async fn an_address_in_use_is_a_bind_error_naming_it() {
+        let first = bind(SocketAddr::from(([127, 0, 0, 1], 0))).expect("bind on loopback");
+        let addr = first.local_addr().expect("a bound address");
+        match bind(addr) {
+            Err(e @ ServerError::Bind { .. }) => {
+                assert!(e.to_string().contains(&addr.to_string()), "{e}")
+            }
+            other => panic!("expected a bind error, got {other:?}"),
+        }
+    }
 }

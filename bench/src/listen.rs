@@ -7,7 +7,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::process::ExitCode;
 
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
 /// Listens on `addr` (loopback only) and runs `connection` as a task for every accepted
 /// socket until Ctrl-C. The exit code says why it stopped: 2 for a bad address, 1 when the
@@ -33,7 +33,7 @@ where
         }
     };
     runtime.block_on(async move {
-        let listener = match TcpListener::bind(addr).await {
+        let listener = match listen(addr) {
             Ok(l) => l,
             Err(e) => {
                 eprintln!("error: cannot listen on {addr}: {e}");
@@ -58,4 +58,17 @@ where
         }
         ExitCode::SUCCESS
     })
+}
+
+/// A listener with easel's backlog (`easel::server::LISTEN_BACKLOG`, 1024, not the 128 that
+/// `TcpListener::bind` asks for), so that a join storm meets the same kernel queue whichever
+/// server it is measured against.
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(1024)
 }

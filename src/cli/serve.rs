@@ -124,9 +124,7 @@ pub async fn serve(
             (dev_secret::verifier(&secret, &config.auth)?, Some(path))
         }
     };
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let listener = easel::server::bind(config.listen)?;
     let addr = listener.local_addr()?;
     match &cluster_store {
         Some(redis) => tracing::info!(
