@@ -135,6 +135,10 @@ pub(crate) struct Cli {
     /// Join storm: size of the session's document (encoded state, bytes).
     #[arg(long)]
     pub(crate) storm_doc_bytes: Option<usize>,
+    /// Join storm: MiB of this tool's memory touched and freed before each storm's clock
+    /// starts (default: clients × document, at most half the memory available; 0: none).
+    #[arg(long)]
+    pub(crate) storm_warm_mib: Option<usize>,
     /// live (apply each update as it arrives), defer (apply between steps) or sample (as
     /// defer for writers and one client per session; the others check and drop updates).
     #[arg(long)]
@@ -192,8 +196,23 @@ pub(crate) struct Plan {
     pub(crate) compare_trivial: bool,
     /// Join storm: the joiners offer permessage-deflate.
     pub(crate) offer_deflate: bool,
+    /// Join storm: MiB to warm before each storm (`None`: clients × document).
+    pub(crate) storm_warm_mib: Option<usize>,
     /// The started server on one CPU, this tool on the others (see pin.rs).
     pub(crate) pin: bool,
+}
+
+impl Plan {
+    /// Bytes to warm before a storm of `clients` joining a board of `doc_bytes` (see
+    /// `scenarios::warm_memory`): what their inflated answers hold, at most half the memory
+    /// available now.
+    pub(crate) fn storm_warm_bytes(&self, clients: u32, doc_bytes: usize) -> usize {
+        let wanted = match self.storm_warm_mib {
+            Some(mib) => mib << 20,
+            None => (clients as usize).saturating_mul(doc_bytes),
+        };
+        wanted.min(crate::stats::mem_available_bytes() / 2)
+    }
 }
 
 pub(crate) fn preset(name: &str) -> anyhow::Result<Plan> {
@@ -222,6 +241,7 @@ pub(crate) fn preset(name: &str) -> anyhow::Result<Plan> {
         pin: false,
         compare_trivial: false,
         offer_deflate: true,
+        storm_warm_mib: None,
     };
     Ok(match name {
         "custom" => base,
@@ -376,6 +396,9 @@ pub(crate) fn resolve(cli: &Cli) -> anyhow::Result<Plan> {
             bail!("--compare-trivial is for the join storm (scenario f)");
         }
     }
+    if cli.storm_warm_mib.is_some() {
+        p.storm_warm_mib = cli.storm_warm_mib;
+    }
     if cli.no_deflate {
         p.offer_deflate = false;
     }
@@ -451,6 +474,7 @@ pub(crate) fn plan_json(p: &Plan) -> Value {
         "warmup_s": p.warmup,
         "apply": format!("{:?}", p.apply),
         "offer_deflate": p.offer_deflate,
+        "storm_warm_mib": p.storm_warm_mib,
         "compare_trivial": p.compare_trivial,
         "pin": p.pin,
         "server_config": p.server_toml,

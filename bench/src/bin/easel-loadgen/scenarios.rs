@@ -631,6 +631,34 @@ pub(crate) fn storm_answer(doc_bytes: usize) -> anyhow::Result<(Bytes, Bytes)> {
     Ok((message, step2))
 }
 
+/// Touches `bytes` of fresh memory in this process and frees it, before a storm's clock
+/// starts. On a virtual machine the first touch of a guest page the host has not backed
+/// yet costs several times a reused one's (the host faults and zeroes it as well): in one
+/// run, `clear_page_erms` took 24 % of the load generator's samples in the first storm
+/// (easel's) and 4 % in the second (the trivial server's), inflating the same bytes
+/// (BENCHMARKS.md, nineteenth round). Whichever storm came first was measured on colder
+/// memory; touching as much as a storm's joiners hold first gives both the same start.
+/// Returns the MiB touched and the seconds it took.
+fn warm_memory(bytes: usize) -> (usize, f64) {
+    const BLOCK: usize = 16 << 20;
+    let t = Instant::now();
+    let mut blocks = Vec::with_capacity(bytes / BLOCK);
+    for _ in 0..bytes / BLOCK {
+        let mut b = vec![0u8; BLOCK];
+        for page in b.iter_mut().step_by(4096) {
+            *page = 1;
+        }
+        blocks.push(std::hint::black_box(b));
+    }
+    let mib = blocks.len() * (BLOCK >> 20);
+    drop(blocks);
+    let took = t.elapsed().as_secs_f64();
+    if mib > 0 {
+        eprintln!("  warmed {mib} MiB of the load generator's memory in {took:.1} s");
+    }
+    (mib, took)
+}
+
 /// A join storm: `n` clients join at once a session holding a board of `doc_bytes`,
 /// written by a tutor first unless the server already holds it (the trivial server).
 pub(crate) async fn run_storm(
@@ -648,6 +676,7 @@ pub(crate) async fn run_storm(
         None => Some(seed_board(run, n, doc_bytes).await?),
     };
     sleep(Duration::from_millis(500)).await;
+    let warmed = warm_memory(run.plan.storm_warm_bytes(n, doc_bytes));
     let srv0 = run.target.sample();
     // The peak RSS of the storm alone, not of the seeding before it.
     let peak_reset = run.target.reset_peak();
@@ -750,6 +779,8 @@ pub(crate) async fn run_storm(
         "step2_bytes": step2_len,
         "seed_s": seed_s.map(r3),
         "storm_s": r3(storm_s),
+        "warmed_mib": warmed.0,
+        "warm_s": r3(warmed.1),
         "connect": connect.to_json(),
         "synced": synced_s.to_json(),
         "deflate_offered": run.plan.offer_deflate,

@@ -149,6 +149,19 @@ pub fn machine() -> String {
     format!("{cores} cores, {model}, {mem_gib:.0} GiB")
 }
 
+/// `MemAvailable` from /proc/meminfo, in bytes (0 if unreadable).
+pub fn mem_available_bytes() -> usize {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemAvailable:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<usize>().ok())
+        })
+        .map_or(0, |kib| kib.saturating_mul(1024))
+}
+
 /// Today's date and time in UTC, as `YYYY-MM-DD HH:MM UTC`.
 pub fn now_utc() -> String {
     let secs = std::time::SystemTime::now()
