@@ -676,7 +676,9 @@ pub(crate) async fn run_storm(
         None => Some(seed_board(run, n, doc_bytes).await?),
     };
     sleep(Duration::from_millis(500)).await;
-    let warmed = warm_memory(run.plan.storm_warm_bytes(n, doc_bytes));
+    let warm_bytes = run.plan.storm_warm_bytes(n, doc_bytes);
+    // Seconds of page faults: off the runtime's threads, which keep the tutor connected.
+    let warmed = tokio::task::spawn_blocking(move || warm_memory(warm_bytes)).await?;
     let srv0 = run.target.sample();
     // The peak RSS of the storm alone, not of the seeding before it.
     let peak_reset = run.target.reset_peak();
