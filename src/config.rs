@@ -162,6 +162,9 @@ pub struct LimitsConfig {
     pub max_send_queue_bytes: usize,
     pub max_connections_per_user: usize,
     pub max_connections: usize,
+    /// Connections the kernel completes and holds until they are accepted (the listen
+    /// backlog; Linux caps it at `net.core.somaxconn`). See `server::bind`.
+    pub listen_backlog: u32,
     pub whiteboard_rate: f64,
     pub whiteboard_burst: u32,
     pub tutor_rate: f64,
@@ -203,6 +206,7 @@ impl Default for LimitsConfig {
             max_send_queue_bytes: 16 * 1024 * 1024,
             max_connections_per_user: 8,
             max_connections: 20_000,
+            listen_backlog: 1024,
             whiteboard_rate: 300.0,
             whiteboard_burst: 1000,
             tutor_rate: 20.0,
@@ -575,6 +579,7 @@ impl Config {
             l.max_connections_per_user > 0,
         )?;
         positive("limits.max_connections", l.max_connections > 0)?;
+        positive("limits.listen_backlog", l.listen_backlog > 0)?;
         positive("limits.whiteboard_rate", l.whiteboard_rate > 0.0)?;
         positive("limits.whiteboard_burst", l.whiteboard_burst > 0)?;
         positive("limits.tutor_rate", l.tutor_rate > 0.0)?;
@@ -901,8 +906,10 @@ mod tests {
 
     #[test]
     fn zero_is_rejected_with_its_key() {
-        let c = Config::from_toml("[limits]\nmax_connections = 0\n").unwrap();
-        let err = c.validate().unwrap_err().to_string();
-        assert!(err.contains("limits.max_connections"), "{err}");
+        for key in ["max_connections", "listen_backlog"] {
+            let c = Config::from_toml(&format!("[limits]\n{key} = 0\n")).unwrap();
+            let err = c.validate().unwrap_err().to_string();
+            assert!(err.contains(&format!("limits.{key}")), "{err}");
+        }
     }
 }

@@ -62,19 +62,18 @@ pub enum ServerError {
     Unsaved(String),
 }
 
-/// Connections the kernel completes and holds until they are accepted (the listen
-/// backlog). A class that opens one link together is a burst of a few hundred handshakes
-/// at once; `TcpListener::bind` asks for 128 (read with `ss -ltn`), and in scenario f's
-/// storm of 150 joiners the kernel dropped the SYNs past it (`TcpExtListenOverflows`), each
+/// Listens on `addr` with a backlog of `backlog` connections (`limits.listen_backlog`,
+/// default 1,024) and `SO_REUSEADDR`, as `TcpListener::bind` sets it, so that a restarted
+/// server gets its port back while old sockets linger. Must be called within a tokio
+/// runtime.
+///
+/// Why not `TcpListener::bind`: it asks for a backlog of 128 (read with `ss -ltn`). A class
+/// that opens one link together is a burst of a few hundred handshakes; in scenario f's
+/// storm of 150 joiners the kernel dropped the SYNs past 128 (`TcpExtListenOverflows`), each
 /// dropped client retrying only after 1 s, then 3 s (BENCHMARKS.md, nineteenth round).
-/// Linux caps it at `net.core.somaxconn` (4096 by default since 5.4); Node's and nginx's
-/// default is 511.
-pub const LISTEN_BACKLOG: u32 = 1024;
-
-/// Listens on `addr` with [`LISTEN_BACKLOG`] (and `SO_REUSEADDR`, as `TcpListener::bind`
-/// sets it, so that a restarted server gets its port back while old sockets linger).
-/// Must be called within a tokio runtime.
-pub fn bind(addr: SocketAddr) -> Result<TcpListener, ServerError> {
+/// Linux caps the backlog at `net.core.somaxconn` (4096 by default since 5.4); Node's and
+/// nginx's default is 511. Overflows are counted by the kernel (`nstat`), not here.
+pub fn bind(addr: SocketAddr, backlog: u32) -> Result<TcpListener, ServerError> {
     let listen = || {
         let socket = if addr.is_ipv4() {
             tokio::net::TcpSocket::new_v4()?
@@ -83,7 +82,7 @@ pub fn bind(addr: SocketAddr) -> Result<TcpListener, ServerError> {
         };
         socket.set_reuseaddr(true)?;
         socket.bind(addr)?;
-        socket.listen(LISTEN_BACKLOG)
+        socket.listen(backlog)
     };
     listen().map_err(|source| ServerError::Bind { addr, source })
 }
@@ -420,7 +419,9 @@ mod tests {
     /// a SYN retransmitted a second later.
     #[tokio::test]
     async fn a_burst_past_128_handshakes_completes_before_any_accept() {
-        let listener = bind(SocketAddr::from(([127, 0, 0, 1], 0))).expect("bind on loopback");
+        let backlog = Config::default().limits.listen_backlog;
+        let listener =
+            bind(SocketAddr::from(([127, 0, 0, 1], 0)), backlog).expect("bind on loopback");
         let addr = listener.local_addr().expect("a bound address");
         // Linux caps the backlog at `net.core.somaxconn` (128 before 5.4): past it the
         // burst would measure the machine's setting, not ours.
@@ -461,9 +462,9 @@ mod tests {
 
     #[tokio::test]
     async fn an_address_in_use_is_a_bind_error_naming_it() {
-        let first = bind(SocketAddr::from(([127, 0, 0, 1], 0))).expect("bind on loopback");
+        let first = bind(SocketAddr::from(([127, 0, 0, 1], 0)), 16).expect("bind on loopback");
         let addr = first.local_addr().expect("a bound address");
-        match bind(addr) {
+        match bind(addr, 16) {
             Err(e @ ServerError::Bind { .. }) => {
                 assert!(e.to_string().contains(&addr.to_string()), "{e}")
             }

@@ -60,7 +60,7 @@ where
     })
 }
 
-/// A listener with easel's backlog (`easel::server::LISTEN_BACKLOG`, 1024, not the 128 that
+/// A listener with easel's backlog (`limits.listen_backlog`, 1024 by default, not the 128 that
 /// `TcpListener::bind` asks for), so that a join storm meets the same kernel queue whichever
 /// server it is measured against.
 fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {

@@ -124,7 +124,7 @@ pub async fn serve(
             (dev_secret::verifier(&secret, &config.auth)?, Some(path))
         }
     };
-    let listener = easel::server::bind(config.listen)?;
+    let listener = easel::server::bind(config.listen, config.limits.listen_backlog)?;
     let addr = listener.local_addr()?;
     match &cluster_store {
         Some(redis) => tracing::info!(

@@ -136,30 +136,20 @@ pub fn machine() -> String {
                 .map(|m| m.trim().to_string())
         })
         .unwrap_or_else(|| "unknown CPU".into());
-    let mem_gib = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| {
-            m.lines()
-                .next()
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse::<u64>().ok())
-        })
-        .map(|kib| kib as f64 / 1024.0 / 1024.0)
-        .unwrap_or(0.0);
+    let mem_gib = meminfo_kib("MemTotal:").unwrap_or(0) as f64 / 1024.0 / 1024.0;
     format!("{cores} cores, {model}, {mem_gib:.0} GiB")
+}
+
+/// One field of /proc/meminfo (`field` with its colon), in KiB.
+fn meminfo_kib(field: &str) -> Option<usize> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = meminfo.lines().find(|l| l.starts_with(field))?;
+    line.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// `MemAvailable` from /proc/meminfo, in bytes (0 if unreadable).
 pub fn mem_available_bytes() -> usize {
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| {
-            m.lines()
-                .find(|l| l.starts_with("MemAvailable:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse::<usize>().ok())
-        })
-        .map_or(0, |kib| kib.saturating_mul(1024))
+    meminfo_kib("MemAvailable:").map_or(0, |kib| kib.saturating_mul(1024))
 }
 
 /// Today's date and time in UTC, as `YYYY-MM-DD HH:MM UTC`.
